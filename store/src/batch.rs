@@ -1,0 +1,360 @@
+//! Group commit, the part that does not touch a database: validating appends, and
+//! planning one transaction for a batch of them.
+//!
+//! A backend takes its write lock, reads the `LogFacts` the batch needs (stream heads,
+//! already stored event ids, claim holders, the last position), and `plan` decides each
+//! append on its own against those facts *and the appends before it in the batch*: an
+//! append that fails (wrong version, held claim, reused id) is left out without touching
+//! the others. The backend then writes the planned rows and claim changes and commits
+//! once. Because every writer holds the lock while it reads facts and writes, the facts
+//! cannot go stale between the two steps.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::chain::{self, GENESIS, Hash, Link};
+use crate::error::{InvalidInput, StoreError};
+use crate::model::{
+    AppendOutcome, AppendRequest, Claim, MAX_EVENTS_PER_APPEND, MAX_NAME_LEN,
+    RESERVED_METADATA_KEYS,
+};
+
+/// An append that passed the input rules, with its JSON already in canonical form.
+#[derive(Debug)]
+pub(crate) struct ValidAppend {
+    pub request: AppendRequest,
+    /// Canonical JSON of each event's data and metadata, in event order.
+    pub data: Vec<String>,
+    pub metadata: Vec<String>,
+}
+
+pub(crate) fn validate(request: AppendRequest) -> Result<ValidAppend, StoreError> {
+    if request.events.is_empty() {
+        return Err(InvalidInput::EmptyAppend.into());
+    }
+    if request.events.len() > MAX_EVENTS_PER_APPEND {
+        return Err(InvalidInput::TooManyEvents {
+            len: request.events.len(),
+            max: MAX_EVENTS_PER_APPEND,
+        }
+        .into());
+    }
+    let mut data = Vec::with_capacity(request.events.len());
+    let mut metadata = Vec::with_capacity(request.events.len());
+    for (i, event) in request.events.iter().enumerate() {
+        let id = event.event_id;
+        let type_ok = !event.event_type.is_empty()
+            && event.event_type.chars().count() <= MAX_NAME_LEN
+            && !event.event_type.chars().any(char::is_control);
+        if !type_ok {
+            return Err(InvalidInput::EventType {
+                event_type: event.event_type.clone(),
+            }
+            .into());
+        }
+        if !event.data.is_object() {
+            return Err(InvalidInput::DataNotObject { event_id: id }.into());
+        }
+        if let Some(key) = event
+            .metadata
+            .extra
+            .keys()
+            .find(|k| RESERVED_METADATA_KEYS.contains(&k.as_str()))
+        {
+            return Err(InvalidInput::ReservedMetadataKey {
+                event_id: id,
+                key: key.clone(),
+            }
+            .into());
+        }
+        let metadata_value = serde_json::to_value(&event.metadata)
+            .map_err(|e| StoreError::Corrupt(format!("metadata does not serialise: {e}")))?;
+        if chain::contains_nul(&event.data)
+            || chain::contains_nul(&metadata_value)
+            || event.event_type.contains('\0')
+        {
+            return Err(InvalidInput::NulCharacter { event_id: id }.into());
+        }
+        if request.events[..i].iter().any(|e| e.event_id == id) {
+            return Err(InvalidInput::DuplicateEventId { event_id: id }.into());
+        }
+        data.push(chain::canonical_json(&event.data));
+        metadata.push(chain::canonical_json(&metadata_value));
+    }
+    for claim in &request.claims {
+        let key = claim.key();
+        if key.is_empty() || key.chars().count() > MAX_NAME_LEN || key.contains('\0') {
+            return Err(InvalidInput::ClaimKey {
+                key: key.to_owned(),
+            }
+            .into());
+        }
+    }
+    Ok(ValidAppend {
+        request,
+        data,
+        metadata,
+    })
+}
+
+/// An event already in the log, as much of it as idempotency needs.
+#[derive(Debug, Clone)]
+pub(crate) struct StoredEvent {
+    pub stream: String,
+    pub version: u64,
+    pub position: u64,
+    pub event_type: String,
+    pub schema_version: u32,
+    /// Canonical JSON of the stored data.
+    pub data: String,
+}
+
+/// What the database says about the streams, ids and claims a batch touches, read under
+/// the write lock.
+#[derive(Debug, Default)]
+pub(crate) struct LogFacts {
+    /// Version and last hash of each touched stream that exists.
+    pub heads: HashMap<String, (u64, Hash)>,
+    /// Stored events whose ids the batch uses.
+    pub stored: HashMap<Uuid, StoredEvent>,
+    /// Holder stream of each claim key the batch touches that is held.
+    pub claims: HashMap<String, String>,
+    pub last_position: u64,
+}
+
+impl LogFacts {
+    /// The keys a backend must look up for this batch.
+    pub fn wanted(batch: &[ValidAppend]) -> (Vec<String>, Vec<Uuid>, Vec<String>) {
+        let mut streams: Vec<String> = batch
+            .iter()
+            .map(|a| a.request.stream.as_str().to_owned())
+            .collect();
+        streams.sort_unstable();
+        streams.dedup();
+        let ids = batch
+            .iter()
+            .flat_map(|a| a.request.events.iter().map(|e| e.event_id))
+            .collect();
+        let mut keys: Vec<String> = batch
+            .iter()
+            .flat_map(|a| a.request.claims.iter().map(|c| c.key().to_owned()))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        (streams, ids, keys)
+    }
+}
+
+/// A row to insert into the events table.
+#[derive(Debug)]
+pub(crate) struct EventRow {
+    pub position: u64,
+    pub stream: String,
+    pub category: String,
+    pub version: u64,
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub schema_version: u32,
+    pub data: String,
+    pub metadata: String,
+    pub recorded_at: DateTime<Utc>,
+    pub hash: Hash,
+}
+
+/// The transaction a batch turns into, and each append's answer.
+#[derive(Debug, Default)]
+pub(crate) struct Plan {
+    pub rows: Vec<EventRow>,
+    /// Claim keys to set to a holder (insert or overwrite), with the position of the
+    /// append's first event.
+    pub claims_taken: Vec<(String, String, u64)>,
+    /// Claim keys to delete.
+    pub claims_released: Vec<String>,
+    pub outcomes: Vec<Result<AppendOutcome, StoreError>>,
+    pub last_position: u64,
+}
+
+/// Decides every append of the batch in order against the facts and the batch so far.
+pub(crate) fn plan(batch: &[ValidAppend], mut facts: LogFacts, recorded_at: DateTime<Utc>) -> Plan {
+    // Truncated to what both databases keep, so the hash can be recomputed from the row.
+    let micros = recorded_at.timestamp_micros();
+    let recorded_at = DateTime::from_timestamp_micros(micros).unwrap_or(recorded_at);
+    let initial_claims = facts.claims.clone();
+    let mut plan = Plan {
+        last_position: facts.last_position,
+        ..Plan::default()
+    };
+    for append in batch {
+        let outcome = plan_one(append, &mut facts, &mut plan, recorded_at, micros);
+        plan.outcomes.push(outcome);
+    }
+    plan.last_position = facts.last_position;
+    // Only the net change per key is written, so a key released and taken again in one
+    // batch becomes one overwrite.
+    let mut touched: Vec<&String> = facts.claims.keys().chain(initial_claims.keys()).collect();
+    touched.sort_unstable();
+    touched.dedup();
+    for key in touched {
+        match (initial_claims.get(key), facts.claims.get(key)) {
+            (before, Some(holder)) if before != Some(holder) => {
+                let position = plan
+                    .rows
+                    .iter()
+                    .find(|r| &r.stream == holder)
+                    .map_or(0, |r| r.position);
+                plan.claims_taken
+                    .push((key.clone(), holder.clone(), position));
+            }
+            (Some(_), None) => plan.claims_released.push(key.clone()),
+            _ => {}
+        }
+    }
+    plan
+}
+
+fn plan_one(
+    append: &ValidAppend,
+    facts: &mut LogFacts,
+    plan: &mut Plan,
+    recorded_at: DateTime<Utc>,
+    micros: i64,
+) -> Result<AppendOutcome, StoreError> {
+    let request = &append.request;
+    let stream = request.stream.as_str();
+
+    if let Some(replayed) = already_stored(append, facts)? {
+        return Ok(replayed);
+    }
+
+    let (current, mut previous) = facts.heads.get(stream).copied().unwrap_or((0, GENESIS));
+    if !request.expected.admits(current) {
+        return Err(StoreError::WrongExpectedVersion {
+            stream: stream.to_owned(),
+            expected: request.expected,
+            actual: current,
+        });
+    }
+
+    let mut claims = facts.claims.clone();
+    for claim in &request.claims {
+        match claim {
+            Claim::Take(key) => match claims.get(key) {
+                Some(holder) if holder != stream => {
+                    return Err(StoreError::ClaimHeld {
+                        key: key.clone(),
+                        holder: holder.clone(),
+                    });
+                }
+                _ => {
+                    claims.insert(key.clone(), stream.to_owned());
+                }
+            },
+            Claim::Release(key) => match claims.get(key) {
+                Some(holder) if holder != stream => {
+                    return Err(StoreError::ClaimHeld {
+                        key: key.clone(),
+                        holder: holder.clone(),
+                    });
+                }
+                _ => {
+                    claims.remove(key);
+                }
+            },
+        }
+    }
+    facts.claims = claims;
+
+    let category = request.stream.category().to_owned();
+    let mut positions = Vec::with_capacity(request.events.len());
+    let mut version = current;
+    for (i, event) in request.events.iter().enumerate() {
+        version += 1;
+        facts.last_position += 1;
+        let hash = chain::link_hash(
+            &previous,
+            &Link {
+                stream,
+                version,
+                event_id: event.event_id,
+                event_type: &event.event_type,
+                schema_version: event.schema_version,
+                data: &append.data[i],
+                metadata: &append.metadata[i],
+                recorded_at_micros: micros,
+            },
+        );
+        previous = hash;
+        positions.push(facts.last_position);
+        facts.stored.insert(
+            event.event_id,
+            StoredEvent {
+                stream: stream.to_owned(),
+                version,
+                position: facts.last_position,
+                event_type: event.event_type.clone(),
+                schema_version: event.schema_version,
+                data: append.data[i].clone(),
+            },
+        );
+        plan.rows.push(EventRow {
+            position: facts.last_position,
+            stream: stream.to_owned(),
+            category: category.clone(),
+            version,
+            event_id: event.event_id,
+            event_type: event.event_type.clone(),
+            schema_version: event.schema_version,
+            data: append.data[i].clone(),
+            metadata: append.metadata[i].clone(),
+            recorded_at,
+            hash,
+        });
+    }
+    facts.heads.insert(stream.to_owned(), (version, previous));
+    Ok(AppendOutcome { version, positions })
+}
+
+/// `Some(first result)` when every event of the append is already stored, as the same
+/// events at consecutive versions of the same stream; `EventIdReused` when some id is
+/// stored as anything else; `None` when no id is stored.
+fn already_stored(
+    append: &ValidAppend,
+    facts: &LogFacts,
+) -> Result<Option<AppendOutcome>, StoreError> {
+    let events = &append.request.events;
+    let Some(first_found) = events
+        .iter()
+        .find(|e| facts.stored.contains_key(&e.event_id))
+    else {
+        return Ok(None);
+    };
+    let mut positions = Vec::with_capacity(events.len());
+    let mut expected_version = None;
+    for (i, event) in events.iter().enumerate() {
+        let same = facts.stored.get(&event.event_id).filter(|stored| {
+            stored.stream == append.request.stream.as_str()
+                && expected_version.is_none_or(|v| stored.version == v)
+                && stored.event_type == event.event_type
+                && stored.schema_version == event.schema_version
+                && stored.data == append.data[i]
+        });
+        match same {
+            Some(stored) => {
+                expected_version = Some(stored.version + 1);
+                positions.push(stored.position);
+            }
+            None => {
+                let event_id = if facts.stored.contains_key(&event.event_id) {
+                    event.event_id
+                } else {
+                    first_found.event_id
+                };
+                return Err(StoreError::EventIdReused { event_id });
+            }
+        }
+    }
+    let version = expected_version.map_or(0, |next| next - 1);
+    Ok(Some(AppendOutcome { version, positions }))
+}

@@ -1,0 +1,125 @@
+//! The store's one error enum. Rejections an append can meet are typed so that callers
+//! (and later the HTTP layer) never see database text; database failures keep their
+//! cause as a `#[source]` and are split into "unavailable" (retry later) and the rest.
+
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+use crate::model::ExpectedVersion;
+
+/// Why the store refused or failed an operation.
+///
+/// The error is `Clone` because one group commit answers many callers: a failure of the
+/// shared transaction is handed to each of them.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The stream was not at the version the append expected; nothing was written.
+    #[error("stream {stream} is at version {actual}, the append expected {expected}")]
+    WrongExpectedVersion {
+        stream: String,
+        expected: ExpectedVersion,
+        actual: u64,
+    },
+    /// A unique key the append wanted to claim is held by another stream.
+    #[error("claim {key} is held by stream {holder}")]
+    ClaimHeld { key: String, holder: String },
+    /// An event id is already stored, but not as this event at this place in this stream.
+    #[error("event id {event_id} is already used by another event")]
+    EventIdReused { event_id: Uuid },
+    /// The input breaks a rule of the store's contract (see `InvalidInput`).
+    #[error("invalid input: {0}")]
+    InvalidInput(#[from] InvalidInput),
+    /// The database could not be reached or dropped the connection; the operation may be
+    /// retried. After a dropped commit the append may or may not be stored: retry it with
+    /// the same event ids and the idempotent append sorts it out.
+    #[error("the event store is unavailable")]
+    Unavailable(#[source] Arc<sqlx::Error>),
+    /// Any other database failure.
+    #[error("event store database error")]
+    Database(#[source] Arc<sqlx::Error>),
+    /// The schema migrations could not be applied.
+    #[error("event store migration failed")]
+    Migration(#[source] Arc<sqlx::migrate::MigrateError>),
+    /// A stored row could not be read back (corrupt JSON, a value out of range).
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    /// The database URL names no backend this store has.
+    #[error("unsupported database URL: it must start with sqlite: or postgres://")]
+    UnsupportedUrl,
+    /// The store's writer task is gone (the store was closed).
+    #[error("the event store is shut down")]
+    Closed,
+}
+
+/// The input rules of the store's contract, each a distinct case so tests and callers can
+/// match on them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidInput {
+    #[error("an append must carry at least one event")]
+    EmptyAppend,
+    #[error("an append carries at most {max} events, this one has {len}")]
+    TooManyEvents { len: usize, max: usize },
+    #[error("stream name {name:?} is invalid: {reason}")]
+    StreamName { name: String, reason: &'static str },
+    #[error("expected version {0} is below zero")]
+    NegativeExpectedVersion(i64),
+    #[error(
+        "event type {event_type:?} is invalid: it must be 1 to 200 characters without control characters"
+    )]
+    EventType { event_type: String },
+    #[error("event {event_id}: data must be a JSON object")]
+    DataNotObject { event_id: Uuid },
+    #[error("event {event_id}: text may not contain the NUL character")]
+    NulCharacter { event_id: Uuid },
+    #[error("event {event_id}: metadata key {key:?} is reserved")]
+    ReservedMetadataKey { event_id: Uuid, key: String },
+    #[error("event id {event_id} appears twice in one append")]
+    DuplicateEventId { event_id: Uuid },
+    #[error("claim key {key:?} is invalid: it must be 1 to 200 characters")]
+    ClaimKey { key: String },
+    #[error("snapshot of {stream} must have a version of at least 1")]
+    SnapshotVersion { stream: String },
+}
+
+impl StoreError {
+    /// Classifies a sqlx error: lost or refused connections are `Unavailable`.
+    pub(crate) fn from_sqlx(error: sqlx::Error) -> Self {
+        let unavailable = match &error {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Protocol(_) => true,
+            sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+                // 08: connection exception; 57P: operator intervention (shutdown,
+                // terminated backend); 53: insufficient resources. SQLite's BUSY (5) and
+                // LOCKED (6) mean another writer held the file past the busy timeout.
+                code.starts_with("08")
+                    || code.starts_with("57P")
+                    || code.starts_with("53")
+                    || code == "5"
+                    || code == "6"
+            }),
+            _ => false,
+        };
+        if unavailable {
+            StoreError::Unavailable(Arc::new(error))
+        } else {
+            StoreError::Database(Arc::new(error))
+        }
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        StoreError::from_sqlx(error)
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for StoreError {
+    fn from(error: sqlx::migrate::MigrateError) -> Self {
+        StoreError::Migration(Arc::new(error))
+    }
+}

@@ -1,0 +1,159 @@
+//! The Annals event store: an append-only log of events in streams, behind one async
+//! contract (`EventStore`) that SQLite (the embedded default) and PostgreSQL serve alike.
+//!
+//! Invariants every backend keeps, and the conformance suite in `tests/` proves on both:
+//! - a stream's versions are 1, 2, … without gaps; one append is atomic, and an append
+//!   whose expected version does not match writes nothing;
+//! - global positions are given in commit order, so a reader that has seen position `p`
+//!   has seen, or will never see, anything below `p`: readers never skip an event;
+//! - appending an already stored event again (same id, same place) is a no-op;
+//! - each stream is a SHA-256 hash chain that `verify` re-checks from the stored rows;
+//! - `append` returns only after the commit is durable.
+//!
+//! This crate knows SQL; its public types do not, so another backend can serve the same
+//! trait. It holds no business rules.
+
+mod audit;
+mod batch;
+mod chain;
+mod error;
+mod follow;
+mod group_commit;
+mod model;
+pub mod postgres;
+pub mod sqlite;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+pub use error::{InvalidInput, StoreError};
+pub use follow::LogFollower;
+pub use model::{
+    AppendOutcome, AppendRequest, AuditReport, BrokenLink, Claim, Direction, ExpectedVersion,
+    LogFilter, LogPage, MAX_EVENTS_PER_APPEND, MAX_NAME_LEN, Metadata, NewEvent, RecordedEvent,
+    Snapshot, StreamName,
+};
+pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
+
+/// The event store contract.
+#[async_trait]
+pub trait EventStore: Send + Sync + std::fmt::Debug {
+    /// Appends the request's events (and takes or releases its claims) atomically, if the
+    /// stream is at the expected version. Returns after the commit is durable.
+    async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError>;
+
+    /// Up to `limit` events of one stream, from `from_version` (inclusive) in `direction`.
+    async fn read_stream(
+        &self,
+        stream: &StreamName,
+        from_version: u64,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// Up to `limit` events of the global log matching `filter`, from `from_position`
+    /// (inclusive) in increasing position.
+    async fn read_all(
+        &self,
+        from_position: u64,
+        limit: usize,
+        filter: &LogFilter,
+    ) -> Result<LogPage, StoreError>;
+
+    /// The position of the last event in the log (0 when it is empty).
+    async fn head(&self) -> Result<u64, StoreError>;
+
+    /// Waits until the log's head is beyond `after`, or until `timeout`; returns the head
+    /// then. Wakes within milliseconds of a commit (in this process, or any process on
+    /// PostgreSQL), and polls as a fallback.
+    async fn wait_for_events(&self, after: u64, timeout: Duration) -> Result<u64, StoreError>;
+
+    /// Saves a snapshot; an older snapshot than the one stored is ignored.
+    async fn save_snapshot(&self, snapshot: &Snapshot) -> Result<(), StoreError>;
+
+    /// The latest snapshot of a stream, if any.
+    async fn load_snapshot(&self, stream: &StreamName) -> Result<Option<Snapshot>, StoreError>;
+
+    /// Walks every stream's hash chain from the stored rows.
+    async fn verify(&self) -> Result<AuditReport, StoreError>;
+}
+
+/// Settings shared by the backends.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Connections for reads (PostgreSQL) or readers (SQLite); writes have their own.
+    pub max_connections: u32,
+    /// How often a waiting reader looks at the head when no notification came.
+    pub poll_interval: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            max_connections: 16,
+            poll_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Opens the store a database URL names (`sqlite://…` or `postgres://…`), applying
+/// pending migrations.
+pub async fn open(url: &str, config: StoreConfig) -> Result<Arc<dyn EventStore>, StoreError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(PostgresStore::open(url, config).await?))
+    } else if url.starts_with("sqlite:") {
+        Ok(Arc::new(SqliteStore::open(url, config).await?))
+    } else {
+        Err(StoreError::UnsupportedUrl)
+    }
+}
+
+/// Waits on this process's head watch, re-reading the head from the database every poll
+/// interval in case a notification was missed.
+pub(crate) async fn wait_for_head<F, Fut>(
+    head: &tokio::sync::watch::Sender<u64>,
+    after: u64,
+    timeout: Duration,
+    poll_interval: Duration,
+    read_head: F,
+) -> Result<u64, StoreError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<u64, StoreError>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut receiver = head.subscribe();
+    loop {
+        let current = read_head().await?;
+        head.send_if_modified(|h| {
+            let newer = current > *h;
+            if newer {
+                *h = current;
+            }
+            newer
+        });
+        receiver.mark_unchanged();
+        if current > after {
+            return Ok(current);
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Ok(current);
+        }
+        let wake = deadline.min(now + poll_interval);
+        tokio::select! {
+            changed = receiver.changed() => {
+                if changed.is_ok() {
+                    let seen = *receiver.borrow_and_update();
+                    if seen > after {
+                        return Ok(seen);
+                    }
+                }
+            }
+            () = tokio::time::sleep_until(wake) => {}
+        }
+    }
+}

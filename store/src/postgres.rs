@@ -1,0 +1,511 @@
+//! The PostgreSQL backend, for production and for several processes on one database.
+//!
+//! Writers serialise on a transaction-scoped advisory lock taken before anything is read
+//! and released by the commit, so global positions are handed out in commit order and a
+//! reader that has seen position `p` has seen everything below it. Group commit (see
+//! `group_commit`) makes that lock cost one round trip per batch, not per append.
+//! A `NOTIFY` in each writing transaction wakes readers in every process.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
+use serde_json::Value;
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Connection, PgConnection, Postgres, Row, Transaction};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::audit::{self, AuditRow};
+use crate::batch::{self, LogFacts, Plan, StoredEvent, ValidAppend};
+use crate::chain::Hash;
+use crate::error::StoreError;
+use crate::group_commit::{Answer, BatchWriter, GroupCommit};
+use crate::model::{
+    AppendOutcome, AppendRequest, AuditReport, Direction, LogFilter, LogPage, RecordedEvent,
+    Snapshot, StreamName, check_snapshot, page, recorded_event, to_sql_int,
+};
+use crate::{EventStore, StoreConfig};
+
+/// The notification channel that carries the last committed position.
+const CHANNEL: &str = "annals_events";
+/// Begins a write transaction and takes the writers' lock, held until the transaction
+/// ends, in one round trip. The key is an arbitrary constant that names the lock.
+const BEGIN_WRITE: &str = "BEGIN; SELECT pg_advisory_xact_lock(7305218446109532161)";
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
+
+const EVENT_COLUMNS: &str = "position, stream, version, event_id, event_type, schema_version, \
+                             data, metadata, recorded_at, hash";
+
+/// The event store on PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+    writer: GroupCommit,
+    head: watch::Sender<u64>,
+    poll_interval: Duration,
+    /// Held so that the listener task stops when the last clone of the store is dropped.
+    _alive: Arc<watch::Receiver<u64>>,
+}
+
+impl PostgresStore {
+    /// Connects, applies pending migrations and starts the writer and the listener.
+    pub async fn open(url: &str, config: StoreConfig) -> Result<Self, StoreError> {
+        // Durability is not left to the server's default: a commit waits for its flush.
+        let options = url
+            .parse::<PgConnectOptions>()?
+            .options([("synchronous_commit", "on")]);
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_connections.max(1))
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options.clone())
+            .await?;
+        MIGRATOR.run(&pool).await?;
+        // The writer has a connection of its own, so reads can never starve appends.
+        let write_pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await?;
+        let head_now = read_head(&pool).await?;
+        let (head, alive) = watch::channel(head_now);
+        let mut listener = PgListener::connect_with(&pool).await?;
+        listener.listen(CHANNEL).await?;
+        tokio::spawn(listen(listener, head.clone()));
+        let writer = GroupCommit::start(PgWriter { pool: write_pool }, head.clone());
+        Ok(PostgresStore {
+            pool,
+            writer,
+            head,
+            poll_interval: config.poll_interval,
+            _alive: Arc::new(alive),
+        })
+    }
+
+    /// The connection pool, for code that keeps its own tables in the same database.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Test support: runs an append in a transaction of its own and leaves it open until
+    /// `HeldAppend::commit`, like a writer that is slow to commit. It holds the writers'
+    /// lock meanwhile, exactly as a real append does.
+    #[doc(hidden)]
+    // Boxed with a concrete lifetime: sqlx futures held across `.await` otherwise fail the
+    // higher-ranked `Send` check where a caller spawns this.
+    pub fn hold_append(
+        &self,
+        request: AppendRequest,
+    ) -> futures::future::BoxFuture<'static, Result<HeldAppend, StoreError>> {
+        let store = self.clone();
+        Box::pin(async move {
+            let append = batch::validate(request)?;
+            let mut transaction = store.pool.begin_with(BEGIN_WRITE).await?;
+            let plan = write_planned(&mut transaction, std::slice::from_ref(&append)).await?;
+            let outcome = plan
+                .outcomes
+                .into_iter()
+                .next()
+                .unwrap_or(Err(StoreError::Closed))?;
+            Ok(HeldAppend {
+                transaction,
+                outcome,
+            })
+        })
+    }
+}
+
+/// An append whose transaction is still open (test support).
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct HeldAppend {
+    transaction: Transaction<'static, Postgres>,
+    outcome: AppendOutcome,
+}
+
+impl HeldAppend {
+    pub fn outcome(&self) -> &AppendOutcome {
+        &self.outcome
+    }
+
+    pub async fn commit(self) -> Result<AppendOutcome, StoreError> {
+        self.transaction.commit().await?;
+        Ok(self.outcome)
+    }
+}
+
+async fn read_head(pool: &PgPool) -> Result<u64, StoreError> {
+    let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM events")
+        .fetch_one(pool)
+        .await?;
+    Ok(u64::try_from(head).unwrap_or(0))
+}
+
+/// Forwards commit notifications of every process to this process's head watch. Runs
+/// until the store is dropped; sqlx reconnects the listener after a lost connection.
+async fn listen(mut listener: PgListener, head: watch::Sender<u64>) {
+    loop {
+        tokio::select! {
+            () = head.closed() => return,
+            received = listener.recv() => match received {
+                Ok(notification) => {
+                    if let Ok(position) = notification.payload().parse::<u64>() {
+                        head.send_if_modified(|h| {
+                            let newer = position > *h;
+                            if newer {
+                                *h = position;
+                            }
+                            newer
+                        });
+                    }
+                }
+                Err(sqlx::Error::PoolClosed) => return,
+                Err(error) => {
+                    // Readers fall back to polling meanwhile.
+                    tracing::warn!(%error, "event notification listener failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+}
+
+struct PgWriter {
+    pool: PgPool,
+}
+
+#[async_trait]
+impl BatchWriter for PgWriter {
+    async fn write_batch(&mut self, batch: &[ValidAppend]) -> Result<Vec<Answer>, StoreError> {
+        let mut connection = self.pool.acquire().await?;
+        let mut transaction = connection.begin_with(BEGIN_WRITE).await?;
+        let plan = write_planned(&mut transaction, batch).await?;
+        transaction.commit().await?;
+        Ok(plan.outcomes)
+    }
+}
+
+/// Reads the batch's facts, plans it and writes the rows, inside a transaction that
+/// already holds the writers' lock. The caller commits.
+async fn write_planned(
+    connection: &mut PgConnection,
+    batch: &[ValidAppend],
+) -> Result<Plan, StoreError> {
+    let facts = read_facts(connection, batch).await?;
+    let plan = batch::plan(batch, facts, Utc::now());
+    if !plan.rows.is_empty() {
+        insert(connection, &plan).await?;
+    }
+    Ok(plan)
+}
+
+async fn read_facts(
+    connection: &mut PgConnection,
+    batch: &[ValidAppend],
+) -> Result<LogFacts, StoreError> {
+    let (streams, ids, keys) = LogFacts::wanted(batch);
+    let rows = sqlx::query(
+        "SELECT 'head' AS kind, s.stream AS name, NULL::text AS other, e.version, e.hash, \
+                NULL::bigint AS schema_version, NULL::jsonb AS data, NULL::bigint AS position \
+           FROM unnest($1::text[]) AS s(stream) \
+           CROSS JOIN LATERAL (SELECT version, hash FROM events \
+                                WHERE events.stream = s.stream \
+                                ORDER BY version DESC LIMIT 1) e \
+         UNION ALL \
+         SELECT 'event', stream, event_id::text, version, NULL, schema_version, \
+                jsonb_build_object('type', event_type, 'data', data), position \
+           FROM events WHERE event_id = ANY($2::uuid[]) \
+         UNION ALL \
+         SELECT 'claim', key, stream, NULL, NULL, NULL, NULL, NULL \
+           FROM claims WHERE key = ANY($3::text[]) \
+         UNION ALL \
+         SELECT 'last', NULL, NULL, NULL, NULL, NULL, NULL, \
+                (SELECT COALESCE(MAX(position), 0) FROM events)",
+    )
+    .bind(&streams)
+    .bind(&ids)
+    .bind(&keys)
+    .fetch_all(&mut *connection)
+    .await?;
+
+    let mut facts = LogFacts::default();
+    for row in rows {
+        let kind: &str = row.try_get("kind")?;
+        match kind {
+            "head" => {
+                let hash: Vec<u8> = row.try_get("hash")?;
+                let hash: Hash = hash
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("hash of a stream head".into()))?;
+                facts
+                    .heads
+                    .insert(row.try_get("name")?, (sql_u64(&row, "version")?, hash));
+            }
+            "event" => {
+                let id: String = row.try_get("other")?;
+                let id =
+                    Uuid::parse_str(&id).map_err(|_| StoreError::Corrupt("event id".into()))?;
+                let mut typed: Value = row.try_get("data")?;
+                let event_type = match typed["type"].take() {
+                    Value::String(t) => t,
+                    _ => return Err(StoreError::Corrupt(format!("type of event {id}"))),
+                };
+                facts.stored.insert(
+                    id,
+                    StoredEvent {
+                        stream: row.try_get("name")?,
+                        version: sql_u64(&row, "version")?,
+                        position: sql_u64(&row, "position")?,
+                        event_type,
+                        schema_version: u32::try_from(row.try_get::<i64, _>("schema_version")?)
+                            .map_err(|_| StoreError::Corrupt(format!("schema of {id}")))?,
+                        data: crate::chain::canonical_json(&typed["data"]),
+                    },
+                );
+            }
+            "claim" => {
+                facts
+                    .claims
+                    .insert(row.try_get("name")?, row.try_get("other")?);
+            }
+            _ => facts.last_position = sql_u64(&row, "position")?,
+        }
+    }
+    Ok(facts)
+}
+
+fn sql_u64(row: &PgRow, column: &str) -> Result<u64, StoreError> {
+    let n: i64 = row.try_get(column)?;
+    u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("{column} is negative")))
+}
+
+async fn insert(connection: &mut PgConnection, plan: &Plan) -> Result<(), StoreError> {
+    let rows = &plan.rows;
+    let positions: Vec<i64> = rows.iter().map(|r| to_sql_int(r.position)).collect();
+    let streams: Vec<&str> = rows.iter().map(|r| r.stream.as_str()).collect();
+    let categories: Vec<&str> = rows.iter().map(|r| r.category.as_str()).collect();
+    let versions: Vec<i64> = rows.iter().map(|r| to_sql_int(r.version)).collect();
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.event_id).collect();
+    let types: Vec<&str> = rows.iter().map(|r| r.event_type.as_str()).collect();
+    let schemas: Vec<i64> = rows.iter().map(|r| i64::from(r.schema_version)).collect();
+    let data: Vec<&str> = rows.iter().map(|r| r.data.as_str()).collect();
+    let metadata: Vec<&str> = rows.iter().map(|r| r.metadata.as_str()).collect();
+    let recorded: Vec<DateTime<Utc>> = rows.iter().map(|r| r.recorded_at).collect();
+    let hashes: Vec<&[u8]> = rows.iter().map(|r| r.hash.as_slice()).collect();
+    let (taken_keys, taken_streams, taken_positions): (Vec<&str>, Vec<&str>, Vec<i64>) = plan
+        .claims_taken
+        .iter()
+        .map(|(key, stream, position)| (key.as_str(), stream.as_str(), to_sql_int(*position)))
+        .fold(
+            (vec![], vec![], vec![]),
+            |(mut k, mut s, mut p), (key, stream, pos)| {
+                k.push(key);
+                s.push(stream);
+                p.push(pos);
+                (k, s, p)
+            },
+        );
+    sqlx::query(
+        "WITH inserted AS ( \
+           INSERT INTO events (position, stream, category, version, event_id, event_type, \
+                               schema_version, data, metadata, recorded_at, hash) \
+           SELECT p, s, c, v, i, t, sv, d::jsonb, m::jsonb, r, h \
+             FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::uuid[], \
+                         $6::text[], $7::bigint[], $8::text[], $9::text[], \
+                         $10::timestamptz[], $11::bytea[]) \
+                  AS u(p, s, c, v, i, t, sv, d, m, r, h) \
+           RETURNING 1 \
+         ), released AS ( \
+           DELETE FROM claims WHERE key = ANY($12::text[]) RETURNING 1 \
+         ), taken AS ( \
+           INSERT INTO claims (key, stream, position) \
+           SELECT * FROM unnest($13::text[], $14::text[], $15::bigint[]) \
+           ON CONFLICT (key) DO UPDATE SET stream = EXCLUDED.stream, position = EXCLUDED.position \
+           RETURNING 1 \
+         ) \
+         SELECT (SELECT count(*) FROM inserted), (SELECT count(*) FROM released), \
+                (SELECT count(*) FROM taken), pg_notify($16, $17)",
+    )
+    .bind(&positions)
+    .bind(&streams)
+    .bind(&categories)
+    .bind(&versions)
+    .bind(&ids)
+    .bind(&types)
+    .bind(&schemas)
+    .bind(&data)
+    .bind(&metadata)
+    .bind(&recorded)
+    .bind(&hashes)
+    .bind(&plan.claims_released)
+    .bind(&taken_keys)
+    .bind(&taken_streams)
+    .bind(&taken_positions)
+    .bind(CHANNEL)
+    .bind(plan.last_position.to_string())
+    .execute(&mut *connection)
+    .await?;
+    Ok(())
+}
+
+fn event_from_row(row: &PgRow) -> Result<RecordedEvent, StoreError> {
+    let hash: Vec<u8> = row.try_get("hash")?;
+    recorded_event(
+        row.try_get("position")?,
+        row.try_get("stream")?,
+        row.try_get("version")?,
+        row.try_get("event_id")?,
+        row.try_get("event_type")?,
+        row.try_get("schema_version")?,
+        row.try_get("data")?,
+        row.try_get("metadata")?,
+        row.try_get("recorded_at")?,
+        &hash,
+    )
+}
+
+fn sql_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+#[async_trait]
+impl EventStore for PostgresStore {
+    async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError> {
+        self.writer.append(batch::validate(request)?).await
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &StreamName,
+        from_version: u64,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let sql = match direction {
+            Direction::Forwards => format!(
+                "SELECT {EVENT_COLUMNS} FROM events WHERE stream = $1 AND version >= $2 \
+                 ORDER BY version LIMIT $3"
+            ),
+            Direction::Backwards => format!(
+                "SELECT {EVENT_COLUMNS} FROM events WHERE stream = $1 AND version <= $2 \
+                 ORDER BY version DESC LIMIT $3"
+            ),
+        };
+        let rows = sqlx::query(&sql)
+            .bind(stream.as_str())
+            .bind(to_sql_int(from_version))
+            .bind(sql_limit(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(event_from_row).collect()
+    }
+
+    async fn read_all(
+        &self,
+        from_position: u64,
+        limit: usize,
+        filter: &LogFilter,
+    ) -> Result<LogPage, StoreError> {
+        let from = from_position.max(1);
+        // The head is read first: every position up to it is committed (positions are
+        // given in commit order), so the page below sees all of them.
+        let head = read_head(&self.pool).await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {EVENT_COLUMNS} FROM events \
+              WHERE position >= $1 AND position <= $2 \
+                AND (cardinality($3::text[]) = 0 OR event_type = ANY($3)) \
+                AND (cardinality($4::text[]) = 0 OR category = ANY($4)) \
+              ORDER BY position LIMIT $5"
+        ))
+        .bind(to_sql_int(from))
+        .bind(to_sql_int(head))
+        .bind(&filter.event_types)
+        .bind(&filter.categories)
+        .bind(sql_limit(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let events = rows
+            .iter()
+            .map(event_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(page(events, from, limit, head))
+    }
+
+    async fn head(&self) -> Result<u64, StoreError> {
+        read_head(&self.pool).await
+    }
+
+    async fn wait_for_events(&self, after: u64, timeout: Duration) -> Result<u64, StoreError> {
+        crate::wait_for_head(&self.head, after, timeout, self.poll_interval, || {
+            read_head(&self.pool)
+        })
+        .await
+    }
+
+    async fn save_snapshot(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
+        check_snapshot(snapshot)?;
+        sqlx::query(
+            "INSERT INTO snapshots (stream, version, schema_version, state) \
+             VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (stream) DO UPDATE \
+                SET version = EXCLUDED.version, schema_version = EXCLUDED.schema_version, \
+                    state = EXCLUDED.state, taken_at = now() \
+              WHERE snapshots.version <= EXCLUDED.version",
+        )
+        .bind(&snapshot.stream)
+        .bind(to_sql_int(snapshot.version))
+        .bind(i64::from(snapshot.schema_version))
+        .bind(&snapshot.state)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn load_snapshot(&self, stream: &StreamName) -> Result<Option<Snapshot>, StoreError> {
+        let row =
+            sqlx::query("SELECT version, schema_version, state FROM snapshots WHERE stream = $1")
+                .bind(stream.as_str())
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(|row| {
+            Ok(Snapshot {
+                stream: stream.as_str().to_owned(),
+                version: sql_u64(&row, "version")?,
+                schema_version: u32::try_from(row.try_get::<i64, _>("schema_version")?)
+                    .map_err(|_| StoreError::Corrupt("snapshot schema version".into()))?,
+                state: row.try_get("state")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn verify(&self) -> Result<AuditReport, StoreError> {
+        let rows = sqlx::query(
+            "SELECT stream, version, event_id, event_type, schema_version, data, metadata, \
+                    recorded_at, hash \
+               FROM events ORDER BY stream, version",
+        )
+        .fetch(&self.pool)
+        .map_err(StoreError::from)
+        .and_then(|row| async move {
+            let recorded_at: DateTime<Utc> = row.try_get("recorded_at")?;
+            Ok(AuditRow {
+                stream: row.try_get("stream")?,
+                version: sql_u64(&row, "version")?,
+                event_id: row.try_get("event_id")?,
+                event_type: row.try_get("event_type")?,
+                schema_version: u32::try_from(row.try_get::<i64, _>("schema_version")?)
+                    .map_err(|_| StoreError::Corrupt("schema version".into()))?,
+                data: row.try_get("data")?,
+                metadata: row.try_get("metadata")?,
+                recorded_at_micros: recorded_at.timestamp_micros(),
+                hash: row.try_get("hash")?,
+            })
+        });
+        audit::walk(rows).await
+    }
+}

@@ -1,0 +1,471 @@
+//! The SQLite backend: the embedded default, one file in WAL mode with
+//! `synchronous=FULL`, so an acknowledged append survives a power cut.
+//!
+//! SQLite lets one writer in at a time (`BEGIN IMMEDIATE`), so positions are handed out in
+//! commit order. One process owns the file: waiting readers are woken by this process's
+//! writer, and by polling for anything else.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
+use serde_json::Value;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Connection, Row, Sqlite, SqliteConnection, Transaction};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::audit::{self, AuditRow};
+use crate::batch::{self, LogFacts, Plan, StoredEvent, ValidAppend};
+use crate::chain::Hash;
+use crate::error::StoreError;
+use crate::group_commit::{Answer, BatchWriter, GroupCommit};
+use crate::model::{
+    AppendOutcome, AppendRequest, AuditReport, Direction, LogFilter, LogPage, RecordedEvent,
+    Snapshot, StreamName, check_snapshot, page, recorded_event, to_sql_int,
+};
+use crate::{EventStore, StoreConfig};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
+
+const EVENT_COLUMNS: &str = "position, stream, version, event_id, event_type, schema_version, \
+                             data, metadata, recorded_at, hash";
+
+/// The event store on SQLite.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+    writer: GroupCommit,
+    head: watch::Sender<u64>,
+    poll_interval: Duration,
+}
+
+impl SqliteStore {
+    /// Opens (creating it when missing) the database file a `sqlite:` URL names, with WAL
+    /// and `synchronous=FULL`, and applies pending migrations.
+    pub async fn open(url: &str, config: StoreConfig) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .synchronous(SqliteSynchronous::Full);
+        Self::open_with(options, config).await
+    }
+
+    /// Opens with the caller's connection options (WAL and a busy timeout are always set;
+    /// the synchronous level is the caller's).
+    pub async fn open_with(
+        options: SqliteConnectOptions,
+        config: StoreConfig,
+    ) -> Result<Self, StoreError> {
+        let options = options
+            .journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(config.max_connections.max(1))
+            .connect_with(options.clone())
+            .await?;
+        MIGRATOR.run(&pool).await?;
+        let write_pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await?;
+        let head = watch::Sender::new(read_head(&pool).await?);
+        let writer = GroupCommit::start(SqliteWriter { pool: write_pool }, head.clone());
+        Ok(SqliteStore {
+            pool,
+            writer,
+            head,
+            poll_interval: config.poll_interval,
+        })
+    }
+
+    /// The connection pool, for code that keeps its own tables in the same database.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// Test support: runs an append in a transaction of its own and leaves it open until
+    /// `HeldAppend::commit`, like a writer that is slow to commit.
+    #[doc(hidden)]
+    // Boxed with a concrete lifetime: sqlx futures held across `.await` otherwise fail the
+    // higher-ranked `Send` check where a caller spawns this.
+    pub fn hold_append(
+        &self,
+        request: AppendRequest,
+    ) -> futures::future::BoxFuture<'static, Result<HeldAppend, StoreError>> {
+        let store = self.clone();
+        Box::pin(async move {
+            let append = batch::validate(request)?;
+            let mut transaction = store.pool.begin_with("BEGIN IMMEDIATE").await?;
+            let plan = write_planned(&mut transaction, std::slice::from_ref(&append)).await?;
+            let outcome = plan
+                .outcomes
+                .into_iter()
+                .next()
+                .unwrap_or(Err(StoreError::Closed))?;
+            Ok(HeldAppend {
+                transaction,
+                outcome,
+                head: store.head.clone(),
+            })
+        })
+    }
+}
+
+/// An append whose transaction is still open (test support).
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct HeldAppend {
+    transaction: Transaction<'static, Sqlite>,
+    outcome: AppendOutcome,
+    head: watch::Sender<u64>,
+}
+
+impl HeldAppend {
+    pub fn outcome(&self) -> &AppendOutcome {
+        &self.outcome
+    }
+
+    pub async fn commit(self) -> Result<AppendOutcome, StoreError> {
+        self.transaction.commit().await?;
+        let last = self.outcome.last_position();
+        self.head.send_if_modified(|h| {
+            let newer = last > *h;
+            if newer {
+                *h = last;
+            }
+            newer
+        });
+        Ok(self.outcome)
+    }
+}
+
+async fn read_head(pool: &SqlitePool) -> Result<u64, StoreError> {
+    let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM events")
+        .fetch_one(pool)
+        .await?;
+    Ok(u64::try_from(head).unwrap_or(0))
+}
+
+struct SqliteWriter {
+    pool: SqlitePool,
+}
+
+#[async_trait]
+impl BatchWriter for SqliteWriter {
+    async fn write_batch(&mut self, batch: &[ValidAppend]) -> Result<Vec<Answer>, StoreError> {
+        let mut connection = self.pool.acquire().await?;
+        let mut transaction = connection.begin_with("BEGIN IMMEDIATE").await?;
+        let plan = write_planned(&mut transaction, batch).await?;
+        transaction.commit().await?;
+        Ok(plan.outcomes)
+    }
+}
+
+/// Reads the batch's facts, plans it and writes the rows, inside a write transaction.
+/// The caller commits.
+async fn write_planned(
+    connection: &mut SqliteConnection,
+    batch: &[ValidAppend],
+) -> Result<Plan, StoreError> {
+    let facts = read_facts(connection, batch).await?;
+    let plan = batch::plan(batch, facts, Utc::now());
+    insert(connection, &plan).await?;
+    Ok(plan)
+}
+
+fn json_list<T: serde::Serialize>(items: &[T]) -> String {
+    serde_json::to_string(items).unwrap_or_else(|_| "[]".to_owned())
+}
+
+async fn read_facts(
+    connection: &mut SqliteConnection,
+    batch: &[ValidAppend],
+) -> Result<LogFacts, StoreError> {
+    let (streams, ids, keys) = LogFacts::wanted(batch);
+    let mut facts = LogFacts::default();
+
+    let heads = sqlx::query(
+        "SELECT e.stream, e.version, e.hash FROM json_each(?1) AS s \
+           JOIN events AS e ON e.stream = s.value \
+            AND e.version = (SELECT MAX(version) FROM events WHERE stream = s.value)",
+    )
+    .bind(json_list(&streams))
+    .fetch_all(&mut *connection)
+    .await?;
+    for row in heads {
+        let hash: Vec<u8> = row.try_get("hash")?;
+        let hash: Hash = hash
+            .as_slice()
+            .try_into()
+            .map_err(|_| StoreError::Corrupt("hash of a stream head".into()))?;
+        facts
+            .heads
+            .insert(row.try_get("stream")?, (sql_u64(&row, "version")?, hash));
+    }
+
+    let stored = sqlx::query(
+        "SELECT event_id, stream, version, position, event_type, schema_version, data \
+           FROM events WHERE event_id IN (SELECT value FROM json_each(?1))",
+    )
+    .bind(json_list(&ids))
+    .fetch_all(&mut *connection)
+    .await?;
+    for row in stored {
+        let id = parse_uuid(&row)?;
+        facts.stored.insert(
+            id,
+            StoredEvent {
+                stream: row.try_get("stream")?,
+                version: sql_u64(&row, "version")?,
+                position: sql_u64(&row, "position")?,
+                event_type: row.try_get("event_type")?,
+                schema_version: u32::try_from(row.try_get::<i64, _>("schema_version")?)
+                    .map_err(|_| StoreError::Corrupt(format!("schema of {id}")))?,
+                // Stored as canonical text already.
+                data: row.try_get("data")?,
+            },
+        );
+    }
+
+    if !keys.is_empty() {
+        let claims = sqlx::query(
+            "SELECT key, stream FROM claims WHERE key IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(json_list(&keys))
+        .fetch_all(&mut *connection)
+        .await?;
+        for row in claims {
+            facts
+                .claims
+                .insert(row.try_get("key")?, row.try_get("stream")?);
+        }
+    }
+
+    let last: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM events")
+        .fetch_one(&mut *connection)
+        .await?;
+    facts.last_position = u64::try_from(last).unwrap_or(0);
+    Ok(facts)
+}
+
+fn parse_uuid(row: &SqliteRow) -> Result<Uuid, StoreError> {
+    let text: &str = row.try_get("event_id")?;
+    Uuid::parse_str(text).map_err(|_| StoreError::Corrupt(format!("event id {text:?}")))
+}
+
+fn sql_u64(row: &SqliteRow, column: &str) -> Result<u64, StoreError> {
+    let n: i64 = row.try_get(column)?;
+    u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("{column} is negative")))
+}
+
+async fn insert(connection: &mut SqliteConnection, plan: &Plan) -> Result<(), StoreError> {
+    for row in &plan.rows {
+        sqlx::query(
+            "INSERT INTO events (position, stream, category, version, event_id, event_type, \
+                                 schema_version, data, metadata, recorded_at, hash) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        )
+        .bind(to_sql_int(row.position))
+        .bind(&row.stream)
+        .bind(&row.category)
+        .bind(to_sql_int(row.version))
+        .bind(row.event_id.hyphenated().to_string())
+        .bind(&row.event_type)
+        .bind(i64::from(row.schema_version))
+        .bind(&row.data)
+        .bind(&row.metadata)
+        .bind(row.recorded_at.timestamp_micros())
+        .bind(row.hash.as_slice())
+        .execute(&mut *connection)
+        .await?;
+    }
+    for key in &plan.claims_released {
+        sqlx::query("DELETE FROM claims WHERE key = ?1")
+            .bind(key)
+            .execute(&mut *connection)
+            .await?;
+    }
+    for (key, stream, position) in &plan.claims_taken {
+        sqlx::query(
+            "INSERT INTO claims (key, stream, position) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (key) DO UPDATE SET stream = excluded.stream, position = excluded.position",
+        )
+        .bind(key)
+        .bind(stream)
+        .bind(to_sql_int(*position))
+        .execute(&mut *connection)
+        .await?;
+    }
+    Ok(())
+}
+
+fn micros_to_time(micros: i64) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::from_timestamp_micros(micros)
+        .ok_or_else(|| StoreError::Corrupt(format!("recorded_at {micros}")))
+}
+
+fn parse_json(row: &SqliteRow, column: &str) -> Result<Value, StoreError> {
+    let text: &str = row.try_get(column)?;
+    serde_json::from_str(text).map_err(|_| StoreError::Corrupt(format!("{column} is not JSON")))
+}
+
+fn event_from_row(row: &SqliteRow) -> Result<RecordedEvent, StoreError> {
+    let hash: Vec<u8> = row.try_get("hash")?;
+    recorded_event(
+        row.try_get("position")?,
+        row.try_get("stream")?,
+        row.try_get("version")?,
+        parse_uuid(row)?,
+        row.try_get("event_type")?,
+        row.try_get("schema_version")?,
+        parse_json(row, "data")?,
+        parse_json(row, "metadata")?,
+        micros_to_time(row.try_get("recorded_at")?)?,
+        &hash,
+    )
+}
+
+fn sql_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+#[async_trait]
+impl EventStore for SqliteStore {
+    async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError> {
+        self.writer.append(batch::validate(request)?).await
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &StreamName,
+        from_version: u64,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let sql = match direction {
+            Direction::Forwards => format!(
+                "SELECT {EVENT_COLUMNS} FROM events WHERE stream = ?1 AND version >= ?2 \
+                 ORDER BY version LIMIT ?3"
+            ),
+            Direction::Backwards => format!(
+                "SELECT {EVENT_COLUMNS} FROM events WHERE stream = ?1 AND version <= ?2 \
+                 ORDER BY version DESC LIMIT ?3"
+            ),
+        };
+        let rows = sqlx::query(&sql)
+            .bind(stream.as_str())
+            .bind(to_sql_int(from_version))
+            .bind(sql_limit(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(event_from_row).collect()
+    }
+
+    async fn read_all(
+        &self,
+        from_position: u64,
+        limit: usize,
+        filter: &LogFilter,
+    ) -> Result<LogPage, StoreError> {
+        let from = from_position.max(1);
+        let head = read_head(&self.pool).await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {EVENT_COLUMNS} FROM events \
+              WHERE position >= ?1 AND position <= ?2 \
+                AND (json_array_length(?3) = 0 OR event_type IN (SELECT value FROM json_each(?3))) \
+                AND (json_array_length(?4) = 0 OR category IN (SELECT value FROM json_each(?4))) \
+              ORDER BY position LIMIT ?5"
+        ))
+        .bind(to_sql_int(from))
+        .bind(to_sql_int(head))
+        .bind(json_list(&filter.event_types))
+        .bind(json_list(&filter.categories))
+        .bind(sql_limit(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let events = rows
+            .iter()
+            .map(event_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(page(events, from, limit, head))
+    }
+
+    async fn head(&self) -> Result<u64, StoreError> {
+        read_head(&self.pool).await
+    }
+
+    async fn wait_for_events(&self, after: u64, timeout: Duration) -> Result<u64, StoreError> {
+        crate::wait_for_head(&self.head, after, timeout, self.poll_interval, || {
+            read_head(&self.pool)
+        })
+        .await
+    }
+
+    async fn save_snapshot(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
+        check_snapshot(snapshot)?;
+        sqlx::query(
+            "INSERT INTO snapshots (stream, version, schema_version, state, taken_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5) \
+             ON CONFLICT (stream) DO UPDATE \
+                SET version = excluded.version, schema_version = excluded.schema_version, \
+                    state = excluded.state, taken_at = excluded.taken_at \
+              WHERE snapshots.version <= excluded.version",
+        )
+        .bind(&snapshot.stream)
+        .bind(to_sql_int(snapshot.version))
+        .bind(i64::from(snapshot.schema_version))
+        .bind(crate::chain::canonical_json(&snapshot.state))
+        .bind(Utc::now().timestamp_micros())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn load_snapshot(&self, stream: &StreamName) -> Result<Option<Snapshot>, StoreError> {
+        let row =
+            sqlx::query("SELECT version, schema_version, state FROM snapshots WHERE stream = ?1")
+                .bind(stream.as_str())
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(|row| {
+            Ok(Snapshot {
+                stream: stream.as_str().to_owned(),
+                version: sql_u64(&row, "version")?,
+                schema_version: u32::try_from(row.try_get::<i64, _>("schema_version")?)
+                    .map_err(|_| StoreError::Corrupt("snapshot schema version".into()))?,
+                state: parse_json(&row, "state")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn verify(&self) -> Result<AuditReport, StoreError> {
+        let rows = sqlx::query(
+            "SELECT stream, version, event_id, event_type, schema_version, data, metadata, \
+                    recorded_at, hash \
+               FROM events ORDER BY stream, version",
+        )
+        .fetch(&self.pool)
+        .map_err(StoreError::from)
+        .and_then(|row| async move {
+            Ok(AuditRow {
+                event_id: parse_uuid(&row)?,
+                stream: row.try_get("stream")?,
+                version: sql_u64(&row, "version")?,
+                event_type: row.try_get("event_type")?,
+                schema_version: u32::try_from(row.try_get::<i64, _>("schema_version")?)
+                    .map_err(|_| StoreError::Corrupt("schema version".into()))?,
+                data: parse_json(&row, "data")?,
+                metadata: parse_json(&row, "metadata")?,
+                recorded_at_micros: row.try_get("recorded_at")?,
+                hash: row.try_get("hash")?,
+            })
+        });
+        audit::walk(rows).await
+    }
+}

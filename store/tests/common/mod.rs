@@ -1,0 +1,229 @@
+//! A fresh database per test, on either backend: a temporary SQLite file, or a PostgreSQL
+//! database created for the test and dropped after it (even when the test fails).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use annals_store::{
+    AppendOutcome, AppendRequest, EventStore, ExpectedVersion, NewEvent, PostgresStore,
+    SqliteStore, StoreConfig, StoreError, StreamName, postgres, sqlite,
+};
+use futures::future::BoxFuture;
+use serde_json::json;
+use sqlx::{Connection, Row};
+
+/// The server every developer and CI machine runs; `ANNALS_TEST_DATABASE_URL` overrides.
+pub fn admin_url() -> String {
+    std::env::var("ANNALS_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Debug)]
+pub enum Fixture {
+    Sqlite {
+        store: SqliteStore,
+        url: String,
+        _dir: tempfile::TempDir,
+    },
+    Postgres {
+        store: PostgresStore,
+        url: String,
+        database: String,
+    },
+}
+
+pub enum Held {
+    Sqlite(sqlite::HeldAppend),
+    Postgres(postgres::HeldAppend),
+}
+
+impl Held {
+    pub async fn commit(self) -> Result<AppendOutcome, StoreError> {
+        match self {
+            Held::Sqlite(held) => held.commit().await,
+            Held::Postgres(held) => held.commit().await,
+        }
+    }
+}
+
+pub fn config() -> StoreConfig {
+    StoreConfig {
+        max_connections: 8,
+        // Long, so that a test which wakes up quickly proves the notification path.
+        poll_interval: Duration::from_secs(60),
+    }
+}
+
+impl Fixture {
+    pub async fn new(backend: Backend) -> Fixture {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().expect("temporary directory");
+                let url = format!("sqlite://{}", dir.path().join("annals.db").display());
+                let store = SqliteStore::open(&url, config())
+                    .await
+                    .expect("open sqlite");
+                Fixture::Sqlite {
+                    store,
+                    url,
+                    _dir: dir,
+                }
+            }
+            Backend::Postgres => {
+                let database = format!("annals_test_{}", uuid::Uuid::new_v4().simple());
+                let mut admin = sqlx::PgConnection::connect(&admin_url())
+                    .await
+                    .expect("PostgreSQL must be running (see README)");
+                sqlx::query(&format!("CREATE DATABASE {database}"))
+                    .execute(&mut admin)
+                    .await
+                    .expect("create test database");
+                let url = database_url(&database);
+                let store = PostgresStore::open(&url, config())
+                    .await
+                    .expect("open postgres");
+                Fixture::Postgres {
+                    store,
+                    url,
+                    database,
+                }
+            }
+        }
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self {
+            Fixture::Sqlite { .. } => Backend::Sqlite,
+            Fixture::Postgres { .. } => Backend::Postgres,
+        }
+    }
+
+    pub fn store(&self) -> Arc<dyn EventStore> {
+        match self {
+            Fixture::Sqlite { store, .. } => Arc::new(store.clone()),
+            Fixture::Postgres { store, .. } => Arc::new(store.clone()),
+        }
+    }
+
+    /// A second, independent store on the same database, as another process would open.
+    pub async fn open_again(&self) -> Arc<dyn EventStore> {
+        match self {
+            Fixture::Sqlite { url, .. } => {
+                Arc::new(SqliteStore::open(url, config()).await.expect("reopen"))
+            }
+            Fixture::Postgres { url, .. } => {
+                Arc::new(PostgresStore::open(url, config()).await.expect("reopen"))
+            }
+        }
+    }
+
+    /// Runs SQL directly against the database, behind the store's back.
+    // Boxed: sqlx's executor futures trip the compiler's higher-ranked `Send` check when
+    // they sit inside a spawned test body.
+    pub fn execute<'a>(&'a self, sql: &'a str) -> BoxFuture<'a, u64> {
+        Box::pin(async move {
+            match self {
+                Fixture::Sqlite { store, .. } => sqlx::query(sql)
+                    .execute(store.pool())
+                    .await
+                    .expect("execute")
+                    .rows_affected(),
+                Fixture::Postgres { store, .. } => sqlx::query(sql)
+                    .execute(store.pool())
+                    .await
+                    .expect("execute")
+                    .rows_affected(),
+            }
+        })
+    }
+
+    /// Reads one text setting (`PRAGMA x` or `SHOW x`) on the store's connections.
+    pub fn setting<'a>(&'a self, query: &'a str) -> BoxFuture<'a, String> {
+        Box::pin(async move {
+            match self {
+                Fixture::Sqlite { store, .. } => {
+                    let row = sqlx::query(query)
+                        .fetch_one(store.pool())
+                        .await
+                        .expect("setting");
+                    row.try_get::<String, _>(0)
+                        .or_else(|_| row.try_get::<i64, _>(0).map(|n| n.to_string()))
+                        .expect("setting value")
+                }
+                Fixture::Postgres { store, .. } => sqlx::query_scalar(query)
+                    .fetch_one(store.pool())
+                    .await
+                    .expect("setting"),
+            }
+        })
+    }
+
+    pub fn hold_append(&self, request: AppendRequest) -> BoxFuture<'_, Held> {
+        Box::pin(async move {
+            match self {
+                Fixture::Sqlite { store, .. } => {
+                    Held::Sqlite(store.hold_append(request).await.expect("held append"))
+                }
+                Fixture::Postgres { store, .. } => {
+                    Held::Postgres(store.hold_append(request).await.expect("held append"))
+                }
+            }
+        })
+    }
+
+    async fn drop_database(&self) {
+        // FORCE ends the connections the store and its clones still hold.
+        if let Fixture::Postgres { database, .. } = self
+            && let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url()).await
+        {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
+                .execute(&mut admin)
+                .await;
+        }
+    }
+}
+
+fn database_url(database: &str) -> String {
+    let admin = admin_url();
+    match admin.rsplit_once('/') {
+        Some((server, _)) => format!("{server}/{database}"),
+        None => format!("{admin}/{database}"),
+    }
+}
+
+/// Runs one test body against a fresh database of the backend, then removes the database
+/// whether the body passed or panicked.
+pub async fn run<F, Fut>(backend: Backend, body: F)
+where
+    F: FnOnce(Arc<Fixture>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let fixture = Arc::new(Fixture::new(backend).await);
+    let outcome = tokio::spawn(body(fixture.clone())).await;
+    fixture.drop_database().await;
+    if let Err(error) = outcome {
+        if error.is_panic() {
+            std::panic::resume_unwind(error.into_panic());
+        }
+        panic!("test task failed: {error}");
+    }
+}
+
+pub fn stream(name: &str) -> StreamName {
+    StreamName::parse(name).expect("valid stream name")
+}
+
+pub fn event(event_type: &str, n: i64) -> NewEvent {
+    NewEvent::new(event_type, json!({ "n": n }))
+}
+
+pub fn append(name: &str, expected: ExpectedVersion, events: Vec<NewEvent>) -> AppendRequest {
+    AppendRequest::new(stream(name), expected, events)
+}

@@ -1,0 +1,915 @@
+//! The event store's contract, proven against both backends: every case below runs once
+//! on SQLite and once on PostgreSQL, each on a fresh database.
+
+// A test that cannot go on should stop loudly; `unwrap` says so shortest.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use annals_store::{
+    AppendRequest, Claim, Direction, EventStore, ExpectedVersion, InvalidInput, LogFilter,
+    LogFollower, Metadata, NewEvent, Snapshot, StoreError, StreamName,
+};
+use common::{Backend, Fixture, append, event, stream};
+use serde_json::json;
+
+macro_rules! conformance {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    crate::common::run(crate::Backend::Sqlite, super::$case).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    crate::common::run(crate::Backend::Postgres, super::$case).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    appended_events_read_back_with_every_field,
+    expected_version_is_checked,
+    concurrent_appends_at_one_version_exactly_one_wins,
+    concurrent_appends_from_two_stores_exactly_one_wins,
+    one_failing_append_never_fails_another_in_the_same_commit,
+    readers_never_skip_an_event_committed_late,
+    appending_a_stored_event_again_is_a_no_op,
+    reusing_an_event_id_for_another_event_is_refused,
+    verify_catches_a_row_edited_in_the_database,
+    verify_catches_a_row_deleted_in_the_database,
+    bad_input_gets_typed_errors_and_stores_nothing,
+    read_stream_walks_forwards_and_backwards,
+    read_all_filters_by_type_and_category,
+    waiting_readers_wake_on_commit_from_another_store,
+    waiting_times_out_when_nothing_is_appended,
+    snapshots_keep_the_latest,
+    claims_are_taken_and_released_with_events,
+    concurrent_claims_of_one_key_exactly_one_wins,
+    acknowledged_appends_are_durable,
+);
+
+async fn appended_events_read_back_with_every_field(db: Arc<Fixture>) {
+    let store = db.store();
+    let metadata = Metadata {
+        correlation_id: Some("corr-1".into()),
+        causation_id: Some("cmd-1".into()),
+        actor: Some("alice".into()),
+        extra: serde_json::from_value(json!({"tenant": "acme", "command": "Capture"})).unwrap(),
+    };
+    let first = NewEvent::new(
+        "LeadCaptured",
+        json!({"email": "a@b.co", "nested": {"z": 1, "a": [1, 2]}}),
+    )
+    .with_metadata(metadata.clone())
+    .with_schema_version(2);
+    let second = event("SignalRecorded", 2);
+    let outcome = store
+        .append(append(
+            "lead-1",
+            ExpectedVersion::NoStream,
+            vec![first.clone(), second.clone()],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(outcome.version, 2);
+    assert_eq!(outcome.positions, vec![1, 2]);
+    assert_eq!(store.head().await.unwrap(), 2);
+
+    let events = store
+        .read_stream(&stream("lead-1"), 1, Direction::Forwards, 100)
+        .await
+        .unwrap();
+    assert_eq!(events.len(), 2);
+    let e = &events[0];
+    assert_eq!(
+        (e.position, e.stream.as_str(), e.version, e.event_id),
+        (1, "lead-1", 1, first.event_id)
+    );
+    assert_eq!(e.event_type, "LeadCaptured");
+    assert_eq!(e.schema_version, 2);
+    assert_eq!(e.data, first.data);
+    assert_eq!(e.metadata, metadata);
+    assert!((chrono::Utc::now() - e.recorded_at).num_seconds().abs() < 60);
+    assert_ne!(e.hash, [0; 32]);
+    assert_eq!(events[1].event_id, second.event_id);
+    assert_ne!(events[1].hash, e.hash);
+
+    let page = store.read_all(0, 100, &LogFilter::all()).await.unwrap();
+    assert_eq!(page.events, events);
+    assert_eq!((page.head, page.next_position), (2, 3));
+}
+
+async fn expected_version_is_checked(db: Arc<Fixture>) {
+    let store = db.store();
+    store
+        .append(append(
+            "deal-1",
+            ExpectedVersion::Exact(0),
+            vec![event("A", 1)],
+        ))
+        .await
+        .unwrap();
+    let refused = [
+        (ExpectedVersion::NoStream, 1),
+        (ExpectedVersion::Exact(0), 1),
+        (ExpectedVersion::Exact(2), 1),
+    ];
+    for (expected, actual) in refused {
+        let error = store
+            .append(append("deal-1", expected, vec![event("B", 1)]))
+            .await
+            .unwrap_err();
+        match error {
+            StoreError::WrongExpectedVersion {
+                stream,
+                expected: e,
+                actual: a,
+            } => assert_eq!((stream.as_str(), e, a), ("deal-1", expected, actual)),
+            other => panic!("expected WrongExpectedVersion, got {other:?}"),
+        }
+    }
+    let ok = store
+        .append(append(
+            "deal-1",
+            ExpectedVersion::Exact(1),
+            vec![event("B", 1)],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(ok.version, 2);
+    let ok = store
+        .append(append("deal-1", ExpectedVersion::Any, vec![event("C", 1)]))
+        .await
+        .unwrap();
+    assert_eq!(ok.version, 3);
+    assert_eq!(
+        store.head().await.unwrap(),
+        3,
+        "refused appends wrote nothing"
+    );
+}
+
+async fn race(stores: Vec<Arc<dyn EventStore>>, name: &str, expected: u64, contenders: usize) {
+    let mut tasks = Vec::new();
+    for i in 0..contenders {
+        let store = stores[i % stores.len()].clone();
+        let request = append(
+            name,
+            ExpectedVersion::Exact(expected),
+            vec![event("Raced", i as i64), event("Raced", i as i64)],
+        );
+        tasks.push(tokio::spawn(async move { store.append(request).await }));
+    }
+    let mut winners = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(outcome) => {
+                winners += 1;
+                assert_eq!(outcome.version, expected + 2);
+            }
+            Err(StoreError::WrongExpectedVersion { actual, .. }) => {
+                assert!(actual > expected);
+            }
+            Err(other) => panic!("a losing append must get WrongExpectedVersion, got {other:?}"),
+        }
+    }
+    assert_eq!(winners, 1, "exactly one of the racing appends wins");
+}
+
+async fn concurrent_appends_at_one_version_exactly_one_wins(db: Arc<Fixture>) {
+    let store = db.store();
+    for round in 0..5 {
+        race(vec![store.clone()], "order-7", round * 2, 8).await;
+    }
+    let events = store
+        .read_stream(&stream("order-7"), 1, Direction::Forwards, 1000)
+        .await
+        .unwrap();
+    let versions: Vec<u64> = events.iter().map(|e| e.version).collect();
+    assert_eq!(versions, (1..=10).collect::<Vec<_>>());
+}
+
+async fn concurrent_appends_from_two_stores_exactly_one_wins(db: Arc<Fixture>) {
+    let stores = vec![db.store(), db.open_again().await];
+    for round in 0..5 {
+        race(stores.clone(), "account-9", round * 2, 6).await;
+    }
+    assert_eq!(db.store().head().await.unwrap(), 10);
+}
+
+async fn one_failing_append_never_fails_another_in_the_same_commit(db: Arc<Fixture>) {
+    let store = db.store();
+    store
+        .append(append("lead-x", ExpectedVersion::Any, vec![event("A", 0)]))
+        .await
+        .unwrap();
+    // Many appends at once, so that they share commits: every other one is doomed.
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let store = store.clone();
+        let request = if i % 2 == 0 {
+            append(
+                &format!("lead-{i}"),
+                ExpectedVersion::NoStream,
+                vec![event("A", i)],
+            )
+        } else {
+            append("lead-x", ExpectedVersion::NoStream, vec![event("A", i)])
+        };
+        tasks.push(tokio::spawn(
+            async move { (i, store.append(request).await) },
+        ));
+    }
+    let mut positions = Vec::new();
+    for task in tasks {
+        let (i, result) = task.await.unwrap();
+        if i % 2 == 0 {
+            positions.push(result.expect("a valid append succeeds").positions[0]);
+        } else {
+            assert!(matches!(
+                result,
+                Err(StoreError::WrongExpectedVersion { .. })
+            ));
+        }
+    }
+    positions.sort_unstable();
+    assert_eq!(
+        positions,
+        (2..=33).collect::<Vec<_>>(),
+        "positions have no gaps"
+    );
+    assert_eq!(store.head().await.unwrap(), 33);
+}
+
+async fn readers_never_skip_an_event_committed_late(db: Arc<Fixture>) {
+    let store = db.store();
+    // A writer that took its place in the log and is slow to commit...
+    let held = db
+        .hold_append(append(
+            "lead-late",
+            ExpectedVersion::Any,
+            vec![event("Late", 1)],
+        ))
+        .await;
+    // ...while another append arrives, and a reader follows the log.
+    let quick = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .append(append(
+                    "lead-quick",
+                    ExpectedVersion::Any,
+                    vec![event("Quick", 2)],
+                ))
+                .await
+        })
+    };
+    let reader = {
+        let mut follower = LogFollower::new(store.clone(), 1, LogFilter::all());
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while seen.len() < 2 {
+                let batch = follower.next_batch(Duration::from_secs(30)).await.unwrap();
+                assert!(!batch.is_empty(), "the reader waited 30 s for events");
+                seen.extend(batch);
+            }
+            // Nothing more arrives: each event was handed out once.
+            let more = follower
+                .next_batch(Duration::from_millis(300))
+                .await
+                .unwrap();
+            assert!(more.is_empty(), "an event was handed out twice: {more:?}");
+            seen
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !quick.is_finished(),
+        "an append committed while an earlier writer held its place"
+    );
+    let page = store.read_all(1, 10, &LogFilter::all()).await.unwrap();
+    assert!(page.events.is_empty(), "uncommitted events are visible");
+
+    let late = held.commit().await.unwrap();
+    let quick = quick.await.unwrap().unwrap();
+    assert!(late.positions[0] < quick.positions[0]);
+
+    let seen = reader.await.unwrap();
+    let types: Vec<(&str, u64)> = seen
+        .iter()
+        .map(|e| (e.event_type.as_str(), e.position))
+        .collect();
+    assert_eq!(
+        types,
+        vec![("Late", late.positions[0]), ("Quick", quick.positions[0])]
+    );
+}
+
+async fn appending_a_stored_event_again_is_a_no_op(db: Arc<Fixture>) {
+    let store = db.store();
+    let request = append(
+        "deal-5",
+        ExpectedVersion::NoStream,
+        vec![event("DealOpened", 1), event("DealStageChanged", 2)],
+    );
+    let first = store.append(request.clone()).await.unwrap();
+    store
+        .append(append(
+            "deal-6",
+            ExpectedVersion::Any,
+            vec![event("Other", 1)],
+        ))
+        .await
+        .unwrap();
+    // The retry's expected version no longer holds, yet it is recognised as the same append.
+    let again = store.append(request.clone()).await.unwrap();
+    assert_eq!(again, first);
+    // Retries in one group commit, and a retry from another store.
+    let other = db.open_again().await;
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let store = if i % 2 == 0 {
+            store.clone()
+        } else {
+            other.clone()
+        };
+        let request = request.clone();
+        tasks.push(tokio::spawn(async move { store.append(request).await }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap().unwrap(), first);
+    }
+    let events = store
+        .read_stream(&stream("deal-5"), 1, Direction::Forwards, 100)
+        .await
+        .unwrap();
+    assert_eq!(events.len(), 2);
+    assert_eq!(store.head().await.unwrap(), 3);
+
+    // A first append and its retry in the same batch: stored once.
+    let fresh = append("deal-8", ExpectedVersion::Any, vec![event("X", 1)]);
+    let (a, b) = tokio::join!(store.append(fresh.clone()), store.append(fresh.clone()));
+    assert_eq!(a.unwrap(), b.unwrap());
+    assert_eq!(store.head().await.unwrap(), 4);
+}
+
+async fn reusing_an_event_id_for_another_event_is_refused(db: Arc<Fixture>) {
+    let store = db.store();
+    let original = event("DealOpened", 1);
+    store
+        .append(append(
+            "deal-1",
+            ExpectedVersion::Any,
+            vec![original.clone()],
+        ))
+        .await
+        .unwrap();
+    let id = original.event_id;
+    let cases = [
+        // Same id, other stream.
+        append("deal-2", ExpectedVersion::Any, vec![original.clone()]),
+        // Same id and stream, other data.
+        append(
+            "deal-1",
+            ExpectedVersion::Any,
+            vec![event("DealOpened", 2).with_id(id)],
+        ),
+        // Same id and stream, other type.
+        append(
+            "deal-1",
+            ExpectedVersion::Any,
+            vec![event("DealWon", 1).with_id(id)],
+        ),
+        // The stored event plus a new one: not the same append.
+        append(
+            "deal-1",
+            ExpectedVersion::Any,
+            vec![original.clone(), event("DealWon", 1)],
+        ),
+    ];
+    for request in cases {
+        match store.append(request).await {
+            Err(StoreError::EventIdReused { event_id }) => assert_eq!(event_id, id),
+            other => panic!("expected EventIdReused, got {other:?}"),
+        }
+    }
+    assert_eq!(store.head().await.unwrap(), 1);
+}
+
+async fn verify_catches_a_row_edited_in_the_database(db: Arc<Fixture>) {
+    let store = db.store();
+    for name in ["lead-a", "lead-b", "lead-c"] {
+        store
+            .append(append(
+                name,
+                ExpectedVersion::Any,
+                vec![event("E", 1), event("E", 2), event("E", 3)],
+            ))
+            .await
+            .unwrap();
+    }
+    let report = store.verify().await.unwrap();
+    assert!(report.ok());
+    assert_eq!((report.streams, report.events), (3, 9));
+
+    let edited = db
+        .execute("UPDATE events SET data = '{\"n\": 20}' WHERE stream = 'lead-b' AND version = 2")
+        .await;
+    assert_eq!(edited, 1);
+    let report = store.verify().await.unwrap();
+    let broken = report.first_broken_link.expect("the edit is caught");
+    assert_eq!((broken.stream.as_str(), broken.version), ("lead-b", 2));
+    assert_ne!(broken.expected, broken.found);
+    assert_eq!((report.streams, report.events), (3, 9));
+
+    // Putting the data back heals it; editing metadata is caught as well.
+    db.execute("UPDATE events SET data = '{\"n\": 2}' WHERE stream = 'lead-b' AND version = 2")
+        .await;
+    assert!(store.verify().await.unwrap().ok());
+    db.execute("UPDATE events SET metadata = '{\"actor\": \"mallory\"}' WHERE stream = 'lead-c' AND version = 1")
+        .await;
+    let broken = store.verify().await.unwrap().first_broken_link.unwrap();
+    assert_eq!((broken.stream.as_str(), broken.version), ("lead-c", 1));
+}
+
+async fn verify_catches_a_row_deleted_in_the_database(db: Arc<Fixture>) {
+    let store = db.store();
+    store
+        .append(append(
+            "deal-d",
+            ExpectedVersion::Any,
+            vec![event("E", 1), event("E", 2), event("E", 3)],
+        ))
+        .await
+        .unwrap();
+    db.execute("DELETE FROM events WHERE stream = 'deal-d' AND version = 2")
+        .await;
+    let broken = store.verify().await.unwrap().first_broken_link.unwrap();
+    assert_eq!((broken.stream.as_str(), broken.version), ("deal-d", 3));
+}
+
+async fn bad_input_gets_typed_errors_and_stores_nothing(db: Arc<Fixture>) {
+    let store = db.store();
+    for (name, expected_reason) in [
+        ("", "it is empty"),
+        (&"x".repeat(201), "it is longer than 200 characters"),
+        (
+            "lead 1",
+            "only A-Z, a-z, 0-9, '_', '.', ':' and '-' are allowed",
+        ),
+        (
+            "lead/../1",
+            "only A-Z, a-z, 0-9, '_', '.', ':' and '-' are allowed",
+        ),
+        (
+            "lead-é",
+            "only A-Z, a-z, 0-9, '_', '.', ':' and '-' are allowed",
+        ),
+    ] {
+        match StreamName::parse(name) {
+            Err(StoreError::InvalidInput(InvalidInput::StreamName { reason, .. })) => {
+                assert_eq!(reason, expected_reason)
+            }
+            other => panic!("stream name {name:?}: {other:?}"),
+        }
+    }
+    assert!(StreamName::parse("x".repeat(200)).is_ok());
+    assert!(StreamName::parse("lead-0190f0e4_a.b:c").is_ok());
+    assert!(matches!(
+        ExpectedVersion::exact(-1),
+        Err(StoreError::InvalidInput(
+            InvalidInput::NegativeExpectedVersion(-1)
+        ))
+    ));
+    assert_eq!(
+        ExpectedVersion::exact(3).unwrap(),
+        ExpectedVersion::Exact(3)
+    );
+
+    let dup = event("A", 1);
+    let mut reserved = Metadata::default();
+    reserved.extra.insert("actor".into(), json!("x"));
+    type IsExpected = fn(&InvalidInput) -> bool;
+    let cases: Vec<(AppendRequest, IsExpected)> = vec![
+        (append("s-1", ExpectedVersion::Any, vec![]), |e| {
+            matches!(e, InvalidInput::EmptyAppend)
+        }),
+        (
+            append(
+                "s-1",
+                ExpectedVersion::Any,
+                vec![NewEvent::new("A", json!([1]))],
+            ),
+            |e| matches!(e, InvalidInput::DataNotObject { .. }),
+        ),
+        (
+            append(
+                "s-1",
+                ExpectedVersion::Any,
+                vec![NewEvent::new("A", json!("text"))],
+            ),
+            |e| matches!(e, InvalidInput::DataNotObject { .. }),
+        ),
+        (
+            append(
+                "s-1",
+                ExpectedVersion::Any,
+                vec![NewEvent::new("A", json!({"a": "\u{0}"}))],
+            ),
+            |e| matches!(e, InvalidInput::NulCharacter { .. }),
+        ),
+        (
+            append("s-1", ExpectedVersion::Any, vec![event("", 1)]),
+            |e| matches!(e, InvalidInput::EventType { .. }),
+        ),
+        (
+            append(
+                "s-1",
+                ExpectedVersion::Any,
+                vec![event(&"T".repeat(201), 1)],
+            ),
+            |e| matches!(e, InvalidInput::EventType { .. }),
+        ),
+        (
+            append("s-1", ExpectedVersion::Any, vec![dup.clone(), dup.clone()]),
+            |e| matches!(e, InvalidInput::DuplicateEventId { .. }),
+        ),
+        (
+            append(
+                "s-1",
+                ExpectedVersion::Any,
+                vec![event("A", 1).with_metadata(reserved)],
+            ),
+            |e| matches!(e, InvalidInput::ReservedMetadataKey { .. }),
+        ),
+        (
+            append("s-1", ExpectedVersion::Any, vec![event("A", 1)])
+                .with_claims(vec![Claim::Take(String::new())]),
+            |e| matches!(e, InvalidInput::ClaimKey { .. }),
+        ),
+        (
+            append(
+                "s-1",
+                ExpectedVersion::Any,
+                (0..=annals_store::MAX_EVENTS_PER_APPEND as i64)
+                    .map(|i| event("A", i))
+                    .collect(),
+            ),
+            |e| matches!(e, InvalidInput::TooManyEvents { .. }),
+        ),
+    ];
+    for (request, is_expected) in cases {
+        match store.append(request).await {
+            Err(StoreError::InvalidInput(error)) => {
+                assert!(is_expected(&error), "unexpected error {error:?}")
+            }
+            other => panic!("expected InvalidInput, got {other:?}"),
+        }
+    }
+    let bad_snapshot = Snapshot {
+        stream: "s-1".into(),
+        version: 0,
+        schema_version: 1,
+        state: json!({}),
+    };
+    assert!(matches!(
+        store.save_snapshot(&bad_snapshot).await,
+        Err(StoreError::InvalidInput(
+            InvalidInput::SnapshotVersion { .. }
+        ))
+    ));
+    assert_eq!(store.head().await.unwrap(), 0, "nothing was stored");
+    // The store still works after all of that.
+    store
+        .append(append(
+            "s-1",
+            ExpectedVersion::NoStream,
+            vec![event("A", 1)],
+        ))
+        .await
+        .unwrap();
+}
+
+async fn read_stream_walks_forwards_and_backwards(db: Arc<Fixture>) {
+    let store = db.store();
+    let events: Vec<NewEvent> = (1..=10).map(|i| event("E", i)).collect();
+    store
+        .append(append("lead-r", ExpectedVersion::Any, events))
+        .await
+        .unwrap();
+    store
+        .append(append(
+            "lead-other",
+            ExpectedVersion::Any,
+            vec![event("E", 0)],
+        ))
+        .await
+        .unwrap();
+    let s = stream("lead-r");
+    let versions = |events: Vec<annals_store::RecordedEvent>| -> Vec<u64> {
+        events.iter().map(|e| e.version).collect()
+    };
+    let forwards = store
+        .read_stream(&s, 4, Direction::Forwards, 3)
+        .await
+        .unwrap();
+    assert_eq!(versions(forwards), vec![4, 5, 6]);
+    let backwards = store
+        .read_stream(&s, u64::MAX, Direction::Backwards, 3)
+        .await
+        .unwrap();
+    assert_eq!(versions(backwards), vec![10, 9, 8]);
+    let backwards = store
+        .read_stream(&s, 2, Direction::Backwards, 10)
+        .await
+        .unwrap();
+    assert_eq!(versions(backwards), vec![2, 1]);
+    let past_end = store
+        .read_stream(&s, 11, Direction::Forwards, 10)
+        .await
+        .unwrap();
+    assert!(past_end.is_empty());
+    let missing = store
+        .read_stream(&stream("lead-none"), 1, Direction::Forwards, 10)
+        .await
+        .unwrap();
+    assert!(missing.is_empty());
+}
+
+async fn read_all_filters_by_type_and_category(db: Arc<Fixture>) {
+    let store = db.store();
+    for (name, kind) in [
+        ("lead-1", "LeadCaptured"),
+        ("deal-1", "DealOpened"),
+        ("lead-2", "LeadCaptured"),
+        ("lead-1", "LeadAssigned"),
+        ("deal-1", "DealWon"),
+        ("account", "AccountOpened"),
+    ] {
+        store
+            .append(append(name, ExpectedVersion::Any, vec![event(kind, 0)]))
+            .await
+            .unwrap();
+    }
+    let positions = |page: annals_store::LogPage| -> Vec<u64> {
+        page.events.iter().map(|e| e.position).collect()
+    };
+    let leads = store
+        .read_all(1, 100, &LogFilter::categories(["lead"]))
+        .await
+        .unwrap();
+    assert_eq!(positions(leads), vec![1, 3, 4]);
+    let captured = store
+        .read_all(2, 100, &LogFilter::event_types(["LeadCaptured", "DealWon"]))
+        .await
+        .unwrap();
+    assert_eq!((captured.next_position, captured.head), (7, 6));
+    assert_eq!(positions(captured), vec![3, 5]);
+    let both = LogFilter {
+        event_types: vec!["LeadCaptured".into()],
+        categories: vec!["lead".into(), "account".into()],
+    };
+    assert_eq!(
+        positions(store.read_all(1, 100, &both).await.unwrap()),
+        vec![1, 3]
+    );
+    // A stream without '-' is its own category.
+    let accounts = store
+        .read_all(1, 100, &LogFilter::categories(["account"]))
+        .await
+        .unwrap();
+    assert_eq!(positions(accounts), vec![6]);
+    // A full page continues after its last event; an empty match still moves the reader on.
+    let page = store.read_all(1, 2, &LogFilter::all()).await.unwrap();
+    assert_eq!(
+        (positions(page.clone()), page.next_position),
+        (vec![1, 2], 3)
+    );
+    let none = store
+        .read_all(1, 10, &LogFilter::event_types(["Nothing"]))
+        .await
+        .unwrap();
+    assert!(none.events.is_empty());
+    assert_eq!(none.next_position, 7);
+    let beyond = store.read_all(50, 10, &LogFilter::all()).await.unwrap();
+    assert_eq!((beyond.events.len(), beyond.next_position), (0, 50));
+}
+
+async fn waiting_readers_wake_on_commit_from_another_store(db: Arc<Fixture>) {
+    // Readers poll only every 60 s here (see common::config), so returning with the new
+    // head within the 30 s timeout shows the commit itself woke them. On PostgreSQL the
+    // writer is another store (another process, in effect); on SQLite one process owns
+    // the file, so the writer is the same store.
+    let reader = db.store();
+    let writer = match db.backend() {
+        Backend::Postgres => db.open_again().await,
+        Backend::Sqlite => db.store(),
+    };
+    let head = reader.head().await.unwrap();
+    let waiter = {
+        let reader = reader.clone();
+        tokio::spawn(async move { reader.wait_for_events(head, Duration::from_secs(30)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let outcome = writer
+        .append(append("lead-w", ExpectedVersion::Any, vec![event("E", 1)]))
+        .await
+        .unwrap();
+    let woke_at = waiter.await.unwrap().unwrap();
+    assert_eq!(woke_at, outcome.last_position());
+}
+
+async fn waiting_times_out_when_nothing_is_appended(db: Arc<Fixture>) {
+    let store = db.store();
+    store
+        .append(append("lead-t", ExpectedVersion::Any, vec![event("E", 1)]))
+        .await
+        .unwrap();
+    let head = store
+        .wait_for_events(1, Duration::from_millis(200))
+        .await
+        .unwrap();
+    assert_eq!(head, 1);
+    // Already beyond: answers at once with the head.
+    assert_eq!(
+        store
+            .wait_for_events(0, Duration::from_secs(30))
+            .await
+            .unwrap(),
+        1
+    );
+}
+
+async fn snapshots_keep_the_latest(db: Arc<Fixture>) {
+    let store = db.store();
+    let s = stream("lead-snap");
+    assert_eq!(store.load_snapshot(&s).await.unwrap(), None);
+    let snapshot = |version, score| Snapshot {
+        stream: "lead-snap".into(),
+        version,
+        schema_version: 3,
+        state: json!({"score": score, "status": "working"}),
+    };
+    store.save_snapshot(&snapshot(5, 10)).await.unwrap();
+    assert_eq!(
+        store.load_snapshot(&s).await.unwrap(),
+        Some(snapshot(5, 10))
+    );
+    store.save_snapshot(&snapshot(3, 1)).await.unwrap();
+    assert_eq!(
+        store.load_snapshot(&s).await.unwrap(),
+        Some(snapshot(5, 10)),
+        "an older snapshot does not replace a newer one"
+    );
+    store.save_snapshot(&snapshot(8, 40)).await.unwrap();
+    assert_eq!(
+        store.load_snapshot(&s).await.unwrap(),
+        Some(snapshot(8, 40))
+    );
+}
+
+async fn claims_are_taken_and_released_with_events(db: Arc<Fixture>) {
+    let store = db.store();
+    let key = "lead-email:5d41402abc4b2a76b9719d911017c592";
+    let take = |name: &str, expected| {
+        append(name, expected, vec![event("LeadCaptured", 1)])
+            .with_claims(vec![Claim::Take(key.into())])
+    };
+    store
+        .append(take("lead-a", ExpectedVersion::NoStream))
+        .await
+        .unwrap();
+    match store
+        .append(take("lead-b", ExpectedVersion::NoStream))
+        .await
+    {
+        Err(StoreError::ClaimHeld { key: k, holder }) => {
+            assert_eq!((k.as_str(), holder.as_str()), (key, "lead-a"))
+        }
+        other => panic!("expected ClaimHeld, got {other:?}"),
+    }
+    assert!(
+        store
+            .read_stream(&stream("lead-b"), 1, Direction::Forwards, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "the refused append stored no event"
+    );
+    // The holder may take its own key again; another stream may not release it.
+    store
+        .append(take("lead-a", ExpectedVersion::Exact(1)))
+        .await
+        .unwrap();
+    let release_by_b = append("lead-b", ExpectedVersion::Any, vec![event("LeadErased", 1)])
+        .with_claims(vec![Claim::Release(key.into())]);
+    assert!(matches!(
+        store.append(release_by_b).await,
+        Err(StoreError::ClaimHeld { .. })
+    ));
+    let release = append(
+        "lead-a",
+        ExpectedVersion::Exact(2),
+        vec![event("LeadErased", 1)],
+    )
+    .with_claims(vec![Claim::Release(key.into())]);
+    store.append(release).await.unwrap();
+    store
+        .append(take("lead-b", ExpectedVersion::NoStream))
+        .await
+        .unwrap();
+    // Released and taken again within one group commit.
+    let release = append(
+        "lead-b",
+        ExpectedVersion::Exact(1),
+        vec![event("LeadErased", 1)],
+    )
+    .with_claims(vec![Claim::Release(key.into())]);
+    let (released, taken) = tokio::join!(store.append(release), async {
+        tokio::task::yield_now().await;
+        store
+            .append(take("lead-c", ExpectedVersion::NoStream))
+            .await
+    });
+    released.unwrap();
+    if taken.is_err() {
+        // The take was decided before the release: it may go now.
+        store
+            .append(take("lead-c", ExpectedVersion::NoStream))
+            .await
+            .unwrap();
+    }
+    match store
+        .append(take("lead-d", ExpectedVersion::NoStream))
+        .await
+    {
+        Err(StoreError::ClaimHeld { holder, .. }) => assert_eq!(holder, "lead-c"),
+        other => panic!("expected ClaimHeld by lead-c, got {other:?}"),
+    }
+}
+
+async fn concurrent_claims_of_one_key_exactly_one_wins(db: Arc<Fixture>) {
+    let stores = [db.store(), db.open_again().await];
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let store = stores[i % 2].clone();
+        let request = append(
+            &format!("lead-{i}"),
+            ExpectedVersion::NoStream,
+            vec![event("LeadCaptured", 1)],
+        )
+        .with_claims(vec![Claim::Take("lead-email:same".into())]);
+        tasks.push(tokio::spawn(async move { store.append(request).await }));
+    }
+    let mut winners = HashSet::new();
+    for (i, task) in tasks.into_iter().enumerate() {
+        match task.await.unwrap() {
+            Ok(_) => {
+                winners.insert(i);
+            }
+            Err(StoreError::ClaimHeld { .. }) => {}
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(winners.len(), 1);
+    assert_eq!(db.store().head().await.unwrap(), 1);
+}
+
+async fn acknowledged_appends_are_durable(db: Arc<Fixture>) {
+    let store = db.store();
+    let outcome = store
+        .append(append("lead-d", ExpectedVersion::Any, vec![event("E", 1)]))
+        .await
+        .unwrap();
+    // Another store, with connections of its own, sees the acknowledged event at once.
+    let other = db.open_again().await;
+    let page = other.read_all(1, 10, &LogFilter::all()).await.unwrap();
+    assert_eq!(page.events.len(), 1);
+    assert_eq!(page.events[0].position, outcome.positions[0]);
+    // And the database is set to flush every commit.
+    match db.backend() {
+        Backend::Sqlite => {
+            assert_eq!(
+                db.setting("PRAGMA synchronous").await,
+                "2",
+                "synchronous=FULL"
+            );
+            assert_eq!(db.setting("PRAGMA journal_mode").await, "wal");
+        }
+        Backend::Postgres => {
+            assert_eq!(db.setting("SHOW synchronous_commit").await, "on");
+        }
+    }
+}
