@@ -913,3 +913,132 @@ async fn acknowledged_appends_are_durable(db: Arc<Fixture>) {
         }
     }
 }
+
+/// One task's appends: (stream index, events in the append, expected version).
+type TaskPlan = Vec<(usize, usize, ExpectedVersion)>;
+
+fn task_plans() -> impl proptest::strategy::Strategy<Value = Vec<TaskPlan>> {
+    use proptest::prelude::*;
+    let expected = prop_oneof![
+        Just(ExpectedVersion::Any),
+        Just(ExpectedVersion::NoStream),
+        (0u64..6).prop_map(ExpectedVersion::Exact),
+    ];
+    let append = (0usize..4, 1usize..5, expected);
+    proptest::collection::vec(proptest::collection::vec(append, 1..8), 2..6)
+}
+
+/// Several tasks append random batches to random streams at once (through two stores on
+/// the same database); afterwards the log holds exactly the acknowledged events.
+async fn concurrent_random_appends_keep_the_log_sound(db: Arc<Fixture>, plans: Vec<TaskPlan>) {
+    let stores = [db.store(), db.open_again().await];
+    let mut tasks = Vec::new();
+    for (t, plan) in plans.into_iter().enumerate() {
+        let store = stores[t % 2].clone();
+        tasks.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut refused = Vec::new();
+            for (s, len, expected) in plan {
+                let events: Vec<NewEvent> = (0..len).map(|i| event("Random", i as i64)).collect();
+                let ids: Vec<uuid::Uuid> = events.iter().map(|e| e.event_id).collect();
+                let name = format!("cat{}-{s}", s % 2);
+                match store.append(append(&name, expected, events)).await {
+                    Ok(outcome) => {
+                        assert_eq!(outcome.positions.len(), ids.len());
+                        acked.push((name, ids, outcome));
+                    }
+                    Err(StoreError::WrongExpectedVersion { .. }) => refused.extend(ids),
+                    Err(other) => panic!("unexpected error {other:?}"),
+                }
+            }
+            (acked, refused)
+        }));
+    }
+    let mut acked = Vec::new();
+    let mut refused = HashSet::new();
+    for task in tasks {
+        let (a, r) = task.await.unwrap();
+        acked.extend(a);
+        refused.extend(r);
+    }
+
+    let store = db.store();
+    let log = store
+        .read_all(1, 100_000, &LogFilter::all())
+        .await
+        .unwrap()
+        .events;
+    assert!(
+        log.windows(2).all(|w| w[0].position < w[1].position),
+        "read_all is strictly increasing"
+    );
+    let mut by_id = std::collections::HashMap::new();
+    for e in &log {
+        assert!(
+            by_id.insert(e.event_id, e).is_none(),
+            "an event is in the log twice"
+        );
+        assert!(
+            !refused.contains(&e.event_id),
+            "an unacknowledged event is stored"
+        );
+    }
+    let acked_events: usize = acked.iter().map(|(_, ids, _)| ids.len()).sum();
+    assert_eq!(
+        log.len(),
+        acked_events,
+        "the log holds exactly the acked events"
+    );
+    for (name, ids, outcome) in &acked {
+        for (i, id) in ids.iter().enumerate() {
+            let stored = by_id.get(id).expect("an acknowledged event is stored");
+            assert_eq!(&stored.stream, name);
+            assert_eq!(stored.position, outcome.positions[i]);
+            assert_eq!(stored.version, outcome.version - (ids.len() - 1 - i) as u64);
+        }
+    }
+    for s in 0..4 {
+        let name = format!("cat{}-{s}", s % 2);
+        let versions: Vec<u64> = store
+            .read_stream(&stream(&name), 1, Direction::Forwards, 100_000)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.version)
+            .collect();
+        assert_eq!(versions, (1..=versions.len() as u64).collect::<Vec<_>>());
+    }
+    assert!(store.verify().await.unwrap().ok());
+}
+
+mod properties {
+    use proptest::prelude::*;
+
+    use crate::common::{Backend, run};
+
+    fn check(backend: Backend, plans: Vec<super::TaskPlan>) {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(4)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(run(backend, move |db| {
+            super::concurrent_random_appends_keep_the_log_sound(db, plans)
+        }));
+    }
+
+    proptest! {
+        // Each case makes a database of its own; a few cases of many appends each.
+        #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+
+        #[test]
+        fn sqlite_concurrent_random_appends_keep_the_log_sound(plans in super::task_plans()) {
+            check(Backend::Sqlite, plans);
+        }
+
+        #[test]
+        fn postgres_concurrent_random_appends_keep_the_log_sound(plans in super::task_plans()) {
+            check(Backend::Postgres, plans);
+        }
+    }
+}
