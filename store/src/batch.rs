@@ -112,12 +112,12 @@ pub(crate) struct StoredEvent {
 }
 
 /// What the database says about the streams, ids and claims a batch touches, read under
-/// the write lock.
+/// the write lock (or remembered from this writer's own commits, see `HeadCache`).
 #[derive(Debug, Default)]
 pub(crate) struct LogFacts {
     /// Version and last hash of each touched stream that exists.
     pub heads: HashMap<String, (u64, Hash)>,
-    /// Stored events whose ids the batch uses.
+    /// Stored events whose ids the batch uses (read only when a retry is suspected).
     pub stored: HashMap<Uuid, StoredEvent>,
     /// Holder stream of each claim key the batch touches that is held.
     pub claims: HashMap<String, String>,
@@ -174,6 +174,19 @@ pub(crate) struct Plan {
     pub claims_released: Vec<String>,
     pub outcomes: Vec<Result<AppendOutcome, StoreError>>,
     pub last_position: u64,
+    /// Every touched stream's version and last hash after this plan: what the writer
+    /// may remember once the plan is committed.
+    pub heads: HashMap<String, (u64, Hash)>,
+}
+
+impl Plan {
+    /// Whether an append was refused for a reason that facts without event ids cannot
+    /// settle: a wrong version may be a retry of an append already stored.
+    pub fn needs_stored_ids(&self) -> bool {
+        self.outcomes
+            .iter()
+            .any(|o| matches!(o, Err(StoreError::WrongExpectedVersion { .. })))
+    }
 }
 
 /// Decides every append of the batch in order against the facts and the batch so far.
@@ -191,6 +204,7 @@ pub(crate) fn plan(batch: &[ValidAppend], mut facts: LogFacts, recorded_at: Date
         plan.outcomes.push(outcome);
     }
     plan.last_position = facts.last_position;
+    plan.heads = std::mem::take(&mut facts.heads);
     // Only the net change per key is written, so a key released and taken again in one
     // batch becomes one overwrite.
     let mut touched: Vec<&String> = facts.claims.keys().chain(initial_claims.keys()).collect();
@@ -357,4 +371,86 @@ fn already_stored(
     }
     let version = expected_version.map_or(0, |next| next - 1);
     Ok(Some(AppendOutcome { version, positions }))
+}
+
+/// Where a write attempt takes its facts from, cheapest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FactsSource {
+    /// The writer's memory of its own commits: no reads at all. If another writer has
+    /// appended since, the insert trips a unique constraint (positions are contiguous, so
+    /// a stale last position collides, as does a stale stream version) and the batch is
+    /// tried again from the database.
+    Remembered,
+    /// Stream heads, claims and the last position, read under the lock.
+    Read,
+    /// All of the above and the stored events that reuse the batch's ids.
+    ReadWithIds,
+}
+
+/// The stream heads and last position this writer committed last, so that appends to
+/// streams it wrote recently need no reads before the insert.
+#[derive(Debug, Default)]
+pub(crate) struct HeadCache {
+    heads: HashMap<String, (u64, Hash)>,
+    last_position: Option<u64>,
+}
+
+/// Streams remembered at most; past it the memory starts afresh.
+const HEAD_CACHE_CAPACITY: usize = 100_000;
+
+impl HeadCache {
+    /// Facts from memory, when memory covers the whole batch: every stream known, and no
+    /// claims (claim holders are always read).
+    pub fn facts(&self, batch: &[ValidAppend]) -> Option<LogFacts> {
+        let last_position = self.last_position?;
+        let mut heads = HashMap::new();
+        for append in batch {
+            if !append.request.claims.is_empty() {
+                return None;
+            }
+            let stream = append.request.stream.as_str();
+            heads.insert(stream.to_owned(), *self.heads.get(stream)?);
+        }
+        Some(LogFacts {
+            heads,
+            last_position,
+            ..LogFacts::default()
+        })
+    }
+
+    /// Remembers a committed plan.
+    pub fn remember(&mut self, plan: &Plan) {
+        if self.heads.len() + plan.heads.len() > HEAD_CACHE_CAPACITY {
+            self.heads.clear();
+        }
+        self.heads
+            .extend(plan.heads.iter().map(|(s, head)| (s.clone(), *head)));
+        self.last_position = Some(plan.last_position);
+    }
+
+    /// Forgets everything, after any failure whose effect on the log is unknown.
+    pub fn forget(&mut self) {
+        self.heads.clear();
+        self.last_position = None;
+    }
+}
+
+/// What an insert's failure means for the attempt: a unique constraint that fired before
+/// every fact was read says the facts were stale (`Ok(true)`: roll back, read more).
+pub(crate) fn stale_facts(
+    insert: Result<(), StoreError>,
+    source: FactsSource,
+) -> Result<bool, StoreError> {
+    match insert {
+        Ok(()) => Ok(false),
+        Err(StoreError::Database(error))
+            if source != FactsSource::ReadWithIds
+                && error
+                    .as_database_error()
+                    .is_some_and(|e| e.is_unique_violation()) =>
+        {
+            Ok(true)
+        }
+        Err(error) => Err(error),
+    }
 }

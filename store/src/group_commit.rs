@@ -6,7 +6,7 @@
 use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::batch::ValidAppend;
+use crate::batch::{FactsSource, HeadCache, Plan, ValidAppend};
 use crate::error::StoreError;
 use crate::model::AppendOutcome;
 
@@ -20,10 +20,50 @@ pub(crate) type Answer = Result<AppendOutcome, StoreError>;
 /// A backend's way of writing one batch in one transaction.
 #[async_trait]
 pub(crate) trait BatchWriter: Send + 'static {
-    /// Writes the batch and commits. `Ok` carries one answer per append, in order; `Err`
-    /// means nothing of the batch was written (or, for a dropped commit, that it is not
-    /// known whether it was).
-    async fn write_batch(&mut self, batch: &[ValidAppend]) -> Result<Vec<Answer>, StoreError>;
+    /// Takes the write lock, gets the facts from `source` (`remembered` holds them for
+    /// `FactsSource::Remembered`), plans the batch, writes and commits. Returns
+    /// `Ok(None)`, having written nothing, when the facts proved too thin: the plan
+    /// refused an append on a version (which may be a retry) without stored ids, or the
+    /// insert met a unique constraint (remembered facts were stale, or an id is stored).
+    /// `Err` means nothing was written, or for a dropped commit that it is unknown.
+    async fn write_attempt(
+        &mut self,
+        batch: &[ValidAppend],
+        source: FactsSource,
+        remembered: Option<crate::batch::LogFacts>,
+    ) -> Result<Option<Plan>, StoreError>;
+}
+
+/// Writes one batch, from the cheapest facts that settle it.
+async fn write_batch<W: BatchWriter>(
+    writer: &mut W,
+    cache: &mut HeadCache,
+    batch: &[ValidAppend],
+) -> Result<Vec<Answer>, StoreError> {
+    let remembered = cache.facts(batch);
+    let sources = if remembered.is_some() {
+        [FactsSource::Remembered, FactsSource::ReadWithIds].as_slice()
+    } else {
+        [FactsSource::Read, FactsSource::ReadWithIds].as_slice()
+    };
+    let mut remembered = remembered;
+    for &source in sources {
+        match writer.write_attempt(batch, source, remembered.take()).await {
+            Ok(Some(plan)) => {
+                cache.remember(&plan);
+                return Ok(plan.outcomes);
+            }
+            Ok(None) => continue,
+            Err(error) => {
+                cache.forget();
+                return Err(error);
+            }
+        }
+    }
+    cache.forget();
+    Err(StoreError::Corrupt(
+        "an append met a unique constraint even with every fact read under the lock".into(),
+    ))
 }
 
 struct Pending {
@@ -66,6 +106,7 @@ async fn run<W: BatchWriter>(
     mut receiver: mpsc::UnboundedReceiver<Pending>,
     head: watch::Sender<u64>,
 ) {
+    let mut cache = HeadCache::default();
     while let Some(first) = receiver.recv().await {
         let mut events = first.append.request.events.len();
         let mut pending = vec![first];
@@ -80,7 +121,7 @@ async fn run<W: BatchWriter>(
         }
         let (appends, answers): (Vec<ValidAppend>, Vec<oneshot::Sender<Answer>>) =
             pending.into_iter().map(|p| (p.append, p.answer)).unzip();
-        let results = write(&mut writer, &appends).await;
+        let results = write(&mut writer, &mut cache, &appends).await;
         let last = results
             .iter()
             .filter_map(|r| r.as_ref().ok())
@@ -106,8 +147,12 @@ async fn run<W: BatchWriter>(
 /// Writes the batch; when the shared transaction fails for a reason other than the
 /// database being unreachable, each append is tried alone so one bad append cannot fail
 /// the others.
-async fn write<W: BatchWriter>(writer: &mut W, appends: &[ValidAppend]) -> Vec<Answer> {
-    match writer.write_batch(appends).await {
+async fn write<W: BatchWriter>(
+    writer: &mut W,
+    cache: &mut HeadCache,
+    appends: &[ValidAppend],
+) -> Vec<Answer> {
+    match write_batch(writer, cache, appends).await {
         Ok(answers) => answers,
         Err(error) if appends.len() == 1 || matches!(error, StoreError::Unavailable(_)) => {
             tracing::warn!(%error, appends = appends.len(), "append batch failed");
@@ -117,7 +162,7 @@ async fn write<W: BatchWriter>(writer: &mut W, appends: &[ValidAppend]) -> Vec<A
             tracing::warn!(%error, appends = appends.len(), "append batch failed; trying each append alone");
             let mut answers = Vec::with_capacity(appends.len());
             for append in appends {
-                let answer = match writer.write_batch(std::slice::from_ref(append)).await {
+                let answer = match write_batch(writer, cache, std::slice::from_ref(append)).await {
                     Ok(mut one) => one.pop().unwrap_or(Err(StoreError::Closed)),
                     Err(error) => Err(error),
                 };

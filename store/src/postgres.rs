@@ -19,10 +19,10 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::audit::{self, AuditRow};
-use crate::batch::{self, LogFacts, Plan, StoredEvent, ValidAppend};
+use crate::batch::{self, FactsSource, LogFacts, Plan, StoredEvent, ValidAppend};
 use crate::chain::Hash;
 use crate::error::StoreError;
-use crate::group_commit::{Answer, BatchWriter, GroupCommit};
+use crate::group_commit::{BatchWriter, GroupCommit};
 use crate::model::{
     AppendOutcome, AppendRequest, AuditReport, Direction, LogFilter, LogPage, RecordedEvent,
     Snapshot, StreamName, check_snapshot, page, recorded_event, to_sql_int,
@@ -67,6 +67,8 @@ impl PostgresStore {
         // The writer has a connection of its own, so reads can never starve appends.
         let write_pool = PgPoolOptions::new()
             .max_connections(1)
+            // A dead connection shows itself at BEGIN; no ping before every batch.
+            .test_before_acquire(false)
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options)
             .await?;
@@ -104,7 +106,10 @@ impl PostgresStore {
         Box::pin(async move {
             let append = batch::validate(request)?;
             let mut transaction = store.pool.begin_with(BEGIN_WRITE).await?;
-            let plan = write_planned(&mut transaction, std::slice::from_ref(&append)).await?;
+            let batch = std::slice::from_ref(&append);
+            let facts = read_facts(&mut transaction, batch, FactsSource::ReadWithIds).await?;
+            let plan = batch::plan(batch, facts, Utc::now());
+            insert(&mut transaction, &plan).await?;
             let outcome = plan
                 .outcomes
                 .into_iter()
@@ -179,34 +184,44 @@ struct PgWriter {
 
 #[async_trait]
 impl BatchWriter for PgWriter {
-    async fn write_batch(&mut self, batch: &[ValidAppend]) -> Result<Vec<Answer>, StoreError> {
+    async fn write_attempt(
+        &mut self,
+        batch: &[ValidAppend],
+        source: FactsSource,
+        remembered: Option<LogFacts>,
+    ) -> Result<Option<Plan>, StoreError> {
         let mut connection = self.pool.acquire().await?;
         let mut transaction = connection.begin_with(BEGIN_WRITE).await?;
-        let plan = write_planned(&mut transaction, batch).await?;
+        let facts = match remembered {
+            Some(facts) => facts,
+            None => read_facts(&mut transaction, batch, source).await?,
+        };
+        let plan = batch::plan(batch, facts, Utc::now());
+        if source != FactsSource::ReadWithIds && plan.needs_stored_ids() {
+            transaction.rollback().await?;
+            return Ok(None);
+        }
+        if batch::stale_facts(insert(&mut transaction, &plan).await, source)? {
+            transaction.rollback().await?;
+            return Ok(None);
+        }
         transaction.commit().await?;
-        Ok(plan.outcomes)
+        Ok(Some(plan))
     }
 }
 
-/// Reads the batch's facts, plans it and writes the rows, inside a transaction that
-/// already holds the writers' lock. The caller commits.
-async fn write_planned(
-    connection: &mut PgConnection,
-    batch: &[ValidAppend],
-) -> Result<Plan, StoreError> {
-    let facts = read_facts(connection, batch).await?;
-    let plan = batch::plan(batch, facts, Utc::now());
-    if !plan.rows.is_empty() {
-        insert(connection, &plan).await?;
-    }
-    Ok(plan)
-}
-
+/// Reads the facts in one round trip. The statement is not prepared: planned afresh with
+/// its real arguments, it always takes the indexes, where a cached generic plan made
+/// while the table was small would scan the whole log.
 async fn read_facts(
     connection: &mut PgConnection,
     batch: &[ValidAppend],
+    source: FactsSource,
 ) -> Result<LogFacts, StoreError> {
-    let (streams, ids, keys) = LogFacts::wanted(batch);
+    let (streams, mut ids, keys) = LogFacts::wanted(batch);
+    if source != FactsSource::ReadWithIds {
+        ids.clear();
+    }
     let rows = sqlx::query(
         "SELECT 'head' AS kind, s.stream AS name, NULL::text AS other, e.version, e.hash, \
                 NULL::bigint AS schema_version, NULL::jsonb AS data, NULL::bigint AS position \
@@ -225,6 +240,7 @@ async fn read_facts(
          SELECT 'last', NULL, NULL, NULL, NULL, NULL, NULL, \
                 (SELECT COALESCE(MAX(position), 0) FROM events)",
     )
+    .persistent(false)
     .bind(&streams)
     .bind(&ids)
     .bind(&keys)
@@ -285,6 +301,9 @@ fn sql_u64(row: &PgRow, column: &str) -> Result<u64, StoreError> {
 
 async fn insert(connection: &mut PgConnection, plan: &Plan) -> Result<(), StoreError> {
     let rows = &plan.rows;
+    if rows.is_empty() {
+        return Ok(());
+    }
     let positions: Vec<i64> = rows.iter().map(|r| to_sql_int(r.position)).collect();
     let streams: Vec<&str> = rows.iter().map(|r| r.stream.as_str()).collect();
     let categories: Vec<&str> = rows.iter().map(|r| r.category.as_str()).collect();

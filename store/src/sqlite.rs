@@ -21,10 +21,10 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::audit::{self, AuditRow};
-use crate::batch::{self, LogFacts, Plan, StoredEvent, ValidAppend};
+use crate::batch::{self, FactsSource, LogFacts, Plan, StoredEvent, ValidAppend};
 use crate::chain::Hash;
 use crate::error::StoreError;
-use crate::group_commit::{Answer, BatchWriter, GroupCommit};
+use crate::group_commit::{BatchWriter, GroupCommit};
 use crate::model::{
     AppendOutcome, AppendRequest, AuditReport, Direction, LogFilter, LogPage, RecordedEvent,
     Snapshot, StreamName, check_snapshot, page, recorded_event, to_sql_int,
@@ -71,6 +71,7 @@ impl SqliteStore {
         MIGRATOR.run(&pool).await?;
         let write_pool = SqlitePoolOptions::new()
             .max_connections(1)
+            .test_before_acquire(false)
             .connect_with(options)
             .await?;
         let head = watch::Sender::new(read_head(&pool).await?);
@@ -101,7 +102,10 @@ impl SqliteStore {
         Box::pin(async move {
             let append = batch::validate(request)?;
             let mut transaction = store.pool.begin_with("BEGIN IMMEDIATE").await?;
-            let plan = write_planned(&mut transaction, std::slice::from_ref(&append)).await?;
+            let batch = std::slice::from_ref(&append);
+            let facts = read_facts(&mut transaction, batch, FactsSource::ReadWithIds).await?;
+            let plan = batch::plan(batch, facts, Utc::now());
+            insert(&mut transaction, &plan).await?;
             let outcome = plan
                 .outcomes
                 .into_iter()
@@ -157,25 +161,30 @@ struct SqliteWriter {
 
 #[async_trait]
 impl BatchWriter for SqliteWriter {
-    async fn write_batch(&mut self, batch: &[ValidAppend]) -> Result<Vec<Answer>, StoreError> {
+    async fn write_attempt(
+        &mut self,
+        batch: &[ValidAppend],
+        source: FactsSource,
+        remembered: Option<LogFacts>,
+    ) -> Result<Option<Plan>, StoreError> {
         let mut connection = self.pool.acquire().await?;
         let mut transaction = connection.begin_with("BEGIN IMMEDIATE").await?;
-        let plan = write_planned(&mut transaction, batch).await?;
+        let facts = match remembered {
+            Some(facts) => facts,
+            None => read_facts(&mut transaction, batch, source).await?,
+        };
+        let plan = batch::plan(batch, facts, Utc::now());
+        if source != FactsSource::ReadWithIds && plan.needs_stored_ids() {
+            transaction.rollback().await?;
+            return Ok(None);
+        }
+        if batch::stale_facts(insert(&mut transaction, &plan).await, source)? {
+            transaction.rollback().await?;
+            return Ok(None);
+        }
         transaction.commit().await?;
-        Ok(plan.outcomes)
+        Ok(Some(plan))
     }
-}
-
-/// Reads the batch's facts, plans it and writes the rows, inside a write transaction.
-/// The caller commits.
-async fn write_planned(
-    connection: &mut SqliteConnection,
-    batch: &[ValidAppend],
-) -> Result<Plan, StoreError> {
-    let facts = read_facts(connection, batch).await?;
-    let plan = batch::plan(batch, facts, Utc::now());
-    insert(connection, &plan).await?;
-    Ok(plan)
 }
 
 fn json_list<T: serde::Serialize>(items: &[T]) -> String {
@@ -185,6 +194,7 @@ fn json_list<T: serde::Serialize>(items: &[T]) -> String {
 async fn read_facts(
     connection: &mut SqliteConnection,
     batch: &[ValidAppend],
+    source: FactsSource,
 ) -> Result<LogFacts, StoreError> {
     let (streams, ids, keys) = LogFacts::wanted(batch);
     let mut facts = LogFacts::default();
@@ -208,13 +218,17 @@ async fn read_facts(
             .insert(row.try_get("stream")?, (sql_u64(&row, "version")?, hash));
     }
 
-    let stored = sqlx::query(
-        "SELECT event_id, stream, version, position, event_type, schema_version, data \
+    let stored = if source != FactsSource::ReadWithIds {
+        Vec::new()
+    } else {
+        sqlx::query(
+            "SELECT event_id, stream, version, position, event_type, schema_version, data \
            FROM events WHERE event_id IN (SELECT value FROM json_each(?1))",
-    )
-    .bind(json_list(&ids))
-    .fetch_all(&mut *connection)
-    .await?;
+        )
+        .bind(json_list(&ids))
+        .fetch_all(&mut *connection)
+        .await?
+    };
     for row in stored {
         let id = parse_uuid(&row)?;
         facts.stored.insert(

@@ -46,6 +46,7 @@ conformance!(
     one_failing_append_never_fails_another_in_the_same_commit,
     readers_never_skip_an_event_committed_late,
     appending_a_stored_event_again_is_a_no_op,
+    a_writer_whose_memory_is_stale_reads_the_log_again,
     reusing_an_event_id_for_another_event_is_refused,
     verify_catches_a_row_edited_in_the_database,
     verify_catches_a_row_deleted_in_the_database,
@@ -361,8 +362,77 @@ async fn appending_a_stored_event_again_is_a_no_op(db: Arc<Fixture>) {
     // A first append and its retry in the same batch: stored once.
     let fresh = append("deal-8", ExpectedVersion::Any, vec![event("X", 1)]);
     let (a, b) = tokio::join!(store.append(fresh.clone()), store.append(fresh.clone()));
-    assert_eq!(a.unwrap(), b.unwrap());
+    let a = a.unwrap();
+    assert_eq!(a, b.unwrap());
     assert_eq!(store.head().await.unwrap(), 4);
+    // A retry with `Any` after the commit: only the stored ids can tell it is a retry.
+    assert_eq!(store.append(fresh).await.unwrap(), a);
+    assert_eq!(store.head().await.unwrap(), 4);
+}
+
+async fn a_writer_whose_memory_is_stale_reads_the_log_again(db: Arc<Fixture>) {
+    // The writer remembers the heads it wrote; another store (process) appends behind
+    // its back, to the same stream and to others.
+    let ours = db.store();
+    let theirs = db.open_again().await;
+    for name in ["lead-a", "lead-b"] {
+        ours.append(append(name, ExpectedVersion::Any, vec![event("E", 1)]))
+            .await
+            .unwrap();
+    }
+    theirs
+        .append(append(
+            "lead-a",
+            ExpectedVersion::Exact(1),
+            vec![event("E", 2)],
+        ))
+        .await
+        .unwrap();
+    let same_stream = ours
+        .append(append("lead-a", ExpectedVersion::Any, vec![event("E", 3)]))
+        .await
+        .unwrap();
+    assert_eq!(same_stream.version, 3);
+    assert_eq!(same_stream.positions, vec![4]);
+    theirs
+        .append(append("deal-z", ExpectedVersion::Any, vec![event("E", 4)]))
+        .await
+        .unwrap();
+    let other_stream = ours
+        .append(append(
+            "lead-b",
+            ExpectedVersion::Exact(1),
+            vec![event("E", 5)],
+        ))
+        .await
+        .unwrap();
+    assert_eq!((other_stream.version, other_stream.positions[0]), (2, 6));
+    theirs
+        .append(append("lead-b", ExpectedVersion::Any, vec![event("E", 6)]))
+        .await
+        .unwrap();
+    // An expected version that only looks wrong from stale memory is checked for real.
+    let checked = ours
+        .append(append(
+            "lead-b",
+            ExpectedVersion::Exact(3),
+            vec![event("E", 7)],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(checked.version, 4);
+    assert!(matches!(
+        ours.append(append(
+            "lead-b",
+            ExpectedVersion::Exact(3),
+            vec![event("E", 8)]
+        ))
+        .await,
+        Err(StoreError::WrongExpectedVersion { actual: 4, .. })
+    ));
+    let report = ours.verify().await.unwrap();
+    assert!(report.ok());
+    assert_eq!(report.events, 8);
 }
 
 async fn reusing_an_event_id_for_another_event_is_refused(db: Arc<Fixture>) {
