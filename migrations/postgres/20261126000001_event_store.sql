@@ -37,3 +37,57 @@ CREATE TABLE snapshots (
     state          JSONB       NOT NULL,
     taken_at       TIMESTAMPTZ NOT NULL DEFAULT now()
 );
+
+-- Writes one planned batch (see store/src/postgres.rs): takes the writers' lock, checks
+-- that the log's last position is still the one the batch was planned on, inserts the
+-- events, applies the claim changes and notifies readers. Versions, positions and hashes
+-- are decided by the writer; this function only refuses a plan made on stale facts, by
+-- raising SQLSTATE 'ANS01', which rolls the whole transaction back.
+-- Called alone (autocommit) it is a whole append in one round trip; a writer that read
+-- its facts under the lock calls it inside that transaction.
+CREATE FUNCTION annals_append(
+    planned_on_last BIGINT,
+    new_last        BIGINT,
+    positions       BIGINT[],
+    streams         TEXT[],
+    categories      TEXT[],
+    versions        BIGINT[],
+    ids             UUID[],
+    types           TEXT[],
+    schema_versions BIGINT[],
+    data            TEXT[],
+    metadata        TEXT[],
+    recorded        TIMESTAMPTZ[],
+    hashes          BYTEA[],
+    released        TEXT[],
+    taken_keys      TEXT[],
+    taken_streams   TEXT[],
+    taken_positions BIGINT[]
+) RETURNS BIGINT
+LANGUAGE plpgsql AS $$
+DECLARE
+    inserted BIGINT;
+BEGIN
+    PERFORM pg_advisory_xact_lock(7305218446109532161);
+    -- Each statement below sees every commit made before the lock was granted.
+    IF (SELECT COALESCE(MAX(position), 0) FROM events) <> planned_on_last THEN
+        RAISE EXCEPTION 'the log moved on since the batch was planned' USING ERRCODE = 'ANS01';
+    END IF;
+    INSERT INTO events (position, stream, category, version, event_id, event_type,
+                        schema_version, data, metadata, recorded_at, hash)
+    SELECT p, s, c, v, i, t, sv, d::jsonb, m::jsonb, r, h
+      FROM unnest(positions, streams, categories, versions, ids, types, schema_versions,
+                  data, metadata, recorded, hashes) AS u(p, s, c, v, i, t, sv, d, m, r, h)
+    ON CONFLICT (event_id) DO NOTHING;
+    GET DIAGNOSTICS inserted = ROW_COUNT;
+    IF inserted <> cardinality(positions) THEN
+        RAISE EXCEPTION 'an event id of the batch is already stored' USING ERRCODE = 'ANS01';
+    END IF;
+    DELETE FROM claims WHERE key = ANY(released);
+    INSERT INTO claims (key, stream, position)
+    SELECT * FROM unnest(taken_keys, taken_streams, taken_positions)
+    ON CONFLICT (key) DO UPDATE SET stream = EXCLUDED.stream, position = EXCLUDED.position;
+    PERFORM pg_notify('annals_events', new_last::text);
+    RETURN inserted;
+END
+$$;

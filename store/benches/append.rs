@@ -6,6 +6,8 @@
 //! `ANNALS_TEST_DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/postgres`).
 //! `ANNALS_BENCH_SECONDS` sets the length of one measurement (default 3) and
 //! `ANNALS_BENCH_RUNS` the number of runs whose median is reported (default 3).
+//! `ANNALS_BENCH_ONLY=sqlite|postgres` and `ANNALS_BENCH_WORKLOAD=<start of a workload
+//! name>` narrow the run.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -367,9 +369,13 @@ async fn main() -> anyhow::Result<()> {
                 "≥ 0.5× raw 100-row tx",
             ),
         ];
+        let workload = std::env::var("ANNALS_BENCH_WORKLOAD").unwrap_or_default();
         for (i, (name, workers, events, raw_workers, target, target_text)) in
             workloads.into_iter().enumerate()
         {
+            if !workload.is_empty() && !name.starts_with(&workload) {
+                continue;
+            }
             let mut ours = Vec::new();
             let mut raw = Vec::new();
             for run in 0..runs {

@@ -435,8 +435,12 @@ impl HeadCache {
     }
 }
 
-/// What an insert's failure means for the attempt: a unique constraint that fired before
-/// every fact was read says the facts were stale (`Ok(true)`: roll back, read more).
+/// The SQLSTATE with which PostgreSQL's `annals_append` refuses a plan made on stale facts.
+const STALE_PLAN_SQLSTATE: &str = "ANS01";
+
+/// What an insert's failure means for the attempt: a unique constraint (or PostgreSQL's
+/// stale-plan check) that fired before every fact was read says the facts were stale
+/// (`Ok(true)`: roll back, read more).
 pub(crate) fn stale_facts(
     insert: Result<(), StoreError>,
     source: FactsSource,
@@ -445,9 +449,9 @@ pub(crate) fn stale_facts(
         Ok(()) => Ok(false),
         Err(StoreError::Database(error))
             if source != FactsSource::ReadWithIds
-                && error
-                    .as_database_error()
-                    .is_some_and(|e| e.is_unique_violation()) =>
+                && error.as_database_error().is_some_and(|e| {
+                    e.is_unique_violation() || e.code().as_deref() == Some(STALE_PLAN_SQLSTATE)
+                }) =>
         {
             Ok(true)
         }

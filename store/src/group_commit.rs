@@ -141,6 +141,9 @@ async fn run<W: BatchWriter>(
             // append happened or not, and its event ids make a retry safe.
             let _ = answer.send(result);
         }
+        // Let the callers just answered run first: busy ones append again at once, and
+        // their appends then share the next transaction instead of trickling in.
+        tokio::task::yield_now().await;
     }
 }
 

@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use serde_json::Value;
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, PgConnection, Postgres, Row, Transaction};
 use tokio::sync::watch;
@@ -77,7 +78,13 @@ impl PostgresStore {
         let mut listener = PgListener::connect_with(&pool).await?;
         listener.listen(CHANNEL).await?;
         tokio::spawn(listen(listener, head.clone()));
-        let writer = GroupCommit::start(PgWriter { pool: write_pool }, head.clone());
+        let writer = GroupCommit::start(
+            PgWriter {
+                pool: write_pool,
+                connection: None,
+            },
+            head.clone(),
+        );
         Ok(PostgresStore {
             pool,
             writer,
@@ -108,8 +115,9 @@ impl PostgresStore {
             let mut transaction = store.pool.begin_with(BEGIN_WRITE).await?;
             let batch = std::slice::from_ref(&append);
             let facts = read_facts(&mut transaction, batch, FactsSource::ReadWithIds).await?;
+            let planned_on_last = facts.last_position;
             let plan = batch::plan(batch, facts, Utc::now());
-            insert(&mut transaction, &plan).await?;
+            insert(&mut transaction, planned_on_last, &plan).await?;
             let outcome = plan
                 .outcomes
                 .into_iter()
@@ -180,6 +188,9 @@ async fn listen(mut listener: PgListener, head: watch::Sender<u64>) {
 
 struct PgWriter {
     pool: PgPool,
+    /// Kept between batches (taking it from the pool costs more than a round trip);
+    /// dropped, and closed, after any error.
+    connection: Option<PoolConnection<Postgres>>,
 }
 
 #[async_trait]
@@ -190,24 +201,54 @@ impl BatchWriter for PgWriter {
         source: FactsSource,
         remembered: Option<LogFacts>,
     ) -> Result<Option<Plan>, StoreError> {
-        let mut connection = self.pool.acquire().await?;
-        let mut transaction = connection.begin_with(BEGIN_WRITE).await?;
-        let facts = match remembered {
-            Some(facts) => facts,
-            None => read_facts(&mut transaction, batch, source).await?,
+        let connection = match &mut self.connection {
+            Some(connection) => connection,
+            None => self.connection.insert(self.pool.acquire().await?),
         };
-        let plan = batch::plan(batch, facts, Utc::now());
-        if source != FactsSource::ReadWithIds && plan.needs_stored_ids() {
-            transaction.rollback().await?;
-            return Ok(None);
+        let attempt = write_attempt(connection, batch, source, remembered).await;
+        if attempt.is_err()
+            && let Some(mut connection) = self.connection.take()
+        {
+            connection.close_on_drop();
         }
-        if batch::stale_facts(insert(&mut transaction, &plan).await, source)? {
-            transaction.rollback().await?;
-            return Ok(None);
-        }
-        transaction.commit().await?;
-        Ok(Some(plan))
+        attempt
     }
+}
+
+async fn write_attempt(
+    connection: &mut PgConnection,
+    batch: &[ValidAppend],
+    source: FactsSource,
+    remembered: Option<LogFacts>,
+) -> Result<Option<Plan>, StoreError> {
+    if let Some(facts) = remembered {
+        // Remembered facts need no reads, so no transaction around them: the append is
+        // one statement, and the function checks the facts under the lock.
+        let planned_on_last = facts.last_position;
+        let plan = batch::plan(batch, facts, Utc::now());
+        if plan.needs_stored_ids() {
+            return Ok(None);
+        }
+        let stale = batch::stale_facts(insert(connection, planned_on_last, &plan).await, source)?;
+        return Ok((!stale).then_some(plan));
+    }
+    let mut transaction = connection.begin_with(BEGIN_WRITE).await?;
+    let facts = read_facts(&mut transaction, batch, source).await?;
+    let planned_on_last = facts.last_position;
+    let plan = batch::plan(batch, facts, Utc::now());
+    if source != FactsSource::ReadWithIds && plan.needs_stored_ids() {
+        transaction.rollback().await?;
+        return Ok(None);
+    }
+    if batch::stale_facts(
+        insert(&mut transaction, planned_on_last, &plan).await,
+        source,
+    )? {
+        transaction.rollback().await?;
+        return Ok(None);
+    }
+    transaction.commit().await?;
+    Ok(Some(plan))
 }
 
 /// Reads the facts in one round trip. The statement is not prepared: planned afresh with
@@ -299,9 +340,16 @@ fn sql_u64(row: &PgRow, column: &str) -> Result<u64, StoreError> {
     u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("{column} is negative")))
 }
 
-async fn insert(connection: &mut PgConnection, plan: &Plan) -> Result<(), StoreError> {
+/// Writes a planned batch through `annals_append` (see the migration), which also takes
+/// the writers' lock and checks the plan was made on the log's current last position.
+/// On a connection outside a transaction this is the whole append, in one round trip.
+async fn insert(
+    connection: &mut PgConnection,
+    planned_on_last: u64,
+    plan: &Plan,
+) -> Result<(), StoreError> {
     let rows = &plan.rows;
-    if rows.is_empty() {
+    if rows.is_empty() && plan.claims_taken.is_empty() && plan.claims_released.is_empty() {
         return Ok(());
     }
     let positions: Vec<i64> = rows.iter().map(|r| to_sql_int(r.position)).collect();
@@ -315,40 +363,27 @@ async fn insert(connection: &mut PgConnection, plan: &Plan) -> Result<(), StoreE
     let metadata: Vec<&str> = rows.iter().map(|r| r.metadata.as_str()).collect();
     let recorded: Vec<DateTime<Utc>> = rows.iter().map(|r| r.recorded_at).collect();
     let hashes: Vec<&[u8]> = rows.iter().map(|r| r.hash.as_slice()).collect();
-    let (taken_keys, taken_streams, taken_positions): (Vec<&str>, Vec<&str>, Vec<i64>) = plan
+    let taken_keys: Vec<&str> = plan
         .claims_taken
         .iter()
-        .map(|(key, stream, position)| (key.as_str(), stream.as_str(), to_sql_int(*position)))
-        .fold(
-            (vec![], vec![], vec![]),
-            |(mut k, mut s, mut p), (key, stream, pos)| {
-                k.push(key);
-                s.push(stream);
-                p.push(pos);
-                (k, s, p)
-            },
-        );
+        .map(|(k, _, _)| k.as_str())
+        .collect();
+    let taken_streams: Vec<&str> = plan
+        .claims_taken
+        .iter()
+        .map(|(_, s, _)| s.as_str())
+        .collect();
+    let taken_positions: Vec<i64> = plan
+        .claims_taken
+        .iter()
+        .map(|(_, _, p)| to_sql_int(*p))
+        .collect();
     sqlx::query(
-        "WITH inserted AS ( \
-           INSERT INTO events (position, stream, category, version, event_id, event_type, \
-                               schema_version, data, metadata, recorded_at, hash) \
-           SELECT p, s, c, v, i, t, sv, d::jsonb, m::jsonb, r, h \
-             FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::uuid[], \
-                         $6::text[], $7::bigint[], $8::text[], $9::text[], \
-                         $10::timestamptz[], $11::bytea[]) \
-                  AS u(p, s, c, v, i, t, sv, d, m, r, h) \
-           RETURNING 1 \
-         ), released AS ( \
-           DELETE FROM claims WHERE key = ANY($12::text[]) RETURNING 1 \
-         ), taken AS ( \
-           INSERT INTO claims (key, stream, position) \
-           SELECT * FROM unnest($13::text[], $14::text[], $15::bigint[]) \
-           ON CONFLICT (key) DO UPDATE SET stream = EXCLUDED.stream, position = EXCLUDED.position \
-           RETURNING 1 \
-         ) \
-         SELECT (SELECT count(*) FROM inserted), (SELECT count(*) FROM released), \
-                (SELECT count(*) FROM taken), pg_notify($16, $17)",
+        "SELECT annals_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
+                              $15, $16, $17)",
     )
+    .bind(to_sql_int(planned_on_last))
+    .bind(to_sql_int(plan.last_position))
     .bind(&positions)
     .bind(&streams)
     .bind(&categories)
@@ -364,8 +399,6 @@ async fn insert(connection: &mut PgConnection, plan: &Plan) -> Result<(), StoreE
     .bind(&taken_keys)
     .bind(&taken_streams)
     .bind(&taken_positions)
-    .bind(CHANNEL)
-    .bind(plan.last_position.to_string())
     .execute(&mut *connection)
     .await?;
     Ok(())

@@ -12,6 +12,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use serde_json::Value;
+use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
@@ -75,7 +76,13 @@ impl SqliteStore {
             .connect_with(options)
             .await?;
         let head = watch::Sender::new(read_head(&pool).await?);
-        let writer = GroupCommit::start(SqliteWriter { pool: write_pool }, head.clone());
+        let writer = GroupCommit::start(
+            SqliteWriter {
+                pool: write_pool,
+                connection: None,
+            },
+            head.clone(),
+        );
         Ok(SqliteStore {
             pool,
             writer,
@@ -157,6 +164,9 @@ async fn read_head(pool: &SqlitePool) -> Result<u64, StoreError> {
 
 struct SqliteWriter {
     pool: SqlitePool,
+    /// Kept between batches (taking it from the pool costs more than a round trip);
+    /// dropped, and closed, after any error.
+    connection: Option<PoolConnection<Sqlite>>,
 }
 
 #[async_trait]
@@ -167,24 +177,42 @@ impl BatchWriter for SqliteWriter {
         source: FactsSource,
         remembered: Option<LogFacts>,
     ) -> Result<Option<Plan>, StoreError> {
-        let mut connection = self.pool.acquire().await?;
-        let mut transaction = connection.begin_with("BEGIN IMMEDIATE").await?;
-        let facts = match remembered {
-            Some(facts) => facts,
-            None => read_facts(&mut transaction, batch, source).await?,
+        let connection = match &mut self.connection {
+            Some(connection) => connection,
+            None => self.connection.insert(self.pool.acquire().await?),
         };
-        let plan = batch::plan(batch, facts, Utc::now());
-        if source != FactsSource::ReadWithIds && plan.needs_stored_ids() {
-            transaction.rollback().await?;
-            return Ok(None);
+        let attempt = write_attempt(connection, batch, source, remembered).await;
+        if attempt.is_err()
+            && let Some(mut connection) = self.connection.take()
+        {
+            connection.close_on_drop();
         }
-        if batch::stale_facts(insert(&mut transaction, &plan).await, source)? {
-            transaction.rollback().await?;
-            return Ok(None);
-        }
-        transaction.commit().await?;
-        Ok(Some(plan))
+        attempt
     }
+}
+
+async fn write_attempt(
+    connection: &mut SqliteConnection,
+    batch: &[ValidAppend],
+    source: FactsSource,
+    remembered: Option<LogFacts>,
+) -> Result<Option<Plan>, StoreError> {
+    let mut transaction = connection.begin_with("BEGIN IMMEDIATE").await?;
+    let facts = match remembered {
+        Some(facts) => facts,
+        None => read_facts(&mut transaction, batch, source).await?,
+    };
+    let plan = batch::plan(batch, facts, Utc::now());
+    if source != FactsSource::ReadWithIds && plan.needs_stored_ids() {
+        transaction.rollback().await?;
+        return Ok(None);
+    }
+    if batch::stale_facts(insert(&mut transaction, &plan).await, source)? {
+        transaction.rollback().await?;
+        return Ok(None);
+    }
+    transaction.commit().await?;
+    Ok(Some(plan))
 }
 
 fn json_list<T: serde::Serialize>(items: &[T]) -> String {
