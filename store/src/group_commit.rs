@@ -14,6 +14,9 @@ use crate::model::AppendOutcome;
 /// alone).
 const MAX_APPENDS_PER_BATCH: usize = 512;
 const MAX_EVENTS_PER_BATCH: usize = 8_192;
+/// Appends waiting for the writer, at most; past it `append` waits for room, so a slow
+/// database slows callers down instead of growing memory without bound.
+const QUEUE_CAPACITY: usize = 4_096;
 
 pub(crate) type Answer = Result<AppendOutcome, StoreError>;
 
@@ -74,7 +77,7 @@ struct Pending {
 /// The sending side, held by the store.
 #[derive(Debug, Clone)]
 pub(crate) struct GroupCommit {
-    queue: mpsc::UnboundedSender<Pending>,
+    queue: mpsc::Sender<Pending>,
 }
 
 impl std::fmt::Debug for Pending {
@@ -87,7 +90,7 @@ impl GroupCommit {
     /// Starts the writer task. `head` is told the last position after every commit, which
     /// is what wakes this process's waiting readers.
     pub fn start<W: BatchWriter>(writer: W, head: watch::Sender<u64>) -> Self {
-        let (queue, receiver) = mpsc::unbounded_channel();
+        let (queue, receiver) = mpsc::channel(QUEUE_CAPACITY);
         tokio::spawn(run(writer, receiver, head));
         GroupCommit { queue }
     }
@@ -96,6 +99,7 @@ impl GroupCommit {
         let (answer, receive) = oneshot::channel();
         self.queue
             .send(Pending { append, answer })
+            .await
             .map_err(|_| StoreError::Closed)?;
         receive.await.map_err(|_| StoreError::Closed)?
     }
@@ -103,7 +107,7 @@ impl GroupCommit {
 
 async fn run<W: BatchWriter>(
     mut writer: W,
-    mut receiver: mpsc::UnboundedReceiver<Pending>,
+    mut receiver: mpsc::Receiver<Pending>,
     head: watch::Sender<u64>,
 ) {
     let mut cache = HeadCache::default();

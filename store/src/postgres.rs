@@ -59,6 +59,9 @@ impl PostgresStore {
         let options = url
             .parse::<PgConnectOptions>()?
             .options([("synchronous_commit", "on")]);
+        // One direct connection first: an unreachable server is reported at once, where
+        // a pool would retry until its timeout.
+        PgConnection::connect_with(&options).await?.close().await?;
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections.max(1))
             .acquire_timeout(Duration::from_secs(10))
