@@ -1,0 +1,130 @@
+//! Why the business refuses a command. Each rejection is one variant, and says which of
+//! the three kinds of `domain.md` it is: the command is *invalid* (422), the aggregate's
+//! state forbids it (*conflict*, 409), or the aggregate does not exist (*not found*, 404).
+
+use uuid::Uuid;
+
+/// The three kinds of rejection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectionKind {
+    Invalid,
+    Conflict,
+    NotFound,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DomainError {
+    // Invalid: the command itself is malformed.
+    #[error("email {0:?} is not a valid address")]
+    InvalidEmail(String),
+    #[error("{field} must be {min} to {max} characters")]
+    InvalidText {
+        field: &'static str,
+        min: usize,
+        max: usize,
+    },
+    #[error("{field} {value:?} is not one of: {allowed}")]
+    UnknownValue {
+        field: &'static str,
+        value: String,
+        allowed: &'static str,
+    },
+    #[error("currency {0:?} is not an ISO 4217 code (three upper-case letters)")]
+    InvalidCurrency(String),
+    #[error("{field} must not be negative")]
+    Negative { field: &'static str },
+    #[error("the amount is in {given}, the deal is in {deal}")]
+    CurrencyMismatch { deal: String, given: String },
+
+    // Conflict: the state forbids the command.
+    #[error("lead {0} already exists")]
+    LeadExists(Uuid),
+    #[error("email already belongs to lead {existing}")]
+    DuplicateEmail { existing: Uuid },
+    #[error("the lead is {status}: closed leads do not change")]
+    LeadClosed { status: &'static str },
+    #[error("the lead is already assigned to {0}")]
+    AlreadyAssigned(String),
+    #[error("the lead is {status}, only a qualified lead converts")]
+    LeadNotQualified { status: &'static str },
+    #[error("account {0} already exists")]
+    AccountExists(Uuid),
+    #[error("the account is already named {0:?}")]
+    SameName(String),
+    #[error("the account's tier is already {0}")]
+    SameTier(&'static str),
+    #[error("deal {0} already exists")]
+    DealExists(Uuid),
+    #[error("the deal is {status}: closed deals do not change")]
+    DealClosed { status: &'static str },
+    #[error("a deal moves only to a later stage: {from} to {to} is not")]
+    StageNotLater {
+        from: &'static str,
+        to: &'static str,
+    },
+    #[error("the deal's amount is already {0}")]
+    SameAmount(String),
+
+    // Not found.
+    #[error("the lead does not exist")]
+    LeadNotFound,
+    #[error("the account does not exist")]
+    AccountNotFound,
+    #[error("the deal does not exist")]
+    DealNotFound,
+}
+
+impl DomainError {
+    pub fn kind(&self) -> RejectionKind {
+        use DomainError::*;
+        match self {
+            InvalidEmail(_)
+            | InvalidText { .. }
+            | UnknownValue { .. }
+            | InvalidCurrency(_)
+            | Negative { .. }
+            | CurrencyMismatch { .. } => RejectionKind::Invalid,
+            LeadExists(_)
+            | DuplicateEmail { .. }
+            | LeadClosed { .. }
+            | AlreadyAssigned(_)
+            | LeadNotQualified { .. }
+            | AccountExists(_)
+            | SameName(_)
+            | SameTier(_)
+            | DealExists(_)
+            | DealClosed { .. }
+            | StageNotLater { .. }
+            | SameAmount(_) => RejectionKind::Conflict,
+            LeadNotFound | AccountNotFound | DealNotFound => RejectionKind::NotFound,
+        }
+    }
+
+    /// The stable code clients match on (the `code` of a problem+json answer).
+    pub fn code(&self) -> &'static str {
+        use DomainError::*;
+        match self {
+            InvalidEmail(_) => "invalid-email",
+            InvalidText { .. } => "invalid-text",
+            UnknownValue { .. } => "unknown-value",
+            InvalidCurrency(_) => "invalid-currency",
+            Negative { .. } => "negative-number",
+            CurrencyMismatch { .. } => "currency-mismatch",
+            LeadExists(_) => "lead-exists",
+            DuplicateEmail { .. } => "duplicate-email",
+            LeadClosed { .. } => "lead-closed",
+            AlreadyAssigned(_) => "already-assigned",
+            LeadNotQualified { .. } => "lead-not-qualified",
+            AccountExists(_) => "account-exists",
+            SameName(_) => "same-name",
+            SameTier(_) => "same-tier",
+            DealExists(_) => "deal-exists",
+            DealClosed { .. } => "deal-closed",
+            StageNotLater { .. } => "invalid-stage-transition",
+            SameAmount(_) => "same-amount",
+            LeadNotFound => "lead-not-found",
+            AccountNotFound => "account-not-found",
+            DealNotFound => "deal-not-found",
+        }
+    }
+}

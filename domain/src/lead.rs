@@ -1,0 +1,337 @@
+//! The lead: captured, scored from its signals, assigned, qualified, then converted or
+//! disqualified (`domain.md`, Lead). Stream `lead-{id}`.
+//!
+//! Invariants: the score is the sum of the points of every recorded signal; a lead is
+//! qualified at most once; a closed lead (disqualified, converted, erased) never changes.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::values::{Email, Label, Money, Name, Owner, PersonName, Reason, SignalKind, Source};
+use crate::{Aggregate, Command, DecodeError, DomainError, Event};
+
+/// The score at which a new or working lead becomes qualified (an MQL).
+pub const QUALIFYING_SCORE: u32 = 50;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeadStatus {
+    /// Not captured yet: the stream is empty.
+    #[default]
+    Absent,
+    New,
+    Working,
+    Qualified,
+    Converted,
+    Disqualified,
+    /// Room for the erasure issue: personal data shredded, the email free again.
+    Erased,
+}
+
+impl LeadStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LeadStatus::Absent => "absent",
+            LeadStatus::New => "new",
+            LeadStatus::Working => "working",
+            LeadStatus::Qualified => "qualified",
+            LeadStatus::Converted => "converted",
+            LeadStatus::Disqualified => "disqualified",
+            LeadStatus::Erased => "erased",
+        }
+    }
+
+    pub fn is_open(self) -> bool {
+        matches!(
+            self,
+            LeadStatus::New | LeadStatus::Working | LeadStatus::Qualified
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum LeadCommand {
+    Capture {
+        lead_id: Uuid,
+        email: Email,
+        name: PersonName,
+        company: Option<Label>,
+        source: Source,
+    },
+    RecordSignal {
+        kind: SignalKind,
+        occurred_at: Option<DateTime<Utc>>,
+    },
+    Assign {
+        owner: Owner,
+    },
+    Disqualify {
+        reason: Reason,
+    },
+    /// The handler fills in the ids: the client's, or new ones. `account_id` names an
+    /// existing account when the client gave one (`new_account` false); otherwise the
+    /// conversion opens a new account with that id.
+    Convert {
+        deal_name: Name,
+        amount: Money,
+        account_id: Uuid,
+        new_account: bool,
+        deal_id: Uuid,
+    },
+}
+
+impl Command for LeadCommand {
+    fn name(&self) -> &'static str {
+        match self {
+            LeadCommand::Capture { .. } => "Capture",
+            LeadCommand::RecordSignal { .. } => "RecordSignal",
+            LeadCommand::Assign { .. } => "Assign",
+            LeadCommand::Disqualify { .. } => "Disqualify",
+            LeadCommand::Convert { .. } => "Convert",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "data")]
+pub enum LeadEvent {
+    /// Schema v2 added `company`; v1 events are read with none.
+    LeadCaptured {
+        lead_id: Uuid,
+        email: Email,
+        name: PersonName,
+        company: Option<Label>,
+        source: Source,
+    },
+    SignalRecorded {
+        kind: SignalKind,
+        points: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        occurred_at: Option<DateTime<Utc>>,
+    },
+    LeadQualified {
+        score: u32,
+    },
+    LeadAssigned {
+        owner: Owner,
+        previous_owner: Option<Owner>,
+    },
+    LeadDisqualified {
+        reason: Reason,
+    },
+    /// `account_name` is set when the conversion opens a new account (named after the
+    /// lead's company, or the lead's name when there is none).
+    LeadConverted {
+        account_id: Uuid,
+        deal_id: Uuid,
+        deal_name: Name,
+        amount: Money,
+        account_name: Option<Name>,
+    },
+}
+
+impl Event for LeadEvent {
+    fn event_type(&self) -> &'static str {
+        match self {
+            LeadEvent::LeadCaptured { .. } => "LeadCaptured",
+            LeadEvent::SignalRecorded { .. } => "SignalRecorded",
+            LeadEvent::LeadQualified { .. } => "LeadQualified",
+            LeadEvent::LeadAssigned { .. } => "LeadAssigned",
+            LeadEvent::LeadDisqualified { .. } => "LeadDisqualified",
+            LeadEvent::LeadConverted { .. } => "LeadConverted",
+        }
+    }
+
+    fn current_version(event_type: &str) -> u32 {
+        match event_type {
+            "LeadCaptured" => 2,
+            _ => 1,
+        }
+    }
+
+    fn upcast_step(
+        event_type: &str,
+        schema_version: u32,
+        mut data: Value,
+    ) -> Result<Value, DecodeError> {
+        match (event_type, schema_version) {
+            // v1 → v2: the company was not asked for.
+            ("LeadCaptured", 1) => {
+                if let Value::Object(fields) = &mut data {
+                    fields.entry("company").or_insert(Value::Null);
+                }
+                Ok(data)
+            }
+            _ => Err(DecodeError {
+                event_type: event_type.to_owned(),
+                schema_version,
+                reason: "no upcaster from this version".into(),
+            }),
+        }
+    }
+}
+
+/// A lead as its events left it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Lead {
+    pub id: Option<Uuid>,
+    pub status: LeadStatus,
+    pub email: Option<Email>,
+    pub name: Option<PersonName>,
+    pub company: Option<Label>,
+    pub source: Option<Source>,
+    /// The sum of the points of every recorded signal.
+    pub score: u32,
+    pub owner: Option<Owner>,
+    /// Set once, by `LeadQualified`.
+    pub qualified: bool,
+    pub converted_deal_id: Option<Uuid>,
+    pub converted_account_id: Option<Uuid>,
+}
+
+impl Lead {
+    fn open(&self) -> Result<(), DomainError> {
+        match self.status {
+            LeadStatus::Absent => Err(DomainError::LeadNotFound),
+            status if status.is_open() => Ok(()),
+            status => Err(DomainError::LeadClosed {
+                status: status.as_str(),
+            }),
+        }
+    }
+}
+
+impl Aggregate for Lead {
+    type Command = LeadCommand;
+    type Event = LeadEvent;
+    const CATEGORY: &'static str = "lead";
+    const SNAPSHOT_VERSION: u32 = 1;
+
+    fn decide(&self, command: LeadCommand) -> Result<Vec<LeadEvent>, DomainError> {
+        match command {
+            LeadCommand::Capture {
+                lead_id,
+                email,
+                name,
+                company,
+                source,
+            } => {
+                if let Some(id) = self.id {
+                    return Err(DomainError::LeadExists(id));
+                }
+                Ok(vec![LeadEvent::LeadCaptured {
+                    lead_id,
+                    email,
+                    name,
+                    company,
+                    source,
+                }])
+            }
+            LeadCommand::RecordSignal { kind, occurred_at } => {
+                self.open()?;
+                let points = kind.points();
+                let mut events = vec![LeadEvent::SignalRecorded {
+                    kind,
+                    points,
+                    occurred_at,
+                }];
+                let score = self.score.saturating_add(points);
+                let may_qualify = matches!(self.status, LeadStatus::New | LeadStatus::Working);
+                if may_qualify && !self.qualified && score >= QUALIFYING_SCORE {
+                    events.push(LeadEvent::LeadQualified { score });
+                }
+                Ok(events)
+            }
+            LeadCommand::Assign { owner } => {
+                self.open()?;
+                if self.owner.as_ref() == Some(&owner) {
+                    return Err(DomainError::AlreadyAssigned(owner.to_string()));
+                }
+                Ok(vec![LeadEvent::LeadAssigned {
+                    owner,
+                    previous_owner: self.owner.clone(),
+                }])
+            }
+            LeadCommand::Disqualify { reason } => {
+                self.open()?;
+                Ok(vec![LeadEvent::LeadDisqualified { reason }])
+            }
+            LeadCommand::Convert {
+                deal_name,
+                amount,
+                account_id,
+                new_account,
+                deal_id,
+            } => {
+                self.open()?;
+                if self.status != LeadStatus::Qualified {
+                    return Err(DomainError::LeadNotQualified {
+                        status: self.status.as_str(),
+                    });
+                }
+                let account_name = if new_account {
+                    let name = match (&self.company, &self.name) {
+                        (Some(company), _) => company.as_str(),
+                        (None, Some(name)) => name.as_str(),
+                        (None, None) => "",
+                    };
+                    Some(Name::parse(name)?)
+                } else {
+                    None
+                };
+                Ok(vec![LeadEvent::LeadConverted {
+                    account_id,
+                    deal_id,
+                    deal_name,
+                    amount,
+                    account_name,
+                }])
+            }
+        }
+    }
+
+    fn evolve(mut self, event: &LeadEvent) -> Self {
+        match event {
+            LeadEvent::LeadCaptured {
+                lead_id,
+                email,
+                name,
+                company,
+                source,
+            } => {
+                self.id = Some(*lead_id);
+                self.status = LeadStatus::New;
+                self.email = Some(email.clone());
+                self.name = Some(name.clone());
+                self.company = company.clone();
+                self.source = Some(*source);
+            }
+            LeadEvent::SignalRecorded { points, .. } => {
+                self.score = self.score.saturating_add(*points);
+            }
+            LeadEvent::LeadQualified { .. } => {
+                self.qualified = true;
+                self.status = LeadStatus::Qualified;
+            }
+            LeadEvent::LeadAssigned { owner, .. } => {
+                self.owner = Some(owner.clone());
+                if self.status == LeadStatus::New {
+                    self.status = LeadStatus::Working;
+                }
+            }
+            LeadEvent::LeadDisqualified { .. } => self.status = LeadStatus::Disqualified,
+            LeadEvent::LeadConverted {
+                account_id,
+                deal_id,
+                ..
+            } => {
+                self.status = LeadStatus::Converted;
+                self.converted_account_id = Some(*account_id);
+                self.converted_deal_id = Some(*deal_id);
+            }
+        }
+        self
+    }
+}
