@@ -97,11 +97,13 @@ impl Command for LeadCommand {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "data")]
 pub enum LeadEvent {
-    /// Schema v2 added `company`; v1 events are read with none.
+    /// Schema v2 added `company`, always present (null when none); v1 events are read
+    /// through the upcaster, which adds it.
     LeadCaptured {
         lead_id: Uuid,
         email: Email,
         name: PersonName,
+        #[serde(deserialize_with = "Option::deserialize")]
         company: Option<Label>,
         source: Source,
     },

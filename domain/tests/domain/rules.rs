@@ -1,9 +1,6 @@
 //! Every rule of `domain.md` for leads, accounts and deals, accepted and refused, as
 //! given (events) / when (command) / then (events or error).
 
-// A test that cannot go on should stop loudly; `unwrap` says so shortest.
-#![allow(clippy::unwrap_used)]
-
 use annals_domain::account::{Account, AccountCommand, AccountEvent};
 use annals_domain::deal::{Deal, DealCommand, DealEvent};
 use annals_domain::lead::{Lead, LeadCommand, LeadEvent};

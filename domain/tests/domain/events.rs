@@ -1,0 +1,191 @@
+//! The stored form of every event: snapshot-tested so that a change to the wire format is
+//! always a visible diff, round-tripped, and older schema versions upcast.
+
+use annals_domain::account::AccountEvent;
+use annals_domain::deal::DealEvent;
+use annals_domain::lead::LeadEvent;
+use annals_domain::values::*;
+use annals_domain::{Event, StoredForm};
+use chrono::{NaiveDate, TimeZone, Utc};
+use serde_json::json;
+use uuid::Uuid;
+
+fn id(n: u128) -> Uuid {
+    Uuid::from_u128(n)
+}
+
+fn eur(minor: i64) -> Money {
+    Money::parse("EUR", minor).unwrap()
+}
+
+pub fn every_lead_event() -> Vec<LeadEvent> {
+    vec![
+        LeadEvent::LeadCaptured {
+            lead_id: id(1),
+            email: Email::parse("ada@example.com").unwrap(),
+            name: PersonName::parse("Ada Lovelace").unwrap(),
+            company: Some(Label::parse("Analytical Engines").unwrap()),
+            source: Source::Web,
+        },
+        LeadEvent::SignalRecorded {
+            kind: SignalKind::DemoRequest,
+            points: 25,
+            occurred_at: Some(Utc.with_ymd_and_hms(2026, 11, 26, 9, 30, 0).unwrap()),
+        },
+        LeadEvent::SignalRecorded {
+            kind: SignalKind::PageView,
+            points: 1,
+            occurred_at: None,
+        },
+        LeadEvent::LeadQualified { score: 50 },
+        LeadEvent::LeadAssigned {
+            owner: Owner::parse("bob").unwrap(),
+            previous_owner: None,
+        },
+        LeadEvent::LeadDisqualified {
+            reason: Reason::parse("no budget").unwrap(),
+        },
+        LeadEvent::LeadConverted {
+            account_id: id(20),
+            deal_id: id(30),
+            deal_name: Name::parse("Engines").unwrap(),
+            amount: eur(129_900),
+            account_name: Some(Name::parse("Analytical Engines").unwrap()),
+        },
+    ]
+}
+
+pub fn every_account_event() -> Vec<AccountEvent> {
+    vec![
+        AccountEvent::AccountOpened {
+            account_id: id(20),
+            name: Name::parse("Acme").unwrap(),
+            domain: Some(Label::parse("acme.example").unwrap()),
+            industry: Some(Label::parse("Manufacturing").unwrap()),
+            employees: Some(250),
+            tier: Tier::Key,
+        },
+        AccountEvent::AccountRenamed {
+            name: Name::parse("Acme Corp").unwrap(),
+            previous_name: Name::parse("Acme").unwrap(),
+        },
+        AccountEvent::AccountTierChanged {
+            tier: Tier::Standard,
+            previous_tier: Tier::Key,
+        },
+    ]
+}
+
+pub fn every_deal_event() -> Vec<DealEvent> {
+    vec![
+        DealEvent::DealOpened {
+            deal_id: id(30),
+            account_id: id(20),
+            name: Name::parse("Engines").unwrap(),
+            amount: eur(100_000),
+            owner: Some(Owner::parse("bob").unwrap()),
+            expected_close: NaiveDate::from_ymd_opt(2027, 3, 31),
+            stage: Stage::Prospecting,
+        },
+        DealEvent::DealStageChanged {
+            from: Stage::Prospecting,
+            to: Stage::Demo,
+        },
+        DealEvent::DealAmountChanged {
+            from: eur(100_000),
+            to: eur(90_000),
+        },
+        DealEvent::DealWon {
+            amount: eur(90_000),
+        },
+        DealEvent::DealLost {
+            reason: Reason::parse("price").unwrap(),
+        },
+    ]
+}
+
+fn stored_json<E: Event>(event: &E) -> serde_json::Value {
+    let stored = event.encode();
+    json!({"type": stored.event_type, "schema_version": stored.schema_version, "data": stored.data})
+}
+
+fn check_all<E: Event>(events: Vec<E>) {
+    for (i, event) in events.iter().enumerate() {
+        let stored = event.encode();
+        assert!(stored.data.is_object());
+        assert_eq!(E::decode(&stored).unwrap(), *event, "round trip");
+        insta::assert_json_snapshot!(format!("{}-{i}", stored.event_type), stored_json(event));
+    }
+}
+
+#[test]
+fn lead_events_keep_their_stored_form() {
+    check_all(every_lead_event());
+}
+
+#[test]
+fn account_events_keep_their_stored_form() {
+    check_all(every_account_event());
+}
+
+#[test]
+fn deal_events_keep_their_stored_form() {
+    check_all(every_deal_event());
+}
+
+#[test]
+fn a_version_1_lead_captured_is_read_without_a_company() {
+    let v1 = StoredForm {
+        event_type: "LeadCaptured".into(),
+        schema_version: 1,
+        data: json!({
+            "lead_id": id(1),
+            "email": "ada@example.com",
+            "name": "Ada",
+            "source": "event",
+        }),
+    };
+    assert_eq!(
+        LeadEvent::decode(&v1).unwrap(),
+        LeadEvent::LeadCaptured {
+            lead_id: id(1),
+            email: Email::parse("ada@example.com").unwrap(),
+            name: PersonName::parse("Ada").unwrap(),
+            company: None,
+            source: Source::Event,
+        }
+    );
+    // Without the upcaster the v1 data would not load as v2.
+    let as_current = StoredForm {
+        schema_version: 2,
+        ..v1.clone()
+    };
+    assert!(LeadEvent::decode(&as_current).is_err());
+    assert_eq!(
+        every_lead_event()[0].encode().schema_version,
+        2,
+        "LeadCaptured is at v2"
+    );
+}
+
+#[test]
+fn unknown_versions_and_types_are_decode_errors_not_panics() {
+    let future = StoredForm {
+        event_type: "LeadQualified".into(),
+        schema_version: 9,
+        data: json!({"score": 50}),
+    };
+    assert!(LeadEvent::decode(&future).is_err());
+    let unknown = StoredForm {
+        event_type: "LeadTeleported".into(),
+        schema_version: 1,
+        data: json!({}),
+    };
+    assert!(LeadEvent::decode(&unknown).is_err());
+    let malformed = StoredForm {
+        event_type: "LeadQualified".into(),
+        schema_version: 1,
+        data: json!({"score": "lots"}),
+    };
+    assert!(LeadEvent::decode(&malformed).is_err());
+}
