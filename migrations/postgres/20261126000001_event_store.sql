@@ -30,6 +30,20 @@ CREATE TABLE claims (
     position BIGINT NOT NULL
 );
 
+-- Idempotency keys of the commands that caused appends, written in the same
+-- transaction as the events, with the append's outcome.
+CREATE TABLE idempotency_keys (
+    key           TEXT        NOT NULL PRIMARY KEY,
+    request_hash  TEXT        NOT NULL,
+    payload       JSONB       NOT NULL,
+    stream        TEXT        NOT NULL,
+    version       BIGINT      NOT NULL,
+    last_position BIGINT      NOT NULL,
+    recorded_at   TIMESTAMPTZ NOT NULL
+);
+
+CREATE INDEX idempotency_keys_recorded_at ON idempotency_keys (recorded_at);
+
 CREATE TABLE snapshots (
     stream         TEXT        NOT NULL PRIMARY KEY,
     version        BIGINT      NOT NULL,
@@ -40,7 +54,7 @@ CREATE TABLE snapshots (
 
 -- Writes one planned batch (see store/src/postgres.rs): takes the writers' lock, checks
 -- that the log's last position is still the one the batch was planned on, inserts the
--- events, applies the claim changes and notifies readers. Versions, positions and hashes
+-- events, applies the claim changes, records idempotency keys and notifies readers. Versions, positions and hashes
 -- are decided by the writer; this function only refuses a plan made on stale facts, by
 -- raising SQLSTATE 'ANS01', which rolls the whole transaction back.
 -- Called alone (autocommit) it is a whole append in one round trip; a writer that read
@@ -62,7 +76,14 @@ CREATE FUNCTION annals_append(
     released        TEXT[],
     taken_keys      TEXT[],
     taken_streams   TEXT[],
-    taken_positions BIGINT[]
+    taken_positions BIGINT[],
+    key_names       TEXT[],
+    key_hashes      TEXT[],
+    key_payloads    TEXT[],
+    key_streams     TEXT[],
+    key_versions    BIGINT[],
+    key_positions   BIGINT[],
+    key_recorded    TIMESTAMPTZ[]
 ) RETURNS BIGINT
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -87,6 +108,12 @@ BEGIN
     INSERT INTO claims (key, stream, position)
     SELECT * FROM unnest(taken_keys, taken_streams, taken_positions)
     ON CONFLICT (key) DO UPDATE SET stream = EXCLUDED.stream, position = EXCLUDED.position;
+    -- A key stored already fails the insert; the writer then reads it and answers.
+    INSERT INTO idempotency_keys (key, request_hash, payload, stream, version, last_position,
+                                  recorded_at)
+    SELECT k, rh, p::jsonb, s, v, lp, r
+      FROM unnest(key_names, key_hashes, key_payloads, key_streams, key_versions,
+                  key_positions, key_recorded) AS u(k, rh, p, s, v, lp, r);
     PERFORM pg_notify('annals_events', new_last::text);
     RETURN inserted;
 END

@@ -32,6 +32,21 @@ CREATE TABLE claims (
     position INTEGER NOT NULL
 );
 
+-- Idempotency keys of the commands that caused appends, written in the same
+-- transaction as the events, with the append's outcome.
+CREATE TABLE idempotency_keys (
+    key           TEXT    NOT NULL PRIMARY KEY,
+    request_hash  TEXT    NOT NULL,
+    payload       TEXT    NOT NULL,
+    stream        TEXT    NOT NULL,
+    version       INTEGER NOT NULL,
+    last_position INTEGER NOT NULL,
+    -- Microseconds since the Unix epoch, UTC.
+    recorded_at   INTEGER NOT NULL
+);
+
+CREATE INDEX idempotency_keys_recorded_at ON idempotency_keys (recorded_at);
+
 CREATE TABLE snapshots (
     stream         TEXT    NOT NULL PRIMARY KEY,
     version        INTEGER NOT NULL,

@@ -17,8 +17,8 @@ use uuid::Uuid;
 use crate::chain::{self, GENESIS, Hash, Link};
 use crate::error::{InvalidInput, StoreError};
 use crate::model::{
-    AppendOutcome, AppendRequest, Claim, MAX_EVENTS_PER_APPEND, MAX_NAME_LEN,
-    RESERVED_METADATA_KEYS,
+    AppendOutcome, AppendRequest, Claim, IdempotencyRecord, MAX_EVENTS_PER_APPEND,
+    MAX_IDEMPOTENCY_KEY_LEN, MAX_NAME_LEN, RESERVED_METADATA_KEYS,
 };
 
 /// An append that passed the input rules, with its JSON already in canonical form.
@@ -92,6 +92,18 @@ pub(crate) fn validate(request: AppendRequest) -> Result<ValidAppend, StoreError
             .into());
         }
     }
+    if let Some(idempotency) = &request.idempotency {
+        let key_len = idempotency.key.chars().count();
+        if key_len == 0
+            || key_len > MAX_IDEMPOTENCY_KEY_LEN
+            || idempotency.key.contains('\0')
+            || idempotency.request_hash.is_empty()
+            || idempotency.request_hash.len() > MAX_NAME_LEN
+            || chain::contains_nul(&idempotency.payload)
+        {
+            return Err(InvalidInput::IdempotencyKey.into());
+        }
+    }
     Ok(ValidAppend {
         request,
         data,
@@ -121,29 +133,49 @@ pub(crate) struct LogFacts {
     pub stored: HashMap<Uuid, StoredEvent>,
     /// Holder stream of each claim key the batch touches that is held.
     pub claims: HashMap<String, String>,
+    /// Stored idempotency keys the batch uses (read with the event ids).
+    pub idempotency: HashMap<String, IdempotencyRecord>,
     pub last_position: u64,
+}
+
+/// The keys a backend looks up for a batch.
+#[derive(Debug)]
+pub(crate) struct Wanted {
+    pub streams: Vec<String>,
+    pub event_ids: Vec<Uuid>,
+    pub claim_keys: Vec<String>,
+    pub idempotency_keys: Vec<String>,
 }
 
 impl LogFacts {
     /// The keys a backend must look up for this batch.
-    pub fn wanted(batch: &[ValidAppend]) -> (Vec<String>, Vec<Uuid>, Vec<String>) {
+    pub fn wanted(batch: &[ValidAppend]) -> Wanted {
         let mut streams: Vec<String> = batch
             .iter()
             .map(|a| a.request.stream.as_str().to_owned())
             .collect();
         streams.sort_unstable();
         streams.dedup();
-        let ids = batch
+        let event_ids = batch
             .iter()
             .flat_map(|a| a.request.events.iter().map(|e| e.event_id))
             .collect();
-        let mut keys: Vec<String> = batch
+        let mut claim_keys: Vec<String> = batch
             .iter()
             .flat_map(|a| a.request.claims.iter().map(|c| c.key().to_owned()))
             .collect();
-        keys.sort_unstable();
-        keys.dedup();
-        (streams, ids, keys)
+        claim_keys.sort_unstable();
+        claim_keys.dedup();
+        let idempotency_keys = batch
+            .iter()
+            .filter_map(|a| a.request.idempotency.as_ref().map(|i| i.key.clone()))
+            .collect();
+        Wanted {
+            streams,
+            event_ids,
+            claim_keys,
+            idempotency_keys,
+        }
     }
 }
 
@@ -172,6 +204,8 @@ pub(crate) struct Plan {
     pub claims_taken: Vec<(String, String, u64)>,
     /// Claim keys to delete.
     pub claims_released: Vec<String>,
+    /// Idempotency keys to record.
+    pub idempotency: Vec<IdempotencyRecord>,
     pub outcomes: Vec<Result<AppendOutcome, StoreError>>,
     pub last_position: u64,
     /// Every touched stream's version and last hash after this plan: what the writer
@@ -240,6 +274,13 @@ fn plan_one(
 
     if let Some(replayed) = already_stored(append, facts)? {
         return Ok(replayed);
+    }
+    if let Some(key) = &request.idempotency
+        && let Some(record) = facts.idempotency.get(&key.key)
+    {
+        return Err(StoreError::IdempotencyKeyUsed {
+            record: Box::new(record.clone()),
+        });
     }
 
     let (current, mut previous) = facts.heads.get(stream).copied().unwrap_or((0, GENESIS));
@@ -327,6 +368,19 @@ fn plan_one(
         });
     }
     facts.heads.insert(stream.to_owned(), (version, previous));
+    if let Some(key) = &request.idempotency {
+        let record = IdempotencyRecord {
+            key: key.key.clone(),
+            request_hash: key.request_hash.clone(),
+            payload: key.payload.clone(),
+            stream: stream.to_owned(),
+            version,
+            last_position: facts.last_position,
+            recorded_at,
+        };
+        facts.idempotency.insert(key.key.clone(), record.clone());
+        plan.idempotency.push(record);
+    }
     Ok(AppendOutcome { version, positions })
 }
 
@@ -383,7 +437,8 @@ pub(crate) enum FactsSource {
     Remembered,
     /// Stream heads, claims and the last position, read under the lock.
     Read,
-    /// All of the above and the stored events that reuse the batch's ids.
+    /// All of the above, the stored events that reuse the batch's ids and the stored
+    /// idempotency keys it carries.
     ReadWithIds,
 }
 

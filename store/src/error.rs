@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
-use crate::model::ExpectedVersion;
+use crate::model::{ExpectedVersion, IdempotencyRecord};
 
 /// Why the store refused or failed an operation.
 ///
@@ -27,6 +27,9 @@ pub enum StoreError {
     /// An event id is already stored, but not as this event at this place in this stream.
     #[error("event id {event_id} is already used by another event")]
     EventIdReused { event_id: Uuid },
+    /// The append's idempotency key is already stored (with another append).
+    #[error("idempotency key {} is already used", record.key)]
+    IdempotencyKeyUsed { record: Box<IdempotencyRecord> },
     /// The input breaks a rule of the store's contract (see `InvalidInput`).
     #[error("invalid input: {0}")]
     InvalidInput(#[from] InvalidInput),
@@ -78,6 +81,8 @@ pub enum InvalidInput {
     DuplicateEventId { event_id: Uuid },
     #[error("claim key {key:?} is invalid: it must be 1 to 200 characters")]
     ClaimKey { key: String },
+    #[error("an idempotency key must be 1 to 400 characters, with a request hash")]
+    IdempotencyKey,
     #[error("snapshot of {stream} must have a version of at least 1")]
     SnapshotVersion { stream: String },
 }

@@ -32,8 +32,8 @@ pub use error::{InvalidInput, StoreError};
 pub use follow::LogFollower;
 pub use model::{
     AppendOutcome, AppendRequest, AuditReport, BrokenLink, Claim, Direction, ExpectedVersion,
-    LogFilter, LogPage, MAX_EVENTS_PER_APPEND, MAX_NAME_LEN, Metadata, NewEvent, RecordedEvent,
-    Snapshot, StreamName,
+    IdempotencyKey, IdempotencyRecord, LogFilter, LogPage, MAX_EVENTS_PER_APPEND,
+    MAX_IDEMPOTENCY_KEY_LEN, MAX_NAME_LEN, Metadata, NewEvent, RecordedEvent, Snapshot, StreamName,
 };
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
@@ -76,6 +76,15 @@ pub trait EventStore: Send + Sync + std::fmt::Debug {
 
     /// The latest snapshot of a stream, if any.
     async fn load_snapshot(&self, stream: &StreamName) -> Result<Option<Snapshot>, StoreError>;
+
+    /// The stored idempotency key, if any.
+    async fn find_idempotency(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError>;
+
+    /// Forgets idempotency keys recorded before the given time; returns how many.
+    async fn purge_idempotency(
+        &self,
+        recorded_before: chrono::DateTime<chrono::Utc>,
+    ) -> Result<u64, StoreError>;
 
     /// Walks every stream's hash chain from the stored rows.
     async fn verify(&self) -> Result<AuditReport, StoreError>;

@@ -15,6 +15,9 @@ use crate::error::{InvalidInput, StoreError};
 pub const MAX_EVENTS_PER_APPEND: usize = 10_000;
 /// The longest stream name, event type or claim key, in characters.
 pub const MAX_NAME_LEN: usize = 200;
+/// The longest idempotency key the store keeps, in characters (room for a caller's
+/// scope before a client's 200-character key).
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 400;
 
 /// A validated stream name: 1–200 characters of `[A-Za-z0-9_.:-]`.
 ///
@@ -180,13 +183,39 @@ impl Claim {
     }
 }
 
-/// One atomic append: all its events and claims are stored, or none.
+/// The idempotency key of the command that caused an append, stored in the same
+/// transaction as its events, so a retry finds either both or neither.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IdempotencyKey {
+    pub key: String,
+    /// A digest of the request, to tell a retry from another request reusing the key.
+    pub request_hash: String,
+    /// What the caller wants back on a retry, besides the append's outcome.
+    pub payload: Value,
+}
+
+/// An idempotency key as stored, with the outcome of the append it came with.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct IdempotencyRecord {
+    pub key: String,
+    pub request_hash: String,
+    pub payload: Value,
+    pub stream: String,
+    /// The stream's version after the append.
+    pub version: u64,
+    /// The position of the append's last event.
+    pub last_position: u64,
+    pub recorded_at: DateTime<Utc>,
+}
+
+/// One atomic append: all its events, claims and idempotency key are stored, or none.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AppendRequest {
     pub stream: StreamName,
     pub expected: ExpectedVersion,
     pub events: Vec<NewEvent>,
     pub claims: Vec<Claim>,
+    pub idempotency: Option<IdempotencyKey>,
 }
 
 impl AppendRequest {
@@ -196,7 +225,13 @@ impl AppendRequest {
             expected,
             events,
             claims: Vec::new(),
+            idempotency: None,
         }
+    }
+
+    pub fn with_idempotency(mut self, key: IdempotencyKey) -> Self {
+        self.idempotency = Some(key);
+        self
     }
 
     pub fn with_claims(mut self, claims: Vec<Claim>) -> Self {

@@ -25,8 +25,8 @@ use crate::chain::Hash;
 use crate::error::StoreError;
 use crate::group_commit::{BatchWriter, GroupCommit};
 use crate::model::{
-    AppendOutcome, AppendRequest, AuditReport, Direction, LogFilter, LogPage, RecordedEvent,
-    Snapshot, StreamName, check_snapshot, page, recorded_event, to_sql_int,
+    AppendOutcome, AppendRequest, AuditReport, Direction, IdempotencyRecord, LogFilter, LogPage,
+    RecordedEvent, Snapshot, StreamName, check_snapshot, page, recorded_event, to_sql_int,
 };
 use crate::{EventStore, StoreConfig};
 
@@ -262,9 +262,10 @@ async fn read_facts(
     batch: &[ValidAppend],
     source: FactsSource,
 ) -> Result<LogFacts, StoreError> {
-    let (streams, mut ids, keys) = LogFacts::wanted(batch);
+    let mut wanted = LogFacts::wanted(batch);
     if source != FactsSource::ReadWithIds {
-        ids.clear();
+        wanted.event_ids.clear();
+        wanted.idempotency_keys.clear();
     }
     let rows = sqlx::query(
         "SELECT 'head' AS kind, s.stream AS name, NULL::text AS other, e.version, e.hash, \
@@ -281,13 +282,19 @@ async fn read_facts(
          SELECT 'claim', key, stream, NULL, NULL, NULL, NULL, NULL \
            FROM claims WHERE key = ANY($3::text[]) \
          UNION ALL \
+         SELECT 'key', key, stream, version, NULL, NULL, \
+                jsonb_build_object('hash', request_hash, 'payload', payload, \
+                                   'recorded_at', recorded_at), last_position \
+           FROM idempotency_keys WHERE key = ANY($4::text[]) \
+         UNION ALL \
          SELECT 'last', NULL, NULL, NULL, NULL, NULL, NULL, \
                 (SELECT COALESCE(MAX(position), 0) FROM events)",
     )
     .persistent(false)
-    .bind(&streams)
-    .bind(&ids)
-    .bind(&keys)
+    .bind(&wanted.streams)
+    .bind(&wanted.event_ids)
+    .bind(&wanted.claim_keys)
+    .bind(&wanted.idempotency_keys)
     .fetch_all(&mut *connection)
     .await?;
 
@@ -327,6 +334,23 @@ async fn read_facts(
                     },
                 );
             }
+            "key" => {
+                let mut extra: Value = row.try_get("data")?;
+                let corrupt = || StoreError::Corrupt("an idempotency key".into());
+                let request_hash = extra["hash"].as_str().ok_or_else(corrupt)?.to_owned();
+                let recorded_at: DateTime<Utc> =
+                    serde_json::from_value(extra["recorded_at"].take()).map_err(|_| corrupt())?;
+                let record = IdempotencyRecord {
+                    key: row.try_get("name")?,
+                    request_hash,
+                    payload: extra["payload"].take(),
+                    stream: row.try_get("other")?,
+                    version: sql_u64(&row, "version")?,
+                    last_position: sql_u64(&row, "position")?,
+                    recorded_at,
+                };
+                facts.idempotency.insert(record.key.clone(), record);
+            }
             "claim" => {
                 facts
                     .claims
@@ -355,6 +379,17 @@ async fn insert(
     if rows.is_empty() && plan.claims_taken.is_empty() && plan.claims_released.is_empty() {
         return Ok(());
     }
+    let keys = &plan.idempotency;
+    let key_names: Vec<&str> = keys.iter().map(|k| k.key.as_str()).collect();
+    let key_hashes: Vec<&str> = keys.iter().map(|k| k.request_hash.as_str()).collect();
+    let key_payloads: Vec<String> = keys
+        .iter()
+        .map(|k| crate::chain::canonical_json(&k.payload))
+        .collect();
+    let key_streams: Vec<&str> = keys.iter().map(|k| k.stream.as_str()).collect();
+    let key_versions: Vec<i64> = keys.iter().map(|k| to_sql_int(k.version)).collect();
+    let key_positions: Vec<i64> = keys.iter().map(|k| to_sql_int(k.last_position)).collect();
+    let key_recorded: Vec<DateTime<Utc>> = keys.iter().map(|k| k.recorded_at).collect();
     let positions: Vec<i64> = rows.iter().map(|r| to_sql_int(r.position)).collect();
     let streams: Vec<&str> = rows.iter().map(|r| r.stream.as_str()).collect();
     let categories: Vec<&str> = rows.iter().map(|r| r.category.as_str()).collect();
@@ -383,7 +418,7 @@ async fn insert(
         .collect();
     sqlx::query(
         "SELECT annals_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
-                              $15, $16, $17)",
+                              $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)",
     )
     .bind(to_sql_int(planned_on_last))
     .bind(to_sql_int(plan.last_position))
@@ -402,6 +437,13 @@ async fn insert(
     .bind(&taken_keys)
     .bind(&taken_streams)
     .bind(&taken_positions)
+    .bind(&key_names)
+    .bind(&key_hashes)
+    .bind(&key_payloads)
+    .bind(&key_streams)
+    .bind(&key_versions)
+    .bind(&key_positions)
+    .bind(&key_recorded)
     .execute(&mut *connection)
     .await?;
     Ok(())
@@ -536,6 +578,36 @@ impl EventStore for PostgresStore {
             })
         })
         .transpose()
+    }
+
+    async fn find_idempotency(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
+        let row = sqlx::query(
+            "SELECT key, request_hash, payload, stream, version, last_position, recorded_at \
+               FROM idempotency_keys WHERE key = $1",
+        )
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| {
+            Ok(IdempotencyRecord {
+                key: row.try_get("key")?,
+                request_hash: row.try_get("request_hash")?,
+                payload: row.try_get("payload")?,
+                stream: row.try_get("stream")?,
+                version: sql_u64(&row, "version")?,
+                last_position: sql_u64(&row, "last_position")?,
+                recorded_at: row.try_get("recorded_at")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn purge_idempotency(&self, recorded_before: DateTime<Utc>) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM idempotency_keys WHERE recorded_at < $1")
+            .bind(recorded_before)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
     }
 
     async fn verify(&self) -> Result<AuditReport, StoreError> {

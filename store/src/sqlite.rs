@@ -27,8 +27,8 @@ use crate::chain::Hash;
 use crate::error::StoreError;
 use crate::group_commit::{BatchWriter, GroupCommit};
 use crate::model::{
-    AppendOutcome, AppendRequest, AuditReport, Direction, LogFilter, LogPage, RecordedEvent,
-    Snapshot, StreamName, check_snapshot, page, recorded_event, to_sql_int,
+    AppendOutcome, AppendRequest, AuditReport, Direction, IdempotencyRecord, LogFilter, LogPage,
+    RecordedEvent, Snapshot, StreamName, check_snapshot, page, recorded_event, to_sql_int,
 };
 use crate::{EventStore, StoreConfig};
 
@@ -224,7 +224,7 @@ async fn read_facts(
     batch: &[ValidAppend],
     source: FactsSource,
 ) -> Result<LogFacts, StoreError> {
-    let (streams, ids, keys) = LogFacts::wanted(batch);
+    let wanted = LogFacts::wanted(batch);
     let mut facts = LogFacts::default();
 
     let heads = sqlx::query(
@@ -232,7 +232,7 @@ async fn read_facts(
            JOIN events AS e ON e.stream = s.value \
             AND e.version = (SELECT MAX(version) FROM events WHERE stream = s.value)",
     )
-    .bind(json_list(&streams))
+    .bind(json_list(&wanted.streams))
     .fetch_all(&mut *connection)
     .await?;
     for row in heads {
@@ -253,7 +253,7 @@ async fn read_facts(
             "SELECT event_id, stream, version, position, event_type, schema_version, data \
            FROM events WHERE event_id IN (SELECT value FROM json_each(?1))",
         )
-        .bind(json_list(&ids))
+        .bind(json_list(&wanted.event_ids))
         .fetch_all(&mut *connection)
         .await?
     };
@@ -274,17 +274,31 @@ async fn read_facts(
         );
     }
 
-    if !keys.is_empty() {
+    if !wanted.claim_keys.is_empty() {
         let claims = sqlx::query(
             "SELECT key, stream FROM claims WHERE key IN (SELECT value FROM json_each(?1))",
         )
-        .bind(json_list(&keys))
+        .bind(json_list(&wanted.claim_keys))
         .fetch_all(&mut *connection)
         .await?;
         for row in claims {
             facts
                 .claims
                 .insert(row.try_get("key")?, row.try_get("stream")?);
+        }
+    }
+
+    if source == FactsSource::ReadWithIds && !wanted.idempotency_keys.is_empty() {
+        let records = sqlx::query(&format!(
+            "SELECT {IDEMPOTENCY_COLUMNS} FROM idempotency_keys \
+              WHERE key IN (SELECT value FROM json_each(?1))"
+        ))
+        .bind(json_list(&wanted.idempotency_keys))
+        .fetch_all(&mut *connection)
+        .await?;
+        for row in records {
+            let record = idempotency_from_row(&row)?;
+            facts.idempotency.insert(record.key.clone(), record);
         }
     }
 
@@ -332,6 +346,22 @@ async fn insert(connection: &mut SqliteConnection, plan: &Plan) -> Result<(), St
             .execute(&mut *connection)
             .await?;
     }
+    for record in &plan.idempotency {
+        sqlx::query(
+            "INSERT INTO idempotency_keys (key, request_hash, payload, stream, version, \
+                                           last_position, recorded_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )
+        .bind(&record.key)
+        .bind(&record.request_hash)
+        .bind(crate::chain::canonical_json(&record.payload))
+        .bind(&record.stream)
+        .bind(to_sql_int(record.version))
+        .bind(to_sql_int(record.last_position))
+        .bind(record.recorded_at.timestamp_micros())
+        .execute(&mut *connection)
+        .await?;
+    }
     for (key, stream, position) in &plan.claims_taken {
         sqlx::query(
             "INSERT INTO claims (key, stream, position) VALUES (?1, ?2, ?3) \
@@ -344,6 +374,21 @@ async fn insert(connection: &mut SqliteConnection, plan: &Plan) -> Result<(), St
         .await?;
     }
     Ok(())
+}
+
+const IDEMPOTENCY_COLUMNS: &str =
+    "key, request_hash, payload, stream, version, last_position, recorded_at";
+
+fn idempotency_from_row(row: &SqliteRow) -> Result<IdempotencyRecord, StoreError> {
+    Ok(IdempotencyRecord {
+        key: row.try_get("key")?,
+        request_hash: row.try_get("request_hash")?,
+        payload: parse_json(row, "payload")?,
+        stream: row.try_get("stream")?,
+        version: sql_u64(row, "version")?,
+        last_position: sql_u64(row, "last_position")?,
+        recorded_at: micros_to_time(row.try_get("recorded_at")?)?,
+    })
 }
 
 fn micros_to_time(micros: i64) -> Result<DateTime<Utc>, StoreError> {
@@ -484,6 +529,24 @@ impl EventStore for SqliteStore {
             })
         })
         .transpose()
+    }
+
+    async fn find_idempotency(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {IDEMPOTENCY_COLUMNS} FROM idempotency_keys WHERE key = ?1"
+        ))
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(idempotency_from_row).transpose()
+    }
+
+    async fn purge_idempotency(&self, recorded_before: DateTime<Utc>) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM idempotency_keys WHERE recorded_at < ?1")
+            .bind(recorded_before.timestamp_micros())
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
     }
 
     async fn verify(&self) -> Result<AuditReport, StoreError> {

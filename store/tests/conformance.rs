@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use annals_store::{
-    AppendRequest, Claim, Direction, EventStore, ExpectedVersion, InvalidInput, LogFilter,
-    LogFollower, Metadata, NewEvent, Snapshot, StoreError, StreamName,
+    AppendRequest, Claim, Direction, EventStore, ExpectedVersion, IdempotencyKey, InvalidInput,
+    LogFilter, LogFollower, Metadata, NewEvent, Snapshot, StoreError, StreamName,
 };
 use common::{Backend, Fixture, append, event, stream};
 use serde_json::json;
@@ -59,6 +59,8 @@ conformance!(
     claims_are_taken_and_released_with_events,
     concurrent_claims_of_one_key_exactly_one_wins,
     acknowledged_appends_are_durable,
+    idempotency_keys_are_stored_with_their_append,
+    concurrent_appends_with_one_idempotency_key_exactly_one_wins,
 );
 
 async fn appended_events_read_back_with_every_field(db: Arc<Fixture>) {
@@ -1111,4 +1113,110 @@ mod properties {
             check(Backend::Postgres, plans);
         }
     }
+}
+
+fn key(name: &str, hash: &str) -> IdempotencyKey {
+    IdempotencyKey {
+        key: name.into(),
+        request_hash: hash.into(),
+        payload: json!({"id": "lead-1", "events": ["SignalRecorded"]}),
+    }
+}
+
+async fn idempotency_keys_are_stored_with_their_append(db: Arc<Fixture>) {
+    let store = db.store();
+    store
+        .append(append("lead-0", ExpectedVersion::Any, vec![event("E", 0)]))
+        .await
+        .unwrap();
+    let request = append(
+        "lead-1",
+        ExpectedVersion::Any,
+        vec![event("E", 1), event("E", 2)],
+    )
+    .with_idempotency(key("alice:k1", "h1"));
+    let outcome = store.append(request.clone()).await.unwrap();
+    let record = store.find_idempotency("alice:k1").await.unwrap().unwrap();
+    assert_eq!(
+        (record.stream.as_str(), record.version, record.last_position),
+        ("lead-1", 2, outcome.last_position())
+    );
+    assert_eq!(record.request_hash, "h1");
+    assert_eq!(
+        record.payload,
+        json!({"id": "lead-1", "events": ["SignalRecorded"]})
+    );
+    assert!(
+        (chrono::Utc::now() - record.recorded_at)
+            .num_seconds()
+            .abs()
+            < 60
+    );
+    assert_eq!(store.find_idempotency("alice:other").await.unwrap(), None);
+
+    // The same append again (a retry) is the same no-op as without a key.
+    assert_eq!(store.append(request).await.unwrap(), outcome);
+    // Another append with the key is refused with the stored record, whatever its stream,
+    // and stores nothing; also from another store (process) that has remembered nothing.
+    for target in [db.store(), db.open_again().await] {
+        for name in ["lead-1", "lead-2"] {
+            let other = append(name, ExpectedVersion::Any, vec![event("E", 3)])
+                .with_idempotency(key("alice:k1", "h2"));
+            match target.append(other).await {
+                Err(StoreError::IdempotencyKeyUsed { record: stored }) => {
+                    assert_eq!(*stored, record)
+                }
+                other => panic!("expected IdempotencyKeyUsed, got {other:?}"),
+            }
+        }
+    }
+    assert_eq!(store.head().await.unwrap(), 3);
+
+    // Keys older than the retention are purged; younger ones stay.
+    assert_eq!(
+        store
+            .purge_idempotency(record.recorded_at - chrono::Duration::seconds(1))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        store
+            .purge_idempotency(record.recorded_at + chrono::Duration::seconds(1))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(store.find_idempotency("alice:k1").await.unwrap(), None);
+    let bad =
+        append("lead-3", ExpectedVersion::Any, vec![event("E", 4)]).with_idempotency(key("", "h"));
+    assert!(matches!(
+        store.append(bad).await,
+        Err(StoreError::InvalidInput(InvalidInput::IdempotencyKey))
+    ));
+}
+
+async fn concurrent_appends_with_one_idempotency_key_exactly_one_wins(db: Arc<Fixture>) {
+    let stores = [db.store(), db.open_again().await];
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let store = stores[i % 2].clone();
+        let request = append(
+            &format!("lead-{i}"),
+            ExpectedVersion::Any,
+            vec![event("E", i as i64)],
+        )
+        .with_idempotency(key("bob:same", &format!("h{i}")));
+        tasks.push(tokio::spawn(async move { store.append(request).await }));
+    }
+    let mut winners = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) => winners += 1,
+            Err(StoreError::IdempotencyKeyUsed { .. }) => {}
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(winners, 1);
+    assert_eq!(db.store().head().await.unwrap(), 1);
 }
