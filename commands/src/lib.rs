@@ -1,6 +1,442 @@
 //! Command handling: load an aggregate (snapshot, cache, events), `decide`, and append
-//! with the expected version; retry a lost race against the new state; idempotency keys
-//! stored in the same transaction as the events.
+//! with the version it was decided on; decide again on the new state when the append
+//! loses a race; idempotency keys stored in the same transaction as the events.
 //!
-//! It holds no business rules (those are `annals-domain`'s) and no SQL (that is
-//! `annals-store`'s). Filled by the command-handling issue.
+//! Invariants: a command is only ever decided on the state at the version it appends
+//! at, so concurrent commands never lose an update; a command with an idempotency key
+//! appends at most once, whatever the retries and restarts. This crate holds no business
+//! rules (they are `annals-domain`'s) and no SQL (that is `annals-store`'s).
+
+mod error;
+
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use annals_domain::{Aggregate, ClaimChange, Command, Event, StoredForm};
+use annals_store::{
+    AppendRequest, Claim, Direction, EventStore, ExpectedVersion, IdempotencyKey,
+    IdempotencyRecord, Metadata, NewEvent, Snapshot, StoreError, StreamName,
+};
+use chrono::{DateTime, Utc};
+use lru::LruCache;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+pub use error::CommandError;
+
+/// How a handler behaves.
+#[derive(Debug, Clone)]
+pub struct HandlerConfig {
+    /// Aggregates kept in memory (state and version), most recently used first.
+    pub cache_capacity: NonZeroUsize,
+    /// A snapshot is saved each time an aggregate's version crosses a multiple of this.
+    pub snapshot_every: u64,
+    /// How many times a command is decided in all, when its appends keep losing races.
+    pub max_attempts: u32,
+    /// How long idempotency keys are kept.
+    pub idempotency_retention: Duration,
+}
+
+impl Default for HandlerConfig {
+    fn default() -> Self {
+        HandlerConfig {
+            cache_capacity: NonZeroUsize::new(10_000).unwrap_or(NonZeroUsize::MIN),
+            snapshot_every: 100,
+            max_attempts: 5,
+            idempotency_retention: Duration::from_secs(24 * 60 * 60),
+        }
+    }
+}
+
+/// Who sends a command and in what context.
+#[derive(Debug, Clone, Default)]
+pub struct CommandContext {
+    /// Who is acting (a token's name or role); recorded on every event.
+    pub actor: String,
+    /// Ties together everything one request caused; a new one when not given.
+    pub correlation_id: Option<String>,
+    /// What caused the command (an event id, for a process); the command's own id when
+    /// not given.
+    pub causation_id: Option<String>,
+    /// Apply only at exactly this version (HTTP `If-Match`); never retried.
+    pub expected_version: Option<u64>,
+    /// The client's idempotency key; scoped by the actor.
+    pub idempotency_key: Option<String>,
+    /// A digest of the request that tells a retry from another request with the same
+    /// key; when not given, one is made from the aggregate and the command.
+    pub request_hash: Option<String>,
+}
+
+/// What a command did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandOutcome {
+    pub id: Uuid,
+    /// The aggregate's version after the command.
+    pub version: u64,
+    /// The global position of the last event appended: the consistency token.
+    pub position: u64,
+    /// The type names of the events appended, in order.
+    pub events: Vec<String>,
+}
+
+/// An aggregate's state and the version it is at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loaded<A> {
+    pub state: A,
+    pub version: u64,
+}
+
+/// Carries out commands for one kind of aggregate.
+#[derive(Debug)]
+pub struct CommandHandler<A: Aggregate> {
+    store: Arc<dyn EventStore>,
+    config: HandlerConfig,
+    cache: Mutex<LruCache<Uuid, Loaded<A>>>,
+}
+
+/// Event ids derived from an idempotency key live in this namespace.
+const EVENT_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6a0d_5e2c_3c1b_4f8e_9a57_1d2e_8b4c_0f31);
+const PAGE: usize = 1_000;
+
+impl<A: Aggregate> CommandHandler<A> {
+    pub fn new(store: Arc<dyn EventStore>, config: HandlerConfig) -> Self {
+        let cache = Mutex::new(LruCache::new(config.cache_capacity));
+        CommandHandler {
+            store,
+            config,
+            cache,
+        }
+    }
+
+    pub fn stream(id: Uuid) -> Result<StreamName, CommandError> {
+        StreamName::parse(format!("{}-{id}", A::CATEGORY))
+            .map_err(|_| CommandError::InvalidId(id.to_string()))
+    }
+
+    /// Whether the aggregate has any event.
+    pub async fn exists(&self, id: Uuid) -> Result<bool, CommandError> {
+        Ok(self.load(id).await?.version > 0)
+    }
+
+    /// The aggregate as it is now: from the cache, or its latest snapshot and the events
+    /// after it.
+    pub async fn load(&self, id: Uuid) -> Result<Loaded<A>, CommandError> {
+        if let Some(hit) = self.cached(id) {
+            return Ok(hit);
+        }
+        let stream = Self::stream(id)?;
+        let mut loaded = self.latest_snapshot(&stream).await?;
+        loop {
+            let events = self
+                .store
+                .read_stream(&stream, loaded.version + 1, Direction::Forwards, PAGE)
+                .await?;
+            let done = events.len() < PAGE;
+            for recorded in events {
+                let event = decode::<A>(&recorded)?;
+                loaded.state = loaded.state.evolve(&event);
+                loaded.version = recorded.version;
+            }
+            if done {
+                break;
+            }
+        }
+        self.remember(id, loaded.clone());
+        Ok(loaded)
+    }
+
+    /// The aggregate rebuilt from its events alone, up to a version or a time (history).
+    pub async fn load_as_of(
+        &self,
+        id: Uuid,
+        version: Option<u64>,
+        time: Option<DateTime<Utc>>,
+    ) -> Result<Loaded<A>, CommandError> {
+        let stream = Self::stream(id)?;
+        let mut loaded = Loaded {
+            state: A::default(),
+            version: 0,
+        };
+        'pages: loop {
+            let events = self
+                .store
+                .read_stream(&stream, loaded.version + 1, Direction::Forwards, PAGE)
+                .await?;
+            let done = events.len() < PAGE;
+            for recorded in events {
+                let too_late = version.is_some_and(|v| recorded.version > v)
+                    || time.is_some_and(|t| recorded.recorded_at > t);
+                if too_late {
+                    break 'pages;
+                }
+                loaded.state = loaded.state.evolve(&decode::<A>(&recorded)?);
+                loaded.version = recorded.version;
+            }
+            if done {
+                break;
+            }
+        }
+        Ok(loaded)
+    }
+
+    /// Decides the command on the aggregate's state and appends the result.
+    pub async fn execute(
+        &self,
+        id: Uuid,
+        command: A::Command,
+        context: &CommandContext,
+    ) -> Result<CommandOutcome, CommandError> {
+        let stream = Self::stream(id)?;
+        let command_id = Uuid::now_v7().to_string();
+        let key = context
+            .idempotency_key
+            .as_ref()
+            .map(|key| format!("{}/{key}", context.actor));
+        let request_hash = context
+            .request_hash
+            .clone()
+            .unwrap_or_else(|| request_hash(&stream, &command));
+        if let Some(key) = &key
+            && let Some(record) = self.store.find_idempotency(key).await?
+        {
+            return replay(&record, &request_hash, id);
+        }
+        let metadata = Metadata {
+            correlation_id: Some(
+                context
+                    .correlation_id
+                    .clone()
+                    .unwrap_or_else(|| command_id.clone()),
+            ),
+            causation_id: Some(
+                context
+                    .causation_id
+                    .clone()
+                    .unwrap_or_else(|| command_id.clone()),
+            ),
+            actor: Some(context.actor.clone()),
+            extra: [("command".to_owned(), Value::from(command.name()))]
+                .into_iter()
+                .collect(),
+        };
+
+        for attempt in 1..=self.config.max_attempts {
+            let loaded = self.load(id).await?;
+            if let Some(expected) = context.expected_version
+                && loaded.version != expected
+            {
+                return Err(CommandError::VersionMismatch {
+                    expected,
+                    actual: loaded.version,
+                });
+            }
+            let events = loaded.state.decide(command.clone())?;
+            let names: Vec<String> = events.iter().map(|e| e.event_type().to_owned()).collect();
+            let mut claims = Vec::new();
+            let new_events = events
+                .iter()
+                .enumerate()
+                .map(|(i, event)| {
+                    claims.extend(event.claims().into_iter().map(|c| match c {
+                        ClaimChange::Take(key) => Claim::Take(key),
+                        ClaimChange::Release(key) => Claim::Release(key),
+                    }));
+                    let stored = event.encode();
+                    let event_id = match &key {
+                        // A retry decides the same events with the same ids, so the
+                        // store recognises it even if the first answer was lost.
+                        Some(key) => {
+                            Uuid::new_v5(&EVENT_ID_NAMESPACE, format!("{key}/{i}").as_bytes())
+                        }
+                        None => Uuid::now_v7(),
+                    };
+                    NewEvent::new(stored.event_type, stored.data)
+                        .with_id(event_id)
+                        .with_schema_version(stored.schema_version)
+                        .with_metadata(metadata.clone())
+                })
+                .collect();
+            let mut request = AppendRequest::new(
+                stream.clone(),
+                ExpectedVersion::Exact(loaded.version),
+                new_events,
+            )
+            .with_claims(claims);
+            if let Some(key) = &key {
+                request = request.with_idempotency(IdempotencyKey {
+                    key: key.clone(),
+                    request_hash: request_hash.clone(),
+                    payload: json!({ "id": id, "events": names }),
+                });
+            }
+            match self.store.append(request).await {
+                Ok(outcome) => {
+                    let state = loaded.state.replay(&events);
+                    self.after_append(id, &stream, loaded.version, state, outcome.version)
+                        .await;
+                    return Ok(CommandOutcome {
+                        id,
+                        version: outcome.version,
+                        position: outcome.last_position(),
+                        events: names,
+                    });
+                }
+                Err(StoreError::WrongExpectedVersion { actual, .. }) => {
+                    self.forget(id);
+                    if let Some(expected) = context.expected_version {
+                        return Err(CommandError::VersionMismatch { expected, actual });
+                    }
+                    tracing::debug!(%stream, attempt, "append lost a race; deciding again");
+                }
+                Err(StoreError::ClaimHeld { key, holder }) => {
+                    return Err(A::claim_held(&key, &holder).into());
+                }
+                Err(StoreError::IdempotencyKeyUsed { record }) => {
+                    // The same key committed meanwhile, from a concurrent request.
+                    return replay(&record, &request_hash, id);
+                }
+                Err(error) => {
+                    self.forget(id);
+                    return Err(error.into());
+                }
+            }
+        }
+        Err(CommandError::ConcurrencyConflict {
+            attempts: self.config.max_attempts,
+        })
+    }
+
+    /// Forgets idempotency keys older than the retention.
+    pub async fn purge_expired_idempotency_keys(
+        &self,
+        now: DateTime<Utc>,
+    ) -> Result<u64, CommandError> {
+        let retention = chrono::Duration::from_std(self.config.idempotency_retention)
+            .unwrap_or(chrono::Duration::MAX);
+        let before = now
+            .checked_sub_signed(retention)
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
+        Ok(self.store.purge_idempotency(before).await?)
+    }
+
+    async fn latest_snapshot(&self, stream: &StreamName) -> Result<Loaded<A>, CommandError> {
+        let empty = Loaded {
+            state: A::default(),
+            version: 0,
+        };
+        let Some(snapshot) = self.store.load_snapshot(stream).await? else {
+            return Ok(empty);
+        };
+        if snapshot.schema_version != A::SNAPSHOT_VERSION {
+            return Ok(empty);
+        }
+        match serde_json::from_value::<A>(snapshot.state) {
+            Ok(state) => Ok(Loaded {
+                state,
+                version: snapshot.version,
+            }),
+            Err(error) => {
+                tracing::warn!(%stream, %error, "snapshot unreadable; rebuilding from events");
+                Ok(empty)
+            }
+        }
+    }
+
+    async fn after_append(
+        &self,
+        id: Uuid,
+        stream: &StreamName,
+        previous_version: u64,
+        state: A,
+        version: u64,
+    ) {
+        let every = self.config.snapshot_every.max(1);
+        if version / every > previous_version / every {
+            match serde_json::to_value(&state) {
+                Ok(value) => {
+                    let snapshot = Snapshot {
+                        stream: stream.as_str().to_owned(),
+                        version,
+                        schema_version: A::SNAPSHOT_VERSION,
+                        state: value,
+                    };
+                    // A snapshot only saves time; failing to save one fails nothing.
+                    if let Err(error) = self.store.save_snapshot(&snapshot).await {
+                        tracing::warn!(%stream, %error, "snapshot not saved");
+                    }
+                }
+                Err(error) => tracing::warn!(%stream, %error, "state does not serialise"),
+            }
+        }
+        self.remember(id, Loaded { state, version });
+    }
+
+    fn cached(&self, id: Uuid) -> Option<Loaded<A>> {
+        self.cache.lock().ok()?.get(&id).cloned()
+    }
+
+    fn remember(&self, id: Uuid, loaded: Loaded<A>) {
+        if let Ok(mut cache) = self.cache.lock() {
+            // Never replace a newer state with an older one read concurrently.
+            if cache
+                .peek(&id)
+                .is_none_or(|held| held.version <= loaded.version)
+            {
+                cache.put(id, loaded);
+            }
+        }
+    }
+
+    fn forget(&self, id: Uuid) {
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.pop(&id);
+        }
+    }
+}
+
+fn decode<A: Aggregate>(recorded: &annals_store::RecordedEvent) -> Result<A::Event, CommandError> {
+    Ok(A::Event::decode(&StoredForm {
+        event_type: recorded.event_type.clone(),
+        schema_version: recorded.schema_version,
+        data: recorded.data.clone(),
+    })?)
+}
+
+/// The default request digest: the stream, the command's name and its full content.
+fn request_hash<C: Command>(stream: &StreamName, command: &C) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(stream.as_str().as_bytes());
+    hasher.update([0]);
+    hasher.update(command.name().as_bytes());
+    hasher.update([0]);
+    hasher.update(format!("{command:?}").as_bytes());
+    hex::encode(hasher.finalize())
+}
+
+/// The first outcome of an idempotent command, or why the key cannot be reused.
+fn replay(
+    record: &IdempotencyRecord,
+    request_hash: &str,
+    id: Uuid,
+) -> Result<CommandOutcome, CommandError> {
+    if record.request_hash != request_hash {
+        return Err(CommandError::IdempotencyKeyReused);
+    }
+    let events = record.payload["events"]
+        .as_array()
+        .map(|names| {
+            names
+                .iter()
+                .filter_map(|n| n.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(CommandOutcome {
+        id,
+        version: record.version,
+        position: record.last_position,
+        events,
+    })
+}

@@ -41,6 +41,8 @@ pub enum DomainError {
     LeadExists(Uuid),
     #[error("email already belongs to lead {existing}")]
     DuplicateEmail { existing: Uuid },
+    #[error("{0} is already taken")]
+    KeyTaken(String),
     #[error("the lead is {status}: closed leads do not change")]
     LeadClosed { status: &'static str },
     #[error("the lead is already assigned to {0}")]
@@ -86,6 +88,7 @@ impl DomainError {
             | CurrencyMismatch { .. } => RejectionKind::Invalid,
             LeadExists(_)
             | DuplicateEmail { .. }
+            | KeyTaken(_)
             | LeadClosed { .. }
             | AlreadyAssigned(_)
             | LeadNotQualified { .. }
@@ -112,6 +115,7 @@ impl DomainError {
             CurrencyMismatch { .. } => "currency-mismatch",
             LeadExists(_) => "lead-exists",
             DuplicateEmail { .. } => "duplicate-email",
+            KeyTaken(_) => "key-taken",
             LeadClosed { .. } => "lead-closed",
             AlreadyAssigned(_) => "already-assigned",
             LeadNotQualified { .. } => "lead-not-qualified",

@@ -10,7 +10,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::values::{Email, Label, Money, Name, Owner, PersonName, Reason, SignalKind, Source};
-use crate::{Aggregate, Command, DecodeError, DomainError, Event};
+use crate::{Aggregate, ClaimChange, Command, DecodeError, DomainError, Event};
 
 /// The score at which a new or working lead becomes qualified (an MQL).
 pub const QUALIFYING_SCORE: u32 = 50;
@@ -146,6 +146,14 @@ impl Event for LeadEvent {
         }
     }
 
+    /// A captured lead holds its email (as a hash), so no other lead can take it.
+    fn claims(&self) -> Vec<ClaimChange> {
+        match self {
+            LeadEvent::LeadCaptured { email, .. } => vec![ClaimChange::Take(email.claim_key())],
+            _ => Vec::new(),
+        }
+    }
+
     fn current_version(event_type: &str) -> u32 {
         match event_type {
             "LeadCaptured" => 2,
@@ -210,6 +218,18 @@ impl Aggregate for Lead {
     type Event = LeadEvent;
     const CATEGORY: &'static str = "lead";
     const SNAPSHOT_VERSION: u32 = 1;
+
+    /// The only key a lead takes is its email's: held by another lead, it is a
+    /// duplicate of that lead.
+    fn claim_held(key: &str, holder_stream: &str) -> DomainError {
+        let holder = holder_stream
+            .strip_prefix("lead-")
+            .and_then(|id| Uuid::parse_str(id).ok());
+        match holder {
+            Some(existing) => DomainError::DuplicateEmail { existing },
+            None => DomainError::KeyTaken(key.to_owned()),
+        }
+    }
 
     fn decide(&self, command: LeadCommand) -> Result<Vec<LeadEvent>, DomainError> {
         match command {

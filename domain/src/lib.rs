@@ -41,6 +41,12 @@ pub trait Aggregate: Default + Clone + Debug + Serialize + DeserializeOwned + Se
     /// decided on.
     fn evolve(self, event: &Self::Event) -> Self;
 
+    /// What it means that another stream holds a unique key this aggregate's events
+    /// wanted to take (see `Event::claims`).
+    fn claim_held(key: &str, _holder_stream: &str) -> DomainError {
+        DomainError::KeyTaken(key.to_owned())
+    }
+
     /// The state after a sequence of events.
     fn replay<'a>(self, events: impl IntoIterator<Item = &'a Self::Event>) -> Self
     where
@@ -53,6 +59,14 @@ pub trait Aggregate: Default + Clone + Debug + Serialize + DeserializeOwned + Se
 /// A command's name, recorded in the metadata of the events it causes.
 pub trait Command: Debug + Clone + Send {
     fn name(&self) -> &'static str;
+}
+
+/// A unique key an event takes or gives back. The event store holds keys atomically with
+/// the events, which is how a rule like "one lead per email" holds under concurrency.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimChange {
+    Take(String),
+    Release(String),
 }
 
 /// An event as it is stored: type name, schema version, JSON object.
@@ -95,6 +109,11 @@ pub trait Event: Debug + Clone + PartialEq + Serialize + DeserializeOwned + Send
             schema_version,
             reason: "no upcaster from this version".into(),
         })
+    }
+
+    /// The unique keys this event takes or gives back (none, for most events).
+    fn claims(&self) -> Vec<ClaimChange> {
+        Vec::new()
     }
 
     /// The stored form of the event, at its current schema version.

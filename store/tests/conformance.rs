@@ -4,6 +4,7 @@
 // A test that cannot go on should stop loudly; `unwrap` says so shortest.
 #![allow(clippy::unwrap_used)]
 
+#[path = "../../tests/support/database.rs"]
 mod common;
 
 use std::collections::HashSet;

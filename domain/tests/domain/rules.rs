@@ -659,3 +659,24 @@ fn commands_on_a_deal_that_does_not_exist_are_not_found() {
         .when(DealCommand::Win)
         .then_err(DomainError::DealNotFound);
 }
+
+#[test]
+fn a_captured_lead_takes_its_email_and_a_held_email_is_a_duplicate_naming_the_holder() {
+    use annals_domain::{ClaimChange, Event};
+    let key = Email::parse("ada@example.com").unwrap().claim_key();
+    assert_eq!(captured().claims(), vec![ClaimChange::Take(key.clone())]);
+    assert!(recorded(SignalKind::PageView).claims().is_empty());
+    let holder = format!("lead-{}", id(7));
+    assert_eq!(
+        Lead::claim_held(&key, &holder),
+        DomainError::DuplicateEmail { existing: id(7) }
+    );
+    assert_eq!(
+        DomainError::DuplicateEmail { existing: id(7) }.code(),
+        "duplicate-email"
+    );
+    assert_eq!(
+        Deal::claim_held("k", "deal-x").kind(),
+        RejectionKind::Conflict
+    );
+}

@@ -1,5 +1,8 @@
 //! A fresh database per test, on either backend: a temporary SQLite file, or a PostgreSQL
 //! database created for the test and dropped after it (even when the test fails).
+//!
+//! Shared by the test binaries of several crates (`#[path]` modules); each uses a part.
+#![allow(dead_code)]
 
 use std::future::Future;
 use std::sync::Arc;

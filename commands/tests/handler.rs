@@ -1,0 +1,541 @@
+//! The command handler against both backends: no lost update under concurrency,
+//! idempotency across restarts, cross-aggregate rules, snapshots and the cache.
+
+// A test that cannot go on should stop loudly; `unwrap` says so shortest.
+#![allow(clippy::unwrap_used)]
+
+#[path = "../../tests/support/database.rs"]
+mod database;
+
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+
+use annals_commands::{CommandContext, CommandError, CommandHandler, HandlerConfig};
+use annals_domain::account::{Account, AccountCommand};
+use annals_domain::deal::{Deal, DealCommand};
+use annals_domain::lead::{Lead, LeadCommand, LeadStatus};
+use annals_domain::values::*;
+use annals_domain::{Aggregate, DomainError};
+use annals_store::{Direction, EventStore, LogFilter, Snapshot};
+use database::{Backend, Fixture, run};
+use uuid::Uuid;
+
+macro_rules! on_both_backends {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    crate::run(crate::Backend::Sqlite, super::$case).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    crate::run(crate::Backend::Postgres, super::$case).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    concurrent_signals_on_one_lead_lose_no_update,
+    an_idempotent_retry_after_a_restart_appends_nothing,
+    concurrent_retries_of_one_idempotent_command_append_once,
+    a_duplicate_email_is_refused_naming_the_existing_lead,
+    a_caller_supplied_version_is_checked_and_never_retried,
+    snapshots_are_taken_and_an_unreadable_one_is_ignored,
+    every_event_carries_its_metadata,
+    a_deal_opens_only_for_an_existing_account,
+    a_stale_cache_is_dropped_and_the_command_decided_again,
+    history_rebuilds_the_state_as_of_a_version_or_a_time,
+    expired_idempotency_keys_are_purged,
+);
+
+fn config() -> HandlerConfig {
+    HandlerConfig {
+        cache_capacity: NonZeroUsize::new(100).unwrap(),
+        ..HandlerConfig::default()
+    }
+}
+
+fn leads(store: Arc<dyn EventStore>) -> CommandHandler<Lead> {
+    CommandHandler::new(store, config())
+}
+
+fn actor(name: &str) -> CommandContext {
+    CommandContext {
+        actor: name.into(),
+        ..CommandContext::default()
+    }
+}
+
+fn capture(id: Uuid, email: &str) -> LeadCommand {
+    LeadCommand::Capture {
+        lead_id: id,
+        email: Email::parse(email).unwrap(),
+        name: PersonName::parse("Ada").unwrap(),
+        company: None,
+        source: Source::Web,
+    }
+}
+
+fn signal(kind: SignalKind) -> LeadCommand {
+    LeadCommand::RecordSignal {
+        kind,
+        occurred_at: None,
+    }
+}
+
+async fn concurrent_signals_on_one_lead_lose_no_update(db: Arc<Fixture>) {
+    // Two handlers on two stores: two processes, each with a cache of its own.
+    let handlers = [
+        Arc::new(leads(db.store())),
+        Arc::new(CommandHandler::<Lead>::new(
+            db.open_again().await,
+            HandlerConfig {
+                max_attempts: 50,
+                ..config()
+            },
+        )),
+    ];
+    let id = Uuid::now_v7();
+    handlers[0]
+        .execute(id, capture(id, "many@example.com"), &actor("t"))
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for task in 0..16 {
+        let handler = handlers[task % 2].clone();
+        tasks.push(tokio::spawn(async move {
+            let mut acknowledged = 0u32;
+            for i in 0..6 {
+                let kind = SignalKind::ALL[(task + i) % SignalKind::ALL.len()];
+                match handler.execute(id, signal(kind), &actor("t")).await {
+                    Ok(outcome) => {
+                        assert_eq!(outcome.events[0], "SignalRecorded");
+                        acknowledged += kind.points();
+                    }
+                    Err(CommandError::ConcurrencyConflict { .. }) => {}
+                    Err(other) => panic!("unexpected {other:?}"),
+                }
+            }
+            acknowledged
+        }));
+    }
+    let mut expected = 0;
+    for task in tasks {
+        expected += task.await.unwrap();
+    }
+    assert!(expected > 0);
+    let fresh = leads(db.store());
+    let lead = fresh.load(id).await.unwrap();
+    assert_eq!(
+        lead.state.score, expected,
+        "score = sum of acknowledged signals"
+    );
+    let events = db
+        .store()
+        .read_stream(
+            &CommandHandler::<Lead>::stream(id).unwrap(),
+            1,
+            Direction::Forwards,
+            10_000,
+        )
+        .await
+        .unwrap();
+    assert_eq!(lead.version, events.len() as u64);
+}
+
+async fn an_idempotent_retry_after_a_restart_appends_nothing(db: Arc<Fixture>) {
+    let id = Uuid::now_v7();
+    let with_key = |key: &str| CommandContext {
+        idempotency_key: Some(key.into()),
+        ..actor("alice")
+    };
+    let first = {
+        let handler = leads(db.store());
+        handler
+            .execute(id, capture(id, "ada@example.com"), &actor("alice"))
+            .await
+            .unwrap();
+        handler
+            .execute(id, signal(SignalKind::DemoRequest), &with_key("k-1"))
+            .await
+            .unwrap()
+    };
+    let head = db.store().head().await.unwrap();
+
+    // A new process: a store and a handler that remember nothing.
+    let handler = leads(db.open_again().await);
+    let again = handler
+        .execute(id, signal(SignalKind::DemoRequest), &with_key("k-1"))
+        .await
+        .unwrap();
+    assert_eq!(again, first);
+    assert_eq!(
+        db.store().head().await.unwrap(),
+        head,
+        "the retry appended nothing"
+    );
+
+    let reused = handler
+        .execute(id, signal(SignalKind::PageView), &with_key("k-1"))
+        .await;
+    assert!(matches!(reused, Err(CommandError::IdempotencyKeyReused)));
+    // Keys are scoped by the actor: bob's k-1 is another key.
+    let bob = CommandContext {
+        idempotency_key: Some("k-1".into()),
+        ..actor("bob")
+    };
+    let outcome = handler
+        .execute(id, signal(SignalKind::DemoRequest), &bob)
+        .await
+        .unwrap();
+    assert_eq!(outcome.events, vec!["SignalRecorded", "LeadQualified"]);
+    assert_eq!(db.store().head().await.unwrap(), head + 2);
+}
+
+async fn concurrent_retries_of_one_idempotent_command_append_once(db: Arc<Fixture>) {
+    let id = Uuid::now_v7();
+    let handlers = [
+        Arc::new(leads(db.store())),
+        Arc::new(leads(db.open_again().await)),
+    ];
+    handlers[0]
+        .execute(id, capture(id, "ret@example.com"), &actor("a"))
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let handler = handlers[i % 2].clone();
+        tasks.push(tokio::spawn(async move {
+            let context = CommandContext {
+                idempotency_key: Some("same".into()),
+                ..actor("a")
+            };
+            handler
+                .execute(id, signal(SignalKind::EmailClick), &context)
+                .await
+        }));
+    }
+    let mut outcomes = Vec::new();
+    for task in tasks {
+        outcomes.push(task.await.unwrap().unwrap());
+    }
+    assert!(outcomes.windows(2).all(|w| w[0] == w[1]), "{outcomes:?}");
+    let lead = leads(db.store()).load(id).await.unwrap();
+    assert_eq!((lead.version, lead.state.score), (2, 3));
+}
+
+async fn a_duplicate_email_is_refused_naming_the_existing_lead(db: Arc<Fixture>) {
+    let handler = leads(db.store());
+    let first = Uuid::now_v7();
+    handler
+        .execute(first, capture(first, "ada@example.com"), &actor("a"))
+        .await
+        .unwrap();
+    let second = Uuid::now_v7();
+    let refused = handler
+        .execute(second, capture(second, "ADA@example.com"), &actor("a"))
+        .await;
+    match refused {
+        Err(CommandError::Domain(DomainError::DuplicateEmail { existing })) => {
+            assert_eq!(existing, first)
+        }
+        other => panic!("expected DuplicateEmail, got {other:?}"),
+    }
+    assert!(!handler.exists(second).await.unwrap());
+
+    // Racing captures of one new email, from two processes: exactly one lead gets it.
+    let handlers = [Arc::new(handler), Arc::new(leads(db.open_again().await))];
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let handler = handlers[i % 2].clone();
+        tasks.push(tokio::spawn(async move {
+            let id = Uuid::now_v7();
+            handler
+                .execute(id, capture(id, "race@example.com"), &actor("a"))
+                .await
+        }));
+    }
+    let mut won = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) => won += 1,
+            Err(CommandError::Domain(DomainError::DuplicateEmail { .. })) => {}
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(won, 1);
+}
+
+async fn a_caller_supplied_version_is_checked_and_never_retried(db: Arc<Fixture>) {
+    let handler = leads(db.store());
+    let id = Uuid::now_v7();
+    handler
+        .execute(id, capture(id, "v@example.com"), &actor("a"))
+        .await
+        .unwrap();
+    let at = |version| CommandContext {
+        expected_version: Some(version),
+        ..actor("a")
+    };
+    let mismatch = handler
+        .execute(id, signal(SignalKind::PageView), &at(5))
+        .await;
+    assert!(matches!(
+        mismatch,
+        Err(CommandError::VersionMismatch {
+            expected: 5,
+            actual: 1
+        })
+    ));
+    // Another process moves the lead on; our handler's cache still says version 1.
+    leads(db.open_again().await)
+        .execute(id, signal(SignalKind::PageView), &actor("b"))
+        .await
+        .unwrap();
+    let raced = handler
+        .execute(id, signal(SignalKind::PageView), &at(1))
+        .await;
+    assert!(matches!(
+        raced,
+        Err(CommandError::VersionMismatch {
+            expected: 1,
+            actual: 2
+        })
+    ));
+    let ok = handler
+        .execute(id, signal(SignalKind::PageView), &at(2))
+        .await
+        .unwrap();
+    assert_eq!(ok.version, 3);
+}
+
+async fn snapshots_are_taken_and_an_unreadable_one_is_ignored(db: Arc<Fixture>) {
+    let store = db.store();
+    let handler = CommandHandler::<Lead>::new(
+        store.clone(),
+        HandlerConfig {
+            snapshot_every: 3,
+            ..config()
+        },
+    );
+    let id = Uuid::now_v7();
+    handler
+        .execute(id, capture(id, "s@example.com"), &actor("a"))
+        .await
+        .unwrap();
+    for _ in 0..6 {
+        handler
+            .execute(id, signal(SignalKind::ContentDownload), &actor("a"))
+            .await
+            .unwrap();
+    }
+    let stream = CommandHandler::<Lead>::stream(id).unwrap();
+    let snapshot = store.load_snapshot(&stream).await.unwrap().unwrap();
+    assert_eq!(snapshot.version, 6);
+    assert_eq!(snapshot.schema_version, Lead::SNAPSHOT_VERSION);
+    let expected = handler.load(id).await.unwrap();
+    assert_eq!(expected.state.score, 30);
+
+    // A fresh handler loads from the snapshot and the events after it.
+    assert_eq!(leads(store.clone()).load(id).await.unwrap(), expected);
+    // An unreadable snapshot (or one of another schema) is ignored: rebuilt from events.
+    for (version, schema, state) in [
+        (
+            7,
+            Lead::SNAPSHOT_VERSION,
+            serde_json::json!({"score": "lots"}),
+        ),
+        (7, Lead::SNAPSHOT_VERSION + 1, serde_json::json!({})),
+    ] {
+        store
+            .save_snapshot(&Snapshot {
+                stream: stream.as_str().to_owned(),
+                version,
+                schema_version: schema,
+                state,
+            })
+            .await
+            .unwrap();
+        assert_eq!(leads(store.clone()).load(id).await.unwrap(), expected);
+    }
+}
+
+async fn every_event_carries_its_metadata(db: Arc<Fixture>) {
+    let handler = leads(db.store());
+    let id = Uuid::now_v7();
+    let context = CommandContext {
+        actor: "writer-1".into(),
+        correlation_id: Some("corr-9".into()),
+        ..CommandContext::default()
+    };
+    handler
+        .execute(id, capture(id, "m@example.com"), &context)
+        .await
+        .unwrap();
+    let caused = CommandContext {
+        causation_id: Some("event-42".into()),
+        ..actor("process")
+    };
+    handler
+        .execute(id, signal(SignalKind::DemoRequest), &caused)
+        .await
+        .unwrap();
+    let events = db
+        .store()
+        .read_all(1, 100, &LogFilter::all())
+        .await
+        .unwrap()
+        .events;
+    let first = &events[0].metadata;
+    assert_eq!(first.actor.as_deref(), Some("writer-1"));
+    assert_eq!(first.correlation_id.as_deref(), Some("corr-9"));
+    let command_id = first.causation_id.clone().unwrap();
+    assert!(Uuid::parse_str(&command_id).is_ok(), "the command's own id");
+    assert_eq!(first.extra["command"], "Capture");
+    let second = &events[1].metadata;
+    assert_eq!(second.causation_id.as_deref(), Some("event-42"));
+    assert_eq!(second.actor.as_deref(), Some("process"));
+    assert!(
+        second.correlation_id.is_some(),
+        "a new correlation id when none is given"
+    );
+    assert_eq!(second.extra["command"], "RecordSignal");
+}
+
+async fn a_deal_opens_only_for_an_existing_account(db: Arc<Fixture>) {
+    let accounts = CommandHandler::<Account>::new(db.store(), config());
+    let deals = CommandHandler::<Deal>::new(db.store(), config());
+    let account_id = Uuid::now_v7();
+    let open_deal = |deal_id: Uuid, account_exists: bool| DealCommand::Open {
+        deal_id,
+        account_id,
+        account_exists,
+        name: Name::parse("Engines").unwrap(),
+        amount: Money::parse("EUR", 10_000).unwrap(),
+        owner: None,
+        expected_close: None,
+    };
+    let deal_id = Uuid::now_v7();
+    let exists = accounts.exists(account_id).await.unwrap();
+    assert!(!exists);
+    let refused = deals
+        .execute(deal_id, open_deal(deal_id, exists), &actor("a"))
+        .await;
+    assert!(matches!(
+        refused,
+        Err(CommandError::Domain(DomainError::AccountNotFound))
+    ));
+    accounts
+        .execute(
+            account_id,
+            AccountCommand::Open {
+                account_id,
+                name: Name::parse("Acme").unwrap(),
+                domain: None,
+                industry: None,
+                employees: None,
+                tier: Tier::Standard,
+            },
+            &actor("a"),
+        )
+        .await
+        .unwrap();
+    let exists = accounts.exists(account_id).await.unwrap();
+    let opened = deals
+        .execute(deal_id, open_deal(deal_id, exists), &actor("a"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (opened.version, opened.events.clone()),
+        (1, vec!["DealOpened".to_owned()])
+    );
+}
+
+async fn a_stale_cache_is_dropped_and_the_command_decided_again(db: Arc<Fixture>) {
+    let ours = leads(db.store());
+    let theirs = leads(db.open_again().await);
+    let id = Uuid::now_v7();
+    ours.execute(id, capture(id, "c@example.com"), &actor("a"))
+        .await
+        .unwrap();
+    // Ours now caches version 1; theirs moves the lead to qualified behind its back.
+    theirs
+        .execute(id, signal(SignalKind::DemoRequest), &actor("b"))
+        .await
+        .unwrap();
+    theirs
+        .execute(id, signal(SignalKind::DemoRequest), &actor("b"))
+        .await
+        .unwrap();
+    // Decided on the stale state, this signal would qualify the lead a second time.
+    let outcome = ours
+        .execute(id, signal(SignalKind::DemoRequest), &actor("a"))
+        .await
+        .unwrap();
+    assert_eq!(outcome.events, vec!["SignalRecorded"]);
+    assert_eq!(outcome.version, 5);
+    let lead = ours.load(id).await.unwrap();
+    assert_eq!(
+        (lead.state.score, lead.state.status),
+        (75, LeadStatus::Qualified)
+    );
+}
+
+async fn history_rebuilds_the_state_as_of_a_version_or_a_time(db: Arc<Fixture>) {
+    let handler = leads(db.store());
+    let id = Uuid::now_v7();
+    handler
+        .execute(id, capture(id, "h@example.com"), &actor("a"))
+        .await
+        .unwrap();
+    handler
+        .execute(id, signal(SignalKind::PricingPageView), &actor("a"))
+        .await
+        .unwrap();
+    let between = chrono::Utc::now();
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    handler
+        .execute(id, signal(SignalKind::PricingPageView), &actor("a"))
+        .await
+        .unwrap();
+    let at_1 = handler.load_as_of(id, Some(1), None).await.unwrap();
+    assert_eq!((at_1.version, at_1.state.score), (1, 0));
+    let at_time = handler.load_as_of(id, None, Some(between)).await.unwrap();
+    assert_eq!((at_time.version, at_time.state.score), (2, 10));
+    let now = handler.load_as_of(id, None, None).await.unwrap();
+    assert_eq!((now.version, now.state.score), (3, 20));
+}
+
+async fn expired_idempotency_keys_are_purged(db: Arc<Fixture>) {
+    let handler = leads(db.store());
+    let id = Uuid::now_v7();
+    let context = CommandContext {
+        idempotency_key: Some("old".into()),
+        ..actor("a")
+    };
+    handler
+        .execute(id, capture(id, "p@example.com"), &context)
+        .await
+        .unwrap();
+    let now = chrono::Utc::now();
+    assert_eq!(
+        handler.purge_expired_idempotency_keys(now).await.unwrap(),
+        0
+    );
+    let tomorrow = now + chrono::Duration::hours(25);
+    assert_eq!(
+        handler
+            .purge_expired_idempotency_keys(tomorrow)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(db.store().find_idempotency("a/old").await.unwrap(), None);
+}
