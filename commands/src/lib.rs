@@ -16,7 +16,7 @@ use std::time::Duration;
 use annals_domain::{Aggregate, ClaimChange, Command, Event, StoredForm};
 use annals_store::{
     AppendRequest, Claim, Direction, EventStore, ExpectedVersion, IdempotencyKey,
-    IdempotencyRecord, Metadata, NewEvent, Snapshot, StoreError, StreamName,
+    IdempotencyRecord, Metadata, NewEvent, RecordedEvent, Snapshot, StoreError, StreamName,
 };
 use chrono::{DateTime, Utc};
 use lru::LruCache;
@@ -127,22 +127,8 @@ impl<A: Aggregate> CommandHandler<A> {
             return Ok(hit);
         }
         let stream = Self::stream(id)?;
-        let mut loaded = self.latest_snapshot(&stream).await?;
-        loop {
-            let events = self
-                .store
-                .read_stream(&stream, loaded.version + 1, Direction::Forwards, PAGE)
-                .await?;
-            let done = events.len() < PAGE;
-            for recorded in events {
-                let event = decode::<A>(&recorded)?;
-                loaded.state = loaded.state.evolve(&event);
-                loaded.version = recorded.version;
-            }
-            if done {
-                break;
-            }
-        }
+        let snapshot = self.latest_snapshot(&stream).await?;
+        let loaded = self.replay_onto(&stream, snapshot, |_| false).await?;
         self.remember(id, loaded.clone());
         Ok(loaded)
     }
@@ -155,30 +141,42 @@ impl<A: Aggregate> CommandHandler<A> {
         time: Option<DateTime<Utc>>,
     ) -> Result<Loaded<A>, CommandError> {
         let stream = Self::stream(id)?;
-        let mut loaded = Loaded {
+        let empty = Loaded {
             state: A::default(),
             version: 0,
         };
-        'pages: loop {
+        self.replay_onto(&stream, empty, |recorded| {
+            version.is_some_and(|v| recorded.version > v)
+                || time.is_some_and(|t| recorded.recorded_at > t)
+        })
+        .await
+    }
+
+    /// Applies the stream's events after `loaded.version`, in pages, until the stream
+    /// ends or `stop` says an event is past the point wanted.
+    async fn replay_onto(
+        &self,
+        stream: &StreamName,
+        mut loaded: Loaded<A>,
+        stop: impl Fn(&RecordedEvent) -> bool,
+    ) -> Result<Loaded<A>, CommandError> {
+        loop {
             let events = self
                 .store
-                .read_stream(&stream, loaded.version + 1, Direction::Forwards, PAGE)
+                .read_stream(stream, loaded.version + 1, Direction::Forwards, PAGE)
                 .await?;
             let done = events.len() < PAGE;
             for recorded in events {
-                let too_late = version.is_some_and(|v| recorded.version > v)
-                    || time.is_some_and(|t| recorded.recorded_at > t);
-                if too_late {
-                    break 'pages;
+                if stop(&recorded) {
+                    return Ok(loaded);
                 }
                 loaded.state = loaded.state.evolve(&decode::<A>(&recorded)?);
                 loaded.version = recorded.version;
             }
             if done {
-                break;
+                return Ok(loaded);
             }
         }
-        Ok(loaded)
     }
 
     /// Decides the command on the aggregate's state and appends the result.
@@ -396,7 +394,7 @@ impl<A: Aggregate> CommandHandler<A> {
     }
 }
 
-fn decode<A: Aggregate>(recorded: &annals_store::RecordedEvent) -> Result<A::Event, CommandError> {
+fn decode<A: Aggregate>(recorded: &RecordedEvent) -> Result<A::Event, CommandError> {
     Ok(A::Event::decode(&StoredForm {
         event_type: recorded.event_type.clone(),
         schema_version: recorded.schema_version,
