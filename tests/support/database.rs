@@ -168,6 +168,37 @@ impl Fixture {
         })
     }
 
+    /// Every row of a query, each column read as text (cast the columns in the SQL).
+    pub fn text_rows<'a>(&'a self, sql: &'a str) -> BoxFuture<'a, Vec<Vec<Option<String>>>> {
+        fn texts<R: Row>(row: &R) -> Vec<Option<String>>
+        where
+            for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+            usize: sqlx::ColumnIndex<R>,
+        {
+            (0..row.len())
+                .map(|i| row.try_get::<Option<String>, _>(i).expect("a text column"))
+                .collect()
+        }
+        Box::pin(async move {
+            match self {
+                Fixture::Sqlite { store, .. } => sqlx::query(sql)
+                    .fetch_all(store.pool())
+                    .await
+                    .expect("query")
+                    .iter()
+                    .map(texts)
+                    .collect(),
+                Fixture::Postgres { store, .. } => sqlx::query(sql)
+                    .fetch_all(store.pool())
+                    .await
+                    .expect("query")
+                    .iter()
+                    .map(texts)
+                    .collect(),
+            }
+        })
+    }
+
     pub fn hold_append(&self, request: AppendRequest) -> BoxFuture<'_, Held> {
         Box::pin(async move {
             match self {

@@ -1,0 +1,94 @@
+//! `lead_board`: one row per lead with its status, score, owner, source, and capture and
+//! qualification times (`domain.md`, read models). Filtered and sorted by score.
+
+use annals_domain::lead::LeadEvent;
+use annals_domain::{Event, StoredForm};
+use annals_store::{LogFilter, RecordedEvent};
+use async_trait::async_trait;
+
+use crate::{Param, ProjectionError, Projector, ReadTx, sql_int, time_text};
+
+#[derive(Debug, Default)]
+pub struct LeadBoard;
+
+#[async_trait]
+impl Projector for LeadBoard {
+    fn name(&self) -> &'static str {
+        "lead_board"
+    }
+
+    fn filter(&self) -> LogFilter {
+        LogFilter::categories(["lead"])
+    }
+
+    async fn apply(&self, tx: &mut ReadTx, event: &RecordedEvent) -> Result<(), ProjectionError> {
+        let decoded = LeadEvent::decode(&StoredForm {
+            event_type: event.event_type.clone(),
+            schema_version: event.schema_version,
+            data: event.data.clone(),
+        })
+        .map_err(|e| ProjectionError::Apply {
+            position: event.position,
+            event_type: event.event_type.clone(),
+            reason: e.to_string(),
+        })?;
+        let lead = event
+            .stream
+            .strip_prefix("lead-")
+            .unwrap_or(&event.stream)
+            .to_owned();
+        let at = time_text(event);
+        let position = sql_int(event.position);
+        let (sql, params): (&str, Vec<Param>) = match decoded {
+            LeadEvent::LeadCaptured {
+                email,
+                name,
+                company,
+                source,
+                ..
+            } => (
+                "INSERT INTO lead_board (lead_id, email, name, company, source, status, score, \
+                                         owner, captured_at, qualified_at, converted_deal_id, \
+                                         updated_position) \
+                 VALUES ($1, $2, $3, $4, $5, 'new', 0, NULL, $6, NULL, NULL, $7)",
+                vec![
+                    lead.into(),
+                    email.as_str().into(),
+                    name.as_str().into(),
+                    company.map(|c| c.as_str().to_owned()).into(),
+                    source.as_str().into(),
+                    at.into(),
+                    position.into(),
+                ],
+            ),
+            LeadEvent::SignalRecorded { points, .. } => (
+                "UPDATE lead_board SET score = score + $2, updated_position = $3 \
+                  WHERE lead_id = $1",
+                vec![lead.into(), i64::from(points).into(), position.into()],
+            ),
+            LeadEvent::LeadQualified { .. } => (
+                "UPDATE lead_board SET status = 'qualified', qualified_at = $2, \
+                        updated_position = $3 WHERE lead_id = $1",
+                vec![lead.into(), at.into(), position.into()],
+            ),
+            LeadEvent::LeadAssigned { owner, .. } => (
+                "UPDATE lead_board SET owner = $2, \
+                        status = CASE WHEN status = 'new' THEN 'working' ELSE status END, \
+                        updated_position = $3 WHERE lead_id = $1",
+                vec![lead.into(), owner.as_str().into(), position.into()],
+            ),
+            LeadEvent::LeadDisqualified { .. } => (
+                "UPDATE lead_board SET status = 'disqualified', updated_position = $2 \
+                  WHERE lead_id = $1",
+                vec![lead.into(), position.into()],
+            ),
+            LeadEvent::LeadConverted { deal_id, .. } => (
+                "UPDATE lead_board SET status = 'converted', converted_deal_id = $2, \
+                        updated_position = $3 WHERE lead_id = $1",
+                vec![lead.into(), deal_id.to_string().into(), position.into()],
+            ),
+        };
+        tx.execute(sql, &params).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,403 @@
+//! The projector runtime on both backends: exactly once across failures and restarts,
+//! a rebuild from position 0 equal to the live rows, read-your-writes, racing runners.
+
+// A test that cannot go on should stop loudly; `unwrap` says so shortest.
+#![allow(clippy::unwrap_used)]
+
+#[path = "../../tests/support/database.rs"]
+mod database;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use annals_commands::{CommandContext, CommandHandler, HandlerConfig};
+use annals_domain::lead::{Lead, LeadCommand};
+use annals_domain::values::*;
+use annals_projections::lead_board::LeadBoard;
+use annals_projections::{
+    Outcome, ProjectionError, ProjectionRunner, Projector, ReadDatabase, ReadTx,
+};
+use annals_store::{LogFilter, RecordedEvent};
+use async_trait::async_trait;
+use database::{Backend, Fixture, run};
+use uuid::Uuid;
+
+macro_rules! on_both_backends {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    crate::run(crate::Backend::Sqlite, super::$case).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    crate::run(crate::Backend::Postgres, super::$case).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    lead_board_shows_every_lead_as_its_events_left_it,
+    a_failed_batch_is_rolled_back_and_applied_once_later,
+    a_runner_dropped_mid_way_is_continued_by_a_new_one_without_duplicates,
+    wait_for_returns_once_applied_and_times_out_cleanly,
+    two_runners_on_one_projection_never_double_apply,
+);
+
+fn read_database(db: &Fixture) -> ReadDatabase {
+    match db {
+        Fixture::Sqlite { store, .. } => ReadDatabase::Sqlite(store.pool().clone()),
+        Fixture::Postgres { store, .. } => ReadDatabase::Postgres(store.pool().clone()),
+    }
+}
+
+fn runner(db: &Fixture, projector: Arc<dyn Projector>) -> ProjectionRunner {
+    ProjectionRunner::new(db.store(), read_database(db), projector)
+}
+
+const BOARD: &str = "SELECT lead_id, email, name, company, source, status, \
+                            CAST(score AS TEXT), owner, captured_at, qualified_at, \
+                            converted_deal_id, CAST(updated_position AS TEXT) \
+                       FROM lead_board ORDER BY lead_id";
+
+fn context() -> CommandContext {
+    CommandContext {
+        actor: "test".into(),
+        ..CommandContext::default()
+    }
+}
+
+fn capture(id: Uuid, n: usize) -> LeadCommand {
+    LeadCommand::Capture {
+        lead_id: id,
+        email: Email::parse(&format!("lead{n}@example.com")).unwrap(),
+        name: PersonName::parse("Ada").unwrap(),
+        company: n.is_multiple_of(2).then(|| Label::parse("Acme").unwrap()),
+        source: Source::ALL[n % Source::ALL.len()],
+    }
+}
+
+fn signal(kind: SignalKind) -> LeadCommand {
+    LeadCommand::RecordSignal {
+        kind,
+        occurred_at: None,
+    }
+}
+
+/// A small history: three leads, signals, an owner, a qualification, a disqualification.
+async fn history(db: &Fixture) -> Vec<Uuid> {
+    let leads = CommandHandler::<Lead>::new(db.store(), HandlerConfig::default());
+    let ids: Vec<Uuid> = (0..3).map(|_| Uuid::now_v7()).collect();
+    for (n, id) in ids.iter().enumerate() {
+        leads
+            .execute(*id, capture(*id, n), &context())
+            .await
+            .unwrap();
+    }
+    for _ in 0..2 {
+        leads
+            .execute(ids[0], signal(SignalKind::DemoRequest), &context())
+            .await
+            .unwrap();
+    }
+    leads
+        .execute(ids[1], signal(SignalKind::PricingPageView), &context())
+        .await
+        .unwrap();
+    leads
+        .execute(
+            ids[1],
+            LeadCommand::Assign {
+                owner: Owner::parse("bob").unwrap(),
+            },
+            &context(),
+        )
+        .await
+        .unwrap();
+    leads
+        .execute(
+            ids[2],
+            LeadCommand::Disqualify {
+                reason: Reason::parse("spam").unwrap(),
+            },
+            &context(),
+        )
+        .await
+        .unwrap();
+    ids
+}
+
+async fn lead_board_shows_every_lead_as_its_events_left_it(db: Arc<Fixture>) {
+    let ids = history(&db).await;
+    let board = runner(&db, Arc::new(LeadBoard));
+    assert_eq!(board.catch_up().await.unwrap(), 9);
+    assert_eq!(
+        board.checkpoint().await.unwrap(),
+        db.store().head().await.unwrap()
+    );
+    let rows = db.text_rows(BOARD).await;
+    assert_eq!(rows.len(), 3);
+    let row = |id: Uuid| {
+        rows.iter()
+            .find(|r| r[0].as_deref() == Some(&id.to_string()))
+            .unwrap()
+    };
+    let first = row(ids[0]);
+    assert_eq!(first[5].as_deref(), Some("qualified"));
+    assert_eq!(first[6].as_deref(), Some("50"));
+    assert!(first[9].is_some(), "qualified_at");
+    assert_eq!(first[3].as_deref(), Some("Acme"));
+    let second = row(ids[1]);
+    assert_eq!(
+        (
+            second[5].as_deref(),
+            second[6].as_deref(),
+            second[7].as_deref()
+        ),
+        (Some("working"), Some("10"), Some("bob"))
+    );
+    assert_eq!(second[3], None, "no company");
+    assert_eq!(row(ids[2])[5].as_deref(), Some("disqualified"));
+    // Events of other categories are skipped, and the checkpoint still moves past them.
+    db.store()
+        .append(annals_store::AppendRequest::new(
+            annals_store::StreamName::parse("deal-x").unwrap(),
+            annals_store::ExpectedVersion::Any,
+            vec![annals_store::NewEvent::new(
+                "DealWon",
+                serde_json::json!({}),
+            )],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(board.run_once().await.unwrap(), Outcome::Applied(0));
+    assert_eq!(board.checkpoint().await.unwrap(), 10);
+    assert_eq!(board.run_once().await.unwrap(), Outcome::CaughtUp);
+    assert_eq!(db.text_rows(BOARD).await, rows);
+}
+
+/// Wraps the lead board and fails once, at the n-th event it is given.
+#[derive(Debug)]
+struct FailsOnce {
+    at: usize,
+    seen: AtomicUsize,
+}
+
+#[async_trait]
+impl Projector for FailsOnce {
+    fn name(&self) -> &'static str {
+        "lead_board"
+    }
+
+    fn filter(&self) -> LogFilter {
+        LeadBoard.filter()
+    }
+
+    async fn apply(&self, tx: &mut ReadTx, event: &RecordedEvent) -> Result<(), ProjectionError> {
+        if self.seen.fetch_add(1, Ordering::SeqCst) + 1 == self.at {
+            return Err(ProjectionError::Apply {
+                position: event.position,
+                event_type: event.event_type.clone(),
+                reason: "injected failure".into(),
+            });
+        }
+        LeadBoard.apply(tx, event).await
+    }
+}
+
+async fn a_failed_batch_is_rolled_back_and_applied_once_later(db: Arc<Fixture>) {
+    history(&db).await;
+    let flaky = runner(
+        &db,
+        Arc::new(FailsOnce {
+            at: 6,
+            seen: AtomicUsize::new(0),
+        }),
+    )
+    .with_batch_size(4);
+    assert_eq!(flaky.run_once().await.unwrap(), Outcome::Applied(4));
+    // The second batch fails at its second event: none of it stays.
+    assert!(matches!(
+        flaky.run_once().await,
+        Err(ProjectionError::Apply { .. })
+    ));
+    assert_eq!(flaky.checkpoint().await.unwrap(), 4);
+    let scores = db
+        .text_rows("SELECT CAST(SUM(score) AS TEXT) FROM lead_board")
+        .await;
+    assert_eq!(
+        scores[0][0].as_deref(),
+        Some("25"),
+        "only the first batch is applied"
+    );
+    flaky.catch_up().await.unwrap();
+
+    // The same rows as a projection that never failed.
+    let rows = db.text_rows(BOARD).await;
+    rebuild_in_place(&db).await;
+    assert_eq!(db.text_rows(BOARD).await, rows);
+}
+
+/// Empties the lead board and its checkpoint, and projects the whole log again.
+async fn rebuild_in_place(db: &Fixture) {
+    db.execute("DELETE FROM lead_board").await;
+    db.execute("DELETE FROM projection_checkpoints WHERE name = 'lead_board'")
+        .await;
+    runner(db, Arc::new(LeadBoard))
+        .with_batch_size(10_000)
+        .catch_up()
+        .await
+        .unwrap();
+}
+
+async fn a_runner_dropped_mid_way_is_continued_by_a_new_one_without_duplicates(db: Arc<Fixture>) {
+    history(&db).await;
+    {
+        let first = runner(&db, Arc::new(LeadBoard)).with_batch_size(3);
+        first.run_once().await.unwrap();
+        first.run_once().await.unwrap();
+        // Dropped here, as a crashed process would be, between two batches.
+    }
+    let second = runner(&db, Arc::new(LeadBoard)).with_batch_size(3);
+    assert_eq!(second.checkpoint().await.unwrap(), 6);
+    second.catch_up().await.unwrap();
+    let rows = db.text_rows(BOARD).await;
+    rebuild_in_place(&db).await;
+    assert_eq!(
+        db.text_rows(BOARD).await,
+        rows,
+        "nothing lost, nothing applied twice"
+    );
+}
+
+async fn wait_for_returns_once_applied_and_times_out_cleanly(db: Arc<Fixture>) {
+    let board = Arc::new(runner(&db, Arc::new(LeadBoard)));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let running = {
+        let board = board.clone();
+        tokio::spawn(async move { board.run_until_stopped(stopped).await })
+    };
+    let leads = CommandHandler::<Lead>::new(db.store(), HandlerConfig::default());
+    let id = Uuid::now_v7();
+    let outcome = leads.execute(id, capture(id, 1), &context()).await.unwrap();
+    assert!(
+        board
+            .wait_for(outcome.position, Duration::from_secs(20))
+            .await,
+        "the running projection applies a new event"
+    );
+    let rows = db.text_rows(BOARD).await;
+    assert_eq!(rows.len(), 1, "what wait_for promised is in the read model");
+    assert!(
+        !board
+            .wait_for(outcome.position + 100, Duration::from_millis(200))
+            .await,
+        "a position not in the log times out"
+    );
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("the runner stops when asked")
+        .unwrap();
+}
+
+async fn two_runners_on_one_projection_never_double_apply(db: Arc<Fixture>) {
+    history(&db).await;
+    let a = Arc::new(runner(&db, Arc::new(LeadBoard)).with_batch_size(2));
+    let b = Arc::new(runner(&db, Arc::new(LeadBoard)).with_batch_size(2));
+    let step = |r: Arc<ProjectionRunner>| async move {
+        let mut moved = 0;
+        for _ in 0..20 {
+            match r.run_once().await {
+                Ok(_) => {}
+                Err(ProjectionError::CheckpointMoved(_)) => moved += 1,
+                // SQLite: the other runner held the write lock past the busy timeout.
+                Err(ProjectionError::Database(_)) => {}
+                Err(other) => panic!("unexpected {other:?}"),
+            }
+        }
+        moved
+    };
+    let (ra, rb) = tokio::join!(tokio::spawn(step(a)), tokio::spawn(step(b)));
+    let _collisions = ra.unwrap() + rb.unwrap();
+    let rows = db.text_rows(BOARD).await;
+    rebuild_in_place(&db).await;
+    assert_eq!(db.text_rows(BOARD).await, rows, "no event applied twice");
+}
+
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn commands() -> impl Strategy<Value = Vec<(usize, u8, usize)>> {
+        // (lead index, command kind, parameter)
+        proptest::collection::vec((0usize..4, 0u8..6, 0usize..7), 1..40)
+    }
+
+    async fn live_equals_rebuild(db: Arc<Fixture>, plan: Vec<(usize, u8, usize)>) {
+        let leads = CommandHandler::<Lead>::new(db.store(), HandlerConfig::default());
+        let live = runner(&db, Arc::new(LeadBoard)).with_batch_size(3);
+        let ids: Vec<Uuid> = (0..4).map(|_| Uuid::now_v7()).collect();
+        for (lead, kind, n) in plan {
+            let id = ids[lead];
+            let command = match kind {
+                0 => capture(id, lead),
+                1 | 2 => signal(SignalKind::ALL[n % SignalKind::ALL.len()]),
+                3 => LeadCommand::Assign {
+                    owner: Owner::parse(["ann", "bob", "cy"][n % 3]).unwrap(),
+                },
+                4 => LeadCommand::Disqualify {
+                    reason: Reason::parse("r").unwrap(),
+                },
+                _ => LeadCommand::Convert {
+                    deal_name: Name::parse("d").unwrap(),
+                    amount: Money::parse("EUR", 1).unwrap(),
+                    account_id: Uuid::now_v7(),
+                    new_account: true,
+                    deal_id: Uuid::now_v7(),
+                },
+            };
+            // Refusals are part of the game; only accepted commands reach the log.
+            let _ = leads.execute(id, command, &context()).await;
+            if n % 2 == 0 {
+                live.run_once().await.unwrap();
+            }
+        }
+        live.catch_up().await.unwrap();
+        let rows = db.text_rows(BOARD).await;
+        rebuild_in_place(&db).await;
+        assert_eq!(db.text_rows(BOARD).await, rows);
+    }
+
+    fn check(backend: Backend, plan: Vec<(usize, u8, usize)>) {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(run(backend, move |db| live_equals_rebuild(db, plan)));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 8, ..ProptestConfig::default() })]
+
+        #[test]
+        fn sqlite_live_read_model_equals_a_rebuild_from_zero(plan in commands()) {
+            check(Backend::Sqlite, plan);
+        }
+
+        #[test]
+        fn postgres_live_read_model_equals_a_rebuild_from_zero(plan in commands()) {
+            check(Backend::Postgres, plan);
+        }
+    }
+}
