@@ -1,26 +1,41 @@
--- How far each projection has applied the log, committed in the same transaction as
--- the projection's rows: an event is applied exactly once, after any crash.
+-- Projections. Every read-model table has a `generation` column: the live generation is
+-- the one `projections.live_generation` names, and readers see only it. A rebuild fills
+-- a new generation beside the live one from position 0 and swaps by changing that one
+-- value; verify fills a scratch generation and compares.
+CREATE TABLE projections (
+    name            TEXT    NOT NULL PRIMARY KEY,
+    live_generation BIGINT NOT NULL,
+    -- The generation being rebuilt, while a rebuild runs.
+    rebuilding      BIGINT
+);
+
+-- How far each generation of a projection has applied the log, committed in the same
+-- transaction as its rows: an event is applied exactly once, after any crash.
 CREATE TABLE projection_checkpoints (
-    name     TEXT    NOT NULL PRIMARY KEY,
-    position BIGINT NOT NULL
+    name       TEXT    NOT NULL,
+    generation BIGINT NOT NULL,
+    position   BIGINT NOT NULL,
+    PRIMARY KEY (name, generation)
 );
 
 -- lead_board: leads with status, score, owner, source, captured and qualified times.
 -- Times are RFC 3339 UTC text with microseconds, so they sort as text.
 CREATE TABLE lead_board (
-    lead_id           TEXT    NOT NULL PRIMARY KEY,
+    generation        BIGINT NOT NULL,
+    lead_id           TEXT    NOT NULL,
     email             TEXT    NOT NULL,
     name              TEXT    NOT NULL,
     company           TEXT,
     source            TEXT    NOT NULL,
     status            TEXT    NOT NULL,
-    score             BIGINT  NOT NULL,
+    score             BIGINT NOT NULL,
     owner             TEXT,
     captured_at       TEXT    NOT NULL,
     qualified_at      TEXT,
     converted_deal_id TEXT,
-    updated_position  BIGINT  NOT NULL
+    updated_position  BIGINT NOT NULL,
+    PRIMARY KEY (generation, lead_id)
 );
 
-CREATE INDEX lead_board_score ON lead_board (score DESC, captured_at, lead_id);
-CREATE INDEX lead_board_owner ON lead_board (owner);
+CREATE INDEX lead_board_score ON lead_board (generation, score DESC, captured_at, lead_id);
+CREATE INDEX lead_board_owner ON lead_board (generation, owner);

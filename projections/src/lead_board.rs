@@ -6,7 +6,7 @@ use annals_domain::{Event, StoredForm};
 use annals_store::{LogFilter, RecordedEvent};
 use async_trait::async_trait;
 
-use crate::{Param, ProjectionError, Projector, ReadTx, sql_int, time_text};
+use crate::{Param, ProjectionError, Projector, ReadTx, Table, sql_int, time_text};
 
 #[derive(Debug, Default)]
 pub struct LeadBoard;
@@ -19,6 +19,27 @@ impl Projector for LeadBoard {
 
     fn filter(&self) -> LogFilter {
         LogFilter::categories(["lead"])
+    }
+
+    fn tables(&self) -> &'static [Table] {
+        &[Table {
+            name: "lead_board",
+            columns: &[
+                "lead_id",
+                "email",
+                "name",
+                "company",
+                "source",
+                "status",
+                "score",
+                "owner",
+                "captured_at",
+                "qualified_at",
+                "converted_deal_id",
+                "updated_position",
+            ],
+            key: "lead_id",
+        }]
     }
 
     async fn apply(&self, tx: &mut ReadTx, event: &RecordedEvent) -> Result<(), ProjectionError> {
@@ -39,6 +60,7 @@ impl Projector for LeadBoard {
             .to_owned();
         let at = time_text(event);
         let position = sql_int(event.position);
+        let generation = tx.generation();
         let (sql, params): (&str, Vec<Param>) = match decoded {
             LeadEvent::LeadCaptured {
                 email,
@@ -47,10 +69,10 @@ impl Projector for LeadBoard {
                 source,
                 ..
             } => (
-                "INSERT INTO lead_board (lead_id, email, name, company, source, status, score, \
-                                         owner, captured_at, qualified_at, converted_deal_id, \
-                                         updated_position) \
-                 VALUES ($1, $2, $3, $4, $5, 'new', 0, NULL, $6, NULL, NULL, $7)",
+                "INSERT INTO lead_board (generation, lead_id, email, name, company, source, \
+                                         status, score, owner, captured_at, qualified_at, \
+                                         converted_deal_id, updated_position) \
+                 VALUES ($8, $1, $2, $3, $4, $5, 'new', 0, NULL, $6, NULL, NULL, $7)",
                 vec![
                     lead.into(),
                     email.as_str().into(),
@@ -59,33 +81,49 @@ impl Projector for LeadBoard {
                     source.as_str().into(),
                     at.into(),
                     position.into(),
+                    generation.into(),
                 ],
             ),
             LeadEvent::SignalRecorded { points, .. } => (
                 "UPDATE lead_board SET score = score + $2, updated_position = $3 \
-                  WHERE lead_id = $1",
-                vec![lead.into(), i64::from(points).into(), position.into()],
+                  WHERE generation = $4 AND lead_id = $1",
+                vec![
+                    lead.into(),
+                    i64::from(points).into(),
+                    position.into(),
+                    generation.into(),
+                ],
             ),
             LeadEvent::LeadQualified { .. } => (
                 "UPDATE lead_board SET status = 'qualified', qualified_at = $2, \
-                        updated_position = $3 WHERE lead_id = $1",
-                vec![lead.into(), at.into(), position.into()],
+                        updated_position = $3 WHERE generation = $4 AND lead_id = $1",
+                vec![lead.into(), at.into(), position.into(), generation.into()],
             ),
             LeadEvent::LeadAssigned { owner, .. } => (
                 "UPDATE lead_board SET owner = $2, \
                         status = CASE WHEN status = 'new' THEN 'working' ELSE status END, \
-                        updated_position = $3 WHERE lead_id = $1",
-                vec![lead.into(), owner.as_str().into(), position.into()],
+                        updated_position = $3 WHERE generation = $4 AND lead_id = $1",
+                vec![
+                    lead.into(),
+                    owner.as_str().into(),
+                    position.into(),
+                    generation.into(),
+                ],
             ),
             LeadEvent::LeadDisqualified { .. } => (
                 "UPDATE lead_board SET status = 'disqualified', updated_position = $2 \
-                  WHERE lead_id = $1",
-                vec![lead.into(), position.into()],
+                  WHERE generation = $3 AND lead_id = $1",
+                vec![lead.into(), position.into(), generation.into()],
             ),
             LeadEvent::LeadConverted { deal_id, .. } => (
                 "UPDATE lead_board SET status = 'converted', converted_deal_id = $2, \
-                        updated_position = $3 WHERE lead_id = $1",
-                vec![lead.into(), deal_id.to_string().into(), position.into()],
+                        updated_position = $3 WHERE generation = $4 AND lead_id = $1",
+                vec![
+                    lead.into(),
+                    deal_id.to_string().into(),
+                    position.into(),
+                    generation.into(),
+                ],
             ),
         };
         tx.execute(sql, &params).await?;

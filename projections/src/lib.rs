@@ -2,8 +2,13 @@
 //! each event exactly once, committing their rows and their checkpoint in one
 //! transaction of the event store's own database.
 //!
+//! Every read-model row belongs to a *generation* of its projection; readers see only the
+//! live one. A rebuild fills a new generation from position 0 beside the live one and
+//! swaps by changing one value, so readers never see a half-built read model; verify
+//! fills a scratch generation and compares it with the live one at the same position.
+//!
 //! Invariants: a checkpoint only moves in the transaction that applied the events up to
-//! it, and only from the value the runner read (a runner that lost the race applies
+//! it, and only from the value the runner read (a runner that lost a race applies
 //! nothing); a read model is a pure function of the log (no clock, no randomness), so a
 //! rebuild from position 0 gives the same rows. Projectors never append events;
 //! processes act only through commands.
@@ -11,11 +16,13 @@
 pub mod lead_board;
 mod sql;
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use annals_store::{EventStore, LogFilter, RecordedEvent, StoreError};
 use async_trait::async_trait;
+use serde::Serialize;
 use tokio::sync::watch;
 
 pub use sql::{Param, ReadDatabase, ReadTx};
@@ -34,17 +41,31 @@ pub enum ProjectionError {
     },
     #[error("projection {0}'s checkpoint moved under this runner; another runner owns it")]
     CheckpointMoved(String),
+    #[error("projection {0} is already being rebuilt or verified")]
+    Busy(String),
+}
+
+/// A read-model table, as rebuild and verify see it.
+#[derive(Debug, Clone, Copy)]
+pub struct Table {
+    pub name: &'static str,
+    /// The columns compared by verify (all but `generation`).
+    pub columns: &'static [&'static str],
+    /// The key columns, for a stable order.
+    pub key: &'static str,
 }
 
 /// Turns events into rows of a read model.
 #[async_trait]
 pub trait Projector: Send + Sync + std::fmt::Debug {
-    /// The projection's stable name (its checkpoint's key).
+    /// The projection's stable name (its checkpoints' key).
     fn name(&self) -> &'static str;
     /// The events it wants; others are skipped without a call.
     fn filter(&self) -> LogFilter;
-    /// Applies one event inside the batch's transaction. Must not read the clock or
-    /// anything but the event and its own rows.
+    /// The tables it writes; each has a `generation` column.
+    fn tables(&self) -> &'static [Table];
+    /// Applies one event inside the batch's transaction, to `tx.generation()`. Must not
+    /// read the clock or anything but the event and its own rows.
     async fn apply(&self, tx: &mut ReadTx, event: &RecordedEvent) -> Result<(), ProjectionError>;
 }
 
@@ -53,8 +74,39 @@ pub trait Projector: Send + Sync + std::fmt::Debug {
 pub enum Outcome {
     /// Events were applied (or skipped by the filter) and the checkpoint moved.
     Applied(usize),
-    /// Nothing new in the log.
+    /// Nothing new in the log (up to the limit asked for).
     CaughtUp,
+}
+
+/// A projection as an operator sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProjectionStatus {
+    pub name: String,
+    pub checkpoint: u64,
+    pub head: u64,
+    pub lag: u64,
+    /// `running`, `catching_up` (more than a batch behind) or `rebuilding`.
+    pub status: &'static str,
+    pub last_error: Option<String>,
+}
+
+/// What verify found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VerifyReport {
+    pub equal: bool,
+    /// The log position both generations were compared at.
+    pub position: u64,
+    /// The first differences, at most ten.
+    pub differences: Vec<Difference>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Difference {
+    pub table: String,
+    /// The row in the live read model (`None`: missing there).
+    pub live: Option<Vec<Option<String>>>,
+    /// The row a rebuild from position 0 gives (`None`: missing there).
+    pub rebuilt: Option<Vec<Option<String>>>,
 }
 
 /// Runs one projector: reads the log after its checkpoint in batches, and applies each
@@ -65,11 +117,13 @@ pub struct ProjectionRunner {
     db: ReadDatabase,
     projector: Arc<dyn Projector>,
     batch_size: usize,
-    /// The last checkpoint this runner committed (or read), for `wait_for`.
+    /// The last checkpoint of the live generation this runner saw, for `wait_for`.
     applied: watch::Sender<u64>,
+    last_error: Mutex<Option<String>>,
+    registered: AtomicBool,
 }
 
-const READ_CHECKPOINT: &str = "SELECT position FROM projection_checkpoints WHERE name = $1";
+const REBUILD_BATCH: usize = 5_000;
 
 impl ProjectionRunner {
     pub fn new(
@@ -83,6 +137,8 @@ impl ProjectionRunner {
             projector,
             batch_size: 1_000,
             applied: watch::Sender::new(0),
+            last_error: Mutex::new(None),
+            registered: AtomicBool::new(false),
         }
     }
 
@@ -95,57 +151,128 @@ impl ProjectionRunner {
         self.projector.name()
     }
 
-    /// The position up to which the projection has applied the log.
-    pub async fn checkpoint(&self) -> Result<u64, ProjectionError> {
-        let mut tx = self.db.begin().await?;
-        let position = tx
-            .fetch_int(READ_CHECKPOINT, &[self.name().into()])
+    /// The generation readers see (registering the projection on first use).
+    pub async fn live_generation(&self) -> Result<i64, ProjectionError> {
+        let name = self.name();
+        if !self.registered.load(Ordering::Relaxed) {
+            let mut tx = self.db.begin(0).await?;
+            tx.execute(
+                "INSERT INTO projections (name, live_generation, rebuilding) \
+                 VALUES ($1, 1, NULL) ON CONFLICT (name) DO NOTHING",
+                &[name.into()],
+            )
+            .await?;
+            tx.commit().await?;
+            self.registered.store(true, Ordering::Relaxed);
+        }
+        let mut tx = self.db.begin_read(0).await?;
+        let live = tx
+            .fetch_int(
+                "SELECT live_generation FROM projections WHERE name = $1",
+                &[name.into()],
+            )
             .await?
-            .unwrap_or(0);
+            .unwrap_or(1);
         tx.commit().await?;
-        Ok(u64::try_from(position).unwrap_or(0))
+        Ok(live)
     }
 
-    /// One step: the next batch after the checkpoint, applied and checkpointed in one
-    /// transaction. A failure rolls the whole batch back and leaves the checkpoint.
+    /// The position up to which the live generation has applied the log.
+    pub async fn checkpoint(&self) -> Result<u64, ProjectionError> {
+        let live = self.live_generation().await?;
+        self.checkpoint_of(live).await
+    }
+
+    async fn checkpoint_of(&self, generation: i64) -> Result<u64, ProjectionError> {
+        let mut tx = self.db.begin_read(generation).await?;
+        let position = read_checkpoint(&mut tx, self.name()).await?;
+        tx.commit().await?;
+        Ok(position)
+    }
+
+    /// One step of the live generation: the next batch after its checkpoint, applied and
+    /// checkpointed in one transaction. A failure rolls the whole batch back.
     pub async fn run_once(&self) -> Result<Outcome, ProjectionError> {
-        let checkpoint = self.checkpoint().await?;
-        let page = self
-            .store
-            .read_all(checkpoint + 1, self.batch_size, &self.projector.filter())
-            .await?;
-        let next_checkpoint = page.next_position.saturating_sub(1).max(checkpoint);
-        if next_checkpoint == checkpoint {
-            self.applied.send_if_modified(|a| bump(a, checkpoint));
+        let live = self.live_generation().await?;
+        let outcome = self.step(live, None, self.batch_size).await;
+        match &outcome {
+            Ok(_) => *self.lock_error() = None,
+            Err(error) => *self.lock_error() = Some(error.to_string()),
+        }
+        outcome
+    }
+
+    fn lock_error(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Applies the next batch to `generation`, stopping at `limit` when given.
+    async fn step(
+        &self,
+        generation: i64,
+        limit: Option<u64>,
+        batch_size: usize,
+    ) -> Result<Outcome, ProjectionError> {
+        let checkpoint = self.checkpoint_of(generation).await?;
+        if limit.is_some_and(|limit| checkpoint >= limit) {
             return Ok(Outcome::CaughtUp);
         }
-        let mut tx = self.db.begin().await?;
-        for event in &page.events {
+        let page = self
+            .store
+            .read_all(checkpoint + 1, batch_size, &self.projector.filter())
+            .await?;
+        let mut next = page.next_position.saturating_sub(1).max(checkpoint);
+        let mut events = page.events;
+        if let Some(limit) = limit {
+            next = next.min(limit);
+            events.retain(|e| e.position <= limit);
+        }
+        if next == checkpoint {
+            self.saw(generation, checkpoint).await?;
+            return Ok(Outcome::CaughtUp);
+        }
+        let mut tx = self.db.begin(generation).await?;
+        for event in &events {
             self.projector.apply(&mut tx, event).await?;
         }
         let name = self.name();
-        let moved =
-            if checkpoint == 0 {
-                tx.execute(
-                    "INSERT INTO projection_checkpoints (name, position) VALUES ($1, $2) \
-                 ON CONFLICT (name) DO NOTHING",
-                    &[name.into(), sql_int(next_checkpoint).into()],
-                )
-                .await?
-            } else {
-                tx.execute(
-                "UPDATE projection_checkpoints SET position = $2 WHERE name = $1 AND position = $3",
-                &[name.into(), sql_int(next_checkpoint).into(), sql_int(checkpoint).into()],
+        let moved = if checkpoint == 0 {
+            tx.execute(
+                "INSERT INTO projection_checkpoints (name, generation, position) \
+                 VALUES ($1, $2, $3) ON CONFLICT (name, generation) DO NOTHING",
+                &[name.into(), generation.into(), sql_int(next).into()],
             )
             .await?
-            };
+        } else {
+            tx.execute(
+                "UPDATE projection_checkpoints SET position = $3 \
+                  WHERE name = $1 AND generation = $2 AND position = $4",
+                &[
+                    name.into(),
+                    generation.into(),
+                    sql_int(next).into(),
+                    sql_int(checkpoint).into(),
+                ],
+            )
+            .await?
+        };
         if moved != 1 {
             // Dropping the transaction rolls the batch back.
             return Err(ProjectionError::CheckpointMoved(name.to_owned()));
         }
         tx.commit().await?;
-        self.applied.send_if_modified(|a| bump(a, next_checkpoint));
-        Ok(Outcome::Applied(page.events.len()))
+        self.saw(generation, next).await?;
+        Ok(Outcome::Applied(events.len()))
+    }
+
+    /// Tells `wait_for` how far the live generation is.
+    async fn saw(&self, generation: i64, checkpoint: u64) -> Result<(), ProjectionError> {
+        if generation == self.live_generation().await? {
+            self.applied.send_if_modified(|a| bump(a, checkpoint));
+        }
+        Ok(())
     }
 
     /// Steps until caught up; returns how many events were applied.
@@ -187,14 +314,248 @@ impl ProjectionRunner {
         }
     }
 
-    /// Waits until this runner has applied the log up to `position`, or `timeout`;
-    /// returns whether it has (read-your-writes for `min_position`).
+    /// Waits until the live generation has applied the log up to `position`, or
+    /// `timeout`; returns whether it has (read-your-writes for `min_position`).
     pub async fn wait_for(&self, position: u64, timeout: Duration) -> bool {
         let mut applied = self.applied.subscribe();
         tokio::time::timeout(timeout, applied.wait_for(|a| *a >= position))
             .await
             .is_ok_and(|seen| seen.is_ok())
     }
+
+    pub async fn status(&self) -> Result<ProjectionStatus, ProjectionError> {
+        let checkpoint = self.checkpoint().await?;
+        let head = self.store.head().await?;
+        let mut tx = self.db.begin_read(0).await?;
+        let rebuilding = tx
+            .fetch_int(
+                "SELECT rebuilding FROM projections WHERE name = $1",
+                &[self.name().into()],
+            )
+            .await?;
+        tx.commit().await?;
+        let lag = head.saturating_sub(checkpoint);
+        let status = if rebuilding.is_some() {
+            "rebuilding"
+        } else if lag > self.batch_size as u64 {
+            "catching_up"
+        } else {
+            "running"
+        };
+        Ok(ProjectionStatus {
+            name: self.name().to_owned(),
+            checkpoint,
+            head,
+            lag,
+            status,
+            last_error: self.lock_error().clone(),
+        })
+    }
+
+    /// Takes a generation beside the live one for a rebuild or a verify.
+    async fn claim_spare_generation(&self) -> Result<(i64, i64), ProjectionError> {
+        let live = self.live_generation().await?;
+        let mut tx = self.db.begin(0).await?;
+        let name = self.name();
+        let highest = tx
+            .fetch_int(
+                "SELECT MAX(generation) FROM projection_checkpoints WHERE name = $1",
+                &[name.into()],
+            )
+            .await?
+            .unwrap_or(live)
+            .max(live);
+        let spare = highest + 1;
+        let claimed = tx
+            .execute(
+                "UPDATE projections SET rebuilding = $2 WHERE name = $1 AND rebuilding IS NULL",
+                &[name.into(), spare.into()],
+            )
+            .await?;
+        if claimed != 1 {
+            return Err(ProjectionError::Busy(name.to_owned()));
+        }
+        tx.commit().await?;
+        // Leftovers of generations that are neither live nor this one (an interrupted
+        // rebuild, a batch that committed to a generation just swapped out) go first.
+        self.drop_generations_except(&[live]).await?;
+        Ok((live, spare))
+    }
+
+    async fn release_spare_generation(&self) -> Result<(), ProjectionError> {
+        let mut tx = self.db.begin(0).await?;
+        tx.execute(
+            "UPDATE projections SET rebuilding = NULL WHERE name = $1",
+            &[self.name().into()],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn drop_generations_except(&self, keep: &[i64]) -> Result<(), ProjectionError> {
+        let mut tx = self.db.begin(0).await?;
+        let kept = |column: &str| {
+            keep.iter()
+                .map(|g| format!("{column} <> {g}"))
+                .collect::<Vec<_>>()
+                .join(" AND ")
+        };
+        for table in self.projector.tables() {
+            tx.execute(
+                &format!("DELETE FROM {} WHERE {}", table.name, kept("generation")),
+                &[],
+            )
+            .await?;
+        }
+        tx.execute(
+            &format!(
+                "DELETE FROM projection_checkpoints WHERE name = $1 AND {}",
+                kept("generation")
+            ),
+            &[self.name().into()],
+        )
+        .await?;
+        tx.commit().await
+    }
+
+    /// Brings `generation` up to the head of the log, in large batches.
+    async fn fill(&self, generation: i64, limit: Option<u64>) -> Result<(), ProjectionError> {
+        while let Outcome::Applied(_) = self.step(generation, limit, REBUILD_BATCH).await? {}
+        Ok(())
+    }
+
+    /// Rebuilds the projection from position 0 beside the live generation and swaps when
+    /// the new one has caught up; readers see the old one until the swap, then the new.
+    pub async fn rebuild(&self) -> Result<(), ProjectionError> {
+        let (old, new) = self.claim_spare_generation().await?;
+        let built = self.build_and_swap(old, new).await;
+        if built.is_err() {
+            self.release_spare_generation().await?;
+        }
+        built?;
+        self.drop_generations_except(&[new]).await
+    }
+
+    async fn build_and_swap(&self, old: i64, new: i64) -> Result<(), ProjectionError> {
+        loop {
+            self.fill(new, None).await?;
+            // The swap, under a lock on the live checkpoint row, so the live runner
+            // cannot move it between the comparison and the swap.
+            let mut tx = self.db.begin(0).await?;
+            let live_at = lock_checkpoint(&mut tx, self.name(), old).await?;
+            let new_at = read_checkpoint_of(&mut tx, self.name(), new).await?;
+            if new_at >= live_at {
+                tx.execute(
+                    "UPDATE projections SET live_generation = $2, rebuilding = NULL \
+                      WHERE name = $1",
+                    &[self.name().into(), new.into()],
+                )
+                .await?;
+                tx.commit().await?;
+                self.applied.send_if_modified(|a| bump(a, new_at));
+                return Ok(());
+            }
+            // The live generation moved on meanwhile: catch up again.
+        }
+    }
+
+    /// Rebuilds into a scratch generation and compares it with the live one, at the
+    /// same log position; the live read model is left as it is.
+    pub async fn verify(&self) -> Result<VerifyReport, ProjectionError> {
+        let (live, scratch) = self.claim_spare_generation().await?;
+        let result = self.compare(live, scratch).await;
+        self.drop_generations_except(&[live]).await?;
+        self.release_spare_generation().await?;
+        result
+    }
+
+    async fn compare(&self, live: i64, scratch: i64) -> Result<VerifyReport, ProjectionError> {
+        self.fill(scratch, None).await?;
+        loop {
+            let mut tx = self.db.begin(0).await?;
+            let live_at = lock_checkpoint(&mut tx, self.name(), live).await?;
+            let scratch_at = read_checkpoint_of(&mut tx, self.name(), scratch).await?;
+            if live_at == scratch_at {
+                let mut differences = Vec::new();
+                for table in self.projector.tables() {
+                    let select = format!(
+                        "SELECT {} FROM {} WHERE generation = $1 ORDER BY {}",
+                        table
+                            .columns
+                            .iter()
+                            .map(|c| format!("CAST({c} AS TEXT)"))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        table.name,
+                        table.key
+                    );
+                    let live_rows = tx.fetch_text_rows(&select, &[live.into()]).await?;
+                    let rebuilt_rows = tx.fetch_text_rows(&select, &[scratch.into()]).await?;
+                    let longest = live_rows.len().max(rebuilt_rows.len());
+                    for i in 0..longest {
+                        let (l, r) = (live_rows.get(i), rebuilt_rows.get(i));
+                        if l != r && differences.len() < 10 {
+                            differences.push(Difference {
+                                table: table.name.to_owned(),
+                                live: l.cloned(),
+                                rebuilt: r.cloned(),
+                            });
+                        }
+                    }
+                }
+                tx.commit().await?;
+                return Ok(VerifyReport {
+                    equal: differences.is_empty(),
+                    position: live_at,
+                    differences,
+                });
+            }
+            drop(tx);
+            // Bring whichever is behind to the other's position; applying the live
+            // generation here is safe, its checkpoint guard keeps it exactly once.
+            if scratch_at < live_at {
+                self.fill(scratch, Some(live_at)).await?;
+            } else {
+                self.fill(live, Some(scratch_at)).await?;
+            }
+        }
+    }
+}
+
+async fn read_checkpoint(tx: &mut ReadTx, name: &str) -> Result<u64, ProjectionError> {
+    let generation = tx.generation();
+    read_checkpoint_of(tx, name, generation).await
+}
+
+async fn read_checkpoint_of(
+    tx: &mut ReadTx,
+    name: &str,
+    generation: i64,
+) -> Result<u64, ProjectionError> {
+    let position = tx
+        .fetch_int(
+            "SELECT position FROM projection_checkpoints WHERE name = $1 AND generation = $2",
+            &[name.into(), generation.into()],
+        )
+        .await?
+        .unwrap_or(0);
+    Ok(u64::try_from(position).unwrap_or(0))
+}
+
+/// Reads a checkpoint and holds its row until the transaction ends (a no-op update: a
+/// row lock on PostgreSQL; SQLite's write transaction already excludes other writers).
+async fn lock_checkpoint(
+    tx: &mut ReadTx,
+    name: &str,
+    generation: i64,
+) -> Result<u64, ProjectionError> {
+    tx.execute(
+        "UPDATE projection_checkpoints SET position = position WHERE name = $1 AND generation = $2",
+        &[name.into(), generation.into()],
+    )
+    .await?;
+    read_checkpoint_of(tx, name, generation).await
 }
 
 fn bump(current: &mut u64, to: u64) -> bool {

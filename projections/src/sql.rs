@@ -1,8 +1,9 @@
 //! The read-model database, on either backend, behind one small interface: a
-//! transaction that runs SQL with typed parameters. Read-model SQL is written once, with
-//! `$1`-style placeholders, which both PostgreSQL and sqlx's SQLite accept.
+//! transaction that runs SQL with typed parameters, for one generation of a projection.
+//! Read-model SQL is written once, with `$1`-style placeholders, which both PostgreSQL
+//! and sqlx's SQLite accept.
 
-use sqlx::{Postgres, Sqlite, Transaction};
+use sqlx::{Postgres, Row, Sqlite, Transaction};
 
 use crate::ProjectionError;
 
@@ -15,11 +16,24 @@ pub enum ReadDatabase {
 }
 
 impl ReadDatabase {
-    pub async fn begin(&self) -> Result<ReadTx, ProjectionError> {
-        Ok(match self {
-            ReadDatabase::Sqlite(pool) => ReadTx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?),
-            ReadDatabase::Postgres(pool) => ReadTx::Postgres(pool.begin().await?),
-        })
+    /// A transaction writing the given generation of a projection's tables.
+    pub async fn begin(&self, generation: i64) -> Result<ReadTx, ProjectionError> {
+        let inner = match self {
+            // Taking the write lock at once: a deferred transaction that reads and then
+            // writes could fail on a lock it cannot upgrade.
+            ReadDatabase::Sqlite(pool) => Inner::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?),
+            ReadDatabase::Postgres(pool) => Inner::Postgres(pool.begin().await?),
+        };
+        Ok(ReadTx { inner, generation })
+    }
+
+    /// A transaction that only reads (on SQLite it takes no write lock).
+    pub async fn begin_read(&self, generation: i64) -> Result<ReadTx, ProjectionError> {
+        let inner = match self {
+            ReadDatabase::Sqlite(pool) => Inner::Sqlite(pool.begin().await?),
+            ReadDatabase::Postgres(pool) => Inner::Postgres(pool.begin().await?),
+        };
+        Ok(ReadTx { inner, generation })
     }
 }
 
@@ -55,11 +69,17 @@ impl From<i64> for Param {
     }
 }
 
-/// One transaction on the read-model database.
 #[derive(Debug)]
-pub enum ReadTx {
+enum Inner {
     Sqlite(Transaction<'static, Sqlite>),
     Postgres(Transaction<'static, Postgres>),
+}
+
+/// One transaction on the read-model database, for one generation of a projection.
+#[derive(Debug)]
+pub struct ReadTx {
+    inner: Inner,
+    generation: i64,
 }
 
 macro_rules! bound {
@@ -76,14 +96,19 @@ macro_rules! bound {
 }
 
 impl ReadTx {
+    /// The generation this transaction writes: every read-model row carries it.
+    pub fn generation(&self) -> i64 {
+        self.generation
+    }
+
     /// Runs one statement; returns the rows it changed.
     pub async fn execute(&mut self, sql: &str, params: &[Param]) -> Result<u64, ProjectionError> {
-        let done = match self {
-            ReadTx::Sqlite(tx) => bound!(sql, params)
+        let done = match &mut self.inner {
+            Inner::Sqlite(tx) => bound!(sql, params)
                 .execute(&mut **tx)
                 .await?
                 .rows_affected(),
-            ReadTx::Postgres(tx) => bound!(sql, params)
+            Inner::Postgres(tx) => bound!(sql, params)
                 .execute(&mut **tx)
                 .await?
                 .rows_affected(),
@@ -91,32 +116,54 @@ impl ReadTx {
         Ok(done)
     }
 
-    /// Runs a query whose one column is an integer, in the first row if any.
+    /// Runs a query whose first column is an integer; the value in its first row.
     pub async fn fetch_int(
         &mut self,
         sql: &str,
         params: &[Param],
     ) -> Result<Option<i64>, ProjectionError> {
-        use sqlx::Row;
-        let value = match self {
-            ReadTx::Sqlite(tx) => bound!(sql, params)
+        let value = match &mut self.inner {
+            Inner::Sqlite(tx) => bound!(sql, params)
                 .fetch_optional(&mut **tx)
                 .await?
-                .map(|row| row.try_get::<i64, _>(0))
+                .map(|row| row.try_get::<Option<i64>, _>(0))
                 .transpose()?,
-            ReadTx::Postgres(tx) => bound!(sql, params)
+            Inner::Postgres(tx) => bound!(sql, params)
                 .fetch_optional(&mut **tx)
                 .await?
-                .map(|row| row.try_get::<i64, _>(0))
+                .map(|row| row.try_get::<Option<i64>, _>(0))
                 .transpose()?,
         };
-        Ok(value)
+        Ok(value.flatten())
+    }
+
+    /// Every row of a query whose columns are all text (cast them in the SQL).
+    pub async fn fetch_text_rows(
+        &mut self,
+        sql: &str,
+        params: &[Param],
+    ) -> Result<Vec<Vec<Option<String>>>, ProjectionError> {
+        let rows = match &mut self.inner {
+            Inner::Sqlite(tx) => bound!(sql, params)
+                .fetch_all(&mut **tx)
+                .await?
+                .iter()
+                .map(|row| (0..row.len()).map(|i| row.try_get(i)).collect())
+                .collect::<Result<_, _>>()?,
+            Inner::Postgres(tx) => bound!(sql, params)
+                .fetch_all(&mut **tx)
+                .await?
+                .iter()
+                .map(|row| (0..row.len()).map(|i| row.try_get(i)).collect())
+                .collect::<Result<_, _>>()?,
+        };
+        Ok(rows)
     }
 
     pub async fn commit(self) -> Result<(), ProjectionError> {
-        match self {
-            ReadTx::Sqlite(tx) => tx.commit().await?,
-            ReadTx::Postgres(tx) => tx.commit().await?,
+        match self.inner {
+            Inner::Sqlite(tx) => tx.commit().await?,
+            Inner::Postgres(tx) => tx.commit().await?,
         }
         Ok(())
     }
