@@ -18,6 +18,18 @@ CREATE TABLE projection_checkpoints (
     PRIMARY KEY (name, generation)
 );
 
+-- Events a projection could not apply after its retries, with the error. A projection
+-- that halts on failure stops before its first parked event until an operator retries;
+-- one that skips goes on without them.
+CREATE TABLE projection_dead_letters (
+    name       TEXT    NOT NULL,
+    position   INTEGER  NOT NULL,
+    event_type TEXT    NOT NULL,
+    error      TEXT    NOT NULL,
+    attempts   INTEGER  NOT NULL,
+    PRIMARY KEY (name, position)
+);
+
 -- lead_board: leads with status, score, owner, source, captured and qualified times.
 -- Times are RFC 3339 UTC text with microseconds, so they sort as text.
 CREATE TABLE lead_board (

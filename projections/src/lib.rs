@@ -72,10 +72,33 @@ pub trait Projector: Send + Sync + std::fmt::Debug {
 /// What one step of a runner did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// Events were applied (or skipped by the filter) and the checkpoint moved.
+    /// Events were applied (or skipped by the filter) and the checkpoint moved, or an
+    /// event that kept failing was parked and will be skipped.
     Applied(usize),
     /// Nothing new in the log (up to the limit asked for).
     CaughtUp,
+    /// The projection halted on a parked event; it waits for an operator's retry.
+    Halted,
+}
+
+/// What a projection does with an event it cannot apply after its retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailurePolicy {
+    /// Park it and stop before it, until an operator retries: the read model stays
+    /// exact but falls behind.
+    Halt,
+    /// Park it and go on without it: the read model stays current but lacks the event
+    /// until an operator retries it.
+    Skip,
+}
+
+/// An event a projection could not apply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ParkedEvent {
+    pub position: u64,
+    pub event_type: String,
+    pub error: String,
+    pub attempts: u64,
 }
 
 /// A projection as an operator sees it.
@@ -85,7 +108,7 @@ pub struct ProjectionStatus {
     pub checkpoint: u64,
     pub head: u64,
     pub lag: u64,
-    /// `running`, `catching_up` (more than a batch behind) or `rebuilding`.
+    /// `running`, `catching_up` (more than a batch behind), `rebuilding` or `halted`.
     pub status: &'static str,
     pub last_error: Option<String>,
 }
@@ -121,6 +144,43 @@ pub struct ProjectionRunner {
     applied: watch::Sender<u64>,
     last_error: Mutex<Option<String>>,
     registered: AtomicBool,
+    policy: FailurePolicy,
+    max_attempts: u32,
+    /// The event that is failing now, and how often it has.
+    failing: Mutex<Option<(u64, u32)>>,
+}
+
+/// Why a step failed: at an event (which may be parked), or around it.
+enum StepError {
+    Event {
+        position: u64,
+        event_type: String,
+        error: ProjectionError,
+    },
+    Other(ProjectionError),
+}
+
+impl<E: Into<ProjectionError>> From<E> for StepError {
+    fn from(error: E) -> Self {
+        StepError::Other(error.into())
+    }
+}
+
+impl StepError {
+    fn into_error(self) -> ProjectionError {
+        match self {
+            StepError::Event { error, .. } | StepError::Other(error) => error,
+        }
+    }
+}
+
+/// Whether a failure is the event's own (the projector refused it, or the database
+/// refused what it made of it), as opposed to an outage, which is retried forever.
+fn is_poison(error: &ProjectionError) -> bool {
+    matches!(
+        error,
+        ProjectionError::Apply { .. } | ProjectionError::Database(sqlx::Error::Database(_))
+    )
 }
 
 const REBUILD_BATCH: usize = 5_000;
@@ -139,7 +199,17 @@ impl ProjectionRunner {
             applied: watch::Sender::new(0),
             last_error: Mutex::new(None),
             registered: AtomicBool::new(false),
+            policy: FailurePolicy::Halt,
+            max_attempts: 3,
+            failing: Mutex::new(None),
         }
+    }
+
+    /// What to do with an event that fails `max_attempts` times in a row.
+    pub fn with_failure_policy(mut self, policy: FailurePolicy, max_attempts: u32) -> Self {
+        self.policy = policy;
+        self.max_attempts = max_attempts.max(1);
+        self
     }
 
     pub fn with_batch_size(mut self, batch_size: usize) -> Self {
@@ -193,19 +263,156 @@ impl ProjectionRunner {
     /// One step of the live generation: the next batch after its checkpoint, applied and
     /// checkpointed in one transaction. A failure rolls the whole batch back.
     pub async fn run_once(&self) -> Result<Outcome, ProjectionError> {
-        let live = self.live_generation().await?;
-        let outcome = self.step(live, None, self.batch_size).await;
-        match &outcome {
-            Ok(_) => *self.lock_error() = None,
-            Err(error) => *self.lock_error() = Some(error.to_string()),
+        if self.policy == FailurePolicy::Halt && !self.parked().await?.is_empty() {
+            return Ok(Outcome::Halted);
         }
-        outcome
+        let live = self.live_generation().await?;
+        match self.step(live, None, self.batch_size).await {
+            Ok(outcome) => {
+                *lock(&self.last_error) = None;
+                *lock(&self.failing) = None;
+                Ok(outcome)
+            }
+            Err(StepError::Event {
+                position,
+                event_type,
+                error,
+            }) if is_poison(&error) => {
+                let reason = error.to_string();
+                *lock(&self.last_error) = Some(format!("position {position}: {reason}"));
+                let attempts = {
+                    let mut failing = lock(&self.failing);
+                    let attempts = match *failing {
+                        Some((at, n)) if at == position => n + 1,
+                        _ => 1,
+                    };
+                    *failing = Some((position, attempts));
+                    attempts
+                };
+                if attempts < self.max_attempts {
+                    return Err(error);
+                }
+                self.park(position, &event_type, &reason, attempts).await?;
+                *lock(&self.failing) = None;
+                tracing::error!(projection = self.name(), position, %reason, "event parked");
+                Ok(match self.policy {
+                    FailurePolicy::Halt => Outcome::Halted,
+                    FailurePolicy::Skip => Outcome::Applied(0),
+                })
+            }
+            Err(failure) => {
+                let error = failure.into_error();
+                *lock(&self.last_error) = Some(error.to_string());
+                Err(error)
+            }
+        }
     }
 
-    fn lock_error(&self) -> std::sync::MutexGuard<'_, Option<String>> {
-        self.last_error
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    async fn park(
+        &self,
+        position: u64,
+        event_type: &str,
+        error: &str,
+        attempts: u32,
+    ) -> Result<(), ProjectionError> {
+        let mut tx = self.db.begin(0).await?;
+        tx.execute(
+            "INSERT INTO projection_dead_letters (name, position, event_type, error, attempts) \
+             VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (name, position) DO UPDATE \
+                SET error = excluded.error, attempts = excluded.attempts",
+            &[
+                self.name().into(),
+                sql_int(position).into(),
+                event_type.into(),
+                error.into(),
+                i64::from(attempts).into(),
+            ],
+        )
+        .await?;
+        tx.commit().await
+    }
+
+    /// The events this projection parked, oldest first.
+    pub async fn parked(&self) -> Result<Vec<ParkedEvent>, ProjectionError> {
+        let mut tx = self.db.begin_read(0).await?;
+        let rows = tx
+            .fetch_text_rows(
+                "SELECT CAST(position AS TEXT), event_type, error, CAST(attempts AS TEXT) \
+                   FROM projection_dead_letters WHERE name = $1 ORDER BY position",
+                &[self.name().into()],
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                let text = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+                ParkedEvent {
+                    position: text(0).parse().unwrap_or(0),
+                    event_type: text(1),
+                    error: text(2),
+                    attempts: text(3).parse().unwrap_or(0),
+                }
+            })
+            .collect())
+    }
+
+    /// An operator's retry of the parked events. A halted projection forgets them and
+    /// tries again from its checkpoint; a skipping one applies each now, out of order,
+    /// and keeps those that still fail. Returns how many are still parked.
+    pub async fn retry_parked(&self) -> Result<usize, ProjectionError> {
+        let name = self.name();
+        if self.policy == FailurePolicy::Halt {
+            let mut tx = self.db.begin(0).await?;
+            tx.execute(
+                "DELETE FROM projection_dead_letters WHERE name = $1",
+                &[name.into()],
+            )
+            .await?;
+            tx.commit().await?;
+            *lock(&self.failing) = None;
+            return Ok(0);
+        }
+        let live = self.live_generation().await?;
+        let mut still = 0;
+        for parked in self.parked().await? {
+            let page = self
+                .store
+                .read_all(parked.position, 1, &LogFilter::all())
+                .await?;
+            let Some(event) = page
+                .events
+                .into_iter()
+                .find(|e| e.position == parked.position)
+            else {
+                continue;
+            };
+            let mut tx = self.db.begin(live).await?;
+            match self.projector.apply(&mut tx, &event).await {
+                Ok(()) => {
+                    tx.execute(
+                        "DELETE FROM projection_dead_letters WHERE name = $1 AND position = $2",
+                        &[name.into(), sql_int(parked.position).into()],
+                    )
+                    .await?;
+                    tx.commit().await?;
+                }
+                Err(error) => {
+                    drop(tx);
+                    still += 1;
+                    let attempts = u32::try_from(parked.attempts + 1).unwrap_or(u32::MAX);
+                    self.park(
+                        parked.position,
+                        &parked.event_type,
+                        &error.to_string(),
+                        attempts,
+                    )
+                    .await?;
+                }
+            }
+        }
+        Ok(still)
     }
 
     /// Applies the next batch to `generation`, stopping at `limit` when given.
@@ -214,7 +421,7 @@ impl ProjectionRunner {
         generation: i64,
         limit: Option<u64>,
         batch_size: usize,
-    ) -> Result<Outcome, ProjectionError> {
+    ) -> Result<Outcome, StepError> {
         let checkpoint = self.checkpoint_of(generation).await?;
         if limit.is_some_and(|limit| checkpoint >= limit) {
             return Ok(Outcome::CaughtUp);
@@ -233,9 +440,21 @@ impl ProjectionRunner {
             self.saw(generation, checkpoint).await?;
             return Ok(Outcome::CaughtUp);
         }
+        let skipped: Vec<u64> = match self.policy {
+            FailurePolicy::Skip => self.parked().await?.iter().map(|p| p.position).collect(),
+            FailurePolicy::Halt => Vec::new(),
+        };
         let mut tx = self.db.begin(generation).await?;
-        for event in &events {
-            self.projector.apply(&mut tx, event).await?;
+        let mut applied = 0;
+        for event in events.iter().filter(|e| !skipped.contains(&e.position)) {
+            if let Err(error) = self.projector.apply(&mut tx, event).await {
+                return Err(StepError::Event {
+                    position: event.position,
+                    event_type: event.event_type.clone(),
+                    error,
+                });
+            }
+            applied += 1;
         }
         let name = self.name();
         let moved = if checkpoint == 0 {
@@ -260,11 +479,11 @@ impl ProjectionRunner {
         };
         if moved != 1 {
             // Dropping the transaction rolls the batch back.
-            return Err(ProjectionError::CheckpointMoved(name.to_owned()));
+            return Err(ProjectionError::CheckpointMoved(name.to_owned()).into());
         }
         tx.commit().await?;
         self.saw(generation, next).await?;
-        Ok(Outcome::Applied(events.len()))
+        Ok(Outcome::Applied(applied))
     }
 
     /// Tells `wait_for` how far the live generation is.
@@ -291,7 +510,7 @@ impl ProjectionRunner {
         while !*stop.borrow() {
             match self.run_once().await {
                 Ok(Outcome::Applied(_)) => backoff = Duration::from_millis(100),
-                Ok(Outcome::CaughtUp) => {
+                Ok(Outcome::CaughtUp | Outcome::Halted) => {
                     let after = *self.applied.borrow();
                     tokio::select! {
                         _ = stop.changed() => {}
@@ -335,7 +554,10 @@ impl ProjectionRunner {
             .await?;
         tx.commit().await?;
         let lag = head.saturating_sub(checkpoint);
-        let status = if rebuilding.is_some() {
+        let parked = self.parked().await?;
+        let status = if self.policy == FailurePolicy::Halt && !parked.is_empty() {
+            "halted"
+        } else if rebuilding.is_some() {
             "rebuilding"
         } else if lag > self.batch_size as u64 {
             "catching_up"
@@ -348,7 +570,11 @@ impl ProjectionRunner {
             head,
             lag,
             status,
-            last_error: self.lock_error().clone(),
+            last_error: lock(&self.last_error).clone().or_else(|| {
+                parked
+                    .first()
+                    .map(|p| format!("position {}: {}", p.position, p.error))
+            }),
         })
     }
 
@@ -421,8 +647,13 @@ impl ProjectionRunner {
 
     /// Brings `generation` up to the head of the log, in large batches.
     async fn fill(&self, generation: i64, limit: Option<u64>) -> Result<(), ProjectionError> {
-        while let Outcome::Applied(_) = self.step(generation, limit, REBUILD_BATCH).await? {}
-        Ok(())
+        loop {
+            match self.step(generation, limit, REBUILD_BATCH).await {
+                Ok(Outcome::Applied(_)) => {}
+                Ok(_) => return Ok(()),
+                Err(failure) => return Err(failure.into_error()),
+            }
+        }
     }
 
     /// Rebuilds the projection from position 0 beside the live generation and swaps when
@@ -556,6 +787,12 @@ async fn lock_checkpoint(
     )
     .await?;
     read_checkpoint_of(tx, name, generation).await
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn bump(current: &mut u64, to: u64) -> bool {

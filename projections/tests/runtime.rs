@@ -16,7 +16,7 @@ use annals_domain::lead::{Lead, LeadCommand};
 use annals_domain::values::*;
 use annals_projections::lead_board::LeadBoard;
 use annals_projections::{
-    Outcome, ProjectionError, ProjectionRunner, Projector, ReadDatabase, ReadTx,
+    FailurePolicy, Outcome, ProjectionError, ProjectionRunner, Projector, ReadDatabase, ReadTx,
 };
 use annals_store::{LogFilter, RecordedEvent};
 use async_trait::async_trait;
@@ -45,6 +45,8 @@ macro_rules! on_both_backends {
 }
 
 on_both_backends!(
+    a_poisoned_event_is_parked_and_halts_its_projection,
+    a_skipping_projection_parks_a_failing_event_goes_on_and_retries_it,
     verify_finds_the_live_board_equal_and_catches_an_edited_row,
     readers_see_the_old_board_until_the_rebuilt_one_is_swapped_in,
     lead_board_shows_every_lead_as_its_events_left_it,
@@ -482,5 +484,170 @@ async fn readers_see_the_old_board_until_the_rebuilt_one_is_swapped_in(db: Arc<F
     history(&db).await;
     board.catch_up().await.unwrap();
     assert_eq!(db.text_rows(BOARD).await.len(), 18);
+    assert!(board.verify().await.unwrap().equal);
+}
+
+/// Appends, behind the command layer's back, a lead event no projector can read.
+async fn append_poison(db: &Fixture) -> u64 {
+    let outcome = db
+        .store()
+        .append(annals_store::AppendRequest::new(
+            annals_store::StreamName::parse("lead-poison").unwrap(),
+            annals_store::ExpectedVersion::Any,
+            vec![
+                annals_store::NewEvent::new("LeadCaptured", serde_json::json!({"not": "a lead"}))
+                    .with_schema_version(2),
+            ],
+        ))
+        .await
+        .unwrap();
+    outcome.last_position()
+}
+
+async fn a_poisoned_event_is_parked_and_halts_its_projection(db: Arc<Fixture>) {
+    history(&db).await;
+    let poison = append_poison(&db).await;
+    history(&db).await;
+    let board = runner(&db, Arc::new(LeadBoard))
+        .with_batch_size(4)
+        .with_failure_policy(FailurePolicy::Halt, 3);
+    // Two batches apply; the third holds the poison and fails, three times in all.
+    board.run_once().await.unwrap();
+    board.run_once().await.unwrap();
+    assert!(matches!(
+        board.run_once().await,
+        Err(ProjectionError::Apply { .. })
+    ));
+    assert!(board.run_once().await.is_err());
+    assert_eq!(board.run_once().await.unwrap(), Outcome::Halted);
+    assert_eq!(board.run_once().await.unwrap(), Outcome::Halted);
+    let parked = board.parked().await.unwrap();
+    assert_eq!(parked.len(), 1);
+    assert_eq!(
+        (parked[0].position, parked[0].event_type.as_str()),
+        (poison, "LeadCaptured")
+    );
+    assert_eq!(parked[0].attempts, 3);
+    assert_eq!(
+        board.checkpoint().await.unwrap(),
+        8,
+        "it stopped before the batch of the poison"
+    );
+    let status = board.status().await.unwrap();
+    assert_eq!(status.status, "halted");
+    assert!(
+        status
+            .last_error
+            .unwrap()
+            .contains(&format!("position {poison}"))
+    );
+
+    // The rest of the system keeps serving: commands append, other readers read.
+    let leads = CommandHandler::<Lead>::new(db.store(), HandlerConfig::default());
+    let id = Uuid::now_v7();
+    leads.execute(id, capture(id, 7), &context()).await.unwrap();
+    assert_eq!(db.text_rows(BOARD).await.len(), 3);
+
+    // An operator's retry: the event is still poisoned, so it is parked again.
+    assert_eq!(board.retry_parked().await.unwrap(), 0);
+    assert!(board.parked().await.unwrap().is_empty());
+    for _ in 0..2 {
+        assert!(board.run_once().await.is_err());
+    }
+    assert_eq!(board.run_once().await.unwrap(), Outcome::Halted);
+    assert_eq!(board.parked().await.unwrap().len(), 1);
+}
+
+/// Fails its first `failures` attempts at events of one type, then works.
+#[derive(Debug)]
+struct FailsAtFirst {
+    event_type: &'static str,
+    failures: AtomicUsize,
+}
+
+#[async_trait]
+impl Projector for FailsAtFirst {
+    fn name(&self) -> &'static str {
+        "lead_board"
+    }
+
+    fn filter(&self) -> LogFilter {
+        LeadBoard.filter()
+    }
+
+    fn tables(&self) -> &'static [annals_projections::Table] {
+        LeadBoard.tables()
+    }
+
+    async fn apply(&self, tx: &mut ReadTx, event: &RecordedEvent) -> Result<(), ProjectionError> {
+        if event.event_type == self.event_type
+            && self
+                .failures
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            return Err(ProjectionError::Apply {
+                position: event.position,
+                event_type: event.event_type.clone(),
+                reason: "a passing failure".into(),
+            });
+        }
+        LeadBoard.apply(tx, event).await
+    }
+}
+
+async fn a_skipping_projection_parks_a_failing_event_goes_on_and_retries_it(db: Arc<Fixture>) {
+    history(&db).await;
+    let poison = append_poison(&db).await;
+    history(&db).await;
+    let board = runner(
+        &db,
+        Arc::new(FailsAtFirst {
+            event_type: "LeadAssigned",
+            failures: AtomicUsize::new(1),
+        }),
+    )
+    .with_failure_policy(FailurePolicy::Skip, 1);
+    board.catch_up().await.unwrap();
+    let parked: Vec<u64> = board
+        .parked()
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| p.position)
+        .collect();
+    assert_eq!(
+        parked.len(),
+        2,
+        "the poison and the first assignment: {parked:?}"
+    );
+    assert!(parked.contains(&poison));
+    assert_eq!(
+        board.checkpoint().await.unwrap(),
+        db.store().head().await.unwrap()
+    );
+    assert_eq!(board.status().await.unwrap().status, "running");
+    let rows = db.text_rows(BOARD).await;
+    assert_eq!(rows.len(), 6, "every readable lead is there");
+    assert_eq!(
+        rows.iter().filter(|r| r[7].is_some()).count(),
+        1,
+        "one owner missing"
+    );
+
+    // The retry applies the assignment, which works now; the poison stays parked.
+    assert_eq!(board.retry_parked().await.unwrap(), 1);
+    let parked = board.parked().await.unwrap();
+    assert_eq!(parked.len(), 1);
+    assert_eq!(parked[0].position, poison);
+    assert_eq!(
+        db.text_rows(BOARD)
+            .await
+            .iter()
+            .filter(|r| r[7].is_some())
+            .count(),
+        2
+    );
+    // Verify skips the parked poison too, and finds the board equal to a rebuild.
     assert!(board.verify().await.unwrap().equal);
 }
