@@ -14,6 +14,7 @@
 //! processes act only through commands.
 
 pub mod lead_board;
+mod lease;
 mod sql;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -184,6 +185,9 @@ fn is_poison(error: &ProjectionError) -> bool {
 }
 
 const REBUILD_BATCH: usize = 5_000;
+/// How often a process that does not hold a projection's lease tries to take it: the
+/// bound on a takeover after the holder dies.
+const LEASE_RETRY: Duration = Duration::from_secs(2);
 
 impl ProjectionRunner {
     pub fn new(
@@ -503,11 +507,41 @@ impl ProjectionRunner {
         Ok(applied)
     }
 
-    /// Runs until `stop` turns true: steps while there is work, waits for new events
-    /// (woken by the store's notification) when caught up, and backs off after a failure.
+    /// Runs until `stop` turns true, while this process holds the projection's lease
+    /// (taking it over when its holder dies): steps while there is work, waits for new
+    /// events (woken by the store's notification) when caught up, and backs off after a
+    /// failure.
     pub async fn run_until_stopped(&self, mut stop: watch::Receiver<bool>) {
+        let mut lease: Option<lease::Lease> = None;
         let mut backoff = Duration::from_millis(100);
         while !*stop.borrow() {
+            let holding = match lease.as_mut() {
+                Some(held) => held.held().await,
+                None => false,
+            };
+            if !holding {
+                if let Some(lost) = lease.take() {
+                    tracing::warn!(projection = self.name(), "lease lost");
+                    lost.release().await;
+                }
+                match lease::Lease::try_acquire(&self.db, self.name()).await {
+                    Ok(Some(taken)) => {
+                        tracing::info!(projection = self.name(), "lease taken; running");
+                        lease = Some(taken);
+                    }
+                    Ok(None) => {}
+                    Err(error) => {
+                        tracing::warn!(projection = self.name(), %error, "taking the lease failed")
+                    }
+                }
+                if lease.is_none() {
+                    tokio::select! {
+                        _ = stop.changed() => {}
+                        () = tokio::time::sleep(LEASE_RETRY) => {}
+                    }
+                    continue;
+                }
+            }
             match self.run_once().await {
                 Ok(Outcome::Applied(_)) => backoff = Duration::from_millis(100),
                 Ok(Outcome::CaughtUp | Outcome::Halted) => {
@@ -530,6 +564,9 @@ impl ProjectionRunner {
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
             }
+        }
+        if let Some(held) = lease {
+            held.release().await;
         }
     }
 

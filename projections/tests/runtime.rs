@@ -651,3 +651,80 @@ async fn a_skipping_projection_parks_a_failing_event_goes_on_and_retries_it(db: 
     // Verify skips the parked poison too, and finds the board equal to a rebuild.
     assert!(board.verify().await.unwrap().equal);
 }
+
+/// Waits (up to `deadline`) until the runner's live checkpoint reaches `position`.
+async fn caught_up(runner: &ProjectionRunner, position: u64, deadline: Duration) -> bool {
+    let until = tokio::time::Instant::now() + deadline;
+    while tokio::time::Instant::now() < until {
+        if runner.checkpoint().await.unwrap() >= position {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// Two processes (two stores, two runners) on one PostgreSQL: the projection runs in one
+/// of them; when that one dies, the other takes over within 10 s, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_dead_runner_s_projection_is_taken_over_without_double_apply() {
+    run(Backend::Postgres, |db| async move {
+        history(&db).await;
+        let other_store = db.open_again().await;
+        let other_db = match &*db {
+            Fixture::Postgres { url, .. } => {
+                ReadDatabase::Postgres(sqlx::PgPool::connect(url).await.unwrap())
+            }
+            Fixture::Sqlite { .. } => unreachable!("PostgreSQL only"),
+        };
+        let runners = [
+            Arc::new(runner(&db, Arc::new(LeadBoard))),
+            Arc::new(ProjectionRunner::new(
+                other_store,
+                other_db,
+                Arc::new(LeadBoard),
+            )),
+        ];
+        let mut tasks = Vec::new();
+        let (_stop, stopped) = tokio::sync::watch::channel(false);
+        for r in &runners {
+            let r = r.clone();
+            let stopped = stopped.clone();
+            tasks.push(tokio::spawn(
+                async move { r.run_until_stopped(stopped).await },
+            ));
+        }
+        let head = db.store().head().await.unwrap();
+        assert!(caught_up(&runners[0], head, Duration::from_secs(10)).await);
+        // Exactly one of them did the work: only its own view of progress moved.
+        let active = futures::future::join_all(
+            runners
+                .iter()
+                .map(|r| r.wait_for(head, Duration::from_millis(300))),
+        )
+        .await;
+        assert_eq!(active.iter().filter(|a| **a).count(), 1, "{active:?}");
+        let (dead, survivor) = if active[0] { (0, 1) } else { (1, 0) };
+
+        // The active process dies: its task ends and its lease connection with it.
+        tasks[dead].abort();
+        let _ = (&mut tasks[dead]).await;
+        history(&db).await;
+        let head = db.store().head().await.unwrap();
+        assert!(
+            caught_up(&runners[survivor], head, Duration::from_secs(10)).await,
+            "the survivor took the projection over within 10 s"
+        );
+        assert!(
+            runners[survivor]
+                .wait_for(head, Duration::from_secs(1))
+                .await
+        );
+        assert_eq!(db.text_rows(BOARD).await.len(), 6);
+        tasks[survivor].abort();
+        let _ = (&mut tasks[survivor]).await;
+        let report = runners[survivor].verify().await.unwrap();
+        assert!(report.equal, "no event applied twice or lost: {report:?}");
+    })
+    .await;
+}
