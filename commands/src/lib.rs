@@ -7,6 +7,7 @@
 //! appends at most once, whatever the retries and restarts. This crate holds no business
 //! rules (they are `annals-domain`'s) and no SQL (that is `annals-store`'s).
 
+pub mod conversion;
 mod error;
 
 use std::num::NonZeroUsize;

@@ -53,6 +53,8 @@ on_both_backends!(
     a_stale_cache_is_dropped_and_the_command_decided_again,
     history_rebuilds_the_state_as_of_a_version_or_a_time,
     expired_idempotency_keys_are_purged,
+    a_conversion_opens_its_account_and_deal_exactly_once,
+    a_conversion_into_an_existing_account_opens_only_the_deal,
 );
 
 fn config() -> HandlerConfig {
@@ -538,4 +540,125 @@ async fn expired_idempotency_keys_are_purged(db: Arc<Fixture>) {
         1
     );
     assert_eq!(db.store().find_idempotency("a/old").await.unwrap(), None);
+}
+
+/// A qualified lead of Acme, converted; returns (lead, account, deal) ids.
+async fn converted_lead(db: &Fixture, new_account: bool, account_id: Uuid) -> (Uuid, Uuid, Uuid) {
+    let handler = leads(db.store());
+    let lead = Uuid::now_v7();
+    let command = LeadCommand::Capture {
+        lead_id: lead,
+        email: Email::parse(&format!("{}@example.com", lead.simple())).unwrap(),
+        name: PersonName::parse("Ada").unwrap(),
+        company: Some(Label::parse("Acme").unwrap()),
+        source: Source::Event,
+    };
+    handler.execute(lead, command, &actor("a")).await.unwrap();
+    for _ in 0..2 {
+        handler
+            .execute(lead, signal(SignalKind::DemoRequest), &actor("a"))
+            .await
+            .unwrap();
+    }
+    let deal = Uuid::now_v7();
+    let convert = LeadCommand::Convert {
+        deal_name: Name::parse("Acme engines").unwrap(),
+        amount: Money::parse("EUR", 129_900).unwrap(),
+        account_id,
+        new_account,
+        deal_id: deal,
+    };
+    handler.execute(lead, convert, &actor("a")).await.unwrap();
+    (lead, account_id, deal)
+}
+
+async fn a_conversion_opens_its_account_and_deal_exactly_once(db: Arc<Fixture>) {
+    use annals_commands::conversion::LeadConversionProcess;
+    let (_, account_id, deal_id) = converted_lead(&db, true, Uuid::now_v7()).await;
+    let process = LeadConversionProcess::new(db.store(), config());
+    assert_eq!(process.run_once().await.unwrap(), 1);
+    let accounts = CommandHandler::<Account>::new(db.store(), config());
+    let account = accounts.load(account_id).await.unwrap();
+    assert_eq!(account.state.name.unwrap().as_str(), "Acme");
+    let deal = CommandHandler::<Deal>::new(db.store(), config())
+        .load(deal_id)
+        .await
+        .unwrap();
+    assert_eq!(deal.state.account_id, Some(account_id));
+    assert_eq!(deal.state.amount.unwrap().amount_minor, 129_900);
+    let head = db.store().head().await.unwrap();
+    assert_eq!(process.run_once().await.unwrap(), 0);
+
+    // A crash that lost the checkpoint, or a replay: the same conversion again opens
+    // nothing, from a new process with empty caches.
+    db.execute("DELETE FROM process_checkpoints").await;
+    let again = LeadConversionProcess::new(db.open_again().await, config());
+    assert_eq!(again.run_once().await.unwrap(), 1);
+    assert_eq!(
+        db.store().head().await.unwrap(),
+        head,
+        "nothing opened twice"
+    );
+
+    // The deal's events say what caused them.
+    let events = db
+        .store()
+        .read_stream(
+            &CommandHandler::<Deal>::stream(deal_id).unwrap(),
+            1,
+            Direction::Forwards,
+            10,
+        )
+        .await
+        .unwrap();
+    let converted = db
+        .store()
+        .read_all(1, 100, &LogFilter::event_types(["LeadConverted"]))
+        .await
+        .unwrap()
+        .events;
+    assert_eq!(
+        events[0].metadata.causation_id.as_deref(),
+        Some(converted[0].event_id.to_string().as_str())
+    );
+    assert_eq!(
+        events[0].metadata.actor.as_deref(),
+        Some("process:lead_conversion")
+    );
+}
+
+async fn a_conversion_into_an_existing_account_opens_only_the_deal(db: Arc<Fixture>) {
+    use annals_commands::conversion::LeadConversionProcess;
+    let accounts = CommandHandler::<Account>::new(db.store(), config());
+    let account_id = Uuid::now_v7();
+    accounts
+        .execute(
+            account_id,
+            AccountCommand::Open {
+                account_id,
+                name: Name::parse("Initech").unwrap(),
+                domain: None,
+                industry: None,
+                employees: Some(40),
+                tier: Tier::Key,
+            },
+            &actor("a"),
+        )
+        .await
+        .unwrap();
+    let (_, _, deal_id) = converted_lead(&db, false, account_id).await;
+    LeadConversionProcess::new(db.store(), config())
+        .run_once()
+        .await
+        .unwrap();
+    let account = accounts.load(account_id).await.unwrap();
+    assert_eq!(
+        (account.version, account.state.name.unwrap().as_str()),
+        (1, "Initech")
+    );
+    let deal = CommandHandler::<Deal>::new(db.store(), config())
+        .load(deal_id)
+        .await
+        .unwrap();
+    assert_eq!(deal.state.account_id, Some(account_id));
 }

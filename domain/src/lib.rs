@@ -8,6 +8,7 @@
 //! versions are upcast before `evolve` ever sees them, so stored events always load.
 
 pub mod account;
+pub mod conversion;
 pub mod deal;
 mod error;
 pub mod lead;

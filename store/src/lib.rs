@@ -86,6 +86,12 @@ pub trait EventStore: Send + Sync + std::fmt::Debug {
         recorded_before: chrono::DateTime<chrono::Utc>,
     ) -> Result<u64, StoreError>;
 
+    /// How far a process has followed the log (0 when it has not started).
+    async fn load_checkpoint(&self, process: &str) -> Result<u64, StoreError>;
+
+    /// Records how far a process has followed the log; never moves it backwards.
+    async fn save_checkpoint(&self, process: &str, position: u64) -> Result<(), StoreError>;
+
     /// Walks every stream's hash chain from the stored rows.
     async fn verify(&self) -> Result<AuditReport, StoreError>;
 }

@@ -549,6 +549,28 @@ impl EventStore for SqliteStore {
         Ok(done.rows_affected())
     }
 
+    async fn load_checkpoint(&self, process: &str) -> Result<u64, StoreError> {
+        let position: Option<i64> =
+            sqlx::query_scalar("SELECT position FROM process_checkpoints WHERE name = ?1")
+                .bind(process)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(position.and_then(|p| u64::try_from(p).ok()).unwrap_or(0))
+    }
+
+    async fn save_checkpoint(&self, process: &str, position: u64) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO process_checkpoints (name, position) VALUES (?1, ?2) \
+             ON CONFLICT (name) DO UPDATE SET position = excluded.position \
+              WHERE process_checkpoints.position < excluded.position",
+        )
+        .bind(process)
+        .bind(to_sql_int(position))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     async fn verify(&self) -> Result<AuditReport, StoreError> {
         let rows = sqlx::query(
             "SELECT stream, version, event_id, event_type, schema_version, data, metadata, \

@@ -680,3 +680,49 @@ fn a_captured_lead_takes_its_email_and_a_held_email_is_a_duplicate_naming_the_ho
         RejectionKind::Conflict
     );
 }
+
+#[test]
+fn a_conversion_opens_a_new_account_and_the_deal_or_only_the_deal() {
+    use annals_domain::conversion::{account_to_open, deal_to_open};
+    let new_account = LeadEvent::LeadConverted {
+        account_id: id(20),
+        deal_id: id(30),
+        deal_name: Name::parse("Engines").unwrap(),
+        amount: eur(5),
+        account_name: Some(Name::parse("Acme").unwrap()),
+    };
+    assert_eq!(
+        account_to_open(&new_account),
+        Some(AccountCommand::Open {
+            account_id: id(20),
+            name: Name::parse("Acme").unwrap(),
+            domain: None,
+            industry: None,
+            employees: None,
+            tier: Tier::Standard,
+        })
+    );
+    assert_eq!(
+        deal_to_open(&new_account, true),
+        Some(DealCommand::Open {
+            deal_id: id(30),
+            account_id: id(20),
+            account_exists: true,
+            name: Name::parse("Engines").unwrap(),
+            amount: eur(5),
+            owner: None,
+            expected_close: None,
+        })
+    );
+    let existing_account = LeadEvent::LeadConverted {
+        account_id: id(20),
+        deal_id: id(30),
+        deal_name: Name::parse("Engines").unwrap(),
+        amount: eur(5),
+        account_name: None,
+    };
+    assert_eq!(account_to_open(&existing_account), None);
+    assert!(deal_to_open(&existing_account, true).is_some());
+    assert_eq!(account_to_open(&captured()), None);
+    assert_eq!(deal_to_open(&captured(), true), None);
+}
