@@ -45,9 +45,52 @@ CREATE TABLE lead_board (
     captured_at       TEXT    NOT NULL,
     qualified_at      TEXT,
     converted_deal_id TEXT,
+    converted_account_id TEXT,
+    converted_at      TEXT,
     updated_position  BIGINT NOT NULL,
     PRIMARY KEY (generation, lead_id)
 );
 
 CREATE INDEX lead_board_score ON lead_board (generation, score DESC, captured_at, lead_id);
 CREATE INDEX lead_board_owner ON lead_board (generation, owner);
+
+-- deal_board: deals with stage, status, amount, owner and account. Times are RFC 3339
+-- text for display and microseconds since the epoch for arithmetic.
+CREATE TABLE deal_board (
+    generation       BIGINT NOT NULL,
+    deal_id          TEXT    NOT NULL,
+    account_id       TEXT    NOT NULL,
+    name             TEXT    NOT NULL,
+    stage            TEXT    NOT NULL,
+    status           TEXT    NOT NULL,
+    currency         TEXT    NOT NULL,
+    amount_minor     BIGINT NOT NULL,
+    owner            TEXT,
+    expected_close   TEXT,
+    opened_at        TEXT    NOT NULL,
+    opened_micros    BIGINT NOT NULL,
+    closed_at        TEXT,
+    closed_micros    BIGINT,
+    lost_reason      TEXT,
+    updated_position BIGINT NOT NULL,
+    PRIMARY KEY (generation, deal_id)
+);
+
+CREATE INDEX deal_board_account ON deal_board (generation, account_id);
+CREATE INDEX deal_board_stage ON deal_board (generation, status, stage);
+CREATE INDEX deal_board_owner ON deal_board (generation, owner);
+
+-- account_360's own rows: one per account. Its deals and converted leads come from the
+-- deal and lead boards.
+CREATE TABLE account_360 (
+    generation       BIGINT NOT NULL,
+    account_id       TEXT    NOT NULL,
+    name             TEXT    NOT NULL,
+    domain           TEXT,
+    industry         TEXT,
+    employees        BIGINT,
+    tier             TEXT    NOT NULL,
+    opened_at        TEXT    NOT NULL,
+    updated_position BIGINT NOT NULL,
+    PRIMARY KEY (generation, account_id)
+);

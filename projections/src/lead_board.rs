@@ -2,11 +2,12 @@
 //! qualification times (`domain.md`, read models). Filtered and sorted by score.
 
 use annals_domain::lead::LeadEvent;
-use annals_domain::{Event, StoredForm};
 use annals_store::{LogFilter, RecordedEvent};
 use async_trait::async_trait;
 
-use crate::{Param, ProjectionError, Projector, ReadTx, Table, sql_int, time_text};
+use crate::{
+    Param, ProjectionError, Projector, ReadTx, Table, aggregate_id, decode, sql_int, time_text,
+};
 
 #[derive(Debug, Default)]
 pub struct LeadBoard;
@@ -36,6 +37,8 @@ impl Projector for LeadBoard {
                 "captured_at",
                 "qualified_at",
                 "converted_deal_id",
+                "converted_account_id",
+                "converted_at",
                 "updated_position",
             ],
             key: "lead_id",
@@ -43,21 +46,8 @@ impl Projector for LeadBoard {
     }
 
     async fn apply(&self, tx: &mut ReadTx, event: &RecordedEvent) -> Result<(), ProjectionError> {
-        let decoded = LeadEvent::decode(&StoredForm {
-            event_type: event.event_type.clone(),
-            schema_version: event.schema_version,
-            data: event.data.clone(),
-        })
-        .map_err(|e| ProjectionError::Apply {
-            position: event.position,
-            event_type: event.event_type.clone(),
-            reason: e.to_string(),
-        })?;
-        let lead = event
-            .stream
-            .strip_prefix("lead-")
-            .unwrap_or(&event.stream)
-            .to_owned();
+        let decoded: LeadEvent = decode(event)?;
+        let lead = aggregate_id(event);
         let at = time_text(event);
         let position = sql_int(event.position);
         let generation = tx.generation();
@@ -115,14 +105,21 @@ impl Projector for LeadBoard {
                   WHERE generation = $3 AND lead_id = $1",
                 vec![lead.into(), position.into(), generation.into()],
             ),
-            LeadEvent::LeadConverted { deal_id, .. } => (
+            LeadEvent::LeadConverted {
+                deal_id,
+                account_id,
+                ..
+            } => (
                 "UPDATE lead_board SET status = 'converted', converted_deal_id = $2, \
-                        updated_position = $3 WHERE generation = $4 AND lead_id = $1",
+                        converted_account_id = $5, converted_at = $6, updated_position = $3 \
+                  WHERE generation = $4 AND lead_id = $1",
                 vec![
                     lead.into(),
                     deal_id.to_string().into(),
                     position.into(),
                     generation.into(),
+                    account_id.to_string().into(),
+                    at.into(),
                 ],
             ),
         };

@@ -13,8 +13,11 @@
 //! rebuild from position 0 gives the same rows. Projectors never append events;
 //! processes act only through commands.
 
+pub mod account_360;
+pub mod deal_board;
 pub mod lead_board;
 mod lease;
+pub mod queries;
 mod sql;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -842,6 +845,29 @@ fn bump(current: &mut u64, to: u64) -> bool {
 
 pub(crate) fn sql_int(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Reads a stored event as a domain event (upcast to its current schema).
+pub(crate) fn decode<E: annals_domain::Event>(event: &RecordedEvent) -> Result<E, ProjectionError> {
+    E::decode(&annals_domain::StoredForm {
+        event_type: event.event_type.clone(),
+        schema_version: event.schema_version,
+        data: event.data.clone(),
+    })
+    .map_err(|e| ProjectionError::Apply {
+        position: event.position,
+        event_type: event.event_type.clone(),
+        reason: e.to_string(),
+    })
+}
+
+/// The aggregate id of an event's stream (`lead-42` → `42`).
+pub(crate) fn aggregate_id(event: &RecordedEvent) -> String {
+    event
+        .stream
+        .split_once('-')
+        .map_or(event.stream.as_str(), |(_, id)| id)
+        .to_owned()
 }
 
 /// The time of an event as read models store it: RFC 3339 UTC with microseconds, which

@@ -45,6 +45,7 @@ macro_rules! on_both_backends {
 }
 
 on_both_backends!(
+    the_funnel_pipeline_and_account_view_follow_a_revenue_history,
     a_poisoned_event_is_parked_and_halts_its_projection,
     a_skipping_projection_parks_a_failing_event_goes_on_and_retries_it,
     verify_finds_the_live_board_equal_and_catches_an_edited_row,
@@ -727,4 +728,197 @@ async fn postgres_a_dead_runner_s_projection_is_taken_over_without_double_apply(
         assert!(report.equal, "no event applied twice or lost: {report:?}");
     })
     .await;
+}
+
+/// Leads from two sources; two converted (one into a new account, one into the same
+/// account); one deal won, one lost; a deal opened directly and advanced.
+async fn revenue_history(db: &Fixture) -> (Uuid, Vec<Uuid>) {
+    use annals_commands::conversion::LeadConversionProcess;
+    use annals_domain::account::{Account, AccountCommand};
+    use annals_domain::deal::{Deal, DealCommand};
+    let leads = CommandHandler::<Lead>::new(db.store(), HandlerConfig::default());
+    let deals = CommandHandler::<Deal>::new(db.store(), HandlerConfig::default());
+    let accounts = CommandHandler::<Account>::new(db.store(), HandlerConfig::default());
+    let ids: Vec<Uuid> = (0..4).map(|_| Uuid::now_v7()).collect();
+    let account = Uuid::now_v7();
+    let mut deal_ids = Vec::new();
+    for (n, id) in ids.iter().enumerate() {
+        let source = if n < 3 { Source::Web } else { Source::Partner };
+        let command = LeadCommand::Capture {
+            lead_id: *id,
+            email: Email::parse(&format!("{}@example.com", id.simple())).unwrap(),
+            name: PersonName::parse("Ada").unwrap(),
+            company: Some(Label::parse("Acme").unwrap()),
+            source,
+        };
+        leads.execute(*id, command, &context()).await.unwrap();
+        if n < 2 {
+            for _ in 0..2 {
+                leads
+                    .execute(*id, signal(SignalKind::DemoRequest), &context())
+                    .await
+                    .unwrap();
+            }
+            let deal = Uuid::now_v7();
+            deal_ids.push(deal);
+            let convert = LeadCommand::Convert {
+                deal_name: Name::parse("Engines").unwrap(),
+                amount: Money::parse("EUR", 1_000 * (n as i64 + 1)).unwrap(),
+                account_id: account,
+                new_account: n == 0,
+                deal_id: deal,
+            };
+            leads.execute(*id, convert, &context()).await.unwrap();
+            LeadConversionProcess::new(db.store(), HandlerConfig::default())
+                .run_once()
+                .await
+                .unwrap();
+        }
+    }
+    deals
+        .execute(deal_ids[0], DealCommand::Win, &context())
+        .await
+        .unwrap();
+    deals
+        .execute(
+            deal_ids[1],
+            DealCommand::Lose {
+                reason: Reason::parse("price").unwrap(),
+            },
+            &context(),
+        )
+        .await
+        .unwrap();
+    // A deal opened directly, for another account, with an owner.
+    let other = Uuid::now_v7();
+    accounts
+        .execute(
+            other,
+            AccountCommand::Open {
+                account_id: other,
+                name: Name::parse("Initech").unwrap(),
+                domain: None,
+                industry: None,
+                employees: Some(12),
+                tier: Tier::Key,
+            },
+            &context(),
+        )
+        .await
+        .unwrap();
+    let direct = Uuid::now_v7();
+    deals
+        .execute(
+            direct,
+            DealCommand::Open {
+                deal_id: direct,
+                account_id: other,
+                account_exists: true,
+                name: Name::parse("Staplers").unwrap(),
+                amount: Money::parse("USD", 500).unwrap(),
+                owner: Some(Owner::parse("bob").unwrap()),
+                expected_close: None,
+            },
+            &context(),
+        )
+        .await
+        .unwrap();
+    deals
+        .execute(
+            direct,
+            DealCommand::Advance { stage: Stage::Demo },
+            &context(),
+        )
+        .await
+        .unwrap();
+    (account, ids)
+}
+
+async fn the_funnel_pipeline_and_account_view_follow_a_revenue_history(db: Arc<Fixture>) {
+    use annals_projections::account_360::Account360;
+    use annals_projections::deal_board::DealBoard;
+    use annals_projections::queries;
+    let (account, leads) = revenue_history(&db).await;
+    let projectors: [Arc<dyn Projector>; 3] = [
+        Arc::new(LeadBoard),
+        Arc::new(DealBoard),
+        Arc::new(Account360),
+    ];
+    for projector in &projectors {
+        runner(&db, projector.clone())
+            .with_batch_size(3)
+            .catch_up()
+            .await
+            .unwrap();
+    }
+    let read = read_database(&db);
+
+    let funnel = queries::funnel(&read, None, None, None).await.unwrap();
+    let all = &funnel.overall;
+    assert_eq!(
+        (all.captured, all.qualified, all.converted, all.deal_won),
+        (4, 2, 2, 1)
+    );
+    assert_eq!(all.qualification_rate, Some(0.5));
+    assert_eq!(all.win_rate, Some(0.5));
+    let sources: Vec<&str> = funnel.by_source.iter().map(|(s, _)| s.as_str()).collect();
+    assert_eq!(sources, vec!["partner", "web"]);
+    assert_eq!(funnel.by_source[1].1.captured, 3);
+    let partner = queries::funnel(&read, None, None, Some("partner"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (partner.overall.captured, partner.overall.qualified),
+        (1, 0)
+    );
+    let future = queries::funnel(&read, Some("2999-01-01T00:00:00Z"), None, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        future.overall.captured, 0,
+        "a window excludes what happened outside it"
+    );
+
+    let pipeline = queries::pipeline(&read, None).await.unwrap();
+    assert_eq!(pipeline.stages.len(), 1);
+    let open = &pipeline.stages[0];
+    assert_eq!(
+        (
+            open.stage.as_str(),
+            open.currency.as_str(),
+            open.count,
+            open.amount_minor
+        ),
+        ("demo", "USD", 1, 500)
+    );
+    assert_eq!(pipeline.by_owner[0].owner.as_deref(), Some("bob"));
+    assert_eq!(
+        (pipeline.won, pipeline.lost, pipeline.win_rate),
+        (1, 1, Some(0.5))
+    );
+    assert!(pipeline.average_days_to_close.unwrap() >= 0.0);
+    let nobody = queries::pipeline(&read, Some("nobody")).await.unwrap();
+    assert!(nobody.stages.is_empty() && nobody.win_rate.is_none());
+
+    let view = queries::account_360(&read, &account.to_string())
+        .await
+        .unwrap()
+        .expect("the converted account");
+    assert_eq!(
+        (view.name.as_str(), view.tier.as_str()),
+        ("Acme", "standard")
+    );
+    assert_eq!(view.deals.len(), 2);
+    assert_eq!(view.won, vec![("EUR".to_owned(), 1_000)]);
+    let mut converted = view.converted_leads.clone();
+    converted.sort();
+    let mut expected: Vec<String> = leads[..2].iter().map(Uuid::to_string).collect();
+    expected.sort();
+    assert_eq!(converted, expected);
+    assert_eq!(queries::account_360(&read, "nope").await.unwrap(), None);
+
+    for projector in projectors {
+        let report = runner(&db, projector).verify().await.unwrap();
+        assert!(report.equal, "{report:?}");
+    }
 }

@@ -1,0 +1,308 @@
+//! What analysts ask of the read models: the pipeline, the funnel and the account 360
+//! view, computed from the live generation of the boards. Pure functions of the log, as
+//! the boards are; nothing here writes.
+
+use serde::Serialize;
+
+use crate::{Param, ProjectionError, ReadDatabase};
+
+/// The live generation of a projection, as a subquery.
+fn live(projection: &str) -> String {
+    format!("(SELECT live_generation FROM projections WHERE name = '{projection}')")
+}
+
+type Rows = Vec<Vec<Option<String>>>;
+
+async fn rows(db: &ReadDatabase, sql: &str, params: &[Param]) -> Result<Rows, ProjectionError> {
+    let mut tx = db.begin_read(0).await?;
+    let rows = tx.fetch_text_rows(sql, params).await?;
+    tx.commit().await?;
+    Ok(rows)
+}
+
+fn text(row: &[Option<String>], i: usize) -> String {
+    row.get(i).cloned().flatten().unwrap_or_default()
+}
+
+fn number(row: &[Option<String>], i: usize) -> i64 {
+    text(row, i).parse().unwrap_or(0)
+}
+
+fn ratio(part: i64, whole: i64) -> Option<f64> {
+    (whole > 0).then(|| part as f64 / whole as f64)
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StageFigure {
+    pub owner: Option<String>,
+    pub stage: String,
+    pub currency: String,
+    pub count: i64,
+    pub amount_minor: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Pipeline {
+    /// Open deals per stage and currency, in stage order.
+    pub stages: Vec<StageFigure>,
+    /// The same, per owner (deals without an owner under `None`).
+    pub by_owner: Vec<StageFigure>,
+    pub won: i64,
+    pub lost: i64,
+    /// Won ÷ (won + lost); `None` before any deal closed.
+    pub win_rate: Option<f64>,
+    /// Average days from open to close over closed deals.
+    pub average_days_to_close: Option<f64>,
+}
+
+const STAGE_ORDER: &str = "CASE stage WHEN 'prospecting' THEN 1 WHEN 'qualification' THEN 2 \
+                           WHEN 'demo' THEN 3 WHEN 'proposal' THEN 4 ELSE 5 END";
+
+/// The pipeline, for every owner or one (`owner`).
+pub async fn pipeline(db: &ReadDatabase, owner: Option<&str>) -> Result<Pipeline, ProjectionError> {
+    let owner_param: Param = owner.unwrap_or("").into();
+    let filter = format!(
+        "generation = {} AND ($1 = '' OR owner = $1)",
+        live("deal_board")
+    );
+    let figures = |row: &Vec<Option<String>>, with_owner: bool| {
+        let offset = usize::from(with_owner);
+        StageFigure {
+            owner: if with_owner { row[0].clone() } else { None },
+            stage: text(row, offset),
+            currency: text(row, offset + 1),
+            count: number(row, offset + 2),
+            amount_minor: number(row, offset + 3),
+        }
+    };
+    let stages = rows(
+        db,
+        &format!(
+            "SELECT stage, currency, CAST(COUNT(*) AS TEXT), CAST(SUM(amount_minor) AS TEXT) \
+               FROM deal_board WHERE {filter} AND status = 'open' \
+              GROUP BY stage, currency ORDER BY MIN({STAGE_ORDER}), currency"
+        ),
+        std::slice::from_ref(&owner_param),
+    )
+    .await?
+    .iter()
+    .map(|row| figures(row, false))
+    .collect();
+    let by_owner = rows(
+        db,
+        &format!(
+            "SELECT owner, stage, currency, CAST(COUNT(*) AS TEXT), \
+                    CAST(SUM(amount_minor) AS TEXT) \
+               FROM deal_board WHERE {filter} AND status = 'open' \
+              GROUP BY owner, stage, currency ORDER BY owner, MIN({STAGE_ORDER}), currency"
+        ),
+        std::slice::from_ref(&owner_param),
+    )
+    .await?
+    .iter()
+    .map(|row| figures(row, true))
+    .collect();
+    let closed = rows(
+        db,
+        &format!(
+            "SELECT CAST(SUM(CASE WHEN status = 'won' THEN 1 ELSE 0 END) AS TEXT), \
+                    CAST(SUM(CASE WHEN status = 'lost' THEN 1 ELSE 0 END) AS TEXT), \
+                    CAST(SUM(closed_micros - opened_micros) AS TEXT) \
+               FROM deal_board WHERE {filter} AND status <> 'open'"
+        ),
+        &[owner_param],
+    )
+    .await?;
+    let row = closed.first().cloned().unwrap_or_default();
+    let (won, lost, micros) = (number(&row, 0), number(&row, 1), number(&row, 2));
+    Ok(Pipeline {
+        stages,
+        by_owner,
+        won,
+        lost,
+        win_rate: ratio(won, won + lost),
+        average_days_to_close: ratio(micros, won + lost).map(|m| m / 86_400_000_000.0),
+    })
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FunnelSteps {
+    pub captured: i64,
+    pub qualified: i64,
+    pub converted: i64,
+    pub deal_won: i64,
+    /// qualified ÷ captured, converted ÷ qualified, deal won ÷ converted.
+    pub qualification_rate: Option<f64>,
+    pub conversion_rate: Option<f64>,
+    pub win_rate: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Funnel {
+    pub overall: FunnelSteps,
+    /// Per lead source, in source order.
+    pub by_source: Vec<(String, FunnelSteps)>,
+}
+
+/// The funnel for a time window (RFC 3339 bounds, `from` inclusive, `to` exclusive;
+/// all time without them): each step counts what happened in the window.
+pub async fn funnel(
+    db: &ReadDatabase,
+    from: Option<&str>,
+    to: Option<&str>,
+    source: Option<&str>,
+) -> Result<Funnel, ProjectionError> {
+    // Read-model times are RFC 3339 UTC text with microseconds: they compare as text.
+    let from: Param = from.unwrap_or("").into();
+    let to: Param = to.unwrap_or("9999").into();
+    let source: Param = source.unwrap_or("").into();
+    let within =
+        |column: &str| format!("CASE WHEN {column} >= $1 AND {column} < $2 THEN 1 ELSE 0 END");
+    let sql = format!(
+        "SELECT l.source, \
+                CAST(SUM({captured}) AS TEXT), CAST(SUM({qualified}) AS TEXT), \
+                CAST(SUM({converted}) AS TEXT), \
+                CAST(SUM(CASE WHEN d.status = 'won' THEN {won} ELSE 0 END) AS TEXT) \
+           FROM lead_board l \
+           LEFT JOIN deal_board d \
+             ON d.deal_id = l.converted_deal_id AND d.generation = {deal_generation} \
+          WHERE l.generation = {lead_generation} AND ($3 = '' OR l.source = $3) \
+          GROUP BY l.source ORDER BY l.source",
+        captured = within("l.captured_at"),
+        qualified = within("l.qualified_at"),
+        converted = within("l.converted_at"),
+        won = within("d.closed_at"),
+        deal_generation = live("deal_board"),
+        lead_generation = live("lead_board"),
+    );
+    let steps = |captured, qualified, converted, deal_won| FunnelSteps {
+        captured,
+        qualified,
+        converted,
+        deal_won,
+        qualification_rate: ratio(qualified, captured),
+        conversion_rate: ratio(converted, qualified),
+        win_rate: ratio(deal_won, converted),
+    };
+    let mut total = [0i64; 4];
+    let mut by_source = Vec::new();
+    for row in rows(db, &sql, &[from, to, source]).await? {
+        let counts = [
+            number(&row, 1),
+            number(&row, 2),
+            number(&row, 3),
+            number(&row, 4),
+        ];
+        for (sum, n) in total.iter_mut().zip(counts) {
+            *sum += n;
+        }
+        by_source.push((
+            text(&row, 0),
+            steps(counts[0], counts[1], counts[2], counts[3]),
+        ));
+    }
+    Ok(Funnel {
+        overall: steps(total[0], total[1], total[2], total[3]),
+        by_source,
+    })
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AccountView {
+    pub account_id: String,
+    pub name: String,
+    pub domain: Option<String>,
+    pub industry: Option<String>,
+    pub employees: Option<i64>,
+    pub tier: String,
+    /// (deal id, name, stage, status, currency, amount in minor units)
+    pub deals: Vec<AccountDeal>,
+    /// Ids of the leads converted into this account.
+    pub converted_leads: Vec<String>,
+    /// (currency, amount in minor units) won, per currency.
+    pub won: Vec<(String, i64)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AccountDeal {
+    pub deal_id: String,
+    pub name: String,
+    pub stage: String,
+    pub status: String,
+    pub currency: String,
+    pub amount_minor: i64,
+}
+
+/// One account with its deals, converted leads and won amounts; `None` when unknown.
+pub async fn account_360(
+    db: &ReadDatabase,
+    account_id: &str,
+) -> Result<Option<AccountView>, ProjectionError> {
+    let id: Param = account_id.into();
+    let account = rows(
+        db,
+        &format!(
+            "SELECT account_id, name, domain, industry, CAST(employees AS TEXT), tier \
+               FROM account_360 WHERE generation = {} AND account_id = $1",
+            live("account_360")
+        ),
+        std::slice::from_ref(&id),
+    )
+    .await?;
+    let Some(row) = account.first() else {
+        return Ok(None);
+    };
+    let deals = rows(
+        db,
+        &format!(
+            "SELECT deal_id, name, stage, status, currency, CAST(amount_minor AS TEXT) \
+               FROM deal_board WHERE generation = {} AND account_id = $1 \
+              ORDER BY opened_micros, deal_id",
+            live("deal_board")
+        ),
+        std::slice::from_ref(&id),
+    )
+    .await?
+    .iter()
+    .map(|d| AccountDeal {
+        deal_id: text(d, 0),
+        name: text(d, 1),
+        stage: text(d, 2),
+        status: text(d, 3),
+        currency: text(d, 4),
+        amount_minor: number(d, 5),
+    })
+    .collect::<Vec<_>>();
+    let converted_leads = rows(
+        db,
+        &format!(
+            "SELECT lead_id FROM lead_board WHERE generation = {} AND converted_account_id = $1 \
+              ORDER BY converted_at, lead_id",
+            live("lead_board")
+        ),
+        std::slice::from_ref(&id),
+    )
+    .await?
+    .iter()
+    .map(|l| text(l, 0))
+    .collect();
+    let mut won: Vec<(String, i64)> = Vec::new();
+    for deal in deals.iter().filter(|d| d.status == "won") {
+        match won.iter_mut().find(|(c, _)| *c == deal.currency) {
+            Some((_, sum)) => *sum += deal.amount_minor,
+            None => won.push((deal.currency.clone(), deal.amount_minor)),
+        }
+    }
+    won.sort();
+    Ok(Some(AccountView {
+        account_id: text(row, 0),
+        name: text(row, 1),
+        domain: row[2].clone(),
+        industry: row[3].clone(),
+        employees: row[4].as_deref().and_then(|e| e.parse().ok()),
+        tier: text(row, 5),
+        deals,
+        converted_leads,
+        won,
+    }))
+}
