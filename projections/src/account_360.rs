@@ -4,93 +4,117 @@
 
 use annals_domain::account::AccountEvent;
 use annals_store::{LogFilter, RecordedEvent};
-use async_trait::async_trait;
 
-use crate::{
-    Param, ProjectionError, Projector, ReadTx, Table, aggregate_id, decode, sql_int, time_text,
-};
+use crate::rows::{RowModel, column, integer, required};
+use crate::{Param, ProjectionError, Table, aggregate_id, decode, sql_int, time_text};
 
 #[derive(Debug, Default)]
 pub struct Account360;
 
-#[async_trait]
-impl Projector for Account360 {
-    fn name(&self) -> &'static str {
-        "account_360"
-    }
+/// A row of `account_360`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccountRow {
+    pub account_id: String,
+    pub name: String,
+    pub domain: Option<String>,
+    pub industry: Option<String>,
+    pub employees: Option<i64>,
+    pub tier: String,
+    pub opened_at: String,
+    pub updated_position: i64,
+}
+
+impl RowModel for Account360 {
+    type Row = AccountRow;
+
+    const NAME: &'static str = "account_360";
+    const TABLE: Table = Table {
+        name: "account_360",
+        columns: &[
+            "account_id",
+            "name",
+            "domain",
+            "industry",
+            "employees",
+            "tier",
+            "opened_at",
+            "updated_position",
+        ],
+        key: "account_id",
+    };
 
     fn filter(&self) -> LogFilter {
         LogFilter::categories(["account"])
     }
 
-    fn tables(&self) -> &'static [Table] {
-        &[Table {
-            name: "account_360",
-            columns: &[
-                "account_id",
-                "name",
-                "domain",
-                "industry",
-                "employees",
-                "tier",
-                "opened_at",
-                "updated_position",
-            ],
-            key: "account_id",
-        }]
+    fn key(&self, event: &RecordedEvent) -> Result<Option<String>, ProjectionError> {
+        Ok(Some(aggregate_id(event)))
     }
 
-    async fn apply(&self, tx: &mut ReadTx, event: &RecordedEvent) -> Result<(), ProjectionError> {
-        let decoded: AccountEvent = decode(event)?;
-        let account = aggregate_id(event);
+    fn fold(
+        &self,
+        row: Option<AccountRow>,
+        event: &RecordedEvent,
+    ) -> Result<Option<AccountRow>, ProjectionError> {
         let position = sql_int(event.position);
-        let generation = tx.generation();
-        let (sql, params): (&str, Vec<Param>) = match decoded {
-            AccountEvent::AccountOpened {
-                name,
-                domain,
-                industry,
-                employees,
-                tier,
-                ..
-            } => (
-                "INSERT INTO account_360 (generation, account_id, name, domain, industry, \
-                                          employees, tier, opened_at, updated_position) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-                vec![
-                    generation.into(),
-                    account.into(),
-                    name.as_str().into(),
-                    domain.map(|d| d.as_str().to_owned()).into(),
-                    industry.map(|i| i.as_str().to_owned()).into(),
-                    Param::Int(employees.map(sql_int)),
-                    tier.as_str().into(),
-                    time_text(event).into(),
-                    position.into(),
-                ],
-            ),
-            AccountEvent::AccountRenamed { name, .. } => (
-                "UPDATE account_360 SET name = $3, updated_position = $4 \
-                  WHERE generation = $1 AND account_id = $2",
-                vec![
-                    generation.into(),
-                    account.into(),
-                    name.as_str().into(),
-                    position.into(),
-                ],
-            ),
-            AccountEvent::AccountTierChanged { tier, .. } => (
-                "UPDATE account_360 SET tier = $3, updated_position = $4 \
-                  WHERE generation = $1 AND account_id = $2",
-                vec![
-                    generation.into(),
-                    account.into(),
-                    tier.as_str().into(),
-                    position.into(),
-                ],
-            ),
-        };
-        tx.execute(sql, &params).await?;
-        Ok(())
+        let decoded: AccountEvent = decode(event)?;
+        if let AccountEvent::AccountOpened {
+            name,
+            domain,
+            industry,
+            employees,
+            tier,
+            ..
+        } = decoded
+        {
+            return Ok(Some(AccountRow {
+                account_id: aggregate_id(event),
+                name: name.as_str().to_owned(),
+                domain: domain.map(|d| d.as_str().to_owned()),
+                industry: industry.map(|i| i.as_str().to_owned()),
+                employees: employees.map(sql_int),
+                tier: tier.as_str().to_owned(),
+                opened_at: time_text(event),
+                updated_position: position,
+            }));
+        }
+        let mut row = row.ok_or_else(|| ProjectionError::Apply {
+            position: event.position,
+            event_type: event.event_type.clone(),
+            reason: "the account was never opened".into(),
+        })?;
+        match decoded {
+            AccountEvent::AccountOpened { .. } => {}
+            AccountEvent::AccountRenamed { name, .. } => row.name = name.as_str().to_owned(),
+            AccountEvent::AccountTierChanged { tier, .. } => row.tier = tier.as_str().to_owned(),
+        }
+        row.updated_position = position;
+        Ok(Some(row))
+    }
+
+    fn to_params(&self, row: &AccountRow) -> Vec<Param> {
+        vec![
+            row.account_id.clone().into(),
+            row.name.clone().into(),
+            row.domain.clone().into(),
+            row.industry.clone().into(),
+            Param::Int(row.employees),
+            row.tier.clone().into(),
+            row.opened_at.clone().into(),
+            row.updated_position.into(),
+        ]
+    }
+
+    fn read_row(&self, v: &[Option<String>]) -> Result<AccountRow, ProjectionError> {
+        Ok(AccountRow {
+            account_id: required(v, 0)?,
+            name: required(v, 1)?,
+            domain: column(v, 2),
+            industry: column(v, 3),
+            employees: integer(v, 4)?,
+            tier: required(v, 5)?,
+            opened_at: required(v, 6)?,
+            updated_position: integer(v, 7)?.unwrap_or(0),
+        })
     }
 }

@@ -18,6 +18,7 @@ pub mod deal_board;
 pub mod lead_board;
 mod lease;
 pub mod queries;
+pub mod rows;
 mod sql;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,6 +48,25 @@ pub enum ProjectionError {
     CheckpointMoved(String),
     #[error("projection {0} is already being rebuilt or verified")]
     Busy(String),
+    #[error("a read-model row is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// A failed batch: the error, and the event it belongs to when that is known.
+#[derive(Debug)]
+pub struct Failure {
+    pub position: Option<u64>,
+    pub error: ProjectionError,
+}
+
+impl Failure {
+    /// A failure of the batch as a whole (writing it), not of one event.
+    pub fn unplaced(error: ProjectionError) -> Self {
+        Failure {
+            position: None,
+            error,
+        }
+    }
 }
 
 /// A read-model table, as rebuild and verify see it.
@@ -68,9 +88,10 @@ pub trait Projector: Send + Sync + std::fmt::Debug {
     fn filter(&self) -> LogFilter;
     /// The tables it writes; each has a `generation` column.
     fn tables(&self) -> &'static [Table];
-    /// Applies one event inside the batch's transaction, to `tx.generation()`. Must not
-    /// read the clock or anything but the event and its own rows.
-    async fn apply(&self, tx: &mut ReadTx, event: &RecordedEvent) -> Result<(), ProjectionError>;
+    /// Applies a batch of events, in order, inside the batch's transaction, to
+    /// `tx.generation()`. Must not read the clock or anything but the events and its own
+    /// rows.
+    async fn apply(&self, tx: &mut ReadTx, events: &[RecordedEvent]) -> Result<(), Failure>;
 }
 
 /// What one step of a runner did.
@@ -396,7 +417,11 @@ impl ProjectionRunner {
                 continue;
             };
             let mut tx = self.db.begin(live).await?;
-            match self.projector.apply(&mut tx, &event).await {
+            match self
+                .projector
+                .apply(&mut tx, std::slice::from_ref(&event))
+                .await
+            {
                 Ok(()) => {
                     tx.execute(
                         "DELETE FROM projection_dead_letters WHERE name = $1 AND position = $2",
@@ -405,17 +430,13 @@ impl ProjectionRunner {
                     .await?;
                     tx.commit().await?;
                 }
-                Err(error) => {
+                Err(failure) => {
                     drop(tx);
                     still += 1;
                     let attempts = u32::try_from(parked.attempts + 1).unwrap_or(u32::MAX);
-                    self.park(
-                        parked.position,
-                        &parked.event_type,
-                        &error.to_string(),
-                        attempts,
-                    )
-                    .await?;
+                    let error = failure.error.to_string();
+                    self.park(parked.position, &parked.event_type, &error, attempts)
+                        .await?;
                 }
             }
         }
@@ -451,18 +472,16 @@ impl ProjectionRunner {
             FailurePolicy::Skip => self.parked().await?.iter().map(|p| p.position).collect(),
             FailurePolicy::Halt => Vec::new(),
         };
+        let events: Vec<RecordedEvent> = events
+            .into_iter()
+            .filter(|e| !skipped.contains(&e.position))
+            .collect();
         let mut tx = self.db.begin(generation).await?;
-        let mut applied = 0;
-        for event in events.iter().filter(|e| !skipped.contains(&e.position)) {
-            if let Err(error) = self.projector.apply(&mut tx, event).await {
-                return Err(StepError::Event {
-                    position: event.position,
-                    event_type: event.event_type.clone(),
-                    error,
-                });
-            }
-            applied += 1;
+        if let Err(failure) = self.projector.apply(&mut tx, &events).await {
+            drop(tx);
+            return Err(self.locate(failure, generation, &events).await);
         }
+        let applied = events.len();
         let name = self.name();
         let moved = if checkpoint == 0 {
             tx.execute(
@@ -491,6 +510,51 @@ impl ProjectionRunner {
         tx.commit().await?;
         self.saw(generation, next).await?;
         Ok(Outcome::Applied(applied))
+    }
+
+    /// Turns a batch's failure into a step error naming its event: when the batch could
+    /// not say which event failed, the events are applied one by one (in a transaction
+    /// that is then dropped) to find it.
+    async fn locate(
+        &self,
+        failure: Failure,
+        generation: i64,
+        events: &[RecordedEvent],
+    ) -> StepError {
+        let event_type = |position: u64| {
+            events
+                .iter()
+                .find(|e| e.position == position)
+                .map_or_else(String::new, |e| e.event_type.clone())
+        };
+        if let Some(position) = failure.position {
+            return StepError::Event {
+                event_type: event_type(position),
+                position,
+                error: failure.error,
+            };
+        }
+        if !is_poison(&failure.error) {
+            return StepError::Other(failure.error);
+        }
+        let mut tx = match self.db.begin(generation).await {
+            Ok(tx) => tx,
+            Err(error) => return StepError::Other(error),
+        };
+        for event in events {
+            if let Err(single) = self
+                .projector
+                .apply(&mut tx, std::slice::from_ref(event))
+                .await
+            {
+                return StepError::Event {
+                    position: event.position,
+                    event_type: event.event_type.clone(),
+                    error: single.error,
+                };
+            }
+        }
+        StepError::Other(failure.error)
     }
 
     /// Tells `wait_for` how far the live generation is.

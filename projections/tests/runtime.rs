@@ -16,7 +16,8 @@ use annals_domain::lead::{Lead, LeadCommand};
 use annals_domain::values::*;
 use annals_projections::lead_board::LeadBoard;
 use annals_projections::{
-    FailurePolicy, Outcome, ProjectionError, ProjectionRunner, Projector, ReadDatabase, ReadTx,
+    Failure, FailurePolicy, Outcome, ProjectionError, ProjectionRunner, Projector, ReadDatabase,
+    ReadTx,
 };
 use annals_store::{LogFilter, RecordedEvent};
 use async_trait::async_trait;
@@ -214,15 +215,20 @@ impl Projector for FailsOnce {
         LeadBoard.tables()
     }
 
-    async fn apply(&self, tx: &mut ReadTx, event: &RecordedEvent) -> Result<(), ProjectionError> {
-        if self.seen.fetch_add(1, Ordering::SeqCst) + 1 == self.at {
-            return Err(ProjectionError::Apply {
-                position: event.position,
-                event_type: event.event_type.clone(),
-                reason: "injected failure".into(),
-            });
+    async fn apply(&self, tx: &mut ReadTx, events: &[RecordedEvent]) -> Result<(), Failure> {
+        for event in events {
+            if self.seen.fetch_add(1, Ordering::SeqCst) + 1 == self.at {
+                return Err(Failure {
+                    position: Some(event.position),
+                    error: ProjectionError::Apply {
+                        position: event.position,
+                        event_type: event.event_type.clone(),
+                        reason: "injected failure".into(),
+                    },
+                });
+            }
         }
-        LeadBoard.apply(tx, event).await
+        LeadBoard.apply(tx, events).await
     }
 }
 
@@ -580,20 +586,25 @@ impl Projector for FailsAtFirst {
         LeadBoard.tables()
     }
 
-    async fn apply(&self, tx: &mut ReadTx, event: &RecordedEvent) -> Result<(), ProjectionError> {
-        if event.event_type == self.event_type
-            && self
-                .failures
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok()
-        {
-            return Err(ProjectionError::Apply {
-                position: event.position,
-                event_type: event.event_type.clone(),
-                reason: "a passing failure".into(),
-            });
+    async fn apply(&self, tx: &mut ReadTx, events: &[RecordedEvent]) -> Result<(), Failure> {
+        for event in events {
+            if event.event_type == self.event_type
+                && self
+                    .failures
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+            {
+                return Err(Failure {
+                    position: Some(event.position),
+                    error: ProjectionError::Apply {
+                        position: event.position,
+                        event_type: event.event_type.clone(),
+                        reason: "a passing failure".into(),
+                    },
+                });
+            }
         }
-        LeadBoard.apply(tx, event).await
+        LeadBoard.apply(tx, events).await
     }
 }
 
