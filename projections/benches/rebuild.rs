@@ -266,7 +266,11 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("|---|---|---|---|---|---|---|");
     let mut lag_lines = Vec::new();
+    let only = std::env::var("ANNALS_BENCH_ONLY").unwrap_or_default();
     for backend in ["sqlite", "postgres"] {
+        if !only.is_empty() && only != backend {
+            continue;
+        }
         let dir = tempfile::tempdir()?;
         let mut pg_name = None;
         let (store, db): (Arc<dyn EventStore>, ReadDatabase) = if backend == "sqlite" {
