@@ -13,10 +13,8 @@ use crate::{ProjectionError, ReadDatabase};
 pub(crate) enum Lease {
     /// SQLite: one process owns everything.
     Sole,
-    Postgres {
-        connection: PgConnection,
-        key: i64,
-    },
+    /// The connection whose session holds the advisory lock.
+    Postgres { connection: PgConnection },
 }
 
 impl Lease {
@@ -39,7 +37,7 @@ impl Lease {
                     .fetch_one(&mut connection)
                     .await?;
                 if taken {
-                    Ok(Some(Lease::Postgres { connection, key }))
+                    Ok(Some(Lease::Postgres { connection }))
                 } else {
                     let _ = connection.close().await;
                     Ok(None)
@@ -48,20 +46,13 @@ impl Lease {
         }
     }
 
-    /// Whether the lease is still this process's (its connection is alive and holds the
-    /// lock); checked before every batch.
+    /// Whether the lease is still this process's; checked before every batch. A
+    /// session-level lock lasts as long as its session and is never unlocked here, so
+    /// the lease is held exactly while its connection answers.
     pub async fn held(&mut self) -> bool {
         match self {
             Lease::Sole => true,
-            Lease::Postgres { connection, key } => sqlx::query_scalar::<_, bool>(
-                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' \
-                   AND pid = pg_backend_pid() AND granted \
-                   AND ((classid::bigint << 32) | objid::bigint) = $1)",
-            )
-            .bind(*key)
-            .fetch_one(connection)
-            .await
-            .unwrap_or(false),
+            Lease::Postgres { connection, .. } => connection.ping().await.is_ok(),
         }
     }
 

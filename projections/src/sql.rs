@@ -82,13 +82,15 @@ pub struct ReadTx {
     generation: i64,
 }
 
-/// Statements are not prepared: each is planned with its real arguments. Read-model
-/// tables grow from empty during a rebuild, and a plan cached while one was empty kept
-/// scanning it whole (350 ms per batch at 100,000 rows). A statement runs once per
-/// batch, so planning it each time costs little.
+/// On PostgreSQL statements are not prepared (`persistent` false): each is planned with
+/// its real arguments. Read-model tables grow from empty during a rebuild, and a plan
+/// cached while one was empty kept scanning it whole (350 ms per batch at 100,000 rows);
+/// a statement runs once per batch, so planning it each time costs little. SQLite plans
+/// by its indexes, not by table sizes, and re-preparing its large multi-row statements
+/// halved its rebuild rate, so there they are prepared once.
 macro_rules! bound {
-    ($sql:expr, $params:expr) => {{
-        let mut query = sqlx::query($sql).persistent(false);
+    ($sql:expr, $params:expr, $persistent:expr) => {{
+        let mut query = sqlx::query($sql).persistent($persistent);
         for param in $params {
             query = match param {
                 Param::Text(text) => query.bind(text.clone()),
@@ -108,11 +110,11 @@ impl ReadTx {
     /// Runs one statement; returns the rows it changed.
     pub async fn execute(&mut self, sql: &str, params: &[Param]) -> Result<u64, ProjectionError> {
         let done = match &mut self.inner {
-            Inner::Sqlite(tx) => bound!(sql, params)
+            Inner::Sqlite(tx) => bound!(sql, params, true)
                 .execute(&mut **tx)
                 .await?
                 .rows_affected(),
-            Inner::Postgres(tx) => bound!(sql, params)
+            Inner::Postgres(tx) => bound!(sql, params, false)
                 .execute(&mut **tx)
                 .await?
                 .rows_affected(),
@@ -127,12 +129,12 @@ impl ReadTx {
         params: &[Param],
     ) -> Result<Option<i64>, ProjectionError> {
         let value = match &mut self.inner {
-            Inner::Sqlite(tx) => bound!(sql, params)
+            Inner::Sqlite(tx) => bound!(sql, params, true)
                 .fetch_optional(&mut **tx)
                 .await?
                 .map(|row| row.try_get::<Option<i64>, _>(0))
                 .transpose()?,
-            Inner::Postgres(tx) => bound!(sql, params)
+            Inner::Postgres(tx) => bound!(sql, params, false)
                 .fetch_optional(&mut **tx)
                 .await?
                 .map(|row| row.try_get::<Option<i64>, _>(0))
@@ -148,13 +150,13 @@ impl ReadTx {
         params: &[Param],
     ) -> Result<Vec<Vec<Option<String>>>, ProjectionError> {
         let rows = match &mut self.inner {
-            Inner::Sqlite(tx) => bound!(sql, params)
+            Inner::Sqlite(tx) => bound!(sql, params, true)
                 .fetch_all(&mut **tx)
                 .await?
                 .iter()
                 .map(|row| (0..row.len()).map(|i| row.try_get(i)).collect())
                 .collect::<Result<_, _>>()?,
-            Inner::Postgres(tx) => bound!(sql, params)
+            Inner::Postgres(tx) => bound!(sql, params, false)
                 .fetch_all(&mut **tx)
                 .await?
                 .iter()
