@@ -114,12 +114,14 @@ async fn load<M: RowModel>(
     let mut rows = HashMap::new();
     for chunk in keys.chunks(ROWS_PER_STATEMENT) {
         let placeholders = (0..chunk.len())
-            .map(|i| format!("${}", i + 2))
+            .map(|i| tx.placeholder(i + 2))
             .collect::<Vec<_>>()
             .join(", ");
         let sql = format!(
-            "SELECT {columns} FROM {} WHERE generation = $1 AND {} IN ({placeholders})",
-            table.name, table.key
+            "SELECT {columns} FROM {} WHERE generation = {} AND {} IN ({placeholders})",
+            table.name,
+            tx.placeholder(1),
+            table.key
         );
         let mut params = vec![Param::from(tx.generation())];
         params.extend(chunk.iter().map(|k| Param::from(*k)));
@@ -151,7 +153,7 @@ async fn store<M: RowModel>(
         let values = (0..chunk.len())
             .map(|r| {
                 let row = (0..width)
-                    .map(|c| format!("${}", r * width + c + 1))
+                    .map(|c| tx.placeholder(r * width + c + 1))
                     .collect::<Vec<_>>()
                     .join(", ");
                 format!("({row})")

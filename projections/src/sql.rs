@@ -107,6 +107,17 @@ impl ReadTx {
         self.generation
     }
 
+    /// The placeholder of the `n`-th parameter (from 1) in generated SQL whose
+    /// parameters appear in binding order: `$n` on PostgreSQL, `?` on SQLite, where
+    /// binding a named parameter looks its name up by a linear scan (quadratic in a
+    /// statement of thousands of parameters).
+    pub fn placeholder(&self, n: usize) -> String {
+        match self.inner {
+            Inner::Sqlite(_) => "?".to_owned(),
+            Inner::Postgres(_) => format!("${n}"),
+        }
+    }
+
     /// Runs one statement; returns the rows it changed.
     pub async fn execute(&mut self, sql: &str, params: &[Param]) -> Result<u64, ProjectionError> {
         let done = match &mut self.inner {
