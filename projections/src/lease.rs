@@ -24,7 +24,7 @@ impl Lease {
         name: &str,
     ) -> Result<Option<Lease>, ProjectionError> {
         match db {
-            ReadDatabase::Sqlite(_) => Ok(Some(Lease::Sole)),
+            ReadDatabase::Sqlite { .. } => Ok(Some(Lease::Sole)),
             ReadDatabase::Postgres(pool) => {
                 // A connection of its own, outside the pool: the lock lives as long as it.
                 let mut connection = pool.acquire().await?.detach();

@@ -3,7 +3,10 @@
 //! Read-model SQL is written once, with `$1`-style placeholders, which both PostgreSQL
 //! and sqlx's SQLite accept.
 
+use std::sync::Arc;
+
 use sqlx::{Postgres, Row, Sqlite, Transaction};
+use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::ProjectionError;
 
@@ -11,29 +14,57 @@ use crate::ProjectionError;
 /// its checkpoint commit in one transaction.
 #[derive(Debug, Clone)]
 pub enum ReadDatabase {
-    Sqlite(sqlx::SqlitePool),
+    Sqlite {
+        pool: sqlx::SqlitePool,
+        /// The store's queue for writers (see `SqliteStore::write_gate`).
+        gate: Arc<Mutex<()>>,
+    },
     Postgres(sqlx::PgPool),
 }
 
 impl ReadDatabase {
+    pub fn sqlite(store: &annals_store::SqliteStore) -> Self {
+        ReadDatabase::Sqlite {
+            pool: store.pool().clone(),
+            gate: store.write_gate(),
+        }
+    }
+
+    pub fn postgres(store: &annals_store::PostgresStore) -> Self {
+        ReadDatabase::Postgres(store.pool().clone())
+    }
+
     /// A transaction writing the given generation of a projection's tables.
     pub async fn begin(&self, generation: i64) -> Result<ReadTx, ProjectionError> {
-        let inner = match self {
-            // Taking the write lock at once: a deferred transaction that reads and then
-            // writes could fail on a lock it cannot upgrade.
-            ReadDatabase::Sqlite(pool) => Inner::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?),
-            ReadDatabase::Postgres(pool) => Inner::Postgres(pool.begin().await?),
+        let (inner, turn) = match self {
+            // In turn with this process's other writers, then taking the write lock at
+            // once: a deferred transaction that reads and then writes could fail on a
+            // lock it cannot upgrade.
+            ReadDatabase::Sqlite { pool, gate } => {
+                let turn = gate.clone().lock_owned().await;
+                let tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+                (Inner::Sqlite(tx), Some(turn))
+            }
+            ReadDatabase::Postgres(pool) => (Inner::Postgres(pool.begin().await?), None),
         };
-        Ok(ReadTx { inner, generation })
+        Ok(ReadTx {
+            inner,
+            generation,
+            _turn: turn,
+        })
     }
 
     /// A transaction that only reads (on SQLite it takes no write lock).
     pub async fn begin_read(&self, generation: i64) -> Result<ReadTx, ProjectionError> {
         let inner = match self {
-            ReadDatabase::Sqlite(pool) => Inner::Sqlite(pool.begin().await?),
+            ReadDatabase::Sqlite { pool, .. } => Inner::Sqlite(pool.begin().await?),
             ReadDatabase::Postgres(pool) => Inner::Postgres(pool.begin().await?),
         };
-        Ok(ReadTx { inner, generation })
+        Ok(ReadTx {
+            inner,
+            generation,
+            _turn: None,
+        })
     }
 }
 
@@ -80,6 +111,8 @@ enum Inner {
 pub struct ReadTx {
     inner: Inner,
     generation: i64,
+    /// A SQLite writer's turn, held until the transaction ends.
+    _turn: Option<OwnedMutexGuard<()>>,
 }
 
 /// On PostgreSQL statements are not prepared (`persistent` false): each is planned with

@@ -60,8 +60,8 @@ on_both_backends!(
 
 fn read_database(db: &Fixture) -> ReadDatabase {
     match db {
-        Fixture::Sqlite { store, .. } => ReadDatabase::Sqlite(store.pool().clone()),
-        Fixture::Postgres { store, .. } => ReadDatabase::Postgres(store.pool().clone()),
+        Fixture::Sqlite { store, .. } => ReadDatabase::sqlite(store),
+        Fixture::Postgres { store, .. } => ReadDatabase::postgres(store),
     }
 }
 

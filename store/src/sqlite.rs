@@ -6,6 +6,7 @@
 //! writer, and by polling for anything else.
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -18,7 +19,7 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 use sqlx::{Connection, Row, Sqlite, SqliteConnection, Transaction};
-use tokio::sync::watch;
+use tokio::sync::{Mutex, OwnedMutexGuard, watch};
 use uuid::Uuid;
 
 use crate::audit::{self, AuditRow};
@@ -41,6 +42,10 @@ const EVENT_COLUMNS: &str = "position, stream, version, event_id, event_type, sc
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// Writers of this process take turns here, in order, before `BEGIN IMMEDIATE`:
+    /// SQLite's own busy handler would make a waiting writer sleep in growing steps
+    /// (up to 100 ms), which showed as tail latency of appends and projections alike.
+    write_gate: Arc<Mutex<()>>,
     writer: GroupCommit,
     head: watch::Sender<u64>,
     poll_interval: Duration,
@@ -76,15 +81,18 @@ impl SqliteStore {
             .connect_with(options)
             .await?;
         let head = watch::Sender::new(read_head(&pool).await?);
+        let write_gate = Arc::new(Mutex::new(()));
         let writer = GroupCommit::start(
             SqliteWriter {
                 pool: write_pool,
                 connection: None,
+                gate: write_gate.clone(),
             },
             head.clone(),
         );
         Ok(SqliteStore {
             pool,
+            write_gate,
             writer,
             head,
             poll_interval: config.poll_interval,
@@ -94,6 +102,12 @@ impl SqliteStore {
     /// The connection pool, for code that keeps its own tables in the same database.
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+
+    /// Where this process's writers queue for the database (see the field); code that
+    /// writes through `pool` in transactions takes its turn here first.
+    pub fn write_gate(&self) -> Arc<Mutex<()>> {
+        self.write_gate.clone()
     }
 
     /// Test support: runs an append in a transaction of its own and leaves it open until
@@ -108,6 +122,7 @@ impl SqliteStore {
         let store = self.clone();
         Box::pin(async move {
             let append = batch::validate(request)?;
+            let turn = store.write_gate.clone().lock_owned().await;
             let mut transaction = store.pool.begin_with("BEGIN IMMEDIATE").await?;
             let batch = std::slice::from_ref(&append);
             let facts = read_facts(&mut transaction, batch, FactsSource::ReadWithIds).await?;
@@ -122,6 +137,7 @@ impl SqliteStore {
                 transaction,
                 outcome,
                 head: store.head.clone(),
+                _turn: turn,
             })
         })
     }
@@ -134,6 +150,7 @@ pub struct HeldAppend {
     transaction: Transaction<'static, Sqlite>,
     outcome: AppendOutcome,
     head: watch::Sender<u64>,
+    _turn: OwnedMutexGuard<()>,
 }
 
 impl HeldAppend {
@@ -167,6 +184,7 @@ struct SqliteWriter {
     /// Kept between batches (taking it from the pool costs more than a round trip);
     /// dropped, and closed, after any error.
     connection: Option<PoolConnection<Sqlite>>,
+    gate: Arc<Mutex<()>>,
 }
 
 #[async_trait]
@@ -177,6 +195,7 @@ impl BatchWriter for SqliteWriter {
         source: FactsSource,
         remembered: Option<LogFacts>,
     ) -> Result<Option<Plan>, StoreError> {
+        let _turn = self.gate.lock().await;
         let connection = match &mut self.connection {
             Some(connection) => connection,
             None => self.connection.insert(self.pool.acquire().await?),
