@@ -4,6 +4,7 @@
 // A test that cannot go on should stop loudly; `unwrap` says so shortest.
 #![allow(clippy::unwrap_used)]
 
+#[macro_use]
 #[path = "../../tests/support/database.rs"]
 mod database;
 
@@ -17,29 +18,8 @@ use annals_domain::lead::{Lead, LeadCommand, LeadStatus};
 use annals_domain::values::*;
 use annals_domain::{Aggregate, DomainError};
 use annals_store::{Direction, EventStore, LogFilter, Snapshot};
-use database::{Backend, Fixture, run};
+use database::Fixture;
 use uuid::Uuid;
-
-macro_rules! on_both_backends {
-    ($($case:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $case() {
-                    crate::run(crate::Backend::Sqlite, super::$case).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $case() {
-                    crate::run(crate::Backend::Postgres, super::$case).await;
-                }
-            )*
-        }
-    };
-}
 
 on_both_backends!(
     concurrent_signals_on_one_lead_lose_no_update,

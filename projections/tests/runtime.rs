@@ -4,6 +4,7 @@
 // A test that cannot go on should stop loudly; `unwrap` says so shortest.
 #![allow(clippy::unwrap_used)]
 
+#[macro_use]
 #[path = "../../tests/support/database.rs"]
 mod database;
 
@@ -23,27 +24,6 @@ use annals_store::{LogFilter, RecordedEvent};
 use async_trait::async_trait;
 use database::{Backend, Fixture, run};
 use uuid::Uuid;
-
-macro_rules! on_both_backends {
-    ($($case:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $case() {
-                    crate::run(crate::Backend::Sqlite, super::$case).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $case() {
-                    crate::run(crate::Backend::Postgres, super::$case).await;
-                }
-            )*
-        }
-    };
-}
 
 on_both_backends!(
     the_funnel_pipeline_and_account_view_follow_a_revenue_history,

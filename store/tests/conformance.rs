@@ -4,8 +4,9 @@
 // A test that cannot go on should stop loudly; `unwrap` says so shortest.
 #![allow(clippy::unwrap_used)]
 
+#[macro_use]
 #[path = "../../tests/support/database.rs"]
-mod common;
+mod database;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -15,31 +16,10 @@ use annals_store::{
     AppendRequest, Claim, Direction, EventStore, ExpectedVersion, IdempotencyKey, InvalidInput,
     LogFilter, LogFollower, Metadata, NewEvent, Snapshot, StoreError, StreamName,
 };
-use common::{Backend, Fixture, append, event, stream};
+use database::{Backend, Fixture, append, event, stream};
 use serde_json::json;
 
-macro_rules! conformance {
-    ($($case:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $case() {
-                    crate::common::run(crate::Backend::Sqlite, super::$case).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $case() {
-                    crate::common::run(crate::Backend::Postgres, super::$case).await;
-                }
-            )*
-        }
-    };
-}
-
-conformance!(
+on_both_backends!(
     appended_events_read_back_with_every_field,
     expected_version_is_checked,
     concurrent_appends_at_one_version_exactly_one_wins,
@@ -782,7 +762,7 @@ async fn read_all_filters_by_type_and_category(db: Arc<Fixture>) {
 }
 
 async fn waiting_readers_wake_on_commit_from_another_store(db: Arc<Fixture>) {
-    // Readers poll only every 60 s here (see common::config), so returning with the new
+    // Readers poll only every 60 s here (see database::config), so returning with the new
     // head within the 30 s timeout shows the commit itself woke them. On PostgreSQL the
     // writer is another store (another process, in effect); on SQLite one process owns
     // the file, so the writer is the same store.
@@ -1088,7 +1068,7 @@ async fn concurrent_random_appends_keep_the_log_sound(db: Arc<Fixture>, plans: V
 mod properties {
     use proptest::prelude::*;
 
-    use crate::common::{Backend, run};
+    use crate::database::{Backend, run};
 
     fn check(backend: Backend, plans: Vec<super::TaskPlan>) {
         let runtime = tokio::runtime::Builder::new_multi_thread()

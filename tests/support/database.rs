@@ -4,6 +4,30 @@
 //! Shared by the test binaries of several crates (`#[path]` modules); each uses a part.
 #![allow(dead_code)]
 
+/// Generates, for each named test body `async fn case(db: Arc<Fixture>)`, one test on
+/// SQLite (`sqlite::case`) and one on PostgreSQL (`postgres::case`). Include this module
+/// as `#[macro_use] mod database;` at the test crate's root.
+macro_rules! on_both_backends {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    crate::database::run(crate::database::Backend::Sqlite, super::$case).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    crate::database::run(crate::database::Backend::Postgres, super::$case).await;
+                }
+            )*
+        }
+    };
+}
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
