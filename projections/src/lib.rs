@@ -296,9 +296,10 @@ impl ProjectionRunner {
         }
         let live = self.live_generation().await?;
         match self.step(live, None, self.batch_size).await {
-            Ok(outcome) => {
+            Ok((outcome, checkpoint)) => {
                 *lock(&self.last_error) = None;
                 *lock(&self.failing) = None;
+                self.applied.send_if_modified(|a| bump(a, checkpoint));
                 Ok(outcome)
             }
             Err(StepError::Event {
@@ -443,16 +444,17 @@ impl ProjectionRunner {
         Ok(still)
     }
 
-    /// Applies the next batch to `generation`, stopping at `limit` when given.
+    /// Applies the next batch to `generation`, stopping at `limit` when given; returns
+    /// what it did and the generation's checkpoint after it.
     async fn step(
         &self,
         generation: i64,
         limit: Option<u64>,
         batch_size: usize,
-    ) -> Result<Outcome, StepError> {
+    ) -> Result<(Outcome, u64), StepError> {
         let checkpoint = self.checkpoint_of(generation).await?;
         if limit.is_some_and(|limit| checkpoint >= limit) {
-            return Ok(Outcome::CaughtUp);
+            return Ok((Outcome::CaughtUp, checkpoint));
         }
         let page = self
             .store
@@ -465,8 +467,7 @@ impl ProjectionRunner {
             events.retain(|e| e.position <= limit);
         }
         if next == checkpoint {
-            self.saw(generation, checkpoint).await?;
-            return Ok(Outcome::CaughtUp);
+            return Ok((Outcome::CaughtUp, checkpoint));
         }
         let skipped: Vec<u64> = match self.policy {
             FailurePolicy::Skip => self.parked().await?.iter().map(|p| p.position).collect(),
@@ -508,8 +509,7 @@ impl ProjectionRunner {
             return Err(ProjectionError::CheckpointMoved(name.to_owned()).into());
         }
         tx.commit().await?;
-        self.saw(generation, next).await?;
-        Ok(Outcome::Applied(applied))
+        Ok((Outcome::Applied(applied), next))
     }
 
     /// Turns a batch's failure into a step error naming its event: when the batch could
@@ -555,14 +555,6 @@ impl ProjectionRunner {
             }
         }
         StepError::Other(failure.error)
-    }
-
-    /// Tells `wait_for` how far the live generation is.
-    async fn saw(&self, generation: i64, checkpoint: u64) -> Result<(), ProjectionError> {
-        if generation == self.live_generation().await? {
-            self.applied.send_if_modified(|a| bump(a, checkpoint));
-        }
-        Ok(())
     }
 
     /// Steps until caught up; returns how many events were applied.
@@ -753,7 +745,7 @@ impl ProjectionRunner {
     async fn fill(&self, generation: i64, limit: Option<u64>) -> Result<(), ProjectionError> {
         loop {
             match self.step(generation, limit, REBUILD_BATCH).await {
-                Ok(Outcome::Applied(_)) => {}
+                Ok((Outcome::Applied(_), _)) => {}
                 Ok(_) => return Ok(()),
                 Err(failure) => return Err(failure.into_error()),
             }

@@ -174,15 +174,43 @@ async fn lead_board_shows_every_lead_as_its_events_left_it(db: Arc<Fixture>) {
     assert_eq!(db.text_rows(BOARD).await, rows);
 }
 
-/// Wraps the lead board and fails once, at the n-th event it is given.
-#[derive(Debug)]
-struct FailsOnce {
-    at: usize,
-    seen: AtomicUsize,
+/// The lead board, failing at the events `fails_at` picks (it sees every event the
+/// board is given, in order).
+struct Failing {
+    fails_at: Box<dyn Fn(&RecordedEvent) -> bool + Send + Sync>,
+}
+
+impl std::fmt::Debug for Failing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Failing")
+    }
+}
+
+impl Failing {
+    /// Fails once, at the n-th event given.
+    fn at_nth(n: usize) -> Self {
+        let seen = AtomicUsize::new(0);
+        Failing {
+            fails_at: Box::new(move |_| seen.fetch_add(1, Ordering::SeqCst) + 1 == n),
+        }
+    }
+
+    /// Fails the first `times` events of one type it is given, then works.
+    fn first_of_type(event_type: &'static str, times: usize) -> Self {
+        let left = AtomicUsize::new(times);
+        Failing {
+            fails_at: Box::new(move |event| {
+                event.event_type == event_type
+                    && left
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                        .is_ok()
+            }),
+        }
+    }
 }
 
 #[async_trait]
-impl Projector for FailsOnce {
+impl Projector for Failing {
     fn name(&self) -> &'static str {
         "lead_board"
     }
@@ -197,7 +225,7 @@ impl Projector for FailsOnce {
 
     async fn apply(&self, tx: &mut ReadTx, events: &[RecordedEvent]) -> Result<(), Failure> {
         for event in events {
-            if self.seen.fetch_add(1, Ordering::SeqCst) + 1 == self.at {
+            if (self.fails_at)(event) {
                 return Err(Failure {
                     position: Some(event.position),
                     error: ProjectionError::Apply {
@@ -214,14 +242,7 @@ impl Projector for FailsOnce {
 
 async fn a_failed_batch_is_rolled_back_and_applied_once_later(db: Arc<Fixture>) {
     history(&db).await;
-    let flaky = runner(
-        &db,
-        Arc::new(FailsOnce {
-            at: 6,
-            seen: AtomicUsize::new(0),
-        }),
-    )
-    .with_batch_size(4);
+    let flaky = runner(&db, Arc::new(Failing::at_nth(6))).with_batch_size(4);
     assert_eq!(flaky.run_once().await.unwrap(), Outcome::Applied(4));
     // The second batch fails at its second event: none of it stays.
     assert!(matches!(
@@ -545,61 +566,12 @@ async fn a_poisoned_event_is_parked_and_halts_its_projection(db: Arc<Fixture>) {
     assert_eq!(board.parked().await.unwrap().len(), 1);
 }
 
-/// Fails its first `failures` attempts at events of one type, then works.
-#[derive(Debug)]
-struct FailsAtFirst {
-    event_type: &'static str,
-    failures: AtomicUsize,
-}
-
-#[async_trait]
-impl Projector for FailsAtFirst {
-    fn name(&self) -> &'static str {
-        "lead_board"
-    }
-
-    fn filter(&self) -> LogFilter {
-        LeadBoard.filter()
-    }
-
-    fn tables(&self) -> &'static [annals_projections::Table] {
-        LeadBoard.tables()
-    }
-
-    async fn apply(&self, tx: &mut ReadTx, events: &[RecordedEvent]) -> Result<(), Failure> {
-        for event in events {
-            if event.event_type == self.event_type
-                && self
-                    .failures
-                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                    .is_ok()
-            {
-                return Err(Failure {
-                    position: Some(event.position),
-                    error: ProjectionError::Apply {
-                        position: event.position,
-                        event_type: event.event_type.clone(),
-                        reason: "a passing failure".into(),
-                    },
-                });
-            }
-        }
-        LeadBoard.apply(tx, events).await
-    }
-}
-
 async fn a_skipping_projection_parks_a_failing_event_goes_on_and_retries_it(db: Arc<Fixture>) {
     history(&db).await;
     let poison = append_poison(&db).await;
     history(&db).await;
-    let board = runner(
-        &db,
-        Arc::new(FailsAtFirst {
-            event_type: "LeadAssigned",
-            failures: AtomicUsize::new(1),
-        }),
-    )
-    .with_failure_policy(FailurePolicy::Skip, 1);
+    let board = runner(&db, Arc::new(Failing::first_of_type("LeadAssigned", 1)))
+        .with_failure_policy(FailurePolicy::Skip, 1);
     board.catch_up().await.unwrap();
     let parked: Vec<u64> = board
         .parked()

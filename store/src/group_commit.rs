@@ -132,13 +132,7 @@ async fn run<W: BatchWriter>(
             .map(AppendOutcome::last_position)
             .max();
         if let Some(last) = last {
-            head.send_if_modified(|h| {
-                let newer = last > *h;
-                if newer {
-                    *h = last;
-                }
-                newer
-            });
+            crate::raise_head(&head, last);
         }
         for (answer, result) in answers.into_iter().zip(results) {
             // A caller that stopped waiting (its request was cancelled) is no error: the

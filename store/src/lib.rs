@@ -126,6 +126,18 @@ pub async fn open(url: &str, config: StoreConfig) -> Result<Arc<dyn EventStore>,
     }
 }
 
+/// Moves this process's head watch to `position` if that is further; readers waiting
+/// on the watch wake only when it moves.
+pub(crate) fn raise_head(head: &tokio::sync::watch::Sender<u64>, position: u64) {
+    head.send_if_modified(|h| {
+        let newer = position > *h;
+        if newer {
+            *h = position;
+        }
+        newer
+    });
+}
+
 /// Waits on this process's head watch, re-reading the head from the database every poll
 /// interval in case a notification was missed.
 pub(crate) async fn wait_for_head<F, Fut>(
@@ -143,13 +155,7 @@ where
     let mut receiver = head.subscribe();
     loop {
         let current = read_head().await?;
-        head.send_if_modified(|h| {
-            let newer = current > *h;
-            if newer {
-                *h = current;
-            }
-            newer
-        });
+        raise_head(head, current);
         receiver.mark_unchanged();
         if current > after {
             return Ok(current);

@@ -169,13 +169,7 @@ async fn listen(mut listener: PgListener, head: watch::Sender<u64>) {
             received = listener.recv() => match received {
                 Ok(notification) => {
                     if let Ok(position) = notification.payload().parse::<u64>() {
-                        head.send_if_modified(|h| {
-                            let newer = position > *h;
-                            if newer {
-                                *h = position;
-                            }
-                            newer
-                        });
+                        crate::raise_head(&head, position);
                     }
                 }
                 Err(sqlx::Error::PoolClosed) => return,

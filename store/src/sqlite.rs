@@ -161,13 +161,7 @@ impl HeldAppend {
     pub async fn commit(self) -> Result<AppendOutcome, StoreError> {
         self.transaction.commit().await?;
         let last = self.outcome.last_position();
-        self.head.send_if_modified(|h| {
-            let newer = last > *h;
-            if newer {
-                *h = last;
-            }
-            newer
-        });
+        crate::raise_head(&self.head, last);
         Ok(self.outcome)
     }
 }
