@@ -1,10 +1,17 @@
-//! The `annals` binary: the operator's command line (and, with the API issue, the HTTP
-//! server). Every failure ends in one clear line on stderr and a non-zero exit.
+//! The `annals` binary: the HTTP server and the operator's command line. Every failure
+//! ends in one clear line on stderr and a non-zero exit.
 
+mod cli;
+
+use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
-use annals_store::StoreConfig;
+use annals_api::{Settings, System, Tokens};
+use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -17,29 +24,72 @@ struct Cli {
     command: Command,
 }
 
+/// The database every command works on.
+#[derive(Debug, clap::Args)]
+struct Database {
+    /// `sqlite://annals.db` (the embedded default, created when missing) or
+    /// `postgres://…`.
+    #[arg(
+        long,
+        env = "ANNALS_DATABASE_URL",
+        default_value = "sqlite://annals.db"
+    )]
+    database_url: String,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the HTTP server (applying pending migrations first).
+    Serve {
+        #[command(flatten)]
+        database: Database,
+        /// The address to listen on; anonymous access (no ANNALS_API_TOKENS) is allowed
+        /// on loopback addresses only.
+        #[arg(long, env = "ANNALS_LISTEN", default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// How long a query waits for `min_position`, in milliseconds.
+        #[arg(long, env = "ANNALS_CONSISTENCY_WAIT_MS", default_value_t = 5000)]
+        consistency_wait_ms: u64,
+        /// How long a request may take (operator jobs under /admin excepted), in
+        /// milliseconds.
+        #[arg(long, env = "ANNALS_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
+        request_timeout_ms: u64,
+    },
     /// Apply pending database migrations (creating the SQLite file when missing).
     Migrate {
-        /// `sqlite://annals.db` (the embedded default) or `postgres://…`.
-        #[arg(
-            long,
-            env = "ANNALS_DATABASE_URL",
-            default_value = "sqlite://annals.db"
-        )]
-        database_url: String,
+        #[command(flatten)]
+        database: Database,
     },
+    #[command(flatten)]
+    Operator(cli::Operator),
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    let serving = matches!(cli.command, Command::Serve { .. });
+    init_logs(if serving { "info,sqlx=warn" } else { "warn" });
     match run(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(error) => {
             eprintln!("annals: {}", one_line(&error));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Human-readable logs on stderr, or JSON lines with `ANNALS_LOG_FORMAT=json`; `RUST_LOG`
+/// overrides the level.
+fn init_logs(default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("ANNALS_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().with_current_span(true).init();
+    } else {
+        builder.init();
     }
 }
 
@@ -59,13 +109,86 @@ fn one_line(error: &anyhow::Error) -> String {
     line.replace('\n', " ")
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Migrate { database_url } => {
-            let store = annals_store::open(&database_url, StoreConfig::default()).await?;
-            let head = store.head().await?;
-            println!("migrations applied; the log holds {head} events");
-            Ok(())
+        Command::Serve {
+            database,
+            listen,
+            consistency_wait_ms,
+            request_timeout_ms,
+        } => {
+            let settings = Settings {
+                consistency_wait: Duration::from_millis(consistency_wait_ms),
+                request_timeout: Duration::from_millis(request_timeout_ms),
+            };
+            serve(&database.database_url, &listen, settings).await?;
+            Ok(ExitCode::SUCCESS)
         }
+        Command::Migrate { database } => {
+            let system = System::open(&database.database_url).await?;
+            let head = system.store.head().await?;
+            println!("migrations applied; the log holds {head} events");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Operator(operator) => cli::run(operator).await,
+    }
+}
+
+async fn serve(database_url: &str, listen: &str, settings: Settings) -> anyhow::Result<()> {
+    let address: SocketAddr = listen.parse().with_context(|| {
+        format!("--listen {listen:?} is not an address and port like 127.0.0.1:8080")
+    })?;
+    let tokens = match std::env::var("ANNALS_API_TOKENS") {
+        Ok(spec) if !spec.trim().is_empty() => Tokens::parse(&spec)?,
+        _ => Tokens::anonymous(),
+    };
+    if tokens.is_anonymous() {
+        if !address.ip().is_loopback() {
+            bail!(
+                "refusing to listen on {address} without ANNALS_API_TOKENS: anonymous access \
+                 is allowed on loopback addresses only"
+            );
+        }
+        tracing::warn!(
+            "ANNALS_API_TOKENS is unset: every request is anonymous and has every role \
+             (allowed because the server listens on a loopback address only)"
+        );
+    }
+    let system = Arc::new(
+        System::open(database_url)
+            .await
+            .context("opening the database")?,
+    );
+    let listener = TcpListener::bind(address)
+        .await
+        .with_context(|| format!("listening on {address}"))?;
+    let local = listener.local_addr()?;
+    tracing::info!("annals is ready: listening on http://{local}");
+    annals_api::serve(listener, system, tokens, settings, shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => tracing::info!("interrupted; shutting down"),
+        () = terminate => tracing::info!("terminated; shutting down"),
     }
 }

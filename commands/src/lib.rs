@@ -452,6 +452,11 @@ fn replay(
                 .collect()
         })
         .unwrap_or_default();
+    // A create whose id the server made finds the id of the first attempt here.
+    let id = record.payload["id"]
+        .as_str()
+        .and_then(|stored| Uuid::parse_str(stored).ok())
+        .unwrap_or(id);
     Ok(CommandOutcome {
         id,
         version: record.version,

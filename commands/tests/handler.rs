@@ -597,7 +597,9 @@ async fn converted_lead(db: &Fixture, new_account: bool, account_id: Uuid) -> (U
         amount: Money::parse("EUR", 129_900).unwrap(),
         account_id,
         new_account,
+        account_exists: !new_account,
         deal_id: deal,
+        deal_exists: false,
     };
     handler.execute(lead, convert, &actor("a")).await.unwrap();
     (lead, account_id, deal)

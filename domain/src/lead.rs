@@ -72,13 +72,16 @@ pub enum LeadCommand {
     },
     /// The handler fills in the ids: the client's, or new ones. `account_id` names an
     /// existing account when the client gave one (`new_account` false); otherwise the
-    /// conversion opens a new account with that id.
+    /// conversion opens a new account with that id. `account_exists` and `deal_exists`
+    /// are facts the handler looks up: a named account must exist, the deal must not.
     Convert {
         deal_name: Name,
         amount: Money,
         account_id: Uuid,
         new_account: bool,
+        account_exists: bool,
         deal_id: Uuid,
+        deal_exists: bool,
     },
 }
 
@@ -285,13 +288,21 @@ impl Aggregate for Lead {
                 amount,
                 account_id,
                 new_account,
+                account_exists,
                 deal_id,
+                deal_exists,
             } => {
                 self.open()?;
                 if self.status != LeadStatus::Qualified {
                     return Err(DomainError::LeadNotQualified {
                         status: self.status.as_str(),
                     });
+                }
+                if !new_account && !account_exists {
+                    return Err(DomainError::AccountNotFound);
+                }
+                if deal_exists {
+                    return Err(DomainError::DealExists(deal_id));
                 }
                 let account_name = if new_account {
                     let name = match (&self.company, &self.name) {

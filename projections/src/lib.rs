@@ -50,6 +50,8 @@ pub enum ProjectionError {
     Busy(String),
     #[error("a read-model row is corrupt: {0}")]
     Corrupt(String),
+    #[error("the cursor is not one this server gave out")]
+    InvalidCursor,
 }
 
 /// A failed batch: the error, and the event it belongs to when that is known.
@@ -167,6 +169,8 @@ pub struct ProjectionRunner {
     batch_size: usize,
     /// The last checkpoint of the live generation this runner saw, for `wait_for`.
     applied: watch::Sender<u64>,
+    /// The checkpoint the last batch of a rebuild or verify reached, for `progress`.
+    progress: watch::Sender<u64>,
     last_error: Mutex<Option<String>>,
     registered: AtomicBool,
     policy: FailurePolicy,
@@ -225,6 +229,7 @@ impl ProjectionRunner {
             projector,
             batch_size: 1_000,
             applied: watch::Sender::new(0),
+            progress: watch::Sender::new(0),
             last_error: Mutex::new(None),
             registered: AtomicBool::new(false),
             policy: FailurePolicy::Halt,
@@ -247,6 +252,12 @@ impl ProjectionRunner {
 
     pub fn name(&self) -> &'static str {
         self.projector.name()
+    }
+
+    /// The log position the current rebuild or verify has reached (the last one's, when
+    /// none runs), for a progress bar.
+    pub fn progress(&self) -> watch::Receiver<u64> {
+        self.progress.subscribe()
     }
 
     /// The generation readers see (registering the projection on first use).
@@ -745,8 +756,12 @@ impl ProjectionRunner {
     async fn fill(&self, generation: i64, limit: Option<u64>) -> Result<(), ProjectionError> {
         loop {
             match self.step(generation, limit, REBUILD_BATCH).await {
-                Ok((Outcome::Applied(_), _)) => {}
-                Ok(_) => return Ok(()),
+                Ok((outcome, reached)) => {
+                    self.progress.send_replace(reached);
+                    if !matches!(outcome, Outcome::Applied(_)) {
+                        return Ok(());
+                    }
+                }
                 Err(failure) => return Err(failure.into_error()),
             }
         }

@@ -3,7 +3,9 @@
 //! the boards are; nothing here writes.
 
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 
+use crate::rows::{column, integer, required};
 use crate::{Param, ProjectionError, ReadDatabase};
 
 /// The live generation of a projection, as a subquery.
@@ -305,4 +307,323 @@ pub async fn account_360(
         converted_leads,
         won,
     }))
+}
+
+/// One page of a list: `next_cursor` is None on the last page; cursors are opaque strings.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_cursor: Option<String>,
+}
+
+/// The most items a page holds, whatever the caller asks (it validates 1–500 itself).
+const MAX_PAGE: usize = 500;
+/// No cursor this server gives out is longer (a few keyset values, hex-encoded JSON).
+const MAX_CURSOR: usize = 2_048;
+
+/// A cursor: the keyset values of a page's last item, as a JSON array, in hex.
+fn encode_cursor<K: Serialize>(key: &K) -> Result<String, ProjectionError> {
+    serde_json::to_vec(key)
+        .map(hex::encode)
+        .map_err(|e| ProjectionError::Corrupt(format!("a cursor cannot be encoded: {e}")))
+}
+
+/// Reads a cursor back; anything that is not one `encode_cursor` could have made (bad
+/// hex, bad JSON, the wrong shape, text PostgreSQL refuses) is `InvalidCursor`.
+fn decode_cursor<K: DeserializeOwned>(cursor: &str) -> Result<K, ProjectionError> {
+    if cursor.len() > MAX_CURSOR {
+        return Err(ProjectionError::InvalidCursor);
+    }
+    let bytes = hex::decode(cursor).map_err(|_| ProjectionError::InvalidCursor)?;
+    serde_json::from_slice(&bytes).map_err(|_| ProjectionError::InvalidCursor)
+}
+
+/// A cursor's text value, refused when it holds a NUL (PostgreSQL text cannot).
+fn cursor_text(value: String) -> Result<String, ProjectionError> {
+    if value.contains('\0') {
+        return Err(ProjectionError::InvalidCursor);
+    }
+    Ok(value)
+}
+
+/// The conditions of a list query and their parameters, numbered as they are bound.
+#[derive(Debug, Default)]
+struct Conditions {
+    sql: Vec<String>,
+    params: Vec<Param>,
+}
+
+impl Conditions {
+    /// Binds a parameter; its placeholder.
+    fn bind(&mut self, param: impl Into<Param>) -> String {
+        self.params.push(param.into());
+        format!("${}", self.params.len())
+    }
+
+    fn push(&mut self, condition: String) {
+        self.sql.push(condition);
+    }
+
+    /// `AND`-joined, each condition after the generation's.
+    fn and(&self) -> String {
+        self.sql
+            .iter()
+            .map(|c| format!(" AND {c}"))
+            .collect::<String>()
+    }
+}
+
+/// Runs a keyset-paged query (`conditions` already hold the filter and the cursor) for
+/// `limit` items and one more, which says whether there is a next page.
+async fn page<T>(
+    db: &ReadDatabase,
+    select: &str,
+    mut conditions: Conditions,
+    order: &str,
+    limit: usize,
+    view: impl Fn(&[Option<String>]) -> Result<T, ProjectionError>,
+    key: impl Fn(&T) -> Result<String, ProjectionError>,
+) -> Result<Page<T>, ProjectionError> {
+    let limit = limit.clamp(1, MAX_PAGE);
+    let fetch = conditions.bind(i64::try_from(limit + 1).unwrap_or(i64::MAX));
+    let sql = format!(
+        "{select}{} ORDER BY {order} LIMIT {fetch}",
+        conditions.and()
+    );
+    let found = rows(db, &sql, &conditions.params).await?;
+    let more = found.len() > limit;
+    let items = found
+        .iter()
+        .take(limit)
+        .map(|row| view(row))
+        .collect::<Result<Vec<T>, _>>()?;
+    let next_cursor = match items.last() {
+        Some(last) if more => Some(key(last)?),
+        _ => None,
+    };
+    Ok(Page { items, next_cursor })
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LeadFilter {
+    pub status: Option<String>,
+    pub owner: Option<String>,
+    pub source: Option<String>,
+    pub min_score: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LeadView {
+    pub id: String,
+    pub email: String,
+    pub name: String,
+    pub company: Option<String>,
+    pub source: String,
+    pub status: String,
+    pub score: i64,
+    pub owner: Option<String>,
+    pub captured_at: String,
+    pub qualified_at: Option<String>,
+    pub converted_deal_id: Option<String>,
+    pub converted_account_id: Option<String>,
+}
+
+// The casts are aliased: PostgreSQL resolves `ORDER BY score` to an output column of
+// that name first, and would sort the text.
+fn select_leads() -> String {
+    format!(
+        "SELECT lead_id, email, name, company, source, status, CAST(score AS TEXT) AS score_text, owner, \
+                captured_at, qualified_at, converted_deal_id, converted_account_id \
+           FROM lead_board WHERE generation = {}",
+        live("lead_board")
+    )
+}
+
+fn lead_view(row: &[Option<String>]) -> Result<LeadView, ProjectionError> {
+    Ok(LeadView {
+        id: required(row, 0)?,
+        email: required(row, 1)?,
+        name: required(row, 2)?,
+        company: column(row, 3),
+        source: required(row, 4)?,
+        status: required(row, 5)?,
+        score: integer(row, 6)?.unwrap_or(0),
+        owner: column(row, 7),
+        captured_at: required(row, 8)?,
+        qualified_at: column(row, 9),
+        converted_deal_id: column(row, 10),
+        converted_account_id: column(row, 11),
+    })
+}
+
+/// Leads matching the filter, score descending, then capture time, then id (a stable total order); keyset pagination.
+pub async fn leads(
+    db: &ReadDatabase,
+    filter: &LeadFilter,
+    limit: usize,
+    cursor: Option<&str>,
+) -> Result<Page<LeadView>, ProjectionError> {
+    let mut conditions = Conditions::default();
+    for (name, value) in [
+        ("status", &filter.status),
+        ("owner", &filter.owner),
+        ("source", &filter.source),
+    ] {
+        if let Some(value) = value {
+            let placeholder = conditions.bind(value.clone());
+            conditions.push(format!("{name} = {placeholder}"));
+        }
+    }
+    if let Some(min_score) = filter.min_score {
+        let placeholder = conditions.bind(min_score);
+        conditions.push(format!("score >= {placeholder}"));
+    }
+    if let Some(cursor) = cursor {
+        let (score, captured_at, lead_id): (i64, String, String) = decode_cursor(cursor)?;
+        let score = conditions.bind(score);
+        let captured_at = conditions.bind(cursor_text(captured_at)?);
+        let lead_id = conditions.bind(cursor_text(lead_id)?);
+        // After the last item in (score DESC, captured_at, lead_id) order; `score <= …`
+        // alone bounds the scan of the score index.
+        conditions.push(format!(
+            "score <= {score} AND (score < {score} OR (score = {score} AND \
+             (captured_at > {captured_at} OR (captured_at = {captured_at} AND lead_id > {lead_id}))))"
+        ));
+    }
+    page(
+        db,
+        &select_leads(),
+        conditions,
+        "score DESC, captured_at, lead_id",
+        limit,
+        lead_view,
+        |last| encode_cursor(&(last.score, &last.captured_at, &last.id)),
+    )
+    .await
+}
+
+/// One lead of the live lead board; `None` when unknown.
+pub async fn lead(db: &ReadDatabase, lead_id: &str) -> Result<Option<LeadView>, ProjectionError> {
+    let sql = format!("{} AND lead_id = $1", select_leads());
+    rows(db, &sql, &[lead_id.into()])
+        .await?
+        .first()
+        .map(|row| lead_view(row))
+        .transpose()
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DealFilter {
+    pub stage: Option<String>,
+    pub owner: Option<String>,
+    pub account_id: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DealView {
+    pub id: String,
+    pub account_id: String,
+    pub name: String,
+    /// The funnel stage it reached.
+    pub stage: String,
+    /// `open`, `won` or `lost`.
+    pub status: String,
+    pub currency: String,
+    pub amount_minor: i64,
+    pub owner: Option<String>,
+    pub expected_close: Option<String>,
+    pub opened_at: String,
+    pub closed_at: Option<String>,
+    pub lost_reason: Option<String>,
+}
+
+fn select_deals() -> String {
+    format!(
+        "SELECT deal_id, account_id, name, stage, status, currency, \
+                CAST(amount_minor AS TEXT) AS amount_text, owner, expected_close, opened_at, closed_at, \
+                lost_reason, CAST(opened_micros AS TEXT) AS opened_text \
+           FROM deal_board WHERE generation = {}",
+        live("deal_board")
+    )
+}
+
+/// A deal, with the opening time in microseconds its keyset needs.
+fn deal_view(row: &[Option<String>]) -> Result<(DealView, i64), ProjectionError> {
+    let view = DealView {
+        id: required(row, 0)?,
+        account_id: required(row, 1)?,
+        name: required(row, 2)?,
+        stage: required(row, 3)?,
+        status: required(row, 4)?,
+        currency: required(row, 5)?,
+        amount_minor: integer(row, 6)?.unwrap_or(0),
+        owner: column(row, 7),
+        expected_close: column(row, 8),
+        opened_at: required(row, 9)?,
+        closed_at: column(row, 10),
+        lost_reason: column(row, 11),
+    };
+    Ok((view, integer(row, 12)?.unwrap_or(0)))
+}
+
+/// Deals matching the filter, in the order they were opened (opened_micros, then id); keyset pagination.
+/// `stage` "won" or "lost" means deals with that status; another stage means open deals at that stage.
+pub async fn deals(
+    db: &ReadDatabase,
+    filter: &DealFilter,
+    limit: usize,
+    cursor: Option<&str>,
+) -> Result<Page<DealView>, ProjectionError> {
+    let mut conditions = Conditions::default();
+    match filter.stage.as_deref() {
+        Some(status @ ("won" | "lost")) => {
+            let placeholder = conditions.bind(status);
+            conditions.push(format!("status = {placeholder}"));
+        }
+        Some(stage) => {
+            let placeholder = conditions.bind(stage);
+            conditions.push(format!("status = 'open' AND stage = {placeholder}"));
+        }
+        None => {}
+    }
+    for (name, value) in [("owner", &filter.owner), ("account_id", &filter.account_id)] {
+        if let Some(value) = value {
+            let placeholder = conditions.bind(value.clone());
+            conditions.push(format!("{name} = {placeholder}"));
+        }
+    }
+    if let Some(cursor) = cursor {
+        let (opened_micros, deal_id): (i64, String) = decode_cursor(cursor)?;
+        let opened_micros = conditions.bind(opened_micros);
+        let deal_id = conditions.bind(cursor_text(deal_id)?);
+        conditions.push(format!(
+            "opened_micros >= {opened_micros} AND (opened_micros > {opened_micros} OR \
+             (opened_micros = {opened_micros} AND deal_id > {deal_id}))"
+        ));
+    }
+    let page = page(
+        db,
+        &select_deals(),
+        conditions,
+        "opened_micros, deal_id",
+        limit,
+        deal_view,
+        |(last, opened_micros)| encode_cursor(&(opened_micros, &last.id)),
+    )
+    .await?;
+    Ok(Page {
+        items: page.items.into_iter().map(|(view, _)| view).collect(),
+        next_cursor: page.next_cursor,
+    })
+}
+
+/// One deal of the live deal board; `None` when unknown.
+pub async fn deal(db: &ReadDatabase, deal_id: &str) -> Result<Option<DealView>, ProjectionError> {
+    let sql = format!("{} AND deal_id = $1", select_deals());
+    Ok(rows(db, &sql, &[deal_id.into()])
+        .await?
+        .first()
+        .map(|row| deal_view(row))
+        .transpose()?
+        .map(|(view, _)| view))
 }

@@ -376,7 +376,9 @@ mod properties {
                     amount: Money::parse("EUR", 1).unwrap(),
                     account_id: Uuid::now_v7(),
                     new_account: true,
+                    account_exists: false,
                     deal_id: Uuid::now_v7(),
+                    deal_exists: false,
                 },
             };
             // Refusals are part of the game; only accepted commands reach the log.
@@ -729,7 +731,9 @@ async fn revenue_history(db: &Fixture) -> (Uuid, Vec<Uuid>) {
                 amount: Money::parse("EUR", 1_000 * (n as i64 + 1)).unwrap(),
                 account_id: account,
                 new_account: n == 0,
+                account_exists: n != 0,
                 deal_id: deal,
+                deal_exists: false,
             };
             leads.execute(*id, convert, &context()).await.unwrap();
             LeadConversionProcess::new(db.store(), HandlerConfig::default())

@@ -90,30 +90,35 @@ pub enum InvalidInput {
 impl StoreError {
     /// Classifies a sqlx error: lost or refused connections are `Unavailable`.
     pub(crate) fn from_sqlx(error: sqlx::Error) -> Self {
-        let unavailable = match &error {
-            sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::WorkerCrashed
-            | sqlx::Error::Protocol(_) => true,
-            sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-                // 08: connection exception; 57P: operator intervention (shutdown,
-                // terminated backend); 53: insufficient resources. SQLite's BUSY (5) and
-                // LOCKED (6) mean another writer held the file past the busy timeout.
-                code.starts_with("08")
-                    || code.starts_with("57P")
-                    || code.starts_with("53")
-                    || code == "5"
-                    || code == "6"
-            }),
-            _ => false,
-        };
-        if unavailable {
+        if is_unavailable(&error) {
             StoreError::Unavailable(Arc::new(error))
         } else {
             StoreError::Database(Arc::new(error))
         }
+    }
+}
+
+/// Whether a database error means "not reachable now, retry later" (a lost or refused
+/// connection, a server shutting down, a busy SQLite file) rather than a refusal.
+pub fn is_unavailable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // 08: connection exception; 57P: operator intervention (shutdown,
+            // terminated backend); 53: insufficient resources. SQLite's BUSY (5) and
+            // LOCKED (6) mean another writer held the file past the busy timeout.
+            code.starts_with("08")
+                || code.starts_with("57P")
+                || code.starts_with("53")
+                || code == "5"
+                || code == "6"
+        }),
+        _ => false,
     }
 }
 

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-pub use error::{InvalidInput, StoreError};
+pub use error::{InvalidInput, StoreError, is_unavailable};
 pub use follow::LogFollower;
 pub use model::{
     AppendOutcome, AppendRequest, AuditReport, BrokenLink, Claim, Direction, ExpectedVersion,

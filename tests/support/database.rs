@@ -125,6 +125,13 @@ impl Fixture {
         }
     }
 
+    /// The database URL, as `annals --database-url` takes it.
+    pub fn url(&self) -> &str {
+        match self {
+            Fixture::Sqlite { url, .. } | Fixture::Postgres { url, .. } => url,
+        }
+    }
+
     pub fn backend(&self) -> Backend {
         match self {
             Fixture::Sqlite { .. } => Backend::Sqlite,

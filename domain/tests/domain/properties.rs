@@ -27,7 +27,9 @@ fn lead_command() -> impl Strategy<Value = LeadCommand> {
             amount: Money::parse("EUR", 5).unwrap(),
             account_id: Uuid::from_u128(2),
             new_account,
+            account_exists: true,
             deal_id: Uuid::from_u128(3),
+            deal_exists: false,
         }),
     ]
 }

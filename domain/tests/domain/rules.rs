@@ -125,7 +125,9 @@ fn convert(new_account: bool) -> LeadCommand {
         amount: eur(129_900),
         account_id: id(20),
         new_account,
+        account_exists: !new_account,
         deal_id: id(30),
+        deal_exists: false,
     }
 }
 
@@ -344,6 +346,28 @@ fn convert_a_qualified_lead_into_a_new_account_named_after_its_company() {
             }]);
     assert_eq!(lead.status.as_str(), "converted");
     assert_eq!(lead.converted_deal_id, Some(id(30)));
+}
+
+#[test]
+fn convert_into_an_account_that_does_not_exist_is_not_found() {
+    let mut command = convert(false);
+    if let LeadCommand::Convert { account_exists, .. } = &mut command {
+        *account_exists = false;
+    }
+    given::<Lead>(qualified_lead())
+        .when(command)
+        .then_err(DomainError::AccountNotFound);
+}
+
+#[test]
+fn convert_into_a_deal_id_already_taken_is_a_conflict() {
+    let mut command = convert(true);
+    if let LeadCommand::Convert { deal_exists, .. } = &mut command {
+        *deal_exists = true;
+    }
+    given::<Lead>(qualified_lead())
+        .when(command)
+        .then_err(DomainError::DealExists(id(30)));
 }
 
 #[test]

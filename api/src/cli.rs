@@ -1,0 +1,325 @@
+//! The operator's commands: replay and verify projections (with progress bars), audit
+//! the hash chains, read or tail the log, and fill a store with a demo history.
+
+mod demo;
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use annals_api::System;
+use annals_projections::ProjectionRunner;
+use annals_store::{Direction, LogFilter, RecordedEvent, StreamName};
+use anyhow::{Context, bail};
+use clap::Subcommand;
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// The database every command works on.
+#[derive(Debug, clap::Args)]
+pub struct Database {
+    /// `sqlite://annals.db` (the embedded default, created when missing) or
+    /// `postgres://…`.
+    #[arg(
+        long,
+        env = "ANNALS_DATABASE_URL",
+        default_value = "sqlite://annals.db"
+    )]
+    pub database_url: String,
+}
+
+impl Database {
+    async fn open(&self) -> anyhow::Result<System> {
+        System::open(&self.database_url)
+            .await
+            .context("opening the database")
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Operator {
+    /// Rebuild read models from position 0 beside the live ones and swap them in.
+    Replay {
+        #[command(flatten)]
+        database: Database,
+        /// Only this projection (all of them otherwise).
+        #[arg(long)]
+        projection: Option<String>,
+    },
+    /// Rebuild read models in a scratch space and compare them with the live rows; exits
+    /// 1 when any differs.
+    Verify {
+        #[command(flatten)]
+        database: Database,
+        /// Only this projection (all of them otherwise).
+        #[arg(long)]
+        projection: Option<String>,
+    },
+    /// The audit of the log's hash chains.
+    Audit {
+        #[command(subcommand)]
+        action: Audit,
+    },
+    /// Print the log (or one stream), and with --follow keep printing new events.
+    Events {
+        #[command(flatten)]
+        database: Database,
+        /// The first position to print (the first version with --stream).
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+        /// Keep printing events as they are appended, until Ctrl-C.
+        #[arg(long)]
+        follow: bool,
+        /// Only this stream (`lead-<id>`, …).
+        #[arg(long)]
+        stream: Option<String>,
+        /// One JSON object per line instead of columns.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fill the store, through the command layer, with a reproducible revenue history.
+    Demo {
+        #[command(flatten)]
+        database: Database,
+        /// How many leads to capture.
+        #[arg(long, default_value_t = 200)]
+        leads: usize,
+        /// The random seed: the same seed gives the same history.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Audit {
+    /// Check every stream's hash chain from the stored rows; exits 1 on a broken link.
+    Verify {
+        #[command(flatten)]
+        database: Database,
+    },
+}
+
+pub async fn run(command: Operator) -> anyhow::Result<ExitCode> {
+    match command {
+        Operator::Replay {
+            database,
+            projection,
+        } => {
+            let system = database.open().await?;
+            for runner in chosen(&system, projection.as_deref())? {
+                let head = system.store.head().await?;
+                let bar = progress(&runner, head, "replaying");
+                with_progress(&runner, &bar, runner.rebuild()).await?;
+                bar.finish_with_message(format!("{}: rebuilt and live", runner.name()));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Operator::Verify {
+            database,
+            projection,
+        } => {
+            let system = database.open().await?;
+            let mut all_equal = true;
+            for runner in chosen(&system, projection.as_deref())? {
+                let head = system.store.head().await?;
+                let bar = progress(&runner, head, "verifying");
+                let report = with_progress(&runner, &bar, runner.verify()).await?;
+                bar.finish_and_clear();
+                if report.equal {
+                    println!(
+                        "{}: equal to a rebuild at position {}",
+                        runner.name(),
+                        report.position
+                    );
+                } else {
+                    all_equal = false;
+                    println!(
+                        "{}: DIFFERS from a rebuild at position {}; first differences:",
+                        runner.name(),
+                        report.position
+                    );
+                    for difference in &report.differences {
+                        println!("  {}", serde_json::to_string(difference)?);
+                    }
+                }
+            }
+            Ok(exit(all_equal))
+        }
+        Operator::Audit {
+            action: Audit::Verify { database },
+        } => {
+            let system = database.open().await?;
+            let spinner = ProgressBar::new_spinner().with_message("walking the hash chains");
+            spinner.enable_steady_tick(Duration::from_millis(120));
+            let report = system.store.verify().await?;
+            spinner.finish_and_clear();
+            match &report.first_broken_link {
+                None => println!(
+                    "ok: {} streams, {} events, every hash chain intact",
+                    report.streams, report.events
+                ),
+                Some(link) => println!(
+                    "BROKEN: stream {} at version {}: stored hash {}, recomputed {} \
+                     ({} streams, {} events checked)",
+                    link.stream,
+                    link.version,
+                    link.found,
+                    link.expected,
+                    report.streams,
+                    report.events
+                ),
+            }
+            Ok(exit(report.ok()))
+        }
+        Operator::Events {
+            database,
+            from,
+            follow,
+            stream,
+            json,
+        } => {
+            let system = database.open().await?;
+            events(&system, from, follow, stream, json).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Operator::Demo {
+            database,
+            leads,
+            seed,
+        } => {
+            let system = Arc::new(database.open().await?);
+            demo::run(&system, leads, seed).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn exit(ok: bool) -> ExitCode {
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn chosen(system: &System, name: Option<&str>) -> anyhow::Result<Vec<Arc<ProjectionRunner>>> {
+    match name {
+        None => Ok(system.projections.clone()),
+        Some(name) => match system.projection(name) {
+            Some(runner) => Ok(vec![runner.clone()]),
+            None => bail!(
+                "no projection is named {name:?}; there are: {}",
+                system.projection_names().join(", ")
+            ),
+        },
+    }
+}
+
+fn progress(runner: &ProjectionRunner, head: u64, doing: &str) -> ProgressBar {
+    let bar = ProgressBar::new(head);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg:>24} [{bar:32}] {pos}/{len} events  {per_sec}  {eta} left",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_message(format!("{doing} {}", runner.name()));
+    bar
+}
+
+/// Drives a rebuild or verify, moving the bar as the runner reports progress.
+async fn with_progress<T>(
+    runner: &ProjectionRunner,
+    bar: &ProgressBar,
+    job: impl std::future::Future<Output = Result<T, annals_projections::ProjectionError>>,
+) -> anyhow::Result<T> {
+    let mut reached = runner.progress();
+    tokio::pin!(job);
+    loop {
+        tokio::select! {
+            done = &mut job => {
+                bar.set_position(bar.length().unwrap_or(0));
+                return done.with_context(|| format!("projection {}", runner.name()));
+            }
+            changed = reached.changed() => {
+                if changed.is_ok() {
+                    let position = *reached.borrow_and_update();
+                    if position > bar.length().unwrap_or(0) {
+                        bar.set_length(position);
+                    }
+                    bar.set_position(position);
+                }
+            }
+        }
+    }
+}
+
+/// Prints events from `from`, and with `follow` waits for more until Ctrl-C. A closed
+/// stdout (`annals events | head`) ends it quietly.
+async fn events(
+    system: &System,
+    from: u64,
+    follow: bool,
+    stream: Option<String>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let stream = stream.map(StreamName::parse).transpose()?;
+    let store = &system.store;
+    let mut next = from.max(1);
+    let mut out = std::io::stdout().lock();
+    loop {
+        let (batch, after) = match &stream {
+            Some(stream) => {
+                let events = store
+                    .read_stream(stream, next, Direction::Forwards, 500)
+                    .await?;
+                let after = events.last().map_or(next, |e| e.version + 1);
+                (events, after)
+            }
+            None => {
+                let page = store.read_all(next, 500, &LogFilter::all()).await?;
+                (page.events, page.next_position)
+            }
+        };
+        for event in &batch {
+            let line = if json {
+                serde_json::to_string(event)?
+            } else {
+                columns(event)
+            };
+            match writeln!(out, "{line}") {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+                Err(error) => return Err(error.into()),
+            }
+        }
+        let _ = out.flush();
+        next = after;
+        if !batch.is_empty() {
+            continue;
+        }
+        if !follow {
+            return Ok(());
+        }
+        let head = store.head().await?;
+        tokio::select! {
+            waited = store.wait_for_events(head, Duration::from_secs(5)) => { waited?; }
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+fn columns(event: &RecordedEvent) -> String {
+    format!(
+        "{:>8}  {}  {}@{}  {}  {}",
+        event.position,
+        event
+            .recorded_at
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        event.stream,
+        event.version,
+        event.event_type,
+        event.data
+    )
+}

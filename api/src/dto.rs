@@ -1,0 +1,473 @@
+//! The JSON the API speaks: command bodies (unknown fields refused), answers, and query
+//! parameters, each with its OpenAPI schema. Only this crate knows these shapes; turning
+//! a body into a domain command validates it through the domain's value objects.
+
+use annals_domain::DomainError;
+use annals_domain::values::Money;
+use chrono::{DateTime, NaiveDate, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+/// An amount of money: an ISO 4217 code and a whole number of minor units (cents).
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"currency": "EUR", "amount_minor": 129900}))]
+pub struct MoneyBody {
+    pub currency: String,
+    pub amount_minor: i64,
+}
+
+impl MoneyBody {
+    pub fn parse(&self) -> Result<Money, DomainError> {
+        Money::parse(&self.currency, self.amount_minor)
+    }
+}
+
+impl From<&Money> for MoneyBody {
+    fn from(money: &Money) -> Self {
+        MoneyBody {
+            currency: money.currency.as_str().to_owned(),
+            amount_minor: money.amount_minor,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"email": "ada@example.com", "name": "Ada Lovelace", "company": "Analytical Engines", "source": "web"}))]
+pub struct CaptureLead {
+    /// The id the client wants (idempotent creation); the server makes a UUIDv7 otherwise.
+    pub id: Option<Uuid>,
+    pub email: String,
+    pub name: String,
+    pub company: Option<String>,
+    /// `web`, `event`, `referral`, `outbound` or `partner`.
+    pub source: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"kind": "demo_request"}))]
+pub struct RecordSignal {
+    /// `page_view`, `email_open`, `email_click`, `content_download`, `webinar_attended`,
+    /// `pricing_page_view` or `demo_request`.
+    pub kind: String,
+    pub occurred_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"owner": "grace"}))]
+pub struct AssignLead {
+    pub owner: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"reason": "no budget this year"}))]
+pub struct DisqualifyLead {
+    pub reason: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"deal_name": "Engines for Acme", "amount": {"currency": "EUR", "amount_minor": 129900}}))]
+pub struct ConvertLead {
+    pub deal_name: String,
+    pub amount: MoneyBody,
+    /// An existing account to convert into; a new account is opened otherwise.
+    pub account_id: Option<Uuid>,
+    /// The id the new deal gets; the server makes one otherwise.
+    pub deal_id: Option<Uuid>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"name": "Initech", "domain": "initech.example", "employees": 40, "tier": "key"}))]
+pub struct OpenAccount {
+    pub id: Option<Uuid>,
+    pub name: String,
+    pub domain: Option<String>,
+    pub industry: Option<String>,
+    pub employees: Option<i64>,
+    /// `standard` (the default) or `key`.
+    pub tier: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RenameAccount {
+    pub name: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"tier": "key"}))]
+pub struct SetAccountTier {
+    pub tier: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OpenDeal {
+    pub id: Option<Uuid>,
+    pub account_id: Uuid,
+    pub name: String,
+    pub amount: MoneyBody,
+    pub owner: Option<String>,
+    pub expected_close: Option<NaiveDate>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"stage": "demo"}))]
+pub struct AdvanceDeal {
+    /// `qualification`, `demo`, `proposal` or `negotiation`: a later stage than now.
+    pub stage: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChangeDealAmount {
+    pub amount: MoneyBody,
+}
+
+/// An empty object (the body may also be left out).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WinDeal {}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoseDeal {
+    pub reason: String,
+}
+
+/// What a command did.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[schema(example = json!({"id": "0193a1f0-7c2e-7d3a-9b1e-2f4c5d6e7f80", "version": 3, "position": 1042, "events": ["SignalRecorded", "LeadQualified"]}))]
+pub struct CommandAnswer {
+    pub id: Uuid,
+    /// The aggregate's version after the command (its number of events).
+    pub version: u64,
+    /// The global log position of the last event appended: the consistency token for
+    /// `min_position`.
+    pub position: u64,
+    /// The events appended, in order.
+    pub events: Vec<String>,
+    /// For a conversion: the account the lead was converted into.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub account_id: Option<Uuid>,
+    /// For a conversion: the deal it opens.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deal_id: Option<Uuid>,
+}
+
+/// The headers a command reads.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Header)]
+pub struct CommandHeaders {
+    /// `"<version>"`: apply only if the aggregate is at exactly this version (412
+    /// `version-mismatch` otherwise).
+    #[serde(rename = "If-Match")]
+    pub if_match: Option<String>,
+    /// At most 200 characters: a retry with the same key and body gets the first answer
+    /// and appends nothing; kept at least 24 hours.
+    #[serde(rename = "Idempotency-Key")]
+    pub idempotency_key: Option<String>,
+    /// Ties the request's events together; echoed, or made by the server.
+    #[serde(rename = "Correlation-Id")]
+    pub correlation_id: Option<String>,
+}
+
+/// A read model that is behind by up to `min_position`.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct Consistency {
+    /// Wait (up to `ANNALS_CONSISTENCY_WAIT_MS`) until the read model has applied the log
+    /// up to this position (a command's `position`); 503 `projection-lagging` otherwise.
+    #[param(minimum = 0)]
+    pub min_position: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct LeadListQuery {
+    /// `new`, `working`, `qualified`, `converted` or `disqualified`.
+    pub status: Option<String>,
+    pub owner: Option<String>,
+    pub source: Option<String>,
+    #[param(minimum = 0)]
+    pub min_score: Option<i64>,
+    /// 1–500 (default 50).
+    pub limit: Option<i64>,
+    pub cursor: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct DealListQuery {
+    /// A stage (`prospecting` … `negotiation`: open deals at it) or `won` / `lost`.
+    pub stage: Option<String>,
+    pub owner: Option<String>,
+    pub account_id: Option<Uuid>,
+    /// 1–500 (default 50).
+    pub limit: Option<i64>,
+    pub cursor: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct FunnelQuery {
+    /// RFC 3339, inclusive; all time without it.
+    pub from: Option<DateTime<Utc>>,
+    /// RFC 3339, exclusive; all time without it.
+    pub to: Option<DateTime<Utc>>,
+    pub source: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PipelineQuery {
+    pub owner: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct HistoryQuery {
+    /// The state as it was at this time (RFC 3339).
+    pub as_of: Option<DateTime<Utc>>,
+    /// The state as it was at this version.
+    #[param(minimum = 0)]
+    pub version: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct StreamQuery {
+    /// The first version to read (default 1).
+    #[param(minimum = 1)]
+    pub from_version: Option<u64>,
+    /// 1–500 (default 50).
+    pub limit: Option<i64>,
+    /// A `next_cursor` from an earlier page (overrides `from_version`).
+    pub cursor: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct LogQuery {
+    /// The first position to read (default 1).
+    #[param(minimum = 0)]
+    pub from_position: Option<u64>,
+    /// 1–500 (default 50).
+    pub limit: Option<i64>,
+    /// Only events of this type.
+    #[serde(rename = "type")]
+    pub event_type: Option<String>,
+    /// A `next_cursor` from an earlier page (overrides `from_position`).
+    pub cursor: Option<String>,
+}
+
+/// One lead of the lead board.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LeadItem {
+    pub id: String,
+    pub email: String,
+    pub name: String,
+    pub company: Option<String>,
+    pub source: String,
+    pub status: String,
+    pub score: i64,
+    pub owner: Option<String>,
+    pub captured_at: String,
+    pub qualified_at: Option<String>,
+    pub converted_deal_id: Option<String>,
+    pub converted_account_id: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LeadList {
+    pub items: Vec<LeadItem>,
+    pub next_cursor: Option<String>,
+}
+
+/// One deal of the deal board.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DealItem {
+    pub id: String,
+    pub account_id: String,
+    pub name: String,
+    /// The last stage it reached.
+    pub stage: String,
+    /// `open`, `won` or `lost`.
+    pub status: String,
+    pub amount: MoneyBody,
+    pub owner: Option<String>,
+    pub expected_close: Option<String>,
+    pub opened_at: String,
+    pub closed_at: Option<String>,
+    pub lost_reason: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DealList {
+    pub items: Vec<DealItem>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AccountDealItem {
+    pub id: String,
+    pub name: String,
+    pub stage: String,
+    pub status: String,
+    pub amount: MoneyBody,
+}
+
+/// An account with its deals, converted leads and won amounts.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AccountView {
+    pub id: String,
+    pub name: String,
+    pub domain: Option<String>,
+    pub industry: Option<String>,
+    pub employees: Option<i64>,
+    pub tier: String,
+    pub deals: Vec<AccountDealItem>,
+    pub converted_leads: Vec<String>,
+    /// Won amount per currency.
+    pub won: Vec<MoneyBody>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FunnelStepsView {
+    pub captured: i64,
+    pub qualified: i64,
+    pub converted: i64,
+    pub deal_won: i64,
+    pub qualification_rate: Option<f64>,
+    pub conversion_rate: Option<f64>,
+    pub win_rate: Option<f64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FunnelSource {
+    pub source: String,
+    #[serde(flatten)]
+    pub steps: FunnelStepsView,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FunnelView {
+    pub from: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
+    pub overall: FunnelStepsView,
+    pub by_source: Vec<FunnelSource>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StageFigureView {
+    pub owner: Option<String>,
+    pub stage: String,
+    pub currency: String,
+    pub count: i64,
+    pub amount_minor: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PipelineView {
+    pub stages: Vec<StageFigureView>,
+    pub by_owner: Vec<StageFigureView>,
+    pub won: i64,
+    pub lost: i64,
+    pub win_rate: Option<f64>,
+    pub average_days_to_close: Option<f64>,
+}
+
+/// An aggregate as it was at a version or a time, rebuilt from its events.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HistoryView {
+    pub id: Uuid,
+    /// The version the state includes (0: it did not exist yet).
+    pub version: u64,
+    pub as_of: Option<DateTime<Utc>>,
+    #[schema(value_type = Object)]
+    pub state: serde_json::Value,
+}
+
+/// An event as stored.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EventItem {
+    pub position: u64,
+    pub stream: String,
+    pub version: u64,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    #[schema(value_type = Object)]
+    pub data: serde_json::Value,
+    /// `event_id`, `correlation_id`, `causation_id`, `actor`, `recorded_at`,
+    /// `schema_version`, and any other keys the writer added.
+    #[schema(value_type = Object)]
+    pub metadata: serde_json::Value,
+    pub recorded_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EventList {
+    pub items: Vec<EventItem>,
+    pub next_cursor: Option<String>,
+    /// The last position of the log when the page was read.
+    pub head: u64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ProjectionItem {
+    pub name: String,
+    pub checkpoint: u64,
+    pub head: u64,
+    pub lag: u64,
+    /// `running`, `catching_up`, `rebuilding` or `halted`.
+    pub status: String,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ProjectionList {
+    pub items: Vec<ProjectionItem>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RebuildStarted {
+    pub name: String,
+    pub status: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct VerifyAnswer {
+    pub equal: bool,
+    /// The log position the live and the rebuilt rows were compared at.
+    pub position: u64,
+    /// The first differences (at most ten): the row live and rebuilt, column values as
+    /// text (`null`: the row is missing on that side).
+    #[schema(value_type = Vec<Object>)]
+    pub differences: serde_json::Value,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditAnswer {
+    pub ok: bool,
+    pub streams: u64,
+    pub events: u64,
+    /// The first link whose stored hash is not the one recomputed from the stored
+    /// contents.
+    #[schema(value_type = Option<Object>)]
+    pub first_broken_link: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HealthAnswer {
+    pub status: String,
+}

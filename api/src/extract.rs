@@ -1,0 +1,205 @@
+//! What handlers take from a request, with every failure an `ApiError`: a JSON body
+//! (400 when it is not JSON, 422 when it is not the command, 413 past the limit), query
+//! parameters (422), and a command's headers and caller.
+
+use annals_commands::CommandContext;
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::observe::CorrelationId;
+
+/// The largest body the API reads.
+pub const BODY_LIMIT: usize = 1024 * 1024;
+
+/// A JSON body; an empty body reads as `{}`. `digest` identifies the body's content
+/// (whatever its key order or spacing), for idempotency.
+#[derive(Debug)]
+pub struct JsonBody<T> {
+    pub value: T,
+    pub digest: String,
+}
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let json_type = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| {
+                let essence = v
+                    .split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase();
+                essence == "application/json" || essence.ends_with("+json")
+            });
+        let bytes =
+            Bytes::from_request(request, state)
+                .await
+                .map_err(|rejection| match rejection.status() {
+                    StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
+                    _ => ApiError::MalformedJson("the body could not be read".to_owned()),
+                })?;
+        let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else if json_type == Some(false) {
+            return Err(ApiError::UnsupportedMediaType);
+        } else {
+            &bytes
+        };
+        let value = serde_json::from_slice::<T>(bytes).map_err(|error| match error.classify() {
+            serde_json::error::Category::Data => {
+                ApiError::invalid("invalid-request", error.to_string())
+            }
+            _ => ApiError::MalformedJson(error.to_string()),
+        })?;
+        // The same content hashes the same, whatever the key order or spacing.
+        let canonical = serde_json::from_slice::<serde_json::Value>(bytes)
+            .map(|v| v.to_string())
+            .unwrap_or_default();
+        Ok(JsonBody {
+            value,
+            digest: hex::encode(Sha256::digest(canonical.as_bytes())),
+        })
+    }
+}
+
+/// Query parameters; a value that does not parse is a 422.
+#[derive(Debug)]
+pub struct Params<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Params<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        Query::<T>::try_from_uri(&parts.uri)
+            .map(|Query(value)| Params(value))
+            .map_err(|rejection| ApiError::invalid("invalid-parameter", rejection.body_text()))
+    }
+}
+
+/// The page size of a list: 1–500, 50 when not given.
+pub fn limit(given: Option<i64>) -> Result<usize, ApiError> {
+    match given {
+        None => Ok(50),
+        Some(n @ 1..=500) => Ok(n as usize),
+        Some(n) => Err(ApiError::invalid(
+            "invalid-parameter",
+            format!("limit must be 1 to 500, not {n}"),
+        )),
+    }
+}
+
+/// Who sends a command and under which preconditions: the caller, the correlation id,
+/// `If-Match` and `Idempotency-Key`, and the route (part of the idempotency digest).
+#[derive(Debug, Clone)]
+pub struct CommandMeta {
+    pub caller: Caller,
+    pub correlation_id: String,
+    pub expected_version: Option<u64>,
+    pub idempotency_key: Option<String>,
+    route: String,
+}
+
+impl CommandMeta {
+    /// The command context for a body with this digest.
+    pub fn context(&self, body_digest: &str) -> CommandContext {
+        let mut hasher = Sha256::new();
+        hasher.update(self.route.as_bytes());
+        hasher.update([0]);
+        hasher.update(body_digest.as_bytes());
+        CommandContext {
+            actor: self.caller.actor.clone(),
+            correlation_id: Some(self.correlation_id.clone()),
+            causation_id: None,
+            expected_version: self.expected_version,
+            idempotency_key: self.idempotency_key.clone(),
+            request_hash: Some(hex::encode(hasher.finalize())),
+        }
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for CommandMeta {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        let caller = parts
+            .extensions
+            .get::<Caller>()
+            .cloned()
+            .ok_or(ApiError::Unauthorized)?;
+        let correlation_id = parts
+            .extensions
+            .get::<CorrelationId>()
+            .map(|c| c.0.clone())
+            .unwrap_or_default();
+        let header_text = |name: &str, code: &'static str| -> Result<Option<String>, ApiError> {
+            parts
+                .headers
+                .get(name)
+                .map(|v| {
+                    v.to_str()
+                        .map(str::to_owned)
+                        .map_err(|_| ApiError::BadHeader {
+                            code,
+                            detail: format!("{name} must be visible ASCII"),
+                        })
+                })
+                .transpose()
+        };
+        let expected_version = header_text("if-match", "invalid-if-match")?
+            .map(|text| {
+                let version = text.trim().trim_start_matches("W/").trim_matches('"');
+                version.parse::<u64>().map_err(|_| ApiError::BadHeader {
+                    code: "invalid-if-match",
+                    detail: format!("If-Match must be a version in quotes, like \"3\", not {text}"),
+                })
+            })
+            .transpose()?;
+        let idempotency_key = header_text("idempotency-key", "invalid-idempotency-key")?;
+        if let Some(key) = &idempotency_key
+            && (key.is_empty() || key.chars().count() > 200)
+        {
+            return Err(ApiError::invalid(
+                "invalid-idempotency-key",
+                "Idempotency-Key must be 1 to 200 characters",
+            ));
+        }
+        Ok(CommandMeta {
+            caller,
+            correlation_id,
+            expected_version,
+            idempotency_key,
+            route: format!("{} {}", parts.method, parts.uri.path()),
+        })
+    }
+}
+
+/// An aggregate id from the path; one that is not a UUID names nothing (404).
+#[derive(Debug, Clone, Copy)]
+pub struct Id(pub uuid::Uuid);
+
+impl<S: Send + Sync> FromRequestParts<S> for Id {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(text) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| ApiError::not_found("not-found", "no such id"))?;
+        uuid::Uuid::parse_str(&text).map(Id).map_err(|_| {
+            ApiError::not_found(
+                "not-found",
+                format!("{text:?} is not an id this server gave out"),
+            )
+        })
+    }
+}

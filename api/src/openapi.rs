@@ -1,0 +1,127 @@
+//! The OpenAPI document's shared parts: the bearer scheme whose scopes are the roles,
+//! and the problem answers each kind of endpoint may give.
+
+use std::collections::BTreeMap;
+
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::{ContentBuilder, Ref, RefOr, Response, ResponseBuilder};
+use utoipa::{Modify, OpenApi};
+
+use crate::error::Problem;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Annals",
+        description = "An event-sourced revenue backend: leads, accounts and deals as \
+                       commands in, events in an append-only log, read models out. \
+                       Roles are the bearer scheme's scopes: `writer` issues commands, \
+                       `analyst` reads, `operator` may do everything."
+    ),
+    modifiers(&BearerScheme),
+    components(schemas(Problem)),
+    tags(
+        (name = "leads"), (name = "accounts"), (name = "deals"), (name = "analytics"),
+        (name = "history"), (name = "log"), (name = "admin"), (name = "health"),
+    )
+)]
+#[derive(Debug)]
+pub struct ApiDoc;
+
+#[derive(Debug)]
+struct BearerScheme;
+
+impl Modify for BearerScheme {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+fn problems(answers: &[(u16, &str)]) -> BTreeMap<String, RefOr<Response>> {
+    answers
+        .iter()
+        .map(|(status, description)| {
+            let response = ResponseBuilder::new()
+                .description(*description)
+                .content(
+                    "application/problem+json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("Problem")))
+                        .build(),
+                )
+                .build();
+            (status.to_string(), RefOr::T(response))
+        })
+        .collect()
+}
+
+const UNAUTHORIZED: (u16, &str) = (401, "No token, or an unknown one");
+const FORBIDDEN: (u16, &str) = (403, "The token's role may not do this");
+const UNAVAILABLE: (u16, &str) = (
+    503,
+    "The database is unavailable, the request timed out, or (`projection-lagging`) the read model did not reach `min_position` in time",
+);
+
+/// What a command may answer besides success.
+#[derive(Debug)]
+pub struct CommandProblems;
+
+impl utoipa::IntoResponses for CommandProblems {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        problems(&[
+            (400, "The body is not JSON, or a header is malformed"),
+            UNAUTHORIZED,
+            FORBIDDEN,
+            (404, "The aggregate (or an account it names) does not exist"),
+            (
+                409,
+                "The aggregate's state forbids the command, or concurrent writers kept winning",
+            ),
+            (412, "`If-Match` names another version (`version-mismatch`)"),
+            (413, "The body is larger than 1 MiB"),
+            (415, "The body is not `application/json`"),
+            (
+                422,
+                "The command is invalid, has unknown fields, or reuses an idempotency key",
+            ),
+            UNAVAILABLE,
+        ])
+    }
+}
+
+/// What a query may answer besides success.
+#[derive(Debug)]
+pub struct QueryProblems;
+
+impl utoipa::IntoResponses for QueryProblems {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        problems(&[
+            UNAUTHORIZED,
+            FORBIDDEN,
+            (404, "Nothing has this id"),
+            (422, "A parameter is invalid"),
+            UNAVAILABLE,
+        ])
+    }
+}
+
+/// What an operator endpoint may answer besides success.
+#[derive(Debug)]
+pub struct OperatorProblems;
+
+impl utoipa::IntoResponses for OperatorProblems {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        problems(&[
+            UNAUTHORIZED,
+            FORBIDDEN,
+            (404, "No stream or projection has this name"),
+            (409, "The projection is already being rebuilt or verified"),
+            (422, "A parameter is invalid"),
+            UNAVAILABLE,
+        ])
+    }
+}

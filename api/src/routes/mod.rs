@@ -1,0 +1,5 @@
+//! The endpoints of `api.md`, by kind.
+
+pub mod commands;
+pub mod operations;
+pub mod queries;

@@ -1,0 +1,153 @@
+//! The HTTP server: the router (every route registered with its OpenAPI operation, so
+//! the document is the route table), the state handlers share, and `serve`, which takes
+//! its listener and its shutdown signal as arguments.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::middleware::{from_fn, from_fn_with_state};
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+
+use crate::auth::{RouteAccess, Tokens};
+use crate::error::ApiError;
+use crate::extract::BODY_LIMIT;
+use crate::observe::{guard, observe};
+use crate::openapi::ApiDoc;
+use crate::routes;
+use crate::system::System;
+
+/// How the server behaves.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// How long a query waits for `min_position` (`ANNALS_CONSISTENCY_WAIT_MS`).
+    pub consistency_wait: Duration,
+    /// How long any request but an operator job may take.
+    pub request_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            consistency_wait: Duration::from_millis(5_000),
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What every handler sees.
+#[derive(Debug)]
+pub struct App {
+    pub system: Arc<System>,
+    pub tokens: Tokens,
+    pub routes: RouteAccess,
+    pub settings: Settings,
+    /// The OpenAPI document, served at `/openapi.json`.
+    pub openapi: Value,
+}
+
+impl App {
+    /// Waits until every named projection has applied the log up to `min_position` (when
+    /// given, up to the consistency wait); returns the lowest of their checkpoints.
+    pub async fn consistent(
+        &self,
+        projections: &[&str],
+        min_position: Option<u64>,
+    ) -> Result<u64, ApiError> {
+        let deadline = Instant::now() + self.settings.consistency_wait;
+        let mut lowest = u64::MAX;
+        for name in projections {
+            let runner = self
+                .system
+                .projection(name)
+                .ok_or_else(|| ApiError::InvalidSettings(format!("no projection {name}")))?;
+            let mut checkpoint = runner.checkpoint().await?;
+            if let Some(wanted) = min_position {
+                while checkpoint < wanted {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Err(ApiError::ProjectionLagging {
+                            projection: (*name).to_owned(),
+                            position: wanted,
+                        });
+                    }
+                    // Woken at once when this process applies the position; polled in
+                    // case another process runs the projection.
+                    let wait = (deadline - now).min(Duration::from_millis(50));
+                    runner.wait_for(wanted, wait).await;
+                    checkpoint = runner.checkpoint().await?;
+                }
+            }
+            lowest = lowest.min(checkpoint);
+        }
+        Ok(lowest)
+    }
+}
+
+fn api() -> OpenApiRouter<Arc<App>> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(routes::commands::routes())
+        .merge(routes::queries::routes())
+        .merge(routes::operations::routes())
+}
+
+/// The OpenAPI document of every route.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api().split_for_parts().1
+}
+
+/// The whole HTTP interface over a system.
+pub fn router(system: Arc<System>, tokens: Tokens, settings: Settings) -> Router {
+    // Installed before the first request, so no metric is recorded into the void.
+    crate::observe::prometheus();
+    let (router, document) = api().split_for_parts();
+    let openapi = serde_json::to_value(&document).unwrap_or(Value::Null);
+    let app = Arc::new(App {
+        system,
+        tokens,
+        routes: RouteAccess::from_openapi(&openapi),
+        settings,
+        openapi,
+    });
+    router
+        .route_layer(from_fn_with_state(app.clone(), guard))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(from_fn(observe))
+        .with_state(app)
+}
+
+async fn not_found() -> Response {
+    ApiError::not_found("not-found", "no such path").into_response()
+}
+
+async fn method_not_allowed() -> Response {
+    ApiError::MethodNotAllowed.into_response()
+}
+
+/// Serves until `shutdown` completes: then stops taking requests, finishes those in
+/// flight, and stops the projectors and processes at a checkpoint.
+pub async fn serve(
+    listener: TcpListener,
+    system: Arc<System>,
+    tokens: Tokens,
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let background = system.start();
+    let router = router(system, tokens, settings);
+    let served = axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await;
+    tracing::info!("requests finished; stopping projections and processes");
+    background.stop().await;
+    served
+}

@@ -1,0 +1,17 @@
+//! Black-box tests of the HTTP API: the real `annals serve` binary on port 0, against a
+//! temporary SQLite file and a fresh PostgreSQL database, spoken to over HTTP as
+//! clients of `api.md` would.
+
+// A test that cannot go on should stop loudly; `unwrap` says so shortest.
+#![allow(clippy::unwrap_used)]
+
+#[macro_use]
+#[path = "../support/database.rs"]
+mod database;
+mod server;
+
+mod errors;
+mod flows;
+mod operations;
+mod process;
+mod roles;

@@ -1,0 +1,133 @@
+//! The server as a process: it refuses to run open to the network without tokens, logs
+//! the correlation id on every request line (as JSON when asked), counts what it does in
+//! its metrics, and exits 0 on SIGTERM after finishing its work.
+
+use std::sync::Arc;
+
+use reqwest::Method;
+use serde_json::json;
+
+use crate::database::Fixture;
+use crate::server::{Server, WRITER, annals, lead};
+
+on_both_backends!(sigterm_finishes_and_exits_zero_and_the_work_survives);
+
+async fn sigterm_finishes_and_exits_zero_and_the_work_survives(db: Arc<Fixture>) {
+    let mut server = Server::start(db.url());
+    let id = server.command("/leads", lead("ada")).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let status = server.terminate();
+    assert!(status.success(), "{status:?}\n{}", server.logs());
+    assert!(server.logs().contains("stopped"), "{}", server.logs());
+    // A new server on the same database finds the lead.
+    let again = Server::start(db.url());
+    let history = again.read(&format!("/leads/{id}/history")).await;
+    assert_eq!(history["version"], 1);
+}
+
+#[test]
+fn without_tokens_it_serves_only_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("open.db").display());
+    let refused = annals()
+        .args(["serve", "--database-url", &url, "--listen", "0.0.0.0:0"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("refusing to listen on 0.0.0.0:0 without ANNALS_API_TOKENS"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let bad_tokens = annals()
+        .args(["serve", "--database-url", &url, "--listen", "127.0.0.1:0"])
+        .env("ANNALS_API_TOKENS", "admin:secret")
+        .output()
+        .unwrap();
+    assert!(!bad_tokens.status.success());
+    let stderr = String::from_utf8_lossy(&bad_tokens.stderr);
+    assert!(
+        stderr.contains("the role must be writer, analyst or operator"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_on_loopback_logs_json_with_the_correlation_id_and_counts_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("anonymous.db").display());
+    let server = Server::start_with(
+        &url,
+        &[
+            ("ANNALS_LOG_FORMAT", "json"),
+            ("RUST_LOG", "info,annals_api=debug"),
+        ],
+    );
+    assert!(server.logs().contains("ANNALS_API_TOKENS is unset"));
+    // Anonymous mode: no token needed, and the actor is `anonymous`.
+    let captured = server
+        .call(
+            Method::POST,
+            "/leads",
+            None,
+            Some(&lead("ada")),
+            &[("Correlation-Id", "trace-me-42")],
+        )
+        .await;
+    assert_eq!(captured.status, 201);
+    assert_eq!(captured.header("correlation-id"), Some("trace-me-42"));
+    let id = captured.body["id"].as_str().unwrap();
+    let events = server
+        .call(
+            Method::GET,
+            &format!("/streams/lead-{id}/events"),
+            None,
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(events.body["items"][0]["metadata"]["actor"], "anonymous");
+    assert_eq!(
+        events.body["items"][0]["metadata"]["correlation_id"],
+        "trace-me-42"
+    );
+    let assign = json!({"owner": "grace"});
+    let path = format!("/leads/{id}/assign");
+    let assigned = server
+        .call(Method::POST, &path, WRITER, Some(&assign), &[])
+        .await;
+    assert_eq!(assigned.status, 200);
+    let again = server
+        .call(Method::POST, &path, WRITER, Some(&assign), &[])
+        .await;
+    assert_eq!(again.status, 409);
+
+    let metrics = server.call(Method::GET, "/metrics", None, None, &[]).await;
+    assert_eq!(metrics.status, 200);
+    let text = reqwest::get(format!("{}/metrics", server.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for expected in [
+        "annals_commands_total{command=\"Capture\",outcome=\"ok\"} 1",
+        "annals_commands_total{command=\"Assign\",outcome=\"already-assigned\"} 1",
+        "annals_append_duration_seconds_bucket",
+        "annals_projection_lag{projection=\"lead_board\"}",
+        "annals_http_requests_total{method=\"POST\",route=\"/leads\",status=\"201\"} 1",
+    ] {
+        assert!(text.contains(expected), "{expected} not in:\n{text}");
+    }
+    // Every line logged for the request is JSON and carries its correlation id.
+    let logs = server.logs();
+    let lines: Vec<&str> = logs.lines().filter(|l| l.contains("trace-me-42")).collect();
+    assert!(!lines.is_empty(), "{logs}");
+    for line in lines {
+        let parsed: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(parsed["span"]["correlation_id"], "trace-me-42", "{line}");
+    }
+}
