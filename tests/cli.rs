@@ -4,7 +4,14 @@
 // A test that cannot go on should stop loudly; `unwrap` says so shortest.
 #![allow(clippy::unwrap_used)]
 
+#[macro_use]
+#[path = "support/database.rs"]
+mod database;
+
 use std::process::Command;
+use std::sync::Arc;
+
+use database::Fixture;
 
 fn annals() -> Command {
     Command::new(env!("CARGO_BIN_EXE_annals"))
@@ -46,4 +53,149 @@ fn a_bad_database_url_is_one_clear_line_and_a_failure() {
         assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
+}
+
+on_both_backends!(the_demo_history_replays_verifies_audits_and_prints);
+
+fn run(args: &[&str]) -> (bool, String, String) {
+    let output = annals().args(args).output().unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+async fn the_demo_history_replays_verifies_audits_and_prints(db: Arc<Fixture>) {
+    let url = db.url();
+    let (ok, out, err) = run(&[
+        "demo",
+        "--leads",
+        "40",
+        "--seed",
+        "7",
+        "--database-url",
+        url,
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("demo (seed 7): 40 leads"), "{out}");
+    let head = db.store().head().await.unwrap();
+    assert!(head > 100, "the demo wrote only {head} events");
+    // Every kind of history is there: conversions, deals won and lost.
+    let log = db.store();
+    let page = log
+        .read_all(1, 100_000, &annals_store::LogFilter::all())
+        .await
+        .unwrap();
+    for kind in [
+        "LeadCaptured",
+        "SignalRecorded",
+        "LeadQualified",
+        "LeadAssigned",
+        "LeadConverted",
+        "AccountOpened",
+        "DealOpened",
+        "DealStageChanged",
+        "DealWon",
+        "DealLost",
+    ] {
+        assert!(
+            page.events.iter().any(|e| e.event_type == kind),
+            "the demo has no {kind}"
+        );
+    }
+    // The same seed again appends nothing: every command was idempotent.
+    let (ok, _, err) = run(&[
+        "demo",
+        "--leads",
+        "40",
+        "--seed",
+        "7",
+        "--database-url",
+        url,
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(db.store().head().await.unwrap(), head);
+
+    let (ok, out, err) = run(&["verify", "--database-url", url]);
+    assert!(ok, "{out}{err}");
+    for projection in ["lead_board", "deal_board", "account_360"] {
+        assert!(
+            out.contains(&format!(
+                "{projection}: equal to a rebuild at position {head}"
+            )),
+            "{out}"
+        );
+    }
+    let (ok, _, err) = run(&[
+        "replay",
+        "--projection",
+        "deal_board",
+        "--database-url",
+        url,
+    ]);
+    assert!(ok, "{err}");
+    let (ok, out, _) = run(&["audit", "verify", "--database-url", url]);
+    assert!(ok);
+    assert!(out.starts_with("ok: "), "{out}");
+
+    let (ok, out, _) = run(&["events", "--from", "3", "--database-url", url]);
+    assert!(ok);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len() as u64, head - 2);
+    assert!(lines[0].trim_start().starts_with("3  "), "{}", lines[0]);
+    let first_stream = page.events[0].stream.clone();
+    let (ok, out, _) = run(&[
+        "events",
+        "--stream",
+        &first_stream,
+        "--json",
+        "--database-url",
+        url,
+    ]);
+    assert!(ok);
+    let first: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(first["stream"], first_stream.as_str());
+    assert_eq!(first["version"], 1);
+
+    // An edited row fails the audit, and the command says so with a failing exit.
+    db.execute("UPDATE events SET event_type = 'Forged' WHERE position = 1")
+        .await;
+    let (ok, out, _) = run(&["audit", "verify", "--database-url", url]);
+    assert!(!ok);
+    assert!(out.starts_with("BROKEN: stream "), "{out}");
+}
+
+#[test]
+fn bad_operator_arguments_are_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("cli.db").display());
+    for args in [
+        vec!["replay", "--projection", "nothing", "--database-url", &url],
+        vec!["verify", "--projection", "nothing", "--database-url", &url],
+        vec![
+            "events",
+            "--stream",
+            "no spaces allowed",
+            "--database-url",
+            &url,
+        ],
+        vec!["events", "--database-url", "mysql://x"],
+        vec![
+            "serve",
+            "--listen",
+            "not-an-address",
+            "--database-url",
+            &url,
+        ],
+    ] {
+        let (ok, _, err) = run(&args);
+        assert!(!ok, "{args:?}");
+        assert!(err.starts_with("annals: "), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    let (ok, _, err) = run(&["demo", "--leads", "many"]);
+    assert!(!ok);
+    assert!(err.contains("invalid value"), "{err}");
 }

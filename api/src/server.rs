@@ -151,3 +151,13 @@ pub async fn serve(
     background.stop().await;
     served
 }
+
+#[cfg(test)]
+mod tests {
+    /// The wire contract: any change to a route, a schema or a status shows up as a
+    /// diff of the committed document.
+    #[test]
+    fn the_openapi_document_matches_its_snapshot() {
+        insta::assert_json_snapshot!("openapi", super::openapi());
+    }
+}
