@@ -130,7 +130,12 @@ impl<A: Aggregate> CommandHandler<A> {
         let stream = Self::stream(id)?;
         let snapshot = self.latest_snapshot(&stream).await?;
         let loaded = self.replay_onto(&stream, snapshot, |_| false).await?;
-        self.remember(id, loaded.clone());
+        // An absence is never cached: another handler or process may create the
+        // aggregate, and `exists` must then see it. (A cached state that exists can only
+        // be behind, which the append's expected version catches.)
+        if loaded.version > 0 {
+            self.remember(id, loaded.clone());
+        }
         Ok(loaded)
     }
 

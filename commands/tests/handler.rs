@@ -414,7 +414,9 @@ async fn a_deal_opens_only_for_an_existing_account(db: Arc<Fixture>) {
         refused,
         Err(CommandError::Domain(DomainError::AccountNotFound))
     ));
-    accounts
+    // Another process (or the conversion process's own handler) opens the account: the
+    // absence this handler saw before must not hide it.
+    CommandHandler::<Account>::new(db.open_again().await, config())
         .execute(
             account_id,
             AccountCommand::Open {
