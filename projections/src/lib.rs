@@ -213,6 +213,17 @@ fn is_poison(error: &ProjectionError) -> bool {
 }
 
 const REBUILD_BATCH: usize = 5_000;
+/// A rebuild or verify renews its claim after every batch; a claim not renewed for this
+/// long belongs to a process that died, and another may take it over.
+const CLAIM_STALE: Duration = Duration::from_secs(30);
+
+fn now_micros() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
+fn stale_before() -> i64 {
+    now_micros() - CLAIM_STALE.as_micros() as i64
+}
 /// How often a process that does not hold a projection's lease tries to take it: the
 /// bound on a takeover after the holder dies.
 const LEASE_RETRY: Duration = Duration::from_secs(2);
@@ -655,8 +666,9 @@ impl ProjectionRunner {
         let mut tx = self.db.begin_read(0).await?;
         let rebuilding = tx
             .fetch_int(
-                "SELECT rebuilding FROM projections WHERE name = $1",
-                &[self.name().into()],
+                "SELECT rebuilding FROM projections \
+                  WHERE name = $1 AND rebuild_seen_micros >= $2",
+                &[self.name().into(), stale_before().into()],
             )
             .await?;
         tx.commit().await?;
@@ -699,10 +711,18 @@ impl ProjectionRunner {
             .unwrap_or(live)
             .max(live);
         let spare = highest + 1;
+        // Free, or left behind by a process that stopped renewing it.
         let claimed = tx
             .execute(
-                "UPDATE projections SET rebuilding = $2 WHERE name = $1 AND rebuilding IS NULL",
-                &[name.into(), spare.into()],
+                "UPDATE projections SET rebuilding = $2, rebuild_seen_micros = $3 \
+                  WHERE name = $1 AND (rebuilding IS NULL OR rebuild_seen_micros IS NULL \
+                                       OR rebuild_seen_micros < $4)",
+                &[
+                    name.into(),
+                    spare.into(),
+                    now_micros().into(),
+                    stale_before().into(),
+                ],
             )
             .await?;
         if claimed != 1 {
@@ -715,15 +735,51 @@ impl ProjectionRunner {
         Ok((live, spare))
     }
 
-    async fn release_spare_generation(&self) -> Result<(), ProjectionError> {
+    /// Renews the claim on `spare`; fails when another process has taken it over.
+    async fn renew_claim(&self, spare: i64) -> Result<(), ProjectionError> {
+        let mut tx = self.db.begin(0).await?;
+        let renewed = tx
+            .execute(
+                "UPDATE projections SET rebuild_seen_micros = $3 \
+                  WHERE name = $1 AND rebuilding = $2",
+                &[self.name().into(), spare.into(), now_micros().into()],
+            )
+            .await?;
+        tx.commit().await?;
+        if renewed != 1 {
+            return Err(ProjectionError::Busy(self.name().to_owned()));
+        }
+        Ok(())
+    }
+
+    /// Gives the claim on `spare` back, if it is still this runner's.
+    async fn release_spare_generation(&self, spare: i64) -> Result<(), ProjectionError> {
         let mut tx = self.db.begin(0).await?;
         tx.execute(
-            "UPDATE projections SET rebuilding = NULL WHERE name = $1",
-            &[self.name().into()],
+            "UPDATE projections SET rebuilding = NULL WHERE name = $1 AND rebuilding = $2",
+            &[self.name().into(), spare.into()],
         )
         .await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Deletes one generation's rows and checkpoint.
+    async fn drop_generation(&self, generation: i64) -> Result<(), ProjectionError> {
+        let mut tx = self.db.begin(0).await?;
+        for table in self.projector.tables() {
+            tx.execute(
+                &format!("DELETE FROM {} WHERE generation = $1", table.name),
+                &[generation.into()],
+            )
+            .await?;
+        }
+        tx.execute(
+            "DELETE FROM projection_checkpoints WHERE name = $1 AND generation = $2",
+            &[self.name().into(), generation.into()],
+        )
+        .await?;
+        tx.commit().await
     }
 
     async fn drop_generations_except(&self, keep: &[i64]) -> Result<(), ProjectionError> {
@@ -752,12 +808,19 @@ impl ProjectionRunner {
         tx.commit().await
     }
 
-    /// Brings `generation` up to the head of the log, in large batches.
-    async fn fill(&self, generation: i64, limit: Option<u64>) -> Result<(), ProjectionError> {
+    /// Brings `generation` up to the head of the log (or `limit`), in large batches,
+    /// renewing the claim on `spare` after each.
+    async fn fill(
+        &self,
+        generation: i64,
+        limit: Option<u64>,
+        spare: i64,
+    ) -> Result<(), ProjectionError> {
         loop {
             match self.step(generation, limit, REBUILD_BATCH).await {
                 Ok((outcome, reached)) => {
                     self.progress.send_replace(reached);
+                    self.renew_claim(spare).await?;
                     if !matches!(outcome, Outcome::Applied(_)) {
                         return Ok(());
                     }
@@ -771,29 +834,32 @@ impl ProjectionRunner {
     /// the new one has caught up; readers see the old one until the swap, then the new.
     pub async fn rebuild(&self) -> Result<(), ProjectionError> {
         let (old, new) = self.claim_spare_generation().await?;
-        let built = self.build_and_swap(old, new).await;
-        if built.is_err() {
-            self.release_spare_generation().await?;
+        if let Err(error) = self.build_and_swap(old, new).await {
+            self.release_spare_generation(new).await?;
+            return Err(error);
         }
-        built?;
-        self.drop_generations_except(&[new]).await
+        self.drop_generation(old).await
     }
 
     async fn build_and_swap(&self, old: i64, new: i64) -> Result<(), ProjectionError> {
         loop {
-            self.fill(new, None).await?;
+            self.fill(new, None, new).await?;
             // The swap, under a lock on the live checkpoint row, so the live runner
             // cannot move it between the comparison and the swap.
             let mut tx = self.db.begin(0).await?;
             let live_at = lock_checkpoint(&mut tx, self.name(), old).await?;
             let new_at = read_checkpoint_of(&mut tx, self.name(), new).await?;
             if new_at >= live_at {
-                tx.execute(
-                    "UPDATE projections SET live_generation = $2, rebuilding = NULL \
-                      WHERE name = $1",
-                    &[self.name().into(), new.into()],
-                )
-                .await?;
+                let swapped = tx
+                    .execute(
+                        "UPDATE projections SET live_generation = $2, rebuilding = NULL \
+                          WHERE name = $1 AND rebuilding = $2",
+                        &[self.name().into(), new.into()],
+                    )
+                    .await?;
+                if swapped != 1 {
+                    return Err(ProjectionError::Busy(self.name().to_owned()));
+                }
                 tx.commit().await?;
                 self.applied.send_if_modified(|a| bump(a, new_at));
                 return Ok(());
@@ -807,13 +873,13 @@ impl ProjectionRunner {
     pub async fn verify(&self) -> Result<VerifyReport, ProjectionError> {
         let (live, scratch) = self.claim_spare_generation().await?;
         let result = self.compare(live, scratch).await;
-        self.drop_generations_except(&[live]).await?;
-        self.release_spare_generation().await?;
+        self.drop_generation(scratch).await?;
+        self.release_spare_generation(scratch).await?;
         result
     }
 
     async fn compare(&self, live: i64, scratch: i64) -> Result<VerifyReport, ProjectionError> {
-        self.fill(scratch, None).await?;
+        self.fill(scratch, None, scratch).await?;
         loop {
             let mut tx = self.db.begin(0).await?;
             let live_at = lock_checkpoint(&mut tx, self.name(), live).await?;
@@ -857,9 +923,9 @@ impl ProjectionRunner {
             // Bring whichever is behind to the other's position; applying the live
             // generation here is safe, its checkpoint guard keeps it exactly once.
             if scratch_at < live_at {
-                self.fill(scratch, Some(live_at)).await?;
+                self.fill(scratch, Some(live_at), scratch).await?;
             } else {
-                self.fill(live, Some(scratch_at)).await?;
+                self.fill(live, Some(scratch_at), scratch).await?;
             }
         }
     }

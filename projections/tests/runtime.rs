@@ -30,6 +30,7 @@ on_both_backends!(
     a_poisoned_event_is_parked_and_halts_its_projection,
     a_skipping_projection_parks_a_failing_event_goes_on_and_retries_it,
     verify_finds_the_live_board_equal_and_catches_an_edited_row,
+    a_rebuild_claim_left_by_a_dead_process_is_taken_over_once_stale,
     readers_see_the_old_board_until_the_rebuilt_one_is_swapped_in,
     lead_board_shows_every_lead_as_its_events_left_it,
     a_failed_batch_is_rolled_back_and_applied_once_later,
@@ -457,6 +458,36 @@ async fn verify_finds_the_live_board_equal_and_catches_an_edited_row(db: Arc<Fix
     // A rebuild repairs it.
     board.rebuild().await.unwrap();
     assert!(board.verify().await.unwrap().equal);
+}
+
+async fn a_rebuild_claim_left_by_a_dead_process_is_taken_over_once_stale(db: Arc<Fixture>) {
+    history(&db).await;
+    let board = runner(&db, Arc::new(LeadBoard));
+    board.catch_up().await.unwrap();
+    let claim = |seconds_ago: i64| {
+        let seen = chrono::Utc::now().timestamp_micros() - seconds_ago * 1_000_000;
+        format!(
+            "UPDATE projections SET rebuilding = 99, rebuild_seen_micros = {seen} \
+              WHERE name = 'lead_board'"
+        )
+    };
+    // A claim renewed a moment ago belongs to a rebuild that is running.
+    db.execute(&claim(1)).await;
+    assert_eq!(board.status().await.unwrap().status, "rebuilding");
+    assert!(matches!(
+        board.verify().await,
+        Err(ProjectionError::Busy(_))
+    ));
+    // One not renewed for a minute was left by a process that died mid-way.
+    db.execute(&claim(60)).await;
+    assert_eq!(board.status().await.unwrap().status, "running");
+    assert!(board.verify().await.unwrap().equal);
+    board.rebuild().await.unwrap();
+    assert!(board.verify().await.unwrap().equal);
+    let rebuilding = db
+        .text_rows("SELECT CAST(rebuilding AS TEXT) FROM projections WHERE name = 'lead_board'")
+        .await;
+    assert_eq!(rebuilding, vec![vec![None]]);
 }
 
 async fn readers_see_the_old_board_until_the_rebuilt_one_is_swapped_in(db: Arc<Fixture>) {
