@@ -367,10 +367,6 @@ pub async fn run(system: &System, leads: usize, seed: u64) -> anyhow::Result<()>
             .with_context(|| format!("demo account {n}"))?;
         bar.inc(1);
     }
-    bar.set_message("read models");
-    for runner in &system.projections {
-        runner.catch_up().await?;
-    }
     bar.finish_and_clear();
     let t = &story.tally;
     let head = system.store.head().await?;
