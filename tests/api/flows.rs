@@ -17,6 +17,8 @@ on_both_backends!(
     accounts_and_deals_follow_their_commands,
     retries_with_an_idempotency_key_append_nothing,
     if_match_applies_a_command_only_at_that_version,
+    concurrent_commands_on_one_lead_never_both_win_a_version,
+    the_funnel_counts_what_happened_in_its_window,
 );
 
 async fn a_lead_is_captured_scored_assigned_and_read_back_at_once(db: Arc<Fixture>) {
@@ -515,4 +517,73 @@ async fn if_match_applies_a_command_only_at_that_version(db: Arc<Fixture>) {
         )
         .await;
     assert_eq!((bad.status, bad.code()), (400, "invalid-if-match"));
+}
+
+async fn concurrent_commands_on_one_lead_never_both_win_a_version(db: Arc<Fixture>) {
+    let server = Arc::new(Server::start(db.url()));
+    let id = server.command("/leads", lead("ada")).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let tasks: Vec<_> = (0..24)
+        .map(|_| {
+            let (server, id) = (server.clone(), id.clone());
+            tokio::spawn(async move {
+                server
+                    .post(
+                        &format!("/leads/{id}/signals"),
+                        json!({"kind": "page_view"}),
+                    )
+                    .await
+            })
+        })
+        .collect();
+    let mut versions = Vec::new();
+    for task in tasks {
+        let answer = task.await.unwrap();
+        match answer.status {
+            200 => versions.push(answer.body["version"].as_u64().unwrap()),
+            409 => assert_eq!(answer.code(), "concurrency-conflict"),
+            other => panic!("{other}: {}", answer.body),
+        }
+    }
+    // Every accepted command got a version of its own, and each is in the stream.
+    versions.sort_unstable();
+    let expected: Vec<u64> = (2..2 + versions.len() as u64).collect();
+    assert_eq!(versions, expected);
+    let history = server.read(&format!("/leads/{id}/history")).await;
+    assert_eq!(history["version"], 1 + versions.len() as u64);
+    assert_eq!(history["state"]["score"], versions.len() as u64);
+}
+
+async fn the_funnel_counts_what_happened_in_its_window(db: Arc<Fixture>) {
+    let server = Server::start(db.url());
+    let before = chrono::Utc::now();
+    let id = qualified_lead(&server, "ada").await;
+    let position = server
+        .command(&format!("/leads/{id}/assign"), json!({"owner": "grace"}))
+        .await["position"]
+        .as_u64()
+        .unwrap();
+    let after = chrono::Utc::now() + chrono::Duration::seconds(1);
+    let at =
+        |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    let inside = server
+        .read(&format!(
+            "/analytics/funnel?min_position={position}&from={}&to={}&source=web",
+            at(before),
+            at(after)
+        ))
+        .await;
+    assert_eq!(inside["overall"]["captured"], 1);
+    assert_eq!(inside["overall"]["qualified"], 1);
+    assert_eq!(inside["by_source"][0]["source"], "web");
+    let later = server
+        .read(&format!("/analytics/funnel?from={}", at(after)))
+        .await;
+    assert_eq!(later["overall"]["captured"], 0);
+    let bad = server.get("/analytics/funnel?from=yesterday").await;
+    assert_eq!((bad.status, bad.code()), (422, "invalid-parameter"));
+    let owners = server.read("/analytics/pipeline?owner=nobody").await;
+    assert_eq!(owners["stages"], json!([]));
 }
