@@ -68,7 +68,7 @@ fn run(args: &[&str]) -> (bool, String, String) {
 
 async fn the_demo_history_replays_verifies_audits_and_prints(db: Arc<Fixture>) {
     let url = db.url();
-    let (ok, out, err) = run(&[
+    let demo = [
         "demo",
         "--leads",
         "40",
@@ -76,7 +76,8 @@ async fn the_demo_history_replays_verifies_audits_and_prints(db: Arc<Fixture>) {
         "7",
         "--database-url",
         url,
-    ]);
+    ];
+    let (ok, out, err) = run(&demo);
     assert!(ok, "{err}");
     assert!(out.contains("demo (seed 7): 40 leads"), "{out}");
     let head = db.store().head().await.unwrap();
@@ -105,15 +106,7 @@ async fn the_demo_history_replays_verifies_audits_and_prints(db: Arc<Fixture>) {
         );
     }
     // The same seed again appends nothing: every command was idempotent.
-    let (ok, _, err) = run(&[
-        "demo",
-        "--leads",
-        "40",
-        "--seed",
-        "7",
-        "--database-url",
-        url,
-    ]);
+    let (ok, _, err) = run(&demo);
     assert!(ok, "{err}");
     assert_eq!(db.store().head().await.unwrap(), head);
 
