@@ -227,14 +227,20 @@ impl<A: Aggregate> CommandHandler<A> {
         };
 
         for attempt in 1..=self.config.max_attempts {
-            let loaded = self.load(id).await?;
+            let mut loaded = self.load(id).await?;
             if let Some(expected) = context.expected_version
                 && loaded.version != expected
             {
-                return Err(CommandError::VersionMismatch {
-                    expected,
-                    actual: loaded.version,
-                });
+                // The cache may be behind writers in other processes: ask the store
+                // before telling the caller it named the wrong version.
+                self.forget(id);
+                loaded = self.load(id).await?;
+                if loaded.version != expected {
+                    return Err(CommandError::VersionMismatch {
+                        expected,
+                        actual: loaded.version,
+                    });
+                }
             }
             let events = loaded.state.decide(command.clone())?;
             let names: Vec<String> = events.iter().map(|e| e.event_type().to_owned()).collect();
@@ -249,11 +255,14 @@ impl<A: Aggregate> CommandHandler<A> {
                     }));
                     let stored = event.encode();
                     let event_id = match &key {
-                        // A retry decides the same events with the same ids, so the
-                        // store recognises it even if the first answer was lost.
-                        Some(key) => {
-                            Uuid::new_v5(&EVENT_ID_NAMESPACE, format!("{key}/{i}").as_bytes())
-                        }
+                        // A retry decides the same events at the same version with the
+                        // same ids, so the store recognises it even if the first answer
+                        // was lost. The request and the version are in the name: a key
+                        // reused after its record was purged makes new ids.
+                        Some(key) => Uuid::new_v5(
+                            &EVENT_ID_NAMESPACE,
+                            format!("{key}/{request_hash}/{}/{i}", loaded.version).as_bytes(),
+                        ),
                         None => Uuid::now_v7(),
                     };
                     NewEvent::new(stored.event_type, stored.data)

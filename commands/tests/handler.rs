@@ -33,6 +33,8 @@ on_both_backends!(
     a_stale_cache_is_dropped_and_the_command_decided_again,
     history_rebuilds_the_state_as_of_a_version_or_a_time,
     expired_idempotency_keys_are_purged,
+    a_key_reused_after_its_record_was_purged_is_a_new_command,
+    if_match_is_checked_against_the_store_not_a_stale_cache,
     a_conversion_opens_its_account_and_deal_exactly_once,
     a_conversion_into_an_existing_account_opens_only_the_deal,
 );
@@ -495,6 +497,58 @@ async fn history_rebuilds_the_state_as_of_a_version_or_a_time(db: Arc<Fixture>) 
     assert_eq!((at_time.version, at_time.state.score), (2, 10));
     let now = handler.load_as_of(id, None, None).await.unwrap();
     assert_eq!((now.version, now.state.score), (3, 20));
+}
+
+async fn a_key_reused_after_its_record_was_purged_is_a_new_command(db: Arc<Fixture>) {
+    let handler = leads(db.store());
+    let id = Uuid::now_v7();
+    handler
+        .execute(id, capture(id, "reuse@example.com"), &actor("a"))
+        .await
+        .unwrap();
+    let context = CommandContext {
+        idempotency_key: Some("daily".into()),
+        ..actor("a")
+    };
+    let first = handler
+        .execute(id, signal(SignalKind::PageView), &context)
+        .await
+        .unwrap();
+    assert_eq!(first.version, 2);
+    let tomorrow = chrono::Utc::now() + chrono::Duration::hours(25);
+    handler
+        .purge_expired_idempotency_keys(tomorrow)
+        .await
+        .unwrap();
+    // The same key and command a day later: recorded anew, not taken for the old one.
+    let again = handler
+        .execute(id, signal(SignalKind::PageView), &context)
+        .await
+        .unwrap();
+    assert_eq!((again.version, again.events.len()), (3, 1));
+}
+
+async fn if_match_is_checked_against_the_store_not_a_stale_cache(db: Arc<Fixture>) {
+    let ours = leads(db.store());
+    let theirs = leads(db.open_again().await);
+    let id = Uuid::now_v7();
+    ours.execute(id, capture(id, "stale@example.com"), &actor("a"))
+        .await
+        .unwrap();
+    // Another process moves the lead on; our cache still says version 1.
+    theirs
+        .execute(id, signal(SignalKind::PageView), &actor("b"))
+        .await
+        .unwrap();
+    let at_two = CommandContext {
+        expected_version: Some(2),
+        ..actor("a")
+    };
+    let applied = ours
+        .execute(id, signal(SignalKind::EmailOpen), &at_two)
+        .await
+        .unwrap();
+    assert_eq!(applied.version, 3);
 }
 
 async fn expired_idempotency_keys_are_purged(db: Arc<Fixture>) {
