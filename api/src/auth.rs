@@ -114,8 +114,12 @@ impl Tokens {
             if name.is_some_and(str::is_empty) {
                 return Err(bad("the name is empty"));
             }
+            let digest = digest(secret);
+            if tokens.iter().any(|t: &Token| t.digest == digest) {
+                return Err(bad("the same token is given twice"));
+            }
             tokens.push(Token {
-                digest: digest(secret),
+                digest,
                 caller: Caller {
                     actor: name.unwrap_or(role.as_str()).to_owned(),
                     role,
@@ -134,7 +138,12 @@ impl Tokens {
         let Some(tokens) = &self.0 else {
             return Some(Caller::anonymous());
         };
-        let presented = authorization?.strip_prefix("Bearer ")?.trim();
+        // The scheme's name is case-insensitive (RFC 9110).
+        let (scheme, presented) = authorization?.trim().split_once(' ')?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return None;
+        }
+        let presented = presented.trim();
         let presented = digest(presented);
         // Every token is compared, whichever matches, so timing tells nothing.
         let mut found = None;
@@ -237,12 +246,24 @@ mod tests {
         );
         assert_eq!(tokens.caller(Some("Bearer nope")), None);
         assert_eq!(tokens.caller(Some("w-secret")), None);
+        assert_eq!(
+            tokens.caller(Some("bearer w-secret")).map(|c| c.role),
+            Some(Role::Writer)
+        );
+        assert_eq!(tokens.caller(Some("Basic w-secret")), None);
         assert_eq!(tokens.caller(None), None);
     }
 
     #[test]
     fn bad_token_settings_are_refused() {
-        for spec in ["admin:x", "writer", "writer:", "writer::x", ""] {
+        for spec in [
+            "admin:x",
+            "writer",
+            "writer:",
+            "writer::x",
+            "",
+            "writer:same,operator:same",
+        ] {
             assert!(Tokens::parse(spec).is_err(), "{spec}");
         }
     }

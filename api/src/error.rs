@@ -52,6 +52,9 @@ pub enum ApiError {
     Timeout(Duration),
     #[error("the server is not ready: {0}")]
     NotReady(String),
+    /// A handler panicked (a bug): the answer is a plain 500.
+    #[error("a handler panicked")]
+    Panicked,
     /// A setting the server starts with is wrong (never an HTTP answer).
     #[error("{0}")]
     InvalidSettings(String),
@@ -92,6 +95,12 @@ impl ApiError {
             code,
             detail: detail.into(),
         }
+    }
+
+    /// The stable code of the answer (`ok` is not one): also the outcome label of the
+    /// command metrics.
+    pub fn code(&self) -> &'static str {
+        self.answer().1
     }
 
     /// The status, the stable code, and what the client is told.
@@ -145,7 +154,7 @@ impl ApiError {
                 told(),
             ),
             Timeout(_) => (StatusCode::SERVICE_UNAVAILABLE, "timeout", told()),
-            InvalidSettings(_) => internal(),
+            InvalidSettings(_) | Panicked => internal(),
             NotReady(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "not-ready",

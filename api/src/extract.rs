@@ -81,6 +81,17 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Params<T> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        // No database stores NUL in text; refused here, it never reaches one.
+        if parts
+            .uri
+            .query()
+            .is_some_and(|q| q.to_ascii_lowercase().contains("%00"))
+        {
+            return Err(ApiError::invalid(
+                "invalid-parameter",
+                "parameters may not contain the NUL character",
+            ));
+        }
         Query::<T>::try_from_uri(&parts.uri)
             .map(|Query(value)| Params(value))
             .map_err(|rejection| ApiError::invalid("invalid-parameter", rejection.body_text()))

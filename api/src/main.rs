@@ -11,6 +11,7 @@ use std::time::Duration;
 use annals_api::{Settings, System, Tokens};
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use cli::Database;
 use tokio::net::TcpListener;
 
 #[derive(Debug, Parser)]
@@ -22,19 +23,6 @@ use tokio::net::TcpListener;
 struct Cli {
     #[command(subcommand)]
     command: Command,
-}
-
-/// The database every command works on.
-#[derive(Debug, clap::Args)]
-struct Database {
-    /// `sqlite://annals.db` (the embedded default, created when missing) or
-    /// `postgres://…`.
-    #[arg(
-        long,
-        env = "ANNALS_DATABASE_URL",
-        default_value = "sqlite://annals.db"
-    )]
-    database_url: String,
 }
 
 #[derive(Debug, Subcommand)]

@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
+use tower_http::catch_panic::CatchPanicLayer;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 
@@ -121,6 +122,10 @@ pub fn router(system: Arc<System>, tokens: Tokens, settings: Settings) -> Router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        // A panic is a bug, but the client still gets a problem, not a dropped line.
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError::Panicked.into_response()
+        }))
         .layer(from_fn(observe))
         .with_state(app)
 }

@@ -31,8 +31,12 @@ pub enum DomainError {
     },
     #[error("currency {0:?} is not an ISO 4217 code (three upper-case letters)")]
     InvalidCurrency(String),
+    #[error("{field} must not contain control characters (line breaks and tabs may)")]
+    ControlCharacter { field: &'static str },
     #[error("{field} must not be negative")]
     Negative { field: &'static str },
+    #[error("{field} must be at most {max}")]
+    TooLarge { field: &'static str, max: i64 },
     #[error("the amount is in {given}, the deal is in {deal}")]
     CurrencyMismatch { deal: String, given: String },
 
@@ -84,7 +88,9 @@ impl DomainError {
             | InvalidText { .. }
             | UnknownValue { .. }
             | InvalidCurrency(_)
+            | ControlCharacter { .. }
             | Negative { .. }
+            | TooLarge { .. }
             | CurrencyMismatch { .. } => RejectionKind::Invalid,
             LeadExists(_)
             | DuplicateEmail { .. }
@@ -111,7 +117,9 @@ impl DomainError {
             InvalidText { .. } => "invalid-text",
             UnknownValue { .. } => "unknown-value",
             InvalidCurrency(_) => "invalid-currency",
+            ControlCharacter { .. } => "invalid-text",
             Negative { .. } => "negative-number",
+            TooLarge { .. } => "number-too-large",
             CurrencyMismatch { .. } => "currency-mismatch",
             LeadExists(_) => "lead-exists",
             DuplicateEmail { .. } => "duplicate-email",

@@ -10,6 +10,14 @@ use sha2::{Digest, Sha256};
 use crate::error::DomainError;
 
 fn text(value: &str, field: &'static str, min: usize, max: usize) -> Result<String, DomainError> {
+    // Line breaks and tabs may stand in free text; other control characters (NUL
+    // above all, which no database stores in text) may not.
+    if value
+        .chars()
+        .any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
+    {
+        return Err(DomainError::ControlCharacter { field });
+    }
     let trimmed = value.trim();
     let len = trimmed.chars().count();
     if len < min || len > max {
@@ -141,10 +149,20 @@ pub struct Money {
 }
 
 impl Money {
+    /// The largest amount, in minor units (ten trillion in major units): sums of many
+    /// such amounts still fit in 64 bits.
+    pub const MAX_MINOR: i64 = 1_000_000_000_000_000;
+
     pub fn parse(currency: &str, amount_minor: i64) -> Result<Self, DomainError> {
         let currency = Currency::parse(currency)?;
         if amount_minor < 0 {
             return Err(DomainError::Negative { field: "amount" });
+        }
+        if amount_minor > Money::MAX_MINOR {
+            return Err(DomainError::TooLarge {
+                field: "amount",
+                max: Money::MAX_MINOR,
+            });
         }
         Ok(Money {
             currency,
@@ -262,6 +280,31 @@ word_enum!(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_with_control_characters_is_refused_but_line_breaks_are_kept() {
+        assert_eq!(
+            Name::parse("Acme\0"),
+            Err(DomainError::ControlCharacter { field: "name" })
+        );
+        assert!(Reason::parse("no budget\nthis year").is_ok());
+    }
+
+    #[test]
+    fn amounts_are_whole_non_negative_and_bounded() {
+        assert!(Money::parse("EUR", Money::MAX_MINOR).is_ok());
+        assert_eq!(
+            Money::parse("EUR", Money::MAX_MINOR + 1),
+            Err(DomainError::TooLarge {
+                field: "amount",
+                max: Money::MAX_MINOR
+            })
+        );
+        assert_eq!(
+            Money::parse("EUR", -1),
+            Err(DomainError::Negative { field: "amount" })
+        );
+    }
 
     #[test]
     fn emails_are_lower_cased_and_checked() {

@@ -159,6 +159,15 @@ pub struct Difference {
     pub rebuilt: Option<Vec<Option<String>>>,
 }
 
+/// A projection claimed for a rebuild (see `ProjectionRunner::claim_rebuild`). A claim
+/// that is never finished goes stale and may be taken over.
+#[derive(Debug)]
+#[must_use = "a claim holds the projection until it is finished or goes stale"]
+pub struct RebuildClaim {
+    old: i64,
+    new: i64,
+}
+
 /// Runs one projector: reads the log after its checkpoint in batches, and applies each
 /// batch and moves the checkpoint in one transaction.
 #[derive(Debug)]
@@ -833,7 +842,20 @@ impl ProjectionRunner {
     /// Rebuilds the projection from position 0 beside the live generation and swaps when
     /// the new one has caught up; readers see the old one until the swap, then the new.
     pub async fn rebuild(&self) -> Result<(), ProjectionError> {
+        let claim = self.claim_rebuild().await?;
+        self.finish_rebuild(claim).await
+    }
+
+    /// The first half of `rebuild`: claims the projection (`Busy` when a rebuild or
+    /// verify holds it), so a caller can answer at once and rebuild in the background.
+    pub async fn claim_rebuild(&self) -> Result<RebuildClaim, ProjectionError> {
         let (old, new) = self.claim_spare_generation().await?;
+        Ok(RebuildClaim { old, new })
+    }
+
+    /// The second half of `rebuild`: fills the claimed generation and swaps it in.
+    pub async fn finish_rebuild(&self, claim: RebuildClaim) -> Result<(), ProjectionError> {
+        let RebuildClaim { old, new } = claim;
         if let Err(error) = self.build_and_swap(old, new).await {
             self.release_spare_generation(new).await?;
             return Err(error);

@@ -196,7 +196,7 @@ pub async fn funnel(
             number(&row, 4),
         ];
         for (sum, n) in total.iter_mut().zip(counts) {
-            *sum += n;
+            *sum = sum.saturating_add(n);
         }
         by_source.push((
             text(&row, 0),
@@ -291,7 +291,7 @@ pub async fn account_360(
     let mut won: Vec<(String, i64)> = Vec::new();
     for deal in deals.iter().filter(|d| d.status == "won") {
         match won.iter_mut().find(|(c, _)| *c == deal.currency) {
-            Some((_, sum)) => *sum += deal.amount_minor,
+            Some((_, sum)) => *sum = sum.saturating_add(deal.amount_minor),
             None => won.push((deal.currency.clone(), deal.amount_minor)),
         }
     }

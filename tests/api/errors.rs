@@ -210,6 +210,32 @@ async fn every_refusal_is_a_problem_with_a_stable_code(db: Arc<Fixture>) {
         422,
         "unknown-value",
     );
+    // NUL never reaches a database; amounts have a ceiling.
+    for path in [
+        "/leads?owner=%00",
+        "/deals?owner=a%00b",
+        "/events?type=%00",
+        "/analytics/pipeline?owner=%00",
+    ] {
+        assert_problem(&server.get(path).await, 422, "invalid-parameter");
+    }
+    assert_problem(
+        &server.post("/accounts", json!({"name": "Acme\u{0}"})).await,
+        422,
+        "invalid-text",
+    );
+    let big = 10_000_000_000_000_000_i64;
+    assert_problem(
+        &server
+            .post(
+                "/deals",
+                json!({"account_id": uuid::Uuid::now_v7(), "name": "Big",
+                       "amount": {"currency": "EUR", "amount_minor": big}}),
+            )
+            .await,
+        422,
+        "number-too-large",
+    );
 
     // Nothing refused was stored: the log holds the one capture.
     let log = server.read("/events").await;

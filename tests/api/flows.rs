@@ -210,11 +210,18 @@ async fn a_qualified_lead_converts_and_the_process_opens_its_account_and_deal(db
         deal["amount"],
         json!({"currency": "EUR", "amount_minor": 129900})
     );
-    let account = eventually(&server, &format!("/accounts/{account_id}")).await;
+    eventually(&server, &format!("/accounts/{account_id}")).await;
+    // Both exist: every read model has applied the log up to the head from here on.
+    let head = server.read("/events?limit=1").await["head"].clone();
+    let account = server
+        .read(&format!("/accounts/{account_id}?min_position={head}"))
+        .await;
     assert_eq!(account["name"], "ada Industries");
     assert_eq!(account["converted_leads"], json!([id]));
     assert_eq!(account["deals"][0]["id"], deal_id.as_str());
-    let lead = server.read(&format!("/leads/{id}")).await;
+    let lead = server
+        .read(&format!("/leads/{id}?min_position={head}"))
+        .await;
     assert_eq!(lead["status"], "converted");
     assert_eq!(lead["converted_deal_id"], deal_id.as_str());
 
@@ -230,7 +237,10 @@ async fn a_qualified_lead_converts_and_the_process_opens_its_account_and_deal(db
         .await;
     assert_eq!(converted["deal_id"], chosen.as_str());
     assert_eq!(converted["account_id"], account_id.as_str());
+    let mut tries = 0;
     let deals = loop {
+        tries += 1;
+        assert!(tries < 200, "the second deal never appeared");
         let deals = server
             .read(&format!("/deals?account_id={account_id}"))
             .await;
@@ -425,6 +435,7 @@ async fn retries_with_an_idempotency_key_append_nothing(db: Arc<Fixture>) {
     let again = server
         .call(Method::POST, &path, WRITER, Some(&signal), &key)
         .await;
+    assert_eq!((once.status, again.status), (200, 200));
     assert_eq!(once.body, again.body);
     let events = server.read(&format!("/streams/lead-{id}/events")).await;
     assert_eq!(events["items"].as_array().unwrap().len(), 2);
@@ -548,6 +559,7 @@ async fn concurrent_commands_on_one_lead_never_both_win_a_version(db: Arc<Fixtur
         }
     }
     // Every accepted command got a version of its own, and each is in the stream.
+    assert!(!versions.is_empty(), "no command got through");
     versions.sort_unstable();
     let expected: Vec<u64> = (2..2 + versions.len() as u64).collect();
     assert_eq!(versions, expected);

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use annals_commands::{CommandError, CommandHandler, CommandOutcome};
+use annals_commands::{CommandHandler, CommandOutcome};
 use annals_domain::account::AccountCommand;
 use annals_domain::deal::DealCommand;
 use annals_domain::lead::LeadCommand;
@@ -60,11 +60,7 @@ async fn execute<A: Aggregate>(
         .await;
     let outcome = match &result {
         Ok(_) => "ok",
-        Err(CommandError::Domain(rejection)) => rejection.code(),
-        Err(CommandError::VersionMismatch { .. }) => "version-mismatch",
-        Err(CommandError::ConcurrencyConflict { .. }) => "concurrency-conflict",
-        Err(CommandError::IdempotencyKeyReused) => "idempotency-key-reused",
-        Err(_) => "error",
+        Err(error) => ApiError::Command(error.clone()).code(),
     };
     observe::command_done(name, outcome, started.elapsed());
     Ok(result?)

@@ -193,10 +193,12 @@ async fn log_events(
         Some(event_type) => LogFilter::event_types([event_type]),
         None => LogFilter::all(),
     };
-    let page = app.system.store.read_all(from, limit, &filter).await?;
-    let full = page.events.len() >= limit;
+    // One more than asked tells whether another page follows.
+    let mut page = app.system.store.read_all(from, limit + 1, &filter).await?;
+    let next_cursor = page.events.get(limit).map(|next| next.position.to_string());
+    page.events.truncate(limit);
     Ok(Json(EventList {
-        next_cursor: full.then(|| page.next_position.to_string()),
+        next_cursor,
         items: page.events.into_iter().map(event_item).collect(),
         head: page.head,
     }))
@@ -251,14 +253,11 @@ async fn rebuild_projection(
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     let runner = projection(&app, &name)?.clone();
-    if runner.status().await?.status == "rebuilding" {
-        return Err(ApiError::Conflict {
-            code: "projection-busy",
-            detail: format!("projection {name} is already being rebuilt or verified"),
-        });
-    }
+    // Claimed before the answer: a second rebuild is refused (409), and a status read
+    // right after this answer says `rebuilding`.
+    let claim = runner.claim_rebuild().await?;
     tokio::spawn(async move {
-        match runner.rebuild().await {
+        match runner.finish_rebuild(claim).await {
             Ok(()) => tracing::info!(projection = runner.name(), "rebuild finished"),
             Err(error) => tracing::warn!(projection = runner.name(), %error, "rebuild failed"),
         }
@@ -282,7 +281,12 @@ async fn verify_projection(
     State(app): State<Arc<App>>,
     Path(name): Path<String>,
 ) -> Result<Json<VerifyAnswer>, ApiError> {
-    let report = projection(&app, &name)?.verify().await?;
+    let runner = projection(&app, &name)?.clone();
+    // In a task of its own: a client that hangs up does not cut the verify short and
+    // leave its scratch rows behind.
+    let report = tokio::spawn(async move { runner.verify().await })
+        .await
+        .map_err(|_| ApiError::Panicked)??;
     Ok(Json(VerifyAnswer {
         equal: report.equal,
         position: report.position,
