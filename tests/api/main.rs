@@ -11,6 +11,7 @@ mod database;
 mod server;
 
 mod errors;
+mod faults;
 mod flows;
 mod operations;
 mod process;

@@ -13,7 +13,7 @@ use crate::server::{Server, WRITER, annals, lead};
 on_both_backends!(sigterm_finishes_and_exits_zero_and_the_work_survives);
 
 async fn sigterm_finishes_and_exits_zero_and_the_work_survives(db: Arc<Fixture>) {
-    let mut server = Server::start(db.url());
+    let server = Server::start(db.url());
     let id = server.command("/leads", lead("ada")).await["id"]
         .as_str()
         .unwrap()

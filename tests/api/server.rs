@@ -35,7 +35,7 @@ pub fn annals() -> Command {
 
 #[derive(Debug)]
 pub struct Server {
-    child: Child,
+    child: Mutex<Child>,
     pub base: String,
     logs: Arc<Mutex<String>>,
     client: reqwest::Client,
@@ -104,7 +104,7 @@ impl Server {
             }
         };
         Server {
-            child,
+            child: Mutex::new(child),
             base,
             logs,
             client: reqwest::Client::new(),
@@ -113,6 +113,40 @@ impl Server {
 
     pub fn logs(&self) -> String {
         self.logs.lock().unwrap().clone()
+    }
+
+    /// Any request; an error when no answer came (the server is down or the
+    /// connection broke).
+    pub async fn try_call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+        headers: &[(&str, &str)],
+    ) -> Result<Answer, reqwest::Error> {
+        let mut request = self
+            .client
+            .request(method, format!("{}{path}", self.base))
+            .timeout(Duration::from_secs(30));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().await?;
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let bytes = response.bytes().await?;
+        Ok(Answer {
+            status,
+            headers,
+            body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        })
     }
 
     /// Any request, with a token (or none), a JSON body and extra headers.
@@ -124,25 +158,9 @@ impl Server {
         body: Option<&Value>,
         headers: &[(&str, &str)],
     ) -> Answer {
-        let mut request = self.client.request(method, format!("{}{path}", self.base));
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
-        }
-        if let Some(body) = body {
-            request = request.json(body);
-        }
-        for (name, value) in headers {
-            request = request.header(*name, *value);
-        }
-        let response = request.send().await.expect("the server answers");
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let bytes = response.bytes().await.expect("a body");
-        Answer {
-            status,
-            headers,
-            body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        }
+        self.try_call(method, path, token, body, headers)
+            .await
+            .expect("the server answers")
     }
 
     /// A command, as the writer.
@@ -175,16 +193,24 @@ impl Server {
         answer.body
     }
 
+    /// Kills the process outright (SIGKILL): no shutdown, no flush, nothing finished.
+    pub fn kill(&self) {
+        let mut child = self.child.lock().unwrap();
+        child.kill().expect("kill -9");
+        child.wait().expect("reaped");
+    }
+
     /// Sends SIGTERM and waits (at most a minute) for the process to exit.
-    pub fn terminate(&mut self) -> ExitStatus {
+    pub fn terminate(&self) -> ExitStatus {
+        let mut child = self.child.lock().unwrap();
         let sent = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args(["-TERM", &child.id().to_string()])
             .status()
             .expect("kill runs");
         assert!(sent.success());
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
+            if let Some(status) = child.try_wait().expect("try_wait") {
                 return status;
             }
             assert!(Instant::now() < deadline, "the server did not stop");
@@ -195,8 +221,10 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Ok(child) = self.child.get_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 

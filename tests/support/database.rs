@@ -125,6 +125,14 @@ impl Fixture {
         }
     }
 
+    /// The PostgreSQL database's name (`None` on SQLite).
+    pub fn database_name(&self) -> Option<&str> {
+        match self {
+            Fixture::Postgres { database, .. } => Some(database),
+            Fixture::Sqlite { .. } => None,
+        }
+    }
+
     /// The database URL, as `annals --database-url` takes it.
     pub fn url(&self) -> &str {
         match self {
