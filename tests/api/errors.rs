@@ -32,8 +32,12 @@ fn assert_problem(answer: &crate::server::Answer, status: u16, code: &str) {
 
 /// A body as bytes, exactly as given, to `POST /leads`.
 async fn raw(server: &Server, body: &[u8]) -> crate::server::Answer {
+    raw_to(server, "/leads", body).await
+}
+
+async fn raw_to(server: &Server, path: &str, body: &[u8]) -> crate::server::Answer {
     let response = reqwest::Client::new()
-        .post(format!("{}/leads", server.base))
+        .post(format!("{}{path}", server.base))
         .bearer_auth("writer-token")
         .header("content-type", "application/json")
         .body(body.to_vec())
@@ -224,6 +228,26 @@ async fn every_refusal_is_a_problem_with_a_stable_code(db: Arc<Fixture>) {
         422,
         "invalid-text",
     );
+    // Numbers past any integer type, or written as floats, are not amounts.
+    for amount in ["123456789012345678901234567890", "1e30", "12.5", "-0.0"] {
+        let body = format!(
+            r#"{{"account_id": "{}", "name": "X", "amount": {{"currency": "EUR", "amount_minor": {amount}}}}}"#,
+            uuid::Uuid::now_v7()
+        );
+        assert_problem(
+            &raw_to(&server, "/deals", body.as_bytes()).await,
+            422,
+            "invalid-request",
+        );
+    }
+    assert_problem(
+        &server.get("/leads?limit=99999999999999999999").await,
+        422,
+        "invalid-parameter",
+    );
+    // SQL in a filter is a value like any other: it matches nothing.
+    let injected = server.read("/leads?owner=%27%20OR%201%3D1%20--").await;
+    assert_eq!(injected["items"], json!([]));
     let big = 10_000_000_000_000_000_i64;
     assert_problem(
         &server
