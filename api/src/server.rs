@@ -56,7 +56,9 @@ pub struct App {
 
 impl App {
     /// Waits until every named projection has applied the log up to `min_position` (when
-    /// given, up to the consistency wait); returns the lowest of their checkpoints.
+    /// given, up to the consistency wait); returns the lowest of their checkpoints, or of
+    /// lower bounds of them: what this process's runners have applied costs no query,
+    /// and a read model only moves forwards.
     pub async fn consistent(
         &self,
         projections: &[&str],
@@ -69,8 +71,14 @@ impl App {
                 .system
                 .projection(name)
                 .ok_or_else(|| ApiError::InvalidSettings(format!("no projection {name}")))?;
-            let mut checkpoint = runner.checkpoint().await?;
-            if let Some(wanted) = min_position {
+            let mut checkpoint = match runner.applied() {
+                0 => runner.checkpoint().await?,
+                seen => seen,
+            };
+            if let Some(wanted) = min_position
+                && checkpoint < wanted
+            {
+                checkpoint = checkpoint.max(runner.checkpoint().await?);
                 while checkpoint < wanted {
                     let now = Instant::now();
                     if now >= deadline {

@@ -308,8 +308,25 @@ impl ProjectionRunner {
 
     /// The position up to which the live generation has applied the log.
     pub async fn checkpoint(&self) -> Result<u64, ProjectionError> {
-        let live = self.live_generation().await?;
-        self.checkpoint_of(live).await
+        // One statement: the live generation and its checkpoint as of one snapshot.
+        let position = self
+            .db
+            .fetch_int(
+                "SELECT c.position FROM projections p JOIN projection_checkpoints c \
+                     ON c.name = p.name AND c.generation = p.live_generation \
+                  WHERE p.name = $1",
+                &[self.name().into()],
+            )
+            .await?
+            .unwrap_or(0);
+        Ok(u64::try_from(position).unwrap_or(0))
+    }
+
+    /// How far this process has seen the live generation applied (by its own runner, or
+    /// at a swap): a lower bound of `checkpoint` that costs no query. 0 when this
+    /// process does not run the projection.
+    pub fn applied(&self) -> u64 {
+        *self.applied.borrow()
     }
 
     async fn checkpoint_of(&self, generation: i64) -> Result<u64, ProjectionError> {
@@ -322,16 +339,22 @@ impl ProjectionRunner {
     /// One step of the live generation: the next batch after its checkpoint, applied and
     /// checkpointed in one transaction. A failure rolls the whole batch back.
     pub async fn run_once(&self) -> Result<Outcome, ProjectionError> {
-        if self.policy == FailurePolicy::Halt && !self.parked().await?.is_empty() {
-            return Ok(Outcome::Halted);
-        }
+        // A halted projection still applies every event before the one it parked.
+        let halted_at = match self.policy {
+            FailurePolicy::Halt => self.parked().await?.first().map(|p| p.position),
+            FailurePolicy::Skip => None,
+        };
         let live = self.live_generation().await?;
-        match self.step(live, None, self.batch_size).await {
+        let limit = halted_at.map(|position| position.saturating_sub(1));
+        match self.step(live, limit, self.batch_size).await {
             Ok((outcome, checkpoint)) => {
                 *lock(&self.last_error) = None;
                 *lock(&self.failing) = None;
                 self.applied.send_if_modified(|a| bump(a, checkpoint));
-                Ok(outcome)
+                Ok(match outcome {
+                    Outcome::CaughtUp if halted_at.is_some() => Outcome::Halted,
+                    outcome => outcome,
+                })
             }
             Err(StepError::Event {
                 position,
@@ -355,10 +378,18 @@ impl ProjectionRunner {
                 self.park(position, &event_type, &reason, attempts).await?;
                 *lock(&self.failing) = None;
                 tracing::error!(projection = self.name(), position, %reason, "event parked");
-                Ok(match self.policy {
-                    FailurePolicy::Halt => Outcome::Halted,
-                    FailurePolicy::Skip => Outcome::Applied(0),
-                })
+                match self.policy {
+                    FailurePolicy::Halt => {
+                        // The events of its batch before it are exact: apply them now.
+                        let (_, checkpoint) = self
+                            .step(live, Some(position.saturating_sub(1)), self.batch_size)
+                            .await
+                            .map_err(StepError::into_error)?;
+                        self.applied.send_if_modified(|a| bump(a, checkpoint));
+                        Ok(Outcome::Halted)
+                    }
+                    FailurePolicy::Skip => Ok(Outcome::Applied(0)),
+                }
             }
             Err(failure) => {
                 let error = failure.into_error();

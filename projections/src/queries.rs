@@ -16,10 +16,7 @@ fn live(projection: &str) -> String {
 type Rows = Vec<Vec<Option<String>>>;
 
 async fn rows(db: &ReadDatabase, sql: &str, params: &[Param]) -> Result<Rows, ProjectionError> {
-    let mut tx = db.begin_read(0).await?;
-    let rows = tx.fetch_text_rows(sql, params).await?;
-    tx.commit().await?;
-    Ok(rows)
+    db.fetch_text_rows(sql, params).await
 }
 
 fn text(row: &[Option<String>], i: usize) -> String {

@@ -134,6 +134,53 @@ macro_rules! bound {
     }};
 }
 
+impl ReadDatabase {
+    /// Every row of one query, outside any transaction (one round trip: a single
+    /// statement sees one snapshot anyway). Columns are all text (cast them in the SQL).
+    pub async fn fetch_text_rows(
+        &self,
+        sql: &str,
+        params: &[Param],
+    ) -> Result<Vec<Vec<Option<String>>>, ProjectionError> {
+        let rows = match self {
+            ReadDatabase::Sqlite { pool, .. } => bound!(sql, params, true)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|row| (0..row.len()).map(|i| row.try_get(i)).collect())
+                .collect::<Result<_, _>>()?,
+            ReadDatabase::Postgres(pool) => bound!(sql, params, false)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|row| (0..row.len()).map(|i| row.try_get(i)).collect())
+                .collect::<Result<_, _>>()?,
+        };
+        Ok(rows)
+    }
+
+    /// The integer in the first column of a query's first row, outside any transaction.
+    pub async fn fetch_int(
+        &self,
+        sql: &str,
+        params: &[Param],
+    ) -> Result<Option<i64>, ProjectionError> {
+        let value = match self {
+            ReadDatabase::Sqlite { pool, .. } => bound!(sql, params, true)
+                .fetch_optional(pool)
+                .await?
+                .map(|row| row.try_get::<Option<i64>, _>(0))
+                .transpose()?,
+            ReadDatabase::Postgres(pool) => bound!(sql, params, false)
+                .fetch_optional(pool)
+                .await?
+                .map(|row| row.try_get::<Option<i64>, _>(0))
+                .transpose()?,
+        };
+        Ok(value.flatten())
+    }
+}
+
 impl ReadTx {
     /// The generation this transaction writes: every read-model row carries it.
     pub fn generation(&self) -> i64 {

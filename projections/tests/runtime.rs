@@ -571,8 +571,8 @@ async fn a_poisoned_event_is_parked_and_halts_its_projection(db: Arc<Fixture>) {
     assert_eq!(parked[0].attempts, 3);
     assert_eq!(
         board.checkpoint().await.unwrap(),
-        8,
-        "it stopped before the batch of the poison"
+        poison - 1,
+        "it applied every event before the poison, and stopped there"
     );
     let status = board.status().await.unwrap();
     assert_eq!(status.status, "halted");
