@@ -3,10 +3,10 @@
 //! parameters (422), and a command's headers and caller.
 
 use annals_commands::CommandContext;
-use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
+use axum::http::header;
 use axum::http::request::Parts;
-use axum::http::{StatusCode, header};
+use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
@@ -28,7 +28,7 @@ pub struct JsonBody<T> {
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
-    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+    async fn from_request(request: Request, _state: &S) -> Result<Self, ApiError> {
         let json_type = request
             .headers()
             .get(header::CONTENT_TYPE)
@@ -42,13 +42,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
                     .to_ascii_lowercase();
                 essence == "application/json" || essence.ends_with("+json")
             });
-        let bytes =
-            Bytes::from_request(request, state)
-                .await
-                .map_err(|rejection| match rejection.status() {
-                    StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
-                    _ => ApiError::MalformedJson("the body could not be read".to_owned()),
-                })?;
+        let bytes = read_body(request).await?;
         let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
             b"{}"
         } else if json_type == Some(false) {
@@ -71,6 +65,41 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
             digest: hex::encode(Sha256::digest(canonical.as_bytes())),
         })
     }
+}
+
+/// How much of an over-long body is read and thrown away before the 413 goes out: a
+/// client still sending when the connection closes sees a broken connection, not the
+/// answer. Past this much, the connection is closed on it anyway.
+const DRAIN_LIMIT: usize = 16 * BODY_LIMIT;
+
+/// The body, up to `BODY_LIMIT`; past it, 413 once the rest is drained.
+async fn read_body(request: Request) -> Result<Vec<u8>, ApiError> {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|length| length > DRAIN_LIMIT) {
+        return Err(ApiError::PayloadTooLarge);
+    }
+    let mut chunks = request.into_body().into_data_stream();
+    let mut body = Vec::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = chunks.next().await {
+        let chunk =
+            chunk.map_err(|_| ApiError::MalformedJson("the body could not be read".to_owned()))?;
+        seen = seen.saturating_add(chunk.len());
+        if seen > DRAIN_LIMIT {
+            break;
+        }
+        if seen <= BODY_LIMIT {
+            body.extend_from_slice(&chunk);
+        }
+    }
+    if seen > BODY_LIMIT {
+        return Err(ApiError::PayloadTooLarge);
+    }
+    Ok(body)
 }
 
 /// Query parameters; a value that does not parse is a 422.

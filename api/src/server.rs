@@ -79,6 +79,14 @@ impl App {
                 && checkpoint < wanted
             {
                 checkpoint = checkpoint.max(runner.checkpoint().await?);
+                // No command has been given a position past the head: waiting for one
+                // would only hold the client for the whole wait.
+                if checkpoint < wanted && wanted > self.system.store.head().await? {
+                    return Err(ApiError::ProjectionLagging {
+                        projection: (*name).to_owned(),
+                        position: wanted,
+                    });
+                }
                 while checkpoint < wanted {
                     let now = Instant::now();
                     if now >= deadline {

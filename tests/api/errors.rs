@@ -276,9 +276,28 @@ async fn a_query_that_cannot_reach_its_position_is_503_with_retry_after(db: Arc<
             ("ANNALS_CONSISTENCY_WAIT_MS", "300"),
         ],
     );
-    let lagging = server.get("/leads?min_position=1000000").await;
+    // A position the read model does not reach within the wait: the lead board is
+    // halted before a poisoned event, and the lead captured after it waits behind it.
+    db.store()
+        .append(annals_store::AppendRequest::new(
+            annals_store::StreamName::parse("lead-poisoned").unwrap(),
+            annals_store::ExpectedVersion::NoStream,
+            vec![annals_store::NewEvent::new(
+                "LeadCaptured",
+                json!({"bogus": 1}),
+            )],
+        ))
+        .await
+        .unwrap();
+    let position = server.command("/leads", lead("late")).await["position"]
+        .as_u64()
+        .unwrap();
+    let lagging = server.get(&format!("/leads?min_position={position}")).await;
     assert_problem(&lagging, 503, "projection-lagging");
     assert!(lagging.header("retry-after").is_some());
+    // A position past the head of the log was never given out: refused at once.
+    let started = std::time::Instant::now();
     let analytics = server.get("/analytics/funnel?min_position=1000000").await;
     assert_problem(&analytics, 503, "projection-lagging");
+    assert!(started.elapsed() < std::time::Duration::from_millis(300));
 }
