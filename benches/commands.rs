@@ -2,7 +2,8 @@
 //!
 //! `cargo bench -p annals-benches --bench commands` (PostgreSQL at
 //! `ANNALS_TEST_DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/postgres`).
-//! `ANNALS_BENCH_SECONDS` (default 5) sets the length of a throughput run.
+//! `ANNALS_BENCH_SECONDS` (default 5) sets the length of a throughput run,
+//! `ANNALS_BENCH_RUNS` (default 3) how many runs, each on fresh databases.
 //!
 //! Throughput: 1,000 leads, then 16 tasks send `RecordSignal` to leads picked by a
 //! seeded generator, for a fixed time; commands/s and latency percentiles. The peer runs
@@ -395,6 +396,72 @@ async fn main() -> anyhow::Result<()> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(5.0);
 
+    let runs: usize = std::env::var("ANNALS_BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3)
+        .max(1);
+
+    // Every run starts from fresh databases, so runs do not inherit each other's logs.
+    let names = [
+        "Annals, PostgreSQL",
+        "Annals, SQLite",
+        "cqrs-es + postgres-es (event store)",
+        "cqrs-es + postgres-es (snapshot store, every 100)",
+    ];
+    let mut runs_rates: Vec<[Rate; 4]> = Vec::new();
+    for run in 1..=runs {
+        let dir = tempfile::tempdir()?;
+        let sqlite_url = format!("sqlite://{}", dir.path().join("bench.db").display());
+        let sqlite: Arc<dyn EventStore> =
+            Arc::new(SqliteStore::open(&sqlite_url, StoreConfig::default()).await?);
+        let (pg_url, pg_name) = fresh_pg_database(&admin, "ours").await?;
+        let postgres: Arc<dyn EventStore> =
+            Arc::new(PostgresStore::open(&pg_url, StoreConfig::default()).await?);
+        let (peer_url, peer_name) = fresh_pg_database(&admin, "peer").await?;
+        let (peer_snap_url, peer_snap_name) = fresh_pg_database(&admin, "peersnap").await?;
+        let ours_pg = annals_rate(postgres.clone(), seconds).await?;
+        let peer = peer_rate(&peer_url, false, seconds).await?;
+        let peer_snap = peer_rate(&peer_snap_url, true, seconds).await?;
+        let ours_sqlite = annals_rate(sqlite, seconds).await?;
+        eprintln!(
+            "run {run}/{runs}: {:.0} / {:.0} / {:.0} / {:.0} commands/s",
+            ours_pg.per_second, ours_sqlite.per_second, peer.per_second, peer_snap.per_second
+        );
+        runs_rates.push([ours_pg, ours_sqlite, peer, peer_snap]);
+        drop(postgres);
+        for name in [pg_name, peer_name, peer_snap_name] {
+            drop_pg_database(&admin, &name).await?;
+        }
+    }
+
+    println!(
+        "RecordSignal on {LEADS} leads from {TASKS} tasks, {seconds} s each, {runs} runs \
+         (median, min–max):\n"
+    );
+    println!("| system | commands/s | p50 | p99 | gave up |");
+    println!("|---|---|---|---|---|");
+    for (i, name) in names.iter().enumerate() {
+        let rates: Vec<f64> = runs_rates.iter().map(|r| r[i].per_second).collect();
+        let p50s: Vec<f64> = runs_rates.iter().map(|r| r[i].p50.as_secs_f64()).collect();
+        let p99s: Vec<f64> = runs_rates.iter().map(|r| r[i].p99.as_secs_f64()).collect();
+        let gave_up: u64 = runs_rates.iter().map(|r| r[i].failed).sum();
+        println!(
+            "| {name} | {} | {} | {} | {gave_up} |",
+            spread(&rates, |v| format!("{v:.0}")),
+            spread(&p50s, |v| format!("{:.2} ms", v * 1000.0)),
+            spread(&p99s, |v| format!("{:.2} ms", v * 1000.0)),
+        );
+    }
+    let ratios: Vec<f64> = runs_rates
+        .iter()
+        .map(|r| r[0].per_second / r[2].per_second.max(r[3].per_second))
+        .collect();
+    println!(
+        "\nAnnals on PostgreSQL ÷ the better cqrs-es configuration, per run: {} (target ≥ 10×)\n",
+        spread(&ratios, |v| format!("{v:.1}×"))
+    );
+
     let dir = tempfile::tempdir()?;
     let sqlite_url = format!("sqlite://{}", dir.path().join("bench.db").display());
     let sqlite: Arc<dyn EventStore> =
@@ -402,39 +469,6 @@ async fn main() -> anyhow::Result<()> {
     let (pg_url, pg_name) = fresh_pg_database(&admin, "ours").await?;
     let postgres: Arc<dyn EventStore> =
         Arc::new(PostgresStore::open(&pg_url, StoreConfig::default()).await?);
-    let (peer_url, peer_name) = fresh_pg_database(&admin, "peer").await?;
-    let (peer_snap_url, peer_snap_name) = fresh_pg_database(&admin, "peersnap").await?;
-
-    println!("RecordSignal on {LEADS} leads from {TASKS} tasks, {seconds} s each:\n");
-    println!("| system | commands/s | p50 | p99 | gave up |");
-    println!("|---|---|---|---|---|");
-    let ours_pg = annals_rate(postgres.clone(), seconds).await?;
-    let peer = peer_rate(&peer_url, false, seconds).await?;
-    let peer_snap = peer_rate(&peer_snap_url, true, seconds).await?;
-    let ours_sqlite = annals_rate(sqlite.clone(), seconds).await?;
-    for (name, rate) in [
-        ("Annals, PostgreSQL", &ours_pg),
-        ("Annals, SQLite", &ours_sqlite),
-        ("cqrs-es + postgres-es (event store)", &peer),
-        (
-            "cqrs-es + postgres-es (snapshot store, every 100)",
-            &peer_snap,
-        ),
-    ] {
-        println!(
-            "| {name} | {:.0} | {} | {} | {} |",
-            rate.per_second,
-            ms(rate.p50),
-            ms(rate.p99),
-            rate.failed
-        );
-    }
-    let best_peer = peer.per_second.max(peer_snap.per_second);
-    println!(
-        "\nAnnals on PostgreSQL ÷ the better cqrs-es configuration: {:.1}× (target ≥ 10×)\n",
-        ours_pg.per_second / best_peer
-    );
-
     println!(
         "| backend | events in the stream | cold load (snapshot + tail) | warm load (cache) | plain replay |"
     );
@@ -452,8 +486,21 @@ async fn main() -> anyhow::Result<()> {
     }
 
     drop(postgres);
-    for name in [pg_name, peer_name, peer_snap_name] {
-        drop_pg_database(&admin, &name).await?;
-    }
+    drop_pg_database(&admin, &pg_name).await?;
     Ok(())
+}
+
+/// The median of some figures and their range, as `median (min–max)`.
+fn spread(values: &[f64], show: impl Fn(f64) -> String) -> String {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match (sorted.first(), sorted.last()) {
+        (Some(min), Some(max)) => format!(
+            "{} ({}–{})",
+            show(sorted[sorted.len() / 2]),
+            show(*min),
+            show(*max)
+        ),
+        _ => "–".to_owned(),
+    }
 }
