@@ -411,13 +411,7 @@ async fn main() -> anyhow::Result<()> {
     ];
     let mut runs_rates: Vec<[Rate; 4]> = Vec::new();
     for run in 1..=runs {
-        let dir = tempfile::tempdir()?;
-        let sqlite_url = format!("sqlite://{}", dir.path().join("bench.db").display());
-        let sqlite: Arc<dyn EventStore> =
-            Arc::new(SqliteStore::open(&sqlite_url, StoreConfig::default()).await?);
-        let (pg_url, pg_name) = fresh_pg_database(&admin, "ours").await?;
-        let postgres: Arc<dyn EventStore> =
-            Arc::new(PostgresStore::open(&pg_url, StoreConfig::default()).await?);
+        let (_dir, sqlite, postgres, pg_name) = fresh_stores(&admin).await?;
         let (peer_url, peer_name) = fresh_pg_database(&admin, "peer").await?;
         let (peer_snap_url, peer_snap_name) = fresh_pg_database(&admin, "peersnap").await?;
         let ours_pg = annals_rate(postgres.clone(), seconds).await?;
@@ -462,13 +456,7 @@ async fn main() -> anyhow::Result<()> {
         spread(&ratios, |v| format!("{v:.1}×"))
     );
 
-    let dir = tempfile::tempdir()?;
-    let sqlite_url = format!("sqlite://{}", dir.path().join("bench.db").display());
-    let sqlite: Arc<dyn EventStore> =
-        Arc::new(SqliteStore::open(&sqlite_url, StoreConfig::default()).await?);
-    let (pg_url, pg_name) = fresh_pg_database(&admin, "ours").await?;
-    let postgres: Arc<dyn EventStore> =
-        Arc::new(PostgresStore::open(&pg_url, StoreConfig::default()).await?);
+    let (_dir, sqlite, postgres, pg_name) = fresh_stores(&admin).await?;
     println!(
         "| backend | events in the stream | cold load (snapshot + tail) | warm load (cache) | plain replay |"
     );
@@ -488,6 +476,26 @@ async fn main() -> anyhow::Result<()> {
     drop(postgres);
     drop_pg_database(&admin, &pg_name).await?;
     Ok(())
+}
+
+/// A fresh SQLite store (in the returned directory) and a fresh PostgreSQL one (in the
+/// named database, for the caller to drop).
+async fn fresh_stores(
+    admin: &str,
+) -> anyhow::Result<(
+    tempfile::TempDir,
+    Arc<dyn EventStore>,
+    Arc<dyn EventStore>,
+    String,
+)> {
+    let dir = tempfile::tempdir()?;
+    let sqlite_url = format!("sqlite://{}", dir.path().join("bench.db").display());
+    let sqlite: Arc<dyn EventStore> =
+        Arc::new(SqliteStore::open(&sqlite_url, StoreConfig::default()).await?);
+    let (pg_url, pg_name) = fresh_pg_database(admin, "ours").await?;
+    let postgres: Arc<dyn EventStore> =
+        Arc::new(PostgresStore::open(&pg_url, StoreConfig::default()).await?);
+    Ok((dir, sqlite, postgres, pg_name))
 }
 
 /// The median of some figures and their range, as `median (min–max)`.

@@ -133,13 +133,7 @@ async fn assert_read_models_verify(server: &Server) {
     server.read(&format!("/deals?min_position={head}")).await;
     for projection in ["lead_board", "deal_board", "account_360"] {
         let verified = server
-            .call(
-                Method::POST,
-                &format!("/admin/projections/{projection}/verify"),
-                crate::server::OPERATOR,
-                None,
-                &[],
-            )
+            .admin(&format!("/admin/projections/{projection}/verify"))
             .await;
         assert_eq!(verified.status, 200, "{}", verified.body);
         assert_eq!(

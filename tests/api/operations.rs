@@ -145,27 +145,11 @@ async fn a_rebuild_keeps_readers_reading_and_verifies_equal(db: Arc<Fixture>) {
     let leads = before["items"].as_array().unwrap().len();
     assert_eq!(leads, 120);
 
-    let started = server
-        .call(
-            reqwest::Method::POST,
-            "/admin/projections/lead_board/rebuild",
-            crate::server::OPERATOR,
-            None,
-            &[],
-        )
-        .await;
+    let started = server.admin("/admin/projections/lead_board/rebuild").await;
     assert_eq!(started.status, 202, "{}", started.body);
     // The rebuild is claimed before the answer; readers see the whole board at every
     // moment of it, never a part of it, until it is swapped in.
-    let again = server
-        .call(
-            reqwest::Method::POST,
-            "/admin/projections/lead_board/rebuild",
-            crate::server::OPERATOR,
-            None,
-            &[],
-        )
-        .await;
+    let again = server.admin("/admin/projections/lead_board/rebuild").await;
     assert!(again.status == 409 || again.status == 202, "{}", again.body);
     let mut reads = 0;
     loop {
@@ -192,13 +176,7 @@ async fn a_rebuild_keeps_readers_reading_and_verifies_equal(db: Arc<Fixture>) {
     }
     for projection in ["lead_board", "deal_board", "account_360"] {
         let verified = server
-            .call(
-                reqwest::Method::POST,
-                &format!("/admin/projections/{projection}/verify"),
-                crate::server::OPERATOR,
-                None,
-                &[],
-            )
+            .admin(&format!("/admin/projections/{projection}/verify"))
             .await;
         assert_eq!(verified.status, 200);
         assert_eq!(
@@ -208,15 +186,7 @@ async fn a_rebuild_keeps_readers_reading_and_verifies_equal(db: Arc<Fixture>) {
         );
         assert_eq!(verified.body["position"], head);
     }
-    let unknown = server
-        .call(
-            reqwest::Method::POST,
-            "/admin/projections/nothing/verify",
-            crate::server::OPERATOR,
-            None,
-            &[],
-        )
-        .await;
+    let unknown = server.admin("/admin/projections/nothing/verify").await;
     assert_eq!(
         (unknown.status, unknown.code()),
         (404, "projection-not-found")

@@ -181,6 +181,11 @@ impl Server {
         answer.body
     }
 
+    /// An operator's action without a body (`/admin/...`).
+    pub async fn admin(&self, path: &str) -> Answer {
+        self.call(Method::POST, path, OPERATOR, None, &[]).await
+    }
+
     /// A read, as the operator (who may read everything).
     pub async fn get(&self, path: &str) -> Answer {
         self.call(Method::GET, path, OPERATOR, None, &[]).await
