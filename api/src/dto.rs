@@ -14,7 +14,9 @@ use uuid::Uuid;
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"currency": "EUR", "amount_minor": 129900}))]
 pub struct MoneyBody {
+    #[schema(pattern = "^[A-Z]{3}$")]
     pub currency: String,
+    #[schema(minimum = 0, maximum = 1_000_000_000_000_000_i64)]
     pub amount_minor: i64,
 }
 
@@ -39,8 +41,11 @@ impl From<&Money> for MoneyBody {
 pub struct CaptureLead {
     /// The id the client wants (idempotent creation); the server makes a UUIDv7 otherwise.
     pub id: Option<Uuid>,
+    #[schema(min_length = 1, max_length = 254)]
     pub email: String,
+    #[schema(min_length = 1, max_length = 200)]
     pub name: String,
+    #[schema(min_length = 1, max_length = 200)]
     pub company: Option<String>,
     /// `web`, `event`, `referral`, `outbound` or `partner`.
     pub source: String,
@@ -60,6 +65,7 @@ pub struct RecordSignal {
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"owner": "grace"}))]
 pub struct AssignLead {
+    #[schema(min_length = 1, max_length = 100)]
     pub owner: String,
 }
 
@@ -67,6 +73,7 @@ pub struct AssignLead {
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"reason": "no budget this year"}))]
 pub struct DisqualifyLead {
+    #[schema(min_length = 1, max_length = 500)]
     pub reason: String,
 }
 
@@ -74,6 +81,7 @@ pub struct DisqualifyLead {
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"deal_name": "Engines for Acme", "amount": {"currency": "EUR", "amount_minor": 129900}}))]
 pub struct ConvertLead {
+    #[schema(min_length = 1, max_length = 200)]
     pub deal_name: String,
     pub amount: MoneyBody,
     /// An existing account to convert into; a new account is opened otherwise.
@@ -87,8 +95,11 @@ pub struct ConvertLead {
 #[schema(example = json!({"name": "Initech", "domain": "initech.example", "employees": 40, "tier": "key"}))]
 pub struct OpenAccount {
     pub id: Option<Uuid>,
+    #[schema(min_length = 1, max_length = 200)]
     pub name: String,
+    #[schema(min_length = 1, max_length = 200)]
     pub domain: Option<String>,
+    #[schema(min_length = 1, max_length = 200)]
     pub industry: Option<String>,
     pub employees: Option<i64>,
     /// `standard` (the default) or `key`.
@@ -98,6 +109,7 @@ pub struct OpenAccount {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RenameAccount {
+    #[schema(min_length = 1, max_length = 200)]
     pub name: String,
 }
 
@@ -113,8 +125,10 @@ pub struct SetAccountTier {
 pub struct OpenDeal {
     pub id: Option<Uuid>,
     pub account_id: Uuid,
+    #[schema(min_length = 1, max_length = 200)]
     pub name: String,
     pub amount: MoneyBody,
+    #[schema(min_length = 1, max_length = 100)]
     pub owner: Option<String>,
     pub expected_close: Option<NaiveDate>,
 }
@@ -141,6 +155,7 @@ pub struct WinDeal {}
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoseDeal {
+    #[schema(min_length = 1, max_length = 500)]
     pub reason: String,
 }
 

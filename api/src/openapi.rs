@@ -3,8 +3,10 @@
 
 use std::collections::BTreeMap;
 
+use annals_domain::values::{SignalKind, Source, Stage, Tier};
+use serde_json::Value;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::openapi::{ContentBuilder, Ref, RefOr, Response, ResponseBuilder};
+use utoipa::openapi::{ContentBuilder, Ref, RefOr, Response, ResponseBuilder, Schema};
 use utoipa::{Modify, OpenApi};
 
 use crate::error::Problem;
@@ -123,5 +125,61 @@ impl utoipa::IntoResponses for OperatorProblems {
             (422, "A parameter is invalid"),
             UNAVAILABLE,
         ])
+    }
+}
+
+/// The closed sets of words the domain accepts, written into the document as `enum`s
+/// from the domain's own lists (so the document cannot drift from the rules): on the
+/// command bodies' fields and on the query parameters of the same names.
+pub fn describe_domain_words(openapi: &mut utoipa::openapi::OpenApi) {
+    let words =
+        |all: Vec<&'static str>| -> Vec<Value> { all.into_iter().map(Value::from).collect() };
+    let sources = words(Source::ALL.iter().map(|s| s.as_str()).collect());
+    let kinds = words(SignalKind::ALL.iter().map(|k| k.as_str()).collect());
+    let tiers = words(Tier::ALL.iter().map(|t| t.as_str()).collect());
+    let stages = words(Stage::ALL.iter().map(|s| s.as_str()).collect());
+    let mut deal_stages = stages.clone();
+    deal_stages.extend(words(vec!["won", "lost"]));
+    let statuses = words(vec![
+        "new",
+        "working",
+        "qualified",
+        "converted",
+        "disqualified",
+        "erased",
+    ]);
+    // An optional field may also be null.
+    let mut optional_tiers = tiers.clone();
+    optional_tiers.push(Value::Null);
+    if let Some(components) = openapi.components.as_mut() {
+        for (schema, property, values) in [
+            ("CaptureLead", "source", &sources),
+            ("RecordSignal", "kind", &kinds),
+            ("OpenAccount", "tier", &optional_tiers),
+            ("SetAccountTier", "tier", &tiers),
+            ("AdvanceDeal", "stage", &stages),
+        ] {
+            if let Some(RefOr::T(Schema::Object(object))) = components.schemas.get_mut(schema)
+                && let Some(RefOr::T(Schema::Object(field))) = object.properties.get_mut(property)
+            {
+                field.enum_values = Some(values.clone());
+            }
+        }
+    }
+    for (path, item) in openapi.paths.paths.iter_mut() {
+        let Some(get) = item.get.as_mut() else {
+            continue;
+        };
+        for parameter in get.parameters.iter_mut().flatten() {
+            let values = match (parameter.name.as_str(), path.as_str()) {
+                ("source", _) => &sources,
+                ("status", "/leads") => &statuses,
+                ("stage", "/deals") => &deal_stages,
+                _ => continue,
+            };
+            if let Some(RefOr::T(Schema::Object(field))) = parameter.schema.as_mut() {
+                field.enum_values = Some(values.clone());
+            }
+        }
     }
 }

@@ -115,16 +115,23 @@ fn api() -> OpenApiRouter<Arc<App>> {
         .merge(routes::operations::routes())
 }
 
+/// The router and the OpenAPI document of every route, with the domain's word lists.
+fn split() -> (Router<Arc<App>>, utoipa::openapi::OpenApi) {
+    let (router, mut document) = api().split_for_parts();
+    crate::openapi::describe_domain_words(&mut document);
+    (router, document)
+}
+
 /// The OpenAPI document of every route.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    api().split_for_parts().1
+    split().1
 }
 
 /// The whole HTTP interface over a system.
 pub fn router(system: Arc<System>, tokens: Tokens, settings: Settings) -> Router {
     // Installed before the first request, so no metric is recorded into the void.
     crate::observe::prometheus();
-    let (router, document) = api().split_for_parts();
+    let (router, document) = split();
     let openapi = serde_json::to_value(&document).unwrap_or(Value::Null);
     let app = Arc::new(App {
         system,

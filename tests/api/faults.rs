@@ -262,6 +262,17 @@ async fn terminate_backends(database: &str) -> u64 {
 async fn postgres_projections_move_to_the_other_server_when_one_is_killed() {
     run(Backend::Postgres, |db: Arc<Fixture>| async move {
         let first = Arc::new(Server::start(db.url()));
+        let holds = |server: &Server, projection: &str| {
+            let taken = format!("lease taken; running projection=\"{projection}\"");
+            strip_ansi(&server.logs()).contains(&taken)
+        };
+        let projections = ["lead_board", "deal_board", "account_360"];
+        // The first server takes every projection's lease just after it is ready.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !projections.iter().all(|p| holds(&first, p)) {
+            assert!(Instant::now() < deadline, "{}", first.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let second = Arc::new(Server::start_with(
             db.url(),
             &[
@@ -269,12 +280,9 @@ async fn postgres_projections_move_to_the_other_server_when_one_is_killed() {
                 ("ANNALS_CONSISTENCY_WAIT_MS", "10000"),
             ],
         ));
-        // The first server took every projection's lease at start.
-        for projection in ["lead_board", "deal_board", "account_360"] {
-            let taken = format!("lease taken; running projection=\"{projection}\"");
-            let holds = |server: &Server| strip_ansi(&server.logs()).contains(&taken);
-            assert!(holds(&first), "{}", first.logs());
-            assert!(!holds(&second), "{}", second.logs());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for projection in projections {
+            assert!(!holds(&second, projection), "{}", second.logs());
         }
         let stop = Arc::new(AtomicBool::new(false));
         let mut load = start_load(&first, "a", 3, &stop);

@@ -71,10 +71,10 @@ stop_server() {
 #   not_a_server_error: replaced by not_a_server_error_but_lagging (tests/fuzz/hooks.py),
 #     which lets through the one 5xx the contract prescribes: 503 `projection-lagging`
 #     with Retry-After, for a `min_position` the read model does not reach in time.
-#   positive_data_acceptance: the document gives closed sets, text lengths, currency
-#     codes and the If-Match form in prose, not as enum/minLength/pattern, so some
-#     schema-valid requests are rightly refused with 422 (the dictionaries in
-#     schemathesis.toml steer most requests past that).
+#   positive_data_acceptance: the document states closed sets as enums, lengths and the
+#     currency pattern, but not every rule (an email's shape, a name that is blank after
+#     trimming, the If-Match form), so some schema-valid requests are rightly refused
+#     with 422 (the dictionaries in schemathesis.toml steer most requests past that).
 #   negative_data_rejection: integers are read as u64 (documented as int64) and values
 #     above 2^63-1 are accepted, which is harmless; query parameters are lenient.
 checks=not_a_server_error_but_lagging,status_code_conformance,content_type_conformance
