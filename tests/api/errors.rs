@@ -295,6 +295,21 @@ async fn a_query_that_cannot_reach_its_position_is_503_with_retry_after(db: Arc<
     let lagging = server.get(&format!("/leads?min_position={position}")).await;
     assert_problem(&lagging, 503, "projection-lagging");
     assert!(lagging.header("retry-after").is_some());
+    // A request that outlasts the request timeout is cut off with a 503 of its own.
+    let impatient = Server::start_with(
+        db.url(),
+        &[
+            ("ANNALS_API_TOKENS", crate::server::TOKENS),
+            ("ANNALS_CONSISTENCY_WAIT_MS", "5000"),
+            ("ANNALS_REQUEST_TIMEOUT_MS", "200"),
+        ],
+    );
+    let started = std::time::Instant::now();
+    let cut_off = impatient
+        .get(&format!("/leads?min_position={position}"))
+        .await;
+    assert_problem(&cut_off, 503, "timeout");
+    assert!(started.elapsed() < std::time::Duration::from_secs(4));
     // A position past the head of the log was never given out: refused at once.
     let started = std::time::Instant::now();
     let analytics = server.get("/analytics/funnel?min_position=1000000").await;

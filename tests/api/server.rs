@@ -26,6 +26,7 @@ pub fn annals() -> Command {
         "ANNALS_LISTEN",
         "ANNALS_LOG_FORMAT",
         "ANNALS_CONSISTENCY_WAIT_MS",
+        "ANNALS_REQUEST_TIMEOUT_MS",
     ] {
         command.env_remove(variable);
     }
