@@ -5,7 +5,9 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::rows::{column, integer, required};
+use crate::deal_board::{DealBoard, DealRow};
+use crate::lead_board::{LeadBoard, LeadRow};
+use crate::rows::{RowModel, text_columns};
 use crate::{Param, ProjectionError, ReadDatabase};
 
 /// The live generation of a projection, as a subquery.
@@ -409,48 +411,16 @@ pub struct LeadFilter {
     pub min_score: Option<i64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct LeadView {
-    pub id: String,
-    pub email: String,
-    pub name: String,
-    pub company: Option<String>,
-    pub source: String,
-    pub status: String,
-    pub score: i64,
-    pub owner: Option<String>,
-    pub captured_at: String,
-    pub qualified_at: Option<String>,
-    pub converted_deal_id: Option<String>,
-    pub converted_account_id: Option<String>,
-}
-
-// The casts are aliased: PostgreSQL resolves `ORDER BY score` to an output column of
-// that name first, and would sort the text.
 fn select_leads() -> String {
     format!(
-        "SELECT lead_id, email, name, company, source, status, CAST(score AS TEXT) AS score_text, owner, \
-                captured_at, qualified_at, converted_deal_id, converted_account_id \
-           FROM lead_board WHERE generation = {}",
+        "SELECT {} FROM lead_board WHERE generation = {}",
+        text_columns(&LeadBoard::TABLE),
         live("lead_board")
     )
 }
 
-fn lead_view(row: &[Option<String>]) -> Result<LeadView, ProjectionError> {
-    Ok(LeadView {
-        id: required(row, 0)?,
-        email: required(row, 1)?,
-        name: required(row, 2)?,
-        company: column(row, 3),
-        source: required(row, 4)?,
-        status: required(row, 5)?,
-        score: integer(row, 6)?.unwrap_or(0),
-        owner: column(row, 7),
-        captured_at: required(row, 8)?,
-        qualified_at: column(row, 9),
-        converted_deal_id: column(row, 10),
-        converted_account_id: column(row, 11),
-    })
+fn lead_row(row: &[Option<String>]) -> Result<LeadRow, ProjectionError> {
+    LeadBoard.read_row(row)
 }
 
 /// Leads matching the filter, score descending, then capture time, then id (a stable total order); keyset pagination.
@@ -459,7 +429,7 @@ pub async fn leads(
     filter: &LeadFilter,
     limit: usize,
     cursor: Option<&str>,
-) -> Result<Page<LeadView>, ProjectionError> {
+) -> Result<Page<LeadRow>, ProjectionError> {
     let mut conditions = Conditions::default();
     for (name, value) in [
         ("status", &filter.status),
@@ -493,19 +463,19 @@ pub async fn leads(
         conditions,
         "score DESC, captured_at, lead_id",
         limit,
-        lead_view,
-        |last| encode_cursor(&(last.score, &last.captured_at, &last.id)),
+        lead_row,
+        |last| encode_cursor(&(last.score, &last.captured_at, &last.lead_id)),
     )
     .await
 }
 
 /// One lead of the live lead board; `None` when unknown.
-pub async fn lead(db: &ReadDatabase, lead_id: &str) -> Result<Option<LeadView>, ProjectionError> {
+pub async fn lead(db: &ReadDatabase, lead_id: &str) -> Result<Option<LeadRow>, ProjectionError> {
     let sql = format!("{} AND lead_id = $1", select_leads());
     rows(db, &sql, &[lead_id.into()])
         .await?
         .first()
-        .map(|row| lead_view(row))
+        .map(|row| lead_row(row))
         .transpose()
 }
 
@@ -516,51 +486,16 @@ pub struct DealFilter {
     pub account_id: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct DealView {
-    pub id: String,
-    pub account_id: String,
-    pub name: String,
-    /// The funnel stage it reached.
-    pub stage: String,
-    /// `open`, `won` or `lost`.
-    pub status: String,
-    pub currency: String,
-    pub amount_minor: i64,
-    pub owner: Option<String>,
-    pub expected_close: Option<String>,
-    pub opened_at: String,
-    pub closed_at: Option<String>,
-    pub lost_reason: Option<String>,
-}
-
 fn select_deals() -> String {
     format!(
-        "SELECT deal_id, account_id, name, stage, status, currency, \
-                CAST(amount_minor AS TEXT) AS amount_text, owner, expected_close, opened_at, closed_at, \
-                lost_reason, CAST(opened_micros AS TEXT) AS opened_text \
-           FROM deal_board WHERE generation = {}",
+        "SELECT {} FROM deal_board WHERE generation = {}",
+        text_columns(&DealBoard::TABLE),
         live("deal_board")
     )
 }
 
-/// A deal, with the opening time in microseconds its keyset needs.
-fn deal_view(row: &[Option<String>]) -> Result<(DealView, i64), ProjectionError> {
-    let view = DealView {
-        id: required(row, 0)?,
-        account_id: required(row, 1)?,
-        name: required(row, 2)?,
-        stage: required(row, 3)?,
-        status: required(row, 4)?,
-        currency: required(row, 5)?,
-        amount_minor: integer(row, 6)?.unwrap_or(0),
-        owner: column(row, 7),
-        expected_close: column(row, 8),
-        opened_at: required(row, 9)?,
-        closed_at: column(row, 10),
-        lost_reason: column(row, 11),
-    };
-    Ok((view, integer(row, 12)?.unwrap_or(0)))
+fn deal_row(row: &[Option<String>]) -> Result<DealRow, ProjectionError> {
+    DealBoard.read_row(row)
 }
 
 /// Deals matching the filter, in the order they were opened (opened_micros, then id); keyset pagination.
@@ -570,7 +505,7 @@ pub async fn deals(
     filter: &DealFilter,
     limit: usize,
     cursor: Option<&str>,
-) -> Result<Page<DealView>, ProjectionError> {
+) -> Result<Page<DealRow>, ProjectionError> {
     let mut conditions = Conditions::default();
     match filter.stage.as_deref() {
         Some(status @ ("won" | "lost")) => {
@@ -598,29 +533,24 @@ pub async fn deals(
              (opened_micros = {opened_micros} AND deal_id > {deal_id}))"
         ));
     }
-    let page = page(
+    page(
         db,
         &select_deals(),
         conditions,
         "opened_micros, deal_id",
         limit,
-        deal_view,
-        |(last, opened_micros)| encode_cursor(&(opened_micros, &last.id)),
+        deal_row,
+        |last| encode_cursor(&(last.opened_micros, &last.deal_id)),
     )
-    .await?;
-    Ok(Page {
-        items: page.items.into_iter().map(|(view, _)| view).collect(),
-        next_cursor: page.next_cursor,
-    })
+    .await
 }
 
 /// One deal of the live deal board; `None` when unknown.
-pub async fn deal(db: &ReadDatabase, deal_id: &str) -> Result<Option<DealView>, ProjectionError> {
+pub async fn deal(db: &ReadDatabase, deal_id: &str) -> Result<Option<DealRow>, ProjectionError> {
     let sql = format!("{} AND deal_id = $1", select_deals());
-    Ok(rows(db, &sql, &[deal_id.into()])
+    rows(db, &sql, &[deal_id.into()])
         .await?
         .first()
-        .map(|row| deal_view(row))
-        .transpose()?
-        .map(|(view, _)| view))
+        .map(|row| deal_row(row))
+        .transpose()
 }

@@ -99,18 +99,25 @@ impl<M: RowModel> Projector for M {
     }
 }
 
+/// A table's columns as text, in `columns` order, for `read_row`. Each is aliased:
+/// PostgreSQL resolves an `ORDER BY` name to an output column first, and would sort
+/// `CAST(score AS TEXT)` as text.
+pub(crate) fn text_columns(table: &Table) -> String {
+    table
+        .columns
+        .iter()
+        .map(|c| format!("CAST({c} AS TEXT) AS {c}_text"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 async fn load<M: RowModel>(
     model: &M,
     tx: &mut ReadTx,
     keys: &[&str],
 ) -> Result<HashMap<String, M::Row>, ProjectionError> {
     let table = M::TABLE;
-    let columns = table
-        .columns
-        .iter()
-        .map(|c| format!("CAST({c} AS TEXT)"))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let columns = text_columns(&table);
     let mut rows = HashMap::new();
     for chunk in keys.chunks(ROWS_PER_STATEMENT) {
         let placeholders = (0..chunk.len())

@@ -16,8 +16,10 @@ use annals_domain::deal::{Deal, DealCommand};
 use annals_domain::lead::{Lead, LeadCommand};
 use annals_domain::values::*;
 use annals_projections::deal_board::DealBoard;
+use annals_projections::deal_board::DealRow;
 use annals_projections::lead_board::LeadBoard;
-use annals_projections::queries::{self, DealFilter, DealView, LeadFilter, LeadView, Page};
+use annals_projections::lead_board::LeadRow;
+use annals_projections::queries::{self, DealFilter, LeadFilter, Page};
 use annals_projections::{ProjectionError, ProjectionRunner, Projector, ReadDatabase};
 use database::Fixture;
 use uuid::Uuid;
@@ -135,7 +137,7 @@ async fn lead_history(db: &Fixture) -> Vec<ExpectedLead> {
 
 /// Every lead, a page of `limit` at a time; checks that only the last page is short and
 /// only it has no cursor.
-async fn all_leads(read: &ReadDatabase, filter: &LeadFilter, limit: usize) -> Vec<LeadView> {
+async fn all_leads(read: &ReadDatabase, filter: &LeadFilter, limit: usize) -> Vec<LeadRow> {
     let mut seen = Vec::new();
     let mut cursor: Option<String> = None;
     for _ in 0..=LEADS {
@@ -174,8 +176,8 @@ async fn expected_order(
     picked.into_iter().map(|(_, _, id)| id).collect()
 }
 
-fn ids(views: &[LeadView]) -> Vec<String> {
-    views.iter().map(|v| v.id.clone()).collect()
+fn ids(views: &[LeadRow]) -> Vec<String> {
+    views.iter().map(|v| v.lead_id.clone()).collect()
 }
 
 async fn paging_through_leads_visits_each_once_in_score_capture_id_order(db: Arc<Fixture>) {
@@ -269,7 +271,7 @@ async fn lead_filters_narrow_the_list_and_lead_looks_one_up(db: Arc<Fixture>) {
     let view = queries::lead(&read, &one.id).await.unwrap().unwrap();
     assert_eq!(
         (
-            view.id.as_str(),
+            view.lead_id.as_str(),
             view.score,
             view.status.as_str(),
             view.owner.as_deref(),
@@ -365,7 +367,7 @@ async fn deal_history(db: &Fixture) -> Vec<ExpectedDeal> {
     expected
 }
 
-async fn all_deals(read: &ReadDatabase, filter: &DealFilter, limit: usize) -> Vec<DealView> {
+async fn all_deals(read: &ReadDatabase, filter: &DealFilter, limit: usize) -> Vec<DealRow> {
     let mut seen = Vec::new();
     let mut cursor: Option<String> = None;
     for _ in 0..=DEALS {
@@ -387,7 +389,7 @@ async fn all_deals(read: &ReadDatabase, filter: &DealFilter, limit: usize) -> Ve
 async fn paging_and_filtering_deals_follow_the_opening_order(db: Arc<Fixture>) {
     let deals = deal_history(&db).await;
     let read = read_database(&db);
-    let deal_ids = |views: Vec<DealView>| views.into_iter().map(|v| v.id).collect::<Vec<_>>();
+    let deal_ids = |views: Vec<DealRow>| views.into_iter().map(|v| v.deal_id).collect::<Vec<_>>();
     let expected = |keep: &dyn Fn(&ExpectedDeal) -> bool| {
         deals
             .iter()

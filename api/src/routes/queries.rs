@@ -5,7 +5,9 @@
 use std::sync::Arc;
 
 use annals_domain::values::{Source, Stage};
-use annals_projections::queries::{self, DealFilter, DealView, LeadFilter, LeadView};
+use annals_projections::deal_board::DealRow;
+use annals_projections::lead_board::LeadRow;
+use annals_projections::queries::{self, DealFilter, LeadFilter};
 use axum::Json;
 use axum::extract::State;
 use axum::http::HeaderValue;
@@ -50,9 +52,9 @@ const LEAD_STATUSES: [&str; 6] = [
     "erased",
 ];
 
-fn lead_item(view: LeadView) -> LeadItem {
+fn lead_item(view: LeadRow) -> LeadItem {
     LeadItem {
-        id: view.id,
+        id: view.lead_id,
         email: view.email,
         name: view.name,
         company: view.company,
@@ -67,9 +69,9 @@ fn lead_item(view: LeadView) -> LeadItem {
     }
 }
 
-fn deal_item(view: DealView) -> DealItem {
+fn deal_item(view: DealRow) -> DealItem {
     DealItem {
-        id: view.id,
+        id: view.deal_id,
         account_id: view.account_id,
         name: view.name,
         stage: view.stage,
