@@ -24,29 +24,13 @@ use annals_commands::{CommandContext, CommandError, CommandHandler, HandlerConfi
 use annals_domain::lead::{Lead, LeadCommand};
 use annals_domain::values::{Email, PersonName, SignalKind, Source};
 use annals_store::{EventStore, PostgresStore, SqliteStore, StoreConfig};
-use anyhow::Context;
-use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
+
+mod support;
+use support::{Seeded, drop_pg_database, fresh_pg_database, percentile, spread};
 
 const LEADS: usize = 1_000;
 const TASKS: usize = 16;
-
-/// A small deterministic generator, so every run and every system sees the same picks.
-struct Seeded(u64);
-
-impl Seeded {
-    fn next(&mut self) -> u64 {
-        // xorshift64*
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
 
 fn signal_kind(random: &mut Seeded) -> SignalKind {
     SignalKind::ALL[random.below(SignalKind::ALL.len())]
@@ -57,14 +41,6 @@ struct Rate {
     p50: Duration,
     p99: Duration,
     failed: u64,
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[index.min(sorted.len() - 1)]
 }
 
 /// Runs `TASKS` loops of `op(task, lead index, kind)` for `seconds` and measures them.
@@ -358,28 +334,6 @@ async fn load_times(store: Arc<dyn EventStore>) -> anyhow::Result<Vec<LoadTimes>
     Ok(results)
 }
 
-async fn fresh_pg_database(admin: &str, tag: &str) -> anyhow::Result<(String, String)> {
-    let name = format!("annals_bench_{tag}_{}", Uuid::new_v4().simple());
-    let mut connection = PgConnection::connect(admin)
-        .await
-        .context("PostgreSQL must be running")?;
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut connection)
-        .await?;
-    let (server, _) = admin
-        .rsplit_once('/')
-        .context("database URL without a path")?;
-    Ok((format!("{server}/{name}"), name))
-}
-
-async fn drop_pg_database(admin: &str, name: &str) -> anyhow::Result<()> {
-    let mut connection = PgConnection::connect(admin).await?;
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .execute(&mut connection)
-        .await?;
-    Ok(())
-}
-
 fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
@@ -496,19 +450,4 @@ async fn fresh_stores(
     let postgres: Arc<dyn EventStore> =
         Arc::new(PostgresStore::open(&pg_url, StoreConfig::default()).await?);
     Ok((dir, sqlite, postgres, pg_name))
-}
-
-/// The median of some figures and their range, as `median (min–max)`.
-fn spread(values: &[f64], show: impl Fn(f64) -> String) -> String {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    match (sorted.first(), sorted.last()) {
-        (Some(min), Some(max)) => format!(
-            "{} ({}–{})",
-            show(sorted[sorted.len() / 2]),
-            show(*min),
-            show(*max)
-        ),
-        _ => "–".to_owned(),
-    }
 }

@@ -58,28 +58,14 @@ use sqlx::{Connection, PgConnection};
 use tokio::net::TcpListener;
 use uuid::Uuid;
 
+mod support;
+use support::{Seeded, drop_pg_database, fresh_pg_database, percentile, spread};
+
 const LEADS: usize = 2_000;
 const DEALS_PER_TASK: usize = 4;
 const OWNERS: usize = 8;
 const WARMUP: Duration = Duration::from_secs(1);
 const NAME: &str = "Load Lead";
-
-/// A small deterministic generator, so every run and both modes see the same picks.
-struct Seeded(u64);
-
-impl Seeded {
-    fn next(&mut self) -> u64 {
-        // xorshift64*
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Kind {
@@ -687,14 +673,6 @@ impl Measurement {
     }
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[index.min(sorted.len() - 1)]
-}
-
 /// CPU ticks from /proc, summed over all cores.
 #[derive(Clone, Copy)]
 struct Ticks {
@@ -974,28 +952,6 @@ async fn measure(url: &str, mode: Mode, config: &Config) -> anyhow::Result<Measu
     }
 }
 
-async fn fresh_pg_database(admin: &str) -> anyhow::Result<(String, String)> {
-    let name = format!("annals_bench_load_{}", Uuid::new_v4().simple());
-    let mut connection = PgConnection::connect(admin)
-        .await
-        .context("PostgreSQL must be running")?;
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut connection)
-        .await?;
-    let (server, _) = admin
-        .rsplit_once('/')
-        .context("database URL without a path")?;
-    Ok((format!("{server}/{name}"), name))
-}
-
-async fn drop_pg_database(admin: &str, name: &str) -> anyhow::Result<()> {
-    let mut connection = PgConnection::connect(admin).await?;
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .execute(&mut connection)
-        .await?;
-    Ok(())
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Backend {
     Sqlite,
@@ -1033,7 +989,7 @@ async fn measure_on(
             measure(&url, mode, config).await
         }
         Backend::Postgres => {
-            let (url, name) = fresh_pg_database(&config.admin).await?;
+            let (url, name) = fresh_pg_database(&config.admin, "load").await?;
             let result = measure(&url, mode, config).await;
             let dropped = drop_pg_database(&config.admin, &name).await;
             let measurement = result?;
@@ -1045,20 +1001,6 @@ async fn measure_on(
 
 fn ms(d: Duration) -> String {
     format!("{:.2}", d.as_secs_f64() * 1000.0)
-}
-
-fn median_spread(values: &[f64], format: impl Fn(f64) -> String) -> String {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    match sorted.as_slice() {
-        [] => "n/a".to_owned(),
-        [one] => format(*one),
-        _ => {
-            let median = sorted[sorted.len() / 2];
-            let (min, max) = (sorted[0], sorted[sorted.len() - 1]);
-            format!("{} ({}–{})", format(median), format(min), format(max))
-        }
-    }
 }
 
 fn whole(v: f64) -> String {
@@ -1136,7 +1078,7 @@ fn summary(backend: Backend, results: &[(Measurement, Measurement)], config: &Co
     println!("| figure | median (min–max) |");
     println!("|---|---|");
     let row = |name: &str, values: Vec<f64>, format: fn(f64) -> String| {
-        println!("| {name} | {} |", median_spread(&values, format));
+        println!("| {name} | {} |", spread(&values, format));
     };
     row(
         "in-process commands/s",
@@ -1165,8 +1107,8 @@ fn summary(backend: Backend, results: &[(Measurement, Measurement)], config: &Co
     );
     let busy = |f: &dyn Fn(&Measurement) -> Option<f64>| {
         (
-            median_spread(&pick(&|i, _| f(i).unwrap_or(f64::NAN)), percent),
-            median_spread(&pick(&|_, h| f(h).unwrap_or(f64::NAN)), percent),
+            spread(&pick(&|i, _| f(i).unwrap_or(f64::NAN)), percent),
+            spread(&pick(&|_, h| f(h).unwrap_or(f64::NAN)), percent),
         )
     };
     let server = |f: fn(&ServerTimes) -> (f64, f64)| {
@@ -1175,19 +1117,19 @@ fn summary(backend: Backend, results: &[(Measurement, Measurement)], config: &Co
                 .as_ref()
                 .map_or(f64::NAN, |s| ServerTimes::mean(f(s)))
         });
-        median_spread(&values, millis)
+        spread(&values, millis)
     };
     println!(
         "| mean command latency ms: in-process / HTTP at the client / in the server / in the handler | {} / {} / {} / {} |",
-        median_spread(&pick(&|i, _| i.mean(true)), millis),
-        median_spread(&pick(&|_, h| h.mean(true)), millis),
+        spread(&pick(&|i, _| i.mean(true)), millis),
+        spread(&pick(&|_, h| h.mean(true)), millis),
         server(|s| s.commands),
         server(|s| s.handler),
     );
     println!(
         "| mean query latency ms: in-process / HTTP at the client / in the server | {} / {} / {} |",
-        median_spread(&pick(&|i, _| i.mean(false)), millis),
-        median_spread(&pick(&|_, h| h.mean(false)), millis),
+        spread(&pick(&|i, _| i.mean(false)), millis),
+        spread(&pick(&|_, h| h.mean(false)), millis),
         server(|s| s.queries),
     );
     let (inp, http) = busy(&|m| m.machine_busy);
@@ -1217,13 +1159,13 @@ fn summary(backend: Backend, results: &[(Measurement, Measurement)], config: &Co
             "| {} ({}%) | {} | {} | {} | {} | {} | {} | {} |",
             kind.name(),
             kind.weight(),
-            median_spread(&figure(&rate, true), whole),
-            median_spread(&figure(&p50, true), millis),
-            median_spread(&figure(&p99, true), millis),
-            median_spread(&figure(&p999, true), millis),
-            median_spread(&figure(&rate, false), whole),
-            median_spread(&figure(&p50, false), millis),
-            median_spread(&figure(&p99, false), millis),
+            spread(&figure(&rate, true), whole),
+            spread(&figure(&p50, true), millis),
+            spread(&figure(&p99, true), millis),
+            spread(&figure(&p999, true), millis),
+            spread(&figure(&rate, false), whole),
+            spread(&figure(&p50, false), millis),
+            spread(&figure(&p99, false), millis),
         );
     }
     for (mode, side) in [(Mode::InProcess, false), (Mode::Http, true)] {
