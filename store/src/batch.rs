@@ -98,6 +98,7 @@ pub(crate) fn validate(request: AppendRequest) -> Result<ValidAppend, StoreError
             || key_len > MAX_IDEMPOTENCY_KEY_LEN
             || idempotency.key.contains('\0')
             || idempotency.request_hash.is_empty()
+            || idempotency.request_hash.contains('\0')
             || idempotency.request_hash.len() > MAX_NAME_LEN
             || chain::contains_nul(&idempotency.payload)
         {
@@ -215,11 +216,16 @@ pub(crate) struct Plan {
 
 impl Plan {
     /// Whether an append was refused for a reason that facts without event ids cannot
-    /// settle: a wrong version may be a retry of an append already stored.
+    /// settle: a wrong version, or a claim held by another stream (the claim may have
+    /// moved since), may be a retry of an append already stored, whose answer is its
+    /// first outcome.
     pub fn needs_stored_ids(&self) -> bool {
-        self.outcomes
-            .iter()
-            .any(|o| matches!(o, Err(StoreError::WrongExpectedVersion { .. })))
+        self.outcomes.iter().any(|o| {
+            matches!(
+                o,
+                Err(StoreError::WrongExpectedVersion { .. } | StoreError::ClaimHeld { .. })
+            )
+        })
     }
 }
 

@@ -33,7 +33,9 @@ pub enum StoreError {
     /// The input breaks a rule of the store's contract (see `InvalidInput`).
     #[error("invalid input: {0}")]
     InvalidInput(#[from] InvalidInput),
-    /// The database could not be reached or dropped the connection; the operation may be
+    /// The database could not be reached or dropped the connection, a bound of the write
+    /// path ran out (the wait for the writers' lock, a statement, a commit; see
+    /// `StoreConfig`), or the writer task failed and was restarted; the operation may be
     /// retried. After a dropped commit the append may or may not be stored: retry it with
     /// the same event ids and the idempotent append sorts it out.
     #[error("the event store is unavailable")]
@@ -96,6 +98,17 @@ impl StoreError {
             StoreError::Database(Arc::new(error))
         }
     }
+
+    /// A bound of the write path ran out (`what` says which).
+    pub(crate) fn timed_out(what: &'static str) -> Self {
+        let error = std::io::Error::new(std::io::ErrorKind::TimedOut, what);
+        StoreError::Unavailable(Arc::new(sqlx::Error::Io(error)))
+    }
+
+    /// The writer task failed while it held the append (it is restarted).
+    pub(crate) fn writer_crashed() -> Self {
+        StoreError::Unavailable(Arc::new(sqlx::Error::WorkerCrashed))
+    }
 }
 
 /// Whether a database error means "not reachable now, retry later" (a lost or refused
@@ -110,11 +123,16 @@ pub fn is_unavailable(error: &sqlx::Error) -> bool {
         | sqlx::Error::Protocol(_) => true,
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
             // 08: connection exception; 57P: operator intervention (shutdown,
-            // terminated backend); 53: insufficient resources. SQLite's BUSY (5) and
+            // terminated backend); 53: insufficient resources; 55P03: lock_timeout,
+            // 57014: statement_timeout, 25P03: idle_in_transaction_session_timeout
+            // (the write path's bounds, see `StoreConfig`). SQLite's BUSY (5) and
             // LOCKED (6) mean another writer held the file past the busy timeout.
             code.starts_with("08")
                 || code.starts_with("57P")
                 || code.starts_with("53")
+                || code == "55P03"
+                || code == "57014"
+                || code == "25P03"
                 || code == "5"
                 || code == "6"
         }),

@@ -30,6 +30,7 @@ use async_trait::async_trait;
 
 pub use error::{InvalidInput, StoreError, is_unavailable};
 pub use follow::LogFollower;
+pub use group_commit::WriterProbe;
 pub use model::{
     AppendOutcome, AppendRequest, AuditReport, BrokenLink, Claim, Direction, ExpectedVersion,
     IdempotencyKey, IdempotencyRecord, LogFilter, LogPage, MAX_EVENTS_PER_APPEND,
@@ -103,6 +104,25 @@ pub struct StoreConfig {
     pub max_connections: u32,
     /// How often a waiting reader looks at the head when no notification came.
     pub poll_interval: Duration,
+    /// How long a writer waits for the writers' lock before its append fails as
+    /// `Unavailable`: PostgreSQL's `lock_timeout` on the writer's session; on SQLite the
+    /// wait for this process's writer turn and the busy timeout on the file.
+    pub lock_timeout: Duration,
+    /// PostgreSQL's `statement_timeout` on the writer's session: no statement of a write
+    /// (reading the facts, the insert, the commit) runs longer on the server.
+    pub statement_timeout: Duration,
+    /// PostgreSQL's `idle_in_transaction_session_timeout` on every session of the store:
+    /// a session that stalls inside a transaction (a frozen process holding the writers'
+    /// lock) is ended by the server, which releases its locks.
+    pub idle_in_transaction_timeout: Duration,
+    /// The longest one write attempt may take in the writer task, from taking the
+    /// connection to the commit's answer: past it the connection is dropped and the
+    /// batch's callers get `Unavailable` (the case of a half-open socket, which no server
+    /// setting ends). Keep it above `lock_timeout`.
+    pub commit_timeout: Duration,
+    /// Bytes of appends (their events' data and metadata) waiting for the writer, at
+    /// most; past it `append` waits for room, as it does past the queue's length.
+    pub max_queued_bytes: usize,
 }
 
 impl Default for StoreConfig {
@@ -110,6 +130,11 @@ impl Default for StoreConfig {
         StoreConfig {
             max_connections: 16,
             poll_interval: Duration::from_millis(500),
+            lock_timeout: Duration::from_secs(10),
+            statement_timeout: Duration::from_secs(30),
+            idle_in_transaction_timeout: Duration::from_secs(30),
+            commit_timeout: Duration::from_secs(45),
+            max_queued_bytes: 64 << 20,
         }
     }
 }

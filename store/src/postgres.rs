@@ -5,6 +5,14 @@
 //! reader that has seen position `p` has seen everything below it. Group commit (see
 //! `group_commit`) makes that lock cost one round trip per batch, not per append.
 //! A `NOTIFY` in each writing transaction wakes readers in every process.
+//!
+//! Nothing on the write path waits without bound (see `StoreConfig`): every session of the
+//! store has `idle_in_transaction_session_timeout`, so a process that stalls holding the
+//! writers' lock is cut off by the server; the writer's session also has `lock_timeout`
+//! and `statement_timeout`; and the writer task bounds each attempt by the commit timeout.
+//! The isolation level the SQL relies on, READ COMMITTED (each statement after the lock
+//! sees every commit made before it), is set on every session and every write
+//! transaction, never inherited from the database's default.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,7 +42,8 @@ use crate::{EventStore, StoreConfig};
 const CHANNEL: &str = "annals_events";
 /// Begins a write transaction and takes the writers' lock, held until the transaction
 /// ends, in one round trip. The key is an arbitrary constant that names the lock.
-const BEGIN_WRITE: &str = "BEGIN; SELECT pg_advisory_xact_lock(7305218446109532161)";
+const BEGIN_WRITE: &str =
+    "BEGIN ISOLATION LEVEL READ COMMITTED; SELECT pg_advisory_xact_lock(7305218446109532161)";
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
 
@@ -55,10 +64,26 @@ pub struct PostgresStore {
 impl PostgresStore {
     /// Connects, applies pending migrations and starts the writer and the listener.
     pub async fn open(url: &str, config: StoreConfig) -> Result<Self, StoreError> {
-        // Durability is not left to the server's default: a commit waits for its flush.
-        let options = url
-            .parse::<PgConnectOptions>()?
-            .options([("synchronous_commit", "on")]);
+        // Durability and isolation are not left to the server's defaults: a commit waits
+        // for its flush, and statements see what READ COMMITTED promises (a backslash
+        // escapes the space in a startup option). A session stalled inside a transaction
+        // is ended by the server.
+        let options = url.parse::<PgConnectOptions>()?.options([
+            ("synchronous_commit", "on".to_owned()),
+            (
+                "default_transaction_isolation",
+                "read\\ committed".to_owned(),
+            ),
+            (
+                "idle_in_transaction_session_timeout",
+                millis(config.idle_in_transaction_timeout),
+            ),
+        ]);
+        // The writer waits for the writers' lock, and runs each statement, within bounds.
+        let write_options = options.clone().options([
+            ("lock_timeout", millis(config.lock_timeout)),
+            ("statement_timeout", millis(config.statement_timeout)),
+        ]);
         // One direct connection first: an unreachable server is reported at once, where
         // a pool would retry until its timeout.
         PgConnection::connect_with(&options).await?.close().await?;
@@ -74,7 +99,7 @@ impl PostgresStore {
             // A dead connection shows itself at BEGIN; no ping before every batch.
             .test_before_acquire(false)
             .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options)
+            .connect_with(write_options)
             .await?;
         let head_now = read_head(&pool).await?;
         let (head, alive) = watch::channel(head_now);
@@ -87,6 +112,7 @@ impl PostgresStore {
                 connection: None,
             },
             head.clone(),
+            &config,
         );
         Ok(PostgresStore {
             pool,
@@ -100,6 +126,12 @@ impl PostgresStore {
     /// The connection pool, for code that keeps its own tables in the same database.
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// Test support: the writer task's probe (see `WriterProbe`).
+    #[doc(hidden)]
+    pub fn writer_probe(&self) -> &crate::WriterProbe {
+        self.writer.probe()
     }
 
     /// Test support: runs an append in a transaction of its own and leaves it open until
@@ -151,6 +183,11 @@ impl HeldAppend {
         self.transaction.commit().await?;
         Ok(self.outcome)
     }
+}
+
+/// A duration as PostgreSQL's settings take it: milliseconds (0 turns a timeout off).
+fn millis(duration: Duration) -> String {
+    duration.as_millis().to_string()
 }
 
 async fn read_head(pool: &PgPool) -> Result<u64, StoreError> {
@@ -209,6 +246,12 @@ impl BatchWriter for PgWriter {
             connection.close_on_drop();
         }
         attempt
+    }
+
+    fn reset(&mut self) {
+        if let Some(mut connection) = self.connection.take() {
+            connection.close_on_drop();
+        }
     }
 }
 
@@ -546,6 +589,14 @@ impl EventStore for PostgresStore {
         filter: &LogFilter,
     ) -> Result<LogPage, StoreError> {
         let from = from_position.max(1);
+        // One union branch per distinct value: a value named twice would read its
+        // events twice.
+        let mut filter = filter.clone();
+        for values in [&mut filter.event_types, &mut filter.categories] {
+            values.sort_unstable();
+            values.dedup();
+        }
+        let filter = &filter;
         // The head is read first: every position up to it is committed (positions are
         // given in commit order), so the page below sees all of them.
         let head = read_head(&self.pool).await?;

@@ -4,6 +4,10 @@
 //! SQLite lets one writer in at a time (`BEGIN IMMEDIATE`), so positions are handed out in
 //! commit order. One process owns the file: waiting readers are woken by this process's
 //! writer, and by polling for anything else.
+//!
+//! A writer's waits are bounded by `StoreConfig::lock_timeout`: its turn at this process's
+//! write gate, and SQLite's busy timeout on the file; past it the append fails as
+//! `Unavailable` (no server can end a stalled holder here, so the waiters give up instead).
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -61,15 +65,15 @@ impl SqliteStore {
         Self::open_with(options, config).await
     }
 
-    /// Opens with the caller's connection options (WAL and a busy timeout are always set;
-    /// the synchronous level is the caller's).
+    /// Opens with the caller's connection options (WAL and a busy timeout of
+    /// `StoreConfig::lock_timeout` are always set; the synchronous level is the caller's).
     pub async fn open_with(
         options: SqliteConnectOptions,
         config: StoreConfig,
     ) -> Result<Self, StoreError> {
         let options = options
             .journal_mode(SqliteJournalMode::Wal)
-            .busy_timeout(Duration::from_secs(10));
+            .busy_timeout(config.lock_timeout);
         let pool = SqlitePoolOptions::new()
             .max_connections(config.max_connections.max(1))
             .connect_with(options.clone())
@@ -87,8 +91,10 @@ impl SqliteStore {
                 pool: write_pool,
                 connection: None,
                 gate: write_gate.clone(),
+                gate_timeout: config.lock_timeout,
             },
             head.clone(),
+            &config,
         );
         Ok(SqliteStore {
             pool,
@@ -108,6 +114,12 @@ impl SqliteStore {
     /// writes through `pool` in transactions takes its turn here first.
     pub fn write_gate(&self) -> Arc<Mutex<()>> {
         self.write_gate.clone()
+    }
+
+    /// Test support: the writer task's probe (see `WriterProbe`).
+    #[doc(hidden)]
+    pub fn writer_probe(&self) -> &crate::WriterProbe {
+        self.writer.probe()
     }
 
     /// Test support: runs an append in a transaction of its own and leaves it open until
@@ -179,6 +191,9 @@ struct SqliteWriter {
     /// dropped, and closed, after any error.
     connection: Option<PoolConnection<Sqlite>>,
     gate: Arc<Mutex<()>>,
+    /// How long the writer waits for its turn at the gate (a writer of this process that
+    /// stalls inside its transaction must not stop every other for good).
+    gate_timeout: Duration,
 }
 
 #[async_trait]
@@ -189,7 +204,9 @@ impl BatchWriter for SqliteWriter {
         source: FactsSource,
         remembered: Option<LogFacts>,
     ) -> Result<Option<Plan>, StoreError> {
-        let _turn = self.gate.lock().await;
+        let _turn = tokio::time::timeout(self.gate_timeout, self.gate.lock())
+            .await
+            .map_err(|_| StoreError::timed_out("the wait for the writers' turn ran out"))?;
         let connection = match &mut self.connection {
             Some(connection) => connection,
             None => self.connection.insert(self.pool.acquire().await?),
@@ -201,6 +218,12 @@ impl BatchWriter for SqliteWriter {
             connection.close_on_drop();
         }
         attempt
+    }
+
+    fn reset(&mut self) {
+        if let Some(mut connection) = self.connection.take() {
+            connection.close_on_drop();
+        }
     }
 }
 

@@ -7,6 +7,8 @@
 #[macro_use]
 #[path = "../../tests/support/database.rs"]
 mod database;
+#[path = "conformance/write_path.rs"]
+mod write_path;
 
 use std::collections::HashSet;
 use std::sync::Arc;

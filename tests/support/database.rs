@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use annals_store::{
     AppendOutcome, AppendRequest, EventStore, ExpectedVersion, NewEvent, PostgresStore,
-    SqliteStore, StoreConfig, StoreError, StreamName, postgres, sqlite,
+    SqliteStore, StoreConfig, StoreError, StreamName, WriterProbe, postgres, sqlite,
 };
 use futures::future::BoxFuture;
 use serde_json::json;
@@ -66,6 +66,51 @@ pub enum Fixture {
     },
 }
 
+/// A store of either backend, with the test support each offers.
+#[derive(Debug, Clone)]
+pub enum Store {
+    Sqlite(SqliteStore),
+    Postgres(PostgresStore),
+}
+
+impl Store {
+    pub fn dyn_store(&self) -> Arc<dyn EventStore> {
+        match self {
+            Store::Sqlite(store) => Arc::new(store.clone()),
+            Store::Postgres(store) => Arc::new(store.clone()),
+        }
+    }
+
+    pub fn probe(&self) -> &WriterProbe {
+        match self {
+            Store::Sqlite(store) => store.writer_probe(),
+            Store::Postgres(store) => store.writer_probe(),
+        }
+    }
+
+    pub fn hold_append(&self, request: AppendRequest) -> BoxFuture<'_, Result<Held, StoreError>> {
+        Box::pin(async move {
+            Ok(match self {
+                Store::Sqlite(store) => Held::Sqlite(store.hold_append(request).await?),
+                Store::Postgres(store) => Held::Postgres(store.hold_append(request).await?),
+            })
+        })
+    }
+}
+
+/// Polls a condition on the writer's probe until it holds, for at most 10 s: how a test
+/// waits for the writer to reach a state it forced (a paused queue filling up).
+pub async fn until(probe: &WriterProbe, what: &str, condition: impl Fn(&WriterProbe) -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !condition(probe) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 pub enum Held {
     Sqlite(sqlite::HeldAppend),
     Postgres(postgres::HeldAppend),
@@ -85,6 +130,7 @@ pub fn config() -> StoreConfig {
         max_connections: 8,
         // Long, so that a test which wakes up quickly proves the notification path.
         poll_interval: Duration::from_secs(60),
+        ..StoreConfig::default()
     }
 }
 
@@ -163,6 +209,26 @@ impl Fixture {
             Fixture::Postgres { url, .. } => {
                 Arc::new(PostgresStore::open(url, config()).await.expect("reopen"))
             }
+        }
+    }
+
+    /// A second, independent store on the same database with other settings.
+    pub async fn open_with(&self, config: StoreConfig) -> Store {
+        match self {
+            Fixture::Sqlite { url, .. } => {
+                Store::Sqlite(SqliteStore::open(url, config).await.expect("reopen"))
+            }
+            Fixture::Postgres { url, .. } => {
+                Store::Postgres(PostgresStore::open(url, config).await.expect("reopen"))
+            }
+        }
+    }
+
+    /// The fixture's store with its backend's test support.
+    pub fn concrete(&self) -> Store {
+        match self {
+            Fixture::Sqlite { store, .. } => Store::Sqlite(store.clone()),
+            Fixture::Postgres { store, .. } => Store::Postgres(store.clone()),
         }
     }
 
