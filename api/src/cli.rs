@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use annals_api::System;
-use annals_projections::ProjectionRunner;
+use annals_projections::{DifferenceKind, ProjectionRunner};
 use annals_store::{Direction, LogFilter, RecordedEvent, StreamName};
 use anyhow::{Context, bail};
 use clap::Subcommand;
@@ -138,8 +138,27 @@ pub async fn run(command: Operator) -> anyhow::Result<ExitCode> {
                         runner.name(),
                         report.position
                     );
-                    for difference in &report.differences {
-                        println!("  {}", serde_json::to_string(difference)?);
+                    for d in &report.differences {
+                        let value = |v: &Option<String>| v.as_deref().unwrap_or("NULL").to_owned();
+                        match d.kind {
+                            DifferenceKind::Missing => {
+                                println!("  {} {}: missing from the live rows", d.table, d.key)
+                            }
+                            DifferenceKind::Extra => {
+                                println!(
+                                    "  {} {}: in the live rows, not in a rebuild",
+                                    d.table, d.key
+                                )
+                            }
+                            DifferenceKind::Changed => println!(
+                                "  {} {}: {} is {} live, {} rebuilt",
+                                d.table,
+                                d.key,
+                                d.column.as_deref().unwrap_or("?"),
+                                value(&d.live),
+                                value(&d.rebuilt)
+                            ),
+                        }
                     }
                 }
             }

@@ -465,10 +465,54 @@ pub struct VerifyAnswer {
     pub equal: bool,
     /// The log position the live and the rebuilt rows were compared at.
     pub position: u64,
-    /// The first differences (at most ten): the row live and rebuilt, column values as
-    /// text (`null`: the row is missing on that side).
-    #[schema(value_type = Vec<Object>)]
-    pub differences: serde_json::Value,
+    /// The first differences (at most ten), in key order, table by table.
+    pub differences: Vec<VerifyDifference>,
+}
+
+/// One way the live read model differs from a rebuild, at one row.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct VerifyDifference {
+    /// The read-model table.
+    pub table: String,
+    /// The row's key.
+    pub key: String,
+    pub kind: DifferenceKind,
+    /// The column whose value differs (`changed` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub column: Option<String>,
+    /// The column's value in the live read model, as text (`changed` only; `null` also
+    /// for a NULL).
+    pub live: Option<String>,
+    /// The column's value a rebuild from position 0 gives, as text (`changed` only).
+    pub rebuilt: Option<String>,
+}
+
+/// `missing`: the rebuild has the row, the live read model lacks it; `extra`: the live
+/// read model has a row the rebuild lacks; `changed`: both have it, one column differs.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DifferenceKind {
+    Missing,
+    Extra,
+    Changed,
+}
+
+impl From<&annals_projections::Difference> for VerifyDifference {
+    fn from(difference: &annals_projections::Difference) -> Self {
+        use annals_projections::DifferenceKind as Kind;
+        VerifyDifference {
+            table: difference.table.clone(),
+            key: difference.key.clone(),
+            kind: match difference.kind {
+                Kind::Missing => DifferenceKind::Missing,
+                Kind::Extra => DifferenceKind::Extra,
+                Kind::Changed => DifferenceKind::Changed,
+            },
+            column: difference.column.clone(),
+            live: difference.live.clone(),
+            rebuilt: difference.rebuilt.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Serialize, ToSchema)]

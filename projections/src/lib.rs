@@ -12,6 +12,19 @@
 //! nothing); a read model is a pure function of the log (no clock, no randomness), so a
 //! rebuild from position 0 gives the same rows. Projectors never append events;
 //! processes act only through commands.
+//!
+//! Generations: a rebuild or verify first *claims* the projection (one at a time; a
+//! claim not renewed for `CLAIM_STALE` may be taken over) and in the same statement
+//! takes a new generation from a counter that only grows, so no two claims ever share
+//! one, and reads which generation is live. Only a claim's holder swaps, and a
+//! generation is dropped only in a transaction that holds the claim that dropping it is
+//! for and has read the live generation under it: never the live one, never a taker's.
+//! A batch commits only to a generation that is live or claimed as of its commit (it
+//! holds the projections row that a swap or a claim updates), so a live runner that
+//! read the generation before a swap applies nothing to the old one, and `applied`
+//! (what `wait_for` answers from) never runs ahead of the live checkpoint. Verify
+//! compares in one read-only snapshot in which both generations stand at one position,
+//! in bounded pages by key, holding up no writer.
 
 pub mod account_360;
 pub mod deal_board;
@@ -21,6 +34,8 @@ pub mod queries;
 pub mod rows;
 mod sql;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -148,15 +163,38 @@ pub struct VerifyReport {
     pub position: u64,
     /// The first differences, at most ten.
     pub differences: Vec<Difference>,
+    /// How many pages the comparison read.
+    pub pages: u64,
+    /// The most rows the comparison held at once (both generations' pages together).
+    pub largest_page: usize,
 }
 
+/// One way the live read model differs from a rebuild, at one row.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Difference {
     pub table: String,
-    /// The row in the live read model (`None`: missing there).
-    pub live: Option<Vec<Option<String>>>,
-    /// The row a rebuild from position 0 gives (`None`: missing there).
-    pub rebuilt: Option<Vec<Option<String>>>,
+    /// The row's key.
+    pub key: String,
+    pub kind: DifferenceKind,
+    /// The column whose value differs (`changed` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub column: Option<String>,
+    /// The column's value in the live read model, as text (`changed` only; `None` is
+    /// also a NULL).
+    pub live: Option<String>,
+    /// The column's value a rebuild from position 0 gives.
+    pub rebuilt: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DifferenceKind {
+    /// The rebuild has the row; the live read model lacks it.
+    Missing,
+    /// The live read model has a row the rebuild lacks.
+    Extra,
+    /// Both have the row; one of its columns differs.
+    Changed,
 }
 
 /// A projection claimed for a rebuild (see `ProjectionRunner::claim_rebuild`). A claim
@@ -164,8 +202,36 @@ pub struct Difference {
 #[derive(Debug)]
 #[must_use = "a claim holds the projection until it is finished or goes stale"]
 pub struct RebuildClaim {
-    old: i64,
+    /// The generation this claim took from the counter; only its holder writes it.
     new: i64,
+}
+
+/// A point in a runner's work where a test can pause it (see
+/// `ProjectionRunner::with_pause_hook`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PausePoint {
+    /// A live step, after it has read which generation is live, before its batch.
+    LiveStep,
+    /// A rebuild or verify, just before it claims a spare generation.
+    Claim,
+    /// A rebuild or verify, just after its claim.
+    Claimed,
+    /// A verify, after each page of its comparison.
+    ComparePage,
+}
+
+/// What a runner calls at each `PausePoint`; it waits for the future returned.
+pub type PauseHook =
+    Arc<dyn Fn(PausePoint) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+#[derive(Clone)]
+struct Pause(PauseHook);
+
+impl std::fmt::Debug for Pause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PauseHook")
+    }
 }
 
 /// Runs one projector: reads the log after its checkpoint in batches, and applies each
@@ -186,6 +252,10 @@ pub struct ProjectionRunner {
     max_attempts: u32,
     /// The event that is failing now, and how often it has.
     failing: Mutex<Option<(u64, u32)>>,
+    /// Rows per page (of each generation) when verify compares.
+    verify_page: usize,
+    /// Tests' hook for forcing interleavings; `None` in production.
+    pause: Option<Pause>,
 }
 
 /// Why a step failed: at an event (which may be parked), or around it.
@@ -195,6 +265,9 @@ enum StepError {
         event_type: String,
         error: ProjectionError,
     },
+    /// The generation is neither live nor claimed any more (a rebuild swapped it out, or
+    /// took its claim over); the batch took nothing.
+    Superseded(&'static str),
     Other(ProjectionError),
 }
 
@@ -208,6 +281,7 @@ impl StepError {
     fn into_error(self) -> ProjectionError {
         match self {
             StepError::Event { error, .. } | StepError::Other(error) => error,
+            StepError::Superseded(name) => ProjectionError::CheckpointMoved(name.to_owned()),
         }
     }
 }
@@ -255,6 +329,29 @@ impl ProjectionRunner {
             policy: FailurePolicy::Halt,
             max_attempts: 3,
             failing: Mutex::new(None),
+            verify_page: 1_000,
+            pause: None,
+        }
+    }
+
+    /// How many rows of each generation verify reads per page: the bound on the rows it
+    /// holds at once.
+    pub fn with_verify_page_size(mut self, rows: usize) -> Self {
+        self.verify_page = rows.max(1);
+        self
+    }
+
+    /// Calls `hook` at each `PausePoint` this runner reaches and waits for it: lets a
+    /// test pause the runner there, act elsewhere, and resume it, to force an
+    /// interleaving. Production code sets none.
+    pub fn with_pause_hook(mut self, hook: PauseHook) -> Self {
+        self.pause = Some(Pause(hook));
+        self
+    }
+
+    async fn pause(&self, at: PausePoint) {
+        if let Some(Pause(hook)) = &self.pause {
+            hook(at).await;
         }
     }
 
@@ -324,7 +421,9 @@ impl ProjectionRunner {
 
     /// How far this process has seen the live generation applied (by its own runner, or
     /// at a swap): a lower bound of `checkpoint` that costs no query. 0 when this
-    /// process does not run the projection.
+    /// process does not run the projection. Only a batch that committed to the
+    /// generation live at its commit raises it, and a swap makes live only a generation
+    /// at least as far as the one it replaces, so it never runs ahead of the live board.
     pub fn applied(&self) -> u64 {
         *self.applied.borrow()
     }
@@ -344,9 +443,17 @@ impl ProjectionRunner {
             FailurePolicy::Halt => self.parked().await?.first().map(|p| p.position),
             FailurePolicy::Skip => None,
         };
-        let live = self.live_generation().await?;
+        let mut live = self.live_generation().await?;
+        self.pause(PausePoint::LiveStep).await;
         let limit = halted_at.map(|position| position.saturating_sub(1));
-        match self.step(live, limit, self.batch_size).await {
+        let mut stepped = self.step(live, limit, self.batch_size).await;
+        // A rebuild swapped generations since `live` was read: the batch took nothing;
+        // go on in the generation that is live now.
+        while let Err(StepError::Superseded(_)) = stepped {
+            live = self.live_generation().await?;
+            stepped = self.step(live, limit, self.batch_size).await;
+        }
+        match stepped {
             Ok((outcome, checkpoint)) => {
                 *lock(&self.last_error) = None;
                 *lock(&self.failing) = None;
@@ -539,13 +646,31 @@ impl ProjectionRunner {
             .into_iter()
             .filter(|e| !skipped.contains(&e.position))
             .collect();
+        let name = self.name();
         let mut tx = self.db.begin(generation).await?;
+        // The batch commits only to a generation that is live, or claimed by a rebuild or
+        // verify, when it commits: one swapped out or taken over takes nothing more. The
+        // projections row is held (shared) until the commit, and a swap or a claim
+        // updates it before it reads a checkpoint or drops a generation, so neither
+        // misses a batch nor drops one under it.
+        let current = tx
+            .fetch_int(
+                &format!(
+                    "SELECT live_generation FROM projections \
+                      WHERE name = $1 AND (live_generation = $2 OR rebuilding = $2){}",
+                    tx.share_lock()
+                ),
+                &[name.into(), generation.into()],
+            )
+            .await?;
+        if current.is_none() {
+            return Err(StepError::Superseded(name));
+        }
         if let Err(failure) = self.projector.apply(&mut tx, &events).await {
             drop(tx);
             return Err(self.locate(failure, generation, &events).await);
         }
         let applied = events.len();
-        let name = self.name();
         let moved = if checkpoint == 0 {
             tx.execute(
                 "INSERT INTO projection_checkpoints (name, generation, position) \
@@ -737,76 +862,117 @@ impl ProjectionRunner {
         })
     }
 
-    /// Takes a generation beside the live one for a rebuild or a verify.
+    /// Claims the projection for a rebuild or a verify and takes a spare generation, in
+    /// one transaction: the claim (the projection free, or its claim left stale by a
+    /// process that stopped renewing it) takes the next number of the projection's
+    /// generation counter and reads which generation is live, and the leftovers of
+    /// earlier claims (neither live nor this one) are dropped under it. No swap can come
+    /// between reading the live generation and the drop: only a claim's holder swaps.
+    /// Returns (live, spare).
     async fn claim_spare_generation(&self) -> Result<(i64, i64), ProjectionError> {
-        let live = self.live_generation().await?;
-        let mut tx = self.db.begin(0).await?;
+        // Registers the projection on first use.
+        self.live_generation().await?;
+        self.pause(PausePoint::Claim).await;
         let name = self.name();
-        let highest = tx
-            .fetch_int(
-                "SELECT MAX(generation) FROM projection_checkpoints WHERE name = $1",
-                &[name.into()],
-            )
-            .await?
-            .unwrap_or(live)
-            .max(live);
-        let spare = highest + 1;
-        // Free, or left behind by a process that stopped renewing it.
+        let mut tx = self.db.begin(0).await?;
         let claimed = tx
-            .execute(
-                "UPDATE projections SET rebuilding = $2, rebuild_seen_micros = $3 \
+            .fetch_text_rows(
+                "UPDATE projections \
+                    SET rebuilding = next_generation, next_generation = next_generation + 1, \
+                        rebuild_seen_micros = $2 \
                   WHERE name = $1 AND (rebuilding IS NULL OR rebuild_seen_micros IS NULL \
-                                       OR rebuild_seen_micros < $4)",
-                &[
-                    name.into(),
-                    spare.into(),
-                    now_micros().into(),
-                    stale_before().into(),
-                ],
+                                       OR rebuild_seen_micros < $3) \
+                  RETURNING CAST(live_generation AS TEXT), CAST(rebuilding AS TEXT)",
+                &[name.into(), now_micros().into(), stale_before().into()],
             )
             .await?;
-        if claimed != 1 {
+        let Some(row) = claimed.first() else {
             return Err(ProjectionError::Busy(name.to_owned()));
+        };
+        let generation = |i: usize| {
+            rows::integer(row, i)?
+                .ok_or_else(|| ProjectionError::Corrupt(format!("projections row of {name}")))
+        };
+        let (live, spare) = (generation(0)?, generation(1)?);
+        // Every generation with rows has a checkpoint row: they commit together.
+        let leftovers = tx
+            .fetch_text_rows(
+                "SELECT CAST(generation AS TEXT) FROM projection_checkpoints \
+                  WHERE name = $1 AND generation <> $2 AND generation <> $3",
+                &[name.into(), live.into(), spare.into()],
+            )
+            .await?;
+        for leftover in &leftovers {
+            if let Some(generation) = rows::integer(leftover, 0)? {
+                self.delete_generation(&mut tx, generation).await?;
+            }
         }
         tx.commit().await?;
-        // Leftovers of generations that are neither live nor this one (an interrupted
-        // rebuild, a batch that committed to a generation just swapped out) go first.
-        self.drop_generations_except(&[live]).await?;
+        self.pause(PausePoint::Claimed).await;
         Ok((live, spare))
     }
 
     /// Renews the claim on `spare`; fails when another process has taken it over.
     async fn renew_claim(&self, spare: i64) -> Result<(), ProjectionError> {
         let mut tx = self.db.begin(0).await?;
-        let renewed = tx
-            .execute(
-                "UPDATE projections SET rebuild_seen_micros = $3 \
-                  WHERE name = $1 AND rebuilding = $2",
-                &[self.name().into(), spare.into(), now_micros().into()],
-            )
-            .await?;
+        let renewed = self.hold_claim(&mut tx, spare).await?;
         tx.commit().await?;
-        if renewed != 1 {
+        if renewed.is_none() {
             return Err(ProjectionError::Busy(self.name().to_owned()));
         }
         Ok(())
     }
 
-    /// Gives the claim on `spare` back, if it is still this runner's.
-    async fn release_spare_generation(&self, spare: i64) -> Result<(), ProjectionError> {
-        let mut tx = self.db.begin(0).await?;
-        tx.execute(
-            "UPDATE projections SET rebuilding = NULL WHERE name = $1 AND rebuilding = $2",
-            &[self.name().into(), spare.into()],
+    /// Renews the claim on `spare` in `tx`, holding the projections row until `tx` ends
+    /// (no batch commits, no swap or claim happens meanwhile); the live generation, or
+    /// `None` when the claim is no longer this runner's.
+    async fn hold_claim(
+        &self,
+        tx: &mut ReadTx,
+        spare: i64,
+    ) -> Result<Option<i64>, ProjectionError> {
+        tx.fetch_int(
+            "UPDATE projections SET rebuild_seen_micros = $3 \
+              WHERE name = $1 AND rebuilding = $2 RETURNING live_generation",
+            &[self.name().into(), spare.into(), now_micros().into()],
         )
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        .await
     }
 
-    /// Deletes one generation's rows and checkpoint.
-    async fn drop_generation(&self, generation: i64) -> Result<(), ProjectionError> {
+    /// Ends the claim on `claimed` and drops `generation` (when given) in the same
+    /// transaction: only while the claim is still this runner's (one taken over may have
+    /// the taker's work in it), and never the live generation. Returns whether the claim
+    /// was still this runner's.
+    async fn release_claim(
+        &self,
+        claimed: i64,
+        generation: Option<i64>,
+    ) -> Result<bool, ProjectionError> {
         let mut tx = self.db.begin(0).await?;
+        let live = tx
+            .fetch_int(
+                "UPDATE projections SET rebuilding = NULL \
+                  WHERE name = $1 AND rebuilding = $2 RETURNING live_generation",
+                &[self.name().into(), claimed.into()],
+            )
+            .await?;
+        let Some(live) = live else {
+            return Ok(false);
+        };
+        if let Some(generation) = generation.filter(|g| *g != live) {
+            self.delete_generation(&mut tx, generation).await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Deletes one generation's rows and checkpoint, in the caller's transaction (which
+    /// holds the claim: see `release_claim` and `claim_spare_generation`).
+    async fn delete_generation(
+        &self,
+        tx: &mut ReadTx,
+        generation: i64,
+    ) -> Result<(), ProjectionError> {
         for table in self.projector.tables() {
             tx.execute(
                 &format!("DELETE FROM {} WHERE generation = $1", table.name),
@@ -819,33 +985,7 @@ impl ProjectionRunner {
             &[self.name().into(), generation.into()],
         )
         .await?;
-        tx.commit().await
-    }
-
-    async fn drop_generations_except(&self, keep: &[i64]) -> Result<(), ProjectionError> {
-        let mut tx = self.db.begin(0).await?;
-        let kept = |column: &str| {
-            keep.iter()
-                .map(|g| format!("{column} <> {g}"))
-                .collect::<Vec<_>>()
-                .join(" AND ")
-        };
-        for table in self.projector.tables() {
-            tx.execute(
-                &format!("DELETE FROM {} WHERE {}", table.name, kept("generation")),
-                &[],
-            )
-            .await?;
-        }
-        tx.execute(
-            &format!(
-                "DELETE FROM projection_checkpoints WHERE name = $1 AND {}",
-                kept("generation")
-            ),
-            &[self.name().into()],
-        )
-        .await?;
-        tx.commit().await
+        Ok(())
     }
 
     /// Brings `generation` up to the head of the log (or `limit`), in large batches,
@@ -865,6 +1005,9 @@ impl ProjectionRunner {
                         return Ok(());
                     }
                 }
+                Err(StepError::Superseded(name)) => {
+                    return Err(ProjectionError::Busy(name.to_owned()));
+                }
                 Err(failure) => return Err(failure.into_error()),
             }
         }
@@ -880,99 +1023,85 @@ impl ProjectionRunner {
     /// The first half of `rebuild`: claims the projection (`Busy` when a rebuild or
     /// verify holds it), so a caller can answer at once and rebuild in the background.
     pub async fn claim_rebuild(&self) -> Result<RebuildClaim, ProjectionError> {
-        let (old, new) = self.claim_spare_generation().await?;
-        Ok(RebuildClaim { old, new })
+        let (_, new) = self.claim_spare_generation().await?;
+        Ok(RebuildClaim { new })
     }
 
-    /// The second half of `rebuild`: fills the claimed generation and swaps it in.
+    /// The second half of `rebuild`: fills the claimed generation and swaps it in, then
+    /// drops the generation it replaced. On failure it drops its own, if its claim is
+    /// still its own.
     pub async fn finish_rebuild(&self, claim: RebuildClaim) -> Result<(), ProjectionError> {
-        let RebuildClaim { old, new } = claim;
-        if let Err(error) = self.build_and_swap(old, new).await {
-            self.release_spare_generation(new).await?;
-            return Err(error);
+        let RebuildClaim { new } = claim;
+        match self.build_and_swap(new).await {
+            Ok(old) => {
+                self.release_claim(new, Some(old)).await?;
+                Ok(())
+            }
+            Err(error) => {
+                self.release_claim(new, Some(new)).await?;
+                Err(error)
+            }
         }
-        self.drop_generation(old).await
     }
 
-    async fn build_and_swap(&self, old: i64, new: i64) -> Result<(), ProjectionError> {
+    /// Fills `new` and makes it live once it has reached the live generation; returns
+    /// the generation it replaced. The claim is kept (for dropping the old generation).
+    async fn build_and_swap(&self, new: i64) -> Result<i64, ProjectionError> {
+        let name = self.name();
         loop {
             self.fill(new, None, new).await?;
-            // The swap, under a lock on the live checkpoint row, so the live runner
-            // cannot move it between the comparison and the swap.
+            // The claim's row first: a live batch holds it until it commits, so the
+            // checkpoints read after it are final until the swap commits.
             let mut tx = self.db.begin(0).await?;
-            let live_at = lock_checkpoint(&mut tx, self.name(), old).await?;
-            let new_at = read_checkpoint_of(&mut tx, self.name(), new).await?;
+            let Some(live) = self.hold_claim(&mut tx, new).await? else {
+                return Err(ProjectionError::Busy(name.to_owned()));
+            };
+            let live_at = read_checkpoint_of(&mut tx, name, live).await?;
+            let new_at = read_checkpoint_of(&mut tx, name, new).await?;
             if new_at >= live_at {
-                let swapped = tx
-                    .execute(
-                        "UPDATE projections SET live_generation = $2, rebuilding = NULL \
-                          WHERE name = $1 AND rebuilding = $2",
-                        &[self.name().into(), new.into()],
-                    )
-                    .await?;
-                if swapped != 1 {
-                    return Err(ProjectionError::Busy(self.name().to_owned()));
-                }
+                tx.execute(
+                    "UPDATE projections SET live_generation = $2 WHERE name = $1",
+                    &[name.into(), new.into()],
+                )
+                .await?;
                 tx.commit().await?;
                 self.applied.send_if_modified(|a| bump(a, new_at));
-                return Ok(());
+                return Ok(live);
             }
             // The live generation moved on meanwhile: catch up again.
         }
     }
 
     /// Rebuilds into a scratch generation and compares it with the live one, at the
-    /// same log position; the live read model is left as it is.
+    /// same log position; the live read model is left as it is. The comparison holds up
+    /// no writer: it reads one snapshot, a page at a time.
     pub async fn verify(&self) -> Result<VerifyReport, ProjectionError> {
         let (live, scratch) = self.claim_spare_generation().await?;
         let result = self.compare(live, scratch).await;
-        self.drop_generation(scratch).await?;
-        self.release_spare_generation(scratch).await?;
-        result
+        let released = self.release_claim(scratch, Some(scratch)).await;
+        let report = result?;
+        released?;
+        Ok(report)
     }
 
+    /// Brings the scratch and the live generation to one position, then compares them
+    /// in one read-only snapshot in which both checkpoints are equal: the live runner
+    /// goes on beside it, unseen by the snapshot.
     async fn compare(&self, live: i64, scratch: i64) -> Result<VerifyReport, ProjectionError> {
+        let name = self.name();
         self.fill(scratch, None, scratch).await?;
         loop {
-            let mut tx = self.db.begin(0).await?;
-            let live_at = lock_checkpoint(&mut tx, self.name(), live).await?;
-            let scratch_at = read_checkpoint_of(&mut tx, self.name(), scratch).await?;
+            let mut snapshot = self.db.begin_snapshot(0).await?;
+            let live_at = read_checkpoint_of(&mut snapshot, name, live).await?;
+            let scratch_at = read_checkpoint_of(&mut snapshot, name, scratch).await?;
             if live_at == scratch_at {
-                let mut differences = Vec::new();
-                for table in self.projector.tables() {
-                    let select = format!(
-                        "SELECT {} FROM {} WHERE generation = $1 ORDER BY {}",
-                        table
-                            .columns
-                            .iter()
-                            .map(|c| format!("CAST({c} AS TEXT)"))
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                        table.name,
-                        table.key
-                    );
-                    let live_rows = tx.fetch_text_rows(&select, &[live.into()]).await?;
-                    let rebuilt_rows = tx.fetch_text_rows(&select, &[scratch.into()]).await?;
-                    let longest = live_rows.len().max(rebuilt_rows.len());
-                    for i in 0..longest {
-                        let (l, r) = (live_rows.get(i), rebuilt_rows.get(i));
-                        if l != r && differences.len() < 10 {
-                            differences.push(Difference {
-                                table: table.name.to_owned(),
-                                live: l.cloned(),
-                                rebuilt: r.cloned(),
-                            });
-                        }
-                    }
-                }
-                tx.commit().await?;
-                return Ok(VerifyReport {
-                    equal: differences.is_empty(),
-                    position: live_at,
-                    differences,
-                });
+                let report = self
+                    .compare_pages(&mut snapshot, live, scratch, live_at)
+                    .await?;
+                snapshot.commit().await?;
+                return Ok(report);
             }
-            drop(tx);
+            drop(snapshot);
             // Bring whichever is behind to the other's position; applying the live
             // generation here is safe, its checkpoint guard keeps it exactly once.
             if scratch_at < live_at {
@@ -981,6 +1110,145 @@ impl ProjectionRunner {
                 self.fill(live, Some(scratch_at), scratch).await?;
             }
         }
+    }
+
+    /// Compares two generations table by table, by key: each page reads the next
+    /// `verify_page` rows of each generation after the last key compared and joins them
+    /// on the key, in the database's order of keys (so the order is the index's, and no
+    /// collation has to be repeated here). Stops at the tenth difference.
+    async fn compare_pages(
+        &self,
+        tx: &mut ReadTx,
+        live: i64,
+        scratch: i64,
+        position: u64,
+    ) -> Result<VerifyReport, ProjectionError> {
+        const MOST: usize = 10;
+        let limit = self.verify_page;
+        let mut differences = Vec::new();
+        let (mut pages, mut largest_page) = (0, 0);
+        let mut renewed = tokio::time::Instant::now();
+        'tables: for table in self.projector.tables() {
+            let width = table.columns.len();
+            let values = |side: &str| {
+                (0..width)
+                    .map(|i| format!("{side}.v{i}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let side = |generation: &str, after: bool| {
+                format!(
+                    "SELECT {key} AS k, {columns} FROM {table} \
+                      WHERE generation = {generation}{after} ORDER BY {key} LIMIT {limit}",
+                    key = table.key,
+                    columns = table
+                        .columns
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| format!("CAST({c} AS TEXT) AS v{i}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    table = table.name,
+                    after = if after {
+                        format!(" AND {} > $3", table.key)
+                    } else {
+                        String::new()
+                    },
+                )
+            };
+            let page_sql = |after: bool| {
+                format!(
+                    "WITH l AS ({}), r AS ({}) \
+                     SELECT l.k, r.k, {}, {} FROM l FULL OUTER JOIN r ON l.k = r.k \
+                      ORDER BY COALESCE(l.k, r.k)",
+                    side("$1", after),
+                    side("$2", after),
+                    values("l"),
+                    values("r")
+                )
+            };
+            let (first, next) = (page_sql(false), page_sql(true));
+            let mut after: Option<String> = None;
+            loop {
+                let rows = match &after {
+                    None => {
+                        tx.fetch_text_rows(&first, &[live.into(), scratch.into()])
+                            .await?
+                    }
+                    Some(key) => {
+                        tx.fetch_text_rows(
+                            &next,
+                            &[live.into(), scratch.into(), key.clone().into()],
+                        )
+                        .await?
+                    }
+                };
+                pages += 1;
+                largest_page = largest_page.max(rows.len());
+                let present = |row: &Vec<Option<String>>, i: usize| row[i].is_some();
+                // A side that filled its page may have more rows after its last key: only
+                // keys up to the first such last key are compared now.
+                let last_of = |i: usize| {
+                    let count = rows.iter().filter(|row| present(row, i)).count();
+                    if count < limit {
+                        None
+                    } else {
+                        rows.iter().rposition(|row| present(row, i))
+                    }
+                };
+                let bound = match (last_of(0), last_of(1)) {
+                    (None, None) => None,
+                    (l, r) => Some(l.unwrap_or(usize::MAX).min(r.unwrap_or(usize::MAX))),
+                };
+                let compared = bound.map_or(rows.len(), |b| b + 1);
+                for row in &rows[..compared] {
+                    let key = row[0]
+                        .clone()
+                        .or_else(|| row[1].clone())
+                        .unwrap_or_default();
+                    let difference = |kind, column: Option<usize>| Difference {
+                        table: table.name.to_owned(),
+                        key: key.clone(),
+                        kind,
+                        column: column.map(|i| table.columns[i].to_owned()),
+                        live: column.and_then(|i| row[2 + i].clone()),
+                        rebuilt: column.and_then(|i| row[2 + width + i].clone()),
+                    };
+                    match (row[0].is_some(), row[1].is_some()) {
+                        (true, false) => differences.push(difference(DifferenceKind::Extra, None)),
+                        (false, true) => {
+                            differences.push(difference(DifferenceKind::Missing, None))
+                        }
+                        _ => differences.extend(
+                            (0..width)
+                                .filter(|i| row[2 + i] != row[2 + width + i])
+                                .map(|i| difference(DifferenceKind::Changed, Some(i))),
+                        ),
+                    }
+                    if differences.len() >= MOST {
+                        differences.truncate(MOST);
+                        break 'tables;
+                    }
+                }
+                self.pause(PausePoint::ComparePage).await;
+                // A long comparison keeps its claim, so it is not taken for a dead one.
+                if renewed.elapsed() > CLAIM_STALE / 3 {
+                    self.renew_claim(scratch).await?;
+                    renewed = tokio::time::Instant::now();
+                }
+                match bound {
+                    None => break,
+                    Some(b) => after = rows[b][0].clone().or_else(|| rows[b][1].clone()),
+                }
+            }
+        }
+        Ok(VerifyReport {
+            equal: differences.is_empty(),
+            position,
+            differences,
+            pages,
+            largest_page,
+        })
     }
 }
 
@@ -1002,21 +1270,6 @@ async fn read_checkpoint_of(
         .await?
         .unwrap_or(0);
     Ok(u64::try_from(position).unwrap_or(0))
-}
-
-/// Reads a checkpoint and holds its row until the transaction ends (a no-op update: a
-/// row lock on PostgreSQL; SQLite's write transaction already excludes other writers).
-async fn lock_checkpoint(
-    tx: &mut ReadTx,
-    name: &str,
-    generation: i64,
-) -> Result<u64, ProjectionError> {
-    tx.execute(
-        "UPDATE projection_checkpoints SET position = position WHERE name = $1 AND generation = $2",
-        &[name.into(), generation.into()],
-    )
-    .await?;
-    read_checkpoint_of(tx, name, generation).await
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

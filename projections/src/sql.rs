@@ -66,6 +66,25 @@ impl ReadDatabase {
             _turn: None,
         })
     }
+
+    /// A transaction that only reads, every statement of it from one snapshot (taken at
+    /// its first statement), and holds up no writer: PostgreSQL's `REPEATABLE READ READ
+    /// ONLY`; on SQLite a deferred transaction, which in WAL mode reads one snapshot
+    /// while writers commit beside it.
+    pub async fn begin_snapshot(&self, generation: i64) -> Result<ReadTx, ProjectionError> {
+        let inner = match self {
+            ReadDatabase::Sqlite { pool, .. } => Inner::Sqlite(pool.begin().await?),
+            ReadDatabase::Postgres(pool) => Inner::Postgres(
+                pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                    .await?,
+            ),
+        };
+        Ok(ReadTx {
+            inner,
+            generation,
+            _turn: None,
+        })
+    }
 }
 
 /// A parameter of a read-model statement. Each kind carries its own NULL, so PostgreSQL
@@ -195,6 +214,16 @@ impl ReadTx {
         match self.inner {
             Inner::Sqlite(_) => "?".to_owned(),
             Inner::Postgres(_) => format!("${n}"),
+        }
+    }
+
+    /// What ends a `SELECT` that holds the rows it reads against writers until this
+    /// transaction ends: `FOR SHARE` on PostgreSQL; nothing on SQLite, where a write
+    /// transaction already excludes every other writer.
+    pub fn share_lock(&self) -> &'static str {
+        match self.inner {
+            Inner::Sqlite(_) => "",
+            Inner::Postgres(_) => " FOR SHARE",
         }
     }
 

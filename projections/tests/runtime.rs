@@ -9,7 +9,7 @@
 mod database;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use annals_commands::{CommandContext, CommandHandler, HandlerConfig};
@@ -17,12 +17,13 @@ use annals_domain::lead::{Lead, LeadCommand};
 use annals_domain::values::*;
 use annals_projections::lead_board::LeadBoard;
 use annals_projections::{
-    Failure, FailurePolicy, Outcome, ProjectionError, ProjectionRunner, Projector, ReadDatabase,
-    ReadTx,
+    DifferenceKind, Failure, FailurePolicy, Outcome, PauseHook, PausePoint, ProjectionError,
+    ProjectionRunner, Projector, ReadDatabase, ReadTx,
 };
 use annals_store::{LogFilter, RecordedEvent};
 use async_trait::async_trait;
 use database::{Backend, Fixture, run};
+use tokio::sync::Notify;
 use uuid::Uuid;
 
 on_both_backends!(
@@ -37,6 +38,12 @@ on_both_backends!(
     a_runner_dropped_mid_way_is_continued_by_a_new_one_without_duplicates,
     wait_for_returns_once_applied_and_times_out_cleanly,
     two_runners_on_one_projection_never_double_apply,
+    a_verify_that_read_the_live_generation_before_a_rebuild_swapped_leaves_the_live_rows,
+    a_claim_taken_over_gets_a_new_generation_and_its_old_holder_drops_nothing,
+    wait_for_answers_only_from_the_generation_that_is_live,
+    commands_and_the_live_runner_go_on_while_verify_compares,
+    verify_reads_a_large_board_in_bounded_pages,
+    verify_names_each_difference_by_key_kind_and_column,
 );
 
 fn read_database(db: &Fixture) -> ReadDatabase {
@@ -447,8 +454,20 @@ async fn verify_finds_the_live_board_equal_and_catches_an_edited_row(db: Arc<Fix
     assert_eq!(report.differences.len(), 2, "{report:?}");
     let first = &report.differences[0];
     assert_eq!(first.table, "lead_board");
-    assert_eq!(first.live.as_ref().unwrap()[6].as_deref(), Some("999"));
-    assert_eq!(first.rebuilt.as_ref().unwrap()[6].as_deref(), Some("50"));
+    assert_eq!(
+        (
+            first.kind,
+            first.column.as_deref(),
+            first.live.as_deref(),
+            first.rebuilt.as_deref()
+        ),
+        (
+            DifferenceKind::Changed,
+            Some("score"),
+            Some("999"),
+            Some("50")
+        )
+    );
     // Verify changes nothing: the live board keeps its (edited) rows and no scratch rows
     // are left behind.
     let generations = db
@@ -918,5 +937,320 @@ async fn the_funnel_pipeline_and_account_view_follow_a_revenue_history(db: Arc<F
     for projector in projectors {
         let report = runner(&db, projector).verify().await.unwrap();
         assert!(report.equal, "{report:?}");
+    }
+}
+
+/// Pauses a runner once at one point while armed: the test waits until the runner is
+/// there, acts, then resumes it. A gate starts armed.
+struct Gate {
+    point: PausePoint,
+    armed: AtomicBool,
+    reached: Notify,
+    resume: Notify,
+}
+
+impl Gate {
+    fn at(point: PausePoint) -> Arc<Gate> {
+        Arc::new(Gate {
+            point,
+            armed: AtomicBool::new(true),
+            reached: Notify::new(),
+            resume: Notify::new(),
+        })
+    }
+
+    fn hook(self: &Arc<Self>) -> PauseHook {
+        let gate = self.clone();
+        Arc::new(move |at| {
+            let gate = gate.clone();
+            Box::pin(async move {
+                if at == gate.point && gate.armed.swap(false, Ordering::SeqCst) {
+                    gate.reached.notify_one();
+                    gate.resume.notified().await;
+                }
+            })
+        })
+    }
+
+    fn arm(&self) {
+        self.armed.store(true, Ordering::SeqCst);
+    }
+
+    async fn reached(&self) {
+        tokio::time::timeout(Duration::from_secs(20), self.reached.notified())
+            .await
+            .expect("the runner reaches its pause point");
+    }
+
+    fn resume(&self) {
+        self.resume.notify_one();
+    }
+}
+
+async fn rebuilding(db: &Fixture) -> Option<String> {
+    db.text_rows("SELECT CAST(rebuilding AS TEXT) FROM projections WHERE name = 'lead_board'")
+        .await[0][0]
+        .clone()
+}
+
+/// A verify reads the live generation, a rebuild swaps in another, the verify goes on:
+/// it must not take the new live generation for a leftover and drop it.
+async fn a_verify_that_read_the_live_generation_before_a_rebuild_swapped_leaves_the_live_rows(
+    db: Arc<Fixture>,
+) {
+    history(&db).await;
+    let board = runner(&db, Arc::new(LeadBoard));
+    board.catch_up().await.unwrap();
+    let before = db.text_rows(BOARD).await;
+    let gate = Gate::at(PausePoint::Claim);
+    let verifier = Arc::new(runner(&db, Arc::new(LeadBoard)).with_pause_hook(gate.hook()));
+    let verifying = {
+        let verifier = verifier.clone();
+        tokio::spawn(async move { verifier.verify().await })
+    };
+    gate.reached().await;
+    runner(&db, Arc::new(LeadBoard)).rebuild().await.unwrap();
+    gate.resume();
+    let report = verifying.await.unwrap().unwrap();
+    assert_eq!(
+        db.text_rows(BOARD).await,
+        before,
+        "the live rows are intact"
+    );
+    assert!(report.equal, "{report:?}");
+    assert!(board.verify().await.unwrap().equal);
+}
+
+/// A verify's claim goes stale and a rebuild takes it over: the two never share a
+/// generation, and the verify, finding its claim gone, drops nothing of the rebuild's.
+async fn a_claim_taken_over_gets_a_new_generation_and_its_old_holder_drops_nothing(
+    db: Arc<Fixture>,
+) {
+    history(&db).await;
+    let board = runner(&db, Arc::new(LeadBoard));
+    board.catch_up().await.unwrap();
+    let before = db.text_rows(BOARD).await;
+    let gate = Gate::at(PausePoint::Claimed);
+    let verifier = Arc::new(runner(&db, Arc::new(LeadBoard)).with_pause_hook(gate.hook()));
+    let verifying = {
+        let verifier = verifier.clone();
+        tokio::spawn(async move { verifier.verify().await })
+    };
+    gate.reached().await;
+    let verify_generation = rebuilding(&db).await.unwrap();
+    // The verifying process stops renewing its claim (as if it hung).
+    let stale = chrono::Utc::now().timestamp_micros() - 60_000_000;
+    db.execute(&format!(
+        "UPDATE projections SET rebuild_seen_micros = {stale} WHERE name = 'lead_board'"
+    ))
+    .await;
+    let rebuilder = runner(&db, Arc::new(LeadBoard));
+    let claim = rebuilder.claim_rebuild().await.unwrap();
+    let rebuild_generation = rebuilding(&db).await.unwrap();
+    assert_ne!(
+        verify_generation, rebuild_generation,
+        "a takeover gets a generation of its own"
+    );
+    rebuilder.finish_rebuild(claim).await.unwrap();
+    gate.resume();
+    assert!(matches!(
+        verifying.await.unwrap(),
+        Err(ProjectionError::Busy(_))
+    ));
+    assert_eq!(
+        db.text_rows(BOARD).await,
+        before,
+        "the live rows are intact"
+    );
+    assert!(board.verify().await.unwrap().equal);
+    let generations = db
+        .text_rows("SELECT DISTINCT CAST(generation AS TEXT) FROM lead_board")
+        .await;
+    assert_eq!(generations.len(), 1, "nothing left behind: {generations:?}");
+}
+
+/// The live runner reads which generation is live, a rebuild swaps, the runner applies
+/// a new event: `wait_for` may say the event is applied only once the live board has it.
+async fn wait_for_answers_only_from_the_generation_that_is_live(db: Arc<Fixture>) {
+    history(&db).await;
+    let gate = Gate::at(PausePoint::LiveStep);
+    let board = Arc::new(runner(&db, Arc::new(LeadBoard)).with_pause_hook(gate.hook()));
+    gate.armed.store(false, Ordering::SeqCst);
+    board.catch_up().await.unwrap();
+    gate.arm();
+    let stepping = {
+        let board = board.clone();
+        tokio::spawn(async move { board.run_once().await })
+    };
+    gate.reached().await;
+    runner(&db, Arc::new(LeadBoard)).rebuild().await.unwrap();
+    let leads = CommandHandler::<Lead>::new(db.store(), HandlerConfig::default());
+    let id = Uuid::now_v7();
+    let position = leads
+        .execute(id, capture(id, 1), &context())
+        .await
+        .unwrap()
+        .position;
+    gate.resume();
+    let _ = stepping.await.unwrap();
+    let on_board = || async {
+        db.text_rows(BOARD)
+            .await
+            .iter()
+            .any(|r| r[0].as_deref() == Some(&id.to_string()))
+    };
+    if board.wait_for(position, Duration::from_millis(100)).await {
+        assert!(
+            on_board().await,
+            "wait_for answered from a board without the event"
+        );
+    }
+    board.catch_up().await.unwrap();
+    assert!(board.wait_for(position, Duration::from_secs(1)).await);
+    assert!(on_board().await);
+}
+
+/// While a verify compares (paused after its first page), a command appends and the
+/// live runner applies it; the verify then reports at the position it compared.
+async fn commands_and_the_live_runner_go_on_while_verify_compares(db: Arc<Fixture>) {
+    history(&db).await;
+    let board = runner(&db, Arc::new(LeadBoard));
+    board.catch_up().await.unwrap();
+    let gate = Gate::at(PausePoint::ComparePage);
+    let verifier = Arc::new(
+        runner(&db, Arc::new(LeadBoard))
+            .with_verify_page_size(2)
+            .with_pause_hook(gate.hook()),
+    );
+    let verifying = {
+        let verifier = verifier.clone();
+        tokio::spawn(async move { verifier.verify().await })
+    };
+    gate.reached().await;
+    let leads = CommandHandler::<Lead>::new(db.store(), HandlerConfig::default());
+    let id = Uuid::now_v7();
+    let appended = tokio::time::timeout(
+        Duration::from_secs(5),
+        leads.execute(id, capture(id, 1), &context()),
+    )
+    .await;
+    let applied = match appended {
+        Ok(_) => tokio::time::timeout(Duration::from_secs(5), board.run_once()).await,
+        Err(_) => {
+            gate.resume();
+            panic!("a command waited for the verify's comparison");
+        }
+    };
+    gate.resume();
+    assert_eq!(
+        applied
+            .expect("the live runner waited for the verify's comparison")
+            .unwrap(),
+        Outcome::Applied(1)
+    );
+    let report = verifying.await.unwrap().unwrap();
+    assert!(report.equal, "{report:?}");
+    assert_eq!(report.position, 9, "compared where both generations stood");
+    assert!(board.verify().await.unwrap().equal);
+}
+
+/// Verify of a board of 1,000 rows, 10 rows a page: it holds a page at a time.
+async fn verify_reads_a_large_board_in_bounded_pages(db: Arc<Fixture>) {
+    use futures::StreamExt;
+    let leads = Arc::new(CommandHandler::<Lead>::new(
+        db.store(),
+        HandlerConfig::default(),
+    ));
+    let captures = (0..1_000).map(|n| {
+        let leads = leads.clone();
+        async move {
+            let id = Uuid::now_v7();
+            leads.execute(id, capture(id, n), &context()).await.unwrap();
+        }
+    });
+    futures::stream::iter(captures)
+        .buffer_unordered(16)
+        .collect::<Vec<()>>()
+        .await;
+    let board = runner(&db, Arc::new(LeadBoard)).with_verify_page_size(10);
+    board.catch_up().await.unwrap();
+    let report = board.verify().await.unwrap();
+    assert!(report.equal, "{report:?}");
+    assert_eq!(report.position, 1_000);
+    assert!(report.largest_page <= 20, "{report:?}");
+    assert!(report.pages >= 100, "{report:?}");
+}
+
+/// A row missing from the live board, one it has that a rebuild lacks, and one with an
+/// edited column: verify names each by key (and column), whatever its page size.
+async fn verify_names_each_difference_by_key_kind_and_column(db: Arc<Fixture>) {
+    let ids = history(&db).await;
+    runner(&db, Arc::new(LeadBoard)).catch_up().await.unwrap();
+    let live = "(SELECT live_generation FROM projections WHERE name = 'lead_board')";
+    db.execute(&format!(
+        "DELETE FROM lead_board WHERE lead_id = '{}' AND generation = {live}",
+        ids[1]
+    ))
+    .await;
+    db.execute(&format!(
+        "UPDATE lead_board SET owner = 'eve' WHERE lead_id = '{}' AND generation = {live}",
+        ids[0]
+    ))
+    .await;
+    db.execute(&format!(
+        "INSERT INTO lead_board (generation, lead_id, email, name, source, status, score, \
+                                 captured_at, updated_position) \
+         SELECT live_generation, 'not-a-lead', 'x@example.com', 'X', 'web', 'new', 0, \
+                '2026-01-01T00:00:00.000000Z', 1 \
+           FROM projections WHERE name = 'lead_board'"
+    ))
+    .await;
+    let mut expected = vec![
+        (
+            ids[0].to_string(),
+            DifferenceKind::Changed,
+            Some("owner"),
+            Some("eve"),
+            None,
+        ),
+        (
+            ids[1].to_string(),
+            DifferenceKind::Missing,
+            None,
+            None,
+            None,
+        ),
+        (
+            "not-a-lead".to_owned(),
+            DifferenceKind::Extra,
+            None,
+            None,
+            None,
+        ),
+    ];
+    expected.sort();
+    for page in [1, 2, 1_000] {
+        let report = runner(&db, Arc::new(LeadBoard))
+            .with_verify_page_size(page)
+            .verify()
+            .await
+            .unwrap();
+        assert!(!report.equal);
+        let mut found: Vec<_> = report
+            .differences
+            .iter()
+            .map(|d| {
+                assert_eq!(d.table, "lead_board");
+                (
+                    d.key.clone(),
+                    d.kind,
+                    d.column.as_deref(),
+                    d.live.as_deref(),
+                    d.rebuilt.as_deref(),
+                )
+            })
+            .collect();
+        found.sort();
+        assert_eq!(found, expected, "page size {page}");
     }
 }

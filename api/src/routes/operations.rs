@@ -290,7 +290,7 @@ async fn verify_projection(
     Ok(Json(VerifyAnswer {
         equal: report.equal,
         position: report.position,
-        differences: serde_json::to_value(&report.differences).unwrap_or_else(|_| json!([])),
+        differences: report.differences.iter().map(Into::into).collect(),
     }))
 }
 
