@@ -28,6 +28,8 @@ impl RowModel for Account360 {
     type Row = AccountRow;
 
     const NAME: &'static str = "account_360";
+    // Keyed by the aggregate id of the stream, from that stream's category only.
+    const ROWS_FOLLOW_STREAMS: bool = true;
     const TABLE: Table = Table {
         name: "account_360",
         columns: &[

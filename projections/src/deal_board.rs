@@ -34,6 +34,8 @@ impl RowModel for DealBoard {
     type Row = DealRow;
 
     const NAME: &'static str = "deal_board";
+    // Keyed by the aggregate id of the stream, from that stream's category only.
+    const ROWS_FOLLOW_STREAMS: bool = true;
     const TABLE: Table = Table {
         name: "deal_board",
         columns: &[

@@ -33,6 +33,8 @@ impl RowModel for LeadBoard {
     type Row = LeadRow;
 
     const NAME: &'static str = "lead_board";
+    // Keyed by the aggregate id of the stream, from that stream's category only.
+    const ROWS_FOLLOW_STREAMS: bool = true;
     const TABLE: Table = Table {
         name: "lead_board",
         columns: &[

@@ -25,6 +25,16 @@
 //! (what `wait_for` answers from) never runs ahead of the live checkpoint. Verify
 //! compares in one read-only snapshot in which both generations stand at one position,
 //! in bounded pages by key, holding up no writer.
+//!
+//! Parked events (dead letters): only an event's own failure parks it (the projector
+//! refuses it, or the database refuses what it made of it); an outage (a timeout, a
+//! deadlock, a serialization failure, a lock not granted, a lost connection, a busy
+//! SQLite file) is retried with backoff and never parks anything. An operator's retry
+//! applies a parked event in its place in the log, in one transaction that holds the
+//! live checkpoint row (every batch takes that row before it reads any other, so a
+//! batch either sees the retry or waits for it) and re-reads the dead letter (a second
+//! retry finds nothing to apply); a skip leaves the event unapplied for good, recorded
+//! with who and when.
 
 pub mod account_360;
 pub mod deal_board;
@@ -67,6 +77,14 @@ pub enum ProjectionError {
     Corrupt(String),
     #[error("the cursor is not one this server gave out")]
     InvalidCursor,
+    /// An operator named an event the consumer has not parked (never parked, already
+    /// retried, or skipped).
+    #[error("{consumer} has no parked event at position {position}")]
+    NotParked { consumer: String, position: u64 },
+    /// An operator's retry of a parked event failed again; the event stays parked with
+    /// this error.
+    #[error("the event at position {position} still fails: {reason}")]
+    StillFailing { position: u64, reason: String },
 }
 
 /// A failed batch: the error, and the event it belongs to when that is known.
@@ -109,6 +127,34 @@ pub trait Projector: Send + Sync + std::fmt::Debug {
     /// `tx.generation()`. Must not read the clock or anything but the events and its own
     /// rows.
     async fn apply(&self, tx: &mut ReadTx, events: &[RecordedEvent]) -> Result<(), Failure>;
+
+    /// Whether every row is folded from the events of one stream only, so that the
+    /// history `refold` needs is the retried event's stream rather than the whole log.
+    fn rows_follow_streams(&self) -> bool {
+        false
+    }
+
+    /// Re-folds, in `tx.generation()`, the rows `event` touches from `history`: the
+    /// events up to the checkpoint that the projection applies (now including `event`),
+    /// in log order, from the stream of `event` when `rows_follow_streams`, else from
+    /// the whole log. Used to apply a parked event behind the checkpoint in its place in
+    /// the log rather than on top of rows later events changed. A projector whose rows
+    /// are not folded per key cannot, and refuses.
+    async fn refold(
+        &self,
+        _tx: &mut ReadTx,
+        event: &RecordedEvent,
+        _history: &[RecordedEvent],
+    ) -> Result<(), Failure> {
+        Err(Failure {
+            position: Some(event.position),
+            error: ProjectionError::Apply {
+                position: event.position,
+                event_type: event.event_type.clone(),
+                reason: format!("{} cannot re-fold its rows from the log", self.name()),
+            },
+        })
+    }
 }
 
 /// What one step of a runner did.
@@ -134,13 +180,22 @@ pub enum FailurePolicy {
     Skip,
 }
 
-/// An event a projection could not apply.
+/// An event a projection could not apply (a dead letter): parked until an operator
+/// retries it, or skipped for good (then it stays recorded, with who and when).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ParkedEvent {
     pub position: u64,
+    /// `None` only for events parked before event ids were recorded.
+    pub event_id: Option<String>,
     pub event_type: String,
+    /// The last error applying it gave.
     pub error: String,
     pub attempts: u64,
+    /// When it was parked (RFC 3339); `None` for events parked before this was recorded.
+    pub parked_at: Option<String>,
+    /// Who skipped it, when skipped.
+    pub skipped_by: Option<String>,
+    pub skipped_at: Option<String>,
 }
 
 /// A projection as an operator sees it.
@@ -262,6 +317,7 @@ pub struct ProjectionRunner {
 enum StepError {
     Event {
         position: u64,
+        event_id: Option<String>,
         event_type: String,
         error: ProjectionError,
     },
@@ -287,12 +343,49 @@ impl StepError {
 }
 
 /// Whether a failure is the event's own (the projector refused it, or the database
-/// refused what it made of it), as opposed to an outage, which is retried forever.
+/// refused what it made of it), as opposed to an outage, which is retried with backoff
+/// forever and never parks an event.
 fn is_poison(error: &ProjectionError) -> bool {
-    matches!(
-        error,
-        ProjectionError::Apply { .. } | ProjectionError::Database(sqlx::Error::Database(_))
-    )
+    match error {
+        ProjectionError::Apply { .. } => true,
+        ProjectionError::Database(error @ sqlx::Error::Database(_)) => !is_outage(error),
+        _ => false,
+    }
+}
+
+/// Whether a database error says "not now" rather than "not this": a lost or refused
+/// connection, a timeout, a deadlock, a serialization failure, a lock not granted, a
+/// server shutting down or out of resources; on SQLite a busy or locked file, an I/O
+/// error, a full disk. An outage is retried with backoff; it never parks an event.
+pub fn is_outage(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(refusal) => is_outage_code(refusal.as_ref()),
+        other => annals_store::is_unavailable(other),
+    }
+}
+
+fn is_outage_code(error: &dyn sqlx::error::DatabaseError) -> bool {
+    let Some(code) = error.code() else {
+        return false;
+    };
+    if error
+        .try_downcast_ref::<sqlx::sqlite::SqliteError>()
+        .is_some()
+    {
+        // Extended result codes keep the primary code in their low byte.
+        return code
+            .parse::<i64>()
+            .is_ok_and(|code| matches!(code & 0xff, 5 | 6 | 10 | 13));
+    }
+    // PostgreSQL's SQLSTATE: 08 connection exception, 40001 serialization failure,
+    // 40P01 deadlock, 40003 completion unknown, 53 insufficient resources, 55P03 lock
+    // not available (lock_timeout), 57 operator intervention (57014: statement_timeout
+    // or a cancel; 57P01-3: shutdown, crash), 58 system error, 25P03 idle in
+    // transaction session timeout.
+    ["08", "53", "57", "58"]
+        .iter()
+        .any(|class| code.starts_with(class))
+        || ["40001", "40P01", "40003", "55P03", "25P03"].contains(&code.as_ref())
 }
 
 const REBUILD_BATCH: usize = 5_000;
@@ -302,6 +395,11 @@ const CLAIM_STALE: Duration = Duration::from_secs(30);
 
 fn now_micros() -> i64 {
     chrono::Utc::now().timestamp_micros()
+}
+
+/// Now, as dead letters record it: RFC 3339 UTC with microseconds.
+fn now_text() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
 fn stale_before() -> i64 {
@@ -465,6 +563,7 @@ impl ProjectionRunner {
             }
             Err(StepError::Event {
                 position,
+                event_id,
                 event_type,
                 error,
             }) if is_poison(&error) => {
@@ -482,7 +581,14 @@ impl ProjectionRunner {
                 if attempts < self.max_attempts {
                     return Err(error);
                 }
-                self.park(position, &event_type, &reason, attempts).await?;
+                self.park(
+                    position,
+                    event_id.as_deref(),
+                    &event_type,
+                    &reason,
+                    attempts,
+                )
+                .await?;
                 *lock(&self.failing) = None;
                 tracing::error!(projection = self.name(), position, %reason, "event parked");
                 match self.policy {
@@ -506,17 +612,21 @@ impl ProjectionRunner {
         }
     }
 
+    // ---- Parked events (dead letters) and the operator's retry and skip. ----
+
     async fn park(
         &self,
         position: u64,
+        event_id: Option<&str>,
         event_type: &str,
         error: &str,
         attempts: u32,
     ) -> Result<(), ProjectionError> {
         let mut tx = self.db.begin(0).await?;
         tx.execute(
-            "INSERT INTO projection_dead_letters (name, position, event_type, error, attempts) \
-             VALUES ($1, $2, $3, $4, $5) \
+            "INSERT INTO projection_dead_letters \
+                    (name, position, event_type, error, attempts, event_id, parked_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) \
              ON CONFLICT (name, position) DO UPDATE \
                 SET error = excluded.error, attempts = excluded.attempts",
             &[
@@ -525,92 +635,373 @@ impl ProjectionRunner {
                 event_type.into(),
                 error.into(),
                 i64::from(attempts).into(),
+                event_id.map(str::to_owned).into(),
+                now_text().into(),
             ],
         )
         .await?;
         tx.commit().await
     }
 
-    /// The events this projection parked, oldest first.
+    /// The events this projection parked and nobody skipped, oldest first.
     pub async fn parked(&self) -> Result<Vec<ParkedEvent>, ProjectionError> {
-        let mut tx = self.db.begin_read(0).await?;
-        let rows = tx
+        self.parked_after(0, usize::MAX).await
+    }
+
+    /// A page of `parked`: at most `limit` parked events after position `after`.
+    pub async fn parked_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<ParkedEvent>, ProjectionError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.dead_letters(
+            "skipped_at IS NULL AND position > $2 ORDER BY position LIMIT $3",
+            &[sql_int(after).into(), limit.into()],
+        )
+        .await
+    }
+
+    /// The dead letter at `position`, parked or skipped.
+    pub async fn dead_letter(&self, position: u64) -> Result<Option<ParkedEvent>, ProjectionError> {
+        let mut found = self
+            .dead_letters("position = $2", &[sql_int(position).into()])
+            .await?;
+        Ok(found.pop())
+    }
+
+    async fn dead_letters(
+        &self,
+        condition: &str,
+        params: &[Param],
+    ) -> Result<Vec<ParkedEvent>, ProjectionError> {
+        let mut all = vec![Param::from(self.name())];
+        all.extend_from_slice(params);
+        let rows = self
+            .db
             .fetch_text_rows(
-                "SELECT CAST(position AS TEXT), event_type, error, CAST(attempts AS TEXT) \
-                   FROM projection_dead_letters WHERE name = $1 ORDER BY position",
-                &[self.name().into()],
+                &format!(
+                    "SELECT CAST(position AS TEXT), event_type, error, CAST(attempts AS TEXT), \
+                            event_id, parked_at, skipped_by, skipped_at \
+                       FROM projection_dead_letters WHERE name = $1 AND {condition}"
+                ),
+                &all,
             )
             .await?;
-        tx.commit().await?;
         Ok(rows
             .into_iter()
             .map(|row| {
-                let text = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+                let column = |i: usize| row.get(i).cloned().flatten();
+                let text = |i: usize| column(i).unwrap_or_default();
                 ParkedEvent {
                     position: text(0).parse().unwrap_or(0),
                     event_type: text(1),
                     error: text(2),
                     attempts: text(3).parse().unwrap_or(0),
+                    event_id: column(4),
+                    parked_at: column(5),
+                    skipped_by: column(6),
+                    skipped_at: column(7),
                 }
             })
             .collect())
     }
 
-    /// An operator's retry of the parked events. A halted projection forgets them and
-    /// tries again from its checkpoint; a skipping one applies each now, out of order,
-    /// and keeps those that still fail. Returns how many are still parked.
-    pub async fn retry_parked(&self) -> Result<usize, ProjectionError> {
-        let name = self.name();
-        if self.policy == FailurePolicy::Halt {
-            let mut tx = self.db.begin(0).await?;
-            tx.execute(
-                "DELETE FROM projection_dead_letters WHERE name = $1",
-                &[name.into()],
+    /// The positions a batch leaves out: skipped events always; parked ones too when the
+    /// projection goes on without them (a halted one stops before its parked event).
+    async fn left_out(&self) -> Result<Vec<u64>, ProjectionError> {
+        let condition = match self.policy {
+            FailurePolicy::Skip => "",
+            FailurePolicy::Halt => " AND skipped_at IS NOT NULL",
+        };
+        let rows = self
+            .db
+            .fetch_text_rows(
+                &format!(
+                    "SELECT CAST(position AS TEXT) FROM projection_dead_letters \
+                      WHERE name = $1{condition}"
+                ),
+                &[self.name().into()],
             )
             .await?;
-            tx.commit().await?;
-            *lock(&self.failing) = None;
-            return Ok(0);
-        }
-        let live = self.live_generation().await?;
+        Ok(rows
+            .iter()
+            .filter_map(|row| row.first().cloned().flatten()?.parse().ok())
+            .collect())
+    }
+
+    /// An operator's retry of every parked event, oldest first (see `retry_parked_event`).
+    /// Returns how many are still parked.
+    pub async fn retry_parked(&self) -> Result<usize, ProjectionError> {
         let mut still = 0;
         for parked in self.parked().await? {
-            let page = self
-                .store
-                .read_all(parked.position, 1, &LogFilter::all())
-                .await?;
-            let Some(event) = page
-                .events
-                .into_iter()
-                .find(|e| e.position == parked.position)
-            else {
-                continue;
-            };
-            let mut tx = self.db.begin(live).await?;
-            match self
-                .projector
-                .apply(&mut tx, std::slice::from_ref(&event))
-                .await
-            {
-                Ok(()) => {
-                    tx.execute(
-                        "DELETE FROM projection_dead_letters WHERE name = $1 AND position = $2",
-                        &[name.into(), sql_int(parked.position).into()],
-                    )
-                    .await?;
-                    tx.commit().await?;
-                }
-                Err(failure) => {
-                    drop(tx);
-                    still += 1;
-                    let attempts = u32::try_from(parked.attempts + 1).unwrap_or(u32::MAX);
-                    let error = failure.error.to_string();
-                    self.park(parked.position, &parked.event_type, &error, attempts)
-                        .await?;
-                }
+            match self.retry_parked_event(parked.position).await {
+                Ok(()) | Err(ProjectionError::NotParked { .. }) => {}
+                Err(ProjectionError::StillFailing { .. }) => still += 1,
+                Err(error) => return Err(error),
             }
         }
         Ok(still)
+    }
+
+    /// An operator's retry of the parked event at `position`: applied now, in one
+    /// transaction that holds the live checkpoint (a live batch running meanwhile either
+    /// sees the retry or rolls back) and re-reads the dead letter (`NotParked` when a
+    /// concurrent retry or skip took it: an event is never applied twice), in log order:
+    /// ahead of the checkpoint (a halted projection), the events up to it are applied and
+    /// the checkpoint moves to it; behind it (a skipping one), the rows it touches are
+    /// re-folded from the log. When it fails again it stays parked with the new error
+    /// (`StillFailing`); an outage is returned as it is, and counts no attempt.
+    pub async fn retry_parked_event(&self, position: u64) -> Result<(), ProjectionError> {
+        let name = self.name();
+        let not_parked = || ProjectionError::NotParked {
+            consumer: name.to_owned(),
+            position,
+        };
+        let event = self
+            .store
+            .read_all(position, 1, &LogFilter::all())
+            .await?
+            .events
+            .into_iter()
+            .find(|e| e.position == position)
+            .ok_or_else(not_parked)?;
+        let (mut tx, live, checkpoint) = self.hold_live_checkpoint().await?;
+        let held = tx
+            .execute(
+                "UPDATE projection_dead_letters SET attempts = attempts \
+                  WHERE name = $1 AND position = $2 AND skipped_at IS NULL",
+                &[name.into(), sql_int(position).into()],
+            )
+            .await?;
+        if held != 1 {
+            return Err(not_parked());
+        }
+        let others: Vec<u64> = tx
+            .fetch_text_rows(
+                "SELECT CAST(position AS TEXT) FROM projection_dead_letters \
+                  WHERE name = $1 AND position <> $2",
+                &[name.into(), sql_int(position).into()],
+            )
+            .await?
+            .iter()
+            .filter_map(|row| row.first().cloned().flatten()?.parse().ok())
+            .collect();
+        let applied = if position > checkpoint {
+            self.apply_through(&mut tx, checkpoint, position, &others)
+                .await
+        } else {
+            self.refold_at(&mut tx, &event, checkpoint, &others).await
+        };
+        match applied {
+            Ok(()) => {
+                tx.execute(
+                    "DELETE FROM projection_dead_letters WHERE name = $1 AND position = $2",
+                    &[name.into(), sql_int(position).into()],
+                )
+                .await?;
+                tx.commit().await?;
+                *lock(&self.failing) = None;
+                *lock(&self.last_error) = None;
+                if position > checkpoint {
+                    self.applied.send_if_modified(|a| bump(a, position));
+                }
+                tracing::info!(projection = name, position, live, "parked event retried");
+                Ok(())
+            }
+            Err(failure) if is_poison(&failure.error) => {
+                drop(tx);
+                let reason = failure.error.to_string();
+                let mut tx = self.db.begin(0).await?;
+                tx.execute(
+                    "UPDATE projection_dead_letters SET error = $3, attempts = attempts + 1 \
+                      WHERE name = $1 AND position = $2 AND skipped_at IS NULL",
+                    &[name.into(), sql_int(position).into(), reason.clone().into()],
+                )
+                .await?;
+                tx.commit().await?;
+                Err(ProjectionError::StillFailing { position, reason })
+            }
+            Err(failure) => Err(failure.error),
+        }
+    }
+
+    /// An operator's skip of the parked event at `position`: left unapplied for good,
+    /// recorded with `actor` and the time. A halted projection goes on after it.
+    pub async fn skip_parked_event(
+        &self,
+        position: u64,
+        actor: &str,
+    ) -> Result<ParkedEvent, ProjectionError> {
+        let name = self.name();
+        let mut tx = self.db.begin(0).await?;
+        let skipped = tx
+            .execute(
+                "UPDATE projection_dead_letters SET skipped_by = $3, skipped_at = $4 \
+                  WHERE name = $1 AND position = $2 AND skipped_at IS NULL",
+                &[
+                    name.into(),
+                    sql_int(position).into(),
+                    actor.into(),
+                    now_text().into(),
+                ],
+            )
+            .await?;
+        if skipped != 1 {
+            return Err(ProjectionError::NotParked {
+                consumer: name.to_owned(),
+                position,
+            });
+        }
+        tx.commit().await?;
+        *lock(&self.failing) = None;
+        *lock(&self.last_error) = None;
+        tracing::warn!(projection = name, position, actor, "parked event skipped");
+        self.dead_letter(position)
+            .await?
+            .ok_or_else(|| ProjectionError::Corrupt(format!("dead letter {position} vanished")))
+    }
+
+    /// A write transaction on the live generation holding its checkpoint row, as a batch
+    /// holds it: the generation, and the checkpoint. Retried when a swap changes the live
+    /// generation between reading it and taking the row.
+    async fn hold_live_checkpoint(&self) -> Result<(ReadTx, i64, u64), ProjectionError> {
+        let name = self.name();
+        for _ in 0..3 {
+            let live = self.live_generation().await?;
+            let mut tx = self.db.begin(live).await?;
+            // The projections row first, then the checkpoint row: the order a batch and a
+            // swap take them in, so none of them waits on another in a cycle.
+            let still_live = tx
+                .fetch_int(
+                    &format!(
+                        "SELECT live_generation FROM projections WHERE name = $1{}",
+                        tx.share_lock()
+                    ),
+                    &[name.into()],
+                )
+                .await?;
+            if still_live == Some(live) {
+                let checkpoint = lock_checkpoint(&mut tx, name, live).await?;
+                return Ok((tx, live, checkpoint));
+            }
+        }
+        Err(ProjectionError::Busy(name.to_owned()))
+    }
+
+    /// Applies the events after `checkpoint` up to `through` (in log order, leaving out
+    /// `left_out`) and moves the checkpoint to `through`, in `tx`, which holds the
+    /// checkpoint row.
+    async fn apply_through(
+        &self,
+        tx: &mut ReadTx,
+        checkpoint: u64,
+        through: u64,
+        left_out: &[u64],
+    ) -> Result<(), Failure> {
+        let filter = self.projector.filter();
+        let mut next = checkpoint + 1;
+        let mut events = Vec::new();
+        while next <= through {
+            let wanted = usize::try_from(through - next + 1).unwrap_or(usize::MAX);
+            let page = self
+                .store
+                .read_all(next, wanted.min(REBUILD_BATCH), &filter)
+                .await
+                .map_err(|e| Failure::unplaced(e.into()))?;
+            events.extend(
+                page.events
+                    .into_iter()
+                    .filter(|e| e.position <= through && !left_out.contains(&e.position)),
+            );
+            if page.next_position <= next {
+                break;
+            }
+            next = page.next_position;
+        }
+        self.projector.apply(tx, &events).await?;
+        let name = self.name();
+        let generation = tx.generation();
+        let moved = if checkpoint == 0 {
+            tx.execute(
+                "INSERT INTO projection_checkpoints (name, generation, position) \
+                 VALUES ($1, $2, $3) ON CONFLICT (name, generation) DO NOTHING",
+                &[name.into(), generation.into(), sql_int(through).into()],
+            )
+            .await
+        } else {
+            tx.execute(
+                "UPDATE projection_checkpoints SET position = $3 \
+                  WHERE name = $1 AND generation = $2 AND position = $4",
+                &[
+                    name.into(),
+                    generation.into(),
+                    sql_int(through).into(),
+                    sql_int(checkpoint).into(),
+                ],
+            )
+            .await
+        }
+        .map_err(Failure::unplaced)?;
+        if moved != 1 {
+            return Err(Failure::unplaced(ProjectionError::CheckpointMoved(
+                name.to_owned(),
+            )));
+        }
+        Ok(())
+    }
+
+    /// Re-folds the rows `event` touches from the log up to `checkpoint` (leaving out
+    /// `left_out`, including `event`), in `tx`, which holds the checkpoint row.
+    async fn refold_at(
+        &self,
+        tx: &mut ReadTx,
+        event: &RecordedEvent,
+        checkpoint: u64,
+        left_out: &[u64],
+    ) -> Result<(), Failure> {
+        let filter = self.projector.filter();
+        let unplaced = |e: StoreError| Failure::unplaced(e.into());
+        let mut history = Vec::new();
+        if self.projector.rows_follow_streams() {
+            let stream = annals_store::StreamName::parse(event.stream.clone()).map_err(unplaced)?;
+            let mut from = 1;
+            loop {
+                let page = self
+                    .store
+                    .read_stream(
+                        &stream,
+                        from,
+                        annals_store::Direction::Forwards,
+                        REBUILD_BATCH,
+                    )
+                    .await
+                    .map_err(unplaced)?;
+                let Some(last) = page.last() else { break };
+                from = last.version + 1;
+                let done = page.len() < REBUILD_BATCH || last.position > checkpoint;
+                history.extend(page.into_iter().filter(|e| filter.matches(e)));
+                if done {
+                    break;
+                }
+            }
+        } else {
+            let mut next = 1;
+            while next <= checkpoint {
+                let page = self
+                    .store
+                    .read_all(next, REBUILD_BATCH, &filter)
+                    .await
+                    .map_err(unplaced)?;
+                history.extend(page.events);
+                if page.next_position <= next {
+                    break;
+                }
+                next = page.next_position;
+            }
+        }
+        history.retain(|e| e.position <= checkpoint && !left_out.contains(&e.position));
+        self.projector.refold(tx, event, &history).await
     }
 
     /// Applies the next batch to `generation`, stopping at `limit` when given; returns
@@ -638,13 +1029,10 @@ impl ProjectionRunner {
         if next == checkpoint {
             return Ok((Outcome::CaughtUp, checkpoint));
         }
-        let skipped: Vec<u64> = match self.policy {
-            FailurePolicy::Skip => self.parked().await?.iter().map(|p| p.position).collect(),
-            FailurePolicy::Halt => Vec::new(),
-        };
+        let left_out = self.left_out().await?;
         let events: Vec<RecordedEvent> = events
             .into_iter()
-            .filter(|e| !skipped.contains(&e.position))
+            .filter(|e| !left_out.contains(&e.position))
             .collect();
         let name = self.name();
         let mut tx = self.db.begin(generation).await?;
@@ -665,6 +1053,11 @@ impl ProjectionRunner {
             .await?;
         if current.is_none() {
             return Err(StepError::Superseded(name));
+        }
+        // The checkpoint row is held before any row is read, as an operator's retry holds
+        // it: a retry that committed meanwhile is seen, one that comes later waits.
+        if lock_checkpoint(&mut tx, name, generation).await? != checkpoint {
+            return Err(ProjectionError::CheckpointMoved(name.to_owned()).into());
         }
         if let Err(failure) = self.projector.apply(&mut tx, &events).await {
             drop(tx);
@@ -714,9 +1107,16 @@ impl ProjectionRunner {
                 .find(|e| e.position == position)
                 .map_or_else(String::new, |e| e.event_type.clone())
         };
+        let event_id = |position: u64| {
+            events
+                .iter()
+                .find(|e| e.position == position)
+                .map(|e| e.event_id.to_string())
+        };
         if let Some(position) = failure.position {
             return StepError::Event {
                 event_type: event_type(position),
+                event_id: event_id(position),
                 position,
                 error: failure.error,
             };
@@ -736,6 +1136,7 @@ impl ProjectionRunner {
             {
                 return StepError::Event {
                     position: event.position,
+                    event_id: Some(event.event_id.to_string()),
                     event_type: event.event_type.clone(),
                     error: single.error,
                 };

@@ -17,6 +17,9 @@ pub trait RowModel: Send + Sync + Debug + 'static {
 
     const NAME: &'static str;
     const TABLE: Table;
+    /// Whether every row folds from the events of one stream only (its key is the
+    /// stream's aggregate id): a re-fold then reads that stream, not the whole log.
+    const ROWS_FOLLOW_STREAMS: bool = false;
 
     fn filter(&self) -> annals_store::LogFilter;
 
@@ -96,6 +99,45 @@ impl<M: RowModel> Projector for M {
         store(model, tx, &changed, &gone)
             .await
             .map_err(Failure::unplaced)
+    }
+
+    fn rows_follow_streams(&self) -> bool {
+        M::ROWS_FOLLOW_STREAMS
+    }
+
+    /// The row `event` touches, folded again from nothing over the events of `history`
+    /// that touch it, and written back (or deleted) when it differs from the stored one.
+    async fn refold(
+        &self,
+        tx: &mut ReadTx,
+        event: &RecordedEvent,
+        history: &[RecordedEvent],
+    ) -> Result<(), Failure> {
+        let at = |event: &RecordedEvent| {
+            let position = event.position;
+            move |error: ProjectionError| Failure {
+                position: Some(position),
+                error,
+            }
+        };
+        let Some(key) = self.key(event).map_err(at(event))? else {
+            return Ok(());
+        };
+        let mut row = None;
+        for earlier in history {
+            if self.key(earlier).map_err(at(earlier))?.as_deref() == Some(key.as_str()) {
+                row = self.fold(row, earlier).map_err(at(earlier))?;
+            }
+        }
+        let before = load(self, tx, &[key.as_str()])
+            .await
+            .map_err(Failure::unplaced)?;
+        let written = match &row {
+            Some(row) if before.get(&key) != Some(row) => store(self, tx, &[row], &[]).await,
+            None if before.contains_key(&key) => store(self, tx, &[], &[key.as_str()]).await,
+            _ => Ok(()),
+        };
+        written.map_err(Failure::unplaced)
     }
 }
 

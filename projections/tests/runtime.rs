@@ -26,6 +26,9 @@ use database::{Backend, Fixture, run};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
+#[path = "runtime/parked.rs"]
+mod parked;
+
 on_both_backends!(
     the_funnel_pipeline_and_account_view_follow_a_revenue_history,
     a_poisoned_event_is_parked_and_halts_its_projection,
@@ -245,6 +248,19 @@ impl Projector for Failing {
             }
         }
         LeadBoard.apply(tx, events).await
+    }
+
+    fn rows_follow_streams(&self) -> bool {
+        LeadBoard.rows_follow_streams()
+    }
+
+    async fn refold(
+        &self,
+        tx: &mut ReadTx,
+        event: &RecordedEvent,
+        history: &[RecordedEvent],
+    ) -> Result<(), Failure> {
+        LeadBoard.refold(tx, event, history).await
     }
 }
 
@@ -608,14 +624,33 @@ async fn a_poisoned_event_is_parked_and_halts_its_projection(db: Arc<Fixture>) {
     leads.execute(id, capture(id, 7), &context()).await.unwrap();
     assert_eq!(db.text_rows(BOARD).await.len(), 3);
 
-    // An operator's retry: the event is still poisoned, so it is parked again.
-    assert_eq!(board.retry_parked().await.unwrap(), 0);
-    assert!(board.parked().await.unwrap().is_empty());
-    for _ in 0..2 {
-        assert!(board.run_once().await.is_err());
-    }
+    // An operator's retry: the event is still poisoned, so it stays parked, with the
+    // new error, and the projection stays halted.
+    assert!(matches!(
+        board.retry_parked_event(poison).await,
+        Err(ProjectionError::StillFailing { position, .. }) if position == poison
+    ));
+    let parked = board.parked().await.unwrap();
+    assert_eq!((parked.len(), parked[0].attempts), (1, 4));
     assert_eq!(board.run_once().await.unwrap(), Outcome::Halted);
-    assert_eq!(board.parked().await.unwrap().len(), 1);
+    assert_eq!(board.checkpoint().await.unwrap(), poison - 1);
+
+    // Skipped, it is no longer parked (its record stays) and the projection goes on.
+    let skipped = board.skip_parked_event(poison, "ops").await.unwrap();
+    assert_eq!(skipped.skipped_by.as_deref(), Some("ops"));
+    assert!(skipped.skipped_at.is_some() && skipped.parked_at.is_some());
+    assert!(board.parked().await.unwrap().is_empty());
+    assert!(matches!(
+        board.skip_parked_event(poison, "ops").await,
+        Err(ProjectionError::NotParked { .. })
+    ));
+    board.catch_up().await.unwrap();
+    assert_eq!(board.status().await.unwrap().status, "running");
+    assert_eq!(
+        board.checkpoint().await.unwrap(),
+        db.store().head().await.unwrap()
+    );
+    assert_eq!(db.text_rows(BOARD).await.len(), 7, "every readable lead");
 }
 
 async fn a_skipping_projection_parks_a_failing_event_goes_on_and_retries_it(db: Arc<Fixture>) {

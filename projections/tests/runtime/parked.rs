@@ -1,0 +1,351 @@
+//! Parked events and the operator's retry, raced against the live runner and against each
+//! other with the interleaving forced (a projector paused inside its transaction), and
+//! outages that must be retried rather than parked.
+
+use std::sync::atomic::AtomicBool;
+
+use tokio::sync::Notify;
+
+use super::*;
+
+on_both_backends!(
+    a_retry_racing_a_live_batch_loses_no_event,
+    two_retries_of_one_parked_event_apply_it_once,
+    a_skip_policy_retry_refolds_the_rows_it_touches_like_a_rebuild,
+    an_outage_is_retried_and_never_parked,
+);
+
+/// The lead board, paused once inside its transaction: it says when it got there
+/// (`reached`) and waits for `release`, before or after writing its rows.
+struct Paused {
+    after_writing: bool,
+    armed: AtomicBool,
+    reached: Arc<Notify>,
+    release: Arc<Notify>,
+}
+
+impl std::fmt::Debug for Paused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Paused")
+    }
+}
+
+impl Paused {
+    fn new(after_writing: bool) -> Arc<Self> {
+        Arc::new(Paused {
+            after_writing,
+            armed: AtomicBool::new(true),
+            reached: Arc::new(Notify::new()),
+            release: Arc::new(Notify::new()),
+        })
+    }
+
+    async fn pause(&self) {
+        if self.armed.swap(false, Ordering::SeqCst) {
+            self.reached.notify_one();
+            self.release.notified().await;
+        }
+    }
+}
+
+#[async_trait]
+impl Projector for Paused {
+    fn name(&self) -> &'static str {
+        "lead_board"
+    }
+
+    fn filter(&self) -> LogFilter {
+        LeadBoard.filter()
+    }
+
+    fn tables(&self) -> &'static [annals_projections::Table] {
+        LeadBoard.tables()
+    }
+
+    async fn apply(&self, tx: &mut ReadTx, events: &[RecordedEvent]) -> Result<(), Failure> {
+        if !self.after_writing {
+            self.pause().await;
+        }
+        LeadBoard.apply(tx, events).await?;
+        if self.after_writing {
+            self.pause().await;
+        }
+        Ok(())
+    }
+
+    fn rows_follow_streams(&self) -> bool {
+        LeadBoard.rows_follow_streams()
+    }
+
+    async fn refold(
+        &self,
+        tx: &mut ReadTx,
+        event: &RecordedEvent,
+        history: &[RecordedEvent],
+    ) -> Result<(), Failure> {
+        if !self.after_writing {
+            self.pause().await;
+        }
+        LeadBoard.refold(tx, event, history).await?;
+        if self.after_writing {
+            self.pause().await;
+        }
+        Ok(())
+    }
+}
+
+/// Waits until `task` has finished or is blocked on a lock another transaction holds.
+/// On PostgreSQL that is seen in `pg_locks`; on SQLite every writer of the process waits
+/// its turn behind the store's write gate, so there is nothing to observe: a short grace
+/// lets the task run until it waits there (the assertions hold whichever happened).
+async fn finished_or_blocked<T>(db: &Fixture, task: &tokio::task::JoinHandle<T>) {
+    match db.backend() {
+        Backend::Sqlite => tokio::time::sleep(Duration::from_millis(300)).await,
+        Backend::Postgres => {
+            let until = tokio::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let waiting = db
+                    .text_rows(
+                        "SELECT CAST(COUNT(*) AS TEXT) FROM pg_locks l \
+                           JOIN pg_stat_activity a ON a.pid = l.pid \
+                          WHERE NOT l.granted AND a.datname = current_database()",
+                    )
+                    .await;
+                if task.is_finished() || waiting[0][0].as_deref() != Some("0") {
+                    return;
+                }
+                assert!(
+                    tokio::time::Instant::now() < until,
+                    "the task neither finished nor waited on a lock"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+fn skipping(db: &Fixture, projector: Arc<dyn Projector>) -> ProjectionRunner {
+    runner(db, projector).with_failure_policy(FailurePolicy::Skip, 1)
+}
+
+/// One lead, captured, with a signal the board parked (skip policy), and the board
+/// caught up after it. Returns the lead and the parked signal's position.
+async fn a_lead_with_a_parked_signal(db: &Fixture) -> (Uuid, u64) {
+    let leads = CommandHandler::<Lead>::new(db.store(), HandlerConfig::default());
+    let id = Uuid::now_v7();
+    leads.execute(id, capture(id, 1), &context()).await.unwrap();
+    let signal = leads
+        .execute(id, signal(SignalKind::DemoRequest), &context())
+        .await
+        .unwrap();
+    let board = skipping(db, Arc::new(Failing::first_of_type("SignalRecorded", 1)));
+    board.catch_up().await.unwrap();
+    let parked = board.parked().await.unwrap();
+    assert_eq!(parked.len(), 1);
+    assert_eq!(parked[0].position, signal.position);
+    (id, signal.position)
+}
+
+/// The live board equals a rebuild from position 0 (which applies every event).
+async fn assert_board_equals_a_rebuild(db: &Fixture, what: &str) {
+    let rows = db.text_rows(BOARD).await;
+    rebuild_in_place(db).await;
+    assert_eq!(db.text_rows(BOARD).await, rows, "{what}");
+}
+
+async fn a_retry_racing_a_live_batch_loses_no_event(db: Arc<Fixture>) {
+    let (id, _) = a_lead_with_a_parked_signal(&db).await;
+    let leads = CommandHandler::<Lead>::new(db.store(), HandlerConfig::default());
+    leads
+        .execute(id, signal(SignalKind::PricingPageView), &context())
+        .await
+        .unwrap();
+    // The live runner applies the new signal and stops before its commit.
+    let paused = Paused::new(true);
+    let live = Arc::new(skipping(&db, paused.clone()));
+    let batch = tokio::spawn({
+        let live = live.clone();
+        async move { live.run_once().await }
+    });
+    paused.reached.notified().await;
+    // The operator retries the parked signal meanwhile.
+    let retrier = Arc::new(skipping(&db, Arc::new(LeadBoard)));
+    let retry = tokio::spawn({
+        let retrier = retrier.clone();
+        async move { retrier.retry_parked().await }
+    });
+    finished_or_blocked(&db, &retry).await;
+    paused.release.notify_one();
+    batch.await.unwrap().unwrap();
+    assert_eq!(retry.await.unwrap().unwrap(), 0, "the retry applied it");
+    retrier.catch_up().await.unwrap();
+    assert!(retrier.parked().await.unwrap().is_empty());
+    assert_board_equals_a_rebuild(&db, "both signals applied, once each").await;
+}
+
+async fn two_retries_of_one_parked_event_apply_it_once(db: Arc<Fixture>) {
+    a_lead_with_a_parked_signal(&db).await;
+    // The first retry stops inside its transaction, before it reads the row.
+    let paused = Paused::new(false);
+    let first = Arc::new(skipping(&db, paused.clone()));
+    let first_retry = tokio::spawn({
+        let first = first.clone();
+        async move { first.retry_parked().await }
+    });
+    paused.reached.notified().await;
+    let second = Arc::new(skipping(&db, Arc::new(LeadBoard)));
+    let second_retry = tokio::spawn({
+        let second = second.clone();
+        async move { second.retry_parked().await }
+    });
+    finished_or_blocked(&db, &second_retry).await;
+    paused.release.notify_one();
+    assert_eq!(first_retry.await.unwrap().unwrap(), 0);
+    assert_eq!(second_retry.await.unwrap().unwrap(), 0);
+    assert!(second.parked().await.unwrap().is_empty());
+    assert_board_equals_a_rebuild(&db, "the signal applied once").await;
+}
+
+async fn a_skip_policy_retry_refolds_the_rows_it_touches_like_a_rebuild(db: Arc<Fixture>) {
+    // An assignment parked, then a later event on the same lead: applying the old
+    // assignment on top of today's row would give a row no rebuild gives.
+    let leads = CommandHandler::<Lead>::new(db.store(), HandlerConfig::default());
+    let id = Uuid::now_v7();
+    leads.execute(id, capture(id, 1), &context()).await.unwrap();
+    leads
+        .execute(
+            id,
+            LeadCommand::Assign {
+                owner: Owner::parse("bob").unwrap(),
+            },
+            &context(),
+        )
+        .await
+        .unwrap();
+    leads
+        .execute(
+            id,
+            LeadCommand::Disqualify {
+                reason: Reason::parse("spam").unwrap(),
+            },
+            &context(),
+        )
+        .await
+        .unwrap();
+    let board = skipping(&db, Arc::new(Failing::first_of_type("LeadAssigned", 1)));
+    board.catch_up().await.unwrap();
+    assert_eq!(board.parked().await.unwrap().len(), 1);
+
+    let retrier = skipping(&db, Arc::new(LeadBoard));
+    assert_eq!(retrier.retry_parked().await.unwrap(), 0);
+    assert!(retrier.parked().await.unwrap().is_empty());
+    let report = retrier.verify().await.unwrap();
+    assert!(report.equal, "{:?}", report.differences);
+    assert_board_equals_a_rebuild(&db, "the retried row as a rebuild folds it").await;
+}
+
+/// A database error as PostgreSQL reports one, with its SQLSTATE.
+#[derive(Debug)]
+struct Sqlstate(&'static str);
+
+impl std::fmt::Display for Sqlstate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "injected database error {}", self.0)
+    }
+}
+
+impl std::error::Error for Sqlstate {}
+
+impl sqlx::error::DatabaseError for Sqlstate {
+    fn message(&self) -> &str {
+        "injected"
+    }
+
+    fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
+        Some(self.0.into())
+    }
+
+    fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        self
+    }
+
+    fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+        self
+    }
+
+    fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+        self
+    }
+
+    fn kind(&self) -> sqlx::error::ErrorKind {
+        sqlx::error::ErrorKind::Other
+    }
+}
+
+/// The lead board behind a database that fails its first `times` batches with an outage
+/// (a deadlock, a lock timeout, a serialization failure, a statement timeout).
+#[derive(Debug)]
+struct Outage {
+    left: AtomicUsize,
+}
+
+#[async_trait]
+impl Projector for Outage {
+    fn name(&self) -> &'static str {
+        "lead_board"
+    }
+
+    fn filter(&self) -> LogFilter {
+        LeadBoard.filter()
+    }
+
+    fn tables(&self) -> &'static [annals_projections::Table] {
+        LeadBoard.tables()
+    }
+
+    async fn apply(&self, tx: &mut ReadTx, events: &[RecordedEvent]) -> Result<(), Failure> {
+        const CODES: [&str; 4] = ["40P01", "55P03", "40001", "57014"];
+        if let Ok(left) = self
+            .left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        {
+            let code = CODES[left % CODES.len()];
+            return Err(Failure::unplaced(ProjectionError::Database(
+                sqlx::Error::Database(Box::new(Sqlstate(code))),
+            )));
+        }
+        LeadBoard.apply(tx, events).await
+    }
+}
+
+async fn an_outage_is_retried_and_never_parked(db: Arc<Fixture>) {
+    history(&db).await;
+    let board = runner(
+        &db,
+        Arc::new(Outage {
+            left: AtomicUsize::new(40),
+        }),
+    )
+    .with_failure_policy(FailurePolicy::Halt, 3);
+    for attempt in 0..8 {
+        let step = board.run_once().await;
+        assert!(
+            matches!(step, Err(ProjectionError::Database(_))),
+            "attempt {attempt}: {step:?}"
+        );
+        assert!(
+            board.parked().await.unwrap().is_empty(),
+            "attempt {attempt}"
+        );
+        assert_ne!(board.status().await.unwrap().status, "halted");
+    }
+    // The outage ends: the projection goes on where it was.
+    let steady = runner(&db, Arc::new(LeadBoard));
+    steady.catch_up().await.unwrap();
+    assert!(steady.parked().await.unwrap().is_empty());
+    assert_eq!(
+        steady.checkpoint().await.unwrap(),
+        db.store().head().await.unwrap()
+    );
+    assert_board_equals_a_rebuild(&db, "nothing lost to the outage").await;
+}
