@@ -1,14 +1,20 @@
-//! What analysts ask of the read models: the pipeline, the funnel and the account 360
-//! view, computed from the live generation of the boards. Pure functions of the log, as
-//! the boards are; nothing here writes.
+//! What analysts ask of the read models: the pipeline, the funnel, the account 360 view
+//! and the boards' lists, computed from the live generation of the boards. Pure
+//! functions of the log, as the boards are; nothing here writes.
+//!
+//! Every answer is read from one [`Snapshot`]: all its statements, and the checkpoints
+//! that say which position it reflects ([`Snapshot::position`]), see the read models as
+//! of one instant, so a batch committed while an answer is being read is either wholly
+//! in it or wholly out of it.
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
 
 use crate::deal_board::{DealBoard, DealRow};
 use crate::lead_board::{LeadBoard, LeadRow};
 use crate::rows::{RowModel, text_columns};
-use crate::{Param, ProjectionError, ReadDatabase};
+use crate::{Param, ProjectionError, ReadDatabase, ReadTx};
 
 /// The live generation of a projection, as a subquery.
 fn live(projection: &str) -> String {
@@ -17,8 +23,120 @@ fn live(projection: &str) -> String {
 
 type Rows = Vec<Vec<Option<String>>>;
 
-async fn rows(db: &ReadDatabase, sql: &str, params: &[Param]) -> Result<Rows, ProjectionError> {
-    db.fetch_text_rows(sql, params).await
+/// A test's hold on a snapshot between its statements: after each statement of an
+/// answer the snapshot sends the statement's number (from 1) on `reached` and waits for
+/// one message on `resume`, so a test can commit a batch in between.
+#[derive(Debug)]
+pub struct Pause {
+    pub reached: mpsc::UnboundedSender<usize>,
+    pub resume: mpsc::UnboundedReceiver<()>,
+}
+
+/// One read-only snapshot of the read models, for one answer: every statement it runs
+/// sees the database as of its start (see `ReadDatabase::begin_snapshot`), so an answer
+/// of several statements, and the checkpoint that says what it reflects, agree.
+#[derive(Debug)]
+pub struct Snapshot {
+    tx: ReadTx,
+    pause: Option<Pause>,
+    /// The plans of the statements run so far, when asked for (`explained`).
+    plans: Option<Vec<String>>,
+    statements: usize,
+}
+
+impl Snapshot {
+    /// Opens a snapshot: the read models as they are now.
+    pub async fn begin(db: &ReadDatabase) -> Result<Self, ProjectionError> {
+        Ok(Snapshot {
+            tx: db.begin_snapshot().await?,
+            pause: None,
+            plans: None,
+            statements: 0,
+        })
+    }
+
+    /// This snapshot, pausing after each statement (see [`Pause`]).
+    pub fn paused(mut self, pause: Pause) -> Self {
+        self.pause = Some(pause);
+        self
+    }
+
+    /// This snapshot, keeping the database's plan of each statement it runs
+    /// (see [`Snapshot::plans`]).
+    pub fn explained(mut self) -> Self {
+        self.plans = Some(Vec::new());
+        self
+    }
+
+    /// The plan of each statement run so far, in order, when `explained`.
+    pub fn plans(&self) -> &[String] {
+        self.plans.as_deref().unwrap_or_default()
+    }
+
+    /// Ends the snapshot (it changed nothing).
+    pub async fn finish(self) -> Result<(), ProjectionError> {
+        self.tx.commit().await
+    }
+
+    async fn rows(&mut self, sql: &str, params: &[Param]) -> Result<Rows, ProjectionError> {
+        if let Some(plans) = &mut self.plans {
+            plans.push(self.tx.explain(sql, params).await?);
+        }
+        let found = self.tx.fetch_text_rows(sql, params).await?;
+        self.statements += 1;
+        if let Some(pause) = &mut self.pause
+            && pause.reached.send(self.statements).is_ok()
+        {
+            pause.resume.recv().await;
+        }
+        Ok(found)
+    }
+
+    /// The position up to which the read models of this snapshot have applied the log:
+    /// the lowest checkpoint of the live generations of `projections` (0 for one that
+    /// has applied nothing).
+    pub async fn position(&mut self, projections: &[&str]) -> Result<u64, ProjectionError> {
+        if projections.is_empty() {
+            return Ok(0);
+        }
+        let names: Vec<Param> = projections.iter().map(|name| (*name).into()).collect();
+        let placeholders = (1..=names.len())
+            .map(|n| format!("${n}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let found = self
+            .rows(
+                &format!(
+                    "SELECT p.name, CAST(c.position AS TEXT) FROM projections p \
+                       JOIN projection_checkpoints c \
+                         ON c.name = p.name AND c.generation = p.live_generation \
+                      WHERE p.name IN ({placeholders})"
+                ),
+                &names,
+            )
+            .await?;
+        let lowest = projections
+            .iter()
+            .map(|name| {
+                found
+                    .iter()
+                    .find(|row| text(row, 0) == *name)
+                    .map_or(0, |row| number(row, 1))
+            })
+            .min()
+            .unwrap_or(0);
+        Ok(u64::try_from(lowest).unwrap_or(0))
+    }
+}
+
+/// Runs one answer in a snapshot of its own.
+macro_rules! in_snapshot {
+    ($db:expr, |$snapshot:ident| $answer:expr) => {{
+        let mut $snapshot = Snapshot::begin($db).await?;
+        let answer = $answer.await?;
+        $snapshot.finish().await?;
+        Ok(answer)
+    }};
 }
 
 fn text(row: &[Option<String>], i: usize) -> String {
@@ -61,23 +179,28 @@ const STAGE_ORDER: &str = "CASE stage WHEN 'prospecting' THEN 1 WHEN 'qualificat
 
 /// The pipeline, for every owner or one (`owner`).
 pub async fn pipeline(db: &ReadDatabase, owner: Option<&str>) -> Result<Pipeline, ProjectionError> {
-    let owner_param: Param = owner.unwrap_or("").into();
-    let filter = format!(
-        "generation = {} AND ($1 = '' OR owner = $1)",
-        live("deal_board")
-    );
-    let figures = |row: &Vec<Option<String>>, with_owner: bool| {
-        let offset = usize::from(with_owner);
-        StageFigure {
-            owner: if with_owner { row[0].clone() } else { None },
-            stage: text(row, offset),
-            currency: text(row, offset + 1),
-            count: number(row, offset + 2),
-            amount_minor: number(row, offset + 3),
-        }
-    };
-    let stages = rows(
-        db,
+    in_snapshot!(db, |snapshot| snapshot.pipeline(owner))
+}
+
+impl Snapshot {
+    /// The pipeline, for every owner or one (`owner`).
+    pub async fn pipeline(&mut self, owner: Option<&str>) -> Result<Pipeline, ProjectionError> {
+        let owner_param: Param = owner.unwrap_or("").into();
+        let filter = format!(
+            "generation = {} AND ($1 = '' OR owner = $1)",
+            live("deal_board")
+        );
+        let figures = |row: &Vec<Option<String>>, with_owner: bool| {
+            let offset = usize::from(with_owner);
+            StageFigure {
+                owner: if with_owner { row[0].clone() } else { None },
+                stage: text(row, offset),
+                currency: text(row, offset + 1),
+                count: number(row, offset + 2),
+                amount_minor: number(row, offset + 3),
+            }
+        };
+        let stages = self.rows(
         &format!(
             "SELECT stage, currency, CAST(COUNT(*) AS TEXT), CAST(SUM(amount_minor) AS TEXT) \
                FROM deal_board WHERE {filter} AND status = 'open' \
@@ -89,41 +212,42 @@ pub async fn pipeline(db: &ReadDatabase, owner: Option<&str>) -> Result<Pipeline
     .iter()
     .map(|row| figures(row, false))
     .collect();
-    let by_owner = rows(
-        db,
-        &format!(
-            "SELECT owner, stage, currency, CAST(COUNT(*) AS TEXT), \
+        let by_owner = self
+            .rows(
+                &format!(
+                    "SELECT owner, stage, currency, CAST(COUNT(*) AS TEXT), \
                     CAST(SUM(amount_minor) AS TEXT) \
                FROM deal_board WHERE {filter} AND status = 'open' \
               GROUP BY owner, stage, currency ORDER BY owner, MIN({STAGE_ORDER}), currency"
-        ),
-        std::slice::from_ref(&owner_param),
-    )
-    .await?
-    .iter()
-    .map(|row| figures(row, true))
-    .collect();
-    let closed = rows(
-        db,
-        &format!(
-            "SELECT CAST(SUM(CASE WHEN status = 'won' THEN 1 ELSE 0 END) AS TEXT), \
+                ),
+                std::slice::from_ref(&owner_param),
+            )
+            .await?
+            .iter()
+            .map(|row| figures(row, true))
+            .collect();
+        let closed = self
+            .rows(
+                &format!(
+                    "SELECT CAST(SUM(CASE WHEN status = 'won' THEN 1 ELSE 0 END) AS TEXT), \
                     CAST(SUM(CASE WHEN status = 'lost' THEN 1 ELSE 0 END) AS TEXT), \
                     CAST(SUM(closed_micros - opened_micros) AS TEXT) \
                FROM deal_board WHERE {filter} AND status <> 'open'"
-        ),
-        &[owner_param],
-    )
-    .await?;
-    let row = closed.first().cloned().unwrap_or_default();
-    let (won, lost, micros) = (number(&row, 0), number(&row, 1), number(&row, 2));
-    Ok(Pipeline {
-        stages,
-        by_owner,
-        won,
-        lost,
-        win_rate: ratio(won, won + lost),
-        average_days_to_close: ratio(micros, won + lost).map(|m| m / 86_400_000_000.0),
-    })
+                ),
+                &[owner_param],
+            )
+            .await?;
+        let row = closed.first().cloned().unwrap_or_default();
+        let (won, lost, micros) = (number(&row, 0), number(&row, 1), number(&row, 2));
+        Ok(Pipeline {
+            stages,
+            by_owner,
+            won,
+            lost,
+            win_rate: ratio(won, won + lost),
+            average_days_to_close: ratio(micros, won + lost).map(|m| m / 86_400_000_000.0),
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -153,14 +277,25 @@ pub async fn funnel(
     to: Option<&str>,
     source: Option<&str>,
 ) -> Result<Funnel, ProjectionError> {
-    // Read-model times are RFC 3339 UTC text with microseconds: they compare as text.
-    let from: Param = from.unwrap_or("").into();
-    let to: Param = to.unwrap_or("9999").into();
-    let source: Param = source.unwrap_or("").into();
-    let within =
-        |column: &str| format!("CASE WHEN {column} >= $1 AND {column} < $2 THEN 1 ELSE 0 END");
-    let sql = format!(
-        "SELECT l.source, \
+    in_snapshot!(db, |snapshot| snapshot.funnel(from, to, source))
+}
+
+impl Snapshot {
+    /// The funnel for a time window (see [`funnel`]).
+    pub async fn funnel(
+        &mut self,
+        from: Option<&str>,
+        to: Option<&str>,
+        source: Option<&str>,
+    ) -> Result<Funnel, ProjectionError> {
+        // Read-model times are RFC 3339 UTC text with microseconds: they compare as text.
+        let from: Param = from.unwrap_or("").into();
+        let to: Param = to.unwrap_or("9999").into();
+        let source: Param = source.unwrap_or("").into();
+        let within =
+            |column: &str| format!("CASE WHEN {column} >= $1 AND {column} < $2 THEN 1 ELSE 0 END");
+        let sql = format!(
+            "SELECT l.source, \
                 CAST(SUM({captured}) AS TEXT), CAST(SUM({qualified}) AS TEXT), \
                 CAST(SUM({converted}) AS TEXT), \
                 CAST(SUM(CASE WHEN d.status = 'won' THEN {won} ELSE 0 END) AS TEXT) \
@@ -169,43 +304,44 @@ pub async fn funnel(
              ON d.deal_id = l.converted_deal_id AND d.generation = {deal_generation} \
           WHERE l.generation = {lead_generation} AND ($3 = '' OR l.source = $3) \
           GROUP BY l.source ORDER BY l.source",
-        captured = within("l.captured_at"),
-        qualified = within("l.qualified_at"),
-        converted = within("l.converted_at"),
-        won = within("d.closed_at"),
-        deal_generation = live("deal_board"),
-        lead_generation = live("lead_board"),
-    );
-    let steps = |captured, qualified, converted, deal_won| FunnelSteps {
-        captured,
-        qualified,
-        converted,
-        deal_won,
-        qualification_rate: ratio(qualified, captured),
-        conversion_rate: ratio(converted, qualified),
-        win_rate: ratio(deal_won, converted),
-    };
-    let mut total = [0i64; 4];
-    let mut by_source = Vec::new();
-    for row in rows(db, &sql, &[from, to, source]).await? {
-        let counts = [
-            number(&row, 1),
-            number(&row, 2),
-            number(&row, 3),
-            number(&row, 4),
-        ];
-        for (sum, n) in total.iter_mut().zip(counts) {
-            *sum = sum.saturating_add(n);
+            captured = within("l.captured_at"),
+            qualified = within("l.qualified_at"),
+            converted = within("l.converted_at"),
+            won = within("d.closed_at"),
+            deal_generation = live("deal_board"),
+            lead_generation = live("lead_board"),
+        );
+        let steps = |captured, qualified, converted, deal_won| FunnelSteps {
+            captured,
+            qualified,
+            converted,
+            deal_won,
+            qualification_rate: ratio(qualified, captured),
+            conversion_rate: ratio(converted, qualified),
+            win_rate: ratio(deal_won, converted),
+        };
+        let mut total = [0i64; 4];
+        let mut by_source = Vec::new();
+        for row in self.rows(&sql, &[from, to, source]).await? {
+            let counts = [
+                number(&row, 1),
+                number(&row, 2),
+                number(&row, 3),
+                number(&row, 4),
+            ];
+            for (sum, n) in total.iter_mut().zip(counts) {
+                *sum = sum.saturating_add(n);
+            }
+            by_source.push((
+                text(&row, 0),
+                steps(counts[0], counts[1], counts[2], counts[3]),
+            ));
         }
-        by_source.push((
-            text(&row, 0),
-            steps(counts[0], counts[1], counts[2], counts[3]),
-        ));
+        Ok(Funnel {
+            overall: steps(total[0], total[1], total[2], total[3]),
+            by_source,
+        })
     }
-    Ok(Funnel {
-        overall: steps(total[0], total[1], total[2], total[3]),
-        by_source,
-    })
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -239,43 +375,51 @@ pub async fn account_360(
     db: &ReadDatabase,
     account_id: &str,
 ) -> Result<Option<AccountView>, ProjectionError> {
-    let id: Param = account_id.into();
-    let account = rows(
-        db,
-        &format!(
-            "SELECT account_id, name, domain, industry, CAST(employees AS TEXT), tier \
+    in_snapshot!(db, |snapshot| snapshot.account_360(account_id))
+}
+
+impl Snapshot {
+    /// One account with its deals, converted leads and won amounts; `None` when unknown.
+    pub async fn account_360(
+        &mut self,
+        account_id: &str,
+    ) -> Result<Option<AccountView>, ProjectionError> {
+        let id: Param = account_id.into();
+        let account = self
+            .rows(
+                &format!(
+                    "SELECT account_id, name, domain, industry, CAST(employees AS TEXT), tier \
                FROM account_360 WHERE generation = {} AND account_id = $1",
-            live("account_360")
-        ),
-        std::slice::from_ref(&id),
-    )
-    .await?;
-    let Some(row) = account.first() else {
-        return Ok(None);
-    };
-    let deals = rows(
-        db,
-        &format!(
-            "SELECT deal_id, name, stage, status, currency, CAST(amount_minor AS TEXT) \
+                    live("account_360")
+                ),
+                std::slice::from_ref(&id),
+            )
+            .await?;
+        let Some(row) = account.first() else {
+            return Ok(None);
+        };
+        let deals = self
+            .rows(
+                &format!(
+                    "SELECT deal_id, name, stage, status, currency, CAST(amount_minor AS TEXT) \
                FROM deal_board WHERE generation = {} AND account_id = $1 \
               ORDER BY opened_micros, deal_id",
-            live("deal_board")
-        ),
-        std::slice::from_ref(&id),
-    )
-    .await?
-    .iter()
-    .map(|d| AccountDeal {
-        deal_id: text(d, 0),
-        name: text(d, 1),
-        stage: text(d, 2),
-        status: text(d, 3),
-        currency: text(d, 4),
-        amount_minor: number(d, 5),
-    })
-    .collect::<Vec<_>>();
-    let converted_leads = rows(
-        db,
+                    live("deal_board")
+                ),
+                std::slice::from_ref(&id),
+            )
+            .await?
+            .iter()
+            .map(|d| AccountDeal {
+                deal_id: text(d, 0),
+                name: text(d, 1),
+                stage: text(d, 2),
+                status: text(d, 3),
+                currency: text(d, 4),
+                amount_minor: number(d, 5),
+            })
+            .collect::<Vec<_>>();
+        let converted_leads = self.rows(
         &format!(
             "SELECT lead_id FROM lead_board WHERE generation = {} AND converted_account_id = $1 \
               ORDER BY converted_at, lead_id",
@@ -287,25 +431,26 @@ pub async fn account_360(
     .iter()
     .map(|l| text(l, 0))
     .collect();
-    let mut won: Vec<(String, i64)> = Vec::new();
-    for deal in deals.iter().filter(|d| d.status == "won") {
-        match won.iter_mut().find(|(c, _)| *c == deal.currency) {
-            Some((_, sum)) => *sum = sum.saturating_add(deal.amount_minor),
-            None => won.push((deal.currency.clone(), deal.amount_minor)),
+        let mut won: Vec<(String, i64)> = Vec::new();
+        for deal in deals.iter().filter(|d| d.status == "won") {
+            match won.iter_mut().find(|(c, _)| *c == deal.currency) {
+                Some((_, sum)) => *sum = sum.saturating_add(deal.amount_minor),
+                None => won.push((deal.currency.clone(), deal.amount_minor)),
+            }
         }
+        won.sort();
+        Ok(Some(AccountView {
+            account_id: text(row, 0),
+            name: text(row, 1),
+            domain: row[2].clone(),
+            industry: row[3].clone(),
+            employees: row[4].as_deref().and_then(|e| e.parse().ok()),
+            tier: text(row, 5),
+            deals,
+            converted_leads,
+            won,
+        }))
     }
-    won.sort();
-    Ok(Some(AccountView {
-        account_id: text(row, 0),
-        name: text(row, 1),
-        domain: row[2].clone(),
-        industry: row[3].clone(),
-        employees: row[4].as_deref().and_then(|e| e.parse().ok()),
-        tier: text(row, 5),
-        deals,
-        converted_leads,
-        won,
-    }))
 }
 
 /// One page of a list: `next_cursor` is None on the last page; cursors are opaque strings.
@@ -375,7 +520,7 @@ impl Conditions {
 /// Runs a keyset-paged query (`conditions` already hold the filter and the cursor) for
 /// `limit` items and one more, which says whether there is a next page.
 async fn page<T>(
-    db: &ReadDatabase,
+    snapshot: &mut Snapshot,
     select: &str,
     mut conditions: Conditions,
     order: &str,
@@ -389,7 +534,7 @@ async fn page<T>(
         "{select}{} ORDER BY {order} LIMIT {fetch}",
         conditions.and()
     );
-    let found = rows(db, &sql, &conditions.params).await?;
+    let found = snapshot.rows(&sql, &conditions.params).await?;
     let more = found.len() > limit;
     let items = found
         .iter()
@@ -430,53 +575,70 @@ pub async fn leads(
     limit: usize,
     cursor: Option<&str>,
 ) -> Result<Page<LeadRow>, ProjectionError> {
-    let mut conditions = Conditions::default();
-    for (name, value) in [
-        ("status", &filter.status),
-        ("owner", &filter.owner),
-        ("source", &filter.source),
-    ] {
-        if let Some(value) = value {
-            let placeholder = conditions.bind(value.clone());
-            conditions.push(format!("{name} = {placeholder}"));
-        }
-    }
-    if let Some(min_score) = filter.min_score {
-        let placeholder = conditions.bind(min_score);
-        conditions.push(format!("score >= {placeholder}"));
-    }
-    if let Some(cursor) = cursor {
-        let (score, captured_at, lead_id): (i64, String, String) = decode_cursor(cursor)?;
-        let score = conditions.bind(score);
-        let captured_at = conditions.bind(cursor_text(captured_at)?);
-        let lead_id = conditions.bind(cursor_text(lead_id)?);
-        // After the last item in (score DESC, captured_at, lead_id) order; `score <= …`
-        // alone bounds the scan of the score index.
-        conditions.push(format!(
-            "score <= {score} AND (score < {score} OR (score = {score} AND \
-             (captured_at > {captured_at} OR (captured_at = {captured_at} AND lead_id > {lead_id}))))"
-        ));
-    }
-    page(
-        db,
-        &select_leads(),
-        conditions,
-        "score DESC, captured_at, lead_id",
-        limit,
-        lead_row,
-        |last| encode_cursor(&(last.score, &last.captured_at, &last.lead_id)),
-    )
-    .await
+    in_snapshot!(db, |snapshot| snapshot.leads(filter, limit, cursor))
 }
 
 /// One lead of the live lead board; `None` when unknown.
 pub async fn lead(db: &ReadDatabase, lead_id: &str) -> Result<Option<LeadRow>, ProjectionError> {
-    let sql = format!("{} AND lead_id = $1", select_leads());
-    rows(db, &sql, &[lead_id.into()])
-        .await?
-        .first()
-        .map(|row| lead_row(row))
-        .transpose()
+    in_snapshot!(db, |snapshot| snapshot.lead(lead_id))
+}
+
+impl Snapshot {
+    /// Leads matching the filter (see [`leads`]).
+    pub async fn leads(
+        &mut self,
+        filter: &LeadFilter,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<Page<LeadRow>, ProjectionError> {
+        let mut conditions = Conditions::default();
+        for (name, value) in [
+            ("status", &filter.status),
+            ("owner", &filter.owner),
+            ("source", &filter.source),
+        ] {
+            if let Some(value) = value {
+                let placeholder = conditions.bind(value.clone());
+                conditions.push(format!("{name} = {placeholder}"));
+            }
+        }
+        if let Some(min_score) = filter.min_score {
+            let placeholder = conditions.bind(min_score);
+            conditions.push(format!("score >= {placeholder}"));
+        }
+        if let Some(cursor) = cursor {
+            let (score, captured_at, lead_id): (i64, String, String) = decode_cursor(cursor)?;
+            let score = conditions.bind(score);
+            let captured_at = conditions.bind(cursor_text(captured_at)?);
+            let lead_id = conditions.bind(cursor_text(lead_id)?);
+            // After the last item in (score DESC, captured_at, lead_id) order; `score <= …`
+            // alone bounds the scan of the score index.
+            conditions.push(format!(
+            "score <= {score} AND (score < {score} OR (score = {score} AND \
+             (captured_at > {captured_at} OR (captured_at = {captured_at} AND lead_id > {lead_id}))))"
+        ));
+        }
+        page(
+            self,
+            &select_leads(),
+            conditions,
+            "score DESC, captured_at, lead_id",
+            limit,
+            lead_row,
+            |last| encode_cursor(&(last.score, &last.captured_at, &last.lead_id)),
+        )
+        .await
+    }
+
+    /// One lead of the live lead board; `None` when unknown.
+    pub async fn lead(&mut self, lead_id: &str) -> Result<Option<LeadRow>, ProjectionError> {
+        let sql = format!("{} AND lead_id = $1", select_leads());
+        self.rows(&sql, &[lead_id.into()])
+            .await?
+            .first()
+            .map(|row| lead_row(row))
+            .transpose()
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -506,51 +668,68 @@ pub async fn deals(
     limit: usize,
     cursor: Option<&str>,
 ) -> Result<Page<DealRow>, ProjectionError> {
-    let mut conditions = Conditions::default();
-    match filter.stage.as_deref() {
-        Some(status @ ("won" | "lost")) => {
-            let placeholder = conditions.bind(status);
-            conditions.push(format!("status = {placeholder}"));
-        }
-        Some(stage) => {
-            let placeholder = conditions.bind(stage);
-            conditions.push(format!("status = 'open' AND stage = {placeholder}"));
-        }
-        None => {}
-    }
-    for (name, value) in [("owner", &filter.owner), ("account_id", &filter.account_id)] {
-        if let Some(value) = value {
-            let placeholder = conditions.bind(value.clone());
-            conditions.push(format!("{name} = {placeholder}"));
-        }
-    }
-    if let Some(cursor) = cursor {
-        let (opened_micros, deal_id): (i64, String) = decode_cursor(cursor)?;
-        let opened_micros = conditions.bind(opened_micros);
-        let deal_id = conditions.bind(cursor_text(deal_id)?);
-        conditions.push(format!(
-            "opened_micros >= {opened_micros} AND (opened_micros > {opened_micros} OR \
-             (opened_micros = {opened_micros} AND deal_id > {deal_id}))"
-        ));
-    }
-    page(
-        db,
-        &select_deals(),
-        conditions,
-        "opened_micros, deal_id",
-        limit,
-        deal_row,
-        |last| encode_cursor(&(last.opened_micros, &last.deal_id)),
-    )
-    .await
+    in_snapshot!(db, |snapshot| snapshot.deals(filter, limit, cursor))
 }
 
 /// One deal of the live deal board; `None` when unknown.
 pub async fn deal(db: &ReadDatabase, deal_id: &str) -> Result<Option<DealRow>, ProjectionError> {
-    let sql = format!("{} AND deal_id = $1", select_deals());
-    rows(db, &sql, &[deal_id.into()])
-        .await?
-        .first()
-        .map(|row| deal_row(row))
-        .transpose()
+    in_snapshot!(db, |snapshot| snapshot.deal(deal_id))
+}
+
+impl Snapshot {
+    /// Deals matching the filter (see [`deals`]).
+    pub async fn deals(
+        &mut self,
+        filter: &DealFilter,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<Page<DealRow>, ProjectionError> {
+        let mut conditions = Conditions::default();
+        match filter.stage.as_deref() {
+            Some(status @ ("won" | "lost")) => {
+                let placeholder = conditions.bind(status);
+                conditions.push(format!("status = {placeholder}"));
+            }
+            Some(stage) => {
+                let placeholder = conditions.bind(stage);
+                conditions.push(format!("status = 'open' AND stage = {placeholder}"));
+            }
+            None => {}
+        }
+        for (name, value) in [("owner", &filter.owner), ("account_id", &filter.account_id)] {
+            if let Some(value) = value {
+                let placeholder = conditions.bind(value.clone());
+                conditions.push(format!("{name} = {placeholder}"));
+            }
+        }
+        if let Some(cursor) = cursor {
+            let (opened_micros, deal_id): (i64, String) = decode_cursor(cursor)?;
+            let opened_micros = conditions.bind(opened_micros);
+            let deal_id = conditions.bind(cursor_text(deal_id)?);
+            conditions.push(format!(
+                "opened_micros >= {opened_micros} AND (opened_micros > {opened_micros} OR \
+             (opened_micros = {opened_micros} AND deal_id > {deal_id}))"
+            ));
+        }
+        page(
+            self,
+            &select_deals(),
+            conditions,
+            "opened_micros, deal_id",
+            limit,
+            deal_row,
+            |last| encode_cursor(&(last.opened_micros, &last.deal_id)),
+        )
+        .await
+    }
+
+    /// One deal of the live deal board; `None` when unknown.
+    pub async fn deal(&mut self, deal_id: &str) -> Result<Option<DealRow>, ProjectionError> {
+        let sql = format!("{} AND deal_id = $1", select_deals());
+        self.rows(&sql, &[deal_id.into()])
+            .await?
+            .first()
+            .map(|row| deal_row(row))
+            .transpose()
+    }
 }

@@ -54,6 +54,35 @@ impl ReadDatabase {
         })
     }
 
+    /// A read-only transaction whose every statement sees the database as of its start:
+    /// one answer to a query, however many statements it takes. On PostgreSQL
+    /// `REPEATABLE READ READ ONLY`, said explicitly rather than left to the database's
+    /// default; on SQLite a read transaction, which in WAL mode keeps the snapshot its
+    /// first read takes, so that read is made here, before the caller's first statement.
+    pub async fn begin_snapshot(&self) -> Result<ReadTx, ProjectionError> {
+        // Any read of a table takes the snapshot, on both backends.
+        const FIRST_READ: &str = "SELECT COUNT(*) FROM projections";
+        let inner = match self {
+            ReadDatabase::Sqlite { pool, .. } => {
+                let mut tx = pool.begin_with("BEGIN DEFERRED").await?;
+                sqlx::query(FIRST_READ).fetch_one(&mut *tx).await?;
+                Inner::Sqlite(tx)
+            }
+            ReadDatabase::Postgres(pool) => {
+                let mut tx = pool
+                    .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                    .await?;
+                sqlx::query(FIRST_READ).fetch_one(&mut *tx).await?;
+                Inner::Postgres(tx)
+            }
+        };
+        Ok(ReadTx {
+            inner,
+            generation: 0,
+            _turn: None,
+        })
+    }
+
     /// A transaction that only reads (on SQLite it takes no write lock).
     pub async fn begin_read(&self, generation: i64) -> Result<ReadTx, ProjectionError> {
         let inner = match self {
@@ -284,6 +313,36 @@ impl ReadTx {
                 .collect::<Result<_, _>>()?,
         };
         Ok(rows)
+    }
+
+    /// How the database would run a statement: PostgreSQL's `EXPLAIN`, or SQLite's
+    /// `EXPLAIN QUERY PLAN` details, one line each.
+    pub async fn explain(
+        &mut self,
+        sql: &str,
+        params: &[Param],
+    ) -> Result<String, ProjectionError> {
+        let lines: Vec<String> = match &mut self.inner {
+            Inner::Sqlite(tx) => {
+                let explain = format!("EXPLAIN QUERY PLAN {sql}");
+                bound!(&explain, params, false)
+                    .fetch_all(&mut **tx)
+                    .await?
+                    .iter()
+                    .map(|row| row.try_get("detail"))
+                    .collect::<Result<_, _>>()?
+            }
+            Inner::Postgres(tx) => {
+                let explain = format!("EXPLAIN {sql}");
+                bound!(&explain, params, false)
+                    .fetch_all(&mut **tx)
+                    .await?
+                    .iter()
+                    .map(|row| row.try_get(0))
+                    .collect::<Result<_, _>>()?
+            }
+        };
+        Ok(lines.join("\n"))
     }
 
     pub async fn commit(self) -> Result<(), ProjectionError> {

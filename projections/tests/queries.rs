@@ -1,6 +1,7 @@
 //! The list and lookup queries over the live boards, on both backends: keyset pages that
 //! visit every row once in the board's order, filters, lookups, and cursors that are
-//! refused when they are not the server's.
+//! refused when they are not the server's; answers of several statements read one
+//! snapshot while a batch commits between their statements.
 
 // A test that cannot go on should stop loudly; `unwrap` says so shortest.
 #![allow(clippy::unwrap_used)]
@@ -15,13 +16,15 @@ use annals_commands::{CommandContext, CommandHandler, HandlerConfig};
 use annals_domain::deal::{Deal, DealCommand};
 use annals_domain::lead::{Lead, LeadCommand};
 use annals_domain::values::*;
+use annals_projections::account_360::Account360;
 use annals_projections::deal_board::DealBoard;
 use annals_projections::deal_board::DealRow;
 use annals_projections::lead_board::LeadBoard;
 use annals_projections::lead_board::LeadRow;
-use annals_projections::queries::{self, DealFilter, LeadFilter, Page};
+use annals_projections::queries::{self, DealFilter, LeadFilter, Page, Pause, Snapshot};
 use annals_projections::{ProjectionError, ProjectionRunner, Projector, ReadDatabase};
 use database::Fixture;
+use tokio::sync::mpsc;
 use uuid::Uuid;
 
 on_both_backends!(
@@ -30,6 +33,9 @@ on_both_backends!(
     paging_and_filtering_deals_follow_the_opening_order,
     a_cursor_that_is_not_the_server_s_is_refused,
     a_rebuild_reports_its_progress,
+    a_pipeline_is_read_from_one_snapshot_while_a_batch_commits,
+    an_account_view_is_read_from_one_snapshot_while_a_conversion_commits,
+    the_position_of_a_snapshot_is_the_checkpoint_its_rows_reflect,
 );
 
 fn read_database(db: &Fixture) -> ReadDatabase {
@@ -557,4 +563,264 @@ async fn a_rebuild_reports_its_progress(db: Arc<Fixture>) {
     assert_eq!(*board.progress().borrow(), head);
     board.verify().await.unwrap();
     assert_eq!(*progress.borrow(), head);
+}
+
+/// A snapshot that will stop after its statement number `at`, and the means to wait for
+/// that moment (`reached`) and to let it go on (`resume`). Every other statement goes on
+/// at once.
+struct Paused {
+    reached: tokio::sync::oneshot::Receiver<()>,
+    resume: mpsc::UnboundedSender<()>,
+}
+
+async fn paused_snapshot(read: &ReadDatabase, at: usize) -> (Snapshot, Paused) {
+    let (reached_tx, mut reached_rx) = mpsc::unbounded_channel();
+    let (resume_tx, resume_rx) = mpsc::unbounded_channel();
+    let snapshot = Snapshot::begin(read).await.unwrap().paused(Pause {
+        reached: reached_tx,
+        resume: resume_rx,
+    });
+    let (at_tx, at_rx) = tokio::sync::oneshot::channel();
+    let go_on = resume_tx.clone();
+    tokio::spawn(async move {
+        let mut at_tx = Some(at_tx);
+        while let Some(n) = reached_rx.recv().await {
+            if n == at {
+                if let Some(tx) = at_tx.take() {
+                    let _ = tx.send(());
+                }
+            } else {
+                let _ = go_on.send(());
+            }
+        }
+    });
+    (
+        snapshot,
+        Paused {
+            reached: at_rx,
+            resume: resume_tx,
+        },
+    )
+}
+
+fn deal_handler(db: &Fixture) -> CommandHandler<Deal> {
+    CommandHandler::<Deal>::new(db.store(), HandlerConfig::default())
+}
+
+/// The pipeline reads open deals, then the same per owner, then the closed ones: a batch
+/// closing deals between those statements must not count a deal twice (open and won).
+async fn a_pipeline_is_read_from_one_snapshot_while_a_batch_commits(db: Arc<Fixture>) {
+    let deals = deal_handler(&db);
+    let account = Uuid::now_v7();
+    let mut ids = Vec::new();
+    for m in 0..4 {
+        let id = Uuid::now_v7();
+        let open = DealCommand::Open {
+            deal_id: id,
+            account_id: account,
+            account_exists: true,
+            name: Name::parse(&format!("Deal {m}")).unwrap(),
+            amount: Money::parse("EUR", 100).unwrap(),
+            owner: lead_owner(m).map(|o| Owner::parse(o).unwrap()),
+            expected_close: None,
+        };
+        deals.execute(id, open, &context()).await.unwrap();
+        ids.push(id);
+    }
+    let board = runner(&db, Arc::new(DealBoard));
+    board.catch_up().await.unwrap();
+    let read = read_database(&db);
+    let before = queries::pipeline(&read, None).await.unwrap();
+    assert_eq!(before.stages[0].count, 4);
+
+    let (mut snapshot, held) = paused_snapshot(&read, 1).await;
+    let answer = tokio::spawn(async move {
+        let pipeline = snapshot.pipeline(None).await.unwrap();
+        snapshot.finish().await.unwrap();
+        pipeline
+    });
+    held.reached.await.unwrap();
+    // Between the open deals and the rest: three deals close, in one batch.
+    for id in &ids[..2] {
+        deals
+            .execute(*id, DealCommand::Win, &context())
+            .await
+            .unwrap();
+    }
+    let reason = Reason::parse("price").unwrap();
+    deals
+        .execute(ids[2], DealCommand::Lose { reason }, &context())
+        .await
+        .unwrap();
+    board.catch_up().await.unwrap();
+    held.resume.send(()).unwrap();
+    let pipeline = answer.await.unwrap();
+
+    let open: i64 = pipeline.stages.iter().map(|s| s.count).sum();
+    let open_by_owner: i64 = pipeline.by_owner.iter().map(|s| s.count).sum();
+    assert_eq!(
+        (open, open_by_owner, open + pipeline.won + pipeline.lost),
+        (4, 4, 4),
+        "every deal counted once, as of one instant: {pipeline:?}"
+    );
+    assert_eq!(
+        pipeline, before,
+        "the answer is the board as the snapshot began"
+    );
+    let after = queries::pipeline(&read, None).await.unwrap();
+    assert_eq!((after.stages[0].count, after.won, after.lost), (1, 2, 1));
+}
+
+/// A lead captured, qualified and converted into `account` (a new one when `new`), its
+/// deal opened by the conversion process; the lead's and the deal's ids.
+async fn converted_lead(db: &Fixture, account: Uuid, new: bool) -> (Uuid, Uuid) {
+    use annals_commands::conversion::LeadConversionProcess;
+    let leads = CommandHandler::<Lead>::new(db.store(), HandlerConfig::default());
+    let (lead, deal) = (Uuid::now_v7(), Uuid::now_v7());
+    let capture = LeadCommand::Capture {
+        lead_id: lead,
+        email: Email::parse(&format!("{}@example.com", lead.simple())).unwrap(),
+        name: PersonName::parse("Ada").unwrap(),
+        company: Some(Label::parse("Acme").unwrap()),
+        source: Source::Web,
+    };
+    leads.execute(lead, capture, &context()).await.unwrap();
+    for _ in 0..2 {
+        let signal = LeadCommand::RecordSignal {
+            kind: SignalKind::DemoRequest,
+            occurred_at: None,
+        };
+        leads.execute(lead, signal, &context()).await.unwrap();
+    }
+    let convert = LeadCommand::Convert {
+        deal_name: Name::parse("Engines").unwrap(),
+        amount: Money::parse("EUR", 1_000).unwrap(),
+        account_id: account,
+        new_account: new,
+        account_exists: !new,
+        deal_id: deal,
+        deal_exists: false,
+    };
+    leads.execute(lead, convert, &context()).await.unwrap();
+    LeadConversionProcess::new(db.store(), HandlerConfig::default())
+        .run_once()
+        .await
+        .unwrap();
+    (lead, deal)
+}
+
+/// Account 360 reads the account, its deals, then its converted leads: a conversion
+/// committed between the deals and the leads must not show a lead without its deal.
+async fn an_account_view_is_read_from_one_snapshot_while_a_conversion_commits(db: Arc<Fixture>) {
+    let account = Uuid::now_v7();
+    let (_, first_deal) = converted_lead(&db, account, true).await;
+    let runners: Vec<ProjectionRunner> = [
+        Arc::new(LeadBoard) as Arc<dyn Projector>,
+        Arc::new(DealBoard),
+        Arc::new(Account360),
+    ]
+    .into_iter()
+    .map(|p| runner(&db, p))
+    .collect();
+    for runner in &runners {
+        runner.catch_up().await.unwrap();
+    }
+    let read = read_database(&db);
+    let before = queries::account_360(&read, &account.to_string())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(before.converted_leads.len(), 1);
+    assert_eq!(before.deals[0].deal_id, first_deal.to_string());
+
+    let (mut snapshot, held) = paused_snapshot(&read, 2).await;
+    let id = account.to_string();
+    let answer = tokio::spawn(async move {
+        let view = snapshot.account_360(&id).await.unwrap();
+        snapshot.finish().await.unwrap();
+        view
+    });
+    held.reached.await.unwrap();
+    // Between the deals and the converted leads: a second lead converts into the account.
+    converted_lead(&db, account, false).await;
+    for runner in &runners {
+        runner.catch_up().await.unwrap();
+    }
+    held.resume.send(()).unwrap();
+    let view = answer.await.unwrap().unwrap();
+
+    assert_eq!(
+        (view.deals.len(), view.converted_leads.len()),
+        (1, 1),
+        "each converted lead with its deal: {view:?}"
+    );
+    assert_eq!(
+        view, before,
+        "the answer is the account as the snapshot began"
+    );
+    let after = queries::account_360(&read, &account.to_string())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((after.deals.len(), after.converted_leads.len()), (2, 2));
+}
+
+/// The checkpoint a snapshot reports (the answer's `Annals-Position`) is the one its rows
+/// reflect, even when a batch commits between reading it and reading the rows.
+async fn the_position_of_a_snapshot_is_the_checkpoint_its_rows_reflect(db: Arc<Fixture>) {
+    let leads = CommandHandler::<Lead>::new(db.store(), HandlerConfig::default());
+    let capture = |n: usize| {
+        let id = Uuid::now_v7();
+        let command = LeadCommand::Capture {
+            lead_id: id,
+            email: Email::parse(&format!("{}@example.com", id.simple())).unwrap(),
+            name: PersonName::parse("Ada").unwrap(),
+            company: None,
+            source: Source::ALL[n % Source::ALL.len()],
+        };
+        let leads = &leads;
+        async move { leads.execute(id, command, &context()).await.unwrap() }
+    };
+    for n in 0..3 {
+        capture(n).await;
+    }
+    let board = runner(&db, Arc::new(LeadBoard));
+    board.catch_up().await.unwrap();
+    let checkpoint = board.checkpoint().await.unwrap();
+    let read = read_database(&db);
+
+    let (mut snapshot, held) = paused_snapshot(&read, 1).await;
+    let answer = tokio::spawn(async move {
+        let position = snapshot.position(&["lead_board"]).await.unwrap();
+        let page = snapshot
+            .leads(&LeadFilter::default(), 50, None)
+            .await
+            .unwrap();
+        let funnel = snapshot.funnel(None, None, None).await.unwrap();
+        snapshot.finish().await.unwrap();
+        (position, page, funnel)
+    });
+    held.reached.await.unwrap();
+    // Between the checkpoint and the rows: two more leads, applied.
+    for n in 3..5 {
+        capture(n).await;
+    }
+    board.catch_up().await.unwrap();
+    assert!(board.checkpoint().await.unwrap() > checkpoint);
+    held.resume.send(()).unwrap();
+    let (position, page, funnel) = answer.await.unwrap();
+
+    assert_eq!(position, checkpoint);
+    assert_eq!(
+        (page.items.len(), funnel.overall.captured),
+        (3, 3),
+        "the rows are those of the checkpoint reported"
+    );
+    let mut now = Snapshot::begin(&read).await.unwrap();
+    assert_eq!(
+        now.position(&["lead_board", "deal_board"]).await.unwrap(),
+        0
+    );
+    assert!(now.position(&["lead_board"]).await.unwrap() > checkpoint);
+    now.finish().await.unwrap();
 }

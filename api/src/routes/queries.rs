@@ -1,17 +1,21 @@
 //! Query endpoints, served from the read models. Each waits for `min_position` when
-//! asked (read-your-writes), and says in `Annals-Position` how far its read models had
-//! read the log when it answered.
+//! asked (read-your-writes), then reads its whole answer from one snapshot of the read
+//! models, and says in `Annals-Position` the checkpoint that snapshot holds: the rows of
+//! the answer are exactly those of the log up to that position (the lowest of them, for
+//! an answer drawn from several read models).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use annals_domain::values::{Source, Stage};
 use annals_projections::deal_board::DealRow;
 use annals_projections::lead_board::LeadRow;
-use annals_projections::queries::{self, DealFilter, LeadFilter};
+use annals_projections::queries::{self, DealFilter, LeadFilter, Snapshot};
 use axum::Json;
 use axum::extract::State;
 use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
+use tokio::time::Instant;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -33,6 +37,37 @@ pub fn routes() -> OpenApiRouter<Arc<App>> {
 }
 
 pub const ANNALS_POSITION: &str = "annals-position";
+
+/// Waits until the named read models have applied `min_position` (when given), then
+/// opens the snapshot an answer is read from, with the checkpoint it holds. A read
+/// model's live checkpoint only moves forwards, so the snapshot holds what the wait saw;
+/// should it not (a runner that told of a position before its commit was seen), the
+/// snapshot is taken again until the consistency wait runs out.
+async fn snapshot(
+    app: &App,
+    projections: &[&str],
+    min_position: Option<u64>,
+) -> Result<(Snapshot, u64), ApiError> {
+    let deadline = Instant::now() + app.settings.consistency_wait;
+    loop {
+        app.consistent(projections, min_position).await?;
+        let mut snapshot = Snapshot::begin(&app.system.db).await?;
+        let position = snapshot.position(projections).await?;
+        match min_position {
+            Some(wanted) if position < wanted => {
+                snapshot.finish().await?;
+                if Instant::now() >= deadline {
+                    return Err(ApiError::ProjectionLagging {
+                        projection: projections.join(", "),
+                        position: wanted,
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            _ => return Ok((snapshot, position)),
+        }
+    }
+}
 
 /// A query's answer with the position its read models had reached.
 fn with_position(position: u64, body: impl IntoResponse) -> Response {
@@ -118,16 +153,18 @@ async fn list_leads(
         ));
     }
     let limit = limit(query.limit)?;
-    let position = app
-        .consistent(&["lead_board"], consistency.min_position)
-        .await?;
+    let (mut snapshot, position) =
+        snapshot(&app, &["lead_board"], consistency.min_position).await?;
     let filter = LeadFilter {
         status: query.status,
         owner: query.owner,
         source: query.source,
         min_score: query.min_score,
     };
-    let page = queries::leads(&app.system.db, &filter, limit, query.cursor.as_deref()).await?;
+    let page = snapshot
+        .leads(&filter, limit, query.cursor.as_deref())
+        .await?;
+    snapshot.finish().await?;
     Ok(with_position(
         position,
         Json(LeadList {
@@ -149,12 +186,12 @@ async fn get_lead(
     Id(id): Id,
     Params(consistency): Params<Consistency>,
 ) -> Result<Response, ApiError> {
-    let position = app
-        .consistent(&["lead_board"], consistency.min_position)
-        .await?;
-    let lead = queries::lead(&app.system.db, &id.to_string())
-        .await?
-        .ok_or_else(|| ApiError::not_found("lead-not-found", "the lead does not exist"))?;
+    let (mut snapshot, position) =
+        snapshot(&app, &["lead_board"], consistency.min_position).await?;
+    let lead = snapshot.lead(&id.to_string()).await?;
+    snapshot.finish().await?;
+    let lead =
+        lead.ok_or_else(|| ApiError::not_found("lead-not-found", "the lead does not exist"))?;
     Ok(with_position(position, Json(lead_item(lead))))
 }
 
@@ -170,14 +207,15 @@ async fn get_account(
     Id(id): Id,
     Params(consistency): Params<Consistency>,
 ) -> Result<Response, ApiError> {
-    let position = app
-        .consistent(
-            &["account_360", "deal_board", "lead_board"],
-            consistency.min_position,
-        )
-        .await?;
-    let account = queries::account_360(&app.system.db, &id.to_string())
-        .await?
+    let (mut snapshot, position) = snapshot(
+        &app,
+        &["account_360", "deal_board", "lead_board"],
+        consistency.min_position,
+    )
+    .await?;
+    let account = snapshot.account_360(&id.to_string()).await?;
+    snapshot.finish().await?;
+    let account = account
         .ok_or_else(|| ApiError::not_found("account-not-found", "the account does not exist"))?;
     let money = |currency: String, amount_minor: i64| MoneyBody {
         currency,
@@ -227,15 +265,17 @@ async fn list_deals(
         Stage::parse(stage)?;
     }
     let limit = limit(query.limit)?;
-    let position = app
-        .consistent(&["deal_board"], consistency.min_position)
-        .await?;
+    let (mut snapshot, position) =
+        snapshot(&app, &["deal_board"], consistency.min_position).await?;
     let filter = DealFilter {
         stage: query.stage,
         owner: query.owner,
         account_id: query.account_id.map(|id| id.to_string()),
     };
-    let page = queries::deals(&app.system.db, &filter, limit, query.cursor.as_deref()).await?;
+    let page = snapshot
+        .deals(&filter, limit, query.cursor.as_deref())
+        .await?;
+    snapshot.finish().await?;
     Ok(with_position(
         position,
         Json(DealList {
@@ -257,12 +297,12 @@ async fn get_deal(
     Id(id): Id,
     Params(consistency): Params<Consistency>,
 ) -> Result<Response, ApiError> {
-    let position = app
-        .consistent(&["deal_board"], consistency.min_position)
-        .await?;
-    let deal = queries::deal(&app.system.db, &id.to_string())
-        .await?
-        .ok_or_else(|| ApiError::not_found("deal-not-found", "the deal does not exist"))?;
+    let (mut snapshot, position) =
+        snapshot(&app, &["deal_board"], consistency.min_position).await?;
+    let deal = snapshot.deal(&id.to_string()).await?;
+    snapshot.finish().await?;
+    let deal =
+        deal.ok_or_else(|| ApiError::not_found("deal-not-found", "the deal does not exist"))?;
     Ok(with_position(position, Json(deal_item(deal))))
 }
 
@@ -294,19 +334,23 @@ async fn funnel(
     if let Some(source) = &query.source {
         Source::parse(source)?;
     }
-    let position = app
-        .consistent(&["lead_board", "deal_board"], consistency.min_position)
-        .await?;
+    let (mut snapshot, position) = snapshot(
+        &app,
+        &["lead_board", "deal_board"],
+        consistency.min_position,
+    )
+    .await?;
     // Read models keep times as RFC 3339 UTC text with microseconds.
     let text =
         |t: &chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-    let funnel = queries::funnel(
-        &app.system.db,
-        query.from.as_ref().map(text).as_deref(),
-        query.to.as_ref().map(text).as_deref(),
-        query.source.as_deref(),
-    )
-    .await?;
+    let funnel = snapshot
+        .funnel(
+            query.from.as_ref().map(text).as_deref(),
+            query.to.as_ref().map(text).as_deref(),
+            query.source.as_deref(),
+        )
+        .await?;
+    snapshot.finish().await?;
     Ok(with_position(
         position,
         Json(FunnelView {
@@ -338,10 +382,10 @@ async fn pipeline(
     Params(query): Params<PipelineQuery>,
     Params(consistency): Params<Consistency>,
 ) -> Result<Response, ApiError> {
-    let position = app
-        .consistent(&["deal_board"], consistency.min_position)
-        .await?;
-    let pipeline = queries::pipeline(&app.system.db, query.owner.as_deref()).await?;
+    let (mut snapshot, position) =
+        snapshot(&app, &["deal_board"], consistency.min_position).await?;
+    let pipeline = snapshot.pipeline(query.owner.as_deref()).await?;
+    snapshot.finish().await?;
     let figure = |f: queries::StageFigure| StageFigureView {
         owner: f.owner,
         stage: f.stage,
