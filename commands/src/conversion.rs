@@ -1,5 +1,6 @@
-//! The lead-conversion process: follows the log for `LeadConverted` and opens the
-//! account (when new) and the deal through the command handlers.
+//! Lead conversion: the command's answer (`CommandHandler::<Lead>::convert`), and the
+//! process that follows the log for `LeadConverted` and opens the account (when new)
+//! and the deal through the command handlers.
 //!
 //! Exactly-once effect without a shared transaction: every command carries an
 //! idempotency key derived from the causing event's id, so a crash anywhere, or a replay
@@ -12,12 +13,66 @@ use std::time::Duration;
 use annals_domain::account::Account;
 use annals_domain::conversion::{account_to_open, deal_to_open};
 use annals_domain::deal::Deal;
-use annals_domain::lead::LeadEvent;
+use annals_domain::lead::{Lead, LeadCommand, LeadEvent};
 use annals_domain::{DomainError, Event, StoredForm};
-use annals_store::{EventStore, LogFilter, RecordedEvent};
+use annals_store::{Direction, EventStore, LogFilter, RecordedEvent};
 use tokio::sync::watch;
+use uuid::Uuid;
 
-use crate::{CommandContext, CommandError, CommandHandler, HandlerConfig};
+use crate::{CommandContext, CommandError, CommandHandler, CommandOutcome, HandlerConfig};
+
+/// What a conversion answers: the command's outcome, and the account and deal the lead
+/// was converted into.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conversion {
+    pub outcome: CommandOutcome,
+    pub account_id: Option<Uuid>,
+    pub deal_id: Option<Uuid>,
+}
+
+impl CommandHandler<Lead> {
+    /// Converts a lead (`command` is a `LeadCommand::Convert`), answering also what it
+    /// was converted into: the ids the first try decided, when this is a retry. (They
+    /// are `None` only for a command that converts nothing.)
+    pub async fn convert(
+        &self,
+        id: Uuid,
+        command: LeadCommand,
+        context: &CommandContext,
+    ) -> Result<Conversion, CommandError> {
+        let outcome = self.execute(id, command, context).await?;
+        // Read from the conversion's own events, never from the cache: when the outcome
+        // is a retry's, the first try may have been carried out by another process, and
+        // this one's cache may still hold the lead as it was before.
+        let stream = Self::stream(id)?;
+        let events = self
+            .store
+            .read_stream(
+                &stream,
+                outcome.version,
+                Direction::Backwards,
+                outcome.events.len().max(1),
+            )
+            .await?;
+        let mut conversion = Conversion {
+            outcome,
+            account_id: None,
+            deal_id: None,
+        };
+        for recorded in events.iter().filter(|e| e.event_type == "LeadConverted") {
+            if let LeadEvent::LeadConverted {
+                account_id,
+                deal_id,
+                ..
+            } = crate::decode::<Lead>(recorded)?
+            {
+                conversion.account_id = Some(account_id);
+                conversion.deal_id = Some(deal_id);
+            }
+        }
+        Ok(conversion)
+    }
+}
 
 /// The process's name: its checkpoint's key and the actor of its commands.
 pub const LEAD_CONVERSION: &str = "lead_conversion";

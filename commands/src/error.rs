@@ -19,6 +19,10 @@ pub enum CommandError {
     /// The idempotency key was used before with another request.
     #[error("the idempotency key was used with another request")]
     IdempotencyKeyReused,
+    /// The idempotency key's first request is still being carried out; nothing was
+    /// done. Retry shortly: the retry gets the first request's answer.
+    #[error("a request with this idempotency key is still being carried out")]
+    IdempotencyKeyInUse,
     /// The aggregate id does not make a valid stream name.
     #[error("{0} is not a valid aggregate id")]
     InvalidId(String),

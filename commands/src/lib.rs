@@ -4,14 +4,19 @@
 //!
 //! Invariants: a command is only ever decided on the state at the version it appends
 //! at, so concurrent commands never lose an update; a command with an idempotency key
-//! appends at most once, whatever the retries and restarts. This crate holds no business
+//! appends at most once, whatever the retries and restarts. While a handler carries out
+//! a key's request, another request with that key on the same handler is refused at
+//! once (`IdempotencyKeyInUse`); on another handler or process it may run, but only one
+//! of them appends, and the others answer its stored outcome (or `IdempotencyKeyInUse`
+//! if they cannot see it yet), never a store error. This crate holds no business
 //! rules (they are `annals-domain`'s) and no SQL (that is `annals-store`'s).
 
 pub mod conversion;
 mod error;
 
+use std::collections::HashSet;
 use std::num::NonZeroUsize;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use annals_domain::{Aggregate, ClaimChange, Command, Event, StoredForm};
@@ -95,6 +100,36 @@ pub struct CommandHandler<A: Aggregate> {
     store: Arc<dyn EventStore>,
     config: HandlerConfig,
     cache: Mutex<LruCache<Uuid, Loaded<A>>>,
+    in_flight: InFlight,
+}
+
+/// The idempotency keys whose requests a handler is carrying out now.
+#[derive(Debug, Default)]
+struct InFlight(Mutex<HashSet<String>>);
+
+impl InFlight {
+    /// Takes the key for one request, or `None` when another request holds it.
+    fn take(&self, key: &str) -> Option<TakenKey<'_>> {
+        let mut keys = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        keys.insert(key.to_owned()).then(|| TakenKey {
+            keys: self,
+            key: key.to_owned(),
+        })
+    }
+}
+
+/// A key held by one request, given back when dropped: however the request ends
+/// (answered, failed, or cancelled by a timeout or a closed connection).
+struct TakenKey<'a> {
+    keys: &'a InFlight,
+    key: String,
+}
+
+impl Drop for TakenKey<'_> {
+    fn drop(&mut self) {
+        let mut keys = self.keys.0.lock().unwrap_or_else(PoisonError::into_inner);
+        keys.remove(&self.key);
+    }
 }
 
 /// Event ids derived from an idempotency key live in this namespace.
@@ -108,6 +143,7 @@ impl<A: Aggregate> CommandHandler<A> {
             store,
             config,
             cache,
+            in_flight: InFlight::default(),
         }
     }
 
@@ -202,6 +238,17 @@ impl<A: Aggregate> CommandHandler<A> {
             .request_hash
             .clone()
             .unwrap_or_else(|| request_hash(&stream, &command));
+        // Held until this request is answered: a duplicate sent meanwhile is told to come
+        // back, rather than deciding ids of its own (a create's id, a conversion's deal)
+        // for the same key.
+        let _taken = match &key {
+            Some(key) => Some(
+                self.in_flight
+                    .take(key)
+                    .ok_or(CommandError::IdempotencyKeyInUse)?,
+            ),
+            None => None,
+        };
         if let Some(key) = &key
             && let Some(record) = self.store.find_idempotency(key).await?
         {
@@ -257,11 +304,13 @@ impl<A: Aggregate> CommandHandler<A> {
                     let event_id = match &key {
                         // A retry decides the same events at the same version with the
                         // same ids, so the store recognises it even if the first answer
-                        // was lost. The request and the version are in the name: a key
-                        // reused after its record was purged makes new ids.
+                        // was lost. The request, the stream and the version are in the
+                        // name: a key reused after its record was purged makes new ids,
+                        // and so do two tries of a create whose ids the server made.
                         Some(key) => Uuid::new_v5(
                             &EVENT_ID_NAMESPACE,
-                            format!("{key}/{request_hash}/{}/{i}", loaded.version).as_bytes(),
+                            format!("{key}/{request_hash}/{stream}/{}/{i}", loaded.version)
+                                .as_bytes(),
                         ),
                         None => Uuid::now_v7(),
                     };
@@ -284,7 +333,19 @@ impl<A: Aggregate> CommandHandler<A> {
                     payload: json!({ "id": id, "events": names }),
                 });
             }
-            match self.store.append(request).await {
+            let appended = self.store.append(request).await;
+            if let (Some(key), Err(error)) = (&key, &appended)
+                && carried_out_elsewhere(error)
+                && let Some(record) = self.store.find_idempotency(key).await?
+            {
+                // Another process carried out the same key meanwhile: its events (a
+                // conversion with another deal id), its claim (a create's email, on
+                // another id) or its version are in the way. Its outcome is ours.
+                tracing::debug!(%stream, %error, "the key's request was carried out elsewhere");
+                self.forget(id);
+                return replay(&record, &request_hash, id);
+            }
+            match appended {
                 Ok(outcome) => {
                     let state = loaded.state.replay(&events);
                     self.after_append(id, &stream, loaded.version, state, outcome.version)
@@ -296,6 +357,17 @@ impl<A: Aggregate> CommandHandler<A> {
                         events: names,
                     });
                 }
+                Err(StoreError::IdempotencyKeyUsed { record }) => {
+                    // The same key committed meanwhile, from a concurrent request.
+                    self.forget(id);
+                    return replay(&record, &request_hash, id);
+                }
+                Err(StoreError::EventIdReused { .. }) if key.is_some() => {
+                    // The ids are the key's, so their request has committed; its record is
+                    // not to be seen (yet): come back for its answer.
+                    self.forget(id);
+                    return Err(CommandError::IdempotencyKeyInUse);
+                }
                 Err(StoreError::WrongExpectedVersion { actual, .. }) => {
                     self.forget(id);
                     if let Some(expected) = context.expected_version {
@@ -305,10 +377,6 @@ impl<A: Aggregate> CommandHandler<A> {
                 }
                 Err(StoreError::ClaimHeld { key, holder }) => {
                     return Err(A::claim_held(&key, &holder).into());
-                }
-                Err(StoreError::IdempotencyKeyUsed { record }) => {
-                    // The same key committed meanwhile, from a concurrent request.
-                    return replay(&record, &request_hash, id);
                 }
                 Err(error) => {
                     self.forget(id);
@@ -446,6 +514,17 @@ fn request_hash<C: Command>(stream: &StreamName, command: &C) -> String {
     hasher.update([0]);
     hasher.update(format!("{command:?}").as_bytes());
     hex::encode(hasher.finalize())
+}
+
+/// Whether an append's refusal may come from another request with the same key that
+/// committed first (then its stored record is the answer).
+fn carried_out_elsewhere(error: &StoreError) -> bool {
+    matches!(
+        error,
+        StoreError::WrongExpectedVersion { .. }
+            | StoreError::ClaimHeld { .. }
+            | StoreError::EventIdReused { .. }
+    )
 }
 
 /// The first outcome of an idempotent command, or why the key cannot be reused.

@@ -1,5 +1,6 @@
 //! The command handler against both backends: no lost update under concurrency,
-//! idempotency across restarts, cross-aggregate rules, snapshots and the cache.
+//! idempotency across restarts and under concurrent duplicates (on one server and on
+//! two), cross-aggregate rules, snapshots and the cache.
 
 // A test that cannot go on should stop loudly; `unwrap` says so shortest.
 #![allow(clippy::unwrap_used)]
@@ -17,7 +18,10 @@ use annals_domain::deal::{Deal, DealCommand};
 use annals_domain::lead::{Lead, LeadCommand, LeadStatus};
 use annals_domain::values::*;
 use annals_domain::{Aggregate, DomainError};
-use annals_store::{Direction, EventStore, LogFilter, Snapshot};
+use annals_store::{
+    AppendOutcome, AppendRequest, AuditReport, Direction, EventStore, IdempotencyRecord, LogFilter,
+    LogPage, RecordedEvent, Snapshot, StoreError, StreamName,
+};
 use database::Fixture;
 use uuid::Uuid;
 
@@ -37,6 +41,11 @@ on_both_backends!(
     if_match_is_checked_against_the_store_not_a_stale_cache,
     a_conversion_opens_its_account_and_deal_exactly_once,
     a_conversion_into_an_existing_account_opens_only_the_deal,
+    a_keyed_create_in_flight_makes_its_duplicate_wait,
+    a_key_reused_after_its_purge_is_one_new_request_under_concurrency,
+    a_duplicate_create_on_another_server_answers_the_stored_outcome,
+    a_duplicate_convert_without_a_deal_id_never_fails,
+    a_convert_retried_on_another_server_names_what_it_opened,
 );
 
 fn config() -> HandlerConfig {
@@ -206,10 +215,17 @@ async fn concurrent_retries_of_one_idempotent_command_append_once(db: Arc<Fixtur
                 .await
         }));
     }
+    // Each gets the one outcome, or (while a try on its own handler is in flight) is
+    // told to come back for it.
     let mut outcomes = Vec::new();
     for task in tasks {
-        outcomes.push(task.await.unwrap().unwrap());
+        match task.await.unwrap() {
+            Ok(outcome) => outcomes.push(outcome),
+            Err(CommandError::IdempotencyKeyInUse) => {}
+            Err(other) => panic!("unexpected {other:?}"),
+        }
     }
+    assert!(!outcomes.is_empty());
     assert!(outcomes.windows(2).all(|w| w[0] == w[1]), "{outcomes:?}");
     let lead = leads(db.store()).load(id).await.unwrap();
     assert_eq!((lead.version, lead.state.score), (2, 3));
@@ -750,4 +766,350 @@ async fn a_conversion_into_an_existing_account_opens_only_the_deal(db: Arc<Fixtu
         .await
         .unwrap();
     assert_eq!(deal.state.account_id, Some(account_id));
+}
+
+// Idempotency keys under concurrency: the same key sent twice at once, on one server
+// and on two, for creates whose id the server makes and conversions whose deal id it
+// makes (each try decides other ids, so only the key says they are one request).
+
+/// Waits at most 10 s: a test that would hang fails instead.
+async fn within<T>(future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(std::time::Duration::from_secs(10), future)
+        .await
+        .expect("finished within 10 s")
+}
+
+/// What the API sends for one keyed body: the key, and the body's digest as the request
+/// hash (the same for every try of a create without an id, whatever id each try makes).
+fn keyed(key: &str) -> CommandContext {
+    CommandContext {
+        idempotency_key: Some(key.into()),
+        request_hash: Some(format!("digest of the body sent with {key}")),
+        ..actor("a")
+    }
+}
+
+fn open_account(id: Uuid) -> AccountCommand {
+    AccountCommand::Open {
+        account_id: id,
+        name: Name::parse("Acme").unwrap(),
+        domain: None,
+        industry: None,
+        employees: None,
+        tier: Tier::Standard,
+    }
+}
+
+/// A conversion into a new account, with the account and deal ids the server makes.
+fn convert_anew() -> LeadCommand {
+    LeadCommand::Convert {
+        deal_name: Name::parse("Acme engines").unwrap(),
+        amount: Money::parse("EUR", 129_900).unwrap(),
+        account_id: Uuid::now_v7(),
+        new_account: true,
+        account_exists: false,
+        deal_id: Uuid::now_v7(),
+        deal_exists: false,
+    }
+}
+
+/// A qualified lead (score 60), ready to convert.
+async fn qualified(handler: &CommandHandler<Lead>) -> Uuid {
+    let id = Uuid::now_v7();
+    let email = format!("{}@example.com", id.simple());
+    handler
+        .execute(id, capture(id, &email), &actor("a"))
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        handler
+            .execute(id, signal(SignalKind::DemoRequest), &actor("a"))
+            .await
+            .unwrap();
+    }
+    id
+}
+
+async fn count(db: &Fixture, event_type: &str) -> usize {
+    db.store()
+        .read_all(1, 10_000, &LogFilter::event_types([event_type]))
+        .await
+        .unwrap()
+        .events
+        .len()
+}
+
+/// Two creates with one key, each with an id of its own (as the server makes them), the
+/// first held after it took its key and before its append commits: the second is told
+/// the key is in use; after the first, a third try gets the first's answer.
+async fn creates_with_one_key_at_once<A>(
+    gate: &Gate,
+    handler: &Arc<CommandHandler<A>>,
+    create: fn(Uuid) -> A::Command,
+    context: &CommandContext,
+) -> annals_commands::CommandOutcome
+where
+    A: Aggregate + 'static,
+    A::Command: 'static,
+{
+    let first_id = Uuid::now_v7();
+    gate.hold_next_append();
+    let first = {
+        let (handler, context) = (handler.clone(), context.clone());
+        tokio::spawn(async move { handler.execute(first_id, create(first_id), &context).await })
+    };
+    within(gate.arrival()).await;
+    let second_id = Uuid::now_v7();
+    let second = within(handler.execute(second_id, create(second_id), context)).await;
+    assert!(
+        matches!(second, Err(CommandError::IdempotencyKeyInUse)),
+        "the second try while the first is in flight: {second:?}"
+    );
+    gate.open();
+    let first = within(first).await.unwrap().unwrap();
+    assert_eq!(first.id, first_id);
+    let third_id = Uuid::now_v7();
+    let third = within(handler.execute(third_id, create(third_id), context))
+        .await
+        .unwrap();
+    assert_eq!(third, first, "a try after the first gets its answer");
+    first
+}
+
+async fn a_keyed_create_in_flight_makes_its_duplicate_wait(db: Arc<Fixture>) {
+    let gate = Gate::new(db.store());
+    let accounts = Arc::new(CommandHandler::<Account>::new(gate.clone(), config()));
+    creates_with_one_key_at_once(&gate, &accounts, open_account, &keyed("open-acme")).await;
+    assert_eq!(count(&db, "AccountOpened").await, 1);
+
+    let leads = Arc::new(leads(gate.clone()));
+    let capture_dup = |id| capture(id, "dup@example.com");
+    creates_with_one_key_at_once(&gate, &leads, capture_dup, &keyed("capture-dup")).await;
+    assert_eq!(count(&db, "LeadCaptured").await, 1);
+}
+
+async fn a_key_reused_after_its_purge_is_one_new_request_under_concurrency(db: Arc<Fixture>) {
+    let gate = Gate::new(db.store());
+    let accounts = Arc::new(CommandHandler::<Account>::new(gate.clone(), config()));
+    let context = keyed("open-acme");
+    let old = accounts
+        .execute(Uuid::now_v7(), open_account(Uuid::now_v7()), &context)
+        .await
+        .unwrap();
+    let tomorrow = chrono::Utc::now() + chrono::Duration::hours(25);
+    assert_eq!(
+        accounts
+            .purge_expired_idempotency_keys(tomorrow)
+            .await
+            .unwrap(),
+        1
+    );
+    // The same key and body a day later is a new request: a second account, once.
+    let new = creates_with_one_key_at_once(&gate, &accounts, open_account, &context).await;
+    assert_ne!(new.id, old.id);
+    assert_eq!(count(&db, "AccountOpened").await, 2);
+}
+
+async fn a_duplicate_create_on_another_server_answers_the_stored_outcome(db: Arc<Fixture>) {
+    // Two servers on one database, no memory shared: ours holds its try at the append,
+    // theirs carries out the same key meanwhile.
+    let gate = Gate::new(db.store());
+    let ours = Arc::new(CommandHandler::<Account>::new(gate.clone(), config()));
+    let theirs = CommandHandler::<Account>::new(db.open_again().await, config());
+    let context = keyed("open-acme");
+    let our_id = Uuid::now_v7();
+    gate.hold_next_append();
+    let held = {
+        let (ours, context) = (ours.clone(), context.clone());
+        tokio::spawn(async move { ours.execute(our_id, open_account(our_id), &context).await })
+    };
+    within(gate.arrival()).await;
+    let their_id = Uuid::now_v7();
+    let winner = within(theirs.execute(their_id, open_account(their_id), &context))
+        .await
+        .unwrap();
+    assert_eq!(winner.id, their_id);
+    gate.open();
+    let loser = within(held).await.unwrap();
+    assert_eq!(
+        loser.unwrap(),
+        winner,
+        "the loser answers the stored outcome"
+    );
+    assert_eq!(count(&db, "AccountOpened").await, 1);
+
+    // A lead takes its email as a claim: the loser must not read that as a duplicate.
+    let ours = Arc::new(leads(gate.clone()));
+    let theirs = leads(db.open_again().await);
+    let context = keyed("capture-ada");
+    let our_id = Uuid::now_v7();
+    gate.hold_next_append();
+    let held = {
+        let (ours, context) = (ours.clone(), context.clone());
+        tokio::spawn(async move {
+            ours.execute(our_id, capture(our_id, "ada@example.com"), &context)
+                .await
+        })
+    };
+    within(gate.arrival()).await;
+    let their_id = Uuid::now_v7();
+    let winner = within(theirs.execute(their_id, capture(their_id, "ada@example.com"), &context))
+        .await
+        .unwrap();
+    gate.open();
+    let loser = within(held).await.unwrap();
+    assert_eq!(
+        loser.unwrap(),
+        winner,
+        "the loser answers the stored outcome"
+    );
+    assert_eq!(count(&db, "LeadCaptured").await, 1);
+}
+
+async fn a_duplicate_convert_without_a_deal_id_never_fails(db: Arc<Fixture>) {
+    let gate = Gate::new(db.store());
+    let ours = Arc::new(leads(gate.clone()));
+    let theirs = leads(db.open_again().await);
+    let id = qualified(&ours).await;
+    let context = keyed("convert-1");
+    gate.hold_next_append();
+    let held = {
+        let (ours, context) = (ours.clone(), context.clone());
+        tokio::spawn(async move { ours.execute(id, convert_anew(), &context).await })
+    };
+    within(gate.arrival()).await;
+    // On this server the key is in flight …
+    let second = within(ours.execute(id, convert_anew(), &context)).await;
+    assert!(
+        matches!(second, Err(CommandError::IdempotencyKeyInUse)),
+        "{second:?}"
+    );
+    // … another server knows nothing of it and converts.
+    let winner = within(theirs.execute(id, convert_anew(), &context))
+        .await
+        .unwrap();
+    gate.open();
+    let loser = within(held).await.unwrap();
+    assert_eq!(
+        loser.unwrap(),
+        winner,
+        "the loser answers the stored outcome"
+    );
+    assert_eq!(count(&db, "LeadConverted").await, 1);
+}
+
+async fn a_convert_retried_on_another_server_names_what_it_opened(db: Arc<Fixture>) {
+    let ours = leads(db.store());
+    let theirs = leads(db.open_again().await);
+    let id = qualified(&ours).await;
+    // Their cache holds the lead as it was before the conversion.
+    assert_eq!(
+        theirs.load(id).await.unwrap().state.status,
+        LeadStatus::Qualified
+    );
+    let context = keyed("convert-1");
+    let first = ours.convert(id, convert_anew(), &context).await.unwrap();
+    assert!(first.account_id.is_some() && first.deal_id.is_some());
+    // The retry (the server makes other ids for it) answers what the first converted into.
+    let retry = theirs.convert(id, convert_anew(), &context).await.unwrap();
+    assert_eq!(retry, first);
+}
+
+/// A store whose next append, once held, waits at the gate: the command that makes it
+/// has taken its idempotency key and decided, and nothing of it is committed yet.
+#[derive(Debug)]
+struct Gate {
+    inner: Arc<dyn EventStore>,
+    hold: std::sync::atomic::AtomicBool,
+    arrived: tokio::sync::Semaphore,
+    opened: tokio::sync::Semaphore,
+}
+
+impl Gate {
+    fn new(inner: Arc<dyn EventStore>) -> Arc<Gate> {
+        Arc::new(Gate {
+            inner,
+            hold: false.into(),
+            arrived: tokio::sync::Semaphore::new(0),
+            opened: tokio::sync::Semaphore::new(0),
+        })
+    }
+
+    fn hold_next_append(&self) {
+        self.hold.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Returns once the held append has arrived at the gate.
+    async fn arrival(&self) {
+        self.arrived.acquire().await.unwrap().forget();
+    }
+
+    /// Lets the held append through.
+    fn open(&self) {
+        self.opened.add_permits(1);
+    }
+}
+
+#[async_trait::async_trait]
+impl EventStore for Gate {
+    async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError> {
+        if self.hold.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            self.arrived.add_permits(1);
+            self.opened.acquire().await.unwrap().forget();
+        }
+        self.inner.append(request).await
+    }
+    async fn read_stream(
+        &self,
+        stream: &StreamName,
+        from_version: u64,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.inner
+            .read_stream(stream, from_version, direction, limit)
+            .await
+    }
+    async fn read_all(
+        &self,
+        from_position: u64,
+        limit: usize,
+        filter: &LogFilter,
+    ) -> Result<LogPage, StoreError> {
+        self.inner.read_all(from_position, limit, filter).await
+    }
+    async fn head(&self) -> Result<u64, StoreError> {
+        self.inner.head().await
+    }
+    async fn wait_for_events(
+        &self,
+        after: u64,
+        timeout: std::time::Duration,
+    ) -> Result<u64, StoreError> {
+        self.inner.wait_for_events(after, timeout).await
+    }
+    async fn save_snapshot(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
+        self.inner.save_snapshot(snapshot).await
+    }
+    async fn load_snapshot(&self, stream: &StreamName) -> Result<Option<Snapshot>, StoreError> {
+        self.inner.load_snapshot(stream).await
+    }
+    async fn find_idempotency(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
+        self.inner.find_idempotency(key).await
+    }
+    async fn purge_idempotency(
+        &self,
+        recorded_before: chrono::DateTime<chrono::Utc>,
+    ) -> Result<u64, StoreError> {
+        self.inner.purge_idempotency(recorded_before).await
+    }
+    async fn load_checkpoint(&self, process: &str) -> Result<u64, StoreError> {
+        self.inner.load_checkpoint(process).await
+    }
+    async fn save_checkpoint(&self, process: &str, position: u64) -> Result<(), StoreError> {
+        self.inner.save_checkpoint(process, position).await
+    }
+    async fn verify(&self) -> Result<AuditReport, StoreError> {
+        self.inner.verify().await
+    }
 }
