@@ -1492,7 +1492,7 @@ impl ProjectionRunner {
         let name = self.name();
         self.fill(scratch, None, scratch).await?;
         loop {
-            let mut snapshot = self.db.begin_snapshot(0).await?;
+            let mut snapshot = self.db.begin_snapshot().await?;
             let live_at = read_checkpoint_of(&mut snapshot, name, live).await?;
             let scratch_at = read_checkpoint_of(&mut snapshot, name, scratch).await?;
             if live_at == scratch_at {
@@ -1671,6 +1671,21 @@ async fn read_checkpoint_of(
         .await?
         .unwrap_or(0);
     Ok(u64::try_from(position).unwrap_or(0))
+}
+
+/// Reads a checkpoint and holds its row until the transaction ends (a no-op update: a
+/// row lock on PostgreSQL; SQLite's write transaction already excludes other writers).
+async fn lock_checkpoint(
+    tx: &mut ReadTx,
+    name: &str,
+    generation: i64,
+) -> Result<u64, ProjectionError> {
+    tx.execute(
+        "UPDATE projection_checkpoints SET position = position WHERE name = $1 AND generation = $2",
+        &[name.into(), generation.into()],
+    )
+    .await?;
+    read_checkpoint_of(tx, name, generation).await
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -95,25 +95,6 @@ impl ReadDatabase {
             _turn: None,
         })
     }
-
-    /// A transaction that only reads, every statement of it from one snapshot (taken at
-    /// its first statement), and holds up no writer: PostgreSQL's `REPEATABLE READ READ
-    /// ONLY`; on SQLite a deferred transaction, which in WAL mode reads one snapshot
-    /// while writers commit beside it.
-    pub async fn begin_snapshot(&self, generation: i64) -> Result<ReadTx, ProjectionError> {
-        let inner = match self {
-            ReadDatabase::Sqlite { pool, .. } => Inner::Sqlite(pool.begin().await?),
-            ReadDatabase::Postgres(pool) => Inner::Postgres(
-                pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                    .await?,
-            ),
-        };
-        Ok(ReadTx {
-            inner,
-            generation,
-            _turn: None,
-        })
-    }
 }
 
 /// A parameter of a read-model statement. Each kind carries its own NULL, so PostgreSQL
