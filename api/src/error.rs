@@ -15,6 +15,9 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+/// The code of a 409 whose request may be retried after `Retry-After` seconds.
+pub const IDEMPOTENCY_KEY_IN_USE: &str = "idempotency-key-in-use";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error(transparent)]
@@ -120,6 +123,9 @@ impl ApiError {
                 "idempotency-key-reused",
                 told(),
             ),
+            Command(CommandError::IdempotencyKeyInUse) => {
+                (StatusCode::CONFLICT, IDEMPOTENCY_KEY_IN_USE, told())
+            }
             Command(CommandError::InvalidId(_)) => (StatusCode::NOT_FOUND, "not-found", told()),
             Command(CommandError::Store(error)) | Store(error) => store(error),
             Command(CommandError::Decode(_)) => internal(),
@@ -230,7 +236,9 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        // Worth retrying shortly: an outage, or a key whose first request is still being
+        // carried out (the retry then gets its answer).
+        if status == StatusCode::SERVICE_UNAVAILABLE || code == IDEMPOTENCY_KEY_IN_USE {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         response

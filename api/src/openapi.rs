@@ -5,8 +5,11 @@ use std::collections::BTreeMap;
 
 use annals_domain::values::{SignalKind, Source, Stage, Tier};
 use serde_json::Value;
+use utoipa::openapi::header::HeaderBuilder;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::openapi::{ContentBuilder, Ref, RefOr, Response, ResponseBuilder, Schema};
+use utoipa::openapi::{
+    ContentBuilder, ObjectBuilder, Ref, RefOr, Response, ResponseBuilder, Schema, Type,
+};
 use utoipa::{Modify, OpenApi};
 
 use crate::error::Problem;
@@ -74,14 +77,17 @@ pub struct CommandProblems;
 
 impl utoipa::IntoResponses for CommandProblems {
     fn responses() -> BTreeMap<String, RefOr<Response>> {
-        problems(&[
+        let mut responses = problems(&[
             (400, "The body is not JSON, or a header is malformed"),
             UNAUTHORIZED,
             FORBIDDEN,
             (404, "The aggregate (or an account it names) does not exist"),
             (
                 409,
-                "The aggregate's state forbids the command, or concurrent writers kept winning",
+                "The aggregate's state forbids the command, concurrent writers kept winning \
+                 (`concurrency-conflict`), or a request with the same `Idempotency-Key` is \
+                 still being carried out (`idempotency-key-in-use`, with `Retry-After`: a \
+                 retry after it gets that request's answer)",
             ),
             (412, "`If-Match` names another version (`version-mismatch`)"),
             (413, "The body is larger than 1 MiB"),
@@ -91,7 +97,22 @@ impl utoipa::IntoResponses for CommandProblems {
                 "The command is invalid, has unknown fields, or reuses an idempotency key",
             ),
             UNAVAILABLE,
-        ])
+        ]);
+        if let Some(RefOr::T(conflict)) = responses.get_mut("409") {
+            let seconds = ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .minimum(Some(0));
+            conflict.headers.insert(
+                "Retry-After".to_owned(),
+                HeaderBuilder::new()
+                    .schema(seconds)
+                    .description(Some(
+                        "With `idempotency-key-in-use`: seconds to wait before retrying",
+                    ))
+                    .build(),
+            );
+        }
+        responses
     }
 }
 

@@ -8,7 +8,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::database::Fixture;
-use crate::server::{ANALYST, Server, WRITER, lead, qualified_lead};
+use crate::server::{ANALYST, Answer, OPERATOR, Server, WRITER, lead, qualified_lead};
 
 on_both_backends!(
     a_lead_is_captured_scored_assigned_and_read_back_at_once,
@@ -16,6 +16,7 @@ on_both_backends!(
     a_qualified_lead_converts_and_the_process_opens_its_account_and_deal,
     accounts_and_deals_follow_their_commands,
     retries_with_an_idempotency_key_append_nothing,
+    keyed_duplicates_sent_at_once_never_fail,
     if_match_applies_a_command_only_at_that_version,
     concurrent_commands_on_one_lead_never_both_win_a_version,
     the_funnel_counts_what_happened_in_its_window,
@@ -485,6 +486,78 @@ async fn retries_with_an_idempotency_key_append_nothing(db: Arc<Fixture>) {
         (refused.status, refused.code()),
         (422, "invalid-idempotency-key")
     );
+}
+
+/// A keyed request sent twice at once: each answer is the first's (the same 201 or 200),
+/// or 409 `idempotency-key-in-use` with `Retry-After` while the first is in flight;
+/// never anything else.
+async fn twice_at_once(server: &Server, path: &str, body: &Value, key: &str) -> Answer {
+    let headers = [("Idempotency-Key", key)];
+    let send = || server.call(Method::POST, path, WRITER, Some(body), &headers);
+    let (one, two) = tokio::join!(send(), send());
+    let done: Vec<&Answer> = [&one, &two]
+        .into_iter()
+        .filter(|a| a.status < 300)
+        .collect();
+    assert!(
+        !done.is_empty(),
+        "neither try was carried out: {one:?} {two:?}"
+    );
+    for answer in [&one, &two] {
+        match (answer.status, answer.code()) {
+            (200 | 201, _) => assert_eq!(answer.body, done[0].body),
+            (409, "idempotency-key-in-use") => {
+                assert!(answer.header("retry-after").is_some(), "{answer:?}");
+            }
+            (status, _) => panic!("{path}: {status}: {}", answer.body),
+        }
+    }
+    done[0].clone()
+}
+
+async fn count_events(server: &Server, event_type: &str) -> usize {
+    let page = server
+        .call(
+            Method::GET,
+            &format!("/events?type={event_type}&limit=500"),
+            OPERATOR,
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    page.body["items"].as_array().unwrap().len()
+}
+
+async fn keyed_duplicates_sent_at_once_never_fail(db: Arc<Fixture>) {
+    let server = Server::start(db.url());
+    // Creates whose id the server makes: each try makes another, only the key ties them.
+    let rounds = 6;
+    for round in 0..rounds {
+        let key = format!("capture-{round}");
+        let created = twice_at_once(&server, "/leads", &lead("ada"), &key).await;
+        assert_eq!(created.status, 201);
+        let account = json!({"name": format!("Acme {round}")});
+        let key = format!("open-{round}");
+        let opened = twice_at_once(&server, "/accounts", &account, &key).await;
+        let deal = json!({"account_id": opened.body["id"], "name": "Engines",
+                          "amount": {"currency": "EUR", "amount_minor": 100}});
+        twice_at_once(&server, "/deals", &deal, &format!("deal-{round}")).await;
+    }
+    assert_eq!(count_events(&server, "LeadCaptured").await, rounds);
+    assert_eq!(count_events(&server, "AccountOpened").await, rounds);
+    assert_eq!(count_events(&server, "DealOpened").await, rounds);
+
+    // A conversion without a `deal_id`: each try makes another deal id.
+    for round in 0..3 {
+        let id = qualified_lead(&server, "grace").await;
+        let body = json!({"deal_name": "Grace engines",
+                          "amount": {"currency": "EUR", "amount_minor": 5_000}});
+        let key = format!("convert-{round}");
+        let converted = twice_at_once(&server, &format!("/leads/{id}/convert"), &body, &key).await;
+        assert!(converted.body["deal_id"].is_string(), "{}", converted.body);
+    }
+    assert_eq!(count_events(&server, "LeadConverted").await, 3);
 }
 
 async fn if_match_applies_a_command_only_at_that_version(db: Arc<Fixture>) {

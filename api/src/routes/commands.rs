@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use annals_commands::{CommandHandler, CommandOutcome};
+use annals_commands::{CommandError, CommandHandler, CommandOutcome};
 use annals_domain::account::AccountCommand;
 use annals_domain::deal::DealCommand;
 use annals_domain::lead::LeadCommand;
@@ -58,12 +58,17 @@ async fn execute<A: Aggregate>(
     let result = handler
         .execute(id, command, &meta.context(body_digest))
         .await;
-    let outcome = match &result {
+    record(name, &result, started);
+    Ok(result?)
+}
+
+/// Records a command's outcome in the metrics.
+fn record<T>(command: &str, result: &Result<T, CommandError>, started: Instant) {
+    let outcome = match result {
         Ok(_) => "ok",
         Err(error) => ApiError::Command(error.clone()).code(),
     };
-    observe::command_done(name, outcome, started.elapsed());
-    Ok(result?)
+    observe::command_done(command, outcome, started.elapsed());
 }
 
 fn answer(outcome: CommandOutcome) -> CommandAnswer {
@@ -203,12 +208,20 @@ async fn convert_lead(
         deal_id,
         deal_exists,
     };
-    let outcome = execute(&app.system.leads, id, command, &meta, &body.digest).await?;
-    // The lead names what it was converted into, also when this answer is a retry's.
-    let lead = app.system.leads.load(id).await?.state;
-    let mut answer = answer(outcome);
-    answer.account_id = lead.converted_account_id;
-    answer.deal_id = lead.converted_deal_id;
+    // The answer names what the lead was converted into, also when it is a retry's
+    // (whichever server carried out the first try).
+    let name = command.name();
+    let started = Instant::now();
+    let result = app
+        .system
+        .leads
+        .convert(id, command, &meta.context(&body.digest))
+        .await;
+    record(name, &result, started);
+    let conversion = result?;
+    let mut answer = answer(conversion.outcome);
+    answer.account_id = conversion.account_id;
+    answer.deal_id = conversion.deal_id;
     Ok(Json(answer))
 }
 
