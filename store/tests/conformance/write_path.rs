@@ -16,6 +16,7 @@ use crate::database::{self, Backend, Fixture, append, event, until};
 
 on_both_backends!(
     a_writer_stalled_inside_its_transaction_blocks_writers_only_briefly,
+    a_write_attempt_without_an_answer_is_abandoned_at_the_commit_timeout,
     the_database_default_isolation_changes_nothing,
     a_writer_task_that_panics_is_restarted,
     one_append_the_database_refuses_fails_alone_in_few_attempts,
@@ -92,6 +93,50 @@ async fn a_writer_stalled_inside_its_transaction_blocks_writers_only_briefly(db:
         }
     }
     assert!(started.elapsed() < Duration::from_secs(15));
+}
+
+async fn a_write_attempt_without_an_answer_is_abandoned_at_the_commit_timeout(db: Arc<Fixture>) {
+    // The server keeps the writer waiting (no lock timeout, as a half-open socket would
+    // never answer); the writer's own bound ends the attempt.
+    let patient = StoreConfig {
+        lock_timeout: Duration::from_secs(60),
+        commit_timeout: Duration::from_secs(1),
+        ..database::config()
+    };
+    let store = db.open_with(patient).await;
+    let holder = match db.backend() {
+        // This process's writer turn is what the writer waits for on SQLite.
+        Backend::Sqlite => store.clone(),
+        Backend::Postgres => db.concrete(),
+    };
+    let held = holder
+        .hold_append(append(
+            "lead-held",
+            ExpectedVersion::Any,
+            vec![event("A", 0)],
+        ))
+        .await
+        .unwrap();
+    let abandoned = tokio::time::timeout(
+        Duration::from_secs(15),
+        store
+            .dyn_store()
+            .append(append("lead-1", ExpectedVersion::Any, vec![event("A", 1)])),
+    )
+    .await
+    .expect("the commit timeout bounds the attempt");
+    assert!(
+        matches!(abandoned, Err(StoreError::Unavailable(_))),
+        "{abandoned:?}"
+    );
+    held.commit().await.unwrap();
+    // The writer dropped its connection with the attempt, and takes a new one.
+    let outcome = store
+        .dyn_store()
+        .append(append("lead-1", ExpectedVersion::Any, vec![event("A", 1)]))
+        .await
+        .unwrap();
+    assert_eq!(outcome.positions, vec![2]);
 }
 
 async fn the_database_default_isolation_changes_nothing(db: Arc<Fixture>) {
