@@ -30,7 +30,7 @@ use async_trait::async_trait;
 use serde::Serialize;
 use tokio::sync::watch;
 
-pub use sql::{Param, ReadDatabase, ReadTx};
+pub use sql::{Param, ReadDatabase, ReadTx, generations_except};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectionError {
@@ -824,12 +824,8 @@ impl ProjectionRunner {
 
     async fn drop_generations_except(&self, keep: &[i64]) -> Result<(), ProjectionError> {
         let mut tx = self.db.begin(0).await?;
-        let kept = |column: &str| {
-            keep.iter()
-                .map(|g| format!("{column} <> {g}"))
-                .collect::<Vec<_>>()
-                .join(" AND ")
-        };
+        // Ranges, so the index led by the generation finds the rows to delete.
+        let kept = |column: &str| sql::generations_except(column, keep);
         for table in self.projector.tables() {
             tx.execute(
                 &format!("DELETE FROM {} WHERE {}", table.name, kept("generation")),

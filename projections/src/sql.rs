@@ -324,3 +324,23 @@ impl ReadTx {
         Ok(())
     }
 }
+
+/// A condition on `column` true of every generation but those in `keep`, as ranges
+/// between them (`generation < 1 OR generation > 1`), which an index led by the
+/// generation serves: `generation <> 1` is not a range, and would scan the whole table.
+pub fn generations_except(column: &str, keep: &[i64]) -> String {
+    let mut keep = keep.to_vec();
+    keep.sort_unstable();
+    keep.dedup();
+    let (Some(first), Some(last)) = (keep.first(), keep.last()) else {
+        return "1 = 1".to_owned();
+    };
+    let mut ranges = vec![format!("{column} < {first}")];
+    ranges.extend(
+        keep.windows(2)
+            .filter(|pair| pair[1] - pair[0] > 1)
+            .map(|pair| format!("({column} > {} AND {column} < {})", pair[0], pair[1])),
+    );
+    ranges.push(format!("{column} > {last}"));
+    format!("({})", ranges.join(" OR "))
+}
