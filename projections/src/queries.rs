@@ -265,12 +265,13 @@ pub struct FunnelSteps {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Funnel {
     pub overall: FunnelSteps,
-    /// Per lead source, in source order.
+    /// Per lead source with something in the window, in source order.
     pub by_source: Vec<(String, FunnelSteps)>,
 }
 
 /// The funnel for a time window (RFC 3339 bounds, `from` inclusive, `to` exclusive;
-/// all time without them): each step counts what happened in the window.
+/// all time without them): each step counts what happened in the window, overall and
+/// per source (each source with something in the window).
 pub async fn funnel(
     db: &ReadDatabase,
     from: Option<&str>,
@@ -292,24 +293,31 @@ impl Snapshot {
         let from: Param = from.unwrap_or("").into();
         let to: Param = to.unwrap_or("9999").into();
         let source: Param = source.unwrap_or("").into();
-        let within =
-            |column: &str| format!("CASE WHEN {column} >= $1 AND {column} < $2 THEN 1 ELSE 0 END");
+        // Each step counts the rows whose time for it falls in the window, found by a
+        // range on an index of that time (generation first); a won deal counts for the
+        // source of the lead converted into it.
+        let lead_generation = live("lead_board");
+        let step = |name: &str, column: &str| {
+            format!(
+                "SELECT source, '{name}' AS step FROM lead_board \
+                  WHERE generation = {lead_generation} \
+                    AND {column} >= $1 AND {column} < $2 AND ($3 = '' OR source = $3)"
+            )
+        };
         let sql = format!(
-            "SELECT l.source, \
-                CAST(SUM({captured}) AS TEXT), CAST(SUM({qualified}) AS TEXT), \
-                CAST(SUM({converted}) AS TEXT), \
-                CAST(SUM(CASE WHEN d.status = 'won' THEN {won} ELSE 0 END) AS TEXT) \
-           FROM lead_board l \
-           LEFT JOIN deal_board d \
-             ON d.deal_id = l.converted_deal_id AND d.generation = {deal_generation} \
-          WHERE l.generation = {lead_generation} AND ($3 = '' OR l.source = $3) \
-          GROUP BY l.source ORDER BY l.source",
-            captured = within("l.captured_at"),
-            qualified = within("l.qualified_at"),
-            converted = within("l.converted_at"),
-            won = within("d.closed_at"),
+            "SELECT source, step, CAST(COUNT(*) AS TEXT) FROM ({captured} \
+               UNION ALL {qualified} UNION ALL {converted} UNION ALL \
+               SELECT l.source, 'won' AS step FROM deal_board d \
+                 JOIN lead_board l \
+                   ON l.generation = {lead_generation} AND l.converted_deal_id = d.deal_id \
+                WHERE d.generation = {deal_generation} AND d.status = 'won' \
+                  AND d.closed_at >= $1 AND d.closed_at < $2 \
+                  AND ($3 = '' OR l.source = $3)) steps \
+             GROUP BY source, step ORDER BY source",
+            captured = step("captured", "captured_at"),
+            qualified = step("qualified", "qualified_at"),
+            converted = step("converted", "converted_at"),
             deal_generation = live("deal_board"),
-            lead_generation = live("lead_board"),
         );
         let steps = |captured, qualified, converted, deal_won| FunnelSteps {
             captured,
@@ -321,22 +329,30 @@ impl Snapshot {
             win_rate: ratio(deal_won, converted),
         };
         let mut total = [0i64; 4];
-        let mut by_source = Vec::new();
+        let mut counts: Vec<(String, [i64; 4])> = Vec::new();
         for row in self.rows(&sql, &[from, to, source]).await? {
-            let counts = [
-                number(&row, 1),
-                number(&row, 2),
-                number(&row, 3),
-                number(&row, 4),
-            ];
-            for (sum, n) in total.iter_mut().zip(counts) {
-                *sum = sum.saturating_add(n);
+            let step = match text(&row, 1).as_str() {
+                "captured" => 0,
+                "qualified" => 1,
+                "converted" => 2,
+                _ => 3,
+            };
+            let (source, n) = (text(&row, 0), number(&row, 2));
+            total[step] = total[step].saturating_add(n);
+            // The rows come in source order.
+            match counts.last_mut() {
+                Some((last, steps)) if *last == source => steps[step] = n,
+                _ => {
+                    let mut steps = [0; 4];
+                    steps[step] = n;
+                    counts.push((source, steps));
+                }
             }
-            by_source.push((
-                text(&row, 0),
-                steps(counts[0], counts[1], counts[2], counts[3]),
-            ));
         }
+        let by_source = counts
+            .into_iter()
+            .map(|(source, [a, b, c, d])| (source, steps(a, b, c, d)))
+            .collect();
         Ok(Funnel {
             overall: steps(total[0], total[1], total[2], total[3]),
             by_source,
