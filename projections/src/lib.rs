@@ -17,8 +17,9 @@
 //! claim not renewed for `CLAIM_STALE` may be taken over) and in the same statement
 //! takes a new generation from a counter that only grows, so no two claims ever share
 //! one, and reads which generation is live. Only a claim's holder swaps, and a
-//! generation is dropped only in a transaction that holds the claim that dropping it is
-//! for and has read the live generation under it: never the live one, never a taker's.
+//! generation is dropped only in a transaction that still holds the claim and has read
+//! the live generation under it: never the live one, and never by a claimant whose
+//! claim was taken over.
 //! A batch commits only to a generation that is live or claimed as of its commit (it
 //! holds the projections row that a swap or a claim updates), so a live runner that
 //! read the generation before a swap applies nothing to the old one, and `applied`
@@ -1504,11 +1505,16 @@ impl ProjectionRunner {
             }
             drop(snapshot);
             // Bring whichever is behind to the other's position; applying the live
-            // generation here is safe, its checkpoint guard keeps it exactly once.
+            // generation here is safe, its checkpoint guard keeps it exactly once (a
+            // batch the live runner applied first is refused here: look again). Each
+            // round closes the gap the live runner opened during the last one.
             if scratch_at < live_at {
                 self.fill(scratch, Some(live_at), scratch).await?;
             } else {
-                self.fill(live, Some(scratch_at), scratch).await?;
+                match self.fill(live, Some(scratch_at), scratch).await {
+                    Ok(()) | Err(ProjectionError::CheckpointMoved(_)) => {}
+                    Err(error) => return Err(error),
+                }
             }
         }
     }
