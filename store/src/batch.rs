@@ -136,7 +136,10 @@ pub(crate) struct LogFacts {
     pub claims: HashMap<String, String>,
     /// Stored idempotency keys the batch uses (read with the event ids).
     pub idempotency: HashMap<String, IdempotencyRecord>,
+    /// The last position given, from the log's head row (never `MAX(position)`: a
+    /// deleted tail's positions are not given again), and its log hash.
     pub last_position: u64,
+    pub last_log_hash: Hash,
 }
 
 /// The keys a backend looks up for a batch.
@@ -194,6 +197,8 @@ pub(crate) struct EventRow {
     pub metadata: String,
     pub recorded_at: DateTime<Utc>,
     pub hash: Hash,
+    /// The log chain's link at `position` (see `chain`).
+    pub log_hash: Hash,
 }
 
 /// The transaction a batch turns into, and each append's answer.
@@ -208,7 +213,9 @@ pub(crate) struct Plan {
     /// Idempotency keys to record.
     pub idempotency: Vec<IdempotencyRecord>,
     pub outcomes: Vec<Result<AppendOutcome, StoreError>>,
+    /// The log's head after this plan, for its head row.
     pub last_position: u64,
+    pub last_log_hash: Hash,
     /// Every touched stream's version and last hash after this plan: what the writer
     /// may remember once the plan is committed.
     pub heads: HashMap<String, (u64, Hash)>,
@@ -237,6 +244,7 @@ pub(crate) fn plan(batch: &[ValidAppend], mut facts: LogFacts, recorded_at: Date
     let initial_claims = facts.claims.clone();
     let mut plan = Plan {
         last_position: facts.last_position,
+        last_log_hash: facts.last_log_hash,
         ..Plan::default()
     };
     for append in batch {
@@ -244,6 +252,7 @@ pub(crate) fn plan(batch: &[ValidAppend], mut facts: LogFacts, recorded_at: Date
         plan.outcomes.push(outcome);
     }
     plan.last_position = facts.last_position;
+    plan.last_log_hash = facts.last_log_hash;
     plan.heads = std::mem::take(&mut facts.heads);
     // Only the net change per key is written, so a key released and taken again in one
     // batch becomes one overwrite.
@@ -347,6 +356,8 @@ fn plan_one(
             },
         );
         previous = hash;
+        facts.last_log_hash =
+            chain::log_link_hash(&facts.last_log_hash, facts.last_position, &category, &hash);
         positions.push(facts.last_position);
         facts.stored.insert(
             event.event_id,
@@ -371,6 +382,7 @@ fn plan_one(
             metadata: append.metadata[i].clone(),
             recorded_at,
             hash,
+            log_hash: facts.last_log_hash,
         });
     }
     facts.heads.insert(stream.to_owned(), (version, previous));
@@ -437,11 +449,11 @@ fn already_stored(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum FactsSource {
     /// The writer's memory of its own commits: no reads at all. If another writer has
-    /// appended since, the insert trips a unique constraint (positions are contiguous, so
-    /// a stale last position collides, as does a stale stream version) and the batch is
-    /// tried again from the database.
+    /// appended since, the write finds the log's head row moved (or trips a unique
+    /// constraint, as a stale stream version does) and the batch is tried again from the
+    /// database.
     Remembered,
-    /// Stream heads, claims and the last position, read under the lock.
+    /// Stream heads, claims and the log's head row, read under the lock.
     Read,
     /// All of the above, the stored events that reuse the batch's ids and the stored
     /// idempotency keys it carries.
@@ -453,7 +465,7 @@ pub(crate) enum FactsSource {
 #[derive(Debug, Default)]
 pub(crate) struct HeadCache {
     heads: HashMap<String, (u64, Hash)>,
-    last_position: Option<u64>,
+    last_position: Option<(u64, Hash)>,
 }
 
 /// Streams remembered at most; past it the memory starts afresh.
@@ -463,7 +475,7 @@ impl HeadCache {
     /// Facts from memory, when memory covers the whole batch: every stream known, and no
     /// claims (claim holders are always read).
     pub fn facts(&self, batch: &[ValidAppend]) -> Option<LogFacts> {
-        let last_position = self.last_position?;
+        let (last_position, last_log_hash) = self.last_position?;
         let mut heads = HashMap::new();
         for append in batch {
             if !append.request.claims.is_empty() {
@@ -475,6 +487,7 @@ impl HeadCache {
         Some(LogFacts {
             heads,
             last_position,
+            last_log_hash,
             ..LogFacts::default()
         })
     }
@@ -486,7 +499,7 @@ impl HeadCache {
         }
         self.heads
             .extend(plan.heads.iter().map(|(s, head)| (s.clone(), *head)));
-        self.last_position = Some(plan.last_position);
+        self.last_position = Some((plan.last_position, plan.last_log_hash));
     }
 
     /// Forgets everything, after any failure whose effect on the log is unknown.

@@ -1,11 +1,25 @@
-//! The tamper-evident hash chain of a stream and the canonical JSON it is computed over.
+//! The tamper-evident hash chains of the log, and the canonical JSON they are computed over.
 //!
-//! `hash(n) = SHA-256(hash(n-1) ‖ canonical bytes of event n)`, with 32 zero bytes before
-//! the first event. The canonical bytes are length-prefixed fields (stream, version,
-//! event id, type, schema version, data, metadata, recorded-at in microseconds), where
-//! data and metadata are JSON with object keys sorted and no whitespace. The hash is
-//! computed over exactly what is stored, so the chain can be re-checked from the rows
-//! alone, by any backend, whatever order a database keeps JSON keys in.
+//! Two chains, both over exactly what is stored, so they can be re-checked from the rows
+//! alone by any backend:
+//!
+//! - **Each stream**: `hash(n) = SHA-256(hash(n-1) ‖ fields of event n)`, with 32 zero
+//!   bytes before the stream's first event. The fields are length-prefixed: stream,
+//!   version, event id, type, schema version, data, metadata, recorded-at in
+//!   microseconds. Data and metadata are hashed as the JSON *text* the store wrote (object
+//!   keys sorted, no whitespace, numbers as serde_json writes them), never as a database
+//!   re-renders them: PostgreSQL's `jsonb` turns `1e16` into `10000000000000000` and
+//!   `-0.0` into `0`, so that backend keeps the text beside the `jsonb` (see the
+//!   migration `20261127000100_log_chain.sql`).
+//! - **The whole log**: `log(p) = SHA-256(log(p') ‖ p ‖ category ‖ hash(p))`, where `p'`
+//!   is the position before `p` in the log (32 zero bytes before position 1). It binds
+//!   every event to its position and category and to everything before it in the log, so
+//!   the stored `log_hash` of the last event stands for the whole log. The writer keeps
+//!   the last position and its log hash in the `log_head` row, in the same transaction
+//!   as the events, and takes the next position from there, never from `MAX(position)`:
+//!   a position once given is never given again, even when its row was deleted.
+//!
+//! What an audit of these chains can and cannot prove is stated in `audit`.
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -44,6 +58,24 @@ pub(crate) fn link_hash(previous: &Hash, link: &Link<'_>) -> Hash {
     field(&mut hasher, link.data.as_bytes());
     field(&mut hasher, link.metadata.as_bytes());
     hasher.update(link.recorded_at_micros.to_be_bytes());
+    hasher.finalize().into()
+}
+
+/// The link of the log chain at `position` (see the module docs): it covers the event's
+/// position and category, and through its stream hash every other field.
+pub(crate) fn log_link_hash(
+    previous: &Hash,
+    position: u64,
+    category: &str,
+    stream_hash: &[u8],
+) -> Hash {
+    let mut hasher = Sha256::new();
+    hasher.update(previous);
+    hasher.update(position.to_be_bytes());
+    hasher.update((category.len() as u64).to_be_bytes());
+    hasher.update(category.as_bytes());
+    hasher.update((stream_hash.len() as u64).to_be_bytes());
+    hasher.update(stream_hash);
     hasher.finalize().into()
 }
 
@@ -174,5 +206,14 @@ mod tests {
             ..base
         };
         assert_ne!(link_hash(&GENESIS, &shifted), h);
+    }
+
+    #[test]
+    fn every_input_changes_the_log_link() {
+        let h = log_link_hash(&GENESIS, 3, "lead", &[7; 32]);
+        assert_ne!(log_link_hash(&[1; 32], 3, "lead", &[7; 32]), h);
+        assert_ne!(log_link_hash(&GENESIS, 4, "lead", &[7; 32]), h);
+        assert_ne!(log_link_hash(&GENESIS, 3, "deal", &[7; 32]), h);
+        assert_ne!(log_link_hash(&GENESIS, 3, "lead", &[8; 32]), h);
     }
 }

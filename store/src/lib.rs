@@ -7,7 +7,9 @@
 //! - global positions are given in commit order, so a reader that has seen position `p`
 //!   has seen, or will never see, anything below `p`: readers never skip an event;
 //! - appending an already stored event again (same id, same place) is a no-op;
-//! - each stream is a SHA-256 hash chain that `verify` re-checks from the stored rows;
+//! - each stream, and the whole log, is a SHA-256 hash chain that `verify` re-checks
+//!   from the stored rows (see `audit` for what that proves); a position is never given
+//!   twice, even after its row was deleted;
 //! - `append` returns only after the commit is durable.
 //!
 //! This crate knows SQL; its public types do not, so another backend can serve the same
@@ -32,8 +34,8 @@ pub use error::{InvalidInput, StoreError, is_unavailable};
 pub use follow::LogFollower;
 pub use group_commit::WriterProbe;
 pub use model::{
-    AppendOutcome, AppendRequest, AuditReport, BrokenLink, Claim, Direction, ExpectedVersion,
-    IdempotencyKey, IdempotencyRecord, LogFilter, LogPage, MAX_EVENTS_PER_APPEND,
+    Anchor, AppendOutcome, AppendRequest, AuditReport, BrokenLink, Claim, Direction,
+    ExpectedVersion, IdempotencyKey, IdempotencyRecord, LogFilter, LogPage, MAX_EVENTS_PER_APPEND,
     MAX_IDEMPOTENCY_KEY_LEN, MAX_NAME_LEN, Metadata, NewEvent, RecordedEvent, Snapshot, StreamName,
 };
 pub use postgres::PostgresStore;
@@ -93,8 +95,18 @@ pub trait EventStore: Send + Sync + std::fmt::Debug {
     /// Records how far a process has followed the log; never moves it backwards.
     async fn save_checkpoint(&self, process: &str, position: u64) -> Result<(), StoreError>;
 
-    /// Walks every stream's hash chain from the stored rows.
+    /// Walks every stream's hash chain and the log's from the stored rows, in one
+    /// snapshot, and checks the log's head row (see `audit`).
     async fn verify(&self) -> Result<AuditReport, StoreError>;
+
+    /// The log's head as its head row records it: the last position given and its log
+    /// hash, for an operator to keep elsewhere.
+    async fn anchor(&self) -> Result<Anchor, StoreError>;
+
+    /// The position whose stored log hash is `hash` (hex), if the log holds it. Together
+    /// with a `verify` that finds nothing broken, `Some` proves the log up to there is
+    /// the one the anchor was taken from.
+    async fn find_anchor(&self, hash: &str) -> Result<Option<u64>, StoreError>;
 }
 
 /// Settings shared by the backends.

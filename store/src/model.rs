@@ -347,14 +347,17 @@ pub struct Snapshot {
     pub state: Value,
 }
 
-/// The result of walking every stream's hash chain.
+/// The result of walking the hash chains of every stream and of the whole log (see
+/// `audit` for what it proves and what it cannot).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AuditReport {
     pub streams: u64,
     pub events: u64,
-    /// The first link (in stream name, then version order) whose stored hash is not the
-    /// one recomputed from the previous hash and the event's contents.
+    /// The first broken link: of the streams' chains (in stream name, then version
+    /// order) if any, else of the log's chain (in position order, then its head).
     pub first_broken_link: Option<BrokenLink>,
+    /// The last position walked and its log hash: an anchor the log holds now.
+    pub head: Anchor,
 }
 
 impl AuditReport {
@@ -365,12 +368,30 @@ impl AuditReport {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct BrokenLink {
+    /// The event where the break shows (for a cut tail, the last event left; empty and
+    /// 0 when no event is left).
     pub stream: String,
     pub version: u64,
-    /// The hash recomputed from the stored contents (hex).
+    /// Its position in the log (for a cut tail, the last position the log's head row
+    /// records).
+    pub position: u64,
+    /// The hash recomputed from the stored contents (hex); for a cut tail, the hash the
+    /// head row records.
     pub expected: String,
-    /// The hash stored in the row (hex).
+    /// The hash stored in the row (hex); for a cut tail, the last event's log hash.
     pub found: String,
+    /// What is wrong, in one sentence.
+    pub reason: String,
+}
+
+/// A point of the log: a position and the log hash there, which stands for everything up
+/// to it. Kept somewhere the database's writers cannot reach, it shows a rewrite that
+/// recomputed every hash (see `EventStore::find_anchor`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Anchor {
+    pub position: u64,
+    /// The log hash at `position` (64 hex digits; all zeros for the empty log).
+    pub hash: String,
 }
 
 /// Builds a `RecordedEvent` from a row's columns, refusing values no append could store.

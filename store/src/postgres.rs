@@ -27,14 +27,14 @@ use sqlx::{Connection, PgConnection, Postgres, Row, Transaction};
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use crate::audit::{self, AuditRow};
+use crate::audit::{self, AuditRow, LogRow};
 use crate::batch::{self, FactsSource, LogFacts, Plan, StoredEvent, ValidAppend};
-use crate::chain::Hash;
+use crate::chain::{GENESIS, Hash};
 use crate::error::StoreError;
 use crate::group_commit::{BatchWriter, GroupCommit};
 use crate::model::{
-    AppendOutcome, AppendRequest, AuditReport, Direction, IdempotencyRecord, LogFilter, LogPage,
-    RecordedEvent, Snapshot, StreamName, check_snapshot, page, recorded_event, to_sql_int,
+    Anchor, AppendOutcome, AppendRequest, AuditReport, Direction, IdempotencyRecord, LogFilter,
+    LogPage, RecordedEvent, Snapshot, StreamName, check_snapshot, page, recorded_event, to_sql_int,
 };
 use crate::{EventStore, StoreConfig};
 
@@ -93,6 +93,7 @@ impl PostgresStore {
             .connect_with(options.clone())
             .await?;
         MIGRATOR.run(&pool).await?;
+        backfill(&pool).await?;
         // The writer has a connection of its own, so reads can never starve appends.
         let write_pool = PgPoolOptions::new()
             .max_connections(1)
@@ -313,7 +314,9 @@ async fn read_facts(
                                 ORDER BY version DESC LIMIT 1) e \
          UNION ALL \
          SELECT 'event', stream, event_id::text, version, NULL, schema_version, \
-                jsonb_build_object('type', event_type, 'data', data), position \
+                jsonb_build_object('type', event_type, 'text', data_text, \
+                                   'data', CASE WHEN data_text IS NULL THEN data END), \
+                position \
            FROM events WHERE event_id = ANY($2::uuid[]) \
          UNION ALL \
          SELECT 'claim', key, stream, NULL, NULL, NULL, NULL, NULL \
@@ -324,8 +327,8 @@ async fn read_facts(
                                    'recorded_at', recorded_at), last_position \
            FROM idempotency_keys WHERE key = ANY($4::text[]) \
          UNION ALL \
-         SELECT 'last', NULL, NULL, NULL, NULL, NULL, NULL, \
-                (SELECT COALESCE(MAX(position), 0) FROM events)",
+         SELECT 'last', NULL, NULL, NULL, hash, NULL, NULL, position \
+           FROM log_head WHERE id = 1",
     )
     .persistent(false)
     .bind(&wanted.streams)
@@ -336,6 +339,7 @@ async fn read_facts(
     .await?;
 
     let mut facts = LogFacts::default();
+    let mut head_seen = false;
     for row in rows {
         let kind: &str = row.try_get("kind")?;
         match kind {
@@ -367,7 +371,12 @@ async fn read_facts(
                         event_type,
                         schema_version: u32::try_from(row.try_get::<i64, _>("schema_version")?)
                             .map_err(|_| StoreError::Corrupt(format!("schema of {id}")))?,
-                        data: crate::chain::canonical_json(&typed["data"]),
+                        // The text as hashed; rows stored before it was kept have only
+                        // their `jsonb`.
+                        data: match typed["text"].take() {
+                            Value::String(text) => text,
+                            _ => crate::chain::canonical_json(&typed["data"]),
+                        },
                     },
                 );
             }
@@ -393,10 +402,88 @@ async fn read_facts(
                     .claims
                     .insert(row.try_get("name")?, row.try_get("other")?);
             }
-            _ => facts.last_position = sql_u64(&row, "position")?,
+            _ => {
+                let position: Option<i64> = row.try_get("position")?;
+                let hash: Option<Vec<u8>> = row.try_get("hash")?;
+                let (Some(position), Some(hash)) = (position, hash) else {
+                    return Err(StoreError::Corrupt("the log's head row is empty".into()));
+                };
+                facts.last_position = u64::try_from(position)
+                    .map_err(|_| StoreError::Corrupt("the log's head position".into()))?;
+                facts.last_log_hash = hash
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("the log's head hash".into()))?;
+                head_seen = true;
+            }
         }
     }
+    if !head_seen {
+        return Err(StoreError::Corrupt("the log's head row is missing".into()));
+    }
     Ok(facts)
+}
+
+/// Chains the rows stored before the log chain existed into it, once, when the head row
+/// says so (its hash is NULL only between the migration and this): in position order,
+/// under the writers' lock (so one process does it, and no append slips in), in one
+/// transaction.
+async fn backfill(pool: &PgPool) -> Result<(), StoreError> {
+    let mut transaction = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(7305218446109532161)")
+        .execute(&mut *transaction)
+        .await?;
+    let pending: Option<Option<Vec<u8>>> =
+        sqlx::query_scalar("SELECT hash FROM log_head WHERE id = 1")
+            .fetch_optional(&mut *transaction)
+            .await?;
+    if !matches!(pending, Some(None)) {
+        transaction.rollback().await?;
+        return Ok(());
+    }
+    let mut previous = GENESIS;
+    let mut last = 0;
+    loop {
+        let rows = sqlx::query(
+            "SELECT position, category, hash FROM events WHERE position > $1 \
+              ORDER BY position LIMIT 10000",
+        )
+        .bind(to_sql_int(last))
+        .fetch_all(&mut *transaction)
+        .await?;
+        let rows = rows
+            .iter()
+            .map(|row| {
+                Ok((
+                    sql_u64(row, "position")?,
+                    row.try_get("category")?,
+                    row.try_get("hash")?,
+                ))
+            })
+            .collect::<Result<Vec<(u64, String, Vec<u8>)>, StoreError>>()?;
+        let Some((end, _, _)) = rows.last() else {
+            break;
+        };
+        last = *end;
+        let hashes = audit::chain_rows(&mut previous, &rows);
+        let positions: Vec<i64> = rows.iter().map(|(p, _, _)| to_sql_int(*p)).collect();
+        let hashes: Vec<&[u8]> = hashes.iter().map(|h| h.as_slice()).collect();
+        sqlx::query(
+            "UPDATE events SET log_hash = u.h FROM unnest($1::bigint[], $2::bytea[]) AS u(p, h) \
+              WHERE events.position = u.p",
+        )
+        .bind(&positions)
+        .bind(&hashes)
+        .execute(&mut *transaction)
+        .await?;
+    }
+    sqlx::query("UPDATE log_head SET position = $1, hash = $2 WHERE id = 1")
+        .bind(to_sql_int(last))
+        .bind(previous.as_slice())
+        .execute(&mut *transaction)
+        .await?;
+    transaction.commit().await?;
+    Ok(())
 }
 
 fn sql_u64(row: &PgRow, column: &str) -> Result<u64, StoreError> {
@@ -438,6 +525,7 @@ async fn insert(
     let metadata: Vec<&str> = rows.iter().map(|r| r.metadata.as_str()).collect();
     let recorded: Vec<DateTime<Utc>> = rows.iter().map(|r| r.recorded_at).collect();
     let hashes: Vec<&[u8]> = rows.iter().map(|r| r.hash.as_slice()).collect();
+    let log_hashes: Vec<&[u8]> = rows.iter().map(|r| r.log_hash.as_slice()).collect();
     let taken_keys: Vec<&str> = plan
         .claims_taken
         .iter()
@@ -455,7 +543,7 @@ async fn insert(
         .collect();
     sqlx::query(
         "SELECT annals_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
-                              $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)",
+                              $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26)",
     )
     .bind(to_sql_int(planned_on_last))
     .bind(to_sql_int(plan.last_position))
@@ -481,6 +569,8 @@ async fn insert(
     .bind(&key_versions)
     .bind(&key_positions)
     .bind(&key_recorded)
+    .bind(&log_hashes)
+    .bind(plan.last_log_hash.as_slice())
     .execute(&mut *connection)
     .await?;
     Ok(())
@@ -716,28 +806,119 @@ impl EventStore for PostgresStore {
     }
 
     async fn verify(&self) -> Result<AuditReport, StoreError> {
-        let rows = sqlx::query(
-            "SELECT stream, version, event_id, event_type, schema_version, data, metadata, \
-                    recorded_at, hash \
-               FROM events ORDER BY stream, version",
-        )
-        .fetch(&self.pool)
-        .map_err(StoreError::from)
-        .and_then(|row| async move {
-            let recorded_at: DateTime<Utc> = row.try_get("recorded_at")?;
-            Ok(AuditRow {
-                stream: row.try_get("stream")?,
-                version: sql_u64(&row, "version")?,
-                event_id: row.try_get("event_id")?,
-                event_type: row.try_get("event_type")?,
-                schema_version: u32::try_from(row.try_get::<i64, _>("schema_version")?)
-                    .map_err(|_| StoreError::Corrupt("schema version".into()))?,
-                data: row.try_get("data")?,
-                metadata: row.try_get("metadata")?,
-                recorded_at_micros: recorded_at.timestamp_micros(),
-                hash: row.try_get("hash")?,
+        // One snapshot for both walks and the head row.
+        let mut transaction = self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await?;
+        let head: audit::HeadRow = sqlx::query("SELECT position, hash FROM log_head WHERE id = 1")
+            .fetch_optional(&mut *transaction)
+            .await?
+            .map(|row| -> Result<_, StoreError> {
+                let position: Option<i64> = row.try_get("position")?;
+                Ok((
+                    position.and_then(|p| u64::try_from(p).ok()),
+                    row.try_get("hash")?,
+                ))
             })
-        });
-        audit::walk(rows).await
+            .transpose()?;
+        // The text kept beside the `jsonb` is what was hashed, as long as the `jsonb`
+        // (what readers get) still equals it; otherwise, and for rows stored before the
+        // text was kept, the `jsonb`'s canonical rendering is hashed, which shows an edit.
+        let report = audit::walk_streams(
+            sqlx::query(
+                "SELECT stream, version, position, event_id, event_type, schema_version, \
+                        recorded_at, hash, \
+                        CASE WHEN data_text IS NOT NULL AND data = data_text::jsonb \
+                             THEN data_text END AS data_text, \
+                        CASE WHEN data_text IS NOT NULL AND data = data_text::jsonb \
+                             THEN NULL ELSE data END AS data, \
+                        CASE WHEN metadata_text IS NOT NULL AND metadata = metadata_text::jsonb \
+                             THEN metadata_text END AS metadata_text, \
+                        CASE WHEN metadata_text IS NOT NULL AND metadata = metadata_text::jsonb \
+                             THEN NULL ELSE metadata END AS metadata \
+                   FROM events ORDER BY stream, version",
+            )
+            .fetch(&mut *transaction)
+            .map_err(StoreError::from)
+            .and_then(|row| async move {
+                let recorded_at: DateTime<Utc> = row.try_get("recorded_at")?;
+                let text = |column: &str, text_column: &str| -> Result<String, StoreError> {
+                    Ok(match row.try_get::<Option<String>, _>(text_column)? {
+                        Some(text) => text,
+                        None => crate::chain::canonical_json(&row.try_get::<Value, _>(column)?),
+                    })
+                };
+                Ok(AuditRow {
+                    stream: row.try_get("stream")?,
+                    version: sql_u64(&row, "version")?,
+                    position: sql_u64(&row, "position")?,
+                    event_id: row.try_get("event_id")?,
+                    event_type: row.try_get("event_type")?,
+                    schema_version: u32::try_from(row.try_get::<i64, _>("schema_version")?)
+                        .map_err(|_| StoreError::Corrupt("schema version".into()))?,
+                    data: text("data", "data_text")?,
+                    metadata: text("metadata", "metadata_text")?,
+                    recorded_at_micros: recorded_at.timestamp_micros(),
+                    hash: row.try_get("hash")?,
+                })
+            }),
+        )
+        .await?;
+        let log = audit::walk_log(
+            sqlx::query(
+                "SELECT position, stream, version, category, hash, log_hash \
+                   FROM events ORDER BY position",
+            )
+            .fetch(&mut *transaction)
+            .map_err(StoreError::from)
+            .and_then(|row| async move {
+                Ok(LogRow {
+                    position: sql_u64(&row, "position")?,
+                    stream: row.try_get("stream")?,
+                    version: sql_u64(&row, "version")?,
+                    category: row.try_get("category")?,
+                    hash: row.try_get("hash")?,
+                    log_hash: row.try_get("log_hash")?,
+                })
+            }),
+            head,
+        )
+        .await?;
+        transaction.rollback().await?;
+        Ok(audit::combine(report, log))
+    }
+
+    async fn anchor(&self) -> Result<Anchor, StoreError> {
+        let row = sqlx::query("SELECT position, hash FROM log_head WHERE id = 1")
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("the log's head row is missing".into()))?;
+        let position: Option<i64> = row.try_get("position")?;
+        let hash: Option<Vec<u8>> = row.try_get("hash")?;
+        match (position.and_then(|p| u64::try_from(p).ok()), hash) {
+            (Some(position), Some(hash)) if hash.len() == 32 => Ok(Anchor {
+                position,
+                hash: hex::encode(hash),
+            }),
+            _ => Err(StoreError::Corrupt("the log's head row is empty".into())),
+        }
+    }
+
+    async fn find_anchor(&self, hash: &str) -> Result<Option<u64>, StoreError> {
+        let Ok(hash) = hex::decode(hash) else {
+            return Ok(None);
+        };
+        if hash == GENESIS {
+            return Ok(Some(0));
+        }
+        let position: Option<i64> =
+            sqlx::query_scalar("SELECT position FROM events WHERE log_hash = $1 LIMIT 1")
+                .bind(hash)
+                .fetch_optional(&self.pool)
+                .await?;
+        position
+            .map(|p| u64::try_from(p).map_err(|_| StoreError::Corrupt("position".into())))
+            .transpose()
     }
 }

@@ -26,14 +26,14 @@ use sqlx::{Connection, Row, Sqlite, SqliteConnection, Transaction};
 use tokio::sync::{Mutex, OwnedMutexGuard, watch};
 use uuid::Uuid;
 
-use crate::audit::{self, AuditRow};
+use crate::audit::{self, AuditRow, LogRow};
 use crate::batch::{self, FactsSource, LogFacts, Plan, StoredEvent, ValidAppend};
-use crate::chain::Hash;
+use crate::chain::{GENESIS, Hash};
 use crate::error::StoreError;
 use crate::group_commit::{BatchWriter, GroupCommit};
 use crate::model::{
-    AppendOutcome, AppendRequest, AuditReport, Direction, IdempotencyRecord, LogFilter, LogPage,
-    RecordedEvent, Snapshot, StreamName, check_snapshot, page, recorded_event, to_sql_int,
+    Anchor, AppendOutcome, AppendRequest, AuditReport, Direction, IdempotencyRecord, LogFilter,
+    LogPage, RecordedEvent, Snapshot, StreamName, check_snapshot, page, recorded_event, to_sql_int,
 };
 use crate::{EventStore, StoreConfig};
 
@@ -79,6 +79,7 @@ impl SqliteStore {
             .connect_with(options.clone())
             .await?;
         MIGRATOR.run(&pool).await?;
+        backfill(&pool).await?;
         let write_pool = SqlitePoolOptions::new()
             .max_connections(1)
             .test_before_acquire(false)
@@ -235,7 +236,15 @@ async fn write_attempt(
 ) -> Result<Option<Plan>, StoreError> {
     let mut transaction = connection.begin_with("BEGIN IMMEDIATE").await?;
     let facts = match remembered {
-        Some(facts) => facts,
+        Some(facts) => {
+            // Another writer (another process on the file) may have moved the head
+            // since; one read of the head row, in process, settles it.
+            if read_log_head(&mut transaction).await?.0 != facts.last_position {
+                transaction.rollback().await?;
+                return Ok(None);
+            }
+            facts
+        }
         None => read_facts(&mut transaction, batch, source).await?,
     };
     let plan = batch::plan(batch, facts, Utc::now());
@@ -338,11 +347,82 @@ async fn read_facts(
         }
     }
 
-    let last: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM events")
-        .fetch_one(&mut *connection)
-        .await?;
-    facts.last_position = u64::try_from(last).unwrap_or(0);
+    (facts.last_position, facts.last_log_hash) = read_log_head(connection).await?;
     Ok(facts)
+}
+
+/// The log's head row: the last position given and its log hash.
+async fn read_log_head(connection: &mut SqliteConnection) -> Result<(u64, Hash), StoreError> {
+    let row = sqlx::query("SELECT position, hash FROM log_head WHERE id = 1")
+        .fetch_optional(&mut *connection)
+        .await?
+        .ok_or_else(|| StoreError::Corrupt("the log's head row is missing".into()))?;
+    let position: Option<i64> = row.try_get("position")?;
+    let hash: Option<Vec<u8>> = row.try_get("hash")?;
+    match (position.and_then(|p| u64::try_from(p).ok()), hash) {
+        (Some(position), Some(hash)) => Ok((
+            position,
+            hash.as_slice()
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("the log's head hash".into()))?,
+        )),
+        _ => Err(StoreError::Corrupt("the log's head row is empty".into())),
+    }
+}
+
+/// Chains the rows stored before the log chain existed into it, once, when the head row
+/// says so (its hash is NULL only between the migration and this): in position order,
+/// under the write lock, in one transaction.
+async fn backfill(pool: &SqlitePool) -> Result<(), StoreError> {
+    let mut transaction = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let pending: Option<Option<Vec<u8>>> =
+        sqlx::query_scalar("SELECT hash FROM log_head WHERE id = 1")
+            .fetch_optional(&mut *transaction)
+            .await?;
+    if !matches!(pending, Some(None)) {
+        transaction.rollback().await?;
+        return Ok(());
+    }
+    let mut previous = GENESIS;
+    let mut last = 0;
+    loop {
+        let rows = sqlx::query(
+            "SELECT position, category, hash FROM events WHERE position > ?1 \
+              ORDER BY position LIMIT 10000",
+        )
+        .bind(to_sql_int(last))
+        .fetch_all(&mut *transaction)
+        .await?;
+        if rows.is_empty() {
+            break;
+        }
+        let rows = rows
+            .iter()
+            .map(|row| {
+                Ok((
+                    sql_u64(row, "position")?,
+                    row.try_get("category")?,
+                    row.try_get("hash")?,
+                ))
+            })
+            .collect::<Result<Vec<(u64, String, Vec<u8>)>, StoreError>>()?;
+        let hashes = audit::chain_rows(&mut previous, &rows);
+        for ((position, _, _), hash) in rows.iter().zip(&hashes) {
+            sqlx::query("UPDATE events SET log_hash = ?1 WHERE position = ?2")
+                .bind(hash.as_slice())
+                .bind(to_sql_int(*position))
+                .execute(&mut *transaction)
+                .await?;
+            last = *position;
+        }
+    }
+    sqlx::query("UPDATE log_head SET position = ?1, hash = ?2 WHERE id = 1")
+        .bind(to_sql_int(last))
+        .bind(previous.as_slice())
+        .execute(&mut *transaction)
+        .await?;
+    transaction.commit().await?;
+    Ok(())
 }
 
 fn parse_uuid(row: &SqliteRow) -> Result<Uuid, StoreError> {
@@ -359,8 +439,8 @@ async fn insert(connection: &mut SqliteConnection, plan: &Plan) -> Result<(), St
     for row in &plan.rows {
         sqlx::query(
             "INSERT INTO events (position, stream, category, version, event_id, event_type, \
-                                 schema_version, data, metadata, recorded_at, hash) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                                 schema_version, data, metadata, recorded_at, hash, log_hash) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
         )
         .bind(to_sql_int(row.position))
         .bind(&row.stream)
@@ -373,8 +453,16 @@ async fn insert(connection: &mut SqliteConnection, plan: &Plan) -> Result<(), St
         .bind(&row.metadata)
         .bind(row.recorded_at.timestamp_micros())
         .bind(row.hash.as_slice())
+        .bind(row.log_hash.as_slice())
         .execute(&mut *connection)
         .await?;
+    }
+    if !plan.rows.is_empty() {
+        sqlx::query("UPDATE log_head SET position = ?1, hash = ?2 WHERE id = 1")
+            .bind(to_sql_int(plan.last_position))
+            .bind(plan.last_log_hash.as_slice())
+            .execute(&mut *connection)
+            .await?;
     }
     for key in &plan.claims_released {
         sqlx::query("DELETE FROM claims WHERE key = ?1")
@@ -608,27 +696,92 @@ impl EventStore for SqliteStore {
     }
 
     async fn verify(&self) -> Result<AuditReport, StoreError> {
-        let rows = sqlx::query(
-            "SELECT stream, version, event_id, event_type, schema_version, data, metadata, \
-                    recorded_at, hash \
-               FROM events ORDER BY stream, version",
-        )
-        .fetch(&self.pool)
-        .map_err(StoreError::from)
-        .and_then(|row| async move {
-            Ok(AuditRow {
-                event_id: parse_uuid(&row)?,
-                stream: row.try_get("stream")?,
-                version: sql_u64(&row, "version")?,
-                event_type: row.try_get("event_type")?,
-                schema_version: u32::try_from(row.try_get::<i64, _>("schema_version")?)
-                    .map_err(|_| StoreError::Corrupt("schema version".into()))?,
-                data: parse_json(&row, "data")?,
-                metadata: parse_json(&row, "metadata")?,
-                recorded_at_micros: row.try_get("recorded_at")?,
-                hash: row.try_get("hash")?,
+        // One read transaction: both walks and the head row see one snapshot.
+        let mut transaction = self.pool.begin().await?;
+        let head: audit::HeadRow = sqlx::query("SELECT position, hash FROM log_head WHERE id = 1")
+            .fetch_optional(&mut *transaction)
+            .await?
+            .map(|row| -> Result<_, StoreError> {
+                let position: Option<i64> = row.try_get("position")?;
+                Ok((
+                    position.and_then(|p| u64::try_from(p).ok()),
+                    row.try_get("hash")?,
+                ))
             })
-        });
-        audit::walk(rows).await
+            .transpose()?;
+        let report = audit::walk_streams(
+            sqlx::query(
+                "SELECT stream, version, position, event_id, event_type, schema_version, data, \
+                        metadata, recorded_at, hash \
+                   FROM events ORDER BY stream, version",
+            )
+            .fetch(&mut *transaction)
+            .map_err(StoreError::from)
+            .and_then(|row| async move {
+                Ok(AuditRow {
+                    event_id: parse_uuid(&row)?,
+                    stream: row.try_get("stream")?,
+                    version: sql_u64(&row, "version")?,
+                    position: sql_u64(&row, "position")?,
+                    event_type: row.try_get("event_type")?,
+                    schema_version: u32::try_from(row.try_get::<i64, _>("schema_version")?)
+                        .map_err(|_| StoreError::Corrupt("schema version".into()))?,
+                    // The text as stored is the text hashed.
+                    data: row.try_get("data")?,
+                    metadata: row.try_get("metadata")?,
+                    recorded_at_micros: row.try_get("recorded_at")?,
+                    hash: row.try_get("hash")?,
+                })
+            }),
+        )
+        .await?;
+        let log = audit::walk_log(
+            sqlx::query(
+                "SELECT position, stream, version, category, hash, log_hash \
+                   FROM events ORDER BY position",
+            )
+            .fetch(&mut *transaction)
+            .map_err(StoreError::from)
+            .and_then(|row| async move {
+                Ok(LogRow {
+                    position: sql_u64(&row, "position")?,
+                    stream: row.try_get("stream")?,
+                    version: sql_u64(&row, "version")?,
+                    category: row.try_get("category")?,
+                    hash: row.try_get("hash")?,
+                    log_hash: row.try_get("log_hash")?,
+                })
+            }),
+            head,
+        )
+        .await?;
+        transaction.rollback().await?;
+        Ok(audit::combine(report, log))
+    }
+
+    async fn anchor(&self) -> Result<Anchor, StoreError> {
+        let mut connection = self.pool.acquire().await?;
+        let (position, hash) = read_log_head(&mut connection).await?;
+        Ok(Anchor {
+            position,
+            hash: hex::encode(hash),
+        })
+    }
+
+    async fn find_anchor(&self, hash: &str) -> Result<Option<u64>, StoreError> {
+        let Ok(hash) = hex::decode(hash) else {
+            return Ok(None);
+        };
+        if hash == GENESIS {
+            return Ok(Some(0));
+        }
+        let position: Option<i64> =
+            sqlx::query_scalar("SELECT position FROM events WHERE log_hash = ?1 LIMIT 1")
+                .bind(hash)
+                .fetch_optional(&self.pool)
+                .await?;
+        position
+            .map(|p| u64::try_from(p).map_err(|_| StoreError::Corrupt("position".into())))
+            .transpose()
     }
 }

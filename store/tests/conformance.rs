@@ -10,6 +10,9 @@ mod database;
 #[path = "conformance/write_path.rs"]
 mod write_path;
 
+#[path = "conformance/audit.rs"]
+mod audit;
+
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -490,8 +493,9 @@ async fn verify_catches_a_row_edited_in_the_database(db: Arc<Fixture>) {
     assert_ne!(broken.expected, broken.found);
     assert_eq!((report.streams, report.events), (3, 9));
 
-    // Putting the data back heals it; editing metadata is caught as well.
-    db.execute("UPDATE events SET data = '{\"n\": 2}' WHERE stream = 'lead-b' AND version = 2")
+    // Putting the data back, byte for byte as stored, heals it; editing metadata is
+    // caught as well.
+    db.execute("UPDATE events SET data = '{\"n\":2}' WHERE stream = 'lead-b' AND version = 2")
         .await;
     assert!(store.verify().await.unwrap().ok());
     db.execute("UPDATE events SET metadata = '{\"actor\": \"mallory\"}' WHERE stream = 'lead-c' AND version = 1")
