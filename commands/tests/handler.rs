@@ -1112,4 +1112,10 @@ impl EventStore for Gate {
     async fn verify(&self) -> Result<AuditReport, StoreError> {
         self.inner.verify().await
     }
+    async fn anchor(&self) -> Result<annals_store::Anchor, StoreError> {
+        self.inner.anchor().await
+    }
+    async fn find_anchor(&self, hash: &str) -> Result<Option<u64>, StoreError> {
+        self.inner.find_anchor(hash).await
+    }
 }
