@@ -429,6 +429,15 @@ async fn read_facts(
 /// under the writers' lock (so one process does it, and no append slips in), in one
 /// transaction.
 async fn backfill(pool: &PgPool) -> Result<(), StoreError> {
+    // A plain read first: a server starting beside another's writer must not wait for
+    // the writers' lock when there is nothing to chain (almost always).
+    let head: Option<Option<Vec<u8>>> =
+        sqlx::query_scalar("SELECT hash FROM log_head WHERE id = 1")
+            .fetch_optional(pool)
+            .await?;
+    if !matches!(head, Some(None)) {
+        return Ok(());
+    }
     let mut transaction = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock(7305218446109532161)")
         .execute(&mut *transaction)

@@ -374,6 +374,15 @@ async fn read_log_head(connection: &mut SqliteConnection) -> Result<(u64, Hash),
 /// says so (its hash is NULL only between the migration and this): in position order,
 /// under the write lock, in one transaction.
 async fn backfill(pool: &SqlitePool) -> Result<(), StoreError> {
+    // A plain read first: a store opening beside another process's writer must not wait
+    // for the write lock when there is nothing to chain (almost always).
+    let head: Option<Option<Vec<u8>>> =
+        sqlx::query_scalar("SELECT hash FROM log_head WHERE id = 1")
+            .fetch_optional(pool)
+            .await?;
+    if !matches!(head, Some(None)) {
+        return Ok(());
+    }
     let mut transaction = pool.begin_with("BEGIN IMMEDIATE").await?;
     let pending: Option<Option<Vec<u8>>> =
         sqlx::query_scalar("SELECT hash FROM log_head WHERE id = 1")
