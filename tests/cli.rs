@@ -11,7 +11,8 @@ mod database;
 use std::process::Command;
 use std::sync::Arc;
 
-use database::Fixture;
+use annals_store::ExpectedVersion;
+use database::{Fixture, append, event};
 
 fn annals() -> Command {
     Command::new(env!("CARGO_BIN_EXE_annals"))
@@ -55,7 +56,10 @@ fn a_bad_database_url_is_one_clear_line_and_a_failure() {
     }
 }
 
-on_both_backends!(the_demo_history_replays_verifies_audits_and_prints);
+on_both_backends!(
+    the_demo_history_replays_verifies_audits_and_prints,
+    an_audit_anchor_shows_a_log_rewritten_with_every_hash_recomputed,
+);
 
 fn run(args: &[&str]) -> (bool, String, String) {
     let output = annals().args(args).output().unwrap();
@@ -157,6 +161,59 @@ async fn the_demo_history_replays_verifies_audits_and_prints(db: Arc<Fixture>) {
     let (ok, out, _) = run(&["audit", "verify", "--database-url", url]);
     assert!(!ok);
     assert!(out.starts_with("BROKEN: stream "), "{out}");
+}
+
+async fn an_audit_anchor_shows_a_log_rewritten_with_every_hash_recomputed(db: Arc<Fixture>) {
+    let url = db.url();
+    let store = db.store();
+    for n in 1..=4 {
+        store
+            .append(append("lead-x", ExpectedVersion::Any, vec![event("E", n)]))
+            .await
+            .unwrap();
+    }
+    let (ok, out, err) = run(&["audit", "anchor", "--database-url", url]);
+    assert!(ok, "{err}");
+    let words: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(words.len(), 2, "{out}");
+    let (hash, position) = (words[0].to_owned(), words[1]);
+    assert_eq!((hash.len(), position), (64, "4"), "{out}");
+    let (ok, out, _) = run(&["audit", "verify", "--anchor", &hash, "--database-url", url]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!("anchor {hash} found at position 4")),
+        "{out}"
+    );
+
+    // Cut at position 2, the head row moved back to match: every hash is right again,
+    // and only the anchor shows it.
+    db.execute("DELETE FROM events WHERE position > 2").await;
+    db.execute(
+        "UPDATE log_head SET position = 2, hash = (SELECT log_hash FROM events WHERE position = 2)",
+    )
+    .await;
+    let (ok, out, _) = run(&["audit", "verify", "--database-url", url]);
+    assert!(ok, "{out}");
+    let (ok, out, _) = run(&["audit", "verify", "--anchor", &hash, "--database-url", url]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(&format!("ANCHOR MISSING: the log no longer holds {hash}")),
+        "{out}"
+    );
+
+    let (ok, _, err) = run(&[
+        "audit",
+        "verify",
+        "--anchor",
+        "not-a-hash",
+        "--database-url",
+        url,
+    ]);
+    assert!(!ok);
+    assert!(
+        err.starts_with("annals: ") && err.contains("--anchor"),
+        "{err}"
+    );
 }
 
 #[test]

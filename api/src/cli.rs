@@ -92,8 +92,19 @@ pub enum Operator {
 
 #[derive(Debug, Subcommand)]
 pub enum Audit {
-    /// Check every stream's hash chain from the stored rows; exits 1 on a broken link.
+    /// Check every stream's hash chain and the whole log's from the stored rows; exits 1
+    /// on a broken link, or when the log no longer holds the --anchor given.
     Verify {
+        #[command(flatten)]
+        database: Database,
+        /// A log hash printed by `audit anchor` earlier: the log must still hold it. This
+        /// is what shows a rewrite by someone who recomputed every hash.
+        #[arg(long, value_name = "HASH")]
+        anchor: Option<String>,
+    },
+    /// Print the log's head as `<hash> <position>`: keep the hash somewhere the
+    /// database's writers cannot reach, and give it to `audit verify --anchor` later.
+    Anchor {
         #[command(flatten)]
         database: Database,
     },
@@ -146,30 +157,63 @@ pub async fn run(command: Operator) -> anyhow::Result<ExitCode> {
             Ok(exit(all_equal))
         }
         Operator::Audit {
-            action: Audit::Verify { database },
+            action: Audit::Verify { database, anchor },
         } => {
+            let anchor = anchor.map(|a| a.trim().to_ascii_lowercase());
+            if let Some(anchor) = &anchor
+                && (anchor.len() != 64 || !anchor.bytes().all(|b| b.is_ascii_hexdigit()))
+            {
+                bail!("--anchor takes the 64 hex digits `annals audit anchor` printed");
+            }
             let system = database.open().await?;
             let spinner = ProgressBar::new_spinner().with_message("walking the hash chains");
             spinner.enable_steady_tick(Duration::from_millis(120));
             let report = system.store.verify().await?;
+            let found = match (&anchor, report.ok()) {
+                (Some(anchor), true) => Some(system.store.find_anchor(anchor).await?),
+                _ => None,
+            };
             spinner.finish_and_clear();
             match &report.first_broken_link {
                 None => println!(
-                    "ok: {} streams, {} events, every hash chain intact",
-                    report.streams, report.events
+                    "ok: {} streams, {} events, every hash chain intact up to position {}",
+                    report.streams, report.events, report.head.position
                 ),
                 Some(link) => println!(
-                    "BROKEN: stream {} at version {}: stored hash {}, recomputed {} \
-                     ({} streams, {} events checked)",
+                    "BROKEN: stream {} at version {} (position {}): {}; stored hash {}, \
+                     expected {} ({} streams, {} events checked)",
                     link.stream,
                     link.version,
+                    link.position,
+                    link.reason,
                     link.found,
                     link.expected,
                     report.streams,
                     report.events
                 ),
             }
+            match (anchor, found) {
+                (Some(anchor), Some(Some(position))) => {
+                    println!("anchor {anchor} found at position {position}");
+                }
+                (Some(anchor), Some(None)) => {
+                    println!(
+                        "ANCHOR MISSING: the log no longer holds {anchor}; it was rewritten at \
+                         or before the anchor's position since the anchor was taken"
+                    );
+                    return Ok(exit(false));
+                }
+                _ => {}
+            }
             Ok(exit(report.ok()))
+        }
+        Operator::Audit {
+            action: Audit::Anchor { database },
+        } => {
+            let system = database.open().await?;
+            let anchor = system.store.anchor().await?;
+            println!("{} {}", anchor.hash, anchor.position);
+            Ok(ExitCode::SUCCESS)
         }
         Operator::Events {
             database,
