@@ -192,3 +192,124 @@ fn bad_operator_arguments_are_one_clear_line() {
     assert!(!ok);
     assert!(err.contains("invalid value"), "{err}");
 }
+
+on_both_backends!(parked_events_are_listed_retried_and_skipped_from_the_command_line);
+
+async fn parked_events_are_listed_retried_and_skipped_from_the_command_line(db: Arc<Fixture>) {
+    let url = db.url();
+    // An event no projector can read, parked by the lead board (as its runner parks).
+    let appended = db
+        .store()
+        .append(annals_store::AppendRequest::new(
+            annals_store::StreamName::parse("lead-poison").unwrap(),
+            annals_store::ExpectedVersion::Any,
+            vec![
+                annals_store::NewEvent::new("LeadCaptured", serde_json::json!({"not": "a lead"}))
+                    .with_schema_version(2),
+            ],
+        ))
+        .await
+        .unwrap();
+    let position = appended.last_position();
+    db.execute(&format!(
+        "INSERT INTO projection_dead_letters \
+                (name, position, event_type, error, attempts, parked_at) \
+         VALUES ('lead_board', {position}, 'LeadCaptured', 'cannot be projected', 3, \
+                 '2026-11-27T10:00:00.000000Z')"
+    ))
+    .await;
+    let position = position.to_string();
+
+    let (ok, out, err) = run(&[
+        "parked",
+        "list",
+        "--consumer",
+        "lead_board",
+        "--database-url",
+        url,
+    ]);
+    assert!(ok, "{err}");
+    let line = out.lines().next().unwrap();
+    assert!(
+        line.trim_start().starts_with(&format!("{position}  ")),
+        "{out}"
+    );
+    assert!(
+        line.contains("LeadCaptured") && line.contains("cannot be projected"),
+        "{out}"
+    );
+
+    // Still poisoned: the retry fails with the new error, in one line, exit non-zero.
+    let retry = [
+        "parked",
+        "retry",
+        "--consumer",
+        "lead_board",
+        "--position",
+        &position,
+        "--database-url",
+        url,
+    ];
+    let (ok, _, err) = run(&retry);
+    assert!(!ok);
+    assert!(err.starts_with("annals: "), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("still fails"), "{err}");
+
+    let (ok, out, err) = run(&[
+        "parked",
+        "skip",
+        "--consumer",
+        "lead_board",
+        "--position",
+        &position,
+        "--actor",
+        "ops-oncall",
+        "--database-url",
+        url,
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("skipped by ops-oncall"), "{out}");
+    let recorded = db
+        .text_rows("SELECT skipped_by FROM projection_dead_letters WHERE name = 'lead_board'")
+        .await;
+    assert_eq!(recorded, vec![vec![Some("ops-oncall".to_owned())]]);
+    let (ok, out, _) = run(&[
+        "parked",
+        "list",
+        "--consumer",
+        "lead_board",
+        "--database-url",
+        url,
+    ]);
+    assert!(ok);
+    assert!(out.contains("lead_board: no parked events"), "{out}");
+
+    // Nothing parked there any more, and no such consumer: one clear line, a failure.
+    for args in [
+        retry.to_vec(),
+        vec![
+            "parked",
+            "list",
+            "--consumer",
+            "nothing",
+            "--database-url",
+            url,
+        ],
+        vec![
+            "parked",
+            "skip",
+            "--consumer",
+            "lead_board",
+            "--position",
+            "999",
+            "--database-url",
+            url,
+        ],
+    ] {
+        let (ok, _, err) = run(&args);
+        assert!(!ok, "{args:?}");
+        assert!(err.starts_with("annals: "), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+    }
+}

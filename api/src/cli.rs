@@ -1,5 +1,6 @@
 //! The operator's commands: replay and verify projections (with progress bars), audit
-//! the hash chains, read or tail the log, and fill a store with a demo history.
+//! the hash chains, read or tail the log, list, retry or skip the events a consumer
+//! parked, and fill a store with a demo history.
 
 mod demo;
 
@@ -77,6 +78,11 @@ pub enum Operator {
         #[arg(long)]
         json: bool,
     },
+    /// The events a consumer of the log parked: list them, retry or skip one.
+    Parked {
+        #[command(subcommand)]
+        action: Parked,
+    },
     /// Fill the store, through the command layer, with a reproducible revenue history.
     Demo {
         #[command(flatten)]
@@ -87,6 +93,40 @@ pub enum Operator {
         /// The random seed: the same seed gives the same history.
         #[arg(long, default_value_t = 42)]
         seed: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Parked {
+    /// The consumer's parked events, oldest first, with their errors.
+    List {
+        #[command(flatten)]
+        database: Database,
+        /// The consumer (`lead_board`, `deal_board`, `account_360`).
+        #[arg(long)]
+        consumer: String,
+    },
+    /// Apply one parked event now, in its place in the log; exits 1 when it fails again.
+    Retry {
+        #[command(flatten)]
+        database: Database,
+        #[arg(long)]
+        consumer: String,
+        /// The parked event's position in the log.
+        #[arg(long)]
+        position: u64,
+    },
+    /// Leave one parked event unapplied for good (recorded with the actor and the time).
+    Skip {
+        #[command(flatten)]
+        database: Database,
+        #[arg(long)]
+        consumer: String,
+        #[arg(long)]
+        position: u64,
+        /// Who skips it, for the record.
+        #[arg(long, env = "USER", default_value = "cli")]
+        actor: String,
     },
 }
 
@@ -182,6 +222,7 @@ pub async fn run(command: Operator) -> anyhow::Result<ExitCode> {
             events(&system, from, follow, stream, json).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Operator::Parked { action } => parked(action).await,
         Operator::Demo {
             database,
             leads,
@@ -212,6 +253,77 @@ fn chosen(system: &System, name: Option<&str>) -> anyhow::Result<Vec<Arc<Project
                 system.projection_names().join(", ")
             ),
         },
+    }
+}
+
+fn consumer(system: &System, name: &str) -> anyhow::Result<Arc<ProjectionRunner>> {
+    match system.projection(name) {
+        Some(runner) => Ok(runner.clone()),
+        None => bail!(
+            "no consumer is named {name:?}; there are: {}",
+            system.projection_names().join(", ")
+        ),
+    }
+}
+
+async fn parked(action: Parked) -> anyhow::Result<ExitCode> {
+    match action {
+        Parked::List {
+            database,
+            consumer: name,
+        } => {
+            let system = database.open().await?;
+            let runner = consumer(&system, &name)?;
+            let parked = runner.parked().await?;
+            if parked.is_empty() {
+                println!("{name}: no parked events");
+            }
+            for event in parked {
+                println!(
+                    "{:>8}  {}  {}  {}  {} attempts  {}",
+                    event.position,
+                    event.event_id.as_deref().unwrap_or("-"),
+                    event.event_type,
+                    event.parked_at.as_deref().unwrap_or("-"),
+                    event.attempts,
+                    event.error
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Parked::Retry {
+            database,
+            consumer: name,
+            position,
+        } => {
+            let system = database.open().await?;
+            let runner = consumer(&system, &name)?;
+            runner
+                .retry_parked_event(position)
+                .await
+                .with_context(|| format!("retrying {name}'s event at position {position}"))?;
+            println!("{name}: the event at position {position} is applied");
+            Ok(ExitCode::SUCCESS)
+        }
+        Parked::Skip {
+            database,
+            consumer: name,
+            position,
+            actor,
+        } => {
+            let system = database.open().await?;
+            let runner = consumer(&system, &name)?;
+            let skipped = runner
+                .skip_parked_event(position, &actor)
+                .await
+                .with_context(|| format!("skipping {name}'s event at position {position}"))?;
+            println!(
+                "{name}: the event at position {position} is skipped by {} at {}",
+                skipped.skipped_by.as_deref().unwrap_or(&actor),
+                skipped.skipped_at.as_deref().unwrap_or("-")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

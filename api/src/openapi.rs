@@ -43,7 +43,7 @@ impl Modify for BearerScheme {
     }
 }
 
-fn problems(answers: &[(u16, &str)]) -> BTreeMap<String, RefOr<Response>> {
+pub(crate) fn problems(answers: &[(u16, &str)]) -> BTreeMap<String, RefOr<Response>> {
     answers
         .iter()
         .map(|(status, description)| {
