@@ -55,7 +55,10 @@ fn a_bad_database_url_is_one_clear_line_and_a_failure() {
     }
 }
 
-on_both_backends!(the_demo_history_replays_verifies_audits_and_prints);
+on_both_backends!(
+    the_demo_history_replays_verifies_audits_and_prints,
+    parked_events_are_listed_retried_and_skipped_from_the_command_line,
+);
 
 fn run(args: &[&str]) -> (bool, String, String) {
     let output = annals().args(args).output().unwrap();
@@ -192,8 +195,6 @@ fn bad_operator_arguments_are_one_clear_line() {
     assert!(!ok);
     assert!(err.contains("invalid value"), "{err}");
 }
-
-on_both_backends!(parked_events_are_listed_retried_and_skipped_from_the_command_line);
 
 async fn parked_events_are_listed_retried_and_skipped_from_the_command_line(db: Arc<Fixture>) {
     let url = db.url();
