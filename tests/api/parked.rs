@@ -192,11 +192,14 @@ async fn a_parked_event_is_retried_once_its_fault_is_fixed_and_the_board_resumes
             .await;
         }
         Backend::Sqlite => {
-            db.execute(
-                "CREATE TRIGGER no_bob BEFORE UPDATE ON lead_board \
-                 WHEN NEW.owner = 'bob' BEGIN SELECT RAISE(ABORT, 'no bob'); END",
-            )
-            .await;
+            // Both: the capture and the assignment may be folded into one insert.
+            for (name, on) in [("no_bob", "UPDATE"), ("no_new_bob", "INSERT")] {
+                db.execute(&format!(
+                    "CREATE TRIGGER {name} BEFORE {on} ON lead_board \
+                     WHEN NEW.owner = 'bob' BEGIN SELECT RAISE(ABORT, 'no bob'); END"
+                ))
+                .await;
+            }
         }
     }
     let server = Server::start(db.url());
@@ -230,7 +233,10 @@ async fn a_parked_event_is_retried_once_its_fault_is_fixed_and_the_board_resumes
             db.execute("ALTER TABLE lead_board DROP CONSTRAINT no_bob")
                 .await
         }
-        Backend::Sqlite => db.execute("DROP TRIGGER no_bob").await,
+        Backend::Sqlite => {
+            db.execute("DROP TRIGGER no_bob").await;
+            db.execute("DROP TRIGGER no_new_bob").await
+        }
     };
     let retried = server
         .admin(&format!(
