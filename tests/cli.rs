@@ -11,7 +11,8 @@ mod database;
 use std::process::Command;
 use std::sync::Arc;
 
-use database::Fixture;
+use annals_store::ExpectedVersion;
+use database::{Fixture, append, event};
 
 fn annals() -> Command {
     Command::new(env!("CARGO_BIN_EXE_annals"))
@@ -55,7 +56,11 @@ fn a_bad_database_url_is_one_clear_line_and_a_failure() {
     }
 }
 
-on_both_backends!(the_demo_history_replays_verifies_audits_and_prints);
+on_both_backends!(
+    the_demo_history_replays_verifies_audits_and_prints,
+    an_audit_anchor_shows_a_log_rewritten_with_every_hash_recomputed,
+    parked_events_are_listed_retried_and_skipped_from_the_command_line,
+);
 
 fn run(args: &[&str]) -> (bool, String, String) {
     let output = annals().args(args).output().unwrap();
@@ -159,6 +164,59 @@ async fn the_demo_history_replays_verifies_audits_and_prints(db: Arc<Fixture>) {
     assert!(out.starts_with("BROKEN: stream "), "{out}");
 }
 
+async fn an_audit_anchor_shows_a_log_rewritten_with_every_hash_recomputed(db: Arc<Fixture>) {
+    let url = db.url();
+    let store = db.store();
+    for n in 1..=4 {
+        store
+            .append(append("lead-x", ExpectedVersion::Any, vec![event("E", n)]))
+            .await
+            .unwrap();
+    }
+    let (ok, out, err) = run(&["audit", "anchor", "--database-url", url]);
+    assert!(ok, "{err}");
+    let words: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(words.len(), 2, "{out}");
+    let (hash, position) = (words[0].to_owned(), words[1]);
+    assert_eq!((hash.len(), position), (64, "4"), "{out}");
+    let (ok, out, _) = run(&["audit", "verify", "--anchor", &hash, "--database-url", url]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!("anchor {hash} found at position 4")),
+        "{out}"
+    );
+
+    // Cut at position 2, the head row moved back to match: every hash is right again,
+    // and only the anchor shows it.
+    db.execute("DELETE FROM events WHERE position > 2").await;
+    db.execute(
+        "UPDATE log_head SET position = 2, hash = (SELECT log_hash FROM events WHERE position = 2)",
+    )
+    .await;
+    let (ok, out, _) = run(&["audit", "verify", "--database-url", url]);
+    assert!(ok, "{out}");
+    let (ok, out, _) = run(&["audit", "verify", "--anchor", &hash, "--database-url", url]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(&format!("ANCHOR MISSING: the log no longer holds {hash}")),
+        "{out}"
+    );
+
+    let (ok, _, err) = run(&[
+        "audit",
+        "verify",
+        "--anchor",
+        "not-a-hash",
+        "--database-url",
+        url,
+    ]);
+    assert!(!ok);
+    assert!(
+        err.starts_with("annals: ") && err.contains("--anchor"),
+        "{err}"
+    );
+}
+
 #[test]
 fn bad_operator_arguments_are_one_clear_line() {
     let dir = tempfile::tempdir().unwrap();
@@ -191,4 +249,123 @@ fn bad_operator_arguments_are_one_clear_line() {
     let (ok, _, err) = run(&["demo", "--leads", "many"]);
     assert!(!ok);
     assert!(err.contains("invalid value"), "{err}");
+}
+
+async fn parked_events_are_listed_retried_and_skipped_from_the_command_line(db: Arc<Fixture>) {
+    let url = db.url();
+    // An event no projector can read, parked by the lead board (as its runner parks).
+    let appended = db
+        .store()
+        .append(annals_store::AppendRequest::new(
+            annals_store::StreamName::parse("lead-poison").unwrap(),
+            annals_store::ExpectedVersion::Any,
+            vec![
+                annals_store::NewEvent::new("LeadCaptured", serde_json::json!({"not": "a lead"}))
+                    .with_schema_version(2),
+            ],
+        ))
+        .await
+        .unwrap();
+    let position = appended.last_position();
+    db.execute(&format!(
+        "INSERT INTO projection_dead_letters \
+                (name, position, event_type, error, attempts, parked_at) \
+         VALUES ('lead_board', {position}, 'LeadCaptured', 'cannot be projected', 3, \
+                 '2026-11-27T10:00:00.000000Z')"
+    ))
+    .await;
+    let position = position.to_string();
+
+    let (ok, out, err) = run(&[
+        "parked",
+        "list",
+        "--consumer",
+        "lead_board",
+        "--database-url",
+        url,
+    ]);
+    assert!(ok, "{err}");
+    let line = out.lines().next().unwrap();
+    assert!(
+        line.trim_start().starts_with(&format!("{position}  ")),
+        "{out}"
+    );
+    assert!(
+        line.contains("LeadCaptured") && line.contains("cannot be projected"),
+        "{out}"
+    );
+
+    // Still poisoned: the retry fails with the new error, in one line, exit non-zero.
+    let retry = [
+        "parked",
+        "retry",
+        "--consumer",
+        "lead_board",
+        "--position",
+        &position,
+        "--database-url",
+        url,
+    ];
+    let (ok, _, err) = run(&retry);
+    assert!(!ok);
+    assert!(err.starts_with("annals: "), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("still fails"), "{err}");
+
+    let (ok, out, err) = run(&[
+        "parked",
+        "skip",
+        "--consumer",
+        "lead_board",
+        "--position",
+        &position,
+        "--actor",
+        "ops-oncall",
+        "--database-url",
+        url,
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("skipped by ops-oncall"), "{out}");
+    let recorded = db
+        .text_rows("SELECT skipped_by FROM projection_dead_letters WHERE name = 'lead_board'")
+        .await;
+    assert_eq!(recorded, vec![vec![Some("ops-oncall".to_owned())]]);
+    let (ok, out, _) = run(&[
+        "parked",
+        "list",
+        "--consumer",
+        "lead_board",
+        "--database-url",
+        url,
+    ]);
+    assert!(ok);
+    assert!(out.contains("lead_board: no parked events"), "{out}");
+
+    // Nothing parked there any more, and no such consumer: one clear line, a failure.
+    for args in [
+        retry.to_vec(),
+        vec![
+            "parked",
+            "list",
+            "--consumer",
+            "nothing",
+            "--database-url",
+            url,
+        ],
+        vec![
+            "parked",
+            "skip",
+            "--consumer",
+            "lead_board",
+            "--position",
+            "999",
+            "--database-url",
+            url,
+        ],
+    ] {
+        let (ok, _, err) = run(&args);
+        assert!(!ok, "{args:?}");
+        assert!(err.starts_with("annals: "), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+    }
 }

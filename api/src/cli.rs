@@ -1,5 +1,6 @@
 //! The operator's commands: replay and verify projections (with progress bars), audit
-//! the hash chains, read or tail the log, and fill a store with a demo history.
+//! the hash chains, read or tail the log, list, retry or skip the events a consumer
+//! parked, and fill a store with a demo history.
 
 mod demo;
 
@@ -77,6 +78,11 @@ pub enum Operator {
         #[arg(long)]
         json: bool,
     },
+    /// The events a consumer of the log parked: list them, retry or skip one.
+    Parked {
+        #[command(subcommand)]
+        action: Parked,
+    },
     /// Fill the store, through the command layer, with a reproducible revenue history.
     Demo {
         #[command(flatten)]
@@ -91,9 +97,54 @@ pub enum Operator {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum Parked {
+    /// The consumer's parked events, oldest first, with their errors.
+    List {
+        #[command(flatten)]
+        database: Database,
+        /// The consumer (`lead_board`, `deal_board`, `account_360`).
+        #[arg(long)]
+        consumer: String,
+    },
+    /// Apply one parked event now, in its place in the log; exits 1 when it fails again.
+    Retry {
+        #[command(flatten)]
+        database: Database,
+        #[arg(long)]
+        consumer: String,
+        /// The parked event's position in the log.
+        #[arg(long)]
+        position: u64,
+    },
+    /// Leave one parked event unapplied for good (recorded with the actor and the time).
+    Skip {
+        #[command(flatten)]
+        database: Database,
+        #[arg(long)]
+        consumer: String,
+        #[arg(long)]
+        position: u64,
+        /// Who skips it, for the record.
+        #[arg(long, env = "USER", default_value = "cli")]
+        actor: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum Audit {
-    /// Check every stream's hash chain from the stored rows; exits 1 on a broken link.
+    /// Check every stream's hash chain and the whole log's from the stored rows; exits 1
+    /// on a broken link, or when the log no longer holds the --anchor given.
     Verify {
+        #[command(flatten)]
+        database: Database,
+        /// A log hash printed by `audit anchor` earlier: the log must still hold it. This
+        /// is what shows a rewrite by someone who recomputed every hash.
+        #[arg(long, value_name = "HASH")]
+        anchor: Option<String>,
+    },
+    /// Print the log's head as `<hash> <position>`: keep the hash somewhere the
+    /// database's writers cannot reach, and give it to `audit verify --anchor` later.
+    Anchor {
         #[command(flatten)]
         database: Database,
     },
@@ -165,30 +216,63 @@ pub async fn run(command: Operator) -> anyhow::Result<ExitCode> {
             Ok(exit(all_equal))
         }
         Operator::Audit {
-            action: Audit::Verify { database },
+            action: Audit::Verify { database, anchor },
         } => {
+            let anchor = anchor.map(|a| a.trim().to_ascii_lowercase());
+            if let Some(anchor) = &anchor
+                && (anchor.len() != 64 || !anchor.bytes().all(|b| b.is_ascii_hexdigit()))
+            {
+                bail!("--anchor takes the 64 hex digits `annals audit anchor` printed");
+            }
             let system = database.open().await?;
             let spinner = ProgressBar::new_spinner().with_message("walking the hash chains");
             spinner.enable_steady_tick(Duration::from_millis(120));
             let report = system.store.verify().await?;
+            let found = match (&anchor, report.ok()) {
+                (Some(anchor), true) => Some(system.store.find_anchor(anchor).await?),
+                _ => None,
+            };
             spinner.finish_and_clear();
             match &report.first_broken_link {
                 None => println!(
-                    "ok: {} streams, {} events, every hash chain intact",
-                    report.streams, report.events
+                    "ok: {} streams, {} events, every hash chain intact up to position {}",
+                    report.streams, report.events, report.head.position
                 ),
                 Some(link) => println!(
-                    "BROKEN: stream {} at version {}: stored hash {}, recomputed {} \
-                     ({} streams, {} events checked)",
+                    "BROKEN: stream {} at version {} (position {}): {}; stored hash {}, \
+                     expected {} ({} streams, {} events checked)",
                     link.stream,
                     link.version,
+                    link.position,
+                    link.reason,
                     link.found,
                     link.expected,
                     report.streams,
                     report.events
                 ),
             }
+            match (anchor, found) {
+                (Some(anchor), Some(Some(position))) => {
+                    println!("anchor {anchor} found at position {position}");
+                }
+                (Some(anchor), Some(None)) => {
+                    println!(
+                        "ANCHOR MISSING: the log no longer holds {anchor}; it was rewritten at \
+                         or before the anchor's position since the anchor was taken"
+                    );
+                    return Ok(exit(false));
+                }
+                _ => {}
+            }
             Ok(exit(report.ok()))
+        }
+        Operator::Audit {
+            action: Audit::Anchor { database },
+        } => {
+            let system = database.open().await?;
+            let anchor = system.store.anchor().await?;
+            println!("{} {}", anchor.hash, anchor.position);
+            Ok(ExitCode::SUCCESS)
         }
         Operator::Events {
             database,
@@ -201,6 +285,7 @@ pub async fn run(command: Operator) -> anyhow::Result<ExitCode> {
             events(&system, from, follow, stream, json).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Operator::Parked { action } => parked(action).await,
         Operator::Demo {
             database,
             leads,
@@ -231,6 +316,77 @@ fn chosen(system: &System, name: Option<&str>) -> anyhow::Result<Vec<Arc<Project
                 system.projection_names().join(", ")
             ),
         },
+    }
+}
+
+fn consumer(system: &System, name: &str) -> anyhow::Result<Arc<ProjectionRunner>> {
+    match system.projection(name) {
+        Some(runner) => Ok(runner.clone()),
+        None => bail!(
+            "no consumer is named {name:?}; there are: {}",
+            system.projection_names().join(", ")
+        ),
+    }
+}
+
+async fn parked(action: Parked) -> anyhow::Result<ExitCode> {
+    match action {
+        Parked::List {
+            database,
+            consumer: name,
+        } => {
+            let system = database.open().await?;
+            let runner = consumer(&system, &name)?;
+            let parked = runner.parked().await?;
+            if parked.is_empty() {
+                println!("{name}: no parked events");
+            }
+            for event in parked {
+                println!(
+                    "{:>8}  {}  {}  {}  {} attempts  {}",
+                    event.position,
+                    event.event_id.as_deref().unwrap_or("-"),
+                    event.event_type,
+                    event.parked_at.as_deref().unwrap_or("-"),
+                    event.attempts,
+                    event.error
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Parked::Retry {
+            database,
+            consumer: name,
+            position,
+        } => {
+            let system = database.open().await?;
+            let runner = consumer(&system, &name)?;
+            runner
+                .retry_parked_event(position)
+                .await
+                .with_context(|| format!("retrying {name}'s event at position {position}"))?;
+            println!("{name}: the event at position {position} is applied");
+            Ok(ExitCode::SUCCESS)
+        }
+        Parked::Skip {
+            database,
+            consumer: name,
+            position,
+            actor,
+        } => {
+            let system = database.open().await?;
+            let runner = consumer(&system, &name)?;
+            let skipped = runner
+                .skip_parked_event(position, &actor)
+                .await
+                .with_context(|| format!("skipping {name}'s event at position {position}"))?;
+            println!(
+                "{name}: the event at position {position} is skipped by {} at {}",
+                skipped.skipped_by.as_deref().unwrap_or(&actor),
+                skipped.skipped_at.as_deref().unwrap_or("-")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -520,10 +520,21 @@ pub struct AuditAnswer {
     pub ok: bool,
     pub streams: u64,
     pub events: u64,
-    /// The first link whose stored hash is not the one recomputed from the stored
-    /// contents.
+    /// The first broken link: of a stream's hash chain, else of the log's (a gap in
+    /// positions, a cut tail), with `position` and a `reason`.
     #[schema(value_type = Option<Object>)]
     pub first_broken_link: Option<serde_json::Value>,
+    /// The last position walked and its log hash. Kept somewhere the database's writers
+    /// cannot reach, it shows a later rewrite that recomputed every hash
+    /// (`annals audit verify --anchor <hash>`).
+    pub anchor: AnchorAnswer,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AnchorAnswer {
+    pub position: u64,
+    /// SHA-256, 64 hex digits.
+    pub hash: String,
 }
 
 #[derive(Debug, Serialize, ToSchema)]

@@ -136,8 +136,16 @@ impl ApiError {
                 (StatusCode::CONFLICT, "projection-busy", told())
             }
             Projection(ProjectionError::Store(error)) => store(error),
-            Projection(ProjectionError::Database(error)) if annals_store::is_unavailable(error) => {
+            Projection(ProjectionError::Database(error))
+                if annals_projections::is_outage(error) =>
+            {
                 unavailable()
+            }
+            Projection(ProjectionError::NotParked { .. }) => {
+                (StatusCode::NOT_FOUND, "not-parked", told())
+            }
+            Projection(ProjectionError::StillFailing { .. }) => {
+                (StatusCode::CONFLICT, "still-failing", told())
             }
             Projection(_) => internal(),
             MalformedJson(_) => (StatusCode::BAD_REQUEST, "malformed-json", told()),

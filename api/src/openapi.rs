@@ -46,7 +46,7 @@ impl Modify for BearerScheme {
     }
 }
 
-fn problems(answers: &[(u16, &str)]) -> BTreeMap<String, RefOr<Response>> {
+pub(crate) fn problems(answers: &[(u16, &str)]) -> BTreeMap<String, RefOr<Response>> {
     answers
         .iter()
         .map(|(status, description)| {

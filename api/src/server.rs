@@ -113,6 +113,7 @@ fn api() -> OpenApiRouter<Arc<App>> {
         .merge(routes::commands::routes())
         .merge(routes::queries::routes())
         .merge(routes::operations::routes())
+        .merge(routes::consumers::routes())
 }
 
 /// The router and the OpenAPI document of every route, with the domain's word lists.

@@ -1232,13 +1232,13 @@ async fn verify_names_each_difference_by_key_kind_and_column(db: Arc<Fixture>) {
         ids[0]
     ))
     .await;
-    db.execute(&format!(
+    db.execute(
         "INSERT INTO lead_board (generation, lead_id, email, name, source, status, score, \
                                  captured_at, updated_position) \
          SELECT live_generation, 'not-a-lead', 'x@example.com', 'X', 'web', 'new', 0, \
                 '2026-01-01T00:00:00.000000Z', 1 \
-           FROM projections WHERE name = 'lead_board'"
-    ))
+           FROM projections WHERE name = 'lead_board'",
+    )
     .await;
     let mut expected = vec![
         (

@@ -14,5 +14,6 @@ mod errors;
 mod faults;
 mod flows;
 mod operations;
+mod parked;
 mod process;
 mod roles;

@@ -197,9 +197,12 @@ async fn the_audit_catches_a_row_edited_in_the_database(db: Arc<Fixture>) {
     let server = Server::start(db.url());
     let id = qualified_lead(&server, "ada").await;
     let audit = server.read("/admin/audit/verify").await;
+    let anchor = audit["anchor"]["hash"].as_str().unwrap().to_owned();
+    assert_eq!(anchor.len(), 64);
     assert_eq!(
         audit,
-        json!({"ok": true, "streams": 1, "events": 4, "first_broken_link": null})
+        json!({"ok": true, "streams": 1, "events": 4, "first_broken_link": null,
+               "anchor": {"position": 4, "hash": anchor}})
     );
     // Someone with database access raises the score of a signal.
     let edited = match db.backend() {

@@ -15,7 +15,7 @@ on_both_backends!(every_route_admits_exactly_its_roles);
 
 /// `api.md`'s roles, route by route: `None` is open, otherwise the role that may call
 /// it besides the operator (who may call everything).
-const CONTRACT: [(&str, &str, Option<&str>); 33] = [
+const CONTRACT: [(&str, &str, Option<&str>); 36] = [
     ("post", "/leads", Some("writer")),
     ("post", "/leads/{id}/signals", Some("writer")),
     ("post", "/leads/{id}/assign", Some("writer")),
@@ -49,6 +49,17 @@ const CONTRACT: [(&str, &str, Option<&str>); 33] = [
     ),
     ("post", "/admin/projections/{name}/verify", Some("operator")),
     ("get", "/admin/audit/verify", Some("operator")),
+    ("get", "/admin/consumers/{name}/parked", Some("operator")),
+    (
+        "post",
+        "/admin/consumers/{name}/parked/{position}/retry",
+        Some("operator"),
+    ),
+    (
+        "post",
+        "/admin/consumers/{name}/parked/{position}/skip",
+        Some("operator"),
+    ),
     ("get", "/health/live", None),
     ("get", "/health/ready", None),
     ("get", "/metrics", None),
@@ -86,7 +97,8 @@ async fn every_route_admits_exactly_its_roles(db: Arc<Fixture>) {
         let concrete = path
             .replace("{id}", &uuid::Uuid::now_v7().to_string())
             .replace("{name}", "lead_board")
-            .replace("{stream}", "lead-nobody");
+            .replace("{stream}", "lead-nobody")
+            .replace("{position}", "1");
         let body = (method == Method::POST).then(|| json!({}));
         let call = |token: Option<&'static str>| {
             let (method, concrete, body) = (method.clone(), concrete.clone(), body.clone());

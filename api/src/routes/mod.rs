@@ -1,5 +1,6 @@
 //! The endpoints of `api.md`, by kind.
 
 pub mod commands;
+pub mod consumers;
 pub mod operations;
 pub mod queries;

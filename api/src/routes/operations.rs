@@ -294,7 +294,7 @@ async fn verify_projection(
     }))
 }
 
-/// Check every stream's hash chain from the stored rows.
+/// Check every stream's hash chain and the whole log's from the stored rows.
 #[utoipa::path(get, path = "/admin/audit/verify", tag = "admin",
     responses((status = 200, description = "The audit", body = AuditAnswer), OperatorProblems),
     security(("bearer" = ["operator"])))]
@@ -307,6 +307,10 @@ async fn audit_verify(State(app): State<Arc<App>>) -> Result<Json<AuditAnswer>, 
         first_broken_link: report
             .first_broken_link
             .map(|link| serde_json::to_value(link).unwrap_or(Value::Null)),
+        anchor: AnchorAnswer {
+            position: report.head.position,
+            hash: report.head.hash,
+        },
     }))
 }
 

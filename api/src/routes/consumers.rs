@@ -1,0 +1,261 @@
+//! The consumers of the log (today the projections) as an operator restarts them: the
+//! events a consumer parked, and the operator's retry or skip of one. Every route is the
+//! operator's.
+//!
+//! Invariant: a retry or a skip acts on an event only while it is parked; a second retry
+//! (or a retry after a skip) finds nothing parked (404) and never applies it twice.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use annals_projections::{ParkedEvent, ProjectionRunner};
+use axum::Json;
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use serde::{Deserialize, Serialize};
+use utoipa::openapi::{RefOr, Response};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::extract::{Params, limit};
+use crate::server::App;
+
+pub fn routes() -> OpenApiRouter<Arc<App>> {
+    OpenApiRouter::new()
+        .routes(routes!(list_parked))
+        .routes(routes!(retry_parked))
+        .routes(routes!(skip_parked))
+}
+
+/// What the parked-event endpoints may answer besides success.
+#[derive(Debug)]
+struct ParkedProblems;
+
+impl utoipa::IntoResponses for ParkedProblems {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        crate::openapi::problems(&[
+            (401, "No token, or an unknown one"),
+            (403, "The token's role may not do this"),
+            (
+                404,
+                "No consumer has this name (`consumer-not-found`), or it has no parked event at this position (`not-parked`)",
+            ),
+            (
+                409,
+                "The retried event failed again (`still-failing`, with the new error); it stays parked",
+            ),
+            (422, "A parameter is invalid"),
+            (
+                503,
+                "The database is unavailable or the request timed out; the event stays parked",
+            ),
+        ])
+    }
+}
+
+/// One parked event of a consumer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ParkedItem {
+    /// Its position in the global log.
+    pub position: u64,
+    /// `null` only for events parked before event ids were recorded.
+    #[schema(format = Uuid)]
+    pub event_id: Option<String>,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// The last error applying it gave.
+    pub error: String,
+    /// How often applying it was tried.
+    pub attempts: u64,
+    /// When it was parked (RFC 3339); `null` for events parked before this was recorded.
+    pub parked_at: Option<String>,
+    /// Who skipped it (only in the answer to a skip).
+    pub skipped_by: Option<String>,
+    /// When it was skipped (RFC 3339; only in the answer to a skip).
+    pub skipped_at: Option<String>,
+}
+
+impl From<ParkedEvent> for ParkedItem {
+    fn from(parked: ParkedEvent) -> Self {
+        ParkedItem {
+            position: parked.position,
+            event_id: parked.event_id,
+            event_type: parked.event_type,
+            error: parked.error,
+            attempts: parked.attempts,
+            parked_at: parked.parked_at,
+            skipped_by: parked.skipped_by,
+            skipped_at: parked.skipped_at,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ParkedList {
+    pub items: Vec<ParkedItem>,
+    /// `null` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// The answer to a retry that applied the event.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RetryAnswer {
+    pub consumer: String,
+    pub position: u64,
+    /// `applied`.
+    pub status: String,
+}
+
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ParkedQuery {
+    /// 1–500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
+    pub limit: Option<i64>,
+    /// A `next_cursor` from an earlier page.
+    #[param(pattern = "^[0-9]{1,19}$")]
+    pub cursor: Option<String>,
+}
+
+/// The consumer and the position in a parked event's path.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct ParkedPath {
+    /// The consumer: `lead_board`, `deal_board` or `account_360`.
+    pub name: String,
+    /// The parked event's position in the log.
+    #[param(minimum = 1)]
+    pub position: u64,
+}
+
+fn consumer<'a>(app: &'a App, name: &str) -> Result<&'a Arc<ProjectionRunner>, ApiError> {
+    app.system.projection(name).ok_or_else(|| {
+        ApiError::not_found(
+            "consumer-not-found",
+            format!(
+                "no consumer is named so; there are: {}",
+                app.system.projection_names().join(", ")
+            ),
+        )
+    })
+}
+
+/// A parked event's path; a position that is not a whole number from 1 is an invalid
+/// parameter (422), as the document says.
+#[derive(Debug)]
+struct Parked {
+    name: String,
+    position: u64,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Parked {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(path) = Path::<ParkedPath>::from_request_parts(parts, state)
+            .await
+            .map_err(|rejection| ApiError::invalid("invalid-parameter", rejection.body_text()))?;
+        if path.position == 0 {
+            return Err(ApiError::invalid(
+                "invalid-parameter",
+                "position must be at least 1",
+            ));
+        }
+        Ok(Parked {
+            name: path.name,
+            position: path.position,
+        })
+    }
+}
+
+/// The caller, recorded with a skip.
+#[derive(Debug)]
+struct Actor(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for Actor {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        parts
+            .extensions
+            .get::<Caller>()
+            .map(|caller| Actor(caller.actor.clone()))
+            .ok_or(ApiError::Unauthorized)
+    }
+}
+
+/// The events a consumer parked (and nobody skipped), oldest first: a halted consumer
+/// waits before the first of them.
+#[utoipa::path(get, path = "/admin/consumers/{name}/parked", tag = "admin",
+    params(("name" = String, Path, description = "The consumer: `lead_board`, `deal_board` or `account_360`"), ParkedQuery),
+    responses((status = 200, description = "A page of its parked events", body = ParkedList), ParkedProblems),
+    security(("bearer" = ["operator"])))]
+async fn list_parked(
+    State(app): State<Arc<App>>,
+    Path(name): Path<String>,
+    Params(query): Params<ParkedQuery>,
+) -> Result<Json<ParkedList>, ApiError> {
+    let runner = consumer(&app, &name)?;
+    let limit = limit(query.limit)?;
+    let after = query
+        .cursor
+        .as_deref()
+        .map(|c| {
+            c.parse::<u64>().map_err(|_| {
+                ApiError::invalid(
+                    "invalid-cursor",
+                    "the cursor is not one this server gave out",
+                )
+            })
+        })
+        .transpose()?
+        .unwrap_or(0);
+    let mut parked = runner.parked_after(after, limit + 1).await?;
+    let next_cursor = (parked.len() > limit).then(|| parked[limit - 1].position.to_string());
+    parked.truncate(limit);
+    Ok(Json(ParkedList {
+        items: parked.into_iter().map(ParkedItem::from).collect(),
+        next_cursor,
+    }))
+}
+
+/// Apply a parked event now, in its place in the log; a halted consumer then goes on.
+#[utoipa::path(post, path = "/admin/consumers/{name}/parked/{position}/retry", tag = "admin",
+    params(ParkedPath),
+    responses((status = 200, description = "The event was applied", body = RetryAnswer), ParkedProblems),
+    security(("bearer" = ["operator"])))]
+async fn retry_parked(
+    State(app): State<Arc<App>>,
+    parked: Parked,
+) -> Result<Json<RetryAnswer>, ApiError> {
+    let runner = consumer(&app, &parked.name)?.clone();
+    let position = parked.position;
+    // In a task of its own: a client that hangs up does not cut the retry short.
+    tokio::spawn(async move { runner.retry_parked_event(position).await })
+        .await
+        .map_err(|_| ApiError::Panicked)??;
+    Ok(Json(RetryAnswer {
+        consumer: parked.name,
+        position,
+        status: "applied".to_owned(),
+    }))
+}
+
+/// Leave a parked event unapplied for good, recorded with the caller and the time; a
+/// halted consumer goes on after it.
+#[utoipa::path(post, path = "/admin/consumers/{name}/parked/{position}/skip", tag = "admin",
+    params(ParkedPath),
+    responses((status = 200, description = "The event is skipped", body = ParkedItem), ParkedProblems),
+    security(("bearer" = ["operator"])))]
+async fn skip_parked(
+    State(app): State<Arc<App>>,
+    Actor(actor): Actor,
+    parked: Parked,
+) -> Result<Json<ParkedItem>, ApiError> {
+    let runner = consumer(&app, &parked.name)?;
+    let skipped = runner.skip_parked_event(parked.position, &actor).await?;
+    Ok(Json(skipped.into()))
+}
