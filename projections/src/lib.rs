@@ -873,15 +873,23 @@ impl ProjectionRunner {
             let mut tx = self.db.begin(live).await?;
             // The projections row first, then the checkpoint row: the order a batch and a
             // swap take them in, so none of them waits on another in a cycle.
+            // A rebuild or verify that holds its claim fills a generation of its own
+            // without the parked event; a retry now would reach the live rows only, and
+            // the swap would then lose it. So a retry waits for the claim to end.
             let still_live = tx
                 .fetch_int(
                     &format!(
-                        "SELECT live_generation FROM projections WHERE name = $1{}",
+                        "SELECT CASE WHEN rebuilding IS NOT NULL AND rebuild_seen_micros >= $2 \
+                                     THEN -1 ELSE live_generation END \
+                           FROM projections WHERE name = $1{}",
                         tx.share_lock()
                     ),
-                    &[name.into()],
+                    &[name.into(), stale_before().into()],
                 )
                 .await?;
+            if still_live == Some(-1) {
+                return Err(ProjectionError::Busy(name.to_owned()));
+            }
             if still_live == Some(live) {
                 let checkpoint = lock_checkpoint(&mut tx, name, live).await?;
                 return Ok((tx, live, checkpoint));

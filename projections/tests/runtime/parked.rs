@@ -13,6 +13,7 @@ on_both_backends!(
     two_retries_of_one_parked_event_apply_it_once,
     a_skip_policy_retry_refolds_the_rows_it_touches_like_a_rebuild,
     an_outage_is_retried_and_never_parked,
+    a_retry_waits_for_a_rebuild_that_holds_its_claim,
 );
 
 /// The lead board, paused once inside its transaction: it says when it got there
@@ -242,6 +243,26 @@ async fn a_skip_policy_retry_refolds_the_rows_it_touches_like_a_rebuild(db: Arc<
     let report = retrier.verify().await.unwrap();
     assert!(report.equal, "{:?}", report.differences);
     assert_board_equals_a_rebuild(&db, "the retried row as a rebuild folds it").await;
+}
+
+async fn a_retry_waits_for_a_rebuild_that_holds_its_claim(db: Arc<Fixture>) {
+    // A rebuild claimed and filled past the parked signal (leaving it out, as the live
+    // generation does): a retry now would re-fold the live rows only, and the swap would
+    // then bring in a generation without the signal. It is refused until the rebuild ends.
+    let (_, position) = a_lead_with_a_parked_signal(&db).await;
+    let rebuilder = skipping(&db, Arc::new(LeadBoard));
+    let claim = rebuilder.claim_rebuild().await.unwrap();
+    let retrier = skipping(&db, Arc::new(LeadBoard));
+    let refused = retrier.retry_parked_event(position).await;
+    assert!(
+        matches!(refused, Err(ProjectionError::Busy(_))),
+        "a retry during a rebuild: {refused:?}"
+    );
+    assert_eq!(retrier.parked().await.unwrap().len(), 1, "still parked");
+    rebuilder.finish_rebuild(claim).await.unwrap();
+    retrier.retry_parked_event(position).await.unwrap();
+    assert!(retrier.parked().await.unwrap().is_empty());
+    assert_board_equals_a_rebuild(&db, "the signal in the swapped-in generation").await;
 }
 
 /// A database error as PostgreSQL reports one, with its SQLSTATE.
