@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::contract::Count;
 use crate::dto::*;
 use crate::error::ApiError;
 use crate::extract::{Id, Params, limit};
@@ -111,21 +112,15 @@ async fn list_leads(
     if let Some(source) = &query.source {
         Source::parse(source)?;
     }
-    if query.min_score.is_some_and(|s| s < 0) {
-        return Err(ApiError::invalid(
-            "invalid-parameter",
-            "min_score must not be negative",
-        ));
-    }
-    let limit = limit(query.limit)?;
+    let limit = limit(query.limit);
     let position = app
-        .consistent(&["lead_board"], consistency.min_position)
+        .consistent(&["lead_board"], consistency.position())
         .await?;
     let filter = LeadFilter {
         status: query.status,
         owner: query.owner,
         source: query.source,
-        min_score: query.min_score,
+        min_score: query.min_score.map(Count::get),
     };
     let page = queries::leads(&app.system.db, &filter, limit, query.cursor.as_deref()).await?;
     Ok(with_position(
@@ -150,7 +145,7 @@ async fn get_lead(
     Params(consistency): Params<Consistency>,
 ) -> Result<Response, ApiError> {
     let position = app
-        .consistent(&["lead_board"], consistency.min_position)
+        .consistent(&["lead_board"], consistency.position())
         .await?;
     let lead = queries::lead(&app.system.db, &id.to_string())
         .await?
@@ -173,7 +168,7 @@ async fn get_account(
     let position = app
         .consistent(
             &["account_360", "deal_board", "lead_board"],
-            consistency.min_position,
+            consistency.position(),
         )
         .await?;
     let account = queries::account_360(&app.system.db, &id.to_string())
@@ -226,9 +221,9 @@ async fn list_deals(
     {
         Stage::parse(stage)?;
     }
-    let limit = limit(query.limit)?;
+    let limit = limit(query.limit);
     let position = app
-        .consistent(&["deal_board"], consistency.min_position)
+        .consistent(&["deal_board"], consistency.position())
         .await?;
     let filter = DealFilter {
         stage: query.stage,
@@ -258,7 +253,7 @@ async fn get_deal(
     Params(consistency): Params<Consistency>,
 ) -> Result<Response, ApiError> {
     let position = app
-        .consistent(&["deal_board"], consistency.min_position)
+        .consistent(&["deal_board"], consistency.position())
         .await?;
     let deal = queries::deal(&app.system.db, &id.to_string())
         .await?
@@ -295,7 +290,7 @@ async fn funnel(
         Source::parse(source)?;
     }
     let position = app
-        .consistent(&["lead_board", "deal_board"], consistency.min_position)
+        .consistent(&["lead_board", "deal_board"], consistency.position())
         .await?;
     // Read models keep times as RFC 3339 UTC text with microseconds.
     let text =
@@ -339,7 +334,7 @@ async fn pipeline(
     Params(consistency): Params<Consistency>,
 ) -> Result<Response, ApiError> {
     let position = app
-        .consistent(&["deal_board"], consistency.min_position)
+        .consistent(&["deal_board"], consistency.position())
         .await?;
     let pipeline = queries::pipeline(&app.system.db, query.owner.as_deref()).await?;
     let figure = |f: queries::StageFigure| StageFigureView {
