@@ -45,10 +45,49 @@ impl<const MIN: i64, const MAX: i64> Bounded<MIN, MAX> {
 
 impl<'de, const MIN: i64, const MAX: i64> Deserialize<'de> for Bounded<MIN, MAX> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let value = i64::deserialize(deserializer)?;
+        let value = integer(deserializer)?;
         Bounded::new(value)
             .ok_or_else(|| D::Error::custom(format!("{value} is not within {MIN} to {MAX}")))
     }
+}
+
+/// An integer as JSON Schema counts one: a number without a fractional part, however
+/// it is written (`50`, `50.0`, `5e1`, `-0.0`), within `i64`. For `deserialize_with` on
+/// a body's `i64` field; `Bounded` reads its value so too.
+pub fn integer<'de, D: Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
+    struct Integer;
+
+    impl serde::de::Visitor<'_> for Integer {
+        type Value = i64;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an integer")
+        }
+
+        fn visit_i64<E: serde::de::Error>(self, value: i64) -> Result<i64, E> {
+            Ok(value)
+        }
+
+        fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<i64, E> {
+            i64::try_from(value)
+                .map_err(|_| E::custom(format!("{value} is past the largest int64")))
+        }
+
+        fn visit_f64<E: serde::de::Error>(self, value: f64) -> Result<i64, E> {
+            // -2^63 ≤ value < 2^63, both exact in f64.
+            const BOUND: f64 = 9_223_372_036_854_775_808.0;
+            if value.fract() != 0.0 || !value.is_finite() {
+                return Err(E::custom(format!("{value} is not an integer")));
+            }
+            if !(-BOUND..BOUND).contains(&value) {
+                return Err(E::custom(format!("{value} is past the range of int64")));
+            }
+            #[allow(clippy::cast_possible_truncation)]
+            Ok(value as i64)
+        }
+    }
+
+    deserializer.deserialize_i64(Integer)
 }
 
 impl<const MIN: i64, const MAX: i64> fmt::Display for Bounded<MIN, MAX> {
@@ -142,13 +181,17 @@ pub const EMAIL_PATTERN: &str = concat!(
 pub const QUERY_TEXT_PATTERN: &str = r"^[^\x00]*$";
 
 /// `If-Match`: a version in double quotes (RFC 9110's strong entity tag), at most 18
-/// digits.
-pub const IF_MATCH_PATTERN: &str = r#"^"[0-9]{1,18}"$"#;
+/// digits; or nothing (no condition). Spaces and tabs around a header's value are not
+/// part of it (RFC 9110 §5.5: the server never sees them), so the pattern allows them.
+pub const IF_MATCH_PATTERN: &str = r#"^[ \t]*("[0-9]{1,18}"[ \t]*)?$"#;
 
-/// `Idempotency-Key`: 1–200 visible ASCII characters (spaces only inside).
-pub const IDEMPOTENCY_KEY_PATTERN: &str = r"^[!-~]([ -~]{0,198}[!-~])?$";
+/// `Idempotency-Key`: 1–200 visible ASCII characters (spaces only inside); or nothing
+/// (no key). Spaces and tabs around it are allowed, as for `If-Match`.
+pub const IDEMPOTENCY_KEY_PATTERN: &str = r"^[ \t]*([!-~]([ -~]{0,198}[!-~])?[ \t]*)?$";
 
-/// The version an `If-Match` value names, when it has the documented form.
+/// The version an `If-Match` value names, when it has the documented form. (An empty
+/// value is no condition at all: an empty list, RFC 9110 §5.6.1; `CommandMeta` reads it
+/// as absent, as it does an empty `Idempotency-Key`.)
 pub fn if_match(value: &str) -> Option<u64> {
     let digits = value.strip_prefix('"')?.strip_suffix('"')?;
     if digits.is_empty() || digits.len() > 18 || !digits.bytes().all(|b| b.is_ascii_digit()) {
@@ -186,9 +229,22 @@ mod tests {
         let read = |text: &str| serde_json::from_str::<Limit>(text).map(Limit::get);
         assert_eq!(read("1").unwrap(), 1);
         assert_eq!(read("500").unwrap(), 500);
-        for out in ["0", "501", "-1", "9223372036854775808", "1.5", "\"5\""] {
+        for out in [
+            "0",
+            "501",
+            "-1",
+            "9223372036854775808",
+            "1.5",
+            "\"5\"",
+            "1e30",
+        ] {
             assert!(read(out).is_err(), "{out}");
         }
+        // JSON Schema's integers: a number without a fractional part, however written.
+        assert_eq!(read("50.0").unwrap(), 50);
+        assert_eq!(read("5e1").unwrap(), 50);
+        let count = |text: &str| serde_json::from_str::<Count>(text).map(Count::get);
+        assert_eq!(count("-0.0").unwrap(), 0);
         let position = |text: &str| serde_json::from_str::<Position>(text).map(Position::get);
         assert_eq!(position("9223372036854775807").unwrap(), i64::MAX);
         assert!(position("9223372036854775808").is_err());

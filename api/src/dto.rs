@@ -19,6 +19,7 @@ pub struct MoneyBody {
     #[schema(pattern = "^[A-Z]{3}$")]
     pub currency: String,
     #[schema(minimum = 0, maximum = 1_000_000_000_000_000_i64)]
+    #[serde(deserialize_with = "crate::contract::integer")]
     pub amount_minor: i64,
 }
 
@@ -189,14 +190,15 @@ pub struct CommandAnswer {
 #[into_params(parameter_in = Header)]
 pub struct CommandHeaders {
     /// `"<version>"`: apply only if the aggregate is at exactly this version (412
-    /// `version-mismatch` otherwise).
+    /// `version-mismatch` otherwise). Empty: no condition. (The spaces and tabs around a
+    /// header's value are not part of it, RFC 9110 §5.5.)
     #[serde(rename = "If-Match")]
-    #[param(pattern = r#"^"[0-9]{1,18}"$"#)]
+    #[param(pattern = r#"^[ \t]*("[0-9]{1,18}"[ \t]*)?$"#)]
     pub if_match: Option<String>,
     /// 1–200 visible ASCII characters: a retry with the same key and body gets the
-    /// first answer and appends nothing; kept at least 24 hours.
+    /// first answer and appends nothing; kept at least 24 hours. Empty: no key.
     #[serde(rename = "Idempotency-Key")]
-    #[param(pattern = "^[!-~]([ -~]{0,198}[!-~])?$", max_length = 200)]
+    #[param(pattern = r"^[ \t]*([!-~]([ -~]{0,198}[!-~])?[ \t]*)?$")]
     pub idempotency_key: Option<String>,
     /// Ties the request's events together; echoed, or made by the server.
     #[serde(rename = "Correlation-Id")]

@@ -180,6 +180,9 @@ impl<S: Send + Sync> FromRequestParts<S> for CommandMeta {
             parts
                 .headers
                 .get(name)
+                // An empty value is no value (as schemathesis and most clients send an
+                // empty string for an absent one).
+                .filter(|v| !v.is_empty())
                 .map(|v| {
                     v.to_str()
                         .map(str::to_owned)

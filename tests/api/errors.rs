@@ -230,8 +230,8 @@ async fn every_refusal_is_a_problem_with_a_stable_code(db: Arc<Fixture>) {
         422,
         "invalid-text",
     );
-    // Numbers past any integer type, or written as floats, are not amounts.
-    for amount in ["123456789012345678901234567890", "1e30", "12.5", "-0.0"] {
+    // Numbers past any integer type, or with a fractional part, are not amounts.
+    for amount in ["123456789012345678901234567890", "1e30", "12.5"] {
         let body = format!(
             r#"{{"account_id": "{}", "name": "X", "amount": {{"currency": "EUR", "amount_minor": {amount}}}}}"#,
             uuid::Uuid::now_v7()
@@ -473,6 +473,27 @@ async fn the_server_enforces_the_bounds_and_forms_the_document_states(db: Arc<Fi
             answer.body
         );
     }
+
+    // An integer is one by JSON Schema's count: however it is written, without a
+    // fractional part (the account does not exist: the amount was read).
+    for amount in ["50.0", "5e1", "-0.0"] {
+        let body = format!(
+            r#"{{"account_id": "{}", "name": "X", "amount": {{"currency": "EUR", "amount_minor": {amount}}}}}"#,
+            uuid::Uuid::now_v7()
+        );
+        assert_problem(
+            &raw_to(&server, "/deals", body.as_bytes()).await,
+            404,
+            "account-not-found",
+        );
+    }
+    // An empty If-Match or Idempotency-Key is none (an empty list: no condition).
+    assert_eq!(
+        with(&[("If-Match", ""), ("Idempotency-Key", "")])
+            .await
+            .status,
+        200
+    );
 
     // Free text: 1–N characters once trimmed, however much white space is around it.
     let padded = format!("  {}  ", "n".repeat(200));
