@@ -90,6 +90,21 @@ pub fn integer<'de, D: Deserializer<'de>>(deserializer: D) -> Result<i64, D::Err
     deserializer.deserialize_i64(Integer)
 }
 
+/// `integer` for an optional field (`null` or absent: `None`; with `#[serde(default)]`).
+pub fn optional_integer<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<i64>, D::Error> {
+    struct Integer(i64);
+
+    impl<'de> Deserialize<'de> for Integer {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            integer(deserializer).map(Integer)
+        }
+    }
+
+    Ok(Option::<Integer>::deserialize(deserializer)?.map(|Integer(value)| value))
+}
+
 impl<const MIN: i64, const MAX: i64> fmt::Display for Bounded<MIN, MAX> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.fmt(f)

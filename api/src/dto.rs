@@ -106,8 +106,10 @@ pub struct OpenAccount {
     pub domain: Option<String>,
     /// 1–200 characters once trimmed.
     pub industry: Option<String>,
-    #[schema(inline)]
-    pub employees: Option<Count>,
+    /// Not negative (`negative-number` otherwise).
+    #[schema(minimum = 0, maximum = 9_223_372_036_854_775_807_i64)]
+    #[serde(default, deserialize_with = "crate::contract::optional_integer")]
+    pub employees: Option<i64>,
     /// `standard` (the default) or `key`.
     pub tier: Option<String>,
 }

@@ -487,6 +487,10 @@ async fn the_server_enforces_the_bounds_and_forms_the_document_states(db: Arc<Fi
             "account-not-found",
         );
     }
+    let employees = server
+        .post("/accounts", json!({"name": "Floaty", "employees": 40.0}))
+        .await;
+    assert_eq!(employees.status, 201, "{}", employees.body);
     // An empty If-Match or Idempotency-Key is none (an empty list: no condition).
     assert_eq!(
         with(&[("If-Match", ""), ("Idempotency-Key", "")])

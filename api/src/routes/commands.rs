@@ -229,10 +229,7 @@ async fn open_account(
         name: Name::parse(&b.name)?,
         domain: optional(b.domain.as_deref(), Label::parse)?,
         industry: optional(b.industry.as_deref(), Label::parse)?,
-        employees: b
-            .employees
-            .map(|e| AccountCommand::employees(e.get()))
-            .transpose()?,
+        employees: b.employees.map(AccountCommand::employees).transpose()?,
         tier: optional(b.tier.as_deref(), Tier::parse)?.unwrap_or_default(),
     };
     let outcome = execute(&app.system.accounts, id, command, &meta, &body.digest).await?;
