@@ -564,7 +564,6 @@ async fn a_cursor_that_is_not_the_server_s_is_refused(db: Arc<Fixture>) {
     .await
     .unwrap();
     assert!(!page.items.is_empty());
-    assert_eq!(page.items.len(), LEADS);
 }
 
 async fn a_rebuild_reports_its_progress(db: Arc<Fixture>) {
