@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
+use crate::contract::{Count, FromNumber, Limit, Position};
+
 /// An amount of money: an ISO 4217 code and a whole number of minor units (cents).
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -17,6 +19,7 @@ pub struct MoneyBody {
     #[schema(pattern = "^[A-Z]{3}$")]
     pub currency: String,
     #[schema(minimum = 0, maximum = 1_000_000_000_000_000_i64)]
+    #[serde(deserialize_with = "crate::contract::integer")]
     pub amount_minor: i64,
 }
 
@@ -41,11 +44,13 @@ impl From<&Money> for MoneyBody {
 pub struct CaptureLead {
     /// The id the client wants (idempotent creation); the server makes a UUIDv7 otherwise.
     pub id: Option<Uuid>,
+    /// One `@`, a dot after it, at most 254 characters (the pattern says exactly
+    /// which); stored trimmed and lower-cased.
     #[schema(min_length = 1, max_length = 254)]
     pub email: String,
-    #[schema(min_length = 1, max_length = 200)]
+    /// 1–200 characters once trimmed (the pattern says so).
     pub name: String,
-    #[schema(min_length = 1, max_length = 200)]
+    /// 1–200 characters once trimmed (the pattern says so).
     pub company: Option<String>,
     /// `web`, `event`, `referral`, `outbound` or `partner`.
     pub source: String,
@@ -65,7 +70,7 @@ pub struct RecordSignal {
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"owner": "grace"}))]
 pub struct AssignLead {
-    #[schema(min_length = 1, max_length = 100)]
+    /// 1–100 characters once trimmed.
     pub owner: String,
 }
 
@@ -73,7 +78,7 @@ pub struct AssignLead {
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"reason": "no budget this year"}))]
 pub struct DisqualifyLead {
-    #[schema(min_length = 1, max_length = 500)]
+    /// 1–500 characters once trimmed.
     pub reason: String,
 }
 
@@ -81,7 +86,7 @@ pub struct DisqualifyLead {
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"deal_name": "Engines for Acme", "amount": {"currency": "EUR", "amount_minor": 129900}}))]
 pub struct ConvertLead {
-    #[schema(min_length = 1, max_length = 200)]
+    /// 1–200 characters once trimmed.
     pub deal_name: String,
     pub amount: MoneyBody,
     /// An existing account to convert into; a new account is opened otherwise.
@@ -95,12 +100,15 @@ pub struct ConvertLead {
 #[schema(example = json!({"name": "Initech", "domain": "initech.example", "employees": 40, "tier": "key"}))]
 pub struct OpenAccount {
     pub id: Option<Uuid>,
-    #[schema(min_length = 1, max_length = 200)]
+    /// 1–200 characters once trimmed.
     pub name: String,
-    #[schema(min_length = 1, max_length = 200)]
+    /// 1–200 characters once trimmed.
     pub domain: Option<String>,
-    #[schema(min_length = 1, max_length = 200)]
+    /// 1–200 characters once trimmed.
     pub industry: Option<String>,
+    /// Not negative (`negative-number` otherwise).
+    #[schema(minimum = 0, maximum = 9_223_372_036_854_775_807_i64)]
+    #[serde(default, deserialize_with = "crate::contract::optional_integer")]
     pub employees: Option<i64>,
     /// `standard` (the default) or `key`.
     pub tier: Option<String>,
@@ -109,7 +117,7 @@ pub struct OpenAccount {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RenameAccount {
-    #[schema(min_length = 1, max_length = 200)]
+    /// 1–200 characters once trimmed.
     pub name: String,
 }
 
@@ -125,10 +133,10 @@ pub struct SetAccountTier {
 pub struct OpenDeal {
     pub id: Option<Uuid>,
     pub account_id: Uuid,
-    #[schema(min_length = 1, max_length = 200)]
+    /// 1–200 characters once trimmed.
     pub name: String,
     pub amount: MoneyBody,
-    #[schema(min_length = 1, max_length = 100)]
+    /// 1–100 characters once trimmed.
     pub owner: Option<String>,
     pub expected_close: Option<NaiveDate>,
 }
@@ -155,7 +163,7 @@ pub struct WinDeal {}
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoseDeal {
-    #[schema(min_length = 1, max_length = 500)]
+    /// 1–500 characters once trimmed.
     pub reason: String,
 }
 
@@ -184,12 +192,15 @@ pub struct CommandAnswer {
 #[into_params(parameter_in = Header)]
 pub struct CommandHeaders {
     /// `"<version>"`: apply only if the aggregate is at exactly this version (412
-    /// `version-mismatch` otherwise).
+    /// `version-mismatch` otherwise). Empty: no condition. (The spaces and tabs around a
+    /// header's value are not part of it, RFC 9110 §5.5.)
     #[serde(rename = "If-Match")]
+    #[param(pattern = r#"^[ \t]*("[0-9]{1,18}"[ \t]*)?$"#)]
     pub if_match: Option<String>,
-    /// At most 200 characters: a retry with the same key and body gets the first answer
-    /// and appends nothing; kept at least 24 hours.
+    /// 1–200 visible ASCII characters: a retry with the same key and body gets the
+    /// first answer and appends nothing; kept at least 24 hours. Empty: no key.
     #[serde(rename = "Idempotency-Key")]
+    #[param(pattern = r"^[ \t]*([!-~]([ -~]{0,198}[!-~])?[ \t]*)?$")]
     pub idempotency_key: Option<String>,
     /// Ties the request's events together; echoed, or made by the server.
     #[serde(rename = "Correlation-Id")]
@@ -202,8 +213,17 @@ pub struct CommandHeaders {
 pub struct Consistency {
     /// Wait (up to `ANNALS_CONSISTENCY_WAIT_MS`) until the read model has applied the log
     /// up to this position (a command's `position`); 503 `projection-lagging` otherwise.
-    #[param(minimum = 0)]
-    pub min_position: Option<u64>,
+    /// A position beyond the log's last one was never given out: 422
+    /// `invalid-parameter`, at once.
+    #[param(inline)]
+    pub min_position: Option<Position>,
+}
+
+impl Consistency {
+    /// The position asked for, if any.
+    pub fn position(&self) -> Option<u64> {
+        self.min_position.map(Position::unsigned)
+    }
 }
 
 #[derive(Debug, Default, Deserialize, IntoParams)]
@@ -211,12 +231,16 @@ pub struct Consistency {
 pub struct LeadListQuery {
     /// `new`, `working`, `qualified`, `converted` or `disqualified`.
     pub status: Option<String>,
+    #[param(pattern = r"^[^\x00]*$")]
     pub owner: Option<String>,
     pub source: Option<String>,
-    #[param(minimum = 0)]
-    pub min_score: Option<i64>,
-    /// 1–500 (default 50).
-    pub limit: Option<i64>,
+    #[param(inline)]
+    pub min_score: Option<Count>,
+    /// Default 50.
+    #[param(inline)]
+    pub limit: Option<Limit>,
+    /// A `next_cursor` from an earlier page.
+    #[param(pattern = r"^-?[0-9]{1,19}_[0-9A-Za-z:.\-]{0,64}_[0-9A-Za-z:.\-]{0,64}$")]
     pub cursor: Option<String>,
 }
 
@@ -225,10 +249,14 @@ pub struct LeadListQuery {
 pub struct DealListQuery {
     /// A stage (`prospecting` … `negotiation`: open deals at it) or `won` / `lost`.
     pub stage: Option<String>,
+    #[param(pattern = r"^[^\x00]*$")]
     pub owner: Option<String>,
     pub account_id: Option<Uuid>,
-    /// 1–500 (default 50).
-    pub limit: Option<i64>,
+    /// Default 50.
+    #[param(inline)]
+    pub limit: Option<Limit>,
+    /// A `next_cursor` from an earlier page.
+    #[param(pattern = r"^-?[0-9]{1,19}_[0-9A-Za-z:.\-]{0,64}$")]
     pub cursor: Option<String>,
 }
 
@@ -245,43 +273,50 @@ pub struct FunnelQuery {
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct PipelineQuery {
+    #[param(pattern = r"^[^\x00]*$")]
     pub owner: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct HistoryQuery {
-    /// The state as it was at this time (RFC 3339).
+    /// The state as it was at this time (RFC 3339). With `version` too: the state at
+    /// whichever of the two comes first.
     pub as_of: Option<DateTime<Utc>>,
-    /// The state as it was at this version.
-    #[param(minimum = 0)]
-    pub version: Option<u64>,
+    /// The state as it was at this version (the current one when it is past it).
+    #[param(inline)]
+    pub version: Option<Position>,
 }
 
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct StreamQuery {
     /// The first version to read (default 1).
-    #[param(minimum = 1)]
-    pub from_version: Option<u64>,
-    /// 1–500 (default 50).
-    pub limit: Option<i64>,
+    #[param(inline)]
+    pub from_version: Option<FromNumber>,
+    /// Default 50.
+    #[param(inline)]
+    pub limit: Option<Limit>,
     /// A `next_cursor` from an earlier page (overrides `from_version`).
+    #[param(pattern = "^[0-9]{1,19}$")]
     pub cursor: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct LogQuery {
-    /// The first position to read (default 1).
-    #[param(minimum = 0)]
-    pub from_position: Option<u64>,
-    /// 1–500 (default 50).
-    pub limit: Option<i64>,
+    /// The first position to read (default 1; 0 reads from 1 too).
+    #[param(inline)]
+    pub from_position: Option<Position>,
+    /// Default 50.
+    #[param(inline)]
+    pub limit: Option<Limit>,
     /// Only events of this type.
     #[serde(rename = "type")]
+    #[param(pattern = r"^[^\x00]*$")]
     pub event_type: Option<String>,
     /// A `next_cursor` from an earlier page (overrides `from_position`).
+    #[param(pattern = "^[0-9]{1,19}$")]
     pub cursor: Option<String>,
 }
 

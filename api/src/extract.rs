@@ -11,6 +11,7 @@ use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
 use crate::auth::Caller;
+use crate::contract::{self, Limit};
 use crate::error::ApiError;
 use crate::observe::CorrelationId;
 
@@ -127,16 +128,9 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Params<T> {
     }
 }
 
-/// The page size of a list: 1–500, 50 when not given.
-pub fn limit(given: Option<i64>) -> Result<usize, ApiError> {
-    match given {
-        None => Ok(50),
-        Some(n @ 1..=500) => Ok(n as usize),
-        Some(n) => Err(ApiError::invalid(
-            "invalid-parameter",
-            format!("limit must be 1 to 500, not {n}"),
-        )),
-    }
+/// The page size of a list: 1–500 (`Limit` refuses anything else), 50 when not given.
+pub fn limit(given: Option<Limit>) -> usize {
+    given.map_or(50, |n| usize::try_from(n.get()).unwrap_or(50))
 }
 
 /// Who sends a command and under which preconditions: the caller, the correlation id,
@@ -186,6 +180,9 @@ impl<S: Send + Sync> FromRequestParts<S> for CommandMeta {
             parts
                 .headers
                 .get(name)
+                // An empty value is no value (as schemathesis and most clients send an
+                // empty string for an absent one).
+                .filter(|v| !v.is_empty())
                 .map(|v| {
                     v.to_str()
                         .map(str::to_owned)
@@ -196,10 +193,10 @@ impl<S: Send + Sync> FromRequestParts<S> for CommandMeta {
                 })
                 .transpose()
         };
+        // Each header has exactly the form the document gives it (`contract`).
         let expected_version = header_text("if-match", "invalid-if-match")?
             .map(|text| {
-                let version = text.trim().trim_start_matches("W/").trim_matches('"');
-                version.parse::<u64>().map_err(|_| ApiError::BadHeader {
+                contract::if_match(&text).ok_or_else(|| ApiError::BadHeader {
                     code: "invalid-if-match",
                     detail: format!("If-Match must be a version in quotes, like \"3\", not {text}"),
                 })
@@ -207,11 +204,11 @@ impl<S: Send + Sync> FromRequestParts<S> for CommandMeta {
             .transpose()?;
         let idempotency_key = header_text("idempotency-key", "invalid-idempotency-key")?;
         if let Some(key) = &idempotency_key
-            && (key.is_empty() || key.chars().count() > 200)
+            && !contract::idempotency_key(key)
         {
             return Err(ApiError::invalid(
                 "invalid-idempotency-key",
-                "Idempotency-Key must be 1 to 200 characters",
+                "Idempotency-Key must be 1 to 200 visible ASCII characters",
             ));
         }
         Ok(CommandMeta {

@@ -7,6 +7,7 @@
 //! only turns a body into a command and looks up the facts a rule needs).
 
 pub mod auth;
+pub mod contract;
 pub mod dto;
 pub mod error;
 pub mod extract;

@@ -12,6 +12,7 @@ use utoipa::openapi::{
 };
 use utoipa::{Modify, OpenApi};
 
+use crate::contract::{EMAIL_PATTERN, text_pattern};
 use crate::error::Problem;
 
 #[derive(OpenApi)]
@@ -200,6 +201,76 @@ pub fn describe_domain_words(openapi: &mut utoipa::openapi::OpenApi) {
             };
             if let Some(RefOr::T(Schema::Object(field))) = parameter.schema.as_mut() {
                 field.enum_values = Some(values.clone());
+            }
+        }
+    }
+}
+
+/// The domain's rules for the text of a command body, written into the document as
+/// patterns (`contract`): each free-text field with the most characters it keeps once
+/// trimmed, and the email. A new free-text field belongs in this list.
+pub fn describe_text_rules(openapi: &mut utoipa::openapi::OpenApi) {
+    const FREE_TEXT: [(&str, &str, usize); 12] = [
+        ("CaptureLead", "name", 200),
+        ("CaptureLead", "company", 200),
+        ("AssignLead", "owner", 100),
+        ("DisqualifyLead", "reason", 500),
+        ("ConvertLead", "deal_name", 200),
+        ("OpenAccount", "name", 200),
+        ("OpenAccount", "domain", 200),
+        ("OpenAccount", "industry", 200),
+        ("RenameAccount", "name", 200),
+        ("OpenDeal", "name", 200),
+        ("OpenDeal", "owner", 100),
+        ("LoseDeal", "reason", 500),
+    ];
+    let Some(components) = openapi.components.as_mut() else {
+        return;
+    };
+    let rules = FREE_TEXT
+        .iter()
+        .map(|(schema, property, max)| (*schema, *property, text_pattern(*max)))
+        .chain([("CaptureLead", "email", EMAIL_PATTERN.to_owned())]);
+    for (schema, property, pattern) in rules {
+        if let Some(RefOr::T(Schema::Object(object))) = components.schemas.get_mut(schema)
+            && let Some(RefOr::T(Schema::Object(field))) = object.properties.get_mut(property)
+        {
+            field.pattern = Some(pattern);
+        }
+    }
+}
+
+/// A header is text or absent, never JSON's `null`: utoipa types an optional header as
+/// `string | null`, which a client would send as the text `null`.
+pub fn headers_are_never_null(openapi: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::path::ParameterIn;
+    use utoipa::openapi::schema::{SchemaType, Type};
+    for item in openapi.paths.paths.values_mut() {
+        let operations = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ];
+        for operation in operations.into_iter().flatten() {
+            for parameter in operation.parameters.iter_mut().flatten() {
+                if parameter.parameter_in != ParameterIn::Header {
+                    continue;
+                }
+                if let Some(RefOr::T(Schema::Object(schema))) = parameter.schema.as_mut()
+                    && let SchemaType::Array(types) = &schema.schema_type
+                {
+                    let types: Vec<Type> = types
+                        .iter()
+                        .filter(|t| **t != Type::Null)
+                        .cloned()
+                        .collect();
+                    schema.schema_type = match types.as_slice() {
+                        [only] => SchemaType::Type(only.clone()),
+                        _ => SchemaType::Array(types),
+                    };
+                }
             }
         }
     }

@@ -58,7 +58,8 @@ impl App {
     /// Waits until every named projection has applied the log up to `min_position` (when
     /// given, up to the consistency wait); returns the lowest of their checkpoints, or of
     /// lower bounds of them: what this process's runners have applied costs no query,
-    /// and a read model only moves forwards.
+    /// and a read model only moves forwards. A `min_position` beyond the log's head was
+    /// never given out: 422 `invalid-parameter` at once, never a 503 after the wait.
     pub async fn consistent(
         &self,
         projections: &[&str],
@@ -79,13 +80,18 @@ impl App {
                 && checkpoint < wanted
             {
                 checkpoint = checkpoint.max(runner.checkpoint().await?);
-                // No command has been given a position past the head: waiting for one
-                // would only hold the client for the whole wait.
-                if checkpoint < wanted && wanted > self.system.store.head().await? {
-                    return Err(ApiError::ProjectionLagging {
-                        projection: (*name).to_owned(),
-                        position: wanted,
-                    });
+                // No command has been given a position past the head: it is the
+                // client's mistake, refused at once (waiting could not help).
+                if checkpoint < wanted {
+                    let head = self.system.store.head().await?;
+                    if wanted > head {
+                        return Err(ApiError::invalid(
+                            "invalid-parameter",
+                            format!(
+                                "min_position {wanted} is beyond the log's last position {head}"
+                            ),
+                        ));
+                    }
                 }
                 while checkpoint < wanted {
                     let now = Instant::now();
@@ -120,6 +126,8 @@ fn api() -> OpenApiRouter<Arc<App>> {
 fn split() -> (Router<Arc<App>>, utoipa::openapi::OpenApi) {
     let (router, mut document) = api().split_for_parts();
     crate::openapi::describe_domain_words(&mut document);
+    crate::openapi::describe_text_rules(&mut document);
+    crate::openapi::headers_are_never_null(&mut document);
     (router, document)
 }
 

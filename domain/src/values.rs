@@ -72,8 +72,8 @@ text_value!(
     Reason, "reason", 1, 500
 );
 
-/// An email address, lower-cased: one `@`, a dot in the domain part, at most 254
-/// characters.
+/// An email address, trimmed and lower-cased: one `@`, a dot in the domain part, at
+/// most 254 characters as given.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Email(String);
@@ -81,7 +81,7 @@ pub struct Email(String);
 impl Email {
     pub fn parse(value: &str) -> Result<Self, DomainError> {
         let email = value.trim().to_lowercase();
-        let valid = email.chars().count() <= 254
+        let valid = value.chars().count() <= 254
             && !email.chars().any(|c| c.is_whitespace() || c.is_control())
             && match email.split_once('@') {
                 Some((local, domain)) => {
@@ -334,6 +334,9 @@ mod tests {
         assert_eq!(long.len(), 254);
         assert!(Email::parse(&long).is_ok());
         assert!(Email::parse(&format!("a{long}")).is_err());
+        // The length is the text's as given (what a JSON Schema's maxLength counts).
+        assert!(Email::parse(&format!(" {long}")).is_err());
+        assert!(Email::parse(&format!(" {}", &long[1..])).is_ok());
     }
 
     #[test]

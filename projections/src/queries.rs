@@ -8,7 +8,6 @@
 //! in it or wholly out of it.
 
 use serde::Serialize;
-use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
 use crate::deal_board::{DealBoard, DealRow};
@@ -478,32 +477,65 @@ pub struct Page<T> {
 
 /// The most items a page holds, whatever the caller asks (it validates 1–500 itself).
 const MAX_PAGE: usize = 500;
-/// No cursor this server gives out is longer (a few keyset values, hex-encoded JSON).
-const MAX_CURSOR: usize = 2_048;
+/// A cursor is the keyset values of a page's last item, joined by `_`: a whole number,
+/// then text values (times and ids) of at most 64 characters among `0-9A-Za-z:.-`.
+/// Every string of that form is a cursor the server serves (a position in the keyset
+/// order, even one no item has), so the OpenAPI document can state the form exactly:
+/// `LEAD_CURSOR_PATTERN` and `DEAL_CURSOR_PATTERN`.
+pub const LEAD_CURSOR_PATTERN: &str =
+    r"^-?[0-9]{1,19}_[0-9A-Za-z:.\-]{0,64}_[0-9A-Za-z:.\-]{0,64}$";
+/// The deal board's cursor: see `LEAD_CURSOR_PATTERN`.
+pub const DEAL_CURSOR_PATTERN: &str = r"^-?[0-9]{1,19}_[0-9A-Za-z:.\-]{0,64}$";
 
-/// A cursor: the keyset values of a page's last item, as a JSON array, in hex.
-fn encode_cursor<K: Serialize>(key: &K) -> Result<String, ProjectionError> {
-    serde_json::to_vec(key)
-        .map(hex::encode)
-        .map_err(|e| ProjectionError::Corrupt(format!("a cursor cannot be encoded: {e}")))
+/// The longest text value a cursor holds.
+const MAX_CURSOR_TEXT: usize = 64;
+
+fn cursor_text_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, ':' | '.' | '-')
 }
 
-/// Reads a cursor back; anything that is not one `encode_cursor` could have made (bad
-/// hex, bad JSON, the wrong shape, text PostgreSQL refuses) is `InvalidCursor`.
-fn decode_cursor<K: DeserializeOwned>(cursor: &str) -> Result<K, ProjectionError> {
-    if cursor.len() > MAX_CURSOR {
-        return Err(ProjectionError::InvalidCursor);
+/// A cursor: a number and text values (see `LEAD_CURSOR_PATTERN`). A read model's
+/// times and ids always fit; one that does not is corrupt.
+fn encode_cursor(number: i64, texts: &[&str]) -> Result<String, ProjectionError> {
+    let mut cursor = number.to_string();
+    for text in texts {
+        if text.len() > MAX_CURSOR_TEXT || !text.chars().all(cursor_text_char) {
+            return Err(ProjectionError::Corrupt(format!(
+                "a cursor cannot hold the keyset value {text:?}"
+            )));
+        }
+        cursor.push('_');
+        cursor.push_str(text);
     }
-    let bytes = hex::decode(cursor).map_err(|_| ProjectionError::InvalidCursor)?;
-    serde_json::from_slice(&bytes).map_err(|_| ProjectionError::InvalidCursor)
+    Ok(cursor)
 }
 
-/// A cursor's text value, refused when it holds a NUL (PostgreSQL text cannot).
-fn cursor_text(value: String) -> Result<String, ProjectionError> {
-    if value.contains('\0') {
+/// Reads a cursor of a number and `N` text values back; anything not of that form is
+/// `InvalidCursor`. A number past the range of `i64` stands for the range's end: the
+/// keyset order has nothing beyond it either.
+fn decode_cursor<const N: usize>(cursor: &str) -> Result<(i64, [String; N]), ProjectionError> {
+    let mut parts = cursor.split('_');
+    let number = parts.next().unwrap_or_default();
+    let digits = number.strip_prefix('-').unwrap_or(number);
+    if digits.is_empty() || digits.len() > 19 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return Err(ProjectionError::InvalidCursor);
     }
-    Ok(value)
+    let number = number
+        .parse::<i128>()
+        .map_err(|_| ProjectionError::InvalidCursor)?
+        .clamp(i128::from(i64::MIN), i128::from(i64::MAX));
+    let number = i64::try_from(number).map_err(|_| ProjectionError::InvalidCursor)?;
+    let texts: Vec<String> = parts.map(str::to_owned).collect();
+    let texts: [String; N] = texts
+        .try_into()
+        .map_err(|_| ProjectionError::InvalidCursor)?;
+    if texts
+        .iter()
+        .any(|t| t.len() > MAX_CURSOR_TEXT || !t.chars().all(cursor_text_char))
+    {
+        return Err(ProjectionError::InvalidCursor);
+    }
+    Ok((number, texts))
 }
 
 /// The conditions of a list query and their parameters, numbered as they are bound.
@@ -623,10 +655,10 @@ impl Snapshot {
             conditions.push(format!("score >= {placeholder}"));
         }
         if let Some(cursor) = cursor {
-            let (score, captured_at, lead_id): (i64, String, String) = decode_cursor(cursor)?;
+            let (score, [captured_at, lead_id]) = decode_cursor(cursor)?;
             let score = conditions.bind(score);
-            let captured_at = conditions.bind(cursor_text(captured_at)?);
-            let lead_id = conditions.bind(cursor_text(lead_id)?);
+            let captured_at = conditions.bind(captured_at);
+            let lead_id = conditions.bind(lead_id);
             // After the last item in (score DESC, captured_at, lead_id) order; `score <= …`
             // alone bounds the scan of the score index.
             conditions.push(format!(
@@ -641,7 +673,7 @@ impl Snapshot {
             "score DESC, captured_at, lead_id",
             limit,
             lead_row,
-            |last| encode_cursor(&(last.score, &last.captured_at, &last.lead_id)),
+            |last| encode_cursor(last.score, &[&last.captured_at, &last.lead_id]),
         )
         .await
     }
@@ -719,9 +751,9 @@ impl Snapshot {
             }
         }
         if let Some(cursor) = cursor {
-            let (opened_micros, deal_id): (i64, String) = decode_cursor(cursor)?;
+            let (opened_micros, [deal_id]) = decode_cursor(cursor)?;
             let opened_micros = conditions.bind(opened_micros);
-            let deal_id = conditions.bind(cursor_text(deal_id)?);
+            let deal_id = conditions.bind(deal_id);
             conditions.push(format!(
                 "opened_micros >= {opened_micros} AND (opened_micros > {opened_micros} OR \
              (opened_micros = {opened_micros} AND deal_id > {deal_id}))"
@@ -734,7 +766,7 @@ impl Snapshot {
             "opened_micros, deal_id",
             limit,
             deal_row,
-            |last| encode_cursor(&(last.opened_micros, &last.deal_id)),
+            |last| encode_cursor(last.opened_micros, &[&last.deal_id]),
         )
         .await
     }

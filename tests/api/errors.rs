@@ -12,6 +12,8 @@ use crate::server::{ANALYST, Server, WRITER, lead};
 on_both_backends!(
     every_refusal_is_a_problem_with_a_stable_code,
     a_query_that_cannot_reach_its_position_is_503_with_retry_after,
+    a_min_position_beyond_the_head_is_the_clients_error_at_once,
+    the_server_enforces_the_bounds_and_forms_the_document_states,
 );
 
 fn assert_problem(answer: &crate::server::Answer, status: u16, code: &str) {
@@ -228,8 +230,8 @@ async fn every_refusal_is_a_problem_with_a_stable_code(db: Arc<Fixture>) {
         422,
         "invalid-text",
     );
-    // Numbers past any integer type, or written as floats, are not amounts.
-    for amount in ["123456789012345678901234567890", "1e30", "12.5", "-0.0"] {
+    // Numbers past any integer type, or with a fractional part, are not amounts.
+    for amount in ["123456789012345678901234567890", "1e30", "12.5"] {
         let body = format!(
             r#"{{"account_id": "{}", "name": "X", "amount": {{"currency": "EUR", "amount_minor": {amount}}}}}"#,
             uuid::Uuid::now_v7()
@@ -310,9 +312,207 @@ async fn a_query_that_cannot_reach_its_position_is_503_with_retry_after(db: Arc<
         .await;
     assert_problem(&cut_off, 503, "timeout");
     assert!(started.elapsed() < std::time::Duration::from_secs(4));
-    // A position past the head of the log was never given out: refused at once.
-    let started = std::time::Instant::now();
-    let analytics = server.get("/analytics/funnel?min_position=1000000").await;
-    assert_problem(&analytics, 503, "projection-lagging");
-    assert!(started.elapsed() < std::time::Duration::from_millis(300));
+}
+
+/// api.md: a `min_position` beyond the log's last position is not a position this log
+/// has given out: 422 `invalid-parameter`, at once (not a 503 after the whole wait:
+/// the client's mistake is not an outage, and retrying it cannot help).
+async fn a_min_position_beyond_the_head_is_the_clients_error_at_once(db: Arc<Fixture>) {
+    // A wait long enough that answering after it would be seen.
+    let server = Server::start_with(
+        db.url(),
+        &[
+            ("ANNALS_API_TOKENS", crate::server::TOKENS),
+            ("ANNALS_CONSISTENCY_WAIT_MS", "10000"),
+        ],
+    );
+    let head = server.command("/leads", lead("head")).await["position"]
+        .as_u64()
+        .unwrap();
+    let id = uuid::Uuid::now_v7();
+    let queries = [
+        "/leads?".to_owned(),
+        format!("/leads/{id}?"),
+        format!("/accounts/{id}?"),
+        "/deals?".to_owned(),
+        format!("/deals/{id}?"),
+        "/analytics/funnel?".to_owned(),
+        "/analytics/pipeline?".to_owned(),
+    ];
+    for query in &queries {
+        for beyond in [head + 1, 1_000_000, i64::MAX as u64] {
+            let started = std::time::Instant::now();
+            let answer = server.get(&format!("{query}min_position={beyond}")).await;
+            assert_problem(&answer, 422, "invalid-parameter");
+            assert!(answer.header("retry-after").is_none());
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(2),
+                "{query}: {:?}",
+                started.elapsed()
+            );
+        }
+    }
+    // The head itself is a position the log gave out: answered once it is applied.
+    let answer = server.get(&format!("/leads?min_position={head}")).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert!(
+        answer
+            .header("annals-position")
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            >= head
+    );
+}
+
+/// The rules the OpenAPI document states (`api/src/contract.rs`) are the ones the server
+/// enforces, no more and no less: what the document allows is taken, what it forbids is
+/// refused. schemathesis checks the same both ways (`tests/fuzz/run.sh`); these are the
+/// cases it found.
+async fn the_server_enforces_the_bounds_and_forms_the_document_states(db: Arc<Fixture>) {
+    let server = Server::start(db.url());
+    let answer = server.command("/leads", lead("ada")).await;
+    let id = answer["id"].as_str().unwrap().to_owned();
+    let signal = format!("/leads/{id}/signals");
+    let page_view = json!({"kind": "page_view"});
+    let with = async |headers: &[(&str, &str)]| {
+        server
+            .call(Method::POST, &signal, WRITER, Some(&page_view), headers)
+            .await
+    };
+
+    // If-Match: exactly `"<version>"` (at most 18 digits).
+    let current = with(&[("If-Match", "\"1\"")]).await;
+    assert_eq!(current.status, 200, "{}", current.body);
+    assert_problem(
+        &with(&[("If-Match", "\"1\"")]).await,
+        412,
+        "version-mismatch",
+    );
+    for bad in [
+        "2",
+        "W/\"2\"",
+        "\"2",
+        "\"\"",
+        "\"+2\"",
+        "\"1234567890123456789\"",
+        "*",
+    ] {
+        assert_problem(&with(&[("If-Match", bad)]).await, 400, "invalid-if-match");
+    }
+    // Idempotency-Key: 1–200 visible ASCII characters, spaces only inside.
+    let longest = "k".repeat(200);
+    assert_eq!(with(&[("Idempotency-Key", &longest)]).await.status, 200);
+    assert_eq!(with(&[("Idempotency-Key", "a key")]).await.status, 200);
+    for bad in ["k".repeat(201), "a\tkey".to_owned()] {
+        assert_problem(
+            &with(&[("Idempotency-Key", &bad)]).await,
+            422,
+            "invalid-idempotency-key",
+        );
+    }
+
+    // Integers: within the documented minimum and maximum (int64), else 422.
+    let beyond_int64 = "9223372036854775808";
+    for path in [
+        format!("/leads/{id}/history?version={beyond_int64}"),
+        format!("/leads?min_position={beyond_int64}"),
+        format!("/events?from_position={beyond_int64}"),
+        format!("/streams/lead-{id}/events?from_version={beyond_int64}"),
+        format!("/streams/lead-{id}/events?from_version=0"),
+        format!("/leads?min_score={beyond_int64}"),
+        "/leads?limit=501".to_owned(),
+        "/deals?limit=0".to_owned(),
+    ] {
+        assert_problem(&server.get(&path).await, 422, "invalid-parameter");
+    }
+    for path in [
+        format!("/leads/{id}/history?version=9223372036854775807"),
+        "/events?from_position=9223372036854775807".to_owned(),
+        format!("/streams/lead-{id}/events?from_version=9223372036854775807"),
+        "/leads?min_score=9223372036854775807&limit=500".to_owned(),
+    ] {
+        let answer = server.get(&path).await;
+        assert_eq!(answer.status, 200, "{path}: {}", answer.body);
+    }
+    // History takes `as_of` and `version` together: the earlier of the two.
+    let both = server
+        .read(&format!(
+            "/leads/{id}/history?version=1&as_of=2999-01-01T00:00:00Z"
+        ))
+        .await;
+    assert_eq!(both["version"], 1);
+
+    // Cursors have a documented form; every string of it is served.
+    for (path, cursor) in [
+        ("/events", "+5"),
+        ("/events", "12345678901234567890"),
+        ("/leads", "abc"),
+        ("/leads", "1_a"),
+        ("/deals", "1_a_b"),
+    ] {
+        assert_problem(
+            &server.get(&format!("{path}?cursor={cursor}")).await,
+            422,
+            "invalid-cursor",
+        );
+    }
+    for (path, cursor) in [
+        ("/events", "9999999999999999999"),
+        ("/leads", "-5__"),
+        (
+            "/leads",
+            "9999999999999999999_2026-01-01T00:00:00.000000Z_x",
+        ),
+        ("/deals", "0_"),
+    ] {
+        let answer = server.get(&format!("{path}?cursor={cursor}")).await;
+        assert_eq!(
+            answer.status, 200,
+            "{path}?cursor={cursor}: {}",
+            answer.body
+        );
+    }
+
+    // An integer is one by JSON Schema's count: however it is written, without a
+    // fractional part (the account does not exist: the amount was read).
+    for amount in ["50.0", "5e1", "-0.0"] {
+        let body = format!(
+            r#"{{"account_id": "{}", "name": "X", "amount": {{"currency": "EUR", "amount_minor": {amount}}}}}"#,
+            uuid::Uuid::now_v7()
+        );
+        assert_problem(
+            &raw_to(&server, "/deals", body.as_bytes()).await,
+            404,
+            "account-not-found",
+        );
+    }
+    let employees = server
+        .post("/accounts", json!({"name": "Floaty", "employees": 40.0}))
+        .await;
+    assert_eq!(employees.status, 201, "{}", employees.body);
+    // An empty If-Match or Idempotency-Key is none (an empty list: no condition).
+    assert_eq!(
+        with(&[("If-Match", ""), ("Idempotency-Key", "")])
+            .await
+            .status,
+        200
+    );
+
+    // Free text: 1–N characters once trimmed, however much white space is around it.
+    let padded = format!("  {}  ", "n".repeat(200));
+    let mut body = lead("padded");
+    body["name"] = json!(padded);
+    assert_eq!(server.post("/leads", body).await.status, 201);
+    let mut body = lead("blank");
+    body["name"] = json!(" \u{3000}\t");
+    assert_problem(&server.post("/leads", body).await, 422, "invalid-text");
+    // An email: at most 254 characters as sent, white space around it included.
+    let local = "e".repeat(254 - "@example.com".len() - 1);
+    let mut body = lead("spaced");
+    body["email"] = json!(format!(" {local}@example.com"));
+    assert_eq!(server.post("/leads", body).await.status, 201);
+    let mut body = lead("wide");
+    body["email"] = json!(format!("  {local}@example.com"));
+    assert_problem(&server.post("/leads", body).await, 422, "invalid-email");
 }

@@ -20,6 +20,7 @@ use utoipa_axum::routes;
 
 use crate::auth::Caller;
 use crate::error::ApiError;
+use crate::contract::{FromNumber, Limit};
 use crate::extract::{Params, limit};
 use crate::server::App;
 
@@ -112,9 +113,9 @@ pub struct RetryAnswer {
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ParkedQuery {
-    /// 1–500 (default 50).
-    #[param(minimum = 1, maximum = 500)]
-    pub limit: Option<i64>,
+    /// Default 50.
+    #[param(inline)]
+    pub limit: Option<Limit>,
     /// A `next_cursor` from an earlier page.
     #[param(pattern = "^[0-9]{1,19}$")]
     pub cursor: Option<String>,
@@ -127,8 +128,8 @@ pub struct ParkedPath {
     /// The consumer: `lead_board`, `deal_board` or `account_360`.
     pub name: String,
     /// The parked event's position in the log.
-    #[param(minimum = 1)]
-    pub position: u64,
+    #[param(inline)]
+    pub position: FromNumber,
 }
 
 fn consumer<'a>(app: &'a App, name: &str) -> Result<&'a Arc<ProjectionRunner>, ApiError> {
@@ -158,15 +159,9 @@ impl<S: Send + Sync> FromRequestParts<S> for Parked {
         let Path(path) = Path::<ParkedPath>::from_request_parts(parts, state)
             .await
             .map_err(|rejection| ApiError::invalid("invalid-parameter", rejection.body_text()))?;
-        if path.position == 0 {
-            return Err(ApiError::invalid(
-                "invalid-parameter",
-                "position must be at least 1",
-            ));
-        }
         Ok(Parked {
             name: path.name,
-            position: path.position,
+            position: path.position.unsigned(),
         })
     }
 }
@@ -199,7 +194,7 @@ async fn list_parked(
     Params(query): Params<ParkedQuery>,
 ) -> Result<Json<ParkedList>, ApiError> {
     let runner = consumer(&app, &name)?;
-    let limit = limit(query.limit)?;
+    let limit = limit(query.limit);
     let after = query
         .cursor
         .as_deref()

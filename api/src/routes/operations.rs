@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::contract::{self, FromNumber, Position};
 use crate::dto::*;
 use crate::error::ApiError;
 use crate::extract::{Id, Params, limit};
@@ -45,13 +46,10 @@ async fn history<A: Aggregate + Serialize>(
     query: HistoryQuery,
     missing: ApiError,
 ) -> Result<Json<HistoryView>, ApiError> {
-    if query.as_of.is_some() && query.version.is_some() {
-        return Err(ApiError::invalid(
-            "invalid-parameter",
-            "give as_of or version, not both",
-        ));
-    }
-    let loaded = handler.load_as_of(id, query.version, query.as_of).await?;
+    // With both, the state at whichever comes first: the events up to the version that
+    // were recorded by the time.
+    let version = query.version.map(Position::unsigned);
+    let loaded = handler.load_as_of(id, version, query.as_of).await?;
     if loaded.version == 0 && !handler.exists(id).await? {
         return Err(missing);
     }
@@ -126,7 +124,7 @@ fn event_item(event: RecordedEvent) -> EventItem {
 fn cursor_number(cursor: Option<&str>) -> Result<Option<u64>, ApiError> {
     cursor
         .map(|c| {
-            c.parse::<u64>().map_err(|_| {
+            contract::number_cursor(c).ok_or_else(|| {
                 ApiError::invalid(
                     "invalid-cursor",
                     "the cursor is not one this server gave out",
@@ -148,9 +146,9 @@ async fn stream_events(
 ) -> Result<Json<EventList>, ApiError> {
     let missing = || ApiError::not_found("stream-not-found", "the stream has no events");
     let stream = StreamName::parse(stream).map_err(|_| missing())?;
-    let limit = limit(query.limit)?;
+    let limit = limit(query.limit);
     let from = cursor_number(query.cursor.as_deref())?
-        .or(query.from_version)
+        .or(query.from_version.map(FromNumber::unsigned))
         .unwrap_or(1)
         .max(1);
     let store = &app.system.store;
@@ -184,9 +182,9 @@ async fn log_events(
     State(app): State<Arc<App>>,
     Params(query): Params<LogQuery>,
 ) -> Result<Json<EventList>, ApiError> {
-    let limit = limit(query.limit)?;
+    let limit = limit(query.limit);
     let from = cursor_number(query.cursor.as_deref())?
-        .or(query.from_position)
+        .or(query.from_position.map(Position::unsigned))
         .unwrap_or(1)
         .max(1);
     let filter = match query.event_type {

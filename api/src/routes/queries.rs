@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::contract::Count;
 use crate::dto::*;
 use crate::error::ApiError;
 use crate::extract::{Id, Params, limit};
@@ -146,20 +147,13 @@ async fn list_leads(
     if let Some(source) = &query.source {
         Source::parse(source)?;
     }
-    if query.min_score.is_some_and(|s| s < 0) {
-        return Err(ApiError::invalid(
-            "invalid-parameter",
-            "min_score must not be negative",
-        ));
-    }
-    let limit = limit(query.limit)?;
-    let (mut snapshot, position) =
-        snapshot(&app, &["lead_board"], consistency.min_position).await?;
+    let limit = limit(query.limit);
+    let (mut snapshot, position) = snapshot(&app, &["lead_board"], consistency.position()).await?;
     let filter = LeadFilter {
         status: query.status,
         owner: query.owner,
         source: query.source,
-        min_score: query.min_score,
+        min_score: query.min_score.map(Count::get),
     };
     let page = snapshot
         .leads(&filter, limit, query.cursor.as_deref())
@@ -186,8 +180,7 @@ async fn get_lead(
     Id(id): Id,
     Params(consistency): Params<Consistency>,
 ) -> Result<Response, ApiError> {
-    let (mut snapshot, position) =
-        snapshot(&app, &["lead_board"], consistency.min_position).await?;
+    let (mut snapshot, position) = snapshot(&app, &["lead_board"], consistency.position()).await?;
     let lead = snapshot.lead(&id.to_string()).await?;
     snapshot.finish().await?;
     let lead =
@@ -210,7 +203,7 @@ async fn get_account(
     let (mut snapshot, position) = snapshot(
         &app,
         &["account_360", "deal_board", "lead_board"],
-        consistency.min_position,
+        consistency.position(),
     )
     .await?;
     let account = snapshot.account_360(&id.to_string()).await?;
@@ -264,9 +257,8 @@ async fn list_deals(
     {
         Stage::parse(stage)?;
     }
-    let limit = limit(query.limit)?;
-    let (mut snapshot, position) =
-        snapshot(&app, &["deal_board"], consistency.min_position).await?;
+    let limit = limit(query.limit);
+    let (mut snapshot, position) = snapshot(&app, &["deal_board"], consistency.position()).await?;
     let filter = DealFilter {
         stage: query.stage,
         owner: query.owner,
@@ -297,8 +289,7 @@ async fn get_deal(
     Id(id): Id,
     Params(consistency): Params<Consistency>,
 ) -> Result<Response, ApiError> {
-    let (mut snapshot, position) =
-        snapshot(&app, &["deal_board"], consistency.min_position).await?;
+    let (mut snapshot, position) = snapshot(&app, &["deal_board"], consistency.position()).await?;
     let deal = snapshot.deal(&id.to_string()).await?;
     snapshot.finish().await?;
     let deal =
@@ -334,12 +325,8 @@ async fn funnel(
     if let Some(source) = &query.source {
         Source::parse(source)?;
     }
-    let (mut snapshot, position) = snapshot(
-        &app,
-        &["lead_board", "deal_board"],
-        consistency.min_position,
-    )
-    .await?;
+    let (mut snapshot, position) =
+        snapshot(&app, &["lead_board", "deal_board"], consistency.position()).await?;
     // Read models keep times as RFC 3339 UTC text with microseconds.
     let text =
         |t: &chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
@@ -382,8 +369,7 @@ async fn pipeline(
     Params(query): Params<PipelineQuery>,
     Params(consistency): Params<Consistency>,
 ) -> Result<Response, ApiError> {
-    let (mut snapshot, position) =
-        snapshot(&app, &["deal_board"], consistency.min_position).await?;
+    let (mut snapshot, position) = snapshot(&app, &["deal_board"], consistency.position()).await?;
     let pipeline = snapshot.pipeline(query.owner.as_deref()).await?;
     snapshot.finish().await?;
     let figure = |f: queries::StageFigure| StageFigureView {
