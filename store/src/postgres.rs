@@ -47,8 +47,12 @@ const BEGIN_WRITE: &str =
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
 
+/// Data and metadata are read as the text the store wrote (see `chain`), not as `jsonb`
+/// renders it: `jsonb` writes `1e308` with 309 digits, which serde_json cannot read back.
 const EVENT_COLUMNS: &str = "position, stream, version, event_id, event_type, schema_version, \
-                             data, metadata, recorded_at, hash";
+                             COALESCE(data_text, data::text) AS data, \
+                             COALESCE(metadata_text, metadata::text) AS metadata, \
+                             recorded_at, hash";
 
 /// The event store on PostgreSQL.
 #[derive(Debug, Clone)]
@@ -594,11 +598,16 @@ fn event_from_row(row: &PgRow) -> Result<RecordedEvent, StoreError> {
         row.try_get("event_id")?,
         row.try_get("event_type")?,
         row.try_get("schema_version")?,
-        row.try_get("data")?,
-        row.try_get("metadata")?,
+        json_text(row, "data")?,
+        json_text(row, "metadata")?,
         row.try_get("recorded_at")?,
         &hash,
     )
+}
+
+fn json_text(row: &PgRow, column: &str) -> Result<Value, StoreError> {
+    let text: &str = row.try_get(column)?;
+    serde_json::from_str(text).map_err(|_| StoreError::Corrupt(format!("{column} is not JSON")))
 }
 
 /// The query of a `read_all` page. With a filter, one branch per event type (or, with

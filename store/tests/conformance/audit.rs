@@ -8,13 +8,13 @@ use std::sync::Arc;
 use std::str::FromStr;
 
 use annals_store::{
-    AppendRequest, EventStore, ExpectedVersion, NewEvent, PostgresStore, SqliteStore,
+    AppendRequest, Direction, EventStore, ExpectedVersion, NewEvent, PostgresStore, SqliteStore,
 };
 use serde_json::{Value, json};
 use sqlx::Connection;
 use sqlx::sqlite::SqliteConnectOptions;
 
-use crate::database::{Backend, Fixture, append, event};
+use crate::database::{Backend, Fixture, append, event, stream};
 
 on_both_backends!(
     verify_catches_a_deleted_tail,
@@ -216,6 +216,19 @@ pub(super) async fn numbers_survive_the_database(db: Arc<Fixture>, numbers: Vec<
     let store = db.store();
     let request = float_append("lead-floats", &numbers);
     let first = store.append(request.clone()).await.unwrap();
+    // They read back (PostgreSQL's `jsonb` writes 1e308 with 309 digits, which serde_json
+    // cannot read), as numbers, not rendered away: 1e16 stays a float.
+    let stored = store
+        .read_stream(&stream("lead-floats"), 1, Direction::Forwards, 10)
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 2);
+    for (event, appended) in stored.iter().zip(&request.events) {
+        assert_eq!(event.data["nested"]["n"], json!(1e16));
+        // Exactly the floats written (serde_json's `float_roundtrip`).
+        assert_eq!(event.data, appended.data);
+        assert_eq!(event.metadata, appended.metadata);
+    }
     let report = store.verify().await.unwrap();
     assert!(report.ok(), "untouched rows reported: {report:?}");
     assert_eq!(store.append(request.clone()).await.unwrap(), first);
