@@ -359,34 +359,7 @@ fn is_poison(error: &ProjectionError) -> bool {
 /// server shutting down or out of resources; on SQLite a busy or locked file, an I/O
 /// error, a full disk. An outage is retried with backoff; it never parks an event.
 pub fn is_outage(error: &sqlx::Error) -> bool {
-    match error {
-        sqlx::Error::Database(refusal) => is_outage_code(refusal.as_ref()),
-        other => annals_store::is_unavailable(other),
-    }
-}
-
-fn is_outage_code(error: &dyn sqlx::error::DatabaseError) -> bool {
-    let Some(code) = error.code() else {
-        return false;
-    };
-    if error
-        .try_downcast_ref::<sqlx::sqlite::SqliteError>()
-        .is_some()
-    {
-        // Extended result codes keep the primary code in their low byte.
-        return code
-            .parse::<i64>()
-            .is_ok_and(|code| matches!(code & 0xff, 5 | 6 | 10 | 13));
-    }
-    // PostgreSQL's SQLSTATE: 08 connection exception, 40001 serialization failure,
-    // 40P01 deadlock, 40003 completion unknown, 53 insufficient resources, 55P03 lock
-    // not available (lock_timeout), 57 operator intervention (57014: statement_timeout
-    // or a cancel; 57P01-3: shutdown, crash), 58 system error, 25P03 idle in
-    // transaction session timeout.
-    ["08", "53", "57", "58"]
-        .iter()
-        .any(|class| code.starts_with(class))
-        || ["40001", "40P01", "40003", "55P03", "25P03"].contains(&code.as_ref())
+    annals_store::is_unavailable(error)
 }
 
 const REBUILD_BATCH: usize = 5_000;
@@ -873,18 +846,19 @@ impl ProjectionRunner {
             let mut tx = self.db.begin(live).await?;
             // The projections row first, then the checkpoint row: the order a batch and a
             // swap take them in, so none of them waits on another in a cycle.
-            // A rebuild or verify that holds its claim fills a generation of its own
+            // A rebuild or verify that holds a claim fills a generation of its own
             // without the parked event; a retry now would reach the live rows only, and
-            // the swap would then lose it. So a retry waits for the claim to end.
+            // the swap would then lose it. So a retry waits for the claim to end (a stale
+            // one too: its holder may still swap; the next rebuild takes it over).
             let still_live = tx
                 .fetch_int(
                     &format!(
-                        "SELECT CASE WHEN rebuilding IS NOT NULL AND rebuild_seen_micros >= $2 \
-                                     THEN -1 ELSE live_generation END \
+                        "SELECT CASE WHEN rebuilding IS NOT NULL THEN -1 \
+                                     ELSE live_generation END \
                            FROM projections WHERE name = $1{}",
                         tx.share_lock()
                     ),
-                    &[name.into(), stale_before().into()],
+                    &[name.into()],
                 )
                 .await?;
             if still_live == Some(-1) {

@@ -121,23 +121,37 @@ pub fn is_unavailable(error: &sqlx::Error) -> bool {
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed
         | sqlx::Error::Protocol(_) => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            // 08: connection exception; 57P: operator intervention (shutdown,
-            // terminated backend); 53: insufficient resources; 55P03: lock_timeout,
-            // 57014: statement_timeout, 25P03: idle_in_transaction_session_timeout
-            // (the write path's bounds, see `StoreConfig`). SQLite's BUSY (5) and
-            // LOCKED (6) mean another writer held the file past the busy timeout.
-            code.starts_with("08")
-                || code.starts_with("57P")
-                || code.starts_with("53")
-                || code == "55P03"
-                || code == "57014"
-                || code == "25P03"
-                || code == "5"
-                || code == "6"
-        }),
+        sqlx::Error::Database(refusal) => is_outage_code(refusal.as_ref()),
         _ => false,
     }
+}
+
+/// Whether a database's refusal is an outage (retry later), not a refusal of what was
+/// asked: the one list every crate classifies by.
+fn is_outage_code(error: &dyn sqlx::error::DatabaseError) -> bool {
+    let Some(code) = error.code() else {
+        return false;
+    };
+    if error
+        .try_downcast_ref::<sqlx::sqlite::SqliteError>()
+        .is_some()
+    {
+        // SQLite reports extended result codes, which keep the primary code in their low
+        // byte: BUSY (5) and LOCKED (6) mean another writer held the file past the busy
+        // timeout; IOERR (10) and FULL (13) are the disk's.
+        return code
+            .parse::<i64>()
+            .is_ok_and(|code| matches!(code & 0xff, 5 | 6 | 10 | 13));
+    }
+    // PostgreSQL's SQLSTATE: 08 connection exception, 40001 serialization failure,
+    // 40P01 deadlock, 40003 completion unknown, 53 insufficient resources, 55P03 lock
+    // not available (lock_timeout), 57 operator intervention (57014: statement_timeout
+    // or a cancel; 57P01-3: shutdown, crash), 58 system error, 25P03 idle in
+    // transaction session timeout (the write path's bounds, see `StoreConfig`).
+    ["08", "53", "57", "58"]
+        .iter()
+        .any(|class| code.starts_with(class))
+        || ["40001", "40P01", "40003", "55P03", "25P03"].contains(&code.as_ref())
 }
 
 impl From<sqlx::Error> for StoreError {

@@ -19,8 +19,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::auth::Caller;
-use crate::error::ApiError;
 use crate::contract::{FromNumber, Limit};
+use crate::error::ApiError;
 use crate::extract::{Params, limit};
 use crate::server::App;
 

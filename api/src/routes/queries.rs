@@ -1,8 +1,9 @@
 //! Query endpoints, served from the read models. Each waits for `min_position` when
 //! asked (read-your-writes), then reads its whole answer from one snapshot of the read
-//! models, and says in `Annals-Position` the checkpoint that snapshot holds: the rows of
-//! the answer are exactly those of the log up to that position (the lowest of them, for
-//! an answer drawn from several read models).
+//! models, and says in `Annals-Position` the checkpoint that snapshot holds. For an
+//! answer from one read model its rows are exactly those of the log up to that position;
+//! for one drawn from several it is the lowest of their checkpoints, so every event up to
+//! it is in the answer (the others may have applied more).
 
 use std::sync::Arc;
 use std::time::Duration;
