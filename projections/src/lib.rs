@@ -275,6 +275,14 @@ pub enum PausePoint {
     Claimed,
     /// A verify, after each page of its comparison.
     ComparePage,
+    /// A rebuild or verify filling its generation, after each batch it committed there
+    /// (and renewed its claim for) and before the next: readers can look at a
+    /// half-built generation beside the live one.
+    FillBatch,
+    /// Any step (live, rebuild or verify), after it has read its checkpoint and its
+    /// batch of events, before the transaction that applies them: a straggler whose
+    /// checkpoint another runner may move meanwhile.
+    BatchRead,
 }
 
 /// What a runner calls at each `PausePoint`; it waits for the future returned.
@@ -298,6 +306,8 @@ pub struct ProjectionRunner {
     db: ReadDatabase,
     projector: Arc<dyn Projector>,
     batch_size: usize,
+    /// Events per batch (and transaction) when a rebuild or verify fills its generation.
+    rebuild_batch: usize,
     /// The last checkpoint of the live generation this runner saw, for `wait_for`.
     applied: watch::Sender<u64>,
     /// The checkpoint the last batch of a rebuild or verify reached, for `progress`.
@@ -362,6 +372,8 @@ pub fn is_outage(error: &sqlx::Error) -> bool {
     annals_store::is_unavailable(error)
 }
 
+/// Events per batch when a rebuild or verify fills its generation (unless
+/// `with_rebuild_batch_size` says otherwise), and per page when a retry reads the log.
 const REBUILD_BATCH: usize = 5_000;
 /// A rebuild or verify renews its claim after every batch; a claim not renewed for this
 /// long belongs to a process that died, and another may take it over.
@@ -394,6 +406,7 @@ impl ProjectionRunner {
             db,
             projector,
             batch_size: 1_000,
+            rebuild_batch: REBUILD_BATCH,
             applied: watch::Sender::new(0),
             progress: watch::Sender::new(0),
             last_error: Mutex::new(None),
@@ -436,6 +449,14 @@ impl ProjectionRunner {
 
     pub fn with_batch_size(mut self, batch_size: usize) -> Self {
         self.batch_size = batch_size.max(1);
+        self
+    }
+
+    /// How many events a rebuild or verify applies per batch (one transaction each) when
+    /// it fills its generation; 5,000 unless set. Readers see the live generation
+    /// whatever this is; a test sets it small to look at a generation half-built.
+    pub fn with_rebuild_batch_size(mut self, batch_size: usize) -> Self {
+        self.rebuild_batch = batch_size.max(1);
         self
     }
 
@@ -1017,6 +1038,7 @@ impl ProjectionRunner {
             .into_iter()
             .filter(|e| !left_out.contains(&e.position))
             .collect();
+        self.pause(PausePoint::BatchRead).await;
         let name = self.name();
         let mut tx = self.db.begin(generation).await?;
         // The batch commits only to a generation that is live, or claimed by a rebuild or
@@ -1381,13 +1403,14 @@ impl ProjectionRunner {
         spare: i64,
     ) -> Result<(), ProjectionError> {
         loop {
-            match self.step(generation, limit, REBUILD_BATCH).await {
+            match self.step(generation, limit, self.rebuild_batch).await {
                 Ok((outcome, reached)) => {
                     self.progress.send_replace(reached);
                     self.renew_claim(spare).await?;
                     if !matches!(outcome, Outcome::Applied(_)) {
                         return Ok(());
                     }
+                    self.pause(PausePoint::FillBatch).await;
                 }
                 Err(StepError::Superseded(name)) => {
                     return Err(ProjectionError::Busy(name.to_owned()));

@@ -525,37 +525,91 @@ async fn a_rebuild_claim_left_by_a_dead_process_is_taken_over_once_stale(db: Arc
     assert_eq!(rebuilding, vec![vec![None]]);
 }
 
+/// A rebuild in batches of 4 over 45 events, paused after each batch it commits: at every
+/// pause its generation beside the live one is half-built, and the production queries
+/// still answer from the old live board, wholly. After the swap they answer the same
+/// from the new one.
 async fn readers_see_the_old_board_until_the_rebuilt_one_is_swapped_in(db: Arc<Fixture>) {
+    use annals_projections::queries::{self, LeadFilter, Snapshot};
     for _ in 0..5 {
         history(&db).await;
     }
+    let head = db.store().head().await.unwrap();
+    assert_eq!(head, 45);
     let board = Arc::new(runner(&db, Arc::new(LeadBoard)));
     board.catch_up().await.unwrap();
-    let before = db.text_rows(BOARD).await;
-    assert_eq!(before.len(), 15);
-    let (done, mut finished) = tokio::sync::watch::channel(false);
-    let rebuilding = {
-        let board = board.clone();
-        tokio::spawn(async move {
-            let result = board.rebuild().await;
-            done.send(true).unwrap();
-            result
-        })
+    let old_generation = board.live_generation().await.unwrap();
+    let read = read_database(&db);
+    // What a reader asks: every lead, one lead, the funnel, and the position answered at.
+    let answers = || async {
+        let mut snapshot = Snapshot::begin(&read).await.unwrap();
+        let position = snapshot.position(&["lead_board"]).await.unwrap();
+        let leads = snapshot
+            .leads(&LeadFilter::default(), 500, None)
+            .await
+            .unwrap();
+        let funnel = snapshot.funnel(None, None, None).await.unwrap();
+        snapshot.finish().await.unwrap();
+        let one = queries::lead(&read, &leads.items[0].lead_id).await.unwrap();
+        (position, leads, funnel, one)
     };
-    // Readers keep reading during the rebuild and always see a whole board.
-    let mut reads = 0;
-    loop {
-        let rows = db.text_rows(BOARD).await;
-        assert_eq!(rows, before, "a reader saw a half-built board");
-        reads += 1;
-        if *finished.borrow_and_update() {
-            break;
+    let before = answers().await;
+    assert_eq!((before.0, before.1.items.len()), (head, 15));
+    assert_eq!(before.2.overall.captured, 15);
+
+    let gate = Gate::at(PausePoint::FillBatch);
+    let rebuilder = Arc::new(
+        runner(&db, Arc::new(LeadBoard))
+            .with_rebuild_batch_size(4)
+            .with_pause_hook(gate.hook()),
+    );
+    let mut rebuilding = {
+        let rebuilder = rebuilder.clone();
+        tokio::spawn(async move { rebuilder.rebuild().await })
+    };
+    // The rebuild's generation: how far it has applied the log, and its rows.
+    const REBUILT: &str = "SELECT CAST(c.position AS TEXT), \
+                                  (SELECT CAST(COUNT(*) AS TEXT) FROM lead_board l \
+                                    WHERE l.generation = p.rebuilding) \
+                             FROM projections p JOIN projection_checkpoints c \
+                               ON c.name = p.name AND c.generation = p.rebuilding \
+                            WHERE p.name = 'lead_board'";
+    let (mut reads, mut half_built) = (0, 0);
+    let finished = loop {
+        tokio::select! {
+            () = gate.reached() => {}
+            finished = &mut rebuilding => break finished.unwrap(),
         }
-        tokio::task::yield_now().await;
-    }
-    rebuilding.await.unwrap().unwrap();
-    assert!(reads >= 1);
-    assert_eq!(db.text_rows(BOARD).await, before);
+        // Paused between two batches: nothing moves until it is resumed.
+        let rebuilt = db.text_rows(REBUILT).await;
+        let reached: u64 = rebuilt[0][0].as_deref().unwrap().parse().unwrap();
+        let rows: usize = rebuilt[0][1].as_deref().unwrap().parse().unwrap();
+        assert!(
+            reached > 0 && rows > 0,
+            "a batch was committed: {rebuilt:?}"
+        );
+        assert_eq!(
+            answers().await,
+            before,
+            "a reader saw a half-built board (the rebuild at position {reached}, {rows} rows)"
+        );
+        reads += 1;
+        if reached < head {
+            half_built += 1;
+        }
+        gate.arm();
+        gate.resume();
+    };
+    finished.unwrap();
+    // 45 events in batches of 4: a pause after each of 12 batches, 11 of them before
+    // the rebuild had the whole log.
+    assert_eq!((reads, half_built), (12, 11));
+    assert_ne!(board.live_generation().await.unwrap(), old_generation);
+    assert_eq!(
+        answers().await,
+        before,
+        "the swapped-in board answers alike"
+    );
     // The live runner goes on in the new generation, exactly once.
     history(&db).await;
     board.catch_up().await.unwrap();
