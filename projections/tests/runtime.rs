@@ -41,6 +41,7 @@ on_both_backends!(
     a_runner_dropped_mid_way_is_continued_by_a_new_one_without_duplicates,
     wait_for_returns_once_applied_and_times_out_cleanly,
     two_runners_on_one_projection_never_double_apply,
+    a_straggler_whose_batch_another_runner_applied_rolls_it_back,
     a_verify_that_read_the_live_generation_before_a_rebuild_swapped_leaves_the_live_rows,
     a_claim_taken_over_gets_a_new_generation_and_its_old_holder_drops_nothing,
     wait_for_answers_only_from_the_generation_that_is_live,
@@ -350,24 +351,76 @@ async fn two_runners_on_one_projection_never_double_apply(db: Arc<Fixture>) {
     history(&db).await;
     let a = Arc::new(runner(&db, Arc::new(LeadBoard)).with_batch_size(2));
     let b = Arc::new(runner(&db, Arc::new(LeadBoard)).with_batch_size(2));
+    // How many events each runner's committed batches applied.
     let step = |r: Arc<ProjectionRunner>| async move {
-        let mut moved = 0;
+        let mut applied = 0;
         for _ in 0..20 {
             match r.run_once().await {
+                Ok(Outcome::Applied(n)) => applied += n,
                 Ok(_) => {}
-                Err(ProjectionError::CheckpointMoved(_)) => moved += 1,
+                Err(ProjectionError::CheckpointMoved(_)) => {}
                 // SQLite: the other runner held the write lock past the busy timeout.
                 Err(ProjectionError::Database(_)) => {}
                 Err(other) => panic!("unexpected {other:?}"),
             }
         }
-        moved
+        applied
     };
-    let (ra, rb) = tokio::join!(tokio::spawn(step(a)), tokio::spawn(step(b)));
-    let _collisions = ra.unwrap() + rb.unwrap();
+    let (ra, rb) = tokio::join!(tokio::spawn(step(a.clone())), tokio::spawn(step(b)));
+    // Whatever the two left undone (a run of lost races), one of them finishes alone.
+    let rest = a.catch_up().await.unwrap();
+    assert_eq!(
+        ra.unwrap() + rb.unwrap() + rest,
+        9,
+        "each of the 9 events applied by exactly one committed batch"
+    );
     let rows = db.text_rows(BOARD).await;
     rebuild_in_place(&db).await;
     assert_eq!(db.text_rows(BOARD).await, rows, "no event applied twice");
+}
+
+/// A runner reads its batch and stops before the transaction that applies it; another
+/// runner applies that batch meanwhile; the first goes on, a straggler: its whole batch
+/// rolls back, every time.
+async fn a_straggler_whose_batch_another_runner_applied_rolls_it_back(db: Arc<Fixture>) {
+    history(&db).await;
+    let board = runner(&db, Arc::new(LeadBoard)).with_batch_size(4);
+    // A checkpoint row exists (4): the straggler's batch would move it, not insert it.
+    assert_eq!(board.run_once().await.unwrap(), Outcome::Applied(4));
+    let gate = Gate::at(PausePoint::BatchRead);
+    let straggler = Arc::new(
+        runner(&db, Arc::new(LeadBoard))
+            .with_batch_size(4)
+            .with_pause_hook(gate.hook()),
+    );
+    let stepping = {
+        let straggler = straggler.clone();
+        tokio::spawn(async move { straggler.run_once().await })
+    };
+    gate.reached().await;
+    // The straggler holds events 5 to 8, read after checkpoint 4: the other runner
+    // applies them (and the rest) first.
+    assert_eq!(board.catch_up().await.unwrap(), 5);
+    let rows = db.text_rows(BOARD).await;
+    gate.resume();
+    let late = stepping.await.unwrap();
+    assert!(
+        matches!(late, Err(ProjectionError::CheckpointMoved(_))),
+        "the straggler's batch: {late:?}"
+    );
+    assert_eq!(board.checkpoint().await.unwrap(), 9);
+    assert_eq!(
+        straggler.applied(),
+        0,
+        "the straggler never saw its batch commit"
+    );
+    assert_eq!(
+        db.text_rows(BOARD).await,
+        rows,
+        "the straggler wrote nothing"
+    );
+    rebuild_in_place(&db).await;
+    assert_eq!(db.text_rows(BOARD).await, rows, "every event applied once");
 }
 
 mod properties {
@@ -757,22 +810,34 @@ async fn a_skipping_projection_parks_a_failing_event_goes_on_and_retries_it(db: 
     assert!(board.verify().await.unwrap().equal);
 }
 
-/// Waits (up to `deadline`) until the runner's live checkpoint reaches `position`.
-async fn caught_up(runner: &ProjectionRunner, position: u64, deadline: Duration) -> bool {
-    let until = tokio::time::Instant::now() + deadline;
-    while tokio::time::Instant::now() < until {
-        if runner.checkpoint().await.unwrap() >= position {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
+/// Cuts the session that holds `projection`'s lease (its advisory lock), as when a process
+/// stalls past its connection's life or its network goes: the lock goes with the session.
+async fn cut_lease(db: &Fixture, projection: &str) {
+    let cut = db
+        .text_rows(&format!(
+            "SELECT CAST(pg_terminate_backend(l.pid) AS TEXT) \
+               FROM pg_locks l, (SELECT hashtextextended('annals.projection.{projection}', 0) \
+                                   AS k) h \
+              WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+                AND l.database = (SELECT oid FROM pg_database \
+                                   WHERE datname = current_database()) \
+                AND CAST(l.classid AS BIGINT) = ((h.k >> 32) & 4294967295) \
+                AND CAST(l.objid AS BIGINT) = (h.k & 4294967295)"
+        ))
+        .await;
+    assert_eq!(
+        cut,
+        vec![vec![Some("true".to_owned())]],
+        "one lease holder cut"
+    );
 }
 
 /// Two processes (two stores, two runners) on one PostgreSQL: the projection runs in one
-/// of them; when that one dies, the other takes over within 10 s, exactly once.
+/// of them. That one stalls after reading a batch and loses its lease; the other takes
+/// the projection over within 10 s and applies the batch; the stalled one then goes on
+/// as a straggler, and its batch rolls back: every event applied exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn postgres_a_dead_runner_s_projection_is_taken_over_without_double_apply() {
+async fn postgres_a_runner_that_lost_its_lease_mid_batch_is_taken_over_and_rolls_back() {
     run(Backend::Postgres, |db| async move {
         history(&db).await;
         let other_store = db.open_again().await;
@@ -782,16 +847,22 @@ async fn postgres_a_dead_runner_s_projection_is_taken_over_without_double_apply(
             }
             Fixture::Sqlite { .. } => unreachable!("PostgreSQL only"),
         };
+        let gates = [
+            Gate::at(PausePoint::BatchRead),
+            Gate::at(PausePoint::BatchRead),
+        ];
+        for gate in &gates {
+            gate.armed.store(false, Ordering::SeqCst);
+        }
         let runners = [
-            Arc::new(runner(&db, Arc::new(LeadBoard))),
-            Arc::new(ProjectionRunner::new(
-                other_store,
-                other_db,
-                Arc::new(LeadBoard),
-            )),
+            Arc::new(runner(&db, Arc::new(LeadBoard)).with_pause_hook(gates[0].hook())),
+            Arc::new(
+                ProjectionRunner::new(other_store, other_db, Arc::new(LeadBoard))
+                    .with_pause_hook(gates[1].hook()),
+            ),
         ];
         let mut tasks = Vec::new();
-        let (_stop, stopped) = tokio::sync::watch::channel(false);
+        let (stop, stopped) = tokio::sync::watch::channel(false);
         for r in &runners {
             let r = r.clone();
             let stopped = stopped.clone();
@@ -800,34 +871,65 @@ async fn postgres_a_dead_runner_s_projection_is_taken_over_without_double_apply(
             ));
         }
         let head = db.store().head().await.unwrap();
-        assert!(caught_up(&runners[0], head, Duration::from_secs(10)).await);
-        // Exactly one of them did the work: only its own view of progress moved.
-        let active = futures::future::join_all(
-            runners
-                .iter()
-                .map(|r| r.wait_for(head, Duration::from_millis(300))),
-        )
-        .await;
-        assert_eq!(active.iter().filter(|a| **a).count(), 1, "{active:?}");
-        let (dead, survivor) = if active[0] { (0, 1) } else { (1, 0) };
+        // Exactly one of them does the work: the one whose own view of progress moves.
+        let hang = Duration::from_secs(10);
+        let active = tokio::select! {
+            true = runners[0].wait_for(head, hang) => 0,
+            true = runners[1].wait_for(head, hang) => 1,
+            else => panic!("neither runner applied the log within 10 s"),
+        };
+        let survivor = 1 - active;
+        assert_eq!(
+            runners[survivor].applied(),
+            0,
+            "only the lease holder applies"
+        );
 
-        // The active process dies: its task ends and its lease connection with it.
-        tasks[dead].abort();
-        let _ = (&mut tasks[dead]).await;
+        // The active process reads its next batch and stalls before applying it.
+        gates[active].arm();
         history(&db).await;
         let head = db.store().head().await.unwrap();
+        gates[active].reached().await;
+        cut_lease(&db, "lead_board").await;
         assert!(
-            caught_up(&runners[survivor], head, Duration::from_secs(10)).await,
+            runners[survivor].wait_for(head, hang).await,
             "the survivor took the projection over within 10 s"
         );
-        assert!(
-            runners[survivor]
-                .wait_for(head, Duration::from_secs(1))
-                .await
+        let rows = db.text_rows(BOARD).await;
+        assert_eq!(rows.len(), 6);
+        // The stalled one goes on: its batch, read before the takeover, must roll back.
+        let straggler = &runners[active];
+        let seen = straggler.applied();
+        gates[active].resume();
+        let until = tokio::time::Instant::now() + hang;
+        let error = loop {
+            if let Some(error) = straggler.status().await.unwrap().last_error {
+                break error;
+            }
+            assert_eq!(
+                straggler.applied(),
+                seen,
+                "the straggler committed its batch after the takeover"
+            );
+            assert!(
+                tokio::time::Instant::now() < until,
+                "the straggler's step did not end within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(error.contains("checkpoint moved"), "{error}");
+        assert_eq!(
+            db.text_rows(BOARD).await,
+            rows,
+            "the straggler wrote nothing"
         );
-        assert_eq!(db.text_rows(BOARD).await.len(), 6);
-        tasks[survivor].abort();
-        let _ = (&mut tasks[survivor]).await;
+        stop.send(true).unwrap();
+        for task in tasks {
+            tokio::time::timeout(hang, task)
+                .await
+                .expect("the runners stop when asked")
+                .unwrap();
+        }
         let report = runners[survivor].verify().await.unwrap();
         assert!(report.equal, "no event applied twice or lost: {report:?}");
     })
