@@ -65,6 +65,8 @@ struct ExpectedLead {
     status: &'static str,
     owner: Option<&'static str>,
     source: &'static str,
+    /// When its capture was recorded, from the log (as read models write times).
+    captured_at: String,
 }
 
 const LEADS: usize = 15;
@@ -87,6 +89,7 @@ async fn lead_history(db: &Fixture) -> Vec<ExpectedLead> {
     };
     // Random ids: their order is not the capture order, so the tie-breaks differ.
     let ids: Vec<Uuid> = (0..LEADS).map(|_| Uuid::new_v4()).collect();
+    let mut captured_at = Vec::new();
     for (n, id) in ids.iter().enumerate() {
         let capture = LeadCommand::Capture {
             lead_id: *id,
@@ -95,7 +98,12 @@ async fn lead_history(db: &Fixture) -> Vec<ExpectedLead> {
             company: n.is_multiple_of(2).then(|| Label::parse("Acme").unwrap()),
             source: Source::ALL[n % Source::ALL.len()],
         };
-        run(*id, capture).await;
+        let position = leads
+            .execute(*id, capture, &context())
+            .await
+            .unwrap()
+            .position;
+        captured_at.push(recorded_at(db, position).await);
     }
     let mut expected = Vec::new();
     for (n, id) in ids.iter().enumerate() {
@@ -132,6 +140,7 @@ async fn lead_history(db: &Fixture) -> Vec<ExpectedLead> {
             },
             owner: lead_owner(n),
             source: Source::ALL[n % Source::ALL.len()].as_str(),
+            captured_at: captured_at[n].clone(),
         });
     }
     runner(db, Arc::new(LeadBoard))
@@ -164,21 +173,28 @@ async fn all_leads(read: &ReadDatabase, filter: &LeadFilter, limit: usize) -> Ve
     panic!("paging never ended");
 }
 
-/// The ids of the expected leads that `keep` picks, in the board's order.
-async fn expected_order(
-    read: &ReadDatabase,
-    leads: &[ExpectedLead],
-    keep: impl Fn(&ExpectedLead) -> bool,
-) -> Vec<String> {
-    let mut picked = Vec::new();
-    for lead in leads.iter().filter(|l| keep(l)) {
-        let captured_at = queries::lead(read, &lead.id)
-            .await
-            .unwrap()
-            .unwrap()
-            .captured_at;
-        picked.push((-lead.score, captured_at, lead.id.clone()));
-    }
+/// When the event at `position` was recorded, as read models write times (RFC 3339 UTC
+/// with microseconds, which sorts as text).
+async fn recorded_at(db: &Fixture, position: u64) -> String {
+    let page = db
+        .store()
+        .read_all(position, 1, &annals_store::LogFilter::all())
+        .await
+        .unwrap();
+    assert_eq!(page.events[0].position, position);
+    page.events[0]
+        .recorded_at
+        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+/// The ids of the expected leads that `keep` picks, in the board's order: score
+/// descending, then capture time (from the log), then id.
+fn expected_order(leads: &[ExpectedLead], keep: impl Fn(&ExpectedLead) -> bool) -> Vec<String> {
+    let mut picked: Vec<_> = leads
+        .iter()
+        .filter(|l| keep(l))
+        .map(|l| (-l.score, l.captured_at.clone(), l.id.clone()))
+        .collect();
     picked.sort();
     picked.into_iter().map(|(_, _, id)| id).collect()
 }
@@ -190,7 +206,7 @@ fn ids(views: &[LeadRow]) -> Vec<String> {
 async fn paging_through_leads_visits_each_once_in_score_capture_id_order(db: Arc<Fixture>) {
     let leads = lead_history(&db).await;
     let read = read_database(&db);
-    let everyone = expected_order(&read, &leads, |_| true).await;
+    let everyone = expected_order(&leads, |_| true);
     assert_eq!(everyone.len(), LEADS);
     // Ties on score are broken by capture time: some scores repeat in this history.
     let mut scores: Vec<i64> = leads.iter().map(|l| l.score).collect();
@@ -227,7 +243,7 @@ async fn lead_filters_narrow_the_list_and_lead_looks_one_up(db: Arc<Fixture>) {
             status: Some(status.into()),
             ..LeadFilter::default()
         };
-        let expected = expected_order(&read, &leads, |l| l.status == status).await;
+        let expected = expected_order(&leads, |l| l.status == status);
         assert!(!expected.is_empty(), "{status}");
         assert_eq!(by(filter).await, expected, "status {status}");
     }
@@ -236,7 +252,7 @@ async fn lead_filters_narrow_the_list_and_lead_looks_one_up(db: Arc<Fixture>) {
             owner: Some(owner.into()),
             ..LeadFilter::default()
         };
-        let expected = expected_order(&read, &leads, |l| l.owner == Some(owner)).await;
+        let expected = expected_order(&leads, |l| l.owner == Some(owner));
         assert_eq!(by(filter).await, expected, "owner {owner}");
     }
     for source in Source::ALL.iter().map(|s| s.as_str()) {
@@ -244,7 +260,7 @@ async fn lead_filters_narrow_the_list_and_lead_looks_one_up(db: Arc<Fixture>) {
             source: Some(source.into()),
             ..LeadFilter::default()
         };
-        let expected = expected_order(&read, &leads, |l| l.source == source).await;
+        let expected = expected_order(&leads, |l| l.source == source);
         assert_eq!(by(filter).await, expected, "source {source}");
     }
     for min_score in [0, 20, 30, 60, 1_000] {
@@ -252,7 +268,7 @@ async fn lead_filters_narrow_the_list_and_lead_looks_one_up(db: Arc<Fixture>) {
             min_score: Some(min_score),
             ..LeadFilter::default()
         };
-        let expected = expected_order(&read, &leads, |l| l.score >= min_score).await;
+        let expected = expected_order(&leads, |l| l.score >= min_score);
         assert_eq!(by(filter).await, expected, "min_score {min_score}");
     }
     let combined = LeadFilter {
@@ -261,10 +277,9 @@ async fn lead_filters_narrow_the_list_and_lead_looks_one_up(db: Arc<Fixture>) {
         source: None,
         min_score: Some(10),
     };
-    let expected = expected_order(&read, &leads, |l| {
+    let expected = expected_order(&leads, |l| {
         l.status == "working" && l.owner == Some("bob") && l.score >= 10
-    })
-    .await;
+    });
     assert!(!expected.is_empty());
     assert_eq!(by(combined).await, expected);
     // User text is a parameter, never SQL.
@@ -292,6 +307,7 @@ async fn lead_filters_narrow_the_list_and_lead_looks_one_up(db: Arc<Fixture>) {
             one.source
         )
     );
+    assert_eq!(view.captured_at, one.captured_at, "the capture's own time");
     assert!(view.qualified_at.is_some() && view.converted_deal_id.is_none());
     assert_eq!(
         view.email,
