@@ -31,6 +31,7 @@ mod parked;
 
 on_both_backends!(
     the_funnel_pipeline_and_account_view_follow_a_revenue_history,
+    a_rebuild_of_every_read_model_leaves_the_conversion_process_where_it_was,
     a_poisoned_event_is_parked_and_halts_its_projection,
     a_skipping_projection_parks_a_failing_event_goes_on_and_retries_it,
     verify_finds_the_live_board_equal_and_catches_an_edited_row,
@@ -936,9 +937,10 @@ async fn postgres_a_runner_that_lost_its_lease_mid_batch_is_taken_over_and_rolls
     .await;
 }
 
-/// Leads from two sources; two converted (one into a new account, one into the same
-/// account); one deal won, one lost; a deal opened directly and advanced.
-async fn revenue_history(db: &Fixture) -> (Uuid, Vec<Uuid>) {
+/// Leads from two sources; three qualified, two of them converted (one into a new
+/// account, one into the same account); one deal won, one lost; a deal opened directly
+/// and advanced. The account, the leads and the converted leads' deals.
+async fn revenue_history(db: &Fixture) -> (Uuid, Vec<Uuid>, Vec<Uuid>) {
     use annals_commands::conversion::LeadConversionProcess;
     use annals_domain::account::{Account, AccountCommand};
     use annals_domain::deal::{Deal, DealCommand};
@@ -958,13 +960,15 @@ async fn revenue_history(db: &Fixture) -> (Uuid, Vec<Uuid>) {
             source,
         };
         leads.execute(*id, command, &context()).await.unwrap();
-        if n < 2 {
+        if n < 3 {
             for _ in 0..2 {
                 leads
                     .execute(*id, signal(SignalKind::DemoRequest), &context())
                     .await
                     .unwrap();
             }
+        }
+        if n < 2 {
             let deal = Uuid::now_v7();
             deal_ids.push(deal);
             let convert = LeadCommand::Convert {
@@ -1039,21 +1043,160 @@ async fn revenue_history(db: &Fixture) -> (Uuid, Vec<Uuid>) {
         )
         .await
         .unwrap();
-    (account, ids)
+    (account, ids, deal_ids)
+}
+
+/// The log read through a clock the test sets: every event reads as recorded at midnight
+/// UTC, `position` days after 2026-01-01, so every time a read model keeps is known.
+#[derive(Debug)]
+struct DayPerPosition(Arc<dyn annals_store::EventStore>);
+
+fn day(position: u64) -> chrono::DateTime<chrono::Utc> {
+    let start = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z").unwrap();
+    start.to_utc() + chrono::Duration::days(i64::try_from(position).unwrap())
+}
+
+/// `day(position)` as the read models and the funnel's bounds write times.
+fn day_text(position: u64) -> String {
+    day(position).to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+impl DayPerPosition {
+    fn clocked(mut event: RecordedEvent) -> RecordedEvent {
+        event.recorded_at = day(event.position);
+        event
+    }
+}
+
+#[async_trait]
+impl annals_store::EventStore for DayPerPosition {
+    async fn append(
+        &self,
+        request: annals_store::AppendRequest,
+    ) -> Result<annals_store::AppendOutcome, annals_store::StoreError> {
+        self.0.append(request).await
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &annals_store::StreamName,
+        from_version: u64,
+        direction: annals_store::Direction,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, annals_store::StoreError> {
+        let events = self
+            .0
+            .read_stream(stream, from_version, direction, limit)
+            .await?;
+        Ok(events.into_iter().map(Self::clocked).collect())
+    }
+
+    async fn read_all(
+        &self,
+        from_position: u64,
+        limit: usize,
+        filter: &LogFilter,
+    ) -> Result<annals_store::LogPage, annals_store::StoreError> {
+        let mut page = self.0.read_all(from_position, limit, filter).await?;
+        page.events = page.events.into_iter().map(Self::clocked).collect();
+        Ok(page)
+    }
+
+    async fn head(&self) -> Result<u64, annals_store::StoreError> {
+        self.0.head().await
+    }
+
+    async fn wait_for_events(
+        &self,
+        after: u64,
+        timeout: Duration,
+    ) -> Result<u64, annals_store::StoreError> {
+        self.0.wait_for_events(after, timeout).await
+    }
+
+    async fn save_snapshot(
+        &self,
+        snapshot: &annals_store::Snapshot,
+    ) -> Result<(), annals_store::StoreError> {
+        self.0.save_snapshot(snapshot).await
+    }
+
+    async fn load_snapshot(
+        &self,
+        stream: &annals_store::StreamName,
+    ) -> Result<Option<annals_store::Snapshot>, annals_store::StoreError> {
+        self.0.load_snapshot(stream).await
+    }
+
+    async fn find_idempotency(
+        &self,
+        key: &str,
+    ) -> Result<Option<annals_store::IdempotencyRecord>, annals_store::StoreError> {
+        self.0.find_idempotency(key).await
+    }
+
+    async fn purge_idempotency(
+        &self,
+        recorded_before: chrono::DateTime<chrono::Utc>,
+    ) -> Result<u64, annals_store::StoreError> {
+        self.0.purge_idempotency(recorded_before).await
+    }
+
+    async fn load_checkpoint(&self, process: &str) -> Result<u64, annals_store::StoreError> {
+        self.0.load_checkpoint(process).await
+    }
+
+    async fn save_checkpoint(
+        &self,
+        process: &str,
+        position: u64,
+    ) -> Result<(), annals_store::StoreError> {
+        self.0.save_checkpoint(process, position).await
+    }
+
+    async fn verify(&self) -> Result<annals_store::AuditReport, annals_store::StoreError> {
+        self.0.verify().await
+    }
+
+    async fn anchor(&self) -> Result<annals_store::Anchor, annals_store::StoreError> {
+        self.0.anchor().await
+    }
+
+    async fn find_anchor(&self, hash: &str) -> Result<Option<u64>, annals_store::StoreError> {
+        self.0.find_anchor(hash).await
+    }
+}
+
+/// The position of a stream's event at `version`.
+async fn position_of(db: &Fixture, stream: String, version: u64) -> u64 {
+    let stream = annals_store::StreamName::parse(stream).unwrap();
+    let events = db
+        .store()
+        .read_stream(&stream, version, annals_store::Direction::Forwards, 1)
+        .await
+        .unwrap();
+    let event = events
+        .first()
+        .unwrap_or_else(|| panic!("{stream} has no event"));
+    assert_eq!(event.version, version, "{stream}");
+    event.position
 }
 
 async fn the_funnel_pipeline_and_account_view_follow_a_revenue_history(db: Arc<Fixture>) {
     use annals_projections::account_360::Account360;
     use annals_projections::deal_board::DealBoard;
     use annals_projections::queries;
-    let (account, leads) = revenue_history(&db).await;
+    let (account, leads, deals) = revenue_history(&db).await;
     let projectors: [Arc<dyn Projector>; 3] = [
         Arc::new(LeadBoard),
         Arc::new(DealBoard),
         Arc::new(Account360),
     ];
+    // The read models see the log through the test's clock: an event at position p was
+    // recorded on day p.
+    let clocked: Arc<dyn annals_store::EventStore> = Arc::new(DayPerPosition(db.store()));
     for projector in &projectors {
-        runner(&db, projector.clone())
+        ProjectionRunner::new(clocked.clone(), read_database(&db), projector.clone())
             .with_batch_size(3)
             .catch_up()
             .await
@@ -1065,19 +1208,65 @@ async fn the_funnel_pipeline_and_account_view_follow_a_revenue_history(db: Arc<F
     let all = &funnel.overall;
     assert_eq!(
         (all.captured, all.qualified, all.converted, all.deal_won),
-        (4, 2, 2, 1)
+        (4, 3, 2, 1)
     );
-    assert_eq!(all.qualification_rate, Some(0.5));
-    assert_eq!(all.win_rate, Some(0.5));
+    assert_eq!(
+        (all.qualification_rate, all.conversion_rate, all.win_rate),
+        (Some(0.75), Some(2.0 / 3.0), Some(0.5))
+    );
     let sources: Vec<&str> = funnel.by_source.iter().map(|(s, _)| s.as_str()).collect();
     assert_eq!(sources, vec!["partner", "web"]);
-    assert_eq!(funnel.by_source[1].1.captured, 3);
+    let web = &funnel.by_source[1].1;
+    assert_eq!(
+        (web.captured, web.qualified, web.converted, web.deal_won),
+        (3, 3, 2, 1)
+    );
+    assert_eq!(
+        (web.qualification_rate, web.conversion_rate, web.win_rate),
+        (Some(1.0), Some(2.0 / 3.0), Some(0.5))
+    );
     let partner = queries::funnel(&read, None, None, Some("partner"))
         .await
         .unwrap();
     assert_eq!(
         (partner.overall.captured, partner.overall.qualified),
         (1, 0)
+    );
+    assert_eq!(
+        (
+            partner.overall.qualification_rate,
+            partner.overall.conversion_rate
+        ),
+        (Some(0.0), None)
+    );
+    // Windows around the day the last lead was captured: `from` takes it in, `to`
+    // leaves it out; the deal won after it counts only after.
+    let last_capture = day_text(position_of(&db, format!("lead-{}", leads[3]), 1).await);
+    let before = queries::funnel(&read, None, Some(&last_capture), None)
+        .await
+        .unwrap()
+        .overall;
+    assert_eq!(
+        (
+            before.captured,
+            before.qualified,
+            before.converted,
+            before.deal_won
+        ),
+        (3, 3, 2, 0)
+    );
+    let since = queries::funnel(&read, Some(&last_capture), None, None)
+        .await
+        .unwrap()
+        .overall;
+    assert_eq!(
+        (
+            since.captured,
+            since.qualified,
+            since.converted,
+            since.deal_won
+        ),
+        (1, 0, 0, 1)
     );
     let future = queries::funnel(&read, Some("2999-01-01T00:00:00Z"), None, None)
         .await
@@ -1104,7 +1293,25 @@ async fn the_funnel_pipeline_and_account_view_follow_a_revenue_history(db: Arc<F
         (pipeline.won, pipeline.lost, pipeline.win_rate),
         (1, 1, Some(0.5))
     );
-    assert!(pipeline.average_days_to_close.unwrap() >= 0.0);
+    // Each converted lead's deal: opened (version 1) on one day, won or lost (version
+    // 2) on another; the average of the two spans, in days.
+    let mut days = 0;
+    for deal in &deals {
+        let opened = position_of(&db, format!("deal-{deal}"), 1).await;
+        let closed = position_of(&db, format!("deal-{deal}"), 2).await;
+        days += closed - opened;
+    }
+    assert_eq!(
+        pipeline.average_days_to_close,
+        Some(days as f64 / 2.0),
+        "{days} days over two deals"
+    );
+    let bob = queries::pipeline(&read, Some("bob")).await.unwrap();
+    assert_eq!(
+        (bob.won, bob.lost, bob.win_rate, bob.average_days_to_close),
+        (0, 0, None, None),
+        "bob's one deal is open"
+    );
     let nobody = queries::pipeline(&read, Some("nobody")).await.unwrap();
     assert!(nobody.stages.is_empty() && nobody.win_rate.is_none());
 
@@ -1126,9 +1333,67 @@ async fn the_funnel_pipeline_and_account_view_follow_a_revenue_history(db: Arc<F
     assert_eq!(queries::account_360(&read, "nope").await.unwrap(), None);
 
     for projector in projectors {
-        let report = runner(&db, projector).verify().await.unwrap();
+        let report = ProjectionRunner::new(clocked.clone(), read_database(&db), projector)
+            .verify()
+            .await
+            .unwrap();
         assert!(report.equal, "{report:?}");
     }
+}
+
+/// Rebuilds replay read models only: once the conversion process has followed the log
+/// (opening its accounts and deals), rebuilding every read model leaves the process's
+/// checkpoint where it was and appends nothing, and the process has nothing left to do.
+async fn a_rebuild_of_every_read_model_leaves_the_conversion_process_where_it_was(
+    db: Arc<Fixture>,
+) {
+    use annals_commands::conversion::{LEAD_CONVERSION, LeadConversionProcess};
+    use annals_projections::account_360::Account360;
+    use annals_projections::deal_board::DealBoard;
+    let (account, _, deals) = revenue_history(&db).await;
+    let store = db.store();
+    let process = LeadConversionProcess::new(store.clone(), HandlerConfig::default());
+    assert_eq!(
+        process.run_once().await.unwrap(),
+        0,
+        "both conversions handled"
+    );
+    let head = store.head().await.unwrap();
+    let followed = store.load_checkpoint(LEAD_CONVERSION).await.unwrap();
+    assert_eq!(followed, head, "the process has followed the whole log");
+    // What the process sent is in the log: the new account, and each conversion's deal.
+    position_of(&db, format!("account-{account}"), 1).await;
+    for deal in &deals {
+        position_of(&db, format!("deal-{deal}"), 1).await;
+    }
+
+    let projectors: [Arc<dyn Projector>; 3] = [
+        Arc::new(LeadBoard),
+        Arc::new(DealBoard),
+        Arc::new(Account360),
+    ];
+    for projector in projectors {
+        let board = runner(&db, projector);
+        board.catch_up().await.unwrap();
+        board.rebuild().await.unwrap();
+        assert_eq!(board.checkpoint().await.unwrap(), head);
+    }
+    assert_eq!(
+        store.load_checkpoint(LEAD_CONVERSION).await.unwrap(),
+        followed,
+        "a rebuild moved the process's checkpoint"
+    );
+    assert_eq!(
+        store.head().await.unwrap(),
+        head,
+        "a rebuild appended events"
+    );
+    assert_eq!(
+        process.run_once().await.unwrap(),
+        0,
+        "after a rebuild the process handled conversions again"
+    );
+    assert_eq!(store.head().await.unwrap(), head);
 }
 
 /// Pauses a runner once at one point while armed: the test waits until the runner is
