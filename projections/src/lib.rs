@@ -934,15 +934,11 @@ impl ProjectionRunner {
             )
             .await
         } else {
+            // The row is held since `checkpoint` was read from it (`lock_checkpoint`).
             tx.execute(
                 "UPDATE projection_checkpoints SET position = $3 \
-                  WHERE name = $1 AND generation = $2 AND position = $4",
-                &[
-                    name.into(),
-                    generation.into(),
-                    sql_int(through).into(),
-                    sql_int(checkpoint).into(),
-                ],
+                  WHERE name = $1 AND generation = $2",
+                &[name.into(), generation.into(), sql_int(through).into()],
             )
             .await
         }
@@ -1059,8 +1055,11 @@ impl ProjectionRunner {
         if current.is_none() {
             return Err(StepError::Superseded(name));
         }
-        // The checkpoint row is held before any row is read, as an operator's retry holds
-        // it: a retry that committed meanwhile is seen, one that comes later waits.
+        // The checkpoint guard. The checkpoint row is held before any row is read, as an
+        // operator's retry holds it, and the batch goes on only if the row is still at
+        // the position it read its events after: a second runner, a straggler after a
+        // takeover, or a retry that committed meanwhile finds it moved and applies
+        // nothing; one that comes later waits.
         if lock_checkpoint(&mut tx, name, generation).await? != checkpoint {
             return Err(ProjectionError::CheckpointMoved(name.to_owned()).into());
         }
@@ -1077,15 +1076,11 @@ impl ProjectionRunner {
             )
             .await?
         } else {
+            // The row is held, and was found at `checkpoint`, above.
             tx.execute(
                 "UPDATE projection_checkpoints SET position = $3 \
-                  WHERE name = $1 AND generation = $2 AND position = $4",
-                &[
-                    name.into(),
-                    generation.into(),
-                    sql_int(next).into(),
-                    sql_int(checkpoint).into(),
-                ],
+                  WHERE name = $1 AND generation = $2",
+                &[name.into(), generation.into(), sql_int(next).into()],
             )
             .await?
         };
