@@ -125,7 +125,45 @@ async fn the_demo_history_replays_verifies_audits_and_prints(db: Arc<Fixture>) {
             "{out}"
         );
     }
-    let (ok, _, err) = run(&[
+    // The live deal board, edited behind its back: a deal's row gone, another's amount
+    // changed. Verify shows it; replay rebuilds the board from the log into a new
+    // generation, swaps it in, and says so; the rows are then what they were.
+    let live = "(SELECT live_generation FROM projections WHERE name = 'deal_board')";
+    let board = format!(
+        "SELECT deal_id, account_id, name, stage, status, currency, \
+                CAST(amount_minor AS TEXT), owner, CAST(expected_close AS TEXT), \
+                CAST(opened_at AS TEXT), CAST(opened_micros AS TEXT), \
+                CAST(closed_at AS TEXT), CAST(closed_micros AS TEXT), lost_reason, \
+                CAST(updated_position AS TEXT) \
+           FROM deal_board WHERE generation = {live} ORDER BY deal_id"
+    );
+    let generation = format!("SELECT CAST({live} AS TEXT)");
+    let rows = db.text_rows(&board).await;
+    assert!(rows.len() > 2, "{rows:?}");
+    let generation_before = db.text_rows(&generation).await;
+    let (first, last) = (
+        rows[0][0].clone().unwrap(),
+        rows[rows.len() - 1][0].clone().unwrap(),
+    );
+    db.execute(&format!(
+        "DELETE FROM deal_board WHERE generation = {live} AND deal_id = '{first}'"
+    ))
+    .await;
+    db.execute(&format!(
+        "UPDATE deal_board SET amount_minor = amount_minor + 1 \
+          WHERE generation = {live} AND deal_id = '{last}'"
+    ))
+    .await;
+    let (ok, out, _) = run(&[
+        "verify",
+        "--projection",
+        "deal_board",
+        "--database-url",
+        url,
+    ]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("deal_board: DIFFERS"), "{out}");
+    let (ok, out, err) = run(&[
         "replay",
         "--projection",
         "deal_board",
@@ -133,6 +171,33 @@ async fn the_demo_history_replays_verifies_audits_and_prints(db: Arc<Fixture>) {
         url,
     ]);
     assert!(ok, "{err}");
+    assert_eq!(
+        out.trim_end(),
+        format!("deal_board: rebuilt from position 0 to {head}, now live")
+    );
+    assert!(
+        db.text_rows(&board).await == rows,
+        "the replayed board is not the board as the log makes it"
+    );
+    let generation_after = db.text_rows(&generation).await;
+    assert_ne!(
+        generation_after, generation_before,
+        "no new generation is live"
+    );
+    let (ok, out, err) = run(&[
+        "verify",
+        "--projection",
+        "deal_board",
+        "--database-url",
+        url,
+    ]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains(&format!(
+            "deal_board: equal to a rebuild at position {head}"
+        )),
+        "{out}"
+    );
     let (ok, out, _) = run(&["audit", "verify", "--database-url", url]);
     assert!(ok);
     assert!(out.starts_with("ok: "), "{out}");

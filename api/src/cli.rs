@@ -161,7 +161,13 @@ pub async fn run(command: Operator) -> anyhow::Result<ExitCode> {
                 let head = system.store.head().await?;
                 let bar = progress(&runner, head, "replaying");
                 with_progress(&runner, &bar, runner.rebuild()).await?;
-                bar.finish_with_message(format!("{}: rebuilt and live", runner.name()));
+                bar.finish_and_clear();
+                // On stdout, as verify reports: the bar is drawn only on a terminal.
+                println!(
+                    "{}: rebuilt from position 0 to {}, now live",
+                    runner.name(),
+                    runner.checkpoint().await?
+                );
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -1176,7 +1176,14 @@ impl ProjectionRunner {
                         tracing::info!(projection = self.name(), "lease taken; running");
                         lease = Some(taken);
                     }
-                    Ok(None) => {}
+                    // At debug level: a standby process says, each time it looks, that it
+                    // found the lease taken (what a test of a takeover waits for).
+                    Ok(None) => {
+                        tracing::debug!(
+                            projection = self.name(),
+                            "lease held elsewhere; standing by"
+                        )
+                    }
                     Err(error) => {
                         tracing::warn!(projection = self.name(), %error, "taking the lease failed")
                     }

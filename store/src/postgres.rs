@@ -13,6 +13,10 @@
 //! The isolation level the SQL relies on, READ COMMITTED (each statement after the lock
 //! sees every commit made before it), is set on every session and every write
 //! transaction, never inherited from the database's default.
+//!
+//! Every session carries an `application_name` (`annals` unless the URL or `PGAPPNAME`
+//! names another), so the sessions of one process can be told apart in
+//! `pg_stat_activity`: by an operator, and by the tests that cut them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +42,8 @@ use crate::model::{
 };
 use crate::{EventStore, StoreConfig};
 
+/// The `application_name` of the store's sessions when the URL names none.
+pub const APPLICATION_NAME: &str = "annals";
 /// The notification channel that carries the last committed position.
 const CHANNEL: &str = "annals_events";
 /// Begins a write transaction and takes the writers' lock, held until the transaction
@@ -72,7 +78,15 @@ impl PostgresStore {
         // for its flush, and statements see what READ COMMITTED promises (a backslash
         // escapes the space in a startup option). A session stalled inside a transaction
         // is ended by the server.
-        let options = url.parse::<PgConnectOptions>()?.options([
+        let options = url.parse::<PgConnectOptions>()?;
+        // Every session says whose it is (`pg_stat_activity.application_name`), so an
+        // operator, or a test, can tell this process's sessions from others': `annals`
+        // unless the URL (`?application_name=`) or `PGAPPNAME` names them otherwise.
+        let options = match options.get_application_name() {
+            Some(_) => options,
+            None => options.application_name(APPLICATION_NAME),
+        };
+        let options = options.options([
             ("synchronous_commit", "on".to_owned()),
             (
                 "default_transaction_isolation",

@@ -1,47 +1,127 @@
 //! The server under faults, on loopback and bounded in time: killed with SIGKILL under
-//! load, its PostgreSQL connections cut, one of two servers killed, a poisoned event, a
-//! transaction held open during appends. Nothing acknowledged is ever lost, nothing is
-//! applied twice, and the read models verify equal afterwards.
+//! load and inside a command's write, its PostgreSQL connections cut, one of two servers
+//! killed, a poisoned event, a transaction held open during appends. Nothing acknowledged
+//! is ever lost, no command is applied twice however often it is retried, no request
+//! hangs, and the read models verify equal afterwards.
+//!
+//! Each test waits for a signal (commands acknowledged, a session waiting on a lock, a
+//! key in use, a line in the server's log), never for a fixed time.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use annals_domain::Event;
 use annals_domain::lead::LeadEvent;
 use annals_domain::values::{Email, PersonName, Source};
-use annals_store::{AppendRequest, ExpectedVersion, NewEvent, StreamName};
+use annals_store::{AppendRequest, Direction, ExpectedVersion, LogFilter, NewEvent, StreamName};
 use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::database::{Backend, Fixture, run};
-use crate::server::{Server, TOKENS, WRITER, lead};
+use crate::server::{Answer, Server, TOKENS, WRITER, lead};
 
 on_both_backends!(
-    acknowledged_commands_survive_kill_9_and_their_retries_append_nothing,
+    acknowledged_commands_survive_kill_9_and_no_command_sent_appends_twice,
+    a_command_in_flight_at_kill_9_appends_once_when_retried,
     a_poisoned_event_is_parked_and_the_rest_keeps_serving,
     a_transaction_held_open_during_appends_is_never_skipped,
 );
 
-/// A command the server acknowledged: what was sent, and what came back.
+/// The longest a request may take under these faults: far above what one takes
+/// (milliseconds), far below the 30 s a client would wait. A request past it has hung.
+const HUNG: Duration = Duration::from_secs(5);
+
+/// The `application_name` of the server's PostgreSQL sessions (the store's default; the
+/// test's own stores name theirs `annals-test`).
+const SERVER_SESSIONS: &str = annals_store::postgres::APPLICATION_NAME;
+
+/// A command a client sent: what, with which key (also its correlation id, so its
+/// events can be found in the log), and the answer, if one came.
 #[derive(Debug, Clone)]
-struct Acked {
+struct Sent {
     path: String,
     body: Value,
     key: String,
-    answer: Value,
+    answer: Option<Answer>,
+}
+
+impl Sent {
+    fn acknowledged(&self) -> bool {
+        self.answer
+            .as_ref()
+            .is_some_and(|a| matches!(a.status, 200 | 201))
+    }
+}
+
+/// What a load's clients sent and saw, shared while they run.
+#[derive(Debug, Default)]
+struct Seen {
+    sent: Mutex<Vec<Sent>>,
+    /// Every status, in the order the answers came.
+    statuses: Mutex<Vec<u16>>,
+    /// Requests that got no answer: the connection broke, or `HUNG` passed.
+    unanswered: Mutex<Vec<String>>,
+}
+
+impl Seen {
+    fn sending(&self, path: &str, body: &Value, key: &str) -> usize {
+        let mut sent = self.sent.lock().unwrap();
+        sent.push(Sent {
+            path: path.to_owned(),
+            body: body.clone(),
+            key: key.to_owned(),
+            answer: None,
+        });
+        sent.len() - 1
+    }
+
+    fn answered(&self, index: usize, answer: Answer) {
+        self.statuses.lock().unwrap().push(answer.status);
+        self.sent.lock().unwrap()[index].answer = Some(answer);
+    }
+
+    fn sent(&self) -> Vec<Sent> {
+        self.sent.lock().unwrap().clone()
+    }
+
+    fn statuses(&self) -> Vec<u16> {
+        self.statuses.lock().unwrap().clone()
+    }
+
+    fn unanswered(&self) -> Vec<String> {
+        self.unanswered.lock().unwrap().clone()
+    }
+
+    fn acknowledged(&self) -> usize {
+        self.statuses()
+            .iter()
+            .filter(|s| matches!(s, 200 | 201))
+            .count()
+    }
+}
+
+/// A command with an idempotency key, sent as a client sends it: the key also names the
+/// request (`Correlation-Id`), so the events it appended carry it.
+async fn send(server: &Server, path: &str, body: &Value, key: &str) -> Result<Answer, String> {
+    let started = Instant::now();
+    let headers = [("Idempotency-Key", key), ("Correlation-Id", key)];
+    let call = server.try_call(Method::POST, path, WRITER, Some(body), &headers);
+    match tokio::time::timeout(HUNG, call).await {
+        Ok(Ok(answer)) => Ok(answer),
+        Ok(Err(error)) => Err(format!(
+            "POST {path} ({key}): no answer, after {:?}: {error}",
+            started.elapsed()
+        )),
+        Err(_) => Err(format!("POST {path} ({key}): no answer within {HUNG:?}")),
+    }
 }
 
 /// One client: captures leads and records signals on them, every command with an
-/// idempotency key, until `stop` or until the server stops answering. Returns what was
-/// acknowledged and every status it saw.
-async fn client(
-    server: Arc<Server>,
-    name: String,
-    stop: Arc<AtomicBool>,
-) -> (Vec<Acked>, Vec<u16>) {
-    let mut acked = Vec::new();
-    let mut statuses = Vec::new();
+/// idempotency key, until `stop`, or until a request gets no answer (the server was
+/// killed, or the request hung: `Seen::unanswered` says which).
+async fn client(server: Arc<Server>, name: String, stop: Arc<AtomicBool>, seen: Arc<Seen>) {
     let mut n = 0;
     while !stop.load(Ordering::Relaxed) {
         n += 1;
@@ -50,34 +130,24 @@ async fn client(
         let mut body = lead(&format!("{name}n{n}"));
         for step in 0..3 {
             let key = format!("{name}-{n}-{step}");
-            let sent = server
-                .try_call(
-                    Method::POST,
-                    &path,
-                    WRITER,
-                    Some(&body),
-                    &[("Idempotency-Key", &key)],
-                )
-                .await;
-            let Ok(answer) = sent else {
-                return (acked, statuses); // The server is gone.
+            let index = seen.sending(&path, &body, &key);
+            let answer = match send(&server, &path, &body, &key).await {
+                Ok(answer) => answer,
+                Err(unanswered) => {
+                    seen.unanswered.lock().unwrap().push(unanswered);
+                    return;
+                }
             };
-            statuses.push(answer.status);
-            if !matches!(answer.status, 200 | 201) {
+            let carried_out = matches!(answer.status, 200 | 201);
+            let id = answer.body["id"].as_str().unwrap_or_default().to_owned();
+            seen.answered(index, answer);
+            if !carried_out {
                 break;
             }
-            let id = answer.body["id"].as_str().unwrap_or_default().to_owned();
-            acked.push(Acked {
-                path,
-                body,
-                key,
-                answer: answer.body,
-            });
             path = format!("/leads/{id}/signals");
             body = json!({"kind": "email_click"});
         }
     }
-    (acked, statuses)
 }
 
 /// Starts `clients` clients on the server.
@@ -86,23 +156,33 @@ fn start_load(
     label: &str,
     clients: usize,
     stop: &Arc<AtomicBool>,
-) -> Vec<tokio::task::JoinHandle<(Vec<Acked>, Vec<u16>)>> {
+    seen: &Arc<Seen>,
+) -> Vec<tokio::task::JoinHandle<()>> {
     (0..clients)
-        .map(|c| tokio::spawn(client(server.clone(), format!("{label}c{c}"), stop.clone())))
+        .map(|c| {
+            tokio::spawn(client(
+                server.clone(),
+                format!("{label}c{c}"),
+                stop.clone(),
+                seen.clone(),
+            ))
+        })
         .collect()
 }
 
-async fn collect(
-    load: Vec<tokio::task::JoinHandle<(Vec<Acked>, Vec<u16>)>>,
-) -> (Vec<Acked>, Vec<u16>) {
-    let mut acked = Vec::new();
-    let mut statuses = Vec::new();
+async fn finish(load: Vec<tokio::task::JoinHandle<()>>) {
     for task in load {
-        let (a, s) = task.await.unwrap();
-        acked.extend(a);
-        statuses.extend(s);
+        task.await.unwrap();
     }
-    (acked, statuses)
+}
+
+/// Polls `condition` until it holds, for at most 30 s: how these tests wait for a signal.
+async fn until(what: &str, condition: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 async fn head(server: &Server) -> u64 {
@@ -112,18 +192,54 @@ async fn head(server: &Server) -> u64 {
 }
 
 /// Every acknowledged command's last event is in the log, where its answer said.
-async fn assert_in_log(server: &Server, acked: &[Acked]) {
+async fn assert_in_log(server: &Server, acked: &[&Sent]) {
     for a in acked {
-        let position = a.answer["position"].as_u64().unwrap();
+        let answer = &a.answer.as_ref().unwrap().body;
+        let position = answer["position"].as_u64().unwrap();
         let page = server
             .read(&format!("/events?from_position={position}&limit=1"))
             .await;
         let event = &page["items"][0];
         assert_eq!(event["position"], position, "{a:?}");
-        assert_eq!(event["version"], a.answer["version"], "{a:?}");
-        let id = a.answer["id"].as_str().unwrap();
+        assert_eq!(event["version"], answer["version"], "{a:?}");
+        let id = answer["id"].as_str().unwrap();
         assert_eq!(event["stream"], format!("lead-{id}"), "{a:?}");
     }
+}
+
+/// Each command appended exactly one event over all its tries (one event carries its
+/// correlation id), and the log holds nothing else.
+async fn assert_each_appended_once(db: &Fixture, sent: &[Sent]) {
+    let store = db.store();
+    let mut by_command: HashMap<String, Vec<u64>> = HashMap::new();
+    let mut from = 1;
+    loop {
+        let page = store
+            .read_all(from, 1_000, &LogFilter::all())
+            .await
+            .unwrap();
+        for event in &page.events {
+            let command = event.metadata.correlation_id.clone().unwrap_or_default();
+            by_command.entry(command).or_default().push(event.position);
+        }
+        if page.events.is_empty() {
+            break;
+        }
+        from = page.next_position;
+    }
+    for s in sent {
+        let positions = by_command.remove(&s.key).unwrap_or_default();
+        assert_eq!(
+            positions.len(),
+            1,
+            "{} appended at positions {positions:?} over its tries",
+            s.key
+        );
+    }
+    assert!(
+        by_command.is_empty(),
+        "events no command sent: {by_command:?}"
+    );
 }
 
 /// Every read model catches up with the log and equals a rebuild from position 0.
@@ -144,118 +260,274 @@ async fn assert_read_models_verify(server: &Server) {
     }
 }
 
-async fn acknowledged_commands_survive_kill_9_and_their_retries_append_nothing(db: Arc<Fixture>) {
-    let mut acked = Vec::new();
-    // Several kill points: early, in the middle of things, later.
-    for (round, kill_after) in [150, 400, 900].into_iter().enumerate() {
+async fn acknowledged_commands_survive_kill_9_and_no_command_sent_appends_twice(db: Arc<Fixture>) {
+    let seen = Arc::new(Seen::default());
+    // Several kill points, by the commands acknowledged in the round: early, in the middle
+    // of things, later.
+    for (round, kill_after) in [10, 40, 100].into_iter().enumerate() {
         let server = Arc::new(Server::start(db.url()));
         let stop = Arc::new(AtomicBool::new(false));
-        let load = start_load(&server, &format!("r{round}"), 6, &stop);
-        tokio::time::sleep(Duration::from_millis(kill_after)).await;
+        let before = seen.acknowledged();
+        let load = start_load(&server, &format!("r{round}"), 6, &stop, &seen);
+        until(&format!("{kill_after} commands are acknowledged"), || {
+            seen.acknowledged() >= before + kill_after
+        })
+        .await;
         server.kill();
-        let (round_acked, statuses) = collect(load).await;
-        assert!(
-            statuses.iter().all(|s| matches!(s, 200 | 201)),
-            "{statuses:?}"
-        );
-        eprintln!(
-            "round {round}: {} acknowledged before the kill",
-            round_acked.len()
-        );
-        acked.extend(round_acked);
+        finish(load).await;
     }
+    let sent = seen.sent();
+    let statuses = seen.statuses();
     assert!(
-        acked.len() >= 10,
-        "only {} commands got through",
-        acked.len()
+        statuses.iter().all(|s| matches!(s, 200 | 201)),
+        "{statuses:?}"
+    );
+    let in_flight = sent.iter().filter(|s| s.answer.is_none()).count();
+    eprintln!(
+        "{} commands sent, {in_flight} in flight at the kills",
+        sent.len()
     );
 
     let server = Server::start(db.url());
+    let acked: Vec<&Sent> = sent.iter().filter(|s| s.acknowledged()).collect();
     assert_in_log(&server, &acked).await;
-    // Retrying every acknowledged command with its key appends nothing and answers the
-    // same.
-    let before = head(&server).await;
-    for a in &acked {
-        let again = server
-            .call(
-                Method::POST,
-                &a.path,
-                WRITER,
-                Some(&a.body),
-                &[("Idempotency-Key", &a.key)],
-            )
-            .await;
-        assert!(matches!(again.status, 200 | 201), "{}", again.body);
-        assert_eq!(again.body, a.answer);
+    // Every command sent is retried with its key, acknowledged or in flight when its server
+    // was killed: each is carried out, and one acknowledged answers as it did.
+    for s in &sent {
+        let again = send(&server, &s.path, &s.body, &s.key).await.unwrap();
+        assert!(
+            matches!(again.status, 200 | 201),
+            "{}: {}",
+            s.key,
+            again.body
+        );
+        if let Some(answer) = &s.answer {
+            assert_eq!(again.body, answer.body, "{}", s.key);
+        }
     }
-    assert_eq!(head(&server).await, before);
+    // Over all its tries, each appended once.
+    assert_each_appended_once(&db, &sent).await;
     assert_read_models_verify(&server).await;
     let audit = server.read("/admin/audit/verify").await;
     assert_eq!(audit["ok"], true, "{audit}");
 }
 
+/// The advisory lock the gate on idempotency records waits for (a number the store does
+/// not use).
+const GATE: i64 = 4242;
+
+/// A server killed inside a command's write, at the last step before the commit that
+/// acknowledges it (the write of its idempotency record), then the command retried with
+/// its key: it appends once in all. On PostgreSQL a trigger makes the record's write
+/// wait for a lock the test holds, and the server is killed while its session waits
+/// there (its sessions then end, as they do when their process is gone). SQLite cannot
+/// make a write wait for another process, so there the record's write fails instead, and
+/// the server is killed after answering 5xx: the command was not acknowledged either way.
+async fn a_command_in_flight_at_kill_9_appends_once_when_retried(db: Arc<Fixture>) {
+    use sqlx::Connection;
+    let server = Arc::new(Server::start(db.url()));
+    let id = server.command("/leads", lead("inflight")).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let path = format!("/leads/{id}/signals");
+    let body = json!({"kind": "email_click"});
+    let key = "in-flight-at-the-kill";
+    match db.backend() {
+        Backend::Postgres => {
+            let mut gate = sqlx::PgConnection::connect(db.url()).await.unwrap();
+            sqlx::query("SELECT pg_advisory_lock($1)")
+                .bind(GATE)
+                .execute(&mut gate)
+                .await
+                .unwrap();
+            db.execute(&format!(
+                "CREATE FUNCTION annals_test_gate() RETURNS trigger LANGUAGE plpgsql AS $$ \
+                 BEGIN PERFORM pg_advisory_xact_lock_shared({GATE}); RETURN NEW; END $$"
+            ))
+            .await;
+            db.execute(
+                "CREATE TRIGGER annals_test_gate BEFORE INSERT ON idempotency_keys \
+                 FOR EACH ROW EXECUTE FUNCTION annals_test_gate()",
+            )
+            .await;
+            let command = {
+                let (server, path, body) = (server.clone(), path.clone(), body.clone());
+                tokio::spawn(async move { send(&server, &path, &body, key).await })
+            };
+            // The server's session waits at the gate, inside the command's write.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let database = db.database_name().unwrap();
+            loop {
+                if waiting_for_advisory_locks(database, Some(GATE)).await > 0 {
+                    break;
+                }
+                assert!(!command.is_finished(), "{:?}", command.await.unwrap());
+                assert!(
+                    Instant::now() < deadline,
+                    "the write never reached the gate"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            server.kill();
+            assert!(command.await.unwrap().is_err(), "the command was answered");
+            let ended = end_sessions(db.database_name().unwrap(), SERVER_SESSIONS).await;
+            assert!(
+                ended > 0,
+                "the killed server's waiting session was not found"
+            );
+            gate.close().await.unwrap();
+            db.execute("DROP TRIGGER annals_test_gate ON idempotency_keys")
+                .await;
+            db.execute("DROP FUNCTION annals_test_gate()").await;
+        }
+        Backend::Sqlite => {
+            db.execute(
+                "CREATE TRIGGER annals_test_fail BEFORE INSERT ON idempotency_keys \
+                 BEGIN SELECT RAISE(ABORT, 'the disk failed'); END",
+            )
+            .await;
+            let answer = send(&server, &path, &body, key).await.unwrap();
+            assert!(answer.status >= 500, "{}", answer.body);
+            server.kill();
+            db.execute("DROP TRIGGER annals_test_fail").await;
+        }
+    }
+
+    let server = Server::start(db.url());
+    let again = send(&server, &path, &body, key).await.unwrap();
+    assert_eq!(again.status, 200, "{}", again.body);
+    let events = db
+        .store()
+        .read_stream(
+            &StreamName::parse(format!("lead-{id}")).unwrap(),
+            1,
+            Direction::Forwards,
+            100,
+        )
+        .await
+        .unwrap();
+    let appended: Vec<u64> = events
+        .iter()
+        .filter(|e| e.metadata.correlation_id.as_deref() == Some(key))
+        .map(|e| e.version)
+        .collect();
+    assert_eq!(
+        appended,
+        vec![2],
+        "the command appended at versions {appended:?} over its tries"
+    );
+    assert_eq!(again.body["version"], 2, "{}", again.body);
+    assert_read_models_verify(&server).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn postgres_connections_cut_under_load_fail_fast_and_recover() {
+async fn postgres_connections_cut_under_load_fail_fast_as_503_and_recover() {
     run(Backend::Postgres, |db: Arc<Fixture>| async move {
         let server = Arc::new(Server::start(db.url()));
+        let seen = Arc::new(Seen::default());
         let stop = Arc::new(AtomicBool::new(false));
-        let load = start_load(&server, "cut", 6, &stop);
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        // Cut every connection the server holds, three times over a second.
+        let load = start_load(&server, "cut", 6, &stop, &seen);
+        until("commands go through", || seen.acknowledged() >= 20).await;
         let database = db.database_name().unwrap().to_owned();
-        for _ in 0..3 {
-            let cut = terminate_backends(&database).await;
-            assert!(cut > 0, "no connection was cut");
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-        // The server recovers by itself: commands go through again within seconds.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let started = Instant::now();
-            let answer = server.post("/leads", lead("after")).await;
-            // Failing is allowed while it recovers, but fast and as a 503.
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "a request hung for {:?}",
-                started.elapsed()
+        for cut in 0..3 {
+            // Cut the server's sessions, and only those (not the test's own).
+            let answered = seen.statuses().len();
+            let ended = end_sessions(&database, SERVER_SESSIONS).await;
+            assert!(ended > 0, "cut {cut}: the server had no session to cut");
+            // A command caught by the cut fails at once, as a 503; none hangs.
+            until(&format!("a command caught by cut {cut} is refused"), || {
+                !seen.unanswered().is_empty()
+                    || seen.statuses()[answered..]
+                        .iter()
+                        .any(|s| !matches!(s, 200 | 201))
+            })
+            .await;
+            assert_eq!(
+                seen.unanswered(),
+                Vec::<String>::new(),
+                "cut {cut}: requests hung"
             );
-            if answer.status == 201 {
-                break;
+            let since = seen.statuses()[answered..].to_vec();
+            assert!(
+                since.contains(&503) && since.iter().all(|s| matches!(s, 200 | 201 | 503)),
+                "cut {cut}: {since:?}"
+            );
+            // The server recovers by itself: a command sent now goes through (so its
+            // writer has a live session again before the next cut).
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let answer = send(
+                    &server,
+                    "/leads",
+                    &lead("after"),
+                    &format!("after-{cut}-{}", uuid::Uuid::new_v4()),
+                )
+                .await
+                .unwrap();
+                if answer.status == 201 {
+                    break;
+                }
+                assert_eq!(answer.status, 503, "{}", answer.body);
+                assert!(Instant::now() < deadline, "the server did not recover");
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            assert_eq!(answer.status, 503, "{}", answer.body);
-            assert!(Instant::now() < deadline, "the server did not recover");
-            tokio::time::sleep(Duration::from_millis(200)).await;
         }
         stop.store(true, Ordering::Relaxed);
-        let (acked, statuses) = collect(load).await;
+        finish(load).await;
+        assert_eq!(seen.unanswered(), Vec::<String>::new());
+        let statuses = seen.statuses();
         let refused = statuses.iter().filter(|s| **s == 503).count();
-        eprintln!("{} acknowledged, {refused} refused with 503", acked.len());
         assert!(
             statuses.iter().all(|s| matches!(s, 200 | 201 | 503)),
             "{statuses:?}"
         );
-        assert!(!acked.is_empty());
+        let sent = seen.sent();
+        let acked: Vec<&Sent> = sent.iter().filter(|s| s.acknowledged()).collect();
+        eprintln!("{} acknowledged, {refused} refused with 503", acked.len());
         assert_in_log(&server, &acked).await;
         assert_read_models_verify(&server).await;
     })
     .await;
 }
 
-/// Terminates every connection to the database but this one; returns how many.
-async fn terminate_backends(database: &str) -> u64 {
+/// How many of the server's sessions wait for an advisory lock (`key`, or any).
+async fn waiting_for_advisory_locks(database: &str, key: Option<i64>) -> i64 {
     use sqlx::Connection;
     let mut admin = sqlx::PgConnection::connect(&crate::database::admin_url())
         .await
         .unwrap();
-    let cut: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-          WHERE datname = $1 AND pid <> pg_backend_pid()",
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+          WHERE a.datname = $1 AND a.application_name = $2 \
+            AND l.locktype = 'advisory' AND NOT l.granted \
+            AND ($3::bigint IS NULL OR l.objid = $3::bigint)",
     )
     .bind(database)
+    .bind(SERVER_SESSIONS)
+    .bind(key)
+    .fetch_one(&mut admin)
+    .await
+    .unwrap()
+}
+
+/// Ends every session on the database whose `application_name` is `name`, waiting (10 s
+/// at most) for each to be gone; returns how many ended.
+async fn end_sessions(database: &str, name: &str) -> u64 {
+    use sqlx::Connection;
+    let mut admin = sqlx::PgConnection::connect(&crate::database::admin_url())
+        .await
+        .unwrap();
+    let ended: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity \
+          WHERE datname = $1 AND application_name = $2",
+    )
+    .bind(database)
+    .bind(name)
     .fetch_all(&mut admin)
     .await
     .unwrap();
-    cut.into_iter().filter(|c| *c).count() as u64
+    ended.into_iter().filter(|e| *e).count() as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -273,25 +545,63 @@ async fn postgres_projections_move_to_the_other_server_when_one_is_killed() {
             assert!(Instant::now() < deadline, "{}", first.logs());
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        // The second server stands by: it looks for each lease (its log says so at debug
+        // level) and finds it taken.
         let second = Arc::new(Server::start_with(
             db.url(),
             &[
                 ("ANNALS_API_TOKENS", TOKENS),
                 ("ANNALS_CONSISTENCY_WAIT_MS", "10000"),
+                ("RUST_LOG", "info,sqlx=warn,annals_projections=debug"),
             ],
         ));
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        for projection in projections {
-            assert!(!holds(&second, projection), "{}", second.logs());
+        let stands_by = |projection: &str| {
+            let standing = format!("lease held elsewhere; standing by projection=\"{projection}\"");
+            strip_ansi(&second.logs()).contains(&standing)
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            for projection in projections {
+                assert!(
+                    !holds(&second, projection),
+                    "the second server took {projection} from the first:\n{}",
+                    second.logs()
+                );
+            }
+            if projections.iter().all(|p| stands_by(p)) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the second server never looked for the leases:\n{}",
+                second.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let stop = Arc::new(AtomicBool::new(false));
-        let mut load = start_load(&first, "a", 3, &stop);
-        load.extend(start_load(&second, "b", 3, &stop));
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (seen_first, seen_second) = (Arc::new(Seen::default()), Arc::new(Seen::default()));
+        let mut load = start_load(&first, "a", 3, &stop, &seen_first);
+        load.extend(start_load(&second, "b", 3, &stop, &seen_second));
+        until("both servers take commands", || {
+            seen_first.acknowledged() >= 10 && seen_second.acknowledged() >= 10
+        })
+        .await;
         first.kill();
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The second server goes on taking commands after the kill.
+        let before = seen_second.acknowledged();
+        until("the second server takes commands after the kill", || {
+            seen_second.acknowledged() >= before + 10
+        })
+        .await;
         stop.store(true, Ordering::Relaxed);
-        let (acked, _) = collect(load).await;
+        finish(load).await;
+        assert_eq!(seen_second.unanswered(), Vec::<String>::new());
+        let sent: Vec<Sent> = seen_first
+            .sent()
+            .into_iter()
+            .chain(seen_second.sent())
+            .collect();
+        let acked: Vec<&Sent> = sent.iter().filter(|s| s.acknowledged()).collect();
 
         // Within 10 seconds the second server applies new events to every read model.
         let killed = Instant::now();
@@ -418,20 +728,107 @@ async fn a_transaction_held_open_during_appends_is_never_skipped(db: Arc<Fixture
             vec![captured(held_id)],
         ))
         .await;
-    // Meanwhile the server takes commands (they wait for the writers' lock).
-    let writers: Vec<_> = (0..3)
-        .map(|n| {
-            let server = server.clone();
-            tokio::spawn(async move { server.post("/leads", lead(&format!("during{n}"))).await })
+    // Meanwhile the server takes commands (they wait for the writers' lock), each with a
+    // key, sent again while the server says the key is in use (a probe below may hold it).
+    let keys: Vec<String> = (0..3).map(|n| format!("during{n}")).collect();
+    let writers: Vec<_> = keys
+        .iter()
+        .map(|key| {
+            let (server, key) = (server.clone(), key.clone());
+            tokio::spawn(async move {
+                let body = lead(&key);
+                loop {
+                    let answer = server
+                        .call(
+                            Method::POST,
+                            "/leads",
+                            WRITER,
+                            Some(&body),
+                            &[("Idempotency-Key", &key)],
+                        )
+                        .await;
+                    if answer.code() != "idempotency-key-in-use" {
+                        return (answer, Instant::now());
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Each command is pending while the transaction is held: the server is carrying it
+    // out (its key is in use) and has not answered. The probe, a signal on no lead with
+    // the same key, finds the key in use, or else nothing to do (404) and takes nothing.
+    for key in &keys {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let nobody = uuid::Uuid::now_v7();
+            let probe = server
+                .call(
+                    Method::POST,
+                    &format!("/leads/{nobody}/signals"),
+                    WRITER,
+                    Some(&json!({"kind": "page_view"})),
+                    &[("Idempotency-Key", key)],
+                )
+                .await;
+            if probe.code() == "idempotency-key-in-use" {
+                break;
+            }
+            assert_eq!(
+                (probe.status, probe.code()),
+                (404, "lead-not-found"),
+                "the command with key {key} was carried out while the transaction was held"
+            );
+            assert!(Instant::now() < deadline, "the command {key} never arrived");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    // They wait for the writers' lock, which the held transaction has: it is still open
+    // (its event is not to be seen), and no append commits before it does. On PostgreSQL
+    // the server also says so: its writer's session waits for that lock.
+    let held_stream = StreamName::parse(format!("lead-{held_id}")).unwrap();
+    let seen_held = db
+        .store()
+        .read_stream(&held_stream, 1, Direction::Forwards, 10)
+        .await
+        .unwrap();
+    assert!(
+        seen_held.is_empty(),
+        "the held append is not held: {seen_held:?}"
+    );
+    if let Some(database) = db.database_name() {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while waiting_for_advisory_locks(database, None).await == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the server's writer never waited for the writers' lock"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    for writer in &writers {
+        assert!(
+            !writer.is_finished(),
+            "a command was answered while the transaction was held"
+        );
+    }
+    let committing = Instant::now();
     let outcome = held.commit().await.unwrap();
     let mut positions = vec![outcome.last_position()];
     for writer in writers {
-        let answer = writer.await.unwrap();
+        let (answer, answered) = writer.await.unwrap();
+        assert!(
+            answered > committing,
+            "a command was answered before the held transaction committed"
+        );
         assert_eq!(answer.status, 201, "{}", answer.body);
-        positions.push(answer.body["position"].as_u64().unwrap());
+        let position = answer.body["position"].as_u64().unwrap();
+        assert!(
+            position > outcome.last_position(),
+            "a command committed at {position}, before the held append's {}",
+            outcome.last_position()
+        );
+        positions.push(position);
     }
     let highest = *positions.iter().max().unwrap();
     let board = server

@@ -46,6 +46,17 @@ pub fn admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
+/// The `application_name` of the PostgreSQL sessions of the stores a test opens itself.
+/// A server under test keeps the store's default (`annals`), so a test can end the
+/// server's sessions and only those.
+pub const TEST_APPLICATION: &str = "annals-test";
+
+/// The URL for a store the test opens itself: its sessions named `TEST_APPLICATION`.
+fn own(url: &str) -> String {
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}application_name={TEST_APPLICATION}")
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Sqlite,
@@ -159,7 +170,7 @@ impl Fixture {
                     .await
                     .expect("create test database");
                 let url = database_url(&database);
-                let store = PostgresStore::open(&url, config())
+                let store = PostgresStore::open(&own(&url), config())
                     .await
                     .expect("open postgres");
                 Fixture::Postgres {
@@ -206,9 +217,11 @@ impl Fixture {
             Fixture::Sqlite { url, .. } => {
                 Arc::new(SqliteStore::open(url, config()).await.expect("reopen"))
             }
-            Fixture::Postgres { url, .. } => {
-                Arc::new(PostgresStore::open(url, config()).await.expect("reopen"))
-            }
+            Fixture::Postgres { url, .. } => Arc::new(
+                PostgresStore::open(&own(url), config())
+                    .await
+                    .expect("reopen"),
+            ),
         }
     }
 
@@ -218,9 +231,11 @@ impl Fixture {
             Fixture::Sqlite { url, .. } => {
                 Store::Sqlite(SqliteStore::open(url, config).await.expect("reopen"))
             }
-            Fixture::Postgres { url, .. } => {
-                Store::Postgres(PostgresStore::open(url, config).await.expect("reopen"))
-            }
+            Fixture::Postgres { url, .. } => Store::Postgres(
+                PostgresStore::open(&own(url), config)
+                    .await
+                    .expect("reopen"),
+            ),
         }
     }
 
