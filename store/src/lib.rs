@@ -26,6 +26,7 @@ pub mod postgres;
 pub mod sqlite;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -163,6 +164,22 @@ pub async fn open(url: &str, config: StoreConfig) -> Result<Arc<dyn EventStore>,
     }
 }
 
+/// Counts a reader in `wait_for_head` for as long as it waits (even if it is cancelled).
+struct Parked<'a>(&'a AtomicUsize);
+
+impl<'a> Parked<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Parked(count)
+    }
+}
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Moves this process's head watch to `position` if that is further; readers waiting
 /// on the watch wake only when it moves.
 pub(crate) fn raise_head(head: &tokio::sync::watch::Sender<u64>, position: u64) {
@@ -176,9 +193,12 @@ pub(crate) fn raise_head(head: &tokio::sync::watch::Sender<u64>, position: u64) 
 }
 
 /// Waits on this process's head watch, re-reading the head from the database every poll
-/// interval in case a notification was missed.
+/// interval in case a notification was missed. `parked` counts the readers that read the
+/// head, found nothing new and wait for a wake-up (test support: what a test waits for
+/// before it commits, so that only the wake-up can end the wait).
 pub(crate) async fn wait_for_head<F, Fut>(
     head: &tokio::sync::watch::Sender<u64>,
+    parked: &AtomicUsize,
     after: u64,
     timeout: Duration,
     poll_interval: Duration,
@@ -202,6 +222,7 @@ where
             return Ok(current);
         }
         let wake = deadline.min(now + poll_interval);
+        let _parked = Parked::new(parked);
         tokio::select! {
             changed = receiver.changed() => {
                 if changed.is_ok() {
