@@ -211,9 +211,11 @@ where
     let deadline = tokio::time::Instant::now() + timeout;
     let mut receiver = head.subscribe();
     loop {
-        let current = read_head().await?;
-        raise_head(head, current);
-        receiver.mark_unchanged();
+        let read = read_head().await?;
+        raise_head(head, read);
+        // A commit whose wake-up came while the head was read is in the watch, not in
+        // `read`: take the watch's value (and mark it seen), or it would wait for the next.
+        let current = *receiver.borrow_and_update();
         if current > after {
             return Ok(current);
         }
@@ -234,5 +236,47 @@ where
             }
             () = tokio::time::sleep_until(wake) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+
+    /// A commit that lands while a reader reads the head (after the read's snapshot, with
+    /// its wake-up before the reader waits) still wakes the reader: it is in the watch.
+    #[tokio::test]
+    async fn a_commit_raised_while_the_head_is_read_is_not_missed() {
+        let head = tokio::sync::watch::Sender::new(1);
+        let parked = AtomicUsize::new(0);
+        let reads = AtomicUsize::new(0);
+        let read_head = || {
+            let first = reads.fetch_add(1, Ordering::SeqCst) == 0;
+            if first {
+                // Position 2 commits and its writer raises the watch while the answer,
+                // read before the commit, is on its way.
+                super::raise_head(&head, 2);
+            }
+            std::future::ready(Ok(if first { 1 } else { 2 }))
+        };
+        let started = Instant::now();
+        // Readers poll every 60 s: returning before the 30 s deadline is the wake-up.
+        let woke = super::wait_for_head(
+            &head,
+            &parked,
+            1,
+            Duration::from_secs(30),
+            Duration::from_secs(60),
+            read_head,
+        )
+        .await
+        .unwrap();
+        assert_eq!(woke, 2);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "woken after {:?}",
+            started.elapsed()
+        );
     }
 }
