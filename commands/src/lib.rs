@@ -291,6 +291,8 @@ impl<A: Aggregate> CommandHandler<A> {
             }
             let events = loaded.state.decide(command.clone())?;
             let names: Vec<String> = events.iter().map(|e| e.event_type().to_owned()).collect();
+            // Tests that force a race read this to know every contender has decided.
+            tracing::debug!(%stream, version = loaded.version, events = ?names, "decided");
             let mut claims = Vec::new();
             let new_events = events
                 .iter()

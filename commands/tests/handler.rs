@@ -15,9 +15,9 @@ use std::sync::Arc;
 use annals_commands::{CommandContext, CommandError, CommandHandler, HandlerConfig};
 use annals_domain::account::{Account, AccountCommand};
 use annals_domain::deal::{Deal, DealCommand};
-use annals_domain::lead::{Lead, LeadCommand, LeadStatus};
+use annals_domain::lead::{self, Lead, LeadCommand, LeadEvent, LeadStatus};
 use annals_domain::values::*;
-use annals_domain::{Aggregate, DomainError};
+use annals_domain::{Aggregate, DomainError, Event, StoredForm};
 use annals_store::{
     AppendOutcome, AppendRequest, AuditReport, Direction, EventStore, IdempotencyRecord, LogFilter,
     LogPage, RecordedEvent, Snapshot, StoreError, StreamName,
@@ -46,6 +46,9 @@ on_both_backends!(
     a_duplicate_create_on_another_server_answers_the_stored_outcome,
     a_duplicate_convert_without_a_deal_id_never_fails,
     a_convert_retried_on_another_server_names_what_it_opened,
+    a_signal_that_lost_its_race_is_decided_again_and_qualifies_no_one_twice,
+    an_assignment_that_lost_its_race_to_the_same_owner_is_refused,
+    a_conversion_that_lost_its_race_is_refused,
 );
 
 fn config() -> HandlerConfig {
@@ -85,28 +88,35 @@ fn signal(kind: SignalKind) -> LeadCommand {
 
 async fn concurrent_signals_on_one_lead_lose_no_update(db: Arc<Fixture>) {
     // Two handlers on two stores: two processes, each with a cache of its own.
+    let gates = [Gate::new(db.store()), Gate::new(db.open_again().await)];
     let handlers = [
-        Arc::new(leads(db.store())),
+        Arc::new(leads(gates[0].clone())),
         Arc::new(CommandHandler::<Lead>::new(
-            db.open_again().await,
+            gates[1].clone(),
             HandlerConfig {
                 max_attempts: 50,
                 ..config()
             },
         )),
     ];
-    let id = Uuid::now_v7();
-    handlers[0]
-        .execute(id, capture(id, "many@example.com"), &actor("t"))
-        .await
-        .unwrap();
+    // At 40, every task's first signal (+10) decides to qualify the lead, and no append
+    // goes on until all sixteen have decided: fifteen lose, and must decide again.
+    let id = nearly_qualified(&handlers[0]).await;
+    let tasks_n = 16;
+    let together = Arc::new(tokio::sync::Barrier::new(tasks_n));
+    for gate in &gates {
+        gate.hold_together(together.clone(), tasks_n / 2);
+    }
     let mut tasks = Vec::new();
-    for task in 0..16 {
+    for task in 0..tasks_n {
         let handler = handlers[task % 2].clone();
         tasks.push(tokio::spawn(async move {
             let mut acknowledged = 0u32;
             for i in 0..6 {
-                let kind = SignalKind::ALL[(task + i) % SignalKind::ALL.len()];
+                let kind = match i {
+                    0 => SignalKind::PricingPageView,
+                    _ => SignalKind::ALL[(task + i) % SignalKind::ALL.len()],
+                };
                 match handler.execute(id, signal(kind), &actor("t")).await {
                     Ok(outcome) => {
                         assert_eq!(outcome.events[0], "SignalRecorded");
@@ -119,19 +129,24 @@ async fn concurrent_signals_on_one_lead_lose_no_update(db: Arc<Fixture>) {
             acknowledged
         }));
     }
-    let mut expected = 0;
+    let mut expected = 40;
     for task in tasks {
-        expected += task.await.unwrap();
+        expected += within(task).await.unwrap();
     }
-    assert!(expected > 0);
     let fresh = leads(db.store());
     let lead = fresh.load(id).await.unwrap();
     assert_eq!(
         lead.state.score, expected,
         "score = sum of acknowledged signals"
     );
-    let events = db
-        .store()
+    let events = lead_events(&db, id).await;
+    assert_eq!(lead.version, events.len() as u64);
+    assert_qualified_once_at_the_crossing(&events);
+}
+
+/// Every event of a lead's stream, decoded.
+async fn lead_events(db: &Fixture, id: Uuid) -> Vec<LeadEvent> {
+    db.store()
         .read_stream(
             &CommandHandler::<Lead>::stream(id).unwrap(),
             1,
@@ -139,8 +154,51 @@ async fn concurrent_signals_on_one_lead_lose_no_update(db: Arc<Fixture>) {
             10_000,
         )
         .await
-        .unwrap();
-    assert_eq!(lead.version, events.len() as u64);
+        .unwrap()
+        .iter()
+        .map(|e| {
+            LeadEvent::decode(&StoredForm {
+                event_type: e.event_type.clone(),
+                schema_version: e.schema_version,
+                data: e.data.clone(),
+            })
+            .unwrap()
+        })
+        .collect()
+}
+
+/// The stream holds exactly one `LeadQualified`, right after the signal that took the
+/// score to the qualifying score, and it names that score.
+fn assert_qualified_once_at_the_crossing(events: &[LeadEvent]) {
+    let mut score = 0;
+    let mut qualified = Vec::new();
+    for (i, event) in events.iter().enumerate() {
+        match event {
+            LeadEvent::SignalRecorded { points, .. } => score += points,
+            LeadEvent::LeadQualified { score: named } => qualified.push((i, *named, score)),
+            _ => {}
+        }
+    }
+    assert_eq!(
+        qualified.len(),
+        1,
+        "qualified (index, named, score): {qualified:?}"
+    );
+    let (at, named, score_then) = qualified[0];
+    assert_eq!(
+        named, score_then,
+        "the qualification names the score it was decided on"
+    );
+    let before = score_then - {
+        match &events[at - 1] {
+            LeadEvent::SignalRecorded { points, .. } => *points,
+            other => panic!("a qualification not right after a signal: {other:?}"),
+        }
+    };
+    assert!(
+        before < lead::QUALIFYING_SCORE && score_then >= lead::QUALIFYING_SCORE,
+        "qualified at the crossing: {before} -> {score_then}"
+    );
 }
 
 async fn an_idempotent_retry_after_a_restart_appends_nothing(db: Arc<Fixture>) {
@@ -1015,6 +1073,130 @@ async fn a_convert_retried_on_another_server_names_what_it_opened(db: Arc<Fixtur
     assert_eq!(retry, first);
 }
 
+// A command that lost its race: ours decides and is held at the gate before its append;
+// another process carries out a command that changes what ours would decide; ours then
+// loses on the version and must decide again on the new state, never append what it
+// decided on the old one.
+
+/// Runs `ours` through a held gate while `theirs` commits first, and returns our outcome.
+async fn lose_a_race(
+    gate: &Gate,
+    ours: &Arc<CommandHandler<Lead>>,
+    theirs: &CommandHandler<Lead>,
+    id: Uuid,
+    command: LeadCommand,
+) -> (
+    annals_commands::CommandOutcome,
+    Result<annals_commands::CommandOutcome, CommandError>,
+) {
+    gate.hold_next_append();
+    let held = {
+        let (ours, command) = (ours.clone(), command.clone());
+        tokio::spawn(async move { ours.execute(id, command, &actor("ours")).await })
+    };
+    within(gate.arrival()).await;
+    let winner = within(theirs.execute(id, command, &actor("theirs")))
+        .await
+        .unwrap();
+    gate.open();
+    (winner, within(held).await.unwrap())
+}
+
+/// A lead at 40, one signal short of qualifying, cached by `ours` at its version.
+async fn nearly_qualified(ours: &CommandHandler<Lead>) -> Uuid {
+    let id = Uuid::now_v7();
+    ours.execute(
+        id,
+        capture(id, &format!("{}@example.com", id.simple())),
+        &actor("a"),
+    )
+    .await
+    .unwrap();
+    for kind in [
+        SignalKind::DemoRequest,
+        SignalKind::PricingPageView,
+        SignalKind::ContentDownload,
+    ] {
+        ours.execute(id, signal(kind), &actor("a")).await.unwrap();
+    }
+    let lead = ours.load(id).await.unwrap();
+    assert_eq!((lead.version, lead.state.score), (4, 40));
+    id
+}
+
+async fn a_signal_that_lost_its_race_is_decided_again_and_qualifies_no_one_twice(db: Arc<Fixture>) {
+    let gate = Gate::new(db.store());
+    let ours = Arc::new(leads(gate.clone()));
+    let theirs = leads(db.open_again().await);
+    let id = nearly_qualified(&ours).await;
+    // Both decide at 40: +10 crosses 50, so each decides to qualify the lead.
+    let (winner, loser) = lose_a_race(
+        &gate,
+        &ours,
+        &theirs,
+        id,
+        signal(SignalKind::PricingPageView),
+    )
+    .await;
+    assert_eq!(winner.events, ["SignalRecorded", "LeadQualified"]);
+    let loser = loser.unwrap();
+    assert_eq!(
+        (loser.version, loser.events.as_slice()),
+        (7, ["SignalRecorded".to_owned()].as_slice()),
+        "decided again on the qualified lead: a signal only"
+    );
+    let events = lead_events(&db, id).await;
+    assert_eq!(events.len(), 7);
+    assert_qualified_once_at_the_crossing(&events);
+    assert_eq!(leads(db.store()).load(id).await.unwrap().state.score, 60);
+}
+
+async fn an_assignment_that_lost_its_race_to_the_same_owner_is_refused(db: Arc<Fixture>) {
+    let gate = Gate::new(db.store());
+    let ours = Arc::new(leads(gate.clone()));
+    let theirs = leads(db.open_again().await);
+    let id = Uuid::now_v7();
+    ours.execute(id, capture(id, "own@example.com"), &actor("a"))
+        .await
+        .unwrap();
+    let assign = LeadCommand::Assign {
+        owner: Owner::parse("grace").unwrap(),
+    };
+    let (winner, loser) = lose_a_race(&gate, &ours, &theirs, id, assign).await;
+    assert_eq!(winner.events, ["LeadAssigned"]);
+    match loser {
+        Err(CommandError::Domain(DomainError::AlreadyAssigned(owner))) => {
+            assert_eq!(owner, "grace")
+        }
+        other => panic!("expected AlreadyAssigned, got {other:?}"),
+    }
+    let assigned = lead_events(&db, id)
+        .await
+        .into_iter()
+        .filter(|e| matches!(e, LeadEvent::LeadAssigned { .. }))
+        .count();
+    assert_eq!(assigned, 1);
+}
+
+async fn a_conversion_that_lost_its_race_is_refused(db: Arc<Fixture>) {
+    let gate = Gate::new(db.store());
+    let ours = Arc::new(leads(gate.clone()));
+    let theirs = leads(db.open_again().await);
+    let id = qualified(&ours).await;
+    let (winner, loser) = lose_a_race(&gate, &ours, &theirs, id, convert_anew()).await;
+    assert_eq!(winner.events, ["LeadConverted"]);
+    assert!(
+        matches!(
+            loser,
+            Err(CommandError::Domain(DomainError::LeadClosed {
+                status: "converted"
+            }))
+        ),
+        "a second conversion: {loser:?}"
+    );
+    assert_eq!(count(&db, "LeadConverted").await, 1);
+}
+
 /// A store whose next append, once held, waits at the gate: the command that makes it
 /// has taken its idempotency key and decided, and nothing of it is committed yet.
 #[derive(Debug)]
@@ -1023,6 +1205,8 @@ struct Gate {
     hold: std::sync::atomic::AtomicBool,
     arrived: tokio::sync::Semaphore,
     opened: tokio::sync::Semaphore,
+    /// Appends still to hold at a barrier, and the barrier (see `hold_together`).
+    together: std::sync::Mutex<Option<(Arc<tokio::sync::Barrier>, usize)>>,
 }
 
 impl Gate {
@@ -1032,7 +1216,15 @@ impl Gate {
             hold: false.into(),
             arrived: tokio::sync::Semaphore::new(0),
             opened: tokio::sync::Semaphore::new(0),
+            together: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Holds the next `appends` appends at `barrier` until it lets its whole party through
+    /// (appends through other gates that share the barrier count too): each has decided,
+    /// and none is committed, until all have.
+    fn hold_together(&self, barrier: Arc<tokio::sync::Barrier>, appends: usize) {
+        *self.together.lock().unwrap() = Some((barrier, appends));
     }
 
     fn hold_next_append(&self) {
@@ -1053,6 +1245,16 @@ impl Gate {
 #[async_trait::async_trait]
 impl EventStore for Gate {
     async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError> {
+        let barrier = match &mut *self.together.lock().unwrap() {
+            Some((barrier, left)) if *left > 0 => {
+                *left -= 1;
+                Some(barrier.clone())
+            }
+            _ => None,
+        };
+        if let Some(barrier) = barrier {
+            barrier.wait().await;
+        }
         if self.hold.swap(false, std::sync::atomic::Ordering::SeqCst) {
             self.arrived.add_permits(1);
             self.opened.acquire().await.unwrap().forget();

@@ -26,6 +26,7 @@ pub mod postgres;
 pub mod sqlite;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -163,6 +164,22 @@ pub async fn open(url: &str, config: StoreConfig) -> Result<Arc<dyn EventStore>,
     }
 }
 
+/// Counts a reader in `wait_for_head` for as long as it waits (even if it is cancelled).
+struct Parked<'a>(&'a AtomicUsize);
+
+impl<'a> Parked<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Parked(count)
+    }
+}
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Moves this process's head watch to `position` if that is further; readers waiting
 /// on the watch wake only when it moves.
 pub(crate) fn raise_head(head: &tokio::sync::watch::Sender<u64>, position: u64) {
@@ -176,9 +193,12 @@ pub(crate) fn raise_head(head: &tokio::sync::watch::Sender<u64>, position: u64) 
 }
 
 /// Waits on this process's head watch, re-reading the head from the database every poll
-/// interval in case a notification was missed.
+/// interval in case a notification was missed. `parked` counts the readers that read the
+/// head, found nothing new and wait for a wake-up (test support: what a test waits for
+/// before it commits, so that only the wake-up can end the wait).
 pub(crate) async fn wait_for_head<F, Fut>(
     head: &tokio::sync::watch::Sender<u64>,
+    parked: &AtomicUsize,
     after: u64,
     timeout: Duration,
     poll_interval: Duration,
@@ -191,9 +211,11 @@ where
     let deadline = tokio::time::Instant::now() + timeout;
     let mut receiver = head.subscribe();
     loop {
-        let current = read_head().await?;
-        raise_head(head, current);
-        receiver.mark_unchanged();
+        let read = read_head().await?;
+        raise_head(head, read);
+        // A commit whose wake-up came while the head was read is in the watch, not in
+        // `read`: take the watch's value (and mark it seen), or it would wait for the next.
+        let current = *receiver.borrow_and_update();
         if current > after {
             return Ok(current);
         }
@@ -202,6 +224,7 @@ where
             return Ok(current);
         }
         let wake = deadline.min(now + poll_interval);
+        let _parked = Parked::new(parked);
         tokio::select! {
             changed = receiver.changed() => {
                 if changed.is_ok() {
@@ -213,5 +236,47 @@ where
             }
             () = tokio::time::sleep_until(wake) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+
+    /// A commit that lands while a reader reads the head (after the read's snapshot, with
+    /// its wake-up before the reader waits) still wakes the reader: it is in the watch.
+    #[tokio::test]
+    async fn a_commit_raised_while_the_head_is_read_is_not_missed() {
+        let head = tokio::sync::watch::Sender::new(1);
+        let parked = AtomicUsize::new(0);
+        let reads = AtomicUsize::new(0);
+        let read_head = || {
+            let first = reads.fetch_add(1, Ordering::SeqCst) == 0;
+            if first {
+                // Position 2 commits and its writer raises the watch while the answer,
+                // read before the commit, is on its way.
+                super::raise_head(&head, 2);
+            }
+            std::future::ready(Ok(if first { 1 } else { 2 }))
+        };
+        let started = Instant::now();
+        // Readers poll every 60 s: returning before the 30 s deadline is the wake-up.
+        let woke = super::wait_for_head(
+            &head,
+            &parked,
+            1,
+            Duration::from_secs(30),
+            Duration::from_secs(60),
+            read_head,
+        )
+        .await
+        .unwrap();
+        assert_eq!(woke, 2);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "woken after {:?}",
+            started.elapsed()
+        );
     }
 }

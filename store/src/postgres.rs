@@ -19,6 +19,7 @@
 //! `pg_stat_activity`: by an operator, and by the tests that cut them.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -66,6 +67,8 @@ pub struct PostgresStore {
     pool: PgPool,
     writer: GroupCommit,
     head: watch::Sender<u64>,
+    /// Readers waiting on `head` now (test support, see `parked_readers`).
+    parked_readers: Arc<AtomicUsize>,
     poll_interval: Duration,
     /// Held so that the listener task stops when the last clone of the store is dropped.
     _alive: Arc<watch::Receiver<u64>>,
@@ -137,6 +140,7 @@ impl PostgresStore {
             pool,
             writer,
             head,
+            parked_readers: Arc::default(),
             poll_interval: config.poll_interval,
             _alive: Arc::new(alive),
         })
@@ -145,6 +149,13 @@ impl PostgresStore {
     /// The connection pool, for code that keeps its own tables in the same database.
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// Test support: how many `wait_for_events` calls on this store (and its clones) have
+    /// read the head, found nothing new, and wait for a commit to wake them.
+    #[doc(hidden)]
+    pub fn parked_readers(&self) -> usize {
+        self.parked_readers.load(Ordering::SeqCst)
     }
 
     /// Test support: the writer task's probe (see `WriterProbe`).
@@ -742,9 +753,14 @@ impl EventStore for PostgresStore {
     }
 
     async fn wait_for_events(&self, after: u64, timeout: Duration) -> Result<u64, StoreError> {
-        crate::wait_for_head(&self.head, after, timeout, self.poll_interval, || {
-            read_head(&self.pool)
-        })
+        crate::wait_for_head(
+            &self.head,
+            &self.parked_readers,
+            after,
+            timeout,
+            self.poll_interval,
+            || read_head(&self.pool),
+        )
         .await
     }
 

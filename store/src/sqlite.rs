@@ -11,6 +11,7 @@
 
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -52,6 +53,8 @@ pub struct SqliteStore {
     write_gate: Arc<Mutex<()>>,
     writer: GroupCommit,
     head: watch::Sender<u64>,
+    /// Readers waiting on `head` now (test support, see `parked_readers`).
+    parked_readers: Arc<AtomicUsize>,
     poll_interval: Duration,
 }
 
@@ -59,20 +62,21 @@ impl SqliteStore {
     /// Opens (creating it when missing) the database file a `sqlite:` URL names, with WAL
     /// and `synchronous=FULL`, and applies pending migrations.
     pub async fn open(url: &str, config: StoreConfig) -> Result<Self, StoreError> {
-        let options = SqliteConnectOptions::from_str(url)?
-            .create_if_missing(true)
-            .synchronous(SqliteSynchronous::Full);
+        let options = SqliteConnectOptions::from_str(url)?.create_if_missing(true);
         Self::open_with(options, config).await
     }
 
-    /// Opens with the caller's connection options (WAL and a busy timeout of
-    /// `StoreConfig::lock_timeout` are always set; the synchronous level is the caller's).
+    /// Opens with the caller's connection options. WAL, `synchronous=FULL` and a busy
+    /// timeout of `StoreConfig::lock_timeout` are always set, whatever the options say:
+    /// an append is acknowledged only once it is durable, and the library's default level
+    /// is a build setting (`SQLITE_DEFAULT_WAL_SYNCHRONOUS`), not something to rely on.
     pub async fn open_with(
         options: SqliteConnectOptions,
         config: StoreConfig,
     ) -> Result<Self, StoreError> {
         let options = options
             .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
             .busy_timeout(config.lock_timeout);
         let pool = SqlitePoolOptions::new()
             .max_connections(config.max_connections.max(1))
@@ -102,6 +106,7 @@ impl SqliteStore {
             write_gate,
             writer,
             head,
+            parked_readers: Arc::default(),
             poll_interval: config.poll_interval,
         })
     }
@@ -115,6 +120,13 @@ impl SqliteStore {
     /// writes through `pool` in transactions takes its turn here first.
     pub fn write_gate(&self) -> Arc<Mutex<()>> {
         self.write_gate.clone()
+    }
+
+    /// Test support: how many `wait_for_events` calls on this store (and its clones) have
+    /// read the head, found nothing new, and wait for a commit to wake them.
+    #[doc(hidden)]
+    pub fn parked_readers(&self) -> usize {
+        self.parked_readers.load(Ordering::SeqCst)
     }
 
     /// Test support: the writer task's probe (see `WriterProbe`).
@@ -620,9 +632,14 @@ impl EventStore for SqliteStore {
     }
 
     async fn wait_for_events(&self, after: u64, timeout: Duration) -> Result<u64, StoreError> {
-        crate::wait_for_head(&self.head, after, timeout, self.poll_interval, || {
-            read_head(&self.pool)
-        })
+        crate::wait_for_head(
+            &self.head,
+            &self.parked_readers,
+            after,
+            timeout,
+            self.poll_interval,
+            || read_head(&self.pool),
+        )
         .await
     }
 

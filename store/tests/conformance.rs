@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use annals_store::{
     AppendRequest, Claim, Direction, EventStore, ExpectedVersion, IdempotencyKey, InvalidInput,
-    LogFilter, LogFollower, Metadata, NewEvent, Snapshot, StoreError, StreamName,
+    LogFilter, LogFollower, Metadata, NewEvent, Snapshot, StoreConfig, StoreError, StreamName,
 };
 use database::{Backend, Fixture, append, event, stream};
 use serde_json::json;
@@ -39,12 +39,14 @@ on_both_backends!(
     bad_input_gets_typed_errors_and_stores_nothing,
     read_stream_walks_forwards_and_backwards,
     read_all_filters_by_type_and_category,
+    waiting_readers_wake_on_commit_from_their_own_store,
     waiting_readers_wake_on_commit_from_another_store,
     waiting_times_out_when_nothing_is_appended,
     snapshots_keep_the_latest,
     claims_are_taken_and_released_with_events,
     concurrent_claims_of_one_key_exactly_one_wins,
     acknowledged_appends_are_durable,
+    every_commit_is_flushed_whatever_the_database_default,
     idempotency_keys_are_stored_with_their_append,
     concurrent_appends_with_one_idempotency_key_exactly_one_wins,
     process_checkpoints_only_move_forwards,
@@ -254,6 +256,7 @@ async fn readers_never_skip_an_event_committed_late(db: Arc<Fixture>) {
         ))
         .await;
     // ...while another append arrives, and a reader follows the log.
+    let attempts_before = db.concrete().probe().attempts();
     let quick = {
         let store = store.clone();
         tokio::spawn(async move {
@@ -284,7 +287,14 @@ async fn readers_never_skip_an_event_committed_late(db: Arc<Fixture>) {
             seen
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The quick append reached the writer, which began its transaction and waits for the
+    // held one: nothing of it may commit until that one does.
+    database::until(
+        db.concrete().probe(),
+        "the quick append's write attempt",
+        |p| p.attempts() > attempts_before,
+    )
+    .await;
     assert!(
         !quick.is_finished(),
         "an append committed while an earlier writer held its place"
@@ -767,28 +777,77 @@ async fn read_all_filters_by_type_and_category(db: Arc<Fixture>) {
     assert_eq!((beyond.events.len(), beyond.next_position), (0, 50));
 }
 
-async fn waiting_readers_wake_on_commit_from_another_store(db: Arc<Fixture>) {
-    // Readers poll only every 60 s here (see database::config), so returning with the new
-    // head within the 30 s timeout shows the commit itself woke them. On PostgreSQL the
-    // writer is another store (another process, in effect); on SQLite one process owns
-    // the file, so the writer is the same store.
-    let reader = db.store();
-    let writer = match db.backend() {
-        Backend::Postgres => db.open_again().await,
-        Backend::Sqlite => db.store(),
+/// Waits (at most 10 s) until `count` readers of a store wait for a wake-up: each has read
+/// the head and found nothing new, so a later commit ends its wait only by waking it.
+async fn until_parked(store: &database::Store, count: usize) {
+    let parked = || match store {
+        database::Store::Sqlite(store) => store.parked_readers(),
+        database::Store::Postgres(store) => store.parked_readers(),
     };
-    let head = reader.head().await.unwrap();
-    let waiter = {
-        let reader = reader.clone();
-        tokio::spawn(async move { reader.wait_for_events(head, Duration::from_secs(30)).await })
-    };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while parked() < count {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of {count} readers waiting",
+            parked()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A reader of `reader` waits for the log to pass its head, with a 30 s deadline; once it
+/// waits, `writer` appends. Returns how long after the append the reader woke.
+async fn wake_up_after_append(reader: &database::Store, writer: &Arc<dyn EventStore>) -> Duration {
+    let store = reader.dyn_store();
+    let head = store.head().await.unwrap();
+    let waiter =
+        tokio::spawn(async move { store.wait_for_events(head, Duration::from_secs(30)).await });
+    until_parked(reader, 1).await;
+    let appended = std::time::Instant::now();
     let outcome = writer
         .append(append("lead-w", ExpectedVersion::Any, vec![event("E", 1)]))
         .await
         .unwrap();
     let woke_at = waiter.await.unwrap().unwrap();
     assert_eq!(woke_at, outcome.last_position());
+    appended.elapsed()
+}
+
+/// The deadline is 30 s and readers poll only every 60 s (see `database::config`): a reader
+/// that returns within a few seconds of the append was woken by the commit, not by its
+/// deadline (where `wait_for_events` reads the head once more and would find it too).
+const WOKEN_WITHIN: Duration = Duration::from_secs(5);
+
+async fn waiting_readers_wake_on_commit_from_their_own_store(db: Arc<Fixture>) {
+    let store = db.concrete();
+    let woke = wake_up_after_append(&store, &store.dyn_store()).await;
+    assert!(woke < WOKEN_WITHIN, "woken {woke:?} after the append");
+}
+
+async fn waiting_readers_wake_on_commit_from_another_store(db: Arc<Fixture>) {
+    // The writer is a second store on the same database, opened as another process would:
+    // its own pools, writer task, head watch and (on PostgreSQL) listener connection,
+    // nothing in memory shared with the reader's store.
+    let writer = db.open_again().await;
+    match db.backend() {
+        Backend::Postgres => {
+            // The commit's notification wakes the reader.
+            let woke = wake_up_after_append(&db.concrete(), &writer).await;
+            assert!(woke < WOKEN_WITHIN, "woken {woke:?} after the append");
+        }
+        Backend::Sqlite => {
+            // SQLite has no notification between processes: a reader learns of another
+            // process's commit by polling, so its poll interval bounds the wait.
+            let reader = db
+                .open_with(StoreConfig {
+                    poll_interval: Duration::from_millis(100),
+                    ..database::config()
+                })
+                .await;
+            let woke = wake_up_after_append(&reader, &writer).await;
+            assert!(woke < WOKEN_WITHIN, "woken {woke:?} after the append");
+        }
+    }
 }
 
 async fn waiting_times_out_when_nothing_is_appended(db: Arc<Fixture>) {
@@ -958,20 +1017,129 @@ async fn acknowledged_appends_are_durable(db: Arc<Fixture>) {
     let page = other.read_all(1, 10, &LogFilter::all()).await.unwrap();
     assert_eq!(page.events.len(), 1);
     assert_eq!(page.events[0].position, outcome.positions[0]);
-    // And the database is set to flush every commit.
-    match db.backend() {
-        Backend::Sqlite => {
-            assert_eq!(
-                db.setting("PRAGMA synchronous").await,
-                "2",
-                "synchronous=FULL"
-            );
-            assert_eq!(db.setting("PRAGMA journal_mode").await, "wal");
-        }
-        Backend::Postgres => {
-            assert_eq!(db.setting("SHOW synchronous_commit").await, "on");
-        }
+    if db.backend() == Backend::Sqlite {
+        assert_eq!(db.setting("PRAGMA journal_mode").await, "wal");
     }
+}
+
+/// The flush on commit is the store's own setting, not the database's default: with the
+/// default turned the other way, the store's connections, the writer's among them, still
+/// flush every commit.
+async fn every_commit_is_flushed_whatever_the_database_default(db: Arc<Fixture>) {
+    // What each append's transaction runs with, recorded by the database as it writes.
+    let (record, seen, flushed): (&[&str], &str, &str) = match db.backend() {
+        Backend::Sqlite => (
+            &["CREATE TRIGGER flush_seen AFTER INSERT ON events BEGIN \
+                 INSERT INTO flush_settings SELECT synchronous FROM pragma_synchronous; END"],
+            "PRAGMA synchronous",
+            "2",
+        ),
+        Backend::Postgres => (
+            &[
+                "CREATE FUNCTION flush_seen() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+                   INSERT INTO flush_settings VALUES (current_setting('synchronous_commit')); \
+                   RETURN NULL; END $$",
+                "CREATE TRIGGER flush_seen AFTER INSERT ON events \
+                   FOR EACH ROW EXECUTE FUNCTION flush_seen()",
+            ],
+            "SHOW synchronous_commit",
+            "on",
+        ),
+    };
+    db.execute("CREATE TABLE flush_settings (setting TEXT NOT NULL)")
+        .await;
+    for statement in record {
+        db.execute(statement).await;
+    }
+    // The store under test opens where the default is not to flush: on PostgreSQL the
+    // database's default; on SQLite (where the level is each connection's, and this
+    // build's default is FULL) connection options that ask for NORMAL.
+    let store = match &*db {
+        Fixture::Postgres { database, url, .. } => {
+            db.execute(&format!(
+                "ALTER DATABASE {database} SET synchronous_commit = off"
+            ))
+            .await;
+            let mut plain = <sqlx::PgConnection as sqlx::Connection>::connect(url)
+                .await
+                .unwrap();
+            let default: String = sqlx::query_scalar("SHOW synchronous_commit")
+                .fetch_one(&mut plain)
+                .await
+                .unwrap();
+            assert_eq!(default, "off", "the database's default");
+            database::Store::Postgres(
+                annals_store::PostgresStore::open(url, database::config())
+                    .await
+                    .unwrap(),
+            )
+        }
+        Fixture::Sqlite { url, .. } => {
+            use std::str::FromStr;
+            let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)
+                .unwrap()
+                .synchronous(sqlx::sqlite::SqliteSynchronous::Normal);
+            let mut plain = sqlx::ConnectOptions::connect(&options).await.unwrap();
+            let default: i64 = sqlx::query_scalar("PRAGMA synchronous")
+                .fetch_one(&mut plain)
+                .await
+                .unwrap();
+            assert_eq!(default, 1, "NORMAL on a connection the store does not set");
+            database::Store::Sqlite(
+                annals_store::SqliteStore::open_with(options, database::config())
+                    .await
+                    .unwrap(),
+            )
+        }
+    };
+    // Every read connection the store holds at once…
+    let settings = match &store {
+        database::Store::Sqlite(store) => {
+            let mut held = Vec::new();
+            for _ in 0..4 {
+                held.push(store.pool().acquire().await.unwrap());
+            }
+            let mut settings = Vec::new();
+            for connection in &mut held {
+                let level: i64 = sqlx::query_scalar(seen)
+                    .fetch_one(&mut **connection)
+                    .await
+                    .unwrap();
+                settings.push(level.to_string());
+            }
+            settings
+        }
+        database::Store::Postgres(store) => {
+            let mut held = Vec::new();
+            for _ in 0..4 {
+                held.push(store.pool().acquire().await.unwrap());
+            }
+            let mut settings = Vec::new();
+            for connection in &mut held {
+                let setting: String = sqlx::query_scalar(seen)
+                    .fetch_one(&mut **connection)
+                    .await
+                    .unwrap();
+                settings.push(setting);
+            }
+            settings
+        }
+    };
+    assert_eq!(settings, vec![flushed; 4], "the store's read connections");
+    // …and the writer's, in the transactions of its appends.
+    let writer = store.dyn_store();
+    for n in 0..3 {
+        writer
+            .append(append("lead-f", ExpectedVersion::Any, vec![event("E", n)]))
+            .await
+            .unwrap();
+    }
+    let recorded = db.text_rows("SELECT setting FROM flush_settings").await;
+    assert_eq!(
+        recorded,
+        vec![vec![Some(flushed.to_owned())]; 3],
+        "the writer's transactions"
+    );
 }
 
 /// One task's appends: (stream index, events in the append, expected version).

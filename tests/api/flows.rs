@@ -7,8 +7,8 @@ use std::sync::Arc;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::database::Fixture;
-use crate::server::{ANALYST, Answer, OPERATOR, Server, WRITER, lead, qualified_lead};
+use crate::database::{Backend, Fixture};
+use crate::server::{ANALYST, Answer, OPERATOR, Server, TOKENS, WRITER, lead, qualified_lead};
 
 on_both_backends!(
     a_lead_is_captured_scored_assigned_and_read_back_at_once,
@@ -604,7 +604,15 @@ async fn if_match_applies_a_command_only_at_that_version(db: Arc<Fixture>) {
 }
 
 async fn concurrent_commands_on_one_lead_never_both_win_a_version(db: Arc<Fixture>) {
-    let server = Arc::new(Server::start(db.url()));
+    // JSON logs with the handler's decisions: how the test knows every contender decided.
+    let server = Arc::new(Server::start_with(
+        db.url(),
+        &[
+            ("ANNALS_API_TOKENS", TOKENS),
+            ("ANNALS_LOG_FORMAT", "json"),
+            ("RUST_LOG", "info,sqlx=warn,annals_commands=debug"),
+        ],
+    ));
     let id = server.command("/leads", lead("ada")).await["id"]
         .as_str()
         .unwrap()
@@ -639,6 +647,203 @@ async fn concurrent_commands_on_one_lead_never_both_win_a_version(db: Arc<Fixtur
     let history = server.read(&format!("/leads/{id}/history")).await;
     assert_eq!(history["version"], 1 + versions.len() as u64);
     assert_eq!(history["state"]["score"], versions.len() as u64);
+
+    // Decisions that depend on the state, each taken by every contender on the same
+    // version (the database's write lock held until all have decided): only the first
+    // to commit may act on it; every other must be decided again on the new state.
+    let id = server.command("/leads", lead("grace")).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for kind in ["demo_request", "pricing_page_view", "content_download"] {
+        server
+            .command(&format!("/leads/{id}/signals"), json!({"kind": kind}))
+            .await;
+    }
+    // At 40, +10 qualifies: six signals decide to qualify the lead, one may.
+    let signal = json!({"kind": "pricing_page_view"});
+    let answers = all_decided_at_once(&db, &server, &id, "signals", &signal, 6).await;
+    let mut accepted = 0;
+    let mut qualified_by = Vec::new();
+    for answer in &answers {
+        match (answer.status, answer.code()) {
+            (200, _) => {
+                accepted += 1;
+                if answer.body["events"] == json!(["SignalRecorded", "LeadQualified"]) {
+                    qualified_by.push(answer.body["version"].clone());
+                } else {
+                    assert_eq!(answer.body["events"], json!(["SignalRecorded"]));
+                }
+            }
+            (409, "concurrency-conflict") => {}
+            (status, _) => panic!("{status}: {}", answer.body),
+        }
+    }
+    assert_eq!(
+        qualified_by.len(),
+        1,
+        "answers that qualified: {:?}",
+        bodies(&answers)
+    );
+    let events = server.read(&format!("/streams/lead-{id}/events")).await;
+    let qualified: Vec<&Value> = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "LeadQualified")
+        .collect();
+    assert_eq!(qualified.len(), 1, "{qualified:?}");
+    assert_eq!(qualified[0]["data"]["score"], 50);
+    let history = server.read(&format!("/leads/{id}/history")).await;
+    assert_eq!(history["state"]["score"], 40 + 10 * accepted);
+
+    // Four assignments to grace: one assigns, the others find her the owner already.
+    let owner = json!({"owner": "grace"});
+    let answers = all_decided_at_once(&db, &server, &id, "assign", &owner, 4).await;
+    assert_one_wins(&answers, "already-assigned");
+    // Four conversions: one converts, the others find the lead closed.
+    let convert = json!({"deal_name": "Grace engines",
+                         "amount": {"currency": "EUR", "amount_minor": 5_000}});
+    let answers = all_decided_at_once(&db, &server, &id, "convert", &convert, 4).await;
+    assert_one_wins(&answers, "lead-closed");
+    let events = server.read(&format!("/streams/lead-{id}/events")).await;
+    for (event_type, once) in [("LeadAssigned", 1), ("LeadConverted", 1)] {
+        let seen = events["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["type"] == event_type)
+            .count();
+        assert_eq!(seen, once, "{event_type}");
+    }
+}
+
+/// Each answer's status and body.
+fn bodies(answers: &[Answer]) -> Vec<(u16, &Value)> {
+    answers.iter().map(|a| (a.status, &a.body)).collect()
+}
+
+/// Exactly one answer is 200; every other is 409 with `refused` (or a conflict after
+/// too many lost races).
+fn assert_one_wins(answers: &[Answer], refused: &str) {
+    let won = answers.iter().filter(|a| a.status == 200).count();
+    assert_eq!(won, 1, "{:?}", bodies(answers));
+    for answer in answers.iter().filter(|a| a.status != 200) {
+        assert_eq!(answer.status, 409, "{}", answer.body);
+        assert!(
+            [refused, "concurrency-conflict"].contains(&answer.code()),
+            "{}",
+            answer.body
+        );
+    }
+}
+
+/// Sends `n` copies of a lead command at once while a transaction of the test holds the
+/// database's write lock, releases it only when the server's log shows that all `n`
+/// were decided on the lead's current version, and returns their answers.
+async fn all_decided_at_once(
+    db: &Fixture,
+    server: &Arc<Server>,
+    id: &str,
+    action: &str,
+    body: &Value,
+    n: usize,
+) -> Vec<Answer> {
+    let version = server.read(&format!("/leads/{id}/history")).await["version"]
+        .as_u64()
+        .unwrap();
+    let lock = WriteLock::take(db).await;
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let (server, path, body) = (
+                server.clone(),
+                format!("/leads/{id}/{action}"),
+                body.clone(),
+            );
+            tokio::spawn(async move { server.post(&path, body).await })
+        })
+        .collect();
+    // Inside the server's lock timeout (10 s), so a failure here is the test's own.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(8);
+    let stream = format!("lead-{id}");
+    loop {
+        let decided = server
+            .logs()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .filter(|line| {
+                line["target"] == "annals_commands"
+                    && line["fields"]["message"] == "decided"
+                    && line["fields"]["stream"] == stream.as_str()
+                    && line["fields"]["version"] == version
+            })
+            .count();
+        if decided >= n {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{decided} of {n} {action} commands decided at version {version}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    lock.release().await;
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.unwrap());
+    }
+    answers
+}
+
+/// A transaction of the test's own that holds the lock every writer of the database
+/// needs: `BEGIN IMMEDIATE` on SQLite, an `EXCLUSIVE` lock on `events` on PostgreSQL
+/// (reads go on; inserts wait).
+enum WriteLock {
+    Sqlite(sqlx::SqliteConnection),
+    Postgres(sqlx::PgConnection),
+}
+
+impl WriteLock {
+    async fn take(db: &Fixture) -> WriteLock {
+        use sqlx::Connection;
+        match db.backend() {
+            Backend::Sqlite => {
+                let mut connection = sqlx::SqliteConnection::connect(db.url()).await.unwrap();
+                sqlx::query("BEGIN IMMEDIATE")
+                    .execute(&mut connection)
+                    .await
+                    .unwrap();
+                WriteLock::Sqlite(connection)
+            }
+            Backend::Postgres => {
+                let mut connection = sqlx::PgConnection::connect(db.url()).await.unwrap();
+                for statement in ["BEGIN", "LOCK TABLE events IN EXCLUSIVE MODE"] {
+                    sqlx::query(statement)
+                        .execute(&mut connection)
+                        .await
+                        .unwrap();
+                }
+                WriteLock::Postgres(connection)
+            }
+        }
+    }
+
+    async fn release(self) {
+        match self {
+            WriteLock::Sqlite(mut connection) => {
+                sqlx::query("ROLLBACK")
+                    .execute(&mut connection)
+                    .await
+                    .unwrap();
+            }
+            WriteLock::Postgres(mut connection) => {
+                sqlx::query("ROLLBACK")
+                    .execute(&mut connection)
+                    .await
+                    .unwrap();
+            }
+        }
+    }
 }
 
 async fn the_funnel_counts_what_happened_in_its_window(db: Arc<Fixture>) {
