@@ -86,6 +86,9 @@ async fn write_batch<W: BatchWriter>(
         };
         match attempt {
             Ok(Some(plan)) => {
+                if source == FactsSource::Remembered {
+                    probe.from_memory.fetch_add(1, Ordering::Relaxed);
+                }
                 cache.remember(&plan);
                 return Ok(plan.outcomes);
             }
@@ -162,6 +165,7 @@ pub struct WriterProbe {
     paused: watch::Sender<bool>,
     panic_next: AtomicBool,
     attempts: AtomicU64,
+    from_memory: AtomicU64,
     queued: AtomicUsize,
     waiting_for_room: AtomicUsize,
 }
@@ -176,6 +180,7 @@ impl WriterProbe {
             paused: watch::Sender::new(false),
             panic_next: AtomicBool::new(false),
             attempts: AtomicU64::new(0),
+            from_memory: AtomicU64::new(0),
             queued: AtomicUsize::new(0),
             waiting_for_room: AtomicUsize::new(0),
         }
@@ -200,6 +205,11 @@ impl WriterProbe {
     /// Write attempts (transactions begun) so far.
     pub fn attempts(&self) -> u64 {
         self.attempts.load(Ordering::SeqCst)
+    }
+
+    /// Batches committed from the facts the writer remembered, with no reads first.
+    pub fn batches_from_memory(&self) -> u64 {
+        self.from_memory.load(Ordering::SeqCst)
     }
 
     /// Appends in the queue, not yet taken into a batch.

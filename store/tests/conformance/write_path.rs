@@ -24,6 +24,7 @@ on_both_backends!(
     the_writers_queue_is_bounded_by_bytes,
     a_filter_naming_a_value_twice_reads_each_event_once,
     a_retry_after_its_claim_moved_gets_its_first_outcome,
+    appends_to_streams_the_writer_remembers_need_no_reads_and_keep_the_chains_whole,
 );
 
 /// Settings with every write-path bound small, so a test sees them act within seconds.
@@ -429,4 +430,44 @@ async fn a_retry_after_its_claim_moved_gets_its_first_outcome(db: Arc<Fixture>) 
         matches!(refused, Err(StoreError::ClaimHeld { .. })),
         "{refused:?}"
     );
+}
+
+async fn appends_to_streams_the_writer_remembers_need_no_reads_and_keep_the_chains_whole(
+    db: Arc<Fixture>,
+) {
+    // The writer remembers the heads it committed: the next append to one of those
+    // streams is planned from memory, written in one attempt, and links into both chains
+    // exactly as one planned from the database would.
+    let store = db.concrete();
+    let probe = store.probe();
+    let dyn_store = store.dyn_store();
+    let put = |stream: &'static str, expected: ExpectedVersion, n: i64| {
+        let store = dyn_store.clone();
+        async move {
+            store
+                .append(append(stream, expected, vec![event("A", n), event("B", n)]))
+                .await
+                .unwrap()
+        }
+    };
+    put("lead-a", ExpectedVersion::NoStream, 1).await;
+    let (attempts, from_memory) = (probe.attempts(), probe.batches_from_memory());
+    put("lead-a", ExpectedVersion::Exact(2), 2).await;
+    // A stream the writer never wrote is read; then each of the two is remembered.
+    put("lead-b", ExpectedVersion::NoStream, 3).await;
+    put("lead-a", ExpectedVersion::Exact(4), 4).await;
+    let outcome = put("lead-b", ExpectedVersion::Exact(2), 5).await;
+    assert_eq!(
+        (
+            probe.attempts() - attempts,
+            probe.batches_from_memory() - from_memory
+        ),
+        (4, 3),
+        "four appends, one attempt each, three of them from memory"
+    );
+    assert_eq!((outcome.version, outcome.last_position()), (4, 10));
+    let report = dyn_store.verify().await.unwrap();
+    assert_eq!(report.first_broken_link, None, "{report:?}");
+    assert_eq!((report.streams, report.events), (2, 10));
+    assert_eq!(report.head.position, 10);
 }
