@@ -105,6 +105,12 @@ async fn a_write_attempt_without_an_answer_is_abandoned_at_the_commit_timeout(db
         ..database::config()
     };
     let store = db.open_with(patient).await;
+    // The writer remembers lead-1's head from this append.
+    store
+        .dyn_store()
+        .append(append("lead-1", ExpectedVersion::Any, vec![event("A", 0)]))
+        .await
+        .unwrap();
     let holder = match db.backend() {
         // This process's writer turn is what the writer waits for on SQLite.
         Backend::Sqlite => store.clone(),
@@ -131,13 +137,26 @@ async fn a_write_attempt_without_an_answer_is_abandoned_at_the_commit_timeout(db
         "{abandoned:?}"
     );
     held.commit().await.unwrap();
-    // The writer dropped its connection with the attempt, and takes a new one.
+    // The writer dropped its connection with the attempt, and takes a new one. It also
+    // forgot what it remembered, since the abandoned attempt's effect is unknown: the
+    // next append reads the facts (the held append's position among them) and commits at
+    // its first attempt.
+    let probe = store.probe();
+    let (attempts, from_memory) = (probe.attempts(), probe.batches_from_memory());
     let outcome = store
         .dyn_store()
         .append(append("lead-1", ExpectedVersion::Any, vec![event("A", 1)]))
         .await
         .unwrap();
-    assert_eq!(outcome.positions, vec![2]);
+    assert_eq!(outcome.positions, vec![3]);
+    assert_eq!(
+        (
+            probe.attempts() - attempts,
+            probe.batches_from_memory() - from_memory
+        ),
+        (1, 0),
+        "after an abandoned attempt the writer reads the facts, in one attempt"
+    );
 }
 
 async fn the_database_default_isolation_changes_nothing(db: Arc<Fixture>) {
