@@ -71,10 +71,9 @@ pub(crate) fn validate(request: AppendRequest) -> Result<ValidAppend, StoreError
         }
         let metadata_value = serde_json::to_value(&event.metadata)
             .map_err(|e| StoreError::Corrupt(format!("metadata does not serialise: {e}")))?;
-        if chain::contains_nul(&event.data)
-            || chain::contains_nul(&metadata_value)
-            || event.event_type.contains('\0')
-        {
+        // A NUL in the event type needs no check here: it is a control character, which
+        // the event type rule above refuses.
+        if chain::contains_nul(&event.data) || chain::contains_nul(&metadata_value) {
             return Err(InvalidInput::NulCharacter { event_id: id }.into());
         }
         if request.events[..i].iter().any(|e| e.event_id == id) {
@@ -242,11 +241,9 @@ pub(crate) fn plan(batch: &[ValidAppend], mut facts: LogFacts, recorded_at: Date
     let micros = recorded_at.timestamp_micros();
     let recorded_at = DateTime::from_timestamp_micros(micros).unwrap_or(recorded_at);
     let initial_claims = facts.claims.clone();
-    let mut plan = Plan {
-        last_position: facts.last_position,
-        last_log_hash: facts.last_log_hash,
-        ..Plan::default()
-    };
+    // The head fields are set from the facts once every append is planned (`plan_one`
+    // reads and moves the facts' head, never the plan's).
+    let mut plan = Plan::default();
     for append in batch {
         let outcome = plan_one(append, &mut facts, &mut plan, recorded_at, micros);
         plan.outcomes.push(outcome);

@@ -13,6 +13,9 @@ mod write_path;
 #[path = "conformance/audit.rs"]
 mod audit;
 
+#[path = "conformance/input_bounds.rs"]
+mod input_bounds;
+
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
