@@ -25,6 +25,7 @@ on_both_backends!(
     a_filter_naming_a_value_twice_reads_each_event_once,
     a_retry_after_its_claim_moved_gets_its_first_outcome,
     appends_to_streams_the_writer_remembers_need_no_reads_and_keep_the_chains_whole,
+    an_append_counts_its_claims_and_its_key_against_the_queue_bound,
 );
 
 /// Settings with every write-path bound small, so a test sees them act within seconds.
@@ -489,4 +490,54 @@ async fn appends_to_streams_the_writer_remembers_need_no_reads_and_keep_the_chai
     assert_eq!(report.first_broken_link, None, "{report:?}");
     assert_eq!((report.streams, report.events), (2, 10));
     assert_eq!(report.head.position, 10);
+}
+
+async fn an_append_counts_its_claims_and_its_key_against_the_queue_bound(db: Arc<Fixture>) {
+    // What an append holds of the queue's bound is its bytes: with the writer paused, the
+    // same append on a stream name of the same length, plus a claim, plus an idempotency
+    // key, holds exactly as much more as those add.
+    let store = db.concrete();
+    let probe = store.probe();
+    probe.pause();
+    let queue = |request: AppendRequest| {
+        let writer = store.dyn_store();
+        tokio::spawn(async move { writer.append(request).await })
+    };
+    let plain = |name: &str| append(name, ExpectedVersion::Any, vec![event("Scored", 7)]);
+    let first = queue(plain("lead-1"));
+    until(probe, "the plain append to queue", |p| {
+        p.queued_appends() == 1
+    })
+    .await;
+    let one = probe.queued_bytes();
+    assert!(one > "lead-1".len(), "{one}");
+    let second = queue(plain("lead-2").with_claims(vec![Claim::Take("k".repeat(10))]));
+    until(probe, "the claiming append to queue", |p| {
+        p.queued_appends() == 2
+    })
+    .await;
+    assert_eq!(
+        probe.queued_bytes(),
+        2 * one + 10,
+        "a claim adds its key's bytes"
+    );
+    let third = queue(plain("lead-3").with_idempotency(IdempotencyKey {
+        key: "key-123".into(),
+        request_hash: "hash5".into(),
+        payload: json!({ "a": 1 }),
+    }));
+    until(probe, "the keyed append to queue", |p| {
+        p.queued_appends() == 3
+    })
+    .await;
+    assert_eq!(
+        probe.queued_bytes(),
+        3 * one + 10 + 7 + 5 + r#"{"a":1}"#.len(),
+        "a key adds its own, its request hash's and its payload's bytes"
+    );
+    probe.resume();
+    for task in [first, second, third] {
+        task.await.unwrap().expect("each append commits");
+    }
+    assert_eq!(probe.queued_bytes(), 0);
 }
