@@ -1321,3 +1321,303 @@ impl EventStore for Gate {
         self.inner.find_anchor(hash).await
     }
 }
+
+// A stream longer than one page of the handler's reads, loaded cold; a key whose record
+// was purged while a stale cache decides its ids again; and the lead-conversion process:
+// its checkpoint past the events it ignores, its loop left running, its backoff while the
+// store is down.
+mod pages_purges_and_the_conversion_loop {
+    use std::time::Duration;
+
+    use annals_commands::conversion::{LEAD_CONVERSION, LeadConversionProcess};
+    use annals_domain::Event;
+    use annals_domain::lead::LeadEvent;
+    use annals_store::{ExpectedVersion, NewEvent};
+
+    use super::*;
+
+    on_both_backends!(
+        a_stream_longer_than_a_page_loads_whole_when_cold,
+        a_key_purged_meeting_its_own_ids_from_a_stale_cache_is_told_to_come_back,
+        the_conversion_checkpoint_reaches_the_head_past_events_it_ignores,
+        the_running_conversion_process_opens_deals_and_stops_when_told,
+    );
+
+    async fn a_stream_longer_than_a_page_loads_whole_when_cold(db: Arc<Fixture>) {
+        // Written straight to the store, in one append: the lead, 1,000 signals (the
+        // handler reads 1,000 events a page), and at version 1,002, on the second page,
+        // its disqualification.
+        let id = Uuid::now_v7();
+        let mut events = vec![LeadEvent::LeadCaptured {
+            lead_id: id,
+            email: Email::parse("long@example.com").unwrap(),
+            name: PersonName::parse("Ada").unwrap(),
+            company: None,
+            source: Source::Web,
+        }];
+        events.extend((0..1_000).map(|_| LeadEvent::SignalRecorded {
+            kind: SignalKind::PageView,
+            points: 1,
+            occurred_at: None,
+        }));
+        events.push(LeadEvent::LeadDisqualified {
+            reason: Reason::parse("no budget").unwrap(),
+        });
+        let stored = events
+            .iter()
+            .map(|event| {
+                let form = event.encode();
+                NewEvent::new(form.event_type, form.data).with_schema_version(form.schema_version)
+            })
+            .collect();
+        db.store()
+            .append(AppendRequest::new(
+                CommandHandler::<Lead>::stream(id).unwrap(),
+                ExpectedVersion::NoStream,
+                stored,
+            ))
+            .await
+            .unwrap();
+        // A new handler (a restart): nothing cached, and no snapshot to start from.
+        let cold = CommandHandler::<Lead>::new(
+            db.store(),
+            HandlerConfig {
+                snapshot_every: 10_000,
+                ..config()
+            },
+        );
+        let lead = cold.load(id).await.unwrap();
+        assert_eq!(
+            (lead.version, lead.state.score, lead.state.status),
+            (1_002, 1_000, LeadStatus::Disqualified),
+            "the lead as of its last event"
+        );
+        // Decided on the whole stream: a disqualified lead takes no signal.
+        let refused = cold
+            .execute(id, signal(SignalKind::DemoRequest), &actor("a"))
+            .await;
+        assert!(
+            matches!(
+                refused,
+                Err(CommandError::Domain(DomainError::LeadClosed {
+                    status: "disqualified"
+                }))
+            ),
+            "{refused:?}"
+        );
+        // History reads past the first page too.
+        let before = cold.load_as_of(id, Some(1_001), None).await.unwrap();
+        assert_eq!(
+            (before.version, before.state.score, before.state.status),
+            (1_001, 1_000, LeadStatus::New)
+        );
+    }
+
+    async fn a_key_purged_meeting_its_own_ids_from_a_stale_cache_is_told_to_come_back(
+        db: Arc<Fixture>,
+    ) {
+        let ours = leads(db.store());
+        let theirs = leads(db.open_again().await);
+        let id = qualified(&ours).await;
+        // Their cache holds the lead as it was before the conversion.
+        let before = theirs.load(id).await.unwrap();
+        assert_eq!(before.state.status, LeadStatus::Qualified);
+        let context = keyed("convert-1");
+        let first = ours.execute(id, convert_anew(), &context).await.unwrap();
+        assert_eq!(first.version, before.version + 1);
+        // The key's record is purged; the conversion's events stay.
+        let tomorrow = chrono::Utc::now() + chrono::Duration::hours(25);
+        assert_eq!(
+            ours.purge_expired_idempotency_keys(tomorrow).await.unwrap(),
+            1
+        );
+        // Their try decides on the stale cache, at the version before, so with the first
+        // try's event ids (key, request, stream, version) around other account and deal
+        // ids: the store refuses the ids, and no record says what they were for.
+        let retry = within(theirs.execute(id, convert_anew(), &context)).await;
+        assert!(
+            matches!(retry, Err(CommandError::IdempotencyKeyInUse)),
+            "told to come back, never a store error: {retry:?}"
+        );
+        assert_eq!(count(&db, "LeadConverted").await, 1);
+        // Coming back, it is decided on the lead as stored: converted already.
+        let again = within(theirs.execute(id, convert_anew(), &context)).await;
+        assert!(
+            matches!(
+                again,
+                Err(CommandError::Domain(DomainError::LeadClosed {
+                    status: "converted"
+                }))
+            ),
+            "{again:?}"
+        );
+        assert_eq!(count(&db, "LeadConverted").await, 1);
+    }
+
+    async fn the_conversion_checkpoint_reaches_the_head_past_events_it_ignores(db: Arc<Fixture>) {
+        let (_, _, deal_id) = converted_lead(&db, true, Uuid::now_v7()).await;
+        // After the conversion, events the process does not act on: another lead's.
+        qualified(&leads(db.store())).await;
+        let store = db.store();
+        let head = store.head().await.unwrap();
+        let process = LeadConversionProcess::new(db.store(), config());
+        assert_eq!(process.run_once().await.unwrap(), 1);
+        assert!(
+            CommandHandler::<Deal>::new(db.store(), config())
+                .exists(deal_id)
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            store.load_checkpoint(LEAD_CONVERSION).await.unwrap(),
+            head,
+            "the checkpoint is the head the page was read at, past the last conversion"
+        );
+        // Then it has read its own account and deal: caught up, at the log's head.
+        assert!(store.head().await.unwrap() > head);
+        assert_eq!(process.run_once().await.unwrap(), 0);
+        assert_eq!(
+            store.load_checkpoint(LEAD_CONVERSION).await.unwrap(),
+            store.head().await.unwrap()
+        );
+    }
+
+    /// Returns once the deal's stream exists, woken by each commit to the log.
+    async fn deal_opened(db: &Fixture, deal_id: Uuid) {
+        let store = db.store();
+        let deals = CommandHandler::<Deal>::new(db.store(), config());
+        loop {
+            let head = store.head().await.unwrap();
+            if deals.exists(deal_id).await.unwrap() {
+                return;
+            }
+            store
+                .wait_for_events(head, Duration::from_secs(1))
+                .await
+                .unwrap();
+        }
+    }
+
+    async fn the_running_conversion_process_opens_deals_and_stops_when_told(db: Arc<Fixture>) {
+        let process = Arc::new(LeadConversionProcess::new(db.store(), config()));
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let running = {
+            let process = process.clone();
+            tokio::spawn(async move { process.run_until_stopped(stopped).await })
+        };
+        // Two conversions, the second once the loop has handled the first and gone back
+        // to waiting for events.
+        for _ in 0..2 {
+            let (_, account_id, deal_id) = converted_lead(&db, true, Uuid::now_v7()).await;
+            within(deal_opened(&db, deal_id)).await;
+            let deal = CommandHandler::<Deal>::new(db.store(), config())
+                .load(deal_id)
+                .await
+                .unwrap();
+            assert_eq!(deal.state.account_id, Some(account_id));
+        }
+        assert!(
+            !running.is_finished(),
+            "the loop runs until it is told to stop"
+        );
+        stop.send(true).unwrap();
+        // Below the 5 s the loop waits for events at a time: only the stop ends it in time.
+        tokio::time::timeout(Duration::from_secs(4), running)
+            .await
+            .expect("the loop stopped within 4 s of being told")
+            .unwrap();
+    }
+
+    /// While the store is down, the loop waits 100 ms after the first failure and twice
+    /// as long after each next one (up to 10 s): an outage is not hammered.
+    #[tokio::test]
+    async fn the_conversion_loop_backs_off_doubling_while_the_store_is_down() {
+        let (tries, mut tried) = tokio::sync::mpsc::unbounded_channel();
+        let process = Arc::new(LeadConversionProcess::new(
+            Arc::new(Down { tries }),
+            config(),
+        ));
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let running = {
+            let process = process.clone();
+            tokio::spawn(async move { process.run_until_stopped(stopped).await })
+        };
+        let mut at = Vec::new();
+        for _ in 0..5 {
+            at.push(within(tried.recv()).await.unwrap());
+        }
+        stop.send(true).unwrap();
+        within(running).await.unwrap();
+        // A sleep never ends early, so each wait is at least its backoff.
+        let waits: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
+        for (wait, backoff) in waits.iter().zip([100, 200, 400, 800]) {
+            assert!(
+                *wait >= Duration::from_millis(backoff),
+                "waits between tries {waits:?}, each at least [100, 200, 400, 800] ms"
+            );
+        }
+    }
+
+    /// A store that is down: every call fails; each try of the process (its checkpoint
+    /// read comes first) is reported with its time.
+    #[derive(Debug)]
+    struct Down {
+        tries: tokio::sync::mpsc::UnboundedSender<tokio::time::Instant>,
+    }
+
+    #[async_trait::async_trait]
+    impl EventStore for Down {
+        async fn append(&self, _: AppendRequest) -> Result<AppendOutcome, StoreError> {
+            Err(StoreError::Closed)
+        }
+        async fn read_stream(
+            &self,
+            _: &StreamName,
+            _: u64,
+            _: Direction,
+            _: usize,
+        ) -> Result<Vec<RecordedEvent>, StoreError> {
+            Err(StoreError::Closed)
+        }
+        async fn read_all(&self, _: u64, _: usize, _: &LogFilter) -> Result<LogPage, StoreError> {
+            Err(StoreError::Closed)
+        }
+        async fn head(&self) -> Result<u64, StoreError> {
+            Err(StoreError::Closed)
+        }
+        async fn wait_for_events(&self, _: u64, _: Duration) -> Result<u64, StoreError> {
+            Err(StoreError::Closed)
+        }
+        async fn save_snapshot(&self, _: &Snapshot) -> Result<(), StoreError> {
+            Err(StoreError::Closed)
+        }
+        async fn load_snapshot(&self, _: &StreamName) -> Result<Option<Snapshot>, StoreError> {
+            Err(StoreError::Closed)
+        }
+        async fn find_idempotency(&self, _: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
+            Err(StoreError::Closed)
+        }
+        async fn purge_idempotency(
+            &self,
+            _: chrono::DateTime<chrono::Utc>,
+        ) -> Result<u64, StoreError> {
+            Err(StoreError::Closed)
+        }
+        async fn load_checkpoint(&self, _: &str) -> Result<u64, StoreError> {
+            let _ = self.tries.send(tokio::time::Instant::now());
+            Err(StoreError::Closed)
+        }
+        async fn save_checkpoint(&self, _: &str, _: u64) -> Result<(), StoreError> {
+            Err(StoreError::Closed)
+        }
+        async fn verify(&self) -> Result<AuditReport, StoreError> {
+            Err(StoreError::Closed)
+        }
+        async fn anchor(&self) -> Result<annals_store::Anchor, StoreError> {
+            Err(StoreError::Closed)
+        }
+        async fn find_anchor(&self, _: &str) -> Result<Option<u64>, StoreError> {
+            Err(StoreError::Closed)
+        }
+    }
+}

@@ -25,6 +25,13 @@ on_both_backends!(
     an_anchor_shows_a_rewrite_that_recomputed_every_hash,
     floats_verify_and_retry_as_stored,
     a_log_written_before_the_log_chain_opens_and_verifies,
+    verify_says_a_deleted_event_left_its_stream_a_version_short,
+    verify_says_an_edited_event_no_longer_hashes_to_its_stored_hash,
+    verify_says_which_positions_a_deleted_stream_left_missing,
+    verify_says_an_edited_category_breaks_the_log_hash,
+    verify_says_a_deleted_tail_leaves_the_head_row_ahead,
+    verify_catches_a_head_row_with_only_its_hash_changed,
+    verify_catches_a_head_row_with_only_its_position_moved_back,
 );
 
 /// Three streams of two events each: positions 1–2, 3–4 and 5–6.
@@ -491,4 +498,217 @@ impl OldDatabase {
             }
         }
     }
+}
+
+/// `three_streams`, and the anchor after each stream's append: the log hashes at
+/// positions 2, 4 and 6, as the head row recorded them.
+async fn three_streams_anchored(db: &Fixture) -> Vec<String> {
+    let store = db.store();
+    let mut anchors = Vec::new();
+    for name in ["lead-a", "deal-b", "lead-c"] {
+        store
+            .append(append(
+                name,
+                ExpectedVersion::NoStream,
+                vec![event("E", 1), event("E", 2)],
+            ))
+            .await
+            .unwrap();
+        let anchor = store.anchor().await.unwrap();
+        assert_eq!(anchor.position, 2 * (anchors.len() as u64 + 1));
+        anchors.push(anchor.hash);
+    }
+    assert!(store.verify().await.unwrap().ok());
+    anchors
+}
+
+/// The stored hash of one event, as hex.
+async fn stored_hash(store: &dyn EventStore, name: &str, version: u64) -> String {
+    let events = store
+        .read_stream(&stream(name), version, Direction::Forwards, 1)
+        .await
+        .unwrap();
+    assert_eq!(events[0].version, version);
+    hex::encode(events[0].hash)
+}
+
+async fn verify_says_a_deleted_event_left_its_stream_a_version_short(db: Arc<Fixture>) {
+    let store = db.store();
+    store
+        .append(append(
+            "deal-d",
+            ExpectedVersion::NoStream,
+            vec![event("E", 1), event("E", 2), event("E", 3)],
+        ))
+        .await
+        .unwrap();
+    let third = stored_hash(&*store, "deal-d", 3).await;
+    assert_eq!(
+        db.execute("DELETE FROM events WHERE stream = 'deal-d' AND version = 2")
+            .await,
+        1
+    );
+    let broken = store.verify().await.unwrap().first_broken_link.unwrap();
+    assert_eq!(
+        (broken.stream.as_str(), broken.version, broken.position),
+        ("deal-d", 3, 3)
+    );
+    assert_eq!(
+        broken.reason,
+        "the stream's version 2 is missing: the next event stored is version 3"
+    );
+    assert_eq!(broken.found, third);
+    assert_ne!(broken.expected, broken.found);
+}
+
+async fn verify_says_an_edited_event_no_longer_hashes_to_its_stored_hash(db: Arc<Fixture>) {
+    let store = db.store();
+    store
+        .append(append(
+            "deal-d",
+            ExpectedVersion::NoStream,
+            vec![event("E", 1), event("E", 2), event("E", 3)],
+        ))
+        .await
+        .unwrap();
+    let second = stored_hash(&*store, "deal-d", 2).await;
+    assert_eq!(
+        db.execute(
+            "UPDATE events SET event_type = 'Edited' WHERE stream = 'deal-d' AND version = 2"
+        )
+        .await,
+        1
+    );
+    let broken = store.verify().await.unwrap().first_broken_link.unwrap();
+    assert_eq!(
+        (broken.stream.as_str(), broken.version, broken.position),
+        ("deal-d", 2, 2)
+    );
+    assert_eq!(
+        broken.reason,
+        "the stored hash is not the one recomputed from the event and its predecessor in the \
+         stream"
+    );
+    assert_eq!(broken.found, second);
+    assert_ne!(broken.expected, broken.found);
+}
+
+async fn verify_says_which_positions_a_deleted_stream_left_missing(db: Arc<Fixture>) {
+    three_streams_anchored(&db).await;
+    // Every stream left is whole: only the log's chain can show the hole.
+    assert_eq!(
+        db.execute("DELETE FROM events WHERE stream = 'deal-b'")
+            .await,
+        2
+    );
+    let broken = db
+        .store()
+        .verify()
+        .await
+        .unwrap()
+        .first_broken_link
+        .unwrap();
+    assert_eq!(
+        (broken.stream.as_str(), broken.version, broken.position),
+        ("lead-c", 1, 5)
+    );
+    assert_eq!(broken.reason, "positions 3 to 4 are missing from the log");
+    assert_ne!(broken.expected, broken.found);
+}
+
+async fn verify_says_an_edited_category_breaks_the_log_hash(db: Arc<Fixture>) {
+    let anchors = three_streams_anchored(&db).await;
+    db.execute("UPDATE events SET category = 'deal' WHERE position = 2")
+        .await;
+    let broken = db
+        .store()
+        .verify()
+        .await
+        .unwrap()
+        .first_broken_link
+        .unwrap();
+    assert_eq!(
+        (broken.stream.as_str(), broken.version, broken.position),
+        ("lead-a", 2, 2)
+    );
+    assert_eq!(
+        broken.reason,
+        "the stored log hash is not the one recomputed from the event's position, category \
+         and hash and its predecessor in the log"
+    );
+    assert_eq!(
+        broken.found, anchors[0],
+        "the log hash stored at position 2"
+    );
+    assert_ne!(broken.expected, broken.found);
+}
+
+async fn verify_says_a_deleted_tail_leaves_the_head_row_ahead(db: Arc<Fixture>) {
+    let anchors = three_streams_anchored(&db).await;
+    assert_eq!(db.execute("DELETE FROM events WHERE position = 6").await, 1);
+    let report = db.store().verify().await.unwrap();
+    // The chains are whole up to position 5; the head row still records position 6.
+    assert_eq!(report.head.position, 5);
+    let broken = report.first_broken_link.unwrap();
+    assert_eq!(
+        (broken.stream.as_str(), broken.version, broken.position),
+        ("lead-c", 1, 6),
+        "the last event left, at the position the head row records"
+    );
+    assert_eq!(
+        broken.reason,
+        "the log ends at position 5, but its head row records position 6: events at the end \
+         of the log were deleted"
+    );
+    assert_eq!(broken.expected, anchors[2], "the head row's hash");
+    assert_eq!(broken.found, report.head.hash, "the log hash at position 5");
+}
+
+async fn verify_catches_a_head_row_with_only_its_hash_changed(db: Arc<Fixture>) {
+    let anchors = three_streams_anchored(&db).await;
+    // The head row keeps position 6 but records the log hash of position 4.
+    db.execute("UPDATE log_head SET hash = (SELECT log_hash FROM events WHERE position = 4)")
+        .await;
+    let report = db.store().verify().await.unwrap();
+    assert_eq!(report.head.position, 6);
+    assert_eq!(report.head.hash, anchors[2]);
+    let broken = report
+        .first_broken_link
+        .expect("a head row whose hash is not the log's is caught");
+    assert_eq!(
+        (broken.stream.as_str(), broken.version, broken.position),
+        ("lead-c", 2, 6)
+    );
+    assert_eq!(
+        broken.reason,
+        "the log's head row records position 6, which does not match the last event \
+         (position 6)"
+    );
+    assert_eq!(broken.expected, anchors[1], "the head row's hash");
+    assert_eq!(broken.found, anchors[2], "the log hash at position 6");
+}
+
+async fn verify_catches_a_head_row_with_only_its_position_moved_back(db: Arc<Fixture>) {
+    let anchors = three_streams_anchored(&db).await;
+    // The head row keeps the last event's log hash but records position 4.
+    db.execute("UPDATE log_head SET position = 4").await;
+    let report = db.store().verify().await.unwrap();
+    assert_eq!(report.head.position, 6);
+    let broken = report
+        .first_broken_link
+        .expect("a head row behind the log is caught");
+    assert_eq!(
+        (broken.stream.as_str(), broken.version, broken.position),
+        ("lead-c", 2, 4)
+    );
+    assert_eq!(
+        broken.reason,
+        "the log's head row records position 4, which does not match the last event \
+         (position 6)"
+    );
+    assert_eq!(
+        (broken.expected.as_str(), broken.found.as_str()),
+        (anchors[2].as_str(), anchors[2].as_str()),
+        "the head row's hash is the log's"
+    );
 }
