@@ -217,6 +217,14 @@ where
                  {position}: events at the end of the log were deleted"
             ),
         )),
+        Some((Some(position), Some(hash))) if *position == last_position => Some((
+            *position,
+            hash.clone(),
+            format!(
+                "the log's head row records position {position} with a hash that is not \
+                 the log hash of the last event"
+            ),
+        )),
         Some((Some(position), Some(hash))) => Some((
             *position,
             hash.clone(),

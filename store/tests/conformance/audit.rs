@@ -681,8 +681,8 @@ async fn verify_catches_a_head_row_with_only_its_hash_changed(db: Arc<Fixture>) 
     );
     assert_eq!(
         broken.reason,
-        "the log's head row records position 6, which does not match the last event \
-         (position 6)"
+        "the log's head row records position 6 with a hash that is not the log hash of \
+         the last event"
     );
     assert_eq!(broken.expected, anchors[1], "the head row's hash");
     assert_eq!(broken.found, anchors[2], "the log hash at position 6");
