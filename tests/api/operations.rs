@@ -131,15 +131,7 @@ async fn streams_and_the_log_read_in_pages(db: Arc<Fixture>) {
 
 async fn a_rebuild_keeps_readers_reading_and_verifies_equal(db: Arc<Fixture>) {
     // A store with history before the server starts: the demo writes it.
-    let demo = crate::server::annals()
-        .args(["demo", "--leads", "120", "--database-url", db.url()])
-        .output()
-        .unwrap();
-    assert!(
-        demo.status.success(),
-        "{}",
-        String::from_utf8_lossy(&demo.stderr)
-    );
+    demo(&db, 120);
     let server = Server::start(db.url());
     let head = server.read("/events?limit=1").await["head"]
         .as_u64()
@@ -205,15 +197,7 @@ async fn a_rebuild_keeps_readers_reading_and_verifies_equal(db: Arc<Fixture>) {
 async fn postgres_a_second_rebuild_while_one_runs_is_refused() {
     use sqlx::Connection;
     run(Backend::Postgres, |db: Arc<Fixture>| async move {
-        let demo = crate::server::annals()
-            .args(["demo", "--leads", "40", "--database-url", db.url()])
-            .output()
-            .unwrap();
-        assert!(
-            demo.status.success(),
-            "{}",
-            String::from_utf8_lossy(&demo.stderr)
-        );
+        demo(&db, 40);
         let server = Server::start(db.url());
         let head = server.read("/events?limit=1").await["head"]
             .as_u64()
@@ -308,4 +292,23 @@ async fn the_audit_catches_a_row_edited_in_the_database(db: Arc<Fixture>) {
     assert_eq!(audit["ok"], false);
     assert_eq!(audit["first_broken_link"]["stream"], format!("lead-{id}"));
     assert_eq!(audit["first_broken_link"]["version"], 2);
+}
+
+/// Writes a history of `leads` leads with `annals demo`, before any server starts.
+fn demo(db: &Fixture, leads: u32) {
+    let demo = crate::server::annals()
+        .args([
+            "demo",
+            "--leads",
+            &leads.to_string(),
+            "--database-url",
+            db.url(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        demo.status.success(),
+        "{}",
+        String::from_utf8_lossy(&demo.stderr)
+    );
 }

@@ -532,7 +532,8 @@ async fn stored_hash(store: &dyn EventStore, name: &str, version: u64) -> String
     hex::encode(events[0].hash)
 }
 
-async fn verify_says_a_deleted_event_left_its_stream_a_version_short(db: Arc<Fixture>) {
+/// A store holding one stream, `deal-d`, of three events (positions 1 to 3).
+async fn deal_of_three_events(db: &Fixture) -> Arc<dyn EventStore> {
     let store = db.store();
     store
         .append(append(
@@ -542,6 +543,11 @@ async fn verify_says_a_deleted_event_left_its_stream_a_version_short(db: Arc<Fix
         ))
         .await
         .unwrap();
+    store
+}
+
+async fn verify_says_a_deleted_event_left_its_stream_a_version_short(db: Arc<Fixture>) {
+    let store = deal_of_three_events(&db).await;
     let third = stored_hash(&*store, "deal-d", 3).await;
     assert_eq!(
         db.execute("DELETE FROM events WHERE stream = 'deal-d' AND version = 2")
@@ -562,15 +568,7 @@ async fn verify_says_a_deleted_event_left_its_stream_a_version_short(db: Arc<Fix
 }
 
 async fn verify_says_an_edited_event_no_longer_hashes_to_its_stored_hash(db: Arc<Fixture>) {
-    let store = db.store();
-    store
-        .append(append(
-            "deal-d",
-            ExpectedVersion::NoStream,
-            vec![event("E", 1), event("E", 2), event("E", 3)],
-        ))
-        .await
-        .unwrap();
+    let store = deal_of_three_events(&db).await;
     let second = stored_hash(&*store, "deal-d", 2).await;
     assert_eq!(
         db.execute(
