@@ -137,22 +137,6 @@ fn queued_bytes(append: &ValidAppend) -> usize {
     request.stream.as_str().len() + json + types + claims + key
 }
 
-/// Counts a caller waiting for room for as long as it waits (even if it is cancelled).
-struct Waiting<'a>(&'a AtomicUsize);
-
-impl<'a> Waiting<'a> {
-    fn new(count: &'a AtomicUsize) -> Self {
-        count.fetch_add(1, Ordering::SeqCst);
-        Waiting(count)
-    }
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
 /// Test support: what the writer task is doing, and switches that pause it or make it
 /// panic, so tests can force the interleavings they need.
 #[doc(hidden)]
@@ -236,7 +220,7 @@ impl WriterProbe {
             Ok(room) => Ok(room),
             Err(TryAcquireError::Closed) => Err(StoreError::Closed),
             Err(TryAcquireError::NoPermits) => {
-                let _waiting = Waiting::new(&self.waiting_for_room);
+                let _waiting = crate::Counted::new(&self.waiting_for_room);
                 self.room
                     .clone()
                     .acquire_many_owned(permits)

@@ -164,17 +164,18 @@ pub async fn open(url: &str, config: StoreConfig) -> Result<Arc<dyn EventStore>,
     }
 }
 
-/// Counts a reader in `wait_for_head` for as long as it waits (even if it is cancelled).
-struct Parked<'a>(&'a AtomicUsize);
+/// Counts itself in a probe's counter for as long as it lives (also when the future
+/// holding it is cancelled): a reader waiting for the head, a caller waiting for room.
+pub(crate) struct Counted<'a>(&'a AtomicUsize);
 
-impl<'a> Parked<'a> {
-    fn new(count: &'a AtomicUsize) -> Self {
+impl<'a> Counted<'a> {
+    pub(crate) fn new(count: &'a AtomicUsize) -> Self {
         count.fetch_add(1, Ordering::SeqCst);
-        Parked(count)
+        Counted(count)
     }
 }
 
-impl Drop for Parked<'_> {
+impl Drop for Counted<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
     }
@@ -224,7 +225,7 @@ where
             return Ok(current);
         }
         let wake = deadline.min(now + poll_interval);
-        let _parked = Parked::new(parked);
+        let _parked = Counted::new(parked);
         tokio::select! {
             changed = receiver.changed() => {
                 if changed.is_ok() {
