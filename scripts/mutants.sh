@@ -68,6 +68,8 @@ area_args() {
   esac
 }
 
+for area in "${areas[@]}"; do area_args "$area" >/dev/null || exit 2; done
+
 if [ "$(cargo mutants --version 2>/dev/null)" != "cargo-mutants $mutants_version" ]; then
   cargo install --locked cargo-mutants --version "$mutants_version"
 fi
