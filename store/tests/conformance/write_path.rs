@@ -26,6 +26,7 @@ on_both_backends!(
     a_retry_after_its_claim_moved_gets_its_first_outcome,
     appends_to_streams_the_writer_remembers_need_no_reads_and_keep_the_chains_whole,
     an_append_counts_its_claims_and_its_key_against_the_queue_bound,
+    a_batch_takes_at_most_512_appends,
 );
 
 /// Settings with every write-path bound small, so a test sees them act within seconds.
@@ -540,4 +541,34 @@ async fn an_append_counts_its_claims_and_its_key_against_the_queue_bound(db: Arc
         task.await.unwrap().expect("each append commits");
     }
     assert_eq!(probe.queued_bytes(), 0);
+}
+
+async fn a_batch_takes_at_most_512_appends(db: Arc<Fixture>) {
+    // 600 one-event appends queued while the writer waits go in two transactions: 512,
+    // the most appends a batch takes, then the 88 left.
+    let store = db.concrete();
+    let probe = store.probe();
+    probe.pause();
+    let tasks: Vec<_> = (0..600)
+        .map(|i| {
+            let writer = store.dyn_store();
+            let request = append(
+                &format!("lead-{i}"),
+                ExpectedVersion::NoStream,
+                vec![event("A", i)],
+            );
+            tokio::spawn(async move { writer.append(request).await })
+        })
+        .collect();
+    until(probe, "600 appends to queue", |p| p.queued_appends() == 600).await;
+    let attempts = probe.attempts();
+    probe.resume();
+    for task in tasks {
+        task.await.unwrap().expect("each append commits");
+    }
+    assert_eq!(
+        probe.attempts() - attempts,
+        2,
+        "transactions for 600 appends"
+    );
 }
