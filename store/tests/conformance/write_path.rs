@@ -544,12 +544,12 @@ async fn an_append_counts_its_claims_and_its_key_against_the_queue_bound(db: Arc
 }
 
 async fn a_batch_takes_at_most_512_appends(db: Arc<Fixture>) {
-    // 600 one-event appends queued while the writer waits go in two transactions: 512,
-    // the most appends a batch takes, then the 88 left.
+    // 513 one-event appends queued while the writer waits go in two transactions: 512,
+    // the most appends a batch takes, then the one left.
     let store = db.concrete();
     let probe = store.probe();
     probe.pause();
-    let tasks: Vec<_> = (0..600)
+    let tasks: Vec<_> = (0..513)
         .map(|i| {
             let writer = store.dyn_store();
             let request = append(
@@ -560,7 +560,7 @@ async fn a_batch_takes_at_most_512_appends(db: Arc<Fixture>) {
             tokio::spawn(async move { writer.append(request).await })
         })
         .collect();
-    until(probe, "600 appends to queue", |p| p.queued_appends() == 600).await;
+    until(probe, "513 appends to queue", |p| p.queued_appends() == 513).await;
     let attempts = probe.attempts();
     probe.resume();
     for task in tasks {
@@ -569,6 +569,6 @@ async fn a_batch_takes_at_most_512_appends(db: Arc<Fixture>) {
     assert_eq!(
         probe.attempts() - attempts,
         2,
-        "transactions for 600 appends"
+        "transactions for 513 appends"
     );
 }
