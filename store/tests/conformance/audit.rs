@@ -36,18 +36,8 @@ on_both_backends!(
 
 /// Three streams of two events each: positions 1–2, 3–4 and 5–6.
 async fn three_streams(db: &Fixture) {
-    let store = db.store();
-    for name in ["lead-a", "deal-b", "lead-c"] {
-        store
-            .append(append(
-                name,
-                ExpectedVersion::NoStream,
-                vec![event("E", 1), event("E", 2)],
-            ))
-            .await
-            .unwrap();
-    }
-    let report = store.verify().await.unwrap();
+    three_streams_anchored(db).await;
+    let report = db.store().verify().await.unwrap();
     assert!(report.ok(), "{report:?}");
     assert_eq!((report.streams, report.events), (3, 6));
 }
