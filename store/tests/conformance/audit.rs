@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::str::FromStr;
 
 use annals_store::{
-    AppendRequest, Direction, EventStore, ExpectedVersion, NewEvent, PostgresStore, SqliteStore,
+    AppendRequest, BrokenLink, Direction, EventStore, ExpectedVersion, NewEvent, PostgresStore,
+    SqliteStore,
 };
 use serde_json::{Value, json};
 use sqlx::Connection;
@@ -522,6 +523,21 @@ async fn stored_hash(store: &dyn EventStore, name: &str, version: u64) -> String
     hex::encode(events[0].hash)
 }
 
+/// The audit's first broken link, required at `(stream, version, position)` for `reason`.
+async fn first_break(
+    store: &dyn EventStore,
+    (stream, version, position): (&str, u64, u64),
+    reason: &str,
+) -> BrokenLink {
+    let broken = store.verify().await.unwrap().first_broken_link.unwrap();
+    assert_eq!(
+        (broken.stream.as_str(), broken.version, broken.position),
+        (stream, version, position)
+    );
+    assert_eq!(broken.reason, reason);
+    broken
+}
+
 /// A store holding one stream, `deal-d`, of three events (positions 1 to 3).
 async fn deal_of_three_events(db: &Fixture) -> Arc<dyn EventStore> {
     let store = db.store();
@@ -544,15 +560,12 @@ async fn verify_says_a_deleted_event_left_its_stream_a_version_short(db: Arc<Fix
             .await,
         1
     );
-    let broken = store.verify().await.unwrap().first_broken_link.unwrap();
-    assert_eq!(
-        (broken.stream.as_str(), broken.version, broken.position),
-        ("deal-d", 3, 3)
-    );
-    assert_eq!(
-        broken.reason,
-        "the stream's version 2 is missing: the next event stored is version 3"
-    );
+    let broken = first_break(
+        &*store,
+        ("deal-d", 3, 3),
+        "the stream's version 2 is missing: the next event stored is version 3",
+    )
+    .await;
     assert_eq!(broken.found, third);
     assert_ne!(broken.expected, broken.found);
 }
@@ -567,16 +580,13 @@ async fn verify_says_an_edited_event_no_longer_hashes_to_its_stored_hash(db: Arc
         .await,
         1
     );
-    let broken = store.verify().await.unwrap().first_broken_link.unwrap();
-    assert_eq!(
-        (broken.stream.as_str(), broken.version, broken.position),
-        ("deal-d", 2, 2)
-    );
-    assert_eq!(
-        broken.reason,
+    let broken = first_break(
+        &*store,
+        ("deal-d", 2, 2),
         "the stored hash is not the one recomputed from the event and its predecessor in the \
-         stream"
-    );
+         stream",
+    )
+    .await;
     assert_eq!(broken.found, second);
     assert_ne!(broken.expected, broken.found);
 }
