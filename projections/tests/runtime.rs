@@ -208,6 +208,19 @@ impl Failing {
         }
     }
 
+    /// Fails the first event it is given of each of `event_types`, then works.
+    fn first_of_each(event_types: &'static [&'static str]) -> Self {
+        let failed: Vec<AtomicBool> = event_types.iter().map(|_| AtomicBool::new(false)).collect();
+        Failing {
+            fails_at: Box::new(move |event| {
+                event_types
+                    .iter()
+                    .zip(&failed)
+                    .any(|(t, f)| event.event_type == *t && !f.swap(true, Ordering::SeqCst))
+            }),
+        }
+    }
+
     /// Fails the first `times` events of one type it is given, then works.
     fn first_of_type(event_type: &'static str, times: usize) -> Self {
         let left = AtomicUsize::new(times);
@@ -335,6 +348,11 @@ async fn wait_for_returns_once_applied_and_times_out_cleanly(db: Arc<Fixture>) {
     );
     let rows = db.text_rows(BOARD).await;
     assert_eq!(rows.len(), 1, "what wait_for promised is in the read model");
+    assert_eq!(
+        board.applied(),
+        outcome.position,
+        "applied says how far the live board is"
+    );
     assert!(
         !board
             .wait_for(outcome.position + 100, Duration::from_millis(200))
@@ -688,7 +706,16 @@ async fn append_poison(db: &Fixture) -> u64 {
     outcome.last_position()
 }
 
+/// Whether `time` (as dead letters record it) is a time between `from` and now.
+fn recorded_since(time: Option<&str>, from: chrono::DateTime<chrono::Utc>) -> bool {
+    let Some(Ok(time)) = time.map(chrono::DateTime::parse_from_rfc3339) else {
+        return false;
+    };
+    from <= time && time <= chrono::Utc::now()
+}
+
 async fn a_poisoned_event_is_parked_and_halts_its_projection(db: Arc<Fixture>) {
+    let started = chrono::Utc::now();
     history(&db).await;
     let poison = append_poison(&db).await;
     history(&db).await;
@@ -712,6 +739,11 @@ async fn a_poisoned_event_is_parked_and_halts_its_projection(db: Arc<Fixture>) {
         (poison, "LeadCaptured")
     );
     assert_eq!(parked[0].attempts, 3);
+    assert!(
+        recorded_since(parked[0].parked_at.as_deref(), started),
+        "parked at {:?}",
+        parked[0].parked_at
+    );
     assert_eq!(
         board.checkpoint().await.unwrap(),
         poison - 1,
@@ -746,7 +778,8 @@ async fn a_poisoned_event_is_parked_and_halts_its_projection(db: Arc<Fixture>) {
     // Skipped, it is no longer parked (its record stays) and the projection goes on.
     let skipped = board.skip_parked_event(poison, "ops").await.unwrap();
     assert_eq!(skipped.skipped_by.as_deref(), Some("ops"));
-    assert!(skipped.skipped_at.is_some() && skipped.parked_at.is_some());
+    assert!(recorded_since(skipped.skipped_at.as_deref(), started));
+    assert!(skipped.parked_at <= skipped.skipped_at);
     assert!(board.parked().await.unwrap().is_empty());
     assert!(matches!(
         board.skip_parked_event(poison, "ops").await,

@@ -13,7 +13,12 @@ on_both_backends!(
     two_retries_of_one_parked_event_apply_it_once,
     a_skip_policy_retry_refolds_the_rows_it_touches_like_a_rebuild,
     an_outage_is_retried_and_never_parked,
+    an_outage_at_an_event_is_retried_and_never_parked,
     a_retry_waits_for_a_rebuild_that_holds_its_claim,
+    a_row_the_database_refuses_parks_its_event,
+    attempts_are_counted_per_event,
+    a_projector_that_cannot_refold_keeps_a_retried_event_parked,
+    a_projector_whose_rows_span_streams_refolds_from_the_whole_log,
 );
 
 /// The lead board, paused once inside its transaction: it says when it got there
@@ -304,10 +309,12 @@ impl sqlx::error::DatabaseError for Sqlstate {
 }
 
 /// The lead board behind a database that fails its first `times` batches with an outage
-/// (a deadlock, a lock timeout, a serialization failure, a statement timeout).
+/// (a deadlock, a lock timeout, a serialization failure, a statement timeout), as a
+/// failure of the batch or, `at_event`, of its first event.
 #[derive(Debug)]
 struct Outage {
     left: AtomicUsize,
+    at_event: bool,
 }
 
 #[async_trait]
@@ -331,20 +338,33 @@ impl Projector for Outage {
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
         {
             let code = CODES[left % CODES.len()];
-            return Err(Failure::unplaced(ProjectionError::Database(
-                sqlx::Error::Database(Box::new(Sqlstate(code))),
-            )));
+            return Err(Failure {
+                position: events.first().filter(|_| self.at_event).map(|e| e.position),
+                error: ProjectionError::Database(sqlx::Error::Database(Box::new(Sqlstate(code)))),
+            });
         }
         LeadBoard.apply(tx, events).await
     }
 }
 
 async fn an_outage_is_retried_and_never_parked(db: Arc<Fixture>) {
-    history(&db).await;
+    outage_retried_and_never_parked(&db, false).await;
+}
+
+/// The outage comes back as a failure of one event (as a projector that writes an
+/// event's rows one statement at a time would report it): still an outage, never parked,
+/// however many times it fails in a row.
+async fn an_outage_at_an_event_is_retried_and_never_parked(db: Arc<Fixture>) {
+    outage_retried_and_never_parked(&db, true).await;
+}
+
+async fn outage_retried_and_never_parked(db: &Fixture, at_event: bool) {
+    history(db).await;
     let board = runner(
-        &db,
+        db,
         Arc::new(Outage {
             left: AtomicUsize::new(40),
+            at_event,
         }),
     )
     .with_failure_policy(FailurePolicy::Halt, 3);
@@ -361,12 +381,243 @@ async fn an_outage_is_retried_and_never_parked(db: Arc<Fixture>) {
         assert_ne!(board.status().await.unwrap().status, "halted");
     }
     // The outage ends: the projection goes on where it was.
-    let steady = runner(&db, Arc::new(LeadBoard));
+    let steady = runner(db, Arc::new(LeadBoard));
     steady.catch_up().await.unwrap();
     assert!(steady.parked().await.unwrap().is_empty());
     assert_eq!(
         steady.checkpoint().await.unwrap(),
         db.store().head().await.unwrap()
     );
-    assert_board_equals_a_rebuild(&db, "nothing lost to the outage").await;
+    assert_board_equals_a_rebuild(db, "nothing lost to the outage").await;
+}
+
+/// The lead board, whose rows for one assignment the database refuses (a row missing
+/// its required columns): the event's own failure, found by applying the batch's events
+/// one by one, and parked like a projector's refusal.
+#[derive(Debug)]
+struct Refused;
+
+#[async_trait]
+impl Projector for Refused {
+    fn name(&self) -> &'static str {
+        "lead_board"
+    }
+
+    fn filter(&self) -> LogFilter {
+        LeadBoard.filter()
+    }
+
+    fn tables(&self) -> &'static [annals_projections::Table] {
+        LeadBoard.tables()
+    }
+
+    async fn apply(&self, tx: &mut ReadTx, events: &[RecordedEvent]) -> Result<(), Failure> {
+        LeadBoard.apply(tx, events).await?;
+        if events.iter().any(|e| e.event_type == "LeadAssigned") {
+            let generation = tx.generation();
+            tx.execute(
+                "INSERT INTO lead_board (generation, lead_id) VALUES ($1, 'refused')",
+                &[generation.into()],
+            )
+            .await
+            .map_err(Failure::unplaced)?;
+        }
+        Ok(())
+    }
+}
+
+async fn a_row_the_database_refuses_parks_its_event(db: Arc<Fixture>) {
+    history(&db).await;
+    let assigned = position_of_type(&db, "LeadAssigned").await;
+    let board = runner(&db, Arc::new(Refused)).with_failure_policy(FailurePolicy::Halt, 2);
+    let first = board.run_once().await;
+    assert!(
+        matches!(
+            first,
+            Err(ProjectionError::Database(sqlx::Error::Database(_)))
+        ),
+        "{first:?}"
+    );
+    assert_eq!(board.run_once().await.unwrap(), Outcome::Halted);
+    let parked = board.parked().await.unwrap();
+    assert_eq!(
+        parked.iter().map(|p| p.position).collect::<Vec<_>>(),
+        [assigned],
+        "the assignment is parked"
+    );
+    assert_eq!(board.checkpoint().await.unwrap(), assigned - 1);
+    assert_eq!(board.status().await.unwrap().status, "halted");
+}
+
+/// The position of the first event of `event_type` in the log.
+async fn position_of_type(db: &Fixture, event_type: &str) -> u64 {
+    db.store()
+        .read_all(1, 1_000, &LogFilter::all())
+        .await
+        .unwrap()
+        .events
+        .iter()
+        .find(|e| e.event_type == event_type)
+        .unwrap()
+        .position
+}
+
+/// One event fails once, then works, and the next failure is a later event's: that
+/// event has failed once, not twice, and is not parked for its predecessor's failure.
+async fn attempts_are_counted_per_event(db: Arc<Fixture>) {
+    history(&db).await;
+    let board = runner(
+        &db,
+        Arc::new(Failing::first_of_each(&["SignalRecorded", "LeadAssigned"])),
+    )
+    .with_failure_policy(FailurePolicy::Halt, 2);
+    assert!(board.run_once().await.is_err(), "the first signal fails");
+    assert!(
+        board.run_once().await.is_err(),
+        "the signal works, the assignment fails"
+    );
+    assert!(
+        board.parked().await.unwrap().is_empty(),
+        "the assignment failed once"
+    );
+    let head = db.store().head().await.unwrap();
+    assert_eq!(
+        board.run_once().await.unwrap(),
+        Outcome::Applied(usize::try_from(head).unwrap())
+    );
+    assert!(board.parked().await.unwrap().is_empty());
+    assert_board_equals_a_rebuild(&db, "every event applied").await;
+}
+
+/// A projector of its own (not a row model) that fails the first assignment it is
+/// given, and, `refolds`, re-folds by recording the history it is given; else keeps the
+/// trait's refusal to re-fold.
+#[derive(Debug)]
+struct Tally {
+    failed: AtomicBool,
+    refolded: std::sync::Mutex<Option<Vec<u64>>>,
+}
+
+impl Tally {
+    fn new() -> Self {
+        Tally {
+            failed: AtomicBool::new(false),
+            refolded: std::sync::Mutex::new(None),
+        }
+    }
+
+    async fn apply(&self, tx: &mut ReadTx, events: &[RecordedEvent]) -> Result<(), Failure> {
+        for event in events {
+            if event.event_type == "LeadAssigned" && !self.failed.swap(true, Ordering::SeqCst) {
+                return Err(Failure {
+                    position: Some(event.position),
+                    error: ProjectionError::Apply {
+                        position: event.position,
+                        event_type: event.event_type.clone(),
+                        reason: "injected failure".into(),
+                    },
+                });
+            }
+        }
+        LeadBoard.apply(tx, events).await
+    }
+}
+
+/// `Tally` keeping the trait's own `refold` and `rows_follow_streams`.
+#[derive(Debug)]
+struct NoRefold(Tally);
+
+#[async_trait]
+impl Projector for NoRefold {
+    fn name(&self) -> &'static str {
+        "lead_board"
+    }
+
+    fn filter(&self) -> LogFilter {
+        LeadBoard.filter()
+    }
+
+    fn tables(&self) -> &'static [annals_projections::Table] {
+        LeadBoard.tables()
+    }
+
+    async fn apply(&self, tx: &mut ReadTx, events: &[RecordedEvent]) -> Result<(), Failure> {
+        self.0.apply(tx, events).await
+    }
+}
+
+/// `Tally` re-folding with the lead board's fold, recording the history it is given;
+/// the trait's own `rows_follow_streams`.
+#[derive(Debug)]
+struct WholeLog(Tally);
+
+#[async_trait]
+impl Projector for WholeLog {
+    fn name(&self) -> &'static str {
+        "lead_board"
+    }
+
+    fn filter(&self) -> LogFilter {
+        LeadBoard.filter()
+    }
+
+    fn tables(&self) -> &'static [annals_projections::Table] {
+        LeadBoard.tables()
+    }
+
+    async fn apply(&self, tx: &mut ReadTx, events: &[RecordedEvent]) -> Result<(), Failure> {
+        self.0.apply(tx, events).await
+    }
+
+    async fn refold(
+        &self,
+        tx: &mut ReadTx,
+        event: &RecordedEvent,
+        history: &[RecordedEvent],
+    ) -> Result<(), Failure> {
+        *self.0.refolded.lock().unwrap() = Some(history.iter().map(|e| e.position).collect());
+        LeadBoard.refold(tx, event, history).await
+    }
+}
+
+/// A projector that says nothing of re-folding cannot apply an event behind its
+/// checkpoint: the retry fails and the event stays parked, rather than the dead letter
+/// going with nothing applied.
+async fn a_projector_that_cannot_refold_keeps_a_retried_event_parked(db: Arc<Fixture>) {
+    history(&db).await;
+    let assigned = position_of_type(&db, "LeadAssigned").await;
+    let board = skipping(&db, Arc::new(NoRefold(Tally::new())));
+    board.catch_up().await.unwrap();
+    assert_eq!(board.parked().await.unwrap().len(), 1);
+    let retried = board.retry_parked_event(assigned).await;
+    assert!(
+        matches!(&retried, Err(ProjectionError::StillFailing { position, reason })
+            if *position == assigned && reason.contains("cannot re-fold")),
+        "{retried:?}"
+    );
+    let parked = board.parked().await.unwrap();
+    assert_eq!(
+        (parked.len(), parked[0].position, parked[0].attempts),
+        (1, assigned, 2)
+    );
+}
+
+/// A projector whose rows are not said to follow streams is given the whole log up to
+/// its checkpoint to re-fold from (less the events left out), not one stream's events.
+async fn a_projector_whose_rows_span_streams_refolds_from_the_whole_log(db: Arc<Fixture>) {
+    history(&db).await;
+    let assigned = position_of_type(&db, "LeadAssigned").await;
+    let projector = Arc::new(WholeLog(Tally::new()));
+    let board = skipping(&db, projector.clone());
+    board.catch_up().await.unwrap();
+    let head = db.store().head().await.unwrap();
+    board.retry_parked_event(assigned).await.unwrap();
+    let history = projector.0.refolded.lock().unwrap().take().unwrap();
+    assert_eq!(
+        history,
+        (1..=head).collect::<Vec<_>>(),
+        "every event to the checkpoint"
+    );
+    assert!(board.parked().await.unwrap().is_empty());
+    assert_board_equals_a_rebuild(&db, "the assignment re-folded in its place").await;
 }
