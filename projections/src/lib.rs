@@ -372,8 +372,8 @@ pub fn is_outage(error: &sqlx::Error) -> bool {
     annals_store::is_unavailable(error)
 }
 
-/// Events per batch when a rebuild or verify fills its generation (unless
-/// `with_rebuild_batch_size` says otherwise), and per page when a retry reads the log.
+/// Events per batch when a rebuild or verify fills its generation, and per page when a
+/// retry reads the log (unless `with_rebuild_batch_size` says otherwise).
 const REBUILD_BATCH: usize = 5_000;
 /// A rebuild or verify renews its claim after every batch; a claim not renewed for this
 /// long belongs to a process that died, and another may take it over.
@@ -453,8 +453,9 @@ impl ProjectionRunner {
     }
 
     /// How many events a rebuild or verify applies per batch (one transaction each) when
-    /// it fills its generation; 5,000 unless set. Readers see the live generation
-    /// whatever this is; a test sets it small to look at a generation half-built.
+    /// it fills its generation, and a retry reads per page; 5,000 unless set. Readers see
+    /// the live generation whatever this is; a test sets it small to look at a generation
+    /// half-built, or to make a retry read a short stream in several pages.
     pub fn with_rebuild_batch_size(mut self, batch_size: usize) -> Self {
         self.rebuild_batch = batch_size.max(1);
         self
@@ -910,7 +911,7 @@ impl ProjectionRunner {
             let wanted = usize::try_from(through - next + 1).unwrap_or(usize::MAX);
             let page = self
                 .store
-                .read_all(next, wanted.min(REBUILD_BATCH), &filter)
+                .read_all(next, wanted.min(self.rebuild_batch), &filter)
                 .await
                 .map_err(|e| Failure::unplaced(e.into()))?;
             events.extend(
@@ -973,13 +974,13 @@ impl ProjectionRunner {
                         &stream,
                         from,
                         annals_store::Direction::Forwards,
-                        REBUILD_BATCH,
+                        self.rebuild_batch,
                     )
                     .await
                     .map_err(unplaced)?;
                 let Some(last) = page.last() else { break };
                 from = last.version + 1;
-                let done = page.len() < REBUILD_BATCH || last.position > checkpoint;
+                let done = page.len() < self.rebuild_batch || last.position > checkpoint;
                 history.extend(page.into_iter().filter(|e| filter.matches(e)));
                 if done {
                     break;
@@ -990,7 +991,7 @@ impl ProjectionRunner {
             while next <= checkpoint {
                 let page = self
                     .store
-                    .read_all(next, REBUILD_BATCH, &filter)
+                    .read_all(next, self.rebuild_batch, &filter)
                     .await
                     .map_err(unplaced)?;
                 history.extend(page.events);

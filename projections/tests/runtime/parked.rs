@@ -19,6 +19,9 @@ on_both_backends!(
     attempts_are_counted_per_event,
     a_projector_that_cannot_refold_keeps_a_retried_event_parked,
     a_projector_whose_rows_span_streams_refolds_from_the_whole_log,
+    a_halted_retry_meets_an_outage_then_applies_the_event_where_it_stands,
+    a_retry_after_a_crash_between_parking_and_halting_leaves_out_skipped_events,
+    a_retry_refolds_a_stream_read_in_pages_leaving_out_what_is_still_parked,
 );
 
 /// The lead board, paused once inside its transaction: it says when it got there
@@ -608,7 +611,8 @@ async fn a_projector_whose_rows_span_streams_refolds_from_the_whole_log(db: Arc<
     history(&db).await;
     let assigned = position_of_type(&db, "LeadAssigned").await;
     let projector = Arc::new(WholeLog(Tally::new()));
-    let board = skipping(&db, projector.clone());
+    // Pages of two events: the log is read in several.
+    let board = skipping(&db, projector.clone()).with_rebuild_batch_size(2);
     board.catch_up().await.unwrap();
     let head = db.store().head().await.unwrap();
     board.retry_parked_event(assigned).await.unwrap();
@@ -620,4 +624,172 @@ async fn a_projector_whose_rows_span_streams_refolds_from_the_whole_log(db: Arc<
     );
     assert!(board.parked().await.unwrap().is_empty());
     assert_board_equals_a_rebuild(&db, "the assignment re-folded in its place").await;
+}
+
+/// A halted projection's retry: an outage first (returned as it is, no attempt counted,
+/// the event still parked), then the event applied after the events before it, which
+/// are not applied again, with the checkpoint (and what this runner saw applied) at it.
+async fn a_halted_retry_meets_an_outage_then_applies_the_event_where_it_stands(db: Arc<Fixture>) {
+    let leads = CommandHandler::<Lead>::new(db.store(), HandlerConfig::default());
+    let id = Uuid::now_v7();
+    leads.execute(id, capture(id, 1), &context()).await.unwrap();
+    leads
+        .execute(id, signal(SignalKind::DemoRequest), &context())
+        .await
+        .unwrap();
+    let assigned = leads
+        .execute(
+            id,
+            LeadCommand::Assign {
+                owner: Owner::parse("bob").unwrap(),
+            },
+            &context(),
+        )
+        .await
+        .unwrap()
+        .position;
+    let board = runner(&db, Arc::new(Failing::first_of_type("LeadAssigned", 1)))
+        .with_failure_policy(FailurePolicy::Halt, 1);
+    board.catch_up().await.unwrap();
+    assert_eq!(board.checkpoint().await.unwrap(), assigned - 1);
+
+    let outage = runner(
+        &db,
+        Arc::new(Outage {
+            left: AtomicUsize::new(1),
+            at_event: false,
+        }),
+    );
+    let met = outage.retry_parked_event(assigned).await;
+    assert!(matches!(met, Err(ProjectionError::Database(_))), "{met:?}");
+    let parked = board.parked().await.unwrap();
+    assert_eq!(
+        (parked.len(), parked[0].attempts),
+        (1, 1),
+        "an outage is no attempt"
+    );
+
+    let retrier = runner(&db, Arc::new(LeadBoard));
+    retrier.retry_parked_event(assigned).await.unwrap();
+    assert!(retrier.parked().await.unwrap().is_empty());
+    assert_eq!(retrier.checkpoint().await.unwrap(), assigned);
+    assert_eq!(retrier.applied(), assigned);
+    assert_board_equals_a_rebuild(&db, "every event applied once, in order").await;
+}
+
+/// A halted projection parks an event and dies before it applies the events of its
+/// batch before it (killed at that point), so the checkpoint stands well before the
+/// parked event, with a skipped event between. The retry applies the events between,
+/// leaving out the skipped one, reading the log a page of one event at a time.
+async fn a_retry_after_a_crash_between_parking_and_halting_leaves_out_skipped_events(
+    db: Arc<Fixture>,
+) {
+    let leads = CommandHandler::<Lead>::new(db.store(), HandlerConfig::default());
+    let id = Uuid::now_v7();
+    leads.execute(id, capture(id, 1), &context()).await.unwrap();
+    let poison = append_poison(&db).await;
+    leads
+        .execute(id, signal(SignalKind::DemoRequest), &context())
+        .await
+        .unwrap();
+    let assigned = leads
+        .execute(
+            id,
+            LeadCommand::Assign {
+                owner: Owner::parse("bob").unwrap(),
+            },
+            &context(),
+        )
+        .await
+        .unwrap()
+        .position;
+    // The poison halts the board before it; an operator skips it.
+    let board = runner(&db, Arc::new(LeadBoard)).with_failure_policy(FailurePolicy::Halt, 1);
+    assert_eq!(board.run_once().await.unwrap(), Outcome::Halted);
+    board.skip_parked_event(poison, "ops").await.unwrap();
+    let before = board.checkpoint().await.unwrap();
+    assert_eq!(before, poison - 1);
+
+    // The next batch fails at the assignment, which is parked; the runner is killed as
+    // it reads the events before it to apply them.
+    let gate = Gate::at(PausePoint::BatchRead);
+    gate.armed.store(false, Ordering::SeqCst);
+    let failed = AtomicBool::new(false);
+    let arm = gate.clone();
+    let failing = Failing {
+        fails_at: Box::new(move |event| {
+            let fails = event.event_type == "LeadAssigned" && !failed.swap(true, Ordering::SeqCst);
+            if fails {
+                arm.arm();
+            }
+            fails
+        }),
+    };
+    let dying = Arc::new(
+        runner(&db, Arc::new(failing))
+            .with_failure_policy(FailurePolicy::Halt, 1)
+            .with_pause_hook(gate.hook()),
+    );
+    let stepping = {
+        let dying = dying.clone();
+        tokio::spawn(async move { dying.run_once().await })
+    };
+    gate.reached().await;
+    stepping.abort();
+    assert!(stepping.await.unwrap_err().is_cancelled());
+    assert_eq!(board.parked().await.unwrap()[0].position, assigned);
+    assert_eq!(
+        board.checkpoint().await.unwrap(),
+        before,
+        "nothing after it applied"
+    );
+
+    let retrier = runner(&db, Arc::new(LeadBoard))
+        .with_failure_policy(FailurePolicy::Halt, 1)
+        .with_rebuild_batch_size(1);
+    retrier.retry_parked_event(assigned).await.unwrap();
+    assert!(retrier.parked().await.unwrap().is_empty());
+    assert_eq!(retrier.checkpoint().await.unwrap(), assigned);
+    assert_eq!(board.run_once().await.unwrap(), Outcome::CaughtUp);
+    assert_board_equals_a_rebuild(&db, "the signal and the assignment, not the poison").await;
+}
+
+/// Two signals of one lead parked (skip policy), the lead's stream read two events a
+/// page: the retry of the first re-folds the row from every page, leaving out the
+/// second, which is still parked (verify, which leaves it out too, finds the board equal).
+async fn a_retry_refolds_a_stream_read_in_pages_leaving_out_what_is_still_parked(db: Arc<Fixture>) {
+    let leads = CommandHandler::<Lead>::new(db.store(), HandlerConfig::default());
+    let id = Uuid::now_v7();
+    leads.execute(id, capture(id, 1), &context()).await.unwrap();
+    let mut signals = Vec::new();
+    for kind in [
+        SignalKind::PricingPageView,
+        SignalKind::DemoRequest,
+        SignalKind::PricingPageView,
+        SignalKind::EmailOpen,
+        SignalKind::DemoRequest,
+        SignalKind::EmailOpen,
+    ] {
+        let outcome = leads.execute(id, signal(kind), &context()).await.unwrap();
+        signals.push(outcome.position);
+    }
+    let (first, second) = (signals[1], signals[4]);
+    let board = skipping(
+        &db,
+        Arc::new(Failing {
+            fails_at: Box::new(move |event| event.position == first || event.position == second),
+        }),
+    );
+    board.catch_up().await.unwrap();
+    assert_eq!(board.parked().await.unwrap().len(), 2);
+
+    let retrier = skipping(&db, Arc::new(LeadBoard)).with_rebuild_batch_size(2);
+    retrier.retry_parked_event(first).await.unwrap();
+    let parked = retrier.parked().await.unwrap();
+    assert_eq!(
+        parked.iter().map(|p| p.position).collect::<Vec<_>>(),
+        [second]
+    );
+    let report = retrier.verify().await.unwrap();
+    assert!(report.equal, "{:?}", report.differences);
 }
