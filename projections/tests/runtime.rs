@@ -41,6 +41,7 @@ on_both_backends!(
     a_failed_batch_is_rolled_back_and_applied_once_later,
     a_runner_dropped_mid_way_is_continued_by_a_new_one_without_duplicates,
     wait_for_returns_once_applied_and_times_out_cleanly,
+    the_status_says_catching_up_while_more_than_a_batch_is_left,
     two_runners_on_one_projection_never_double_apply,
     a_straggler_whose_batch_another_runner_applied_rolls_it_back,
     a_verify_that_read_the_live_generation_before_a_rebuild_swapped_leaves_the_live_rows,
@@ -364,6 +365,31 @@ async fn wait_for_returns_once_applied_and_times_out_cleanly(db: Arc<Fixture>) {
         .await
         .expect("the runner stops when asked")
         .unwrap();
+}
+
+/// Status, read before each batch of three: "catching_up" while more than a batch is
+/// left to apply, then "running".
+async fn the_status_says_catching_up_while_more_than_a_batch_is_left(db: Arc<Fixture>) {
+    history(&db).await;
+    assert_eq!(db.store().head().await.unwrap(), 9);
+    let board = runner(&db, Arc::new(LeadBoard)).with_batch_size(3);
+    let mut seen = Vec::new();
+    loop {
+        let status = board.status().await.unwrap();
+        seen.push((status.lag, status.status));
+        if board.run_once().await.unwrap() == Outcome::CaughtUp {
+            break;
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            (9, "catching_up"),
+            (6, "catching_up"),
+            (3, "running"),
+            (0, "running")
+        ]
+    );
 }
 
 async fn two_runners_on_one_projection_never_double_apply(db: Arc<Fixture>) {

@@ -14,6 +14,7 @@ on_both_backends!(
     a_skip_policy_retry_refolds_the_rows_it_touches_like_a_rebuild,
     an_outage_is_retried_and_never_parked,
     an_outage_at_an_event_is_retried_and_never_parked,
+    the_running_projection_backs_off_doubling_through_an_outage,
     a_retry_waits_for_a_rebuild_that_holds_its_claim,
     a_row_the_database_refuses_parks_its_event,
     attempts_are_counted_per_event,
@@ -652,6 +653,18 @@ async fn a_halted_retry_meets_an_outage_then_applies_the_event_where_it_stands(d
         .with_failure_policy(FailurePolicy::Halt, 1);
     board.catch_up().await.unwrap();
     assert_eq!(board.checkpoint().await.unwrap(), assigned - 1);
+    let parked = board.parked().await.unwrap();
+    let event = &db
+        .store()
+        .read_all(assigned, 1, &LogFilter::all())
+        .await
+        .unwrap()
+        .events[0];
+    assert_eq!(
+        (parked[0].event_id.clone(), parked[0].event_type.as_str()),
+        (Some(event.event_id.to_string()), "LeadAssigned"),
+        "the dead letter names the event that failed"
+    );
 
     let outage = runner(
         &db,
@@ -792,4 +805,63 @@ async fn a_retry_refolds_a_stream_read_in_pages_leaving_out_what_is_still_parked
     );
     let report = retrier.verify().await.unwrap();
     assert!(report.equal, "{:?}", report.differences);
+}
+
+/// The lead board behind a database that is down for good: every try of a batch is
+/// reported with its time, and fails with a deadlock.
+#[derive(Debug)]
+struct Down {
+    tries: tokio::sync::mpsc::UnboundedSender<tokio::time::Instant>,
+}
+
+#[async_trait]
+impl Projector for Down {
+    fn name(&self) -> &'static str {
+        "lead_board"
+    }
+
+    fn filter(&self) -> LogFilter {
+        LeadBoard.filter()
+    }
+
+    fn tables(&self) -> &'static [annals_projections::Table] {
+        LeadBoard.tables()
+    }
+
+    async fn apply(&self, _: &mut ReadTx, _: &[RecordedEvent]) -> Result<(), Failure> {
+        let _ = self.tries.send(tokio::time::Instant::now());
+        Err(Failure::unplaced(ProjectionError::Database(
+            sqlx::Error::Database(Box::new(Sqlstate("40P01"))),
+        )))
+    }
+}
+
+async fn the_running_projection_backs_off_doubling_through_an_outage(db: Arc<Fixture>) {
+    history(&db).await;
+    let (tries, mut tried) = tokio::sync::mpsc::unbounded_channel();
+    let board = Arc::new(runner(&db, Arc::new(Down { tries })));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let running = {
+        let board = board.clone();
+        tokio::spawn(async move { board.run_until_stopped(stopped).await })
+    };
+    let mut at = Vec::new();
+    for _ in 0..5 {
+        let next = tokio::time::timeout(Duration::from_secs(20), tried.recv()).await;
+        at.push(next.expect("the runner tries again").unwrap());
+    }
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("the runner stops when asked")
+        .unwrap();
+    // A sleep never ends early, so each wait is at least its backoff.
+    let waits: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
+    for (wait, backoff) in waits.iter().zip([100, 200, 400, 800]) {
+        assert!(
+            *wait >= Duration::from_millis(backoff),
+            "waits between tries {waits:?}, each at least [100, 200, 400, 800] ms"
+        );
+    }
+    assert!(board.parked().await.unwrap().is_empty());
 }
