@@ -14,7 +14,7 @@
 //! processes act only through commands.
 //!
 //! Generations: a rebuild or verify first *claims* the projection (one at a time; a
-//! claim not renewed for `CLAIM_STALE` may be taken over) and in the same statement
+//! claim not renewed for `CLAIM_STALE`, 30 s, may be taken over) and in the same statement
 //! takes a new generation from a counter that only grows, so no two claims ever share
 //! one, and reads which generation is live. Only a claim's holder swaps, and a
 //! generation is dropped only in a transaction that still holds the claim and has read
@@ -320,6 +320,8 @@ pub struct ProjectionRunner {
     failing: Mutex<Option<(u64, u32)>>,
     /// Rows per page (of each generation) when verify compares.
     verify_page: usize,
+    /// How long a claim may go without renewal before another process may take it.
+    claim_stale: Duration,
     /// Tests' hook for forcing interleavings; `None` in production.
     pause: Option<Pause>,
 }
@@ -375,8 +377,9 @@ pub fn is_outage(error: &sqlx::Error) -> bool {
 /// Events per batch when a rebuild or verify fills its generation, and per page when a
 /// retry reads the log (unless `with_rebuild_batch_size` says otherwise).
 const REBUILD_BATCH: usize = 5_000;
-/// A rebuild or verify renews its claim after every batch; a claim not renewed for this
-/// long belongs to a process that died, and another may take it over.
+/// A rebuild or verify renews its claim after every batch (and a comparison every third
+/// of this); a claim not renewed for this long belongs to a process that died, and
+/// another may take it over (unless `with_claim_stale` says otherwise).
 const CLAIM_STALE: Duration = Duration::from_secs(30);
 
 fn now_micros() -> i64 {
@@ -388,9 +391,6 @@ fn now_text() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
-fn stale_before() -> i64 {
-    now_micros() - CLAIM_STALE.as_micros() as i64
-}
 /// How often a process that does not hold a projection's lease tries to take it: the
 /// bound on a takeover after the holder dies.
 const LEASE_RETRY: Duration = Duration::from_secs(2);
@@ -415,6 +415,7 @@ impl ProjectionRunner {
             max_attempts: 3,
             failing: Mutex::new(None),
             verify_page: 1_000,
+            claim_stale: CLAIM_STALE,
             pause: None,
         }
     }
@@ -424,6 +425,19 @@ impl ProjectionRunner {
     pub fn with_verify_page_size(mut self, rows: usize) -> Self {
         self.verify_page = rows.max(1);
         self
+    }
+
+    /// How long a rebuild's or verify's claim may go without renewal before another
+    /// process takes it for a dead one's (30 s unless set; every process of a
+    /// deployment must use the same). A test sets it short to see a claim renewed.
+    pub fn with_claim_stale(mut self, stale: Duration) -> Self {
+        self.claim_stale = stale;
+        self
+    }
+
+    /// The time (in microseconds) before which a claim last renewed is stale.
+    fn stale_before(&self) -> i64 {
+        now_micros().saturating_sub(i64::try_from(self.claim_stale.as_micros()).unwrap_or(i64::MAX))
     }
 
     /// Calls `hook` at each `PausePoint` this runner reaches and waits for it: lets a
@@ -1242,7 +1256,7 @@ impl ProjectionRunner {
             .fetch_int(
                 "SELECT rebuilding FROM projections \
                   WHERE name = $1 AND rebuild_seen_micros >= $2",
-                &[self.name().into(), stale_before().into()],
+                &[self.name().into(), self.stale_before().into()],
             )
             .await?;
         tx.commit().await?;
@@ -1292,7 +1306,7 @@ impl ProjectionRunner {
                   WHERE name = $1 AND (rebuilding IS NULL OR rebuild_seen_micros IS NULL \
                                        OR rebuild_seen_micros < $3) \
                   RETURNING CAST(live_generation AS TEXT), CAST(rebuilding AS TEXT)",
-                &[name.into(), now_micros().into(), stale_before().into()],
+                &[name.into(), now_micros().into(), self.stale_before().into()],
             )
             .await?;
         let Some(row) = claimed.first() else {
@@ -1647,7 +1661,7 @@ impl ProjectionRunner {
                 }
                 self.pause(PausePoint::ComparePage).await;
                 // A long comparison keeps its claim, so it is not taken for a dead one.
-                if renewed.elapsed() > CLAIM_STALE / 3 {
+                if renewed.elapsed() > self.claim_stale / 3 {
                     self.renew_claim(scratch).await?;
                     renewed = tokio::time::Instant::now();
                 }

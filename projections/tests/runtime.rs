@@ -50,6 +50,9 @@ on_both_backends!(
     commands_and_the_live_runner_go_on_while_verify_compares,
     verify_reads_a_large_board_in_bounded_pages,
     verify_names_each_difference_by_key_kind_and_column,
+    a_rebuild_drops_the_generation_it_replaced,
+    a_rebuild_renews_its_claim_after_every_batch,
+    a_long_comparison_renews_its_claim,
 );
 
 fn read_database(db: &Fixture) -> ReadDatabase {
@@ -1768,4 +1771,105 @@ async fn verify_names_each_difference_by_key_kind_and_column(db: Arc<Fixture>) {
         found.sort();
         assert_eq!(found, expected, "page size {page}");
     }
+}
+
+async fn a_rebuild_drops_the_generation_it_replaced(db: Arc<Fixture>) {
+    history(&db).await;
+    let board = runner(&db, Arc::new(LeadBoard));
+    board.catch_up().await.unwrap();
+    let generations = |table: &str| {
+        format!(
+            "SELECT DISTINCT CAST(generation AS TEXT) FROM {table} WHERE {}",
+            if table == "lead_board" {
+                "TRUE"
+            } else {
+                "name = 'lead_board'"
+            }
+        )
+    };
+    // Twice: the first replaces generation 1, the second one numbered otherwise.
+    for _ in 0..2 {
+        let old = board.live_generation().await.unwrap();
+        board.rebuild().await.unwrap();
+        let new = board.live_generation().await.unwrap();
+        assert_ne!(old, new);
+        for table in ["lead_board", "projection_checkpoints"] {
+            assert_eq!(
+                db.text_rows(&generations(table)).await,
+                [[Some(new.to_string())]],
+                "{table}: only the new generation is left"
+            );
+        }
+    }
+}
+
+/// When the claimant of a rebuild or verify last renewed its claim.
+async fn claim_seen(db: &Fixture) -> i64 {
+    db.text_rows(
+        "SELECT CAST(rebuild_seen_micros AS TEXT) FROM projections WHERE name = 'lead_board'",
+    )
+    .await[0][0]
+        .as_deref()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// A rebuild in batches of two, paused after each of its first three: the claim was
+/// renewed each time (so a long rebuild is never taken for a dead one's).
+async fn a_rebuild_renews_its_claim_after_every_batch(db: Arc<Fixture>) {
+    history(&db).await;
+    let gate = Gate::at(PausePoint::FillBatch);
+    let rebuilder = Arc::new(
+        runner(&db, Arc::new(LeadBoard))
+            .with_rebuild_batch_size(2)
+            .with_pause_hook(gate.hook()),
+    );
+    let rebuilding = {
+        let rebuilder = rebuilder.clone();
+        tokio::spawn(async move { rebuilder.rebuild().await })
+    };
+    let mut seen = Vec::new();
+    for batch in 0..3 {
+        gate.reached().await;
+        seen.push(claim_seen(&db).await);
+        if batch < 2 {
+            gate.arm();
+        }
+        gate.resume();
+    }
+    rebuilding.await.unwrap().unwrap();
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "renewed at {seen:?}");
+}
+
+/// A comparison whose page takes more than a third of a claim's life renews the claim
+/// before the next page.
+async fn a_long_comparison_renews_its_claim(db: Arc<Fixture>) {
+    history(&db).await;
+    runner(&db, Arc::new(LeadBoard)).catch_up().await.unwrap();
+    let gate = Gate::at(PausePoint::ComparePage);
+    let verifier = Arc::new(
+        runner(&db, Arc::new(LeadBoard))
+            .with_verify_page_size(1)
+            .with_claim_stale(Duration::from_millis(600))
+            .with_pause_hook(gate.hook()),
+    );
+    let verifying = {
+        let verifier = verifier.clone();
+        tokio::spawn(async move { verifier.verify().await })
+    };
+    gate.reached().await;
+    let first_page = claim_seen(&db).await;
+    // The first page takes half the claim's life.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    gate.arm();
+    gate.resume();
+    gate.reached().await;
+    let second_page = claim_seen(&db).await;
+    gate.resume();
+    assert!(verifying.await.unwrap().unwrap().equal);
+    assert!(
+        second_page > first_page,
+        "renewed after the first page: {first_page} then {second_page}"
+    );
 }
