@@ -273,6 +273,9 @@ pub enum PausePoint {
     Claim,
     /// A rebuild or verify, just after its claim.
     Claimed,
+    /// A verify, each time before it opens the snapshot that compares the generations
+    /// (its scratch one filled): the live one may move on meanwhile.
+    Compare,
     /// A verify, after each page of its comparison.
     ComparePage,
     /// A rebuild or verify filling its generation, after each batch it committed there
@@ -1515,6 +1518,7 @@ impl ProjectionRunner {
         let name = self.name();
         self.fill(scratch, None, scratch).await?;
         loop {
+            self.pause(PausePoint::Compare).await;
             let mut snapshot = self.db.begin_snapshot().await?;
             let live_at = read_checkpoint_of(&mut snapshot, name, live).await?;
             let scratch_at = read_checkpoint_of(&mut snapshot, name, scratch).await?;

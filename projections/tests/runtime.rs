@@ -53,6 +53,7 @@ on_both_backends!(
     a_rebuild_drops_the_generation_it_replaced,
     a_rebuild_renews_its_claim_after_every_batch,
     a_long_comparison_renews_its_claim,
+    a_verify_whose_live_board_moved_on_after_its_fill_catches_up_and_compares,
 );
 
 fn read_database(db: &Fixture) -> ReadDatabase {
@@ -1871,5 +1872,42 @@ async fn a_long_comparison_renews_its_claim(db: Arc<Fixture>) {
     assert!(
         second_page > first_page,
         "renewed after the first page: {first_page} then {second_page}"
+    );
+}
+
+/// A verify fills its scratch generation to the head; before it compares, a command
+/// appends and the live runner applies it. The verify brings the scratch generation to
+/// the live one's position and compares there.
+async fn a_verify_whose_live_board_moved_on_after_its_fill_catches_up_and_compares(
+    db: Arc<Fixture>,
+) {
+    history(&db).await;
+    let board = runner(&db, Arc::new(LeadBoard));
+    board.catch_up().await.unwrap();
+    let gate = Gate::at(PausePoint::Compare);
+    let verifier = Arc::new(runner(&db, Arc::new(LeadBoard)).with_pause_hook(gate.hook()));
+    let verifying = {
+        let verifier = verifier.clone();
+        tokio::spawn(async move { verifier.verify().await })
+    };
+    gate.reached().await;
+    let leads = CommandHandler::<Lead>::new(db.store(), HandlerConfig::default());
+    let id = Uuid::now_v7();
+    let position = leads
+        .execute(id, capture(id, 1), &context())
+        .await
+        .unwrap()
+        .position;
+    assert_eq!(board.run_once().await.unwrap(), Outcome::Applied(1));
+    gate.resume();
+    let report = tokio::time::timeout(Duration::from_secs(20), verifying)
+        .await
+        .expect("the verify catches up and compares")
+        .unwrap()
+        .unwrap();
+    assert!(report.equal, "{report:?}");
+    assert_eq!(
+        report.position, position,
+        "compared where the live board stood"
     );
 }
