@@ -634,10 +634,10 @@ async fn a_halted_retry_meets_an_outage_then_applies_the_event_where_it_stands(d
     let leads = CommandHandler::<Lead>::new(db.store(), HandlerConfig::default());
     let id = Uuid::now_v7();
     leads.execute(id, capture(id, 1), &context()).await.unwrap();
-    leads
-        .execute(id, signal(SignalKind::DemoRequest), &context())
-        .await
-        .unwrap();
+    // Two signals just before it: applied twice, each would count twice.
+    for kind in [SignalKind::DemoRequest, SignalKind::PricingPageView] {
+        leads.execute(id, signal(kind), &context()).await.unwrap();
+    }
     let assigned = leads
         .execute(
             id,
