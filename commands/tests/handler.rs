@@ -15,7 +15,9 @@ use std::sync::Arc;
 use annals_commands::{CommandContext, CommandError, CommandHandler, HandlerConfig};
 use annals_domain::account::{Account, AccountCommand};
 use annals_domain::deal::{Deal, DealCommand};
-use annals_domain::lead::{self, Lead, LeadCommand, LeadEvent, LeadStatus};
+use annals_domain::lead::{
+    self, ConversionAccount, ConversionDeal, Lead, LeadCommand, LeadEvent, LeadStatus,
+};
 use annals_domain::values::*;
 use annals_domain::{Aggregate, DomainError, Event, StoredForm};
 use annals_store::{
@@ -725,11 +727,12 @@ async fn converted_lead(db: &Fixture, new_account: bool, account_id: Uuid) -> (U
     let convert = LeadCommand::Convert {
         deal_name: Name::parse("Acme engines").unwrap(),
         amount: Money::parse("EUR", 129_900).unwrap(),
-        account_id,
-        new_account,
-        account_exists: !new_account,
-        deal_id: deal,
-        deal_exists: false,
+        account: if new_account {
+            ConversionAccount::New(account_id)
+        } else {
+            ConversionAccount::Existing(account_id)
+        },
+        deal: ConversionDeal::New(deal),
     };
     handler.execute(lead, convert, &actor("a")).await.unwrap();
     (lead, account_id, deal)
@@ -863,11 +866,8 @@ fn convert_anew() -> LeadCommand {
     LeadCommand::Convert {
         deal_name: Name::parse("Acme engines").unwrap(),
         amount: Money::parse("EUR", 129_900).unwrap(),
-        account_id: Uuid::now_v7(),
-        new_account: true,
-        account_exists: false,
-        deal_id: Uuid::now_v7(),
-        deal_exists: false,
+        account: ConversionAccount::New(Uuid::now_v7()),
+        deal: ConversionDeal::New(Uuid::now_v7()),
     }
 }
 

@@ -70,19 +70,52 @@ pub enum LeadCommand {
     Disqualify {
         reason: Reason,
     },
-    /// The handler fills in the ids: the client's, or new ones. `account_id` names an
-    /// existing account when the client gave one (`new_account` false); otherwise the
-    /// conversion opens a new account with that id. `account_exists` and `deal_exists`
-    /// are facts the handler looks up: a named account must exist, the deal must not.
+    /// The handler fills in the ids (the client's, or new ones) and the facts it looks
+    /// up: whether a named account exists, whether the deal's id is taken.
     Convert {
         deal_name: Name,
         amount: Money,
-        account_id: Uuid,
-        new_account: bool,
-        account_exists: bool,
-        deal_id: Uuid,
-        deal_exists: bool,
+        account: ConversionAccount,
+        deal: ConversionDeal,
     },
+}
+
+/// The account a conversion goes into, as the handler found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConversionAccount {
+    /// The client named none: the conversion opens a new account with this id.
+    New(Uuid),
+    /// The account the client named, which exists.
+    Existing(Uuid),
+    /// The account the client named, which does not exist: the conversion is refused.
+    Unknown(Uuid),
+}
+
+impl ConversionAccount {
+    pub fn id(self) -> Uuid {
+        match self {
+            ConversionAccount::New(id)
+            | ConversionAccount::Existing(id)
+            | ConversionAccount::Unknown(id) => id,
+        }
+    }
+}
+
+/// The deal a conversion opens, with the id the client gave or the handler made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConversionDeal {
+    /// No deal has this id yet.
+    New(Uuid),
+    /// A deal with this id exists already: the conversion is refused.
+    Taken(Uuid),
+}
+
+impl ConversionDeal {
+    pub fn id(self) -> Uuid {
+        match self {
+            ConversionDeal::New(id) | ConversionDeal::Taken(id) => id,
+        }
+    }
 }
 
 impl Command for LeadCommand {
@@ -286,11 +319,8 @@ impl Aggregate for Lead {
             LeadCommand::Convert {
                 deal_name,
                 amount,
-                account_id,
-                new_account,
-                account_exists,
-                deal_id,
-                deal_exists,
+                account,
+                deal,
             } => {
                 self.open()?;
                 if self.status != LeadStatus::Qualified {
@@ -298,13 +328,13 @@ impl Aggregate for Lead {
                         status: self.status.as_str(),
                     });
                 }
-                if !new_account && !account_exists {
+                if let ConversionAccount::Unknown(_) = account {
                     return Err(DomainError::AccountNotFound);
                 }
-                if deal_exists {
+                if let ConversionDeal::Taken(deal_id) = deal {
                     return Err(DomainError::DealExists(deal_id));
                 }
-                let account_name = if new_account {
+                let account_name = if let ConversionAccount::New(_) = account {
                     let name = match (&self.company, &self.name) {
                         (Some(company), _) => company.as_str(),
                         (None, Some(name)) => name.as_str(),
@@ -315,8 +345,8 @@ impl Aggregate for Lead {
                     None
                 };
                 Ok(vec![LeadEvent::LeadConverted {
-                    account_id,
-                    deal_id,
+                    account_id: account.id(),
+                    deal_id: deal.id(),
                     deal_name,
                     amount,
                     account_name,

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use annals_commands::{CommandContext, CommandHandler, HandlerConfig};
 use annals_domain::deal::{Deal, DealCommand};
-use annals_domain::lead::{Lead, LeadCommand};
+use annals_domain::lead::{ConversionAccount, ConversionDeal, Lead, LeadCommand};
 use annals_domain::values::*;
 use annals_projections::account_360::Account360;
 use annals_projections::deal_board::DealBoard;
@@ -732,11 +732,12 @@ async fn converted_lead(db: &Fixture, account: Uuid, new: bool) -> (Uuid, Uuid) 
     let convert = LeadCommand::Convert {
         deal_name: Name::parse("Engines").unwrap(),
         amount: Money::parse("EUR", 1_000).unwrap(),
-        account_id: account,
-        new_account: new,
-        account_exists: !new,
-        deal_id: deal,
-        deal_exists: false,
+        account: if new {
+            ConversionAccount::New(account)
+        } else {
+            ConversionAccount::Existing(account)
+        },
+        deal: ConversionDeal::New(deal),
     };
     leads.execute(lead, convert, &context()).await.unwrap();
     LeadConversionProcess::new(db.store(), HandlerConfig::default())

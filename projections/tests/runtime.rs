@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use annals_commands::{CommandContext, CommandHandler, HandlerConfig};
-use annals_domain::lead::{Lead, LeadCommand};
+use annals_domain::lead::{ConversionAccount, ConversionDeal, Lead, LeadCommand};
 use annals_domain::values::*;
 use annals_projections::lead_board::LeadBoard;
 use annals_projections::{
@@ -500,11 +500,8 @@ mod properties {
                 _ => LeadCommand::Convert {
                     deal_name: Name::parse("d").unwrap(),
                     amount: Money::parse("EUR", 1).unwrap(),
-                    account_id: Uuid::now_v7(),
-                    new_account: true,
-                    account_exists: false,
-                    deal_id: Uuid::now_v7(),
-                    deal_exists: false,
+                    account: ConversionAccount::New(Uuid::now_v7()),
+                    deal: ConversionDeal::New(Uuid::now_v7()),
                 },
             };
             // Refusals are part of the game; only accepted commands reach the log.
@@ -1037,11 +1034,12 @@ async fn revenue_history(db: &Fixture) -> (Uuid, Vec<Uuid>, Vec<Uuid>) {
             let convert = LeadCommand::Convert {
                 deal_name: Name::parse("Engines").unwrap(),
                 amount: Money::parse("EUR", 1_000 * (n as i64 + 1)).unwrap(),
-                account_id: account,
-                new_account: n == 0,
-                account_exists: n != 0,
-                deal_id: deal,
-                deal_exists: false,
+                account: if n == 0 {
+                    ConversionAccount::New(account)
+                } else {
+                    ConversionAccount::Existing(account)
+                },
+                deal: ConversionDeal::New(deal),
             };
             leads.execute(*id, convert, &context()).await.unwrap();
             LeadConversionProcess::new(db.store(), HandlerConfig::default())

@@ -10,7 +10,7 @@ use annals_api::System;
 use annals_commands::{CommandContext, CommandError};
 use annals_domain::account::AccountCommand;
 use annals_domain::deal::DealCommand;
-use annals_domain::lead::LeadCommand;
+use annals_domain::lead::{ConversionAccount, ConversionDeal, LeadCommand};
 use annals_domain::values::{
     Email, Label, Money, Name, Owner, PersonName, Reason, SignalKind, Source, Stage, Tier,
 };
@@ -208,11 +208,8 @@ impl Story<'_> {
         let command = LeadCommand::Convert {
             deal_name: Name::parse(&format!("Deal {n}"))?,
             amount: self.money()?,
-            account_id,
-            new_account: true,
-            account_exists: false,
-            deal_id,
-            deal_exists: false,
+            account: ConversionAccount::New(account_id),
+            deal: ConversionDeal::New(deal_id),
         };
         let converted = self
             .system

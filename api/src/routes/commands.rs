@@ -8,7 +8,7 @@ use std::time::Instant;
 use annals_commands::{CommandError, CommandHandler, CommandOutcome};
 use annals_domain::account::AccountCommand;
 use annals_domain::deal::DealCommand;
-use annals_domain::lead::LeadCommand;
+use annals_domain::lead::{ConversionAccount, ConversionDeal, LeadCommand};
 use annals_domain::values::{
     Email, Label, Name, Owner, PersonName, Reason, SignalKind, Source, Stage, Tier,
 };
@@ -192,21 +192,23 @@ async fn convert_lead(
     let b = &body.value;
     let deal_name = Name::parse(&b.deal_name)?;
     let amount = b.amount.parse()?;
-    let deal_id = b.deal_id.unwrap_or_else(Uuid::now_v7);
-    let (account_id, new_account) = match b.account_id {
-        Some(existing) => (existing, false),
-        None => (Uuid::now_v7(), true),
+    let account = match b.account_id {
+        None => ConversionAccount::New(Uuid::now_v7()),
+        Some(named) if app.system.accounts.exists(named).await? => {
+            ConversionAccount::Existing(named)
+        }
+        Some(named) => ConversionAccount::Unknown(named),
     };
-    let account_exists = !new_account && app.system.accounts.exists(account_id).await?;
-    let deal_exists = b.deal_id.is_some() && app.system.deals.exists(deal_id).await?;
+    let deal = match b.deal_id {
+        None => ConversionDeal::New(Uuid::now_v7()),
+        Some(given) if app.system.deals.exists(given).await? => ConversionDeal::Taken(given),
+        Some(given) => ConversionDeal::New(given),
+    };
     let command = LeadCommand::Convert {
         deal_name,
         amount,
-        account_id,
-        new_account,
-        account_exists,
-        deal_id,
-        deal_exists,
+        account,
+        deal,
     };
     // The answer names what the lead was converted into, also when it is a retry's
     // (whichever server carried out the first try).

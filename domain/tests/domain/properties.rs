@@ -2,7 +2,9 @@
 //! the aggregates never break their rules.
 
 use annals_domain::deal::{Deal, DealCommand, DealEvent, DealStatus};
-use annals_domain::lead::{Lead, LeadCommand, LeadEvent, LeadStatus};
+use annals_domain::lead::{
+    ConversionAccount, ConversionDeal, Lead, LeadCommand, LeadEvent, LeadStatus,
+};
 use annals_domain::values::*;
 use annals_domain::{Aggregate, Event};
 use proptest::prelude::*;
@@ -25,11 +27,12 @@ fn lead_command() -> impl Strategy<Value = LeadCommand> {
         1 => any::<bool>().prop_map(|new_account| LeadCommand::Convert {
             deal_name: Name::parse("d").unwrap(),
             amount: Money::parse("EUR", 5).unwrap(),
-            account_id: Uuid::from_u128(2),
-            new_account,
-            account_exists: true,
-            deal_id: Uuid::from_u128(3),
-            deal_exists: false,
+            account: if new_account {
+                ConversionAccount::New(Uuid::from_u128(2))
+            } else {
+                ConversionAccount::Existing(Uuid::from_u128(2))
+            },
+            deal: ConversionDeal::New(Uuid::from_u128(3)),
         }),
     ]
 }

@@ -3,7 +3,7 @@
 
 use annals_domain::account::{Account, AccountCommand, AccountEvent};
 use annals_domain::deal::{Deal, DealCommand, DealEvent};
-use annals_domain::lead::{Lead, LeadCommand, LeadEvent};
+use annals_domain::lead::{ConversionAccount, ConversionDeal, Lead, LeadCommand, LeadEvent};
 use annals_domain::values::*;
 use annals_domain::{Aggregate, DomainError, RejectionKind};
 use uuid::Uuid;
@@ -123,11 +123,12 @@ fn convert(new_account: bool) -> LeadCommand {
     LeadCommand::Convert {
         deal_name: Name::parse("Engines for Acme").unwrap(),
         amount: eur(129_900),
-        account_id: id(20),
-        new_account,
-        account_exists: !new_account,
-        deal_id: id(30),
-        deal_exists: false,
+        account: if new_account {
+            ConversionAccount::New(id(20))
+        } else {
+            ConversionAccount::Existing(id(20))
+        },
+        deal: ConversionDeal::New(id(30)),
     }
 }
 
@@ -351,8 +352,8 @@ fn convert_a_qualified_lead_into_a_new_account_named_after_its_company() {
 #[test]
 fn convert_into_an_account_that_does_not_exist_is_not_found() {
     let mut command = convert(false);
-    if let LeadCommand::Convert { account_exists, .. } = &mut command {
-        *account_exists = false;
+    if let LeadCommand::Convert { account, .. } = &mut command {
+        *account = ConversionAccount::Unknown(account.id());
     }
     given::<Lead>(qualified_lead())
         .when(command)
@@ -362,8 +363,8 @@ fn convert_into_an_account_that_does_not_exist_is_not_found() {
 #[test]
 fn convert_into_a_deal_id_already_taken_is_a_conflict() {
     let mut command = convert(true);
-    if let LeadCommand::Convert { deal_exists, .. } = &mut command {
-        *deal_exists = true;
+    if let LeadCommand::Convert { deal, .. } = &mut command {
+        *deal = ConversionDeal::Taken(deal.id());
     }
     given::<Lead>(qualified_lead())
         .when(command)
