@@ -492,7 +492,7 @@ impl ProjectionRunner {
     pub async fn live_generation(&self) -> Result<i64, ProjectionError> {
         let name = self.name();
         if !self.registered.load(Ordering::Relaxed) {
-            let mut tx = self.db.begin(0).await?;
+            let mut tx = self.db.begin_write(0).await?;
             tx.execute(
                 "INSERT INTO projections (name, live_generation, rebuilding) \
                  VALUES ($1, 1, NULL) ON CONFLICT (name) DO NOTHING",
@@ -635,7 +635,7 @@ impl ProjectionRunner {
         error: &str,
         attempts: u32,
     ) -> Result<(), ProjectionError> {
-        let mut tx = self.db.begin(0).await?;
+        let mut tx = self.db.begin_write(0).await?;
         tx.execute(
             "INSERT INTO projection_dead_letters \
                     (name, position, event_type, error, attempts, event_id, parked_at) \
@@ -825,7 +825,7 @@ impl ProjectionRunner {
             Err(failure) if is_poison(&failure.error) => {
                 drop(tx);
                 let reason = failure.error.to_string();
-                let mut tx = self.db.begin(0).await?;
+                let mut tx = self.db.begin_write(0).await?;
                 tx.execute(
                     "UPDATE projection_dead_letters SET error = $3, attempts = attempts + 1 \
                       WHERE name = $1 AND position = $2 AND skipped_at IS NULL",
@@ -847,7 +847,7 @@ impl ProjectionRunner {
         actor: &str,
     ) -> Result<ParkedEvent, ProjectionError> {
         let name = self.name();
-        let mut tx = self.db.begin(0).await?;
+        let mut tx = self.db.begin_write(0).await?;
         let skipped = tx
             .execute(
                 "UPDATE projection_dead_letters SET skipped_by = $3, skipped_at = $4 \
@@ -882,7 +882,7 @@ impl ProjectionRunner {
         let name = self.name();
         for _ in 0..3 {
             let live = self.live_generation().await?;
-            let mut tx = self.db.begin(live).await?;
+            let mut tx = self.db.begin_write(live).await?;
             // The projections row first, then the checkpoint row: the order a batch and a
             // swap take them in, so none of them waits on another in a cycle.
             // A rebuild or verify that holds a claim fills a generation of its own
@@ -1054,7 +1054,7 @@ impl ProjectionRunner {
             .collect();
         self.pause(PausePoint::BatchRead).await;
         let name = self.name();
-        let mut tx = self.db.begin(generation).await?;
+        let mut tx = self.db.begin_write(generation).await?;
         // The batch commits only to a generation that is live, or claimed by a rebuild or
         // verify, when it commits: one swapped out or taken over takes nothing more. The
         // projections row is held (shared) until the commit, and a swap or a claim
@@ -1142,7 +1142,7 @@ impl ProjectionRunner {
         if !is_poison(&failure.error) {
             return StepError::Other(failure.error);
         }
-        let mut tx = match self.db.begin(generation).await {
+        let mut tx = match self.db.begin_write(generation).await {
             Ok(tx) => tx,
             Err(error) => return StepError::Other(error),
         };
@@ -1300,7 +1300,7 @@ impl ProjectionRunner {
         self.live_generation().await?;
         self.pause(PausePoint::Claim).await;
         let name = self.name();
-        let mut tx = self.db.begin(0).await?;
+        let mut tx = self.db.begin_write(0).await?;
         let claimed = tx
             .fetch_text_rows(
                 "UPDATE projections \
@@ -1340,7 +1340,7 @@ impl ProjectionRunner {
 
     /// Renews the claim on `spare`; fails when another process has taken it over.
     async fn renew_claim(&self, spare: i64) -> Result<(), ProjectionError> {
-        let mut tx = self.db.begin(0).await?;
+        let mut tx = self.db.begin_write(0).await?;
         let renewed = self.hold_claim(&mut tx, spare).await?;
         tx.commit().await?;
         if renewed.is_none() {
@@ -1374,7 +1374,7 @@ impl ProjectionRunner {
         claimed: i64,
         generation: Option<i64>,
     ) -> Result<bool, ProjectionError> {
-        let mut tx = self.db.begin(0).await?;
+        let mut tx = self.db.begin_write(0).await?;
         let live = tx
             .fetch_int(
                 "UPDATE projections SET rebuilding = NULL \
@@ -1479,7 +1479,7 @@ impl ProjectionRunner {
             self.fill(new, None, new).await?;
             // The claim's row first: a live batch holds it until it commits, so the
             // checkpoints read after it are final until the swap commits.
-            let mut tx = self.db.begin(0).await?;
+            let mut tx = self.db.begin_write(0).await?;
             let Some(live) = self.hold_claim(&mut tx, new).await? else {
                 return Err(ProjectionError::Busy(name.to_owned()));
             };

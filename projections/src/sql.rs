@@ -35,7 +35,7 @@ impl ReadDatabase {
     }
 
     /// A transaction writing the given generation of a projection's tables.
-    pub async fn begin(&self, generation: i64) -> Result<ReadTx, ProjectionError> {
+    pub async fn begin_write(&self, generation: i64) -> Result<ReadTx, ProjectionError> {
         let (inner, turn) = match self {
             // In turn with this process's other writers, then taking the write lock at
             // once: a deferred transaction that reads and then writes could fail on a
