@@ -493,9 +493,9 @@ async fn attempts_are_counted_per_event(db: Arc<Fixture>) {
     assert_board_equals_a_rebuild(&db, "every event applied").await;
 }
 
-/// A projector of its own (not a row model) that fails the first assignment it is
-/// given, and, `refolds`, re-folds by recording the history it is given; else keeps the
-/// trait's refusal to re-fold.
+/// The lead board as a projector of its own (not a row model) that fails the first
+/// assignment it is given; `NoRefold` and `WholeLog` wrap it, and `refolded` keeps the
+/// history `WholeLog` was given to re-fold from.
 #[derive(Debug)]
 struct Tally {
     failed: AtomicBool,
