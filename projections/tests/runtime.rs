@@ -26,6 +26,24 @@ use database::{Backend, Fixture, run};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
+/// The lead board's name, filter and tables, in the `Projector` impl of a test
+/// projector that stands in for it.
+macro_rules! lead_board_name_filter_and_tables {
+    () => {
+        fn name(&self) -> &'static str {
+            "lead_board"
+        }
+
+        fn filter(&self) -> LogFilter {
+            LeadBoard.filter()
+        }
+
+        fn tables(&self) -> &'static [annals_projections::Table] {
+            LeadBoard.tables()
+        }
+    };
+}
+
 #[path = "runtime/parked.rs"]
 mod parked;
 
@@ -242,17 +260,7 @@ impl Failing {
 
 #[async_trait]
 impl Projector for Failing {
-    fn name(&self) -> &'static str {
-        "lead_board"
-    }
-
-    fn filter(&self) -> LogFilter {
-        LeadBoard.filter()
-    }
-
-    fn tables(&self) -> &'static [annals_projections::Table] {
-        LeadBoard.tables()
-    }
+    lead_board_name_filter_and_tables!();
 
     async fn apply(&self, tx: &mut ReadTx, events: &[RecordedEvent]) -> Result<(), Failure> {
         for event in events {

@@ -60,17 +60,7 @@ impl Paused {
 
 #[async_trait]
 impl Projector for Paused {
-    fn name(&self) -> &'static str {
-        "lead_board"
-    }
-
-    fn filter(&self) -> LogFilter {
-        LeadBoard.filter()
-    }
-
-    fn tables(&self) -> &'static [annals_projections::Table] {
-        LeadBoard.tables()
-    }
+    lead_board_name_filter_and_tables!();
 
     async fn apply(&self, tx: &mut ReadTx, events: &[RecordedEvent]) -> Result<(), Failure> {
         if !self.after_writing {
@@ -323,17 +313,7 @@ struct Outage {
 
 #[async_trait]
 impl Projector for Outage {
-    fn name(&self) -> &'static str {
-        "lead_board"
-    }
-
-    fn filter(&self) -> LogFilter {
-        LeadBoard.filter()
-    }
-
-    fn tables(&self) -> &'static [annals_projections::Table] {
-        LeadBoard.tables()
-    }
+    lead_board_name_filter_and_tables!();
 
     async fn apply(&self, tx: &mut ReadTx, events: &[RecordedEvent]) -> Result<(), Failure> {
         const CODES: [&str; 4] = ["40P01", "55P03", "40001", "57014"];
@@ -403,17 +383,7 @@ struct Refused;
 
 #[async_trait]
 impl Projector for Refused {
-    fn name(&self) -> &'static str {
-        "lead_board"
-    }
-
-    fn filter(&self) -> LogFilter {
-        LeadBoard.filter()
-    }
-
-    fn tables(&self) -> &'static [annals_projections::Table] {
-        LeadBoard.tables()
-    }
+    lead_board_name_filter_and_tables!();
 
     async fn apply(&self, tx: &mut ReadTx, events: &[RecordedEvent]) -> Result<(), Failure> {
         LeadBoard.apply(tx, events).await?;
@@ -533,17 +503,7 @@ struct NoRefold(Tally);
 
 #[async_trait]
 impl Projector for NoRefold {
-    fn name(&self) -> &'static str {
-        "lead_board"
-    }
-
-    fn filter(&self) -> LogFilter {
-        LeadBoard.filter()
-    }
-
-    fn tables(&self) -> &'static [annals_projections::Table] {
-        LeadBoard.tables()
-    }
+    lead_board_name_filter_and_tables!();
 
     async fn apply(&self, tx: &mut ReadTx, events: &[RecordedEvent]) -> Result<(), Failure> {
         self.0.apply(tx, events).await
@@ -557,17 +517,7 @@ struct WholeLog(Tally);
 
 #[async_trait]
 impl Projector for WholeLog {
-    fn name(&self) -> &'static str {
-        "lead_board"
-    }
-
-    fn filter(&self) -> LogFilter {
-        LeadBoard.filter()
-    }
-
-    fn tables(&self) -> &'static [annals_projections::Table] {
-        LeadBoard.tables()
-    }
+    lead_board_name_filter_and_tables!();
 
     async fn apply(&self, tx: &mut ReadTx, events: &[RecordedEvent]) -> Result<(), Failure> {
         self.0.apply(tx, events).await
@@ -816,17 +766,7 @@ struct Down {
 
 #[async_trait]
 impl Projector for Down {
-    fn name(&self) -> &'static str {
-        "lead_board"
-    }
-
-    fn filter(&self) -> LogFilter {
-        LeadBoard.filter()
-    }
-
-    fn tables(&self) -> &'static [annals_projections::Table] {
-        LeadBoard.tables()
-    }
+    lead_board_name_filter_and_tables!();
 
     async fn apply(&self, _: &mut ReadTx, _: &[RecordedEvent]) -> Result<(), Failure> {
         let _ = self.tries.send(tokio::time::Instant::now());
