@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use annals_domain::lead::LeadStatus;
 use annals_domain::values::{SignalKind, Source, Stage, Tier};
 use serde_json::Value;
 use utoipa::openapi::header::HeaderBuilder;
@@ -162,14 +163,7 @@ pub fn describe_domain_words(openapi: &mut utoipa::openapi::OpenApi) {
     let stages = words(Stage::ALL.iter().map(|s| s.as_str()).collect());
     let mut deal_stages = stages.clone();
     deal_stages.extend(words(vec!["won", "lost"]));
-    let statuses = words(vec![
-        "new",
-        "working",
-        "qualified",
-        "converted",
-        "disqualified",
-        "erased",
-    ]);
+    let statuses = words(LeadStatus::CAPTURED.iter().map(|s| s.as_str()).collect());
     // An optional field may also be null.
     let mut optional_tiers = tiers.clone();
     optional_tiers.push(Value::Null);

@@ -31,6 +31,17 @@ pub enum LeadStatus {
 }
 
 impl LeadStatus {
+    /// Every status a captured lead can be in, in the funnel's order: the words a client
+    /// lists leads by.
+    pub const CAPTURED: &'static [LeadStatus] = &[
+        LeadStatus::New,
+        LeadStatus::Working,
+        LeadStatus::Qualified,
+        LeadStatus::Converted,
+        LeadStatus::Disqualified,
+        LeadStatus::Erased,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             LeadStatus::Absent => "absent",

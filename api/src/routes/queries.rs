@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use annals_domain::lead::LeadStatus;
 use annals_domain::values::{Source, Stage};
 use annals_projections::deal_board::DealRow;
 use annals_projections::lead_board::LeadRow;
@@ -80,15 +81,6 @@ fn with_position(position: u64, body: impl IntoResponse) -> Response {
     response
 }
 
-const LEAD_STATUSES: [&str; 6] = [
-    "new",
-    "working",
-    "qualified",
-    "converted",
-    "disqualified",
-    "erased",
-];
-
 fn lead_item(view: LeadRow) -> LeadItem {
     LeadItem {
         id: view.lead_id,
@@ -137,12 +129,16 @@ async fn list_leads(
     Params(query): Params<LeadListQuery>,
     Params(consistency): Params<Consistency>,
 ) -> Result<Response, ApiError> {
+    let statuses = || LeadStatus::CAPTURED.iter().map(|s| s.as_str());
     if let Some(status) = &query.status
-        && !LEAD_STATUSES.contains(&status.as_str())
+        && !statuses().any(|s| s == status)
     {
         return Err(ApiError::invalid(
             "invalid-parameter",
-            format!("status must be one of {}", LEAD_STATUSES.join(", ")),
+            format!(
+                "status must be one of {}",
+                statuses().collect::<Vec<_>>().join(", ")
+            ),
         ));
     }
     if let Some(source) = &query.source {
