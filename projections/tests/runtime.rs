@@ -111,6 +111,13 @@ fn capture(id: Uuid, n: usize) -> LeadCommand {
     }
 }
 
+/// An assignment of the lead to bob.
+fn assign_to_bob() -> LeadCommand {
+    LeadCommand::Assign {
+        owner: Owner::parse("bob").unwrap(),
+    }
+}
+
 fn signal(kind: SignalKind) -> LeadCommand {
     LeadCommand::RecordSignal {
         kind,
@@ -139,13 +146,7 @@ async fn history(db: &Fixture) -> Vec<Uuid> {
         .await
         .unwrap();
     leads
-        .execute(
-            ids[1],
-            LeadCommand::Assign {
-                owner: Owner::parse("bob").unwrap(),
-            },
-            &context(),
-        )
+        .execute(ids[1], assign_to_bob(), &context())
         .await
         .unwrap();
     leads

@@ -213,13 +213,7 @@ async fn a_skip_policy_retry_refolds_the_rows_it_touches_like_a_rebuild(db: Arc<
     let id = Uuid::now_v7();
     leads.execute(id, capture(id, 1), &context()).await.unwrap();
     leads
-        .execute(
-            id,
-            LeadCommand::Assign {
-                owner: Owner::parse("bob").unwrap(),
-            },
-            &context(),
-        )
+        .execute(id, assign_to_bob(), &context())
         .await
         .unwrap();
     leads
@@ -589,13 +583,7 @@ async fn a_halted_retry_meets_an_outage_then_applies_the_event_where_it_stands(d
         leads.execute(id, signal(kind), &context()).await.unwrap();
     }
     let assigned = leads
-        .execute(
-            id,
-            LeadCommand::Assign {
-                owner: Owner::parse("bob").unwrap(),
-            },
-            &context(),
-        )
+        .execute(id, assign_to_bob(), &context())
         .await
         .unwrap()
         .position;
@@ -656,13 +644,7 @@ async fn a_retry_after_a_crash_between_parking_and_halting_leaves_out_skipped_ev
         .await
         .unwrap();
     let assigned = leads
-        .execute(
-            id,
-            LeadCommand::Assign {
-                owner: Owner::parse("bob").unwrap(),
-            },
-            &context(),
-        )
+        .execute(id, assign_to_bob(), &context())
         .await
         .unwrap()
         .position;
