@@ -17,7 +17,7 @@ use annals_projections::account_360::Account360;
 use annals_projections::deal_board::DealBoard;
 use annals_projections::lead_board::LeadBoard;
 use annals_projections::{ProjectionRunner, Projector, ReadDatabase};
-use annals_store::{EventStore, PostgresStore, SqliteStore, StoreConfig, StoreError};
+use annals_store::{EventStore, StoreConfig, StoreError};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -36,19 +36,9 @@ pub struct System {
 impl System {
     /// Opens the store a URL names (`sqlite:` or `postgres://`), applying migrations.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
-        let config = StoreConfig::default();
-        let (store, db): (Arc<dyn EventStore>, ReadDatabase) =
-            if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-                let store = PostgresStore::open(url, config).await?;
-                let db = ReadDatabase::postgres(&store);
-                (Arc::new(store), db)
-            } else if url.starts_with("sqlite:") {
-                let store = SqliteStore::open(url, config).await?;
-                let db = ReadDatabase::sqlite(&store);
-                (Arc::new(store), db)
-            } else {
-                return Err(StoreError::UnsupportedUrl);
-            };
+        let backend = annals_store::open(url, StoreConfig::default()).await?;
+        let store = backend.event_store();
+        let db = ReadDatabase::of(&backend);
         let handlers = HandlerConfig::default();
         let projectors: [Arc<dyn Projector>; 3] = [
             Arc::new(LeadBoard),

@@ -34,6 +34,14 @@ impl ReadDatabase {
         ReadDatabase::Postgres(store.pool().clone())
     }
 
+    /// The read models' database of an opened backend: its event store's own.
+    pub fn of(backend: &annals_store::Backend) -> Self {
+        match backend {
+            annals_store::Backend::Sqlite(store) => ReadDatabase::sqlite(store),
+            annals_store::Backend::Postgres(store) => ReadDatabase::postgres(store),
+        }
+    }
+
     /// A transaction writing the given generation of a projection's tables.
     pub async fn begin_write(&self, generation: i64) -> Result<ReadTx, ProjectionError> {
         let (inner, turn) = match self {

@@ -518,9 +518,9 @@ pub(crate) fn stale_facts(
 ) -> Result<bool, StoreError> {
     match insert {
         Ok(()) => Ok(false),
-        Err(StoreError::Database(error))
+        Err(error)
             if source != FactsSource::ReadWithIds
-                && error.as_database_error().is_some_and(|e| {
+                && error.refusal().is_some_and(|e| {
                     e.is_unique_violation() || e.code().as_deref() == Some(STALE_PLAN_SQLSTATE)
                 }) =>
         {

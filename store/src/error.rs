@@ -1,12 +1,17 @@
 //! The store's one error enum. Rejections an append can meet are typed so that callers
 //! (and later the HTTP layer) never see database text; database failures keep their
-//! cause as a `#[source]` and are split into "unavailable" (retry later) and the rest.
+//! cause as a `#[source]`, boxed (`BackendError`: no backend's type is in the contract),
+//! and are split into "unavailable" (retry later) and the rest.
 
 use std::sync::Arc;
 
 use uuid::Uuid;
 
 use crate::model::{ExpectedVersion, IdempotencyRecord};
+
+/// A backend's own error, kept as the source of a `StoreError` for logs and for
+/// `is_unavailable`-style classification inside the store; callers match on the kind.
+pub type BackendError = Arc<dyn std::error::Error + Send + Sync>;
 
 /// Why the store refused or failed an operation.
 ///
@@ -39,13 +44,13 @@ pub enum StoreError {
     /// retried. After a dropped commit the append may or may not be stored: retry it with
     /// the same event ids and the idempotent append sorts it out.
     #[error("the event store is unavailable")]
-    Unavailable(#[source] Arc<sqlx::Error>),
+    Unavailable(#[source] BackendError),
     /// Any other database failure.
     #[error("event store database error")]
-    Database(#[source] Arc<sqlx::Error>),
+    Database(#[source] BackendError),
     /// The schema migrations could not be applied.
     #[error("event store migration failed")]
-    Migration(#[source] Arc<sqlx::migrate::MigrateError>),
+    Migration(#[source] BackendError),
     /// A stored row could not be read back (corrupt JSON, a value out of range).
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
@@ -96,6 +101,16 @@ impl StoreError {
             StoreError::Unavailable(Arc::new(error))
         } else {
             StoreError::Database(Arc::new(error))
+        }
+    }
+
+    /// The database's refusal behind a `Database` error, if that is what it is.
+    pub(crate) fn refusal(&self) -> Option<&dyn sqlx::error::DatabaseError> {
+        match self {
+            StoreError::Database(error) => error
+                .downcast_ref::<sqlx::Error>()
+                .and_then(sqlx::Error::as_database_error),
+            _ => None,
         }
     }
 

@@ -23,6 +23,7 @@ mod follow;
 mod group_commit;
 mod model;
 pub mod postgres;
+mod sql;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -31,7 +32,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-pub use error::{InvalidInput, StoreError, is_unavailable};
+pub use error::{BackendError, InvalidInput, StoreError, is_unavailable};
 pub use follow::LogFollower;
 pub use group_commit::WriterProbe;
 pub use model::{
@@ -40,6 +41,7 @@ pub use model::{
     MAX_IDEMPOTENCY_KEY_LEN, MAX_NAME_LEN, Metadata, NewEvent, RecordedEvent, Snapshot, StreamName,
 };
 pub use postgres::PostgresStore;
+pub use sql::SqlStore;
 pub use sqlite::SqliteStore;
 
 /// The event store contract.
@@ -152,13 +154,32 @@ impl Default for StoreConfig {
     }
 }
 
-/// Opens the store a database URL names (`sqlite://…` or `postgres://…`), applying
-/// pending migrations.
-pub async fn open(url: &str, config: StoreConfig) -> Result<Arc<dyn EventStore>, StoreError> {
+/// A database a URL names, opened and migrated: its event store, and the backend it is,
+/// for code that keeps its own tables beside the log (read models, leases) and must
+/// commit with it.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    Sqlite(SqliteStore),
+    Postgres(PostgresStore),
+}
+
+impl Backend {
+    /// The event store, behind the contract.
+    pub fn event_store(&self) -> Arc<dyn EventStore> {
+        match self {
+            Backend::Sqlite(store) => Arc::new(store.clone()),
+            Backend::Postgres(store) => Arc::new(store.clone()),
+        }
+    }
+}
+
+/// Opens the database a URL names (`sqlite:…` or `postgres://…`), applying pending
+/// migrations: the one place a URL is read.
+pub async fn open(url: &str, config: StoreConfig) -> Result<Backend, StoreError> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(Arc::new(PostgresStore::open(url, config).await?))
+        Ok(Backend::Postgres(PostgresStore::open(url, config).await?))
     } else if url.starts_with("sqlite:") {
-        Ok(Arc::new(SqliteStore::open(url, config).await?))
+        Ok(Backend::Sqlite(SqliteStore::open(url, config).await?))
     } else {
         Err(StoreError::UnsupportedUrl)
     }
