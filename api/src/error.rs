@@ -136,11 +136,6 @@ impl ApiError {
                 (StatusCode::CONFLICT, "projection-busy", told())
             }
             Projection(ProjectionError::Store(error)) => store(error),
-            Projection(ProjectionError::Database(error))
-                if annals_projections::is_outage(error) =>
-            {
-                unavailable()
-            }
             Projection(ProjectionError::NotParked { .. }) => {
                 (StatusCode::NOT_FOUND, "not-parked", told())
             }

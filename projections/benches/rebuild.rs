@@ -25,8 +25,8 @@ use annals_projections::deal_board::DealBoard;
 use annals_projections::lead_board::LeadBoard;
 use annals_projections::{ProjectionRunner, Projector, ReadDatabase};
 use annals_store::{
-    AppendRequest, EventStore, ExpectedVersion, NewEvent, PostgresStore, SqliteStore, StoreConfig,
-    StreamName,
+    AppendRequest, Backend, EventStore, ExpectedVersion, NewEvent, PostgresStore, SqliteStore,
+    StoreConfig, StreamName,
 };
 use anyhow::Context;
 use sqlx::{Connection, PgConnection};
@@ -146,11 +146,12 @@ async fn rebuild_all(store: Arc<dyn EventStore>, db: ReadDatabase) -> anyhow::Re
     Ok(started.elapsed())
 }
 
-async fn raw_rate(db: &ReadDatabase, rows: u64) -> anyhow::Result<f64> {
+async fn raw_rate(backend: &Backend, rows: u64) -> anyhow::Result<f64> {
     let payload = r#"{"kind":"page_view","points":1}"#;
     let started = Instant::now();
-    match db {
-        ReadDatabase::Sqlite { pool, .. } => {
+    match backend {
+        Backend::Sqlite(store) => {
+            let pool = store.pool();
             sqlx::raw_sql(
                 "DROP TABLE IF EXISTS raw_rows; \
                  CREATE TABLE raw_rows (position INTEGER, stream TEXT, data TEXT)",
@@ -172,7 +173,8 @@ async fn raw_rate(db: &ReadDatabase, rows: u64) -> anyhow::Result<f64> {
                 written += 1_000;
             }
         }
-        ReadDatabase::Postgres(pool) => {
+        Backend::Postgres(store) => {
+            let pool = store.pool();
             sqlx::raw_sql(
                 "DROP TABLE IF EXISTS raw_rows; \
                  CREATE TABLE raw_rows (position BIGINT, stream TEXT, data JSONB)",
@@ -328,11 +330,9 @@ async fn main() -> anyhow::Result<()> {
         }
         let dir = tempfile::tempdir()?;
         let mut pg_name = None;
-        let (store, db): (Arc<dyn EventStore>, ReadDatabase) = if backend == "sqlite" {
+        let opened = if backend == "sqlite" {
             let url = format!("sqlite://{}", dir.path().join("bench.db").display());
-            let store = SqliteStore::open(&url, StoreConfig::default()).await?;
-            let db = ReadDatabase::sqlite(&store);
-            (Arc::new(store), db)
+            Backend::Sqlite(SqliteStore::open(&url, StoreConfig::default()).await?)
         } else {
             let name = format!("annals_bench_{}", Uuid::new_v4().simple());
             let mut admin_connection = PgConnection::connect(&admin)
@@ -346,10 +346,10 @@ async fn main() -> anyhow::Result<()> {
                 .context("database URL without a path")?;
             let store =
                 PostgresStore::open(&format!("{server}/{name}"), StoreConfig::default()).await?;
-            let db = ReadDatabase::postgres(&store);
             pg_name = Some(name);
-            (Arc::new(store), db)
+            Backend::Postgres(store)
         };
+        let (store, db) = (opened.event_store(), ReadDatabase::of(&opened));
         // Live lag first, on the fresh database: steady operation, apart from the
         // maintenance (autovacuum, checkpoints) that writing a million rows sets off.
         // Half the peak command rate of `benches/commands.rs` on this machine
@@ -388,7 +388,7 @@ async fn main() -> anyhow::Result<()> {
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..runs {
             let elapsed = rebuild_all(store.clone(), db.clone()).await?.as_secs_f64();
-            let raw = raw_rate(&db, log).await?;
+            let raw = raw_rate(&opened, log).await?;
             took.push(elapsed);
             rates.push(log as f64 / elapsed);
             raws.push(raw);

@@ -94,7 +94,7 @@ impl RowModel for Account360 {
         Ok(Some(row))
     }
 
-    fn to_params(&self, row: &AccountRow) -> Vec<Param> {
+    fn to_params(&self, row: &AccountRow) -> Vec<Param<'static>> {
         vec![
             row.account_id.clone().into(),
             row.name.clone().into(),

@@ -127,7 +127,7 @@ impl RowModel for DealBoard {
         Ok(Some(row))
     }
 
-    fn to_params(&self, row: &DealRow) -> Vec<Param> {
+    fn to_params(&self, row: &DealRow) -> Vec<Param<'static>> {
         vec![
             row.deal_id.clone().into(),
             row.account_id.clone().into(),

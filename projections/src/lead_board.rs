@@ -131,7 +131,7 @@ impl RowModel for LeadBoard {
         Ok(Some(row))
     }
 
-    fn to_params(&self, row: &LeadRow) -> Vec<Param> {
+    fn to_params(&self, row: &LeadRow) -> Vec<Param<'static>> {
         vec![
             row.lead_id.clone().into(),
             row.email.clone().into(),

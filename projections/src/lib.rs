@@ -40,7 +40,6 @@
 pub mod account_360;
 pub mod deal_board;
 pub mod lead_board;
-mod lease;
 pub mod queries;
 pub mod rows;
 mod sql;
@@ -56,14 +55,15 @@ use async_trait::async_trait;
 use serde::Serialize;
 use tokio::sync::watch;
 
-pub use sql::{Param, ReadDatabase, ReadTx};
+pub use annals_store::Param;
+pub use sql::{ReadDatabase, ReadTx};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectionError {
-    #[error("reading the log failed")]
+    /// The event store or the read-model database failed (an outage is
+    /// `StoreError::Unavailable`) or refused a statement (`StoreError::is_refusal`).
+    #[error("database error")]
     Store(#[from] StoreError),
-    #[error("read-model database error")]
-    Database(#[from] sqlx::Error),
     #[error("event at position {position} ({event_type}) cannot be projected: {reason}")]
     Apply {
         position: u64,
@@ -364,17 +364,9 @@ impl StepError {
 fn is_poison(error: &ProjectionError) -> bool {
     match error {
         ProjectionError::Apply { .. } => true,
-        ProjectionError::Database(error @ sqlx::Error::Database(_)) => !is_outage(error),
+        ProjectionError::Store(error) => error.is_refusal(),
         _ => false,
     }
-}
-
-/// Whether a database error says "not now" rather than "not this": a lost or refused
-/// connection, a timeout, a deadlock, a serialization failure, a lock not granted, a
-/// server shutting down or out of resources; on SQLite a busy or locked file, an I/O
-/// error, a full disk. An outage is retried with backoff; it never parks an event.
-pub fn is_outage(error: &sqlx::Error) -> bool {
-    annals_store::is_unavailable(error)
 }
 
 /// Events per batch when a rebuild or verify fills its generation, and per page when a
@@ -686,7 +678,7 @@ impl ProjectionRunner {
     async fn dead_letters(
         &self,
         condition: &str,
-        params: &[Param],
+        params: &[Param<'_>],
     ) -> Result<Vec<ParkedEvent>, ProjectionError> {
         let mut all = vec![Param::from(self.name())];
         all.extend_from_slice(params);
@@ -1177,7 +1169,7 @@ impl ProjectionRunner {
     /// events (woken by the store's notification) when caught up, and backs off after a
     /// failure.
     pub async fn run_until_stopped(&self, mut stop: watch::Receiver<bool>) {
-        let mut lease: Option<lease::Lease> = None;
+        let mut lease: Option<Box<dyn annals_store::Lease>> = None;
         let mut backoff = Duration::from_millis(100);
         while !*stop.borrow() {
             let holding = match lease.as_mut() {
@@ -1189,7 +1181,7 @@ impl ProjectionRunner {
                     tracing::warn!(projection = self.name(), "lease lost");
                     lost.release().await;
                 }
-                match lease::Lease::try_acquire(&self.db, self.name()).await {
+                match self.db.try_lease(self.name()).await {
                     Ok(Some(taken)) => {
                         tracing::info!(projection = self.name(), "lease taken; running");
                         lease = Some(taken);

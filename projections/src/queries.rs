@@ -77,7 +77,7 @@ impl Snapshot {
         self.tx.commit().await
     }
 
-    async fn rows(&mut self, sql: &str, params: &[Param]) -> Result<Rows, ProjectionError> {
+    async fn rows(&mut self, sql: &str, params: &[Param<'_>]) -> Result<Rows, ProjectionError> {
         if let Some(plans) = &mut self.plans {
             plans.push(self.tx.explain(sql, params).await?);
         }
@@ -98,7 +98,7 @@ impl Snapshot {
         if projections.is_empty() {
             return Ok(0);
         }
-        let names: Vec<Param> = projections.iter().map(|name| (*name).into()).collect();
+        let names: Vec<Param<'_>> = projections.iter().map(|name| (*name).into()).collect();
         let placeholders = (1..=names.len())
             .map(|n| format!("${n}"))
             .collect::<Vec<_>>()
@@ -540,14 +540,14 @@ fn decode_cursor<const N: usize>(cursor: &str) -> Result<(i64, [String; N]), Pro
 
 /// The conditions of a list query and their parameters, numbered as they are bound.
 #[derive(Debug, Default)]
-struct Conditions {
+struct Conditions<'a> {
     sql: Vec<String>,
-    params: Vec<Param>,
+    params: Vec<Param<'a>>,
 }
 
-impl Conditions {
+impl<'a> Conditions<'a> {
     /// Binds a parameter; its placeholder.
-    fn bind(&mut self, param: impl Into<Param>) -> String {
+    fn bind(&mut self, param: impl Into<Param<'a>>) -> String {
         self.params.push(param.into());
         format!("${}", self.params.len())
     }
@@ -570,7 +570,7 @@ impl Conditions {
 async fn page<T>(
     snapshot: &mut Snapshot,
     select: &str,
-    mut conditions: Conditions,
+    mut conditions: Conditions<'_>,
     order: &str,
     limit: usize,
     view: impl Fn(&[Option<String>]) -> Result<T, ProjectionError>,

@@ -35,7 +35,7 @@ pub trait RowModel: Send + Sync + Debug + 'static {
     ) -> Result<Option<Self::Row>, ProjectionError>;
 
     /// The row's values, in `TABLE.columns` order.
-    fn to_params(&self, row: &Self::Row) -> Vec<Param>;
+    fn to_params(&self, row: &Self::Row) -> Vec<Param<'static>>;
 
     /// A row read back as text, in `TABLE.columns` order.
     fn read_row(&self, values: &[Option<String>]) -> Result<Self::Row, ProjectionError>;

@@ -41,8 +41,8 @@ on_both_backends!(
 
 fn read_database(db: &Fixture) -> ReadDatabase {
     match db {
-        Fixture::Sqlite { store, .. } => ReadDatabase::sqlite(store),
-        Fixture::Postgres { store, .. } => ReadDatabase::postgres(store),
+        Fixture::Sqlite { store, .. } => ReadDatabase::new(Arc::new(store.clone())),
+        Fixture::Postgres { store, .. } => ReadDatabase::new(Arc::new(store.clone())),
     }
 }
 

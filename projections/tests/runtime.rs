@@ -20,7 +20,7 @@ use annals_projections::{
     DifferenceKind, Failure, FailurePolicy, Outcome, PauseHook, PausePoint, ProjectionError,
     ProjectionRunner, Projector, ReadDatabase, ReadTx,
 };
-use annals_store::{LogFilter, RecordedEvent};
+use annals_store::{LogFilter, RecordedEvent, StoreError};
 use async_trait::async_trait;
 use database::{Backend, Fixture, run};
 use tokio::sync::Notify;
@@ -76,8 +76,8 @@ on_both_backends!(
 
 fn read_database(db: &Fixture) -> ReadDatabase {
     match db {
-        Fixture::Sqlite { store, .. } => ReadDatabase::sqlite(store),
-        Fixture::Postgres { store, .. } => ReadDatabase::postgres(store),
+        Fixture::Sqlite { store, .. } => ReadDatabase::new(Arc::new(store.clone())),
+        Fixture::Postgres { store, .. } => ReadDatabase::new(Arc::new(store.clone())),
     }
 }
 
@@ -418,7 +418,7 @@ async fn two_runners_on_one_projection_never_double_apply(db: Arc<Fixture>) {
                 Ok(_) => {}
                 Err(ProjectionError::CheckpointMoved(_)) => {}
                 // SQLite: the other runner held the write lock past the busy timeout.
-                Err(ProjectionError::Database(_)) => {}
+                Err(ProjectionError::Store(StoreError::Unavailable(_))) => {}
                 Err(other) => panic!("unexpected {other:?}"),
             }
         }
@@ -912,9 +912,11 @@ async fn postgres_a_runner_that_lost_its_lease_mid_batch_is_taken_over_and_rolls
         history(&db).await;
         let other_store = db.open_again().await;
         let other_db = match &*db {
-            Fixture::Postgres { url, .. } => {
-                ReadDatabase::Postgres(sqlx::PgPool::connect(url).await.unwrap())
-            }
+            Fixture::Postgres { url, .. } => ReadDatabase::of(
+                &annals_store::open(url, annals_store::StoreConfig::default())
+                    .await
+                    .unwrap(),
+            ),
             Fixture::Sqlite { .. } => unreachable!("PostgreSQL only"),
         };
         let gates = [

@@ -104,6 +104,13 @@ impl StoreError {
         }
     }
 
+    /// Whether the database refused what was asked (a constraint, a type, a value), as
+    /// opposed to failing: the same statement would be refused again. An outage is
+    /// `Unavailable`, never a refusal.
+    pub fn is_refusal(&self) -> bool {
+        self.refusal().is_some()
+    }
+
     /// The database's refusal behind a `Database` error, if that is what it is.
     pub(crate) fn refusal(&self) -> Option<&dyn sqlx::error::DatabaseError> {
         match self {

@@ -25,6 +25,7 @@ mod model;
 pub mod postgres;
 mod sql;
 pub mod sqlite;
+mod tables;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -41,8 +42,9 @@ pub use model::{
     MAX_IDEMPOTENCY_KEY_LEN, MAX_NAME_LEN, Metadata, NewEvent, RecordedEvent, Snapshot, StreamName,
 };
 pub use postgres::PostgresStore;
-pub use sql::SqlStore;
+pub use sql::{Param, SqlStore};
 pub use sqlite::SqliteStore;
+pub use tables::{Lease, Tables, TablesTx};
 
 /// The event store contract.
 #[async_trait]
@@ -166,6 +168,14 @@ pub enum Backend {
 impl Backend {
     /// The event store, behind the contract.
     pub fn event_store(&self) -> Arc<dyn EventStore> {
+        match self {
+            Backend::Sqlite(store) => Arc::new(store.clone()),
+            Backend::Postgres(store) => Arc::new(store.clone()),
+        }
+    }
+
+    /// The tables beside the log, and the leases, on the same database.
+    pub fn tables(&self) -> Arc<dyn Tables> {
         match self {
             Backend::Sqlite(store) => Arc::new(store.clone()),
             Backend::Postgres(store) => Arc::new(store.clone()),

@@ -10,6 +10,7 @@
 //! SQLite both accept. A new SQL backend is one dialect module, one migrations folder and
 //! one line in `open`.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -20,6 +21,7 @@ use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use serde_json::Value;
+use sqlx::database::HasStatementCache;
 use sqlx::pool::PoolConnection;
 use sqlx::{
     ColumnIndex, Connection, Database, Decode, Encode, Executor, IntoArguments, Pool, Row,
@@ -35,15 +37,16 @@ use crate::error::StoreError;
 use crate::group_commit::{BatchWriter, GroupCommit};
 use crate::model::{
     Anchor, AppendOutcome, AppendRequest, AuditReport, Direction, IdempotencyRecord, LogFilter,
-    LogPage, RecordedEvent, Snapshot, StreamName, check_snapshot, page, recorded_event,
+    LogPage, RecordedEvent, Snapshot, StreamName, check_snapshot, page, recorded_event, to_sql_int,
 };
 use crate::{EventStore, StoreConfig};
 
-/// A value bound to a statement's placeholder.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Param<'a> {
-    Int(i64),
-    Text(&'a str),
+/// A value bound to a statement's placeholder. Text and integers carry their own NULL,
+/// so PostgreSQL knows the type of a missing value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Param<'a> {
+    Text(Option<Cow<'a, str>>),
+    Int(Option<i64>),
     Bytes(&'a [u8]),
     Time(DateTime<Utc>),
 }
@@ -52,20 +55,38 @@ pub(crate) enum Param<'a> {
 /// more than `i64::MAX`.
 impl From<u64> for Param<'_> {
     fn from(n: u64) -> Self {
-        Param::Int(i64::try_from(n).unwrap_or(i64::MAX))
+        Param::Int(Some(to_sql_int(n)))
     }
 }
 
 /// A limit.
 impl From<usize> for Param<'_> {
     fn from(n: usize) -> Self {
-        Param::Int(i64::try_from(n).unwrap_or(i64::MAX))
+        Param::Int(Some(i64::try_from(n).unwrap_or(i64::MAX)))
+    }
+}
+
+impl From<i64> for Param<'_> {
+    fn from(n: i64) -> Self {
+        Param::Int(Some(n))
     }
 }
 
 impl<'a> From<&'a str> for Param<'a> {
     fn from(text: &'a str) -> Self {
-        Param::Text(text)
+        Param::Text(Some(Cow::Borrowed(text)))
+    }
+}
+
+impl From<String> for Param<'_> {
+    fn from(text: String) -> Self {
+        Param::Text(Some(Cow::Owned(text)))
+    }
+}
+
+impl From<Option<String>> for Param<'_> {
+    fn from(text: Option<String>) -> Self {
+        Param::Text(text.map(Cow::Owned))
     }
 }
 
@@ -75,6 +96,10 @@ impl<'a> From<&'a [u8]> for Param<'a> {
     }
 }
 
+/// Whether a statement is prepared once and its plan kept (`true` for the store's own,
+/// whose tables' shapes do not change), or planned afresh with its arguments each time.
+pub(crate) const PREPARED: bool = true;
+
 /// Runs statements with `Param`s and reads columns, on any database sqlx serves with the
 /// types the store uses. The bounds are written once, on the one implementation below.
 pub(crate) trait Sql: Database {
@@ -82,12 +107,14 @@ pub(crate) trait Sql: Database {
         connection: &'a mut Self::Connection,
         sql: &'a str,
         params: &'a [Param<'a>],
+        prepared: bool,
     ) -> BoxFuture<'a, Result<Vec<Self::Row>, sqlx::Error>>;
 
     fn fetch_optional<'a>(
         connection: &'a mut Self::Connection,
         sql: &'a str,
         params: &'a [Param<'a>],
+        prepared: bool,
     ) -> BoxFuture<'a, Result<Option<Self::Row>, sqlx::Error>>;
 
     fn fetch<'a>(
@@ -99,6 +126,7 @@ pub(crate) trait Sql: Database {
         connection: &'a mut Self::Connection,
         sql: &'a str,
         params: &'a [Param<'a>],
+        prepared: bool,
     ) -> BoxFuture<'a, Result<Self::QueryResult, sqlx::Error>>;
 
     fn int(row: &Self::Row, column: &str) -> Result<Option<i64>, sqlx::Error>;
@@ -106,6 +134,10 @@ pub(crate) trait Sql: Database {
     fn bytes(row: &Self::Row, column: &str) -> Result<Option<Vec<u8>>, sqlx::Error>;
     /// A JSON column read from the text stored (see `chain`).
     fn json(row: &Self::Row, column: &str) -> Result<Value, StoreError>;
+    /// Every column of a row, as text (the statement casts them).
+    fn texts(row: &Self::Row) -> Result<Vec<Option<String>>, sqlx::Error>;
+    /// The first column of a row, as an integer.
+    fn first_int(row: &Self::Row) -> Result<Option<i64>, sqlx::Error>;
 
     /// A column that may not be NULL.
     fn required<T>(
@@ -125,9 +157,11 @@ pub(crate) trait Sql: Database {
 
 impl<DB> Sql for DB
 where
-    DB: Database,
+    DB: Database + HasStatementCache,
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
     for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> Option<i64>: Encode<'q, DB>,
+    for<'q> Option<&'q str>: Encode<'q, DB>,
     for<'q> i64: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
     for<'q> &'q str: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
     for<'q> &'q [u8]: Encode<'q, DB> + Type<DB>,
@@ -135,21 +169,24 @@ where
     for<'q> Vec<u8>: Decode<'q, DB> + Type<DB>,
     for<'q> DateTime<Utc>: Encode<'q, DB> + Type<DB>,
     for<'a> &'a str: ColumnIndex<DB::Row>,
+    usize: ColumnIndex<DB::Row>,
 {
     fn fetch_all<'a>(
         connection: &'a mut DB::Connection,
         sql: &'a str,
         params: &'a [Param<'a>],
+        prepared: bool,
     ) -> BoxFuture<'a, Result<Vec<DB::Row>, sqlx::Error>> {
-        Box::pin(query::<DB>(sql, params).fetch_all(connection))
+        Box::pin(query::<DB>(sql, params, prepared).fetch_all(connection))
     }
 
     fn fetch_optional<'a>(
         connection: &'a mut DB::Connection,
         sql: &'a str,
         params: &'a [Param<'a>],
+        prepared: bool,
     ) -> BoxFuture<'a, Result<Option<DB::Row>, sqlx::Error>> {
-        Box::pin(query::<DB>(sql, params).fetch_optional(connection))
+        Box::pin(query::<DB>(sql, params, prepared).fetch_optional(connection))
     }
 
     fn fetch<'a>(
@@ -163,8 +200,9 @@ where
         connection: &'a mut DB::Connection,
         sql: &'a str,
         params: &'a [Param<'a>],
+        prepared: bool,
     ) -> BoxFuture<'a, Result<DB::QueryResult, sqlx::Error>> {
-        Box::pin(query::<DB>(sql, params).execute(connection))
+        Box::pin(query::<DB>(sql, params, prepared).execute(connection))
     }
 
     fn int(row: &DB::Row, column: &str) -> Result<Option<i64>, sqlx::Error> {
@@ -179,6 +217,14 @@ where
         row.try_get(column)
     }
 
+    fn texts(row: &DB::Row) -> Result<Vec<Option<String>>, sqlx::Error> {
+        (0..row.len()).map(|i| row.try_get(i)).collect()
+    }
+
+    fn first_int(row: &DB::Row) -> Result<Option<i64>, sqlx::Error> {
+        row.try_get(0)
+    }
+
     fn json(row: &DB::Row, column: &str) -> Result<Value, StoreError> {
         let text: &str = row.try_get(column)?;
         serde_json::from_str(text).map_err(|_| StoreError::Corrupt(format!("{column} is not JSON")))
@@ -188,22 +234,24 @@ where
 fn query<'a, DB>(
     sql: &'a str,
     params: &'a [Param<'a>],
+    prepared: bool,
 ) -> sqlx::query::Query<'a, DB, DB::Arguments<'a>>
 where
-    DB: Database,
+    DB: Database + HasStatementCache,
+    for<'q> Option<i64>: Encode<'q, DB>,
+    for<'q> Option<&'q str>: Encode<'q, DB>,
     for<'q> i64: Encode<'q, DB> + Type<DB>,
     for<'q> &'q str: Encode<'q, DB> + Type<DB>,
     for<'q> &'q [u8]: Encode<'q, DB> + Type<DB>,
     for<'q> DateTime<Utc>: Encode<'q, DB> + Type<DB>,
 {
-    params
-        .iter()
-        .fold(sqlx::query::<DB>(sql), |query, param| match *param {
-            Param::Int(n) => query.bind(n),
-            Param::Text(text) => query.bind(text),
-            Param::Bytes(bytes) => query.bind(bytes),
-            Param::Time(at) => query.bind(at),
-        })
+    let query = sqlx::query::<DB>(sql).persistent(prepared);
+    params.iter().fold(query, |query, param| match param {
+        Param::Int(n) => query.bind(*n),
+        Param::Text(text) => query.bind(text.as_deref()),
+        Param::Bytes(bytes) => query.bind(*bytes),
+        Param::Time(at) => query.bind(*at),
+    })
 }
 
 /// What a SQL backend supplies: the rest of the store is written once, in this module.
@@ -224,6 +272,18 @@ pub(crate) trait Dialect: Sql {
     const IDEMPOTENCY_COLUMNS: &'static str;
     /// Every stored event as a stream's chain hashes it (`audit_row`), by stream, version.
     const AUDIT_STREAMS: &'static str;
+    /// Begins a transaction that writes the tables beside the log (see `tables`).
+    const BEGIN_TABLES_WRITE: &'static str;
+    /// Whether the statements on the tables beside the log are prepared (see `PREPARED`).
+    const PREPARE_TABLE_STATEMENTS: bool;
+    /// See `TablesTx::share_lock`.
+    const SHARE_LOCK: &'static str;
+    /// What comes before a statement to ask how it would run, and the column that says.
+    const EXPLAIN: &'static str;
+    const EXPLAIN_COLUMN: &'static str;
+
+    /// See `TablesTx::placeholder`.
+    fn placeholder(n: usize) -> String;
 
     /// A time as this backend stores it.
     fn time(at: DateTime<Utc>) -> Param<'static>;
@@ -267,6 +327,12 @@ pub(crate) trait Dialect: Sql {
         limit: usize,
         filter: &LogFilter,
     ) -> Result<Vec<Self::Row>, StoreError>;
+
+    /// Tries to take the lease `name` (see `Tables::try_lease`).
+    async fn try_lease(
+        pool: &Pool<Self>,
+        name: &str,
+    ) -> Result<Option<Box<dyn crate::tables::Lease>>, StoreError>;
 
     /// Stores the log hashes of rows stored before the log chain existed.
     async fn store_log_hashes(
@@ -507,7 +573,7 @@ const LOG_HEAD: &str = "SELECT position, hash FROM log_head WHERE id = 1";
 
 async fn read_head<DB: Dialect>(pool: &Pool<DB>) -> Result<u64, StoreError> {
     let mut connection = pool.acquire().await?;
-    let row = DB::fetch_optional(&mut connection, READ_HEAD, &[]).await?;
+    let row = DB::fetch_optional(&mut connection, READ_HEAD, &[], PREPARED).await?;
     Ok(match row {
         Some(row) => DB::count(&row, "head")?,
         None => 0,
@@ -518,7 +584,7 @@ async fn read_head<DB: Dialect>(pool: &Pool<DB>) -> Result<u64, StoreError> {
 async fn read_log_head<DB: Dialect>(
     connection: &mut DB::Connection,
 ) -> Result<audit::HeadRow, StoreError> {
-    let row = DB::fetch_optional(connection, LOG_HEAD, &[]).await?;
+    let row = DB::fetch_optional(connection, LOG_HEAD, &[], PREPARED).await?;
     row.map(|row| -> Result<_, StoreError> {
         let position = DB::int(&row, "position")?;
         Ok((
@@ -609,6 +675,7 @@ async fn backfill<DB: Dialect>(pool: &Pool<DB>) -> Result<(), StoreError> {
             "SELECT position, category, hash FROM events WHERE position > $1 \
               ORDER BY position LIMIT 10000",
             &[last.into()],
+            PREPARED,
         )
         .await?;
         let rows = rows
@@ -633,6 +700,7 @@ async fn backfill<DB: Dialect>(pool: &Pool<DB>) -> Result<(), StoreError> {
         &mut transaction,
         "UPDATE log_head SET position = $1, hash = $2 WHERE id = 1",
         &[last.into(), previous.as_slice().into()],
+        PREPARED,
     )
     .await?;
     transaction.commit().await?;
@@ -664,7 +732,7 @@ impl<DB: Dialect> EventStore for SqlStore<DB> {
             ),
         };
         let params = [stream.as_str().into(), from_version.into(), limit.into()];
-        let rows = DB::fetch_all(&mut *self.connection().await?, &sql, &params).await?;
+        let rows = DB::fetch_all(&mut *self.connection().await?, &sql, &params, PREPARED).await?;
         rows.iter().map(event::<DB>).collect()
     }
 
@@ -713,14 +781,25 @@ impl<DB: Dialect> EventStore for SqlStore<DB> {
             state.as_str().into(),
             DB::time(Utc::now()),
         ];
-        DB::execute(&mut *self.connection().await?, DB::SAVE_SNAPSHOT, &params).await?;
+        DB::execute(
+            &mut *self.connection().await?,
+            DB::SAVE_SNAPSHOT,
+            &params,
+            PREPARED,
+        )
+        .await?;
         Ok(())
     }
 
     async fn load_snapshot(&self, stream: &StreamName) -> Result<Option<Snapshot>, StoreError> {
         let params = [stream.as_str().into()];
-        let row = DB::fetch_optional(&mut *self.connection().await?, DB::SELECT_SNAPSHOT, &params)
-            .await?;
+        let row = DB::fetch_optional(
+            &mut *self.connection().await?,
+            DB::SELECT_SNAPSHOT,
+            &params,
+            PREPARED,
+        )
+        .await?;
         row.map(|row| {
             Ok(Snapshot {
                 stream: stream.as_str().to_owned(),
@@ -738,7 +817,13 @@ impl<DB: Dialect> EventStore for SqlStore<DB> {
             "SELECT {} FROM idempotency_keys WHERE key = $1",
             DB::IDEMPOTENCY_COLUMNS
         );
-        let row = DB::fetch_optional(&mut *self.connection().await?, &sql, &[key.into()]).await?;
+        let row = DB::fetch_optional(
+            &mut *self.connection().await?,
+            &sql,
+            &[key.into()],
+            PREPARED,
+        )
+        .await?;
         row.as_ref().map(idempotency_record::<DB>).transpose()
     }
 
@@ -747,6 +832,7 @@ impl<DB: Dialect> EventStore for SqlStore<DB> {
             &mut *self.connection().await?,
             "DELETE FROM idempotency_keys WHERE recorded_at < $1",
             &[DB::time(recorded_before)],
+            PREPARED,
         )
         .await?;
         Ok(DB::rows_affected(&done))
@@ -757,6 +843,7 @@ impl<DB: Dialect> EventStore for SqlStore<DB> {
             &mut *self.connection().await?,
             "SELECT position FROM process_checkpoints WHERE name = $1",
             &[process.into()],
+            PREPARED,
         )
         .await?;
         let position = match row {
@@ -773,6 +860,7 @@ impl<DB: Dialect> EventStore for SqlStore<DB> {
              ON CONFLICT (name) DO UPDATE SET position = excluded.position \
               WHERE process_checkpoints.position < excluded.position",
             &[process.into(), position.into()],
+            PREPARED,
         )
         .await?;
         Ok(())
@@ -832,6 +920,7 @@ impl<DB: Dialect> EventStore for SqlStore<DB> {
             &mut *self.connection().await?,
             "SELECT position FROM events WHERE log_hash = $1 LIMIT 1",
             &[hash.as_slice().into()],
+            PREPARED,
         )
         .await?;
         row.map(|row| DB::count(&row, "position")).transpose()

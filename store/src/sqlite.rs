@@ -34,7 +34,8 @@ use crate::batch::{FactsSource, LogFacts, Plan, StoredEvent, ValidAppend};
 use crate::chain::Hash;
 use crate::error::StoreError;
 use crate::model::LogFilter;
-use crate::sql::{self, Dialect, Param, Sql, SqlStore};
+use crate::sql::{self, Dialect, PREPARED, Param, Sql, SqlStore};
+use crate::tables::{Lease, SoleOwner};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
 
@@ -112,8 +113,20 @@ impl Dialect for Sqlite {
                 metadata, recorded_at, hash \
            FROM events ORDER BY stream, version";
 
+    const BEGIN_TABLES_WRITE: &'static str = Self::BEGIN_WRITE;
+    // SQLite plans by its indexes, not by table sizes, and re-preparing the read models'
+    // large multi-row statements halved its rebuild rate.
+    const PREPARE_TABLE_STATEMENTS: bool = true;
+    const SHARE_LOCK: &'static str = "";
+    const EXPLAIN: &'static str = "EXPLAIN QUERY PLAN ";
+    const EXPLAIN_COLUMN: &'static str = "detail";
+
+    fn placeholder(_n: usize) -> String {
+        "?".to_owned()
+    }
+
     fn time(at: DateTime<Utc>) -> Param<'static> {
-        Param::Int(at.timestamp_micros())
+        Param::Int(Some(at.timestamp_micros()))
     }
 
     fn read_time(row: &SqliteRow, column: &str) -> Result<DateTime<Utc>, StoreError> {
@@ -163,6 +176,7 @@ impl Dialect for Sqlite {
                JOIN events AS e ON e.stream = s.value \
                 AND e.version = (SELECT MAX(version) FROM events WHERE stream = s.value)",
             &[streams.as_str().into()],
+            PREPARED,
         )
         .await?;
         for row in heads {
@@ -183,6 +197,7 @@ impl Dialect for Sqlite {
                 "SELECT event_id, stream, version, position, event_type, schema_version, data \
                    FROM events WHERE event_id IN (SELECT value FROM json_each($1))",
                 &[ids.as_str().into()],
+                PREPARED,
             )
             .await?;
             for row in stored {
@@ -208,6 +223,7 @@ impl Dialect for Sqlite {
                 connection,
                 "SELECT key, stream FROM claims WHERE key IN (SELECT value FROM json_each($1))",
                 &[keys.as_str().into()],
+                PREPARED,
             )
             .await?;
             for row in claims {
@@ -224,7 +240,8 @@ impl Dialect for Sqlite {
                 "SELECT {} FROM idempotency_keys WHERE key IN (SELECT value FROM json_each($1))",
                 Self::IDEMPOTENCY_COLUMNS
             );
-            let records = Self::fetch_all(connection, &sql, &[keys.as_str().into()]).await?;
+            let records =
+                Self::fetch_all(connection, &sql, &[keys.as_str().into()], PREPARED).await?;
             for row in records {
                 let record = sql::idempotency_record::<Self>(&row)?;
                 facts.idempotency.insert(record.key.clone(), record);
@@ -262,6 +279,7 @@ impl Dialect for Sqlite {
                                      schema_version, data, metadata, recorded_at, hash, log_hash) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
                 &params,
+                PREPARED,
             )
             .await?;
         }
@@ -274,6 +292,7 @@ impl Dialect for Sqlite {
                 connection,
                 "UPDATE log_head SET position = $1, hash = $2 WHERE id = 1",
                 &params,
+                PREPARED,
             )
             .await?;
         }
@@ -282,6 +301,7 @@ impl Dialect for Sqlite {
                 connection,
                 "DELETE FROM claims WHERE key = $1",
                 &[key.as_str().into()],
+                PREPARED,
             )
             .await?;
         }
@@ -302,6 +322,7 @@ impl Dialect for Sqlite {
                                                last_position, recorded_at) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7)",
                 &params,
+                PREPARED,
             )
             .await?;
         }
@@ -316,6 +337,7 @@ impl Dialect for Sqlite {
                     stream.as_str().into(),
                     (*position).into(),
                 ],
+                PREPARED,
             )
             .await?;
         }
@@ -368,7 +390,14 @@ impl Dialect for Sqlite {
             categories.as_str().into(),
             limit.into(),
         ];
-        Ok(Self::fetch_all(connection, &sql, &params).await?)
+        Ok(Self::fetch_all(connection, &sql, &params, PREPARED).await?)
+    }
+
+    async fn try_lease(
+        _pool: &sqlx::SqlitePool,
+        _name: &str,
+    ) -> Result<Option<Box<dyn Lease>>, StoreError> {
+        Ok(Some(Box::new(SoleOwner)))
     }
 
     async fn store_log_hashes(
@@ -380,6 +409,7 @@ impl Dialect for Sqlite {
                 connection,
                 "UPDATE events SET log_hash = $1 WHERE position = $2",
                 &[hash.as_slice().into(), (*position).into()],
+                PREPARED,
             )
             .await?;
         }

@@ -318,7 +318,9 @@ impl Projector for Outage {
             let code = CODES[left % CODES.len()];
             return Err(Failure {
                 position: events.first().filter(|_| self.at_event).map(|e| e.position),
-                error: ProjectionError::Database(sqlx::Error::Database(Box::new(Sqlstate(code)))),
+                error: ProjectionError::Store(StoreError::from(sqlx::Error::Database(Box::new(
+                    Sqlstate(code),
+                )))),
             });
         }
         LeadBoard.apply(tx, events).await
@@ -349,7 +351,10 @@ async fn outage_retried_and_never_parked(db: &Fixture, at_event: bool) {
     for attempt in 0..8 {
         let step = board.run_once().await;
         assert!(
-            matches!(step, Err(ProjectionError::Database(_))),
+            matches!(
+                step,
+                Err(ProjectionError::Store(StoreError::Unavailable(_)))
+            ),
             "attempt {attempt}: {step:?}"
         );
         assert!(
@@ -400,10 +405,7 @@ async fn a_row_the_database_refuses_parks_its_event(db: Arc<Fixture>) {
     let board = runner(&db, Arc::new(Refused)).with_failure_policy(FailurePolicy::Halt, 2);
     let first = board.run_once().await;
     assert!(
-        matches!(
-            first,
-            Err(ProjectionError::Database(sqlx::Error::Database(_)))
-        ),
+        matches!(&first, Err(ProjectionError::Store(error)) if error.is_refusal()),
         "{first:?}"
     );
     assert_eq!(board.run_once().await.unwrap(), Outcome::Halted);
@@ -612,7 +614,10 @@ async fn a_halted_retry_meets_an_outage_then_applies_the_event_where_it_stands(d
         }),
     );
     let met = outage.retry_parked_event(assigned).await;
-    assert!(matches!(met, Err(ProjectionError::Database(_))), "{met:?}");
+    assert!(
+        matches!(met, Err(ProjectionError::Store(StoreError::Unavailable(_)))),
+        "{met:?}"
+    );
     let parked = board.parked().await.unwrap();
     assert_eq!(
         (parked.len(), parked[0].attempts),
@@ -752,9 +757,9 @@ impl Projector for Down {
 
     async fn apply(&self, _: &mut ReadTx, _: &[RecordedEvent]) -> Result<(), Failure> {
         let _ = self.tries.send(tokio::time::Instant::now());
-        Err(Failure::unplaced(ProjectionError::Database(
+        Err(Failure::unplaced(ProjectionError::Store(StoreError::from(
             sqlx::Error::Database(Box::new(Sqlstate("40P01"))),
-        )))
+        ))))
     }
 }
 

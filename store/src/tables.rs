@@ -1,0 +1,243 @@
+//! The tables kept beside the log (the read models, and later the processes' state), on
+//! the event store's own database so that their rows and a checkpoint commit in one
+//! transaction, and the leases that spread consumers between the processes sharing it.
+//!
+//! Statements are written once for every backend, with `$1`-style placeholders (or
+//! `placeholder(n)` in generated SQL) and `Param`s; rows come back as integers or text
+//! (the statement casts its columns). What differs between backends is the dialect's
+//! (`sql::Dialect`); this module is written once over it.
+//!
+//! Invariants: a write transaction on SQLite takes its turn at this process's write gate
+//! with the appends, then the write lock at once (a deferred transaction that reads and
+//! then writes could fail on a lock it cannot upgrade); a snapshot transaction sees one
+//! snapshot from before its caller's first statement; a lease is held exactly while its
+//! session answers (on SQLite, where one process owns the file, always).
+
+use std::fmt::Debug;
+
+use async_trait::async_trait;
+use sqlx::{Database, Transaction};
+use tokio::sync::OwnedMutexGuard;
+
+use crate::error::StoreError;
+use crate::sql::{Dialect, Param, SqlStore};
+
+/// The tables beside the log, on one database.
+#[async_trait]
+pub trait Tables: Send + Sync + Debug {
+    /// A transaction that writes.
+    async fn begin_write(&self) -> Result<Box<dyn TablesTx>, StoreError>;
+
+    /// A read-only transaction whose every statement sees the database as of its start:
+    /// one answer to a query, however many statements it takes.
+    async fn begin_snapshot(&self) -> Result<Box<dyn TablesTx>, StoreError>;
+
+    /// A transaction that only reads (on SQLite it takes no write lock).
+    async fn begin_read(&self) -> Result<Box<dyn TablesTx>, StoreError>;
+
+    /// Every row of one query, outside any transaction (one round trip: a single
+    /// statement sees one snapshot anyway); its columns are all text.
+    async fn fetch_text_rows(
+        &self,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> Result<Vec<Vec<Option<String>>>, StoreError>;
+
+    /// The integer in the first column of a query's first row, outside any transaction.
+    async fn fetch_int(&self, sql: &str, params: &[Param<'_>]) -> Result<Option<i64>, StoreError>;
+
+    /// Tries to take the lease `name`; `None` while another process holds it.
+    async fn try_lease(&self, name: &str) -> Result<Option<Box<dyn Lease>>, StoreError>;
+}
+
+/// One transaction on the tables beside the log.
+#[async_trait]
+pub trait TablesTx: Send + Debug {
+    /// The placeholder of the `n`-th parameter (from 1) in generated SQL whose parameters
+    /// appear in binding order: `$n` on PostgreSQL, `?` on SQLite, where binding a named
+    /// parameter looks its name up by a linear scan (quadratic in a statement of
+    /// thousands of parameters).
+    fn placeholder(&self, n: usize) -> String;
+
+    /// What ends a `SELECT` that holds the rows it reads against writers until this
+    /// transaction ends: `FOR SHARE` on PostgreSQL; nothing on SQLite, where a write
+    /// transaction already excludes every other writer.
+    fn share_lock(&self) -> &'static str;
+
+    /// Runs one statement; returns the rows it changed.
+    async fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<u64, StoreError>;
+
+    /// Runs a query whose first column is an integer; the value in its first row.
+    async fn fetch_int(
+        &mut self,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> Result<Option<i64>, StoreError>;
+
+    /// Every row of a query whose columns are all text.
+    async fn fetch_text_rows(
+        &mut self,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> Result<Vec<Vec<Option<String>>>, StoreError>;
+
+    /// How the database would run a statement, one line a step.
+    async fn explain(&mut self, sql: &str, params: &[Param<'_>]) -> Result<String, StoreError>;
+
+    async fn commit(self: Box<Self>) -> Result<(), StoreError>;
+}
+
+/// Which process does a piece of work (a projection, a process), while it holds this. On
+/// PostgreSQL several servers share the work: it runs where its lease is, and when that
+/// server dies its session ends, the lease goes with it, and another's next attempt takes
+/// it over. The lease decides who works; exactly-once never rests on it (a consumer's
+/// checkpoint guard makes a second holder's batch fail).
+#[async_trait]
+pub trait Lease: Send + Debug {
+    /// Whether the lease is still this process's (checked before every batch).
+    async fn held(&mut self) -> bool;
+
+    /// Gives the lease back.
+    async fn release(self: Box<Self>);
+}
+
+/// The lease of the process that owns its database alone: always held.
+#[derive(Debug)]
+pub(crate) struct SoleOwner;
+
+#[async_trait]
+impl Lease for SoleOwner {
+    async fn held(&mut self) -> bool {
+        true
+    }
+
+    async fn release(self: Box<Self>) {}
+}
+
+/// A transaction on the tables, and a SQLite writer's turn, held until it ends.
+#[derive(Debug)]
+struct Tx<DB: Database> {
+    transaction: Transaction<'static, DB>,
+    _turn: Option<OwnedMutexGuard<()>>,
+}
+
+impl<DB: Dialect> Tx<DB> {
+    fn of(transaction: Transaction<'static, DB>) -> Box<dyn TablesTx> {
+        Box::new(Tx {
+            transaction,
+            _turn: None,
+        })
+    }
+}
+
+async fn fetch_text_rows<DB: Dialect>(
+    connection: &mut DB::Connection,
+    sql: &str,
+    params: &[Param<'_>],
+) -> Result<Vec<Vec<Option<String>>>, StoreError> {
+    let rows = DB::fetch_all(connection, sql, params, DB::PREPARE_TABLE_STATEMENTS).await?;
+    Ok(rows.iter().map(DB::texts).collect::<Result<_, _>>()?)
+}
+
+async fn fetch_int<DB: Dialect>(
+    connection: &mut DB::Connection,
+    sql: &str,
+    params: &[Param<'_>],
+) -> Result<Option<i64>, StoreError> {
+    let row = DB::fetch_optional(connection, sql, params, DB::PREPARE_TABLE_STATEMENTS).await?;
+    Ok(row.as_ref().map(DB::first_int).transpose()?.flatten())
+}
+
+#[async_trait]
+impl<DB: Dialect> Tables for SqlStore<DB> {
+    async fn begin_write(&self) -> Result<Box<dyn TablesTx>, StoreError> {
+        let turn = match self.gate() {
+            Some(gate) => Some(gate.lock_owned().await),
+            None => None,
+        };
+        let transaction = self.pool().begin_with(DB::BEGIN_TABLES_WRITE).await?;
+        Ok(Box::new(Tx {
+            transaction,
+            _turn: turn,
+        }))
+    }
+
+    async fn begin_snapshot(&self) -> Result<Box<dyn TablesTx>, StoreError> {
+        let mut transaction = self.pool().begin_with(DB::BEGIN_SNAPSHOT).await?;
+        // Any read of a table takes the snapshot, on both backends.
+        fetch_int::<DB>(&mut transaction, "SELECT COUNT(*) FROM log_head", &[]).await?;
+        Ok(Tx::of(transaction))
+    }
+
+    async fn begin_read(&self) -> Result<Box<dyn TablesTx>, StoreError> {
+        Ok(Tx::of(self.pool().begin().await?))
+    }
+
+    async fn fetch_text_rows(
+        &self,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> Result<Vec<Vec<Option<String>>>, StoreError> {
+        fetch_text_rows::<DB>(&mut *self.pool().acquire().await?, sql, params).await
+    }
+
+    async fn fetch_int(&self, sql: &str, params: &[Param<'_>]) -> Result<Option<i64>, StoreError> {
+        fetch_int::<DB>(&mut *self.pool().acquire().await?, sql, params).await
+    }
+
+    async fn try_lease(&self, name: &str) -> Result<Option<Box<dyn Lease>>, StoreError> {
+        DB::try_lease(self.pool(), name).await
+    }
+}
+
+#[async_trait]
+impl<DB: Dialect> TablesTx for Tx<DB> {
+    fn placeholder(&self, n: usize) -> String {
+        DB::placeholder(n)
+    }
+
+    fn share_lock(&self) -> &'static str {
+        DB::SHARE_LOCK
+    }
+
+    async fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<u64, StoreError> {
+        let done = DB::execute(
+            &mut self.transaction,
+            sql,
+            params,
+            DB::PREPARE_TABLE_STATEMENTS,
+        )
+        .await?;
+        Ok(DB::rows_affected(&done))
+    }
+
+    async fn fetch_int(
+        &mut self,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> Result<Option<i64>, StoreError> {
+        fetch_int::<DB>(&mut self.transaction, sql, params).await
+    }
+
+    async fn fetch_text_rows(
+        &mut self,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> Result<Vec<Vec<Option<String>>>, StoreError> {
+        fetch_text_rows::<DB>(&mut self.transaction, sql, params).await
+    }
+
+    async fn explain(&mut self, sql: &str, params: &[Param<'_>]) -> Result<String, StoreError> {
+        let explain = format!("{}{sql}", DB::EXPLAIN);
+        let rows = DB::fetch_all(&mut self.transaction, &explain, params, false).await?;
+        let lines = rows
+            .iter()
+            .map(|row| DB::required(DB::text, row, DB::EXPLAIN_COLUMN))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(lines.join("\n"))
+    }
+
+    async fn commit(self: Box<Self>) -> Result<(), StoreError> {
+        Ok(self.transaction.commit().await?)
+    }
+}
