@@ -31,6 +31,28 @@ impl DealStatus {
             DealStatus::Lost => "lost",
         }
     }
+
+    /// The status an `as_str` word names.
+    pub fn parse(word: &str) -> Option<DealStatus> {
+        [
+            DealStatus::Absent,
+            DealStatus::Open,
+            DealStatus::Won,
+            DealStatus::Lost,
+        ]
+        .into_iter()
+        .find(|status| status.as_str() == word)
+    }
+
+    /// The status after `event`: the one rule the aggregate and the deal board share.
+    pub fn after(self, event: &DealEvent) -> DealStatus {
+        match event {
+            DealEvent::DealOpened { .. } => DealStatus::Open,
+            DealEvent::DealStageChanged { .. } | DealEvent::DealAmountChanged { .. } => self,
+            DealEvent::DealWon { .. } => DealStatus::Won,
+            DealEvent::DealLost { .. } => DealStatus::Lost,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -212,6 +234,7 @@ impl Aggregate for Deal {
     }
 
     fn evolve(mut self, event: &DealEvent) -> Self {
+        self.status = self.status.after(event);
         match event {
             DealEvent::DealOpened {
                 deal_id,
@@ -224,7 +247,6 @@ impl Aggregate for Deal {
             } => {
                 self.id = Some(*deal_id);
                 self.account_id = Some(*account_id);
-                self.status = DealStatus::Open;
                 self.name = Some(name.clone());
                 self.amount = Some(amount.clone());
                 self.owner = owner.clone();
@@ -233,8 +255,7 @@ impl Aggregate for Deal {
             }
             DealEvent::DealStageChanged { to, .. } => self.stage = Some(*to),
             DealEvent::DealAmountChanged { to, .. } => self.amount = Some(to.clone()),
-            DealEvent::DealWon { .. } => self.status = DealStatus::Won,
-            DealEvent::DealLost { .. } => self.status = DealStatus::Lost,
+            DealEvent::DealWon { .. } | DealEvent::DealLost { .. } => {}
         }
         self
     }

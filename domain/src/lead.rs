@@ -54,11 +54,32 @@ impl LeadStatus {
         }
     }
 
+    /// The status an `as_str` word names.
+    pub fn parse(word: &str) -> Option<LeadStatus> {
+        std::iter::once(LeadStatus::Absent)
+            .chain(LeadStatus::CAPTURED.iter().copied())
+            .find(|status| status.as_str() == word)
+    }
+
     pub fn is_open(self) -> bool {
         matches!(
             self,
             LeadStatus::New | LeadStatus::Working | LeadStatus::Qualified
         )
+    }
+
+    /// The status after `event`: the one rule the aggregate and the lead board share.
+    /// A lead is new when captured, working once assigned while new, and qualified,
+    /// disqualified or converted by the events that say so; signals leave it as it is.
+    pub fn after(self, event: &LeadEvent) -> LeadStatus {
+        match event {
+            LeadEvent::LeadCaptured { .. } => LeadStatus::New,
+            LeadEvent::LeadAssigned { .. } if self == LeadStatus::New => LeadStatus::Working,
+            LeadEvent::SignalRecorded { .. } | LeadEvent::LeadAssigned { .. } => self,
+            LeadEvent::LeadQualified { .. } => LeadStatus::Qualified,
+            LeadEvent::LeadDisqualified { .. } => LeadStatus::Disqualified,
+            LeadEvent::LeadConverted { .. } => LeadStatus::Converted,
+        }
     }
 }
 
@@ -367,6 +388,7 @@ impl Aggregate for Lead {
     }
 
     fn evolve(mut self, event: &LeadEvent) -> Self {
+        self.status = self.status.after(event);
         match event {
             LeadEvent::LeadCaptured {
                 lead_id,
@@ -376,7 +398,6 @@ impl Aggregate for Lead {
                 source,
             } => {
                 self.id = Some(*lead_id);
-                self.status = LeadStatus::New;
                 self.email = Some(email.clone());
                 self.name = Some(name.clone());
                 self.company = company.clone();
@@ -385,23 +406,14 @@ impl Aggregate for Lead {
             LeadEvent::SignalRecorded { points, .. } => {
                 self.score = self.score.saturating_add(*points);
             }
-            LeadEvent::LeadQualified { .. } => {
-                self.qualified = true;
-                self.status = LeadStatus::Qualified;
-            }
-            LeadEvent::LeadAssigned { owner, .. } => {
-                self.owner = Some(owner.clone());
-                if self.status == LeadStatus::New {
-                    self.status = LeadStatus::Working;
-                }
-            }
-            LeadEvent::LeadDisqualified { .. } => self.status = LeadStatus::Disqualified,
+            LeadEvent::LeadQualified { .. } => self.qualified = true,
+            LeadEvent::LeadAssigned { owner, .. } => self.owner = Some(owner.clone()),
+            LeadEvent::LeadDisqualified { .. } => {}
             LeadEvent::LeadConverted {
                 account_id,
                 deal_id,
                 ..
             } => {
-                self.status = LeadStatus::Converted;
                 self.converted_account_id = Some(*account_id);
                 self.converted_deal_id = Some(*deal_id);
             }

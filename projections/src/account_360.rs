@@ -5,45 +5,35 @@
 use annals_domain::account::AccountEvent;
 use annals_store::{LogFilter, RecordedEvent};
 
-use crate::rows::{RowModel, column, integer, required};
-use crate::{Param, ProjectionError, Table, aggregate_id, decode, sql_int, time_text};
+use crate::rows::{RowModel, row};
+use crate::{ProjectionError, aggregate_id, decode, sql_int, time_text};
+
+/// The projection's name, and its table's.
+pub const NAME: &str = "account_360";
 
 #[derive(Debug, Default)]
 pub struct Account360;
 
-/// A row of `account_360`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AccountRow {
-    pub account_id: String,
-    pub name: String,
-    pub domain: Option<String>,
-    pub industry: Option<String>,
-    pub employees: Option<i64>,
-    pub tier: String,
-    pub opened_at: String,
-    pub updated_position: i64,
+row! {
+    /// A row of `account_360`.
+    pub struct AccountRow in table NAME, keyed by account_id {
+        pub account_id: String,
+        pub name: String,
+        pub domain: Option<String>,
+        pub industry: Option<String>,
+        pub employees: Option<i64>,
+        pub tier: String,
+        pub opened_at: String,
+        pub updated_position: i64,
+    }
 }
 
 impl RowModel for Account360 {
     type Row = AccountRow;
 
-    const NAME: &'static str = "account_360";
+    const NAME: &'static str = NAME;
     // Keyed by the aggregate id of the stream, from that stream's category only.
     const ROWS_FOLLOW_STREAMS: bool = true;
-    const TABLE: Table = Table {
-        name: "account_360",
-        columns: &[
-            "account_id",
-            "name",
-            "domain",
-            "industry",
-            "employees",
-            "tier",
-            "opened_at",
-            "updated_position",
-        ],
-        key: "account_id",
-    };
 
     fn filter(&self) -> LogFilter {
         LogFilter::categories(["account"])
@@ -92,31 +82,5 @@ impl RowModel for Account360 {
         }
         row.updated_position = position;
         Ok(Some(row))
-    }
-
-    fn to_params(&self, row: &AccountRow) -> Vec<Param<'static>> {
-        vec![
-            row.account_id.clone().into(),
-            row.name.clone().into(),
-            row.domain.clone().into(),
-            row.industry.clone().into(),
-            Param::Int(row.employees),
-            row.tier.clone().into(),
-            row.opened_at.clone().into(),
-            row.updated_position.into(),
-        ]
-    }
-
-    fn read_row(&self, v: &[Option<String>]) -> Result<AccountRow, ProjectionError> {
-        Ok(AccountRow {
-            account_id: required(v, 0)?,
-            name: required(v, 1)?,
-            domain: column(v, 2),
-            industry: column(v, 3),
-            employees: integer(v, 4)?,
-            tier: required(v, 5)?,
-            opened_at: required(v, 6)?,
-            updated_position: integer(v, 7)?.unwrap_or(0),
-        })
     }
 }

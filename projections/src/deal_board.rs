@@ -1,62 +1,45 @@
 //! `deal_board`: one row per deal with its stage, status, amount, owner and account
 //! (`domain.md`, read models); the pipeline's figures are aggregates of it.
 
-use annals_domain::deal::DealEvent;
+use annals_domain::deal::{DealEvent, DealStatus};
 use annals_store::{LogFilter, RecordedEvent};
 
-use crate::rows::{RowModel, column, integer, required};
-use crate::{Param, ProjectionError, Table, aggregate_id, decode, sql_int, time_text};
+use crate::rows::{RowModel, row};
+use crate::{ProjectionError, aggregate_id, decode, sql_int, time_text};
+
+/// The projection's name, and its table's.
+pub const NAME: &str = "deal_board";
 
 #[derive(Debug, Default)]
 pub struct DealBoard;
 
-/// A row of `deal_board`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DealRow {
-    pub deal_id: String,
-    pub account_id: String,
-    pub name: String,
-    pub stage: String,
-    pub status: String,
-    pub currency: String,
-    pub amount_minor: i64,
-    pub owner: Option<String>,
-    pub expected_close: Option<String>,
-    pub opened_at: String,
-    pub opened_micros: i64,
-    pub closed_at: Option<String>,
-    pub closed_micros: Option<i64>,
-    pub lost_reason: Option<String>,
-    pub updated_position: i64,
+row! {
+    /// A row of `deal_board`.
+    pub struct DealRow in table NAME, keyed by deal_id {
+        pub deal_id: String,
+        pub account_id: String,
+        pub name: String,
+        pub stage: String,
+        pub status: DealStatus,
+        pub currency: String,
+        pub amount_minor: i64,
+        pub owner: Option<String>,
+        pub expected_close: Option<String>,
+        pub opened_at: String,
+        pub opened_micros: i64,
+        pub closed_at: Option<String>,
+        pub closed_micros: Option<i64>,
+        pub lost_reason: Option<String>,
+        pub updated_position: i64,
+    }
 }
 
 impl RowModel for DealBoard {
     type Row = DealRow;
 
-    const NAME: &'static str = "deal_board";
+    const NAME: &'static str = NAME;
     // Keyed by the aggregate id of the stream, from that stream's category only.
     const ROWS_FOLLOW_STREAMS: bool = true;
-    const TABLE: Table = Table {
-        name: "deal_board",
-        columns: &[
-            "deal_id",
-            "account_id",
-            "name",
-            "stage",
-            "status",
-            "currency",
-            "amount_minor",
-            "owner",
-            "expected_close",
-            "opened_at",
-            "opened_micros",
-            "closed_at",
-            "closed_micros",
-            "lost_reason",
-            "updated_position",
-        ],
-        key: "deal_id",
-    };
 
     fn filter(&self) -> LogFilter {
         LogFilter::categories(["deal"])
@@ -88,7 +71,7 @@ impl RowModel for DealBoard {
                 account_id: account_id.to_string(),
                 name: name.as_str().to_owned(),
                 stage: stage.as_str().to_owned(),
-                status: "open".into(),
+                status: DealStatus::Open,
                 currency: amount.currency.as_str().to_owned(),
                 amount_minor: amount.amount_minor,
                 owner: owner.map(|o| o.as_str().to_owned()),
@@ -106,16 +89,12 @@ impl RowModel for DealBoard {
             event_type: event.event_type.clone(),
             reason: "the deal was never opened".into(),
         })?;
+        row.status = row.status.after(&decoded);
         match decoded {
             DealEvent::DealOpened { .. } => {}
             DealEvent::DealStageChanged { to, .. } => row.stage = to.as_str().to_owned(),
             DealEvent::DealAmountChanged { to, .. } => row.amount_minor = to.amount_minor,
             DealEvent::DealWon { .. } | DealEvent::DealLost { .. } => {
-                row.status = if matches!(decoded, DealEvent::DealWon { .. }) {
-                    "won".into()
-                } else {
-                    "lost".into()
-                };
                 if let DealEvent::DealLost { reason } = &decoded {
                     row.lost_reason = Some(reason.as_str().to_owned());
                 }
@@ -125,45 +104,5 @@ impl RowModel for DealBoard {
         }
         row.updated_position = position;
         Ok(Some(row))
-    }
-
-    fn to_params(&self, row: &DealRow) -> Vec<Param<'static>> {
-        vec![
-            row.deal_id.clone().into(),
-            row.account_id.clone().into(),
-            row.name.clone().into(),
-            row.stage.clone().into(),
-            row.status.clone().into(),
-            row.currency.clone().into(),
-            row.amount_minor.into(),
-            row.owner.clone().into(),
-            row.expected_close.clone().into(),
-            row.opened_at.clone().into(),
-            row.opened_micros.into(),
-            row.closed_at.clone().into(),
-            Param::Int(row.closed_micros),
-            row.lost_reason.clone().into(),
-            row.updated_position.into(),
-        ]
-    }
-
-    fn read_row(&self, v: &[Option<String>]) -> Result<DealRow, ProjectionError> {
-        Ok(DealRow {
-            deal_id: required(v, 0)?,
-            account_id: required(v, 1)?,
-            name: required(v, 2)?,
-            stage: required(v, 3)?,
-            status: required(v, 4)?,
-            currency: required(v, 5)?,
-            amount_minor: integer(v, 6)?.unwrap_or(0),
-            owner: column(v, 7),
-            expected_close: column(v, 8),
-            opened_at: required(v, 9)?,
-            opened_micros: integer(v, 10)?.unwrap_or(0),
-            closed_at: column(v, 11),
-            closed_micros: integer(v, 12)?,
-            lost_reason: column(v, 13),
-            updated_position: integer(v, 14)?.unwrap_or(0),
-        })
     }
 }

@@ -52,6 +52,7 @@ use std::time::Duration;
 
 use annals_store::{EventStore, LogFilter, RecordedEvent, StoreError};
 use async_trait::async_trait;
+use rows::Column;
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -1308,8 +1309,8 @@ impl ProjectionRunner {
             return Err(ProjectionError::Busy(name.to_owned()));
         };
         let generation = |i: usize| {
-            rows::integer(row, i)?
-                .ok_or_else(|| ProjectionError::Corrupt(format!("projections row of {name}")))
+            i64::read(row.get(i), "generation")
+                .map_err(|_| ProjectionError::Corrupt(format!("projections row of {name}")))
         };
         let (live, spare) = (generation(0)?, generation(1)?);
         // Every generation with rows has a checkpoint row: they commit together.
@@ -1321,7 +1322,7 @@ impl ProjectionRunner {
             )
             .await?;
         for leftover in &leftovers {
-            if let Some(generation) = rows::integer(leftover, 0)? {
+            if let Some(generation) = Option::<i64>::read(leftover.first(), "generation")? {
                 self.delete_generation(&mut tx, generation).await?;
             }
         }

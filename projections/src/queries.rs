@@ -10,9 +10,12 @@
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::deal_board::{DealBoard, DealRow};
-use crate::lead_board::{LeadBoard, LeadRow};
-use crate::rows::{RowModel, text_columns};
+use annals_domain::deal::DealStatus;
+
+use crate::account_360;
+use crate::deal_board::{self, DealRow};
+use crate::lead_board::{self, LeadRow};
+use crate::rows::{Row, text_columns};
 use crate::{Param, ProjectionError, ReadDatabase, ReadTx};
 
 /// The live generation of a projection, as a subquery.
@@ -187,7 +190,7 @@ impl Snapshot {
         let owner_param: Param = owner.unwrap_or("").into();
         let filter = format!(
             "generation = {} AND ($1 = '' OR owner = $1)",
-            live("deal_board")
+            live(deal_board::NAME)
         );
         let figures = |row: &Vec<Option<String>>, with_owner: bool| {
             let offset = usize::from(with_owner);
@@ -295,7 +298,7 @@ impl Snapshot {
         // Each step counts the rows whose time for it falls in the window, found by a
         // range on an index of that time (generation first); a won deal counts for the
         // source of the lead converted into it.
-        let lead_generation = live("lead_board");
+        let lead_generation = live(lead_board::NAME);
         let step = |name: &str, column: &str| {
             format!(
                 "SELECT source, '{name}' AS step FROM lead_board \
@@ -316,7 +319,7 @@ impl Snapshot {
             captured = step("captured", "captured_at"),
             qualified = step("qualified", "qualified_at"),
             converted = step("converted", "converted_at"),
-            deal_generation = live("deal_board"),
+            deal_generation = live(deal_board::NAME),
         );
         let steps = |captured, qualified, converted, deal_won| FunnelSteps {
             captured,
@@ -405,7 +408,7 @@ impl Snapshot {
                 &format!(
                     "SELECT account_id, name, domain, industry, CAST(employees AS TEXT), tier \
                FROM account_360 WHERE generation = {} AND account_id = $1",
-                    live("account_360")
+                    live(account_360::NAME)
                 ),
                 std::slice::from_ref(&id),
             )
@@ -419,7 +422,7 @@ impl Snapshot {
                     "SELECT deal_id, name, stage, status, currency, CAST(amount_minor AS TEXT) \
                FROM deal_board WHERE generation = {} AND account_id = $1 \
               ORDER BY opened_micros, deal_id",
-                    live("deal_board")
+                    live(deal_board::NAME)
                 ),
                 std::slice::from_ref(&id),
             )
@@ -438,7 +441,7 @@ impl Snapshot {
         &format!(
             "SELECT lead_id FROM lead_board WHERE generation = {} AND converted_account_id = $1 \
               ORDER BY converted_at, lead_id",
-            live("lead_board")
+            live(lead_board::NAME)
         ),
         std::slice::from_ref(&id),
     )
@@ -447,7 +450,10 @@ impl Snapshot {
     .map(|l| text(l, 0))
     .collect();
         let mut won: Vec<(String, i64)> = Vec::new();
-        for deal in deals.iter().filter(|d| d.status == "won") {
+        for deal in deals
+            .iter()
+            .filter(|d| d.status == DealStatus::Won.as_str())
+        {
             match won.iter_mut().find(|(c, _)| *c == deal.currency) {
                 Some((_, sum)) => *sum = sum.saturating_add(deal.amount_minor),
                 None => won.push((deal.currency.clone(), deal.amount_minor)),
@@ -607,13 +613,13 @@ pub struct LeadFilter {
 fn select_leads() -> String {
     format!(
         "SELECT {} FROM lead_board WHERE generation = {}",
-        text_columns(&LeadBoard::TABLE),
-        live("lead_board")
+        text_columns(&LeadRow::TABLE),
+        live(lead_board::NAME)
     )
 }
 
 fn lead_row(row: &[Option<String>]) -> Result<LeadRow, ProjectionError> {
-    LeadBoard.read_row(row)
+    LeadRow::read(row)
 }
 
 /// Leads matching the filter, score descending, then capture time, then id (a stable total order); keyset pagination.
@@ -699,13 +705,13 @@ pub struct DealFilter {
 fn select_deals() -> String {
     format!(
         "SELECT {} FROM deal_board WHERE generation = {}",
-        text_columns(&DealBoard::TABLE),
-        live("deal_board")
+        text_columns(&DealRow::TABLE),
+        live(deal_board::NAME)
     )
 }
 
 fn deal_row(row: &[Option<String>]) -> Result<DealRow, ProjectionError> {
-    DealBoard.read_row(row)
+    DealRow::read(row)
 }
 
 /// Deals matching the filter, in the order they were opened (opened_micros, then id); keyset pagination.

@@ -6,17 +6,143 @@
 use std::collections::HashMap;
 use std::fmt::Debug;
 
+use annals_domain::deal::DealStatus;
+use annals_domain::lead::LeadStatus;
 use annals_store::RecordedEvent;
 use async_trait::async_trait;
 
 use crate::{Failure, Param, ProjectionError, Projector, ReadTx, Table};
 
+/// A row of a read model's table, declared once with `row!`: its fields are the table's
+/// columns, in order.
+pub trait Row: Clone + Send + Sync + PartialEq + Debug + Sized {
+    const TABLE: Table;
+
+    /// The row's values, in `TABLE.columns` order.
+    fn to_params(&self) -> Vec<Param<'static>>;
+
+    /// A row read back as text, in `TABLE.columns` order.
+    fn read(values: &[Option<String>]) -> Result<Self, ProjectionError>;
+}
+
+/// Declares a read model's row once: the struct, whose fields are its table's columns in
+/// order (`String`, `i64`, or either as an `Option` for a nullable column), the table's
+/// name (the read model's `NAME`) and key, and so how the row is written and read back.
+macro_rules! row {
+    (
+        $(#[$meta:meta])*
+        pub struct $row:ident in table $table:path, keyed by $key:ident {
+            $($(#[$field_meta:meta])* pub $field:ident: $kind:ty,)*
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq)]
+        pub struct $row {
+            $($(#[$field_meta])* pub $field: $kind,)*
+        }
+
+        impl $crate::rows::Row for $row {
+            const TABLE: $crate::Table = $crate::Table {
+                name: $table,
+                columns: &[$(stringify!($field)),*],
+                key: stringify!($key),
+            };
+
+            fn to_params(&self) -> Vec<$crate::Param<'static>> {
+                vec![$($crate::rows::Column::param(&self.$field)),*]
+            }
+
+            fn read(values: &[Option<String>]) -> Result<Self, $crate::ProjectionError> {
+                let mut values = values.iter();
+                Ok($row {
+                    $($field: $crate::rows::Column::read(values.next(), stringify!($field))?,)*
+                })
+            }
+        }
+    };
+}
+pub(crate) use row;
+
+/// How a field of a `row!` is written and read back as text.
+pub trait Column: Sized {
+    fn param(&self) -> Param<'static>;
+    fn read(value: Option<&Option<String>>, column: &str) -> Result<Self, ProjectionError>;
+}
+
+fn not_null<T>(value: Option<T>, column: &str) -> Result<T, ProjectionError> {
+    value.ok_or_else(|| ProjectionError::Corrupt(format!("{column} is NULL")))
+}
+
+impl Column for Option<String> {
+    fn param(&self) -> Param<'static> {
+        self.clone().into()
+    }
+
+    fn read(value: Option<&Option<String>>, _column: &str) -> Result<Self, ProjectionError> {
+        Ok(value.cloned().flatten())
+    }
+}
+
+impl Column for String {
+    fn param(&self) -> Param<'static> {
+        self.clone().into()
+    }
+
+    fn read(value: Option<&Option<String>>, column: &str) -> Result<Self, ProjectionError> {
+        not_null(Option::<String>::read(value, column)?, column)
+    }
+}
+
+impl Column for Option<i64> {
+    fn param(&self) -> Param<'static> {
+        Param::Int(*self)
+    }
+
+    fn read(value: Option<&Option<String>>, column: &str) -> Result<Self, ProjectionError> {
+        Option::<String>::read(value, column)?
+            .map(|text| {
+                text.parse().map_err(|_| {
+                    ProjectionError::Corrupt(format!("{column} is not an integer: {text:?}"))
+                })
+            })
+            .transpose()
+    }
+}
+
+impl Column for i64 {
+    fn param(&self) -> Param<'static> {
+        Param::Int(Some(*self))
+    }
+
+    fn read(value: Option<&Option<String>>, column: &str) -> Result<Self, ProjectionError> {
+        not_null(Option::<i64>::read(value, column)?, column)
+    }
+}
+
+/// A status of the domain's, stored as its word.
+macro_rules! status_column {
+    ($($status:ty),*) => {$(
+        impl Column for $status {
+            fn param(&self) -> Param<'static> {
+                self.as_str().into()
+            }
+
+            fn read(value: Option<&Option<String>>, column: &str) -> Result<Self, ProjectionError> {
+                let word = String::read(value, column)?;
+                <$status>::parse(&word).ok_or_else(|| {
+                    ProjectionError::Corrupt(format!("{column} is not a status: {word:?}"))
+                })
+            }
+        }
+    )*};
+}
+status_column!(LeadStatus, DealStatus);
+
 /// A read model of rows keyed by one column, each row folded from events.
 pub trait RowModel: Send + Sync + Debug + 'static {
-    type Row: Clone + Send + Sync + PartialEq + Debug;
+    type Row: Row;
 
     const NAME: &'static str;
-    const TABLE: Table;
     /// Whether every row folds from the events of one stream only (its key is the
     /// stream's aggregate id): a re-fold then reads that stream, not the whole log.
     const ROWS_FOLLOW_STREAMS: bool = false;
@@ -33,12 +159,6 @@ pub trait RowModel: Send + Sync + Debug + 'static {
         row: Option<Self::Row>,
         event: &RecordedEvent,
     ) -> Result<Option<Self::Row>, ProjectionError>;
-
-    /// The row's values, in `TABLE.columns` order.
-    fn to_params(&self, row: &Self::Row) -> Vec<Param<'static>>;
-
-    /// A row read back as text, in `TABLE.columns` order.
-    fn read_row(&self, values: &[Option<String>]) -> Result<Self::Row, ProjectionError>;
 }
 
 /// Rows per statement: keeps a statement's parameters within SQLite's and PostgreSQL's
@@ -57,7 +177,7 @@ impl<M: RowModel> Projector for M {
     }
 
     fn tables(&self) -> &'static [Table] {
-        std::slice::from_ref(&M::TABLE)
+        std::slice::from_ref(&<M::Row as Row>::TABLE)
     }
 
     async fn apply(&self, tx: &mut ReadTx, events: &[RecordedEvent]) -> Result<(), Failure> {
@@ -78,7 +198,7 @@ impl<M: RowModel> Projector for M {
         let mut keys: Vec<&str> = keyed.iter().map(|(k, _)| k.as_str()).collect();
         keys.sort_unstable();
         keys.dedup();
-        let before = load(model, tx, &keys).await.map_err(Failure::unplaced)?;
+        let before = load::<M>(tx, &keys).await.map_err(Failure::unplaced)?;
         let mut rows = before.clone();
         for (key, event) in &keyed {
             let row = rows.remove(key.as_str());
@@ -96,9 +216,7 @@ impl<M: RowModel> Projector for M {
             .filter(|key| !rows.contains_key(key.as_str()))
             .map(String::as_str)
             .collect();
-        store(model, tx, &changed, &gone)
-            .await
-            .map_err(Failure::unplaced)
+        store(tx, &changed, &gone).await.map_err(Failure::unplaced)
     }
 
     fn rows_follow_streams(&self) -> bool {
@@ -129,12 +247,12 @@ impl<M: RowModel> Projector for M {
                 row = self.fold(row, earlier).map_err(at(earlier))?;
             }
         }
-        let before = load(self, tx, &[key.as_str()])
+        let before = load::<M>(tx, &[key.as_str()])
             .await
             .map_err(Failure::unplaced)?;
         let written = match &row {
-            Some(row) if before.get(&key) != Some(row) => store(self, tx, &[row], &[]).await,
-            None if before.contains_key(&key) => store(self, tx, &[], &[key.as_str()]).await,
+            Some(row) if before.get(&key) != Some(row) => store(tx, &[row], &[]).await,
+            None if before.contains_key(&key) => store::<M::Row>(tx, &[], &[key.as_str()]).await,
             _ => Ok(()),
         };
         written.map_err(Failure::unplaced)
@@ -154,11 +272,10 @@ pub(crate) fn text_columns(table: &Table) -> String {
 }
 
 async fn load<M: RowModel>(
-    model: &M,
     tx: &mut ReadTx,
     keys: &[&str],
 ) -> Result<HashMap<String, M::Row>, ProjectionError> {
-    let table = M::TABLE;
+    let table = <M::Row as Row>::TABLE;
     let columns = text_columns(&table);
     let mut rows = HashMap::new();
     for chunk in keys.chunks(ROWS_PER_STATEMENT) {
@@ -176,19 +293,18 @@ async fn load<M: RowModel>(
         params.extend(chunk.iter().map(|k| Param::from(*k)));
         for values in tx.fetch_text_rows(&sql, &params).await? {
             let key = values.first().cloned().flatten().unwrap_or_default();
-            rows.insert(key, model.read_row(&values)?);
+            rows.insert(key, M::Row::read(&values)?);
         }
     }
     Ok(rows)
 }
 
-async fn store<M: RowModel>(
-    model: &M,
+async fn store<R: Row>(
     tx: &mut ReadTx,
-    changed: &[&M::Row],
+    changed: &[&R],
     gone: &[&str],
 ) -> Result<(), ProjectionError> {
-    let table = M::TABLE;
+    let table = R::TABLE;
     let generation = tx.generation();
     let width = table.columns.len() + 1;
     let updates = table
@@ -219,7 +335,7 @@ async fn store<M: RowModel>(
         let mut params = Vec::with_capacity(chunk.len() * width);
         for row in chunk {
             params.push(Param::from(generation));
-            params.extend(model.to_params(row));
+            params.extend(row.to_params());
         }
         tx.execute(&sql, &params).await?;
     }
@@ -234,24 +350,4 @@ async fn store<M: RowModel>(
         .await?;
     }
     Ok(())
-}
-
-/// Reads the text of one column of a row read back (`None` when NULL).
-pub(crate) fn column(values: &[Option<String>], i: usize) -> Option<String> {
-    values.get(i).cloned().flatten()
-}
-
-/// Reads a required text column.
-pub(crate) fn required(values: &[Option<String>], i: usize) -> Result<String, ProjectionError> {
-    column(values, i).ok_or_else(|| ProjectionError::Corrupt(format!("column {i} is NULL")))
-}
-
-/// Reads an integer column.
-pub(crate) fn integer(values: &[Option<String>], i: usize) -> Result<Option<i64>, ProjectionError> {
-    column(values, i)
-        .map(|v| {
-            v.parse()
-                .map_err(|_| ProjectionError::Corrupt(format!("column {i} is not an integer")))
-        })
-        .transpose()
 }

@@ -969,7 +969,7 @@ async fn each_query_uses_its_index(db: Arc<Fixture>) {
         let funnel = snapshot.funnel(Some(from), Some(to), None).await.unwrap();
         took.push(("funnel window", started.elapsed()));
         assert_eq!(page.items.len(), 50);
-        assert_eq!(page.items[0].status, "qualified");
+        assert_eq!(page.items[0].status.as_str(), "qualified");
         assert_eq!(view.converted_leads.len() as u64, rows / 10_000);
         assert_eq!(
             (

@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use annals_domain::lead::LeadStatus;
 use annals_domain::values::{Source, Stage};
-use annals_projections::deal_board::DealRow;
-use annals_projections::lead_board::LeadRow;
+use annals_projections::account_360;
+use annals_projections::deal_board::{self, DealRow};
+use annals_projections::lead_board::{self, LeadRow};
 use annals_projections::queries::{self, DealFilter, LeadFilter, Snapshot};
 use axum::Json;
 use axum::extract::State;
@@ -88,7 +89,7 @@ fn lead_item(view: LeadRow) -> LeadItem {
         name: view.name,
         company: view.company,
         source: view.source,
-        status: view.status,
+        status: view.status.as_str().to_owned(),
         score: view.score,
         owner: view.owner,
         captured_at: view.captured_at,
@@ -104,7 +105,7 @@ fn deal_item(view: DealRow) -> DealItem {
         account_id: view.account_id,
         name: view.name,
         stage: view.stage,
-        status: view.status,
+        status: view.status.as_str().to_owned(),
         amount: MoneyBody {
             currency: view.currency,
             amount_minor: view.amount_minor,
@@ -145,7 +146,8 @@ async fn list_leads(
         Source::parse(source)?;
     }
     let limit = limit(query.limit);
-    let (mut snapshot, position) = snapshot(&app, &["lead_board"], consistency.position()).await?;
+    let (mut snapshot, position) =
+        snapshot(&app, &[lead_board::NAME], consistency.position()).await?;
     let filter = LeadFilter {
         status: query.status,
         owner: query.owner,
@@ -177,7 +179,8 @@ async fn get_lead(
     Id(id): Id,
     Params(consistency): Params<Consistency>,
 ) -> Result<Response, ApiError> {
-    let (mut snapshot, position) = snapshot(&app, &["lead_board"], consistency.position()).await?;
+    let (mut snapshot, position) =
+        snapshot(&app, &[lead_board::NAME], consistency.position()).await?;
     let lead = snapshot.lead(&id.to_string()).await?;
     snapshot.finish().await?;
     let lead =
@@ -199,7 +202,7 @@ async fn get_account(
 ) -> Result<Response, ApiError> {
     let (mut snapshot, position) = snapshot(
         &app,
-        &["account_360", "deal_board", "lead_board"],
+        &[account_360::NAME, deal_board::NAME, lead_board::NAME],
         consistency.position(),
     )
     .await?;
@@ -255,7 +258,8 @@ async fn list_deals(
         Stage::parse(stage)?;
     }
     let limit = limit(query.limit);
-    let (mut snapshot, position) = snapshot(&app, &["deal_board"], consistency.position()).await?;
+    let (mut snapshot, position) =
+        snapshot(&app, &[deal_board::NAME], consistency.position()).await?;
     let filter = DealFilter {
         stage: query.stage,
         owner: query.owner,
@@ -286,7 +290,8 @@ async fn get_deal(
     Id(id): Id,
     Params(consistency): Params<Consistency>,
 ) -> Result<Response, ApiError> {
-    let (mut snapshot, position) = snapshot(&app, &["deal_board"], consistency.position()).await?;
+    let (mut snapshot, position) =
+        snapshot(&app, &[deal_board::NAME], consistency.position()).await?;
     let deal = snapshot.deal(&id.to_string()).await?;
     snapshot.finish().await?;
     let deal =
@@ -322,8 +327,12 @@ async fn funnel(
     if let Some(source) = &query.source {
         Source::parse(source)?;
     }
-    let (mut snapshot, position) =
-        snapshot(&app, &["lead_board", "deal_board"], consistency.position()).await?;
+    let (mut snapshot, position) = snapshot(
+        &app,
+        &[lead_board::NAME, deal_board::NAME],
+        consistency.position(),
+    )
+    .await?;
     // Read models keep times as RFC 3339 UTC text with microseconds.
     let text =
         |t: &chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
@@ -366,7 +375,8 @@ async fn pipeline(
     Params(query): Params<PipelineQuery>,
     Params(consistency): Params<Consistency>,
 ) -> Result<Response, ApiError> {
-    let (mut snapshot, position) = snapshot(&app, &["deal_board"], consistency.position()).await?;
+    let (mut snapshot, position) =
+        snapshot(&app, &[deal_board::NAME], consistency.position()).await?;
     let pipeline = snapshot.pipeline(query.owner.as_deref()).await?;
     snapshot.finish().await?;
     let figure = |f: queries::StageFigure| StageFigureView {

@@ -751,3 +751,27 @@ fn a_conversion_opens_a_new_account_and_the_deal_or_only_the_deal() {
     assert_eq!(account_to_open(&captured()), None);
     assert_eq!(deal_to_open(&captured(), true), None);
 }
+
+/// A status read back from its word is the status that wrote it (the read models store
+/// the word); a word no status writes names none.
+#[test]
+fn every_status_word_names_its_status_and_no_other_word_does() {
+    use annals_domain::deal::DealStatus;
+    use annals_domain::lead::LeadStatus;
+    let leads = std::iter::once(LeadStatus::Absent).chain(LeadStatus::CAPTURED.iter().copied());
+    for status in leads {
+        assert_eq!(LeadStatus::parse(status.as_str()), Some(status));
+    }
+    for status in [
+        DealStatus::Absent,
+        DealStatus::Open,
+        DealStatus::Won,
+        DealStatus::Lost,
+    ] {
+        assert_eq!(DealStatus::parse(status.as_str()), Some(status));
+    }
+    for word in ["", "Qualified", "qualified ", "closed"] {
+        assert_eq!(LeadStatus::parse(word), None, "{word:?}");
+        assert_eq!(DealStatus::parse(word), None, "{word:?}");
+    }
+}
