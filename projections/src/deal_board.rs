@@ -3,9 +3,14 @@
 
 use annals_domain::deal::{DealEvent, DealStatus};
 use annals_store::{LogFilter, RecordedEvent};
+use serde::Serialize;
 
-use crate::rows::{RowModel, row};
-use crate::{ProjectionError, aggregate_id, decode, sql_int, time_text};
+use crate::queries::{
+    Conditions, Page, Snapshot, decode_cursor, encode_cursor, in_snapshot, live, number, page,
+    ratio, text,
+};
+use crate::rows::{Row, RowModel, row, text_columns};
+use crate::{Param, ProjectionError, ReadDatabase, aggregate_id, decode, sql_int, time_text};
 
 /// The projection's name, and its table's.
 pub const NAME: &str = "deal_board";
@@ -104,5 +109,194 @@ impl RowModel for DealBoard {
         }
         row.updated_position = position;
         Ok(Some(row))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StageFigure {
+    pub owner: Option<String>,
+    pub stage: String,
+    pub currency: String,
+    pub count: i64,
+    pub amount_minor: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Pipeline {
+    /// Open deals per stage and currency, in stage order.
+    pub stages: Vec<StageFigure>,
+    /// The same, per owner (deals without an owner under `None`).
+    pub by_owner: Vec<StageFigure>,
+    pub won: i64,
+    pub lost: i64,
+    /// Won ÷ (won + lost); `None` before any deal closed.
+    pub win_rate: Option<f64>,
+    /// Average days from open to close over closed deals.
+    pub average_days_to_close: Option<f64>,
+}
+
+const STAGE_ORDER: &str = "CASE stage WHEN 'prospecting' THEN 1 WHEN 'qualification' THEN 2 \
+                           WHEN 'demo' THEN 3 WHEN 'proposal' THEN 4 ELSE 5 END";
+
+/// The pipeline, for every owner or one (`owner`).
+pub async fn pipeline(db: &ReadDatabase, owner: Option<&str>) -> Result<Pipeline, ProjectionError> {
+    in_snapshot!(db, |snapshot| snapshot.pipeline(owner))
+}
+
+impl Snapshot {
+    /// The pipeline, for every owner or one (`owner`).
+    pub async fn pipeline(&mut self, owner: Option<&str>) -> Result<Pipeline, ProjectionError> {
+        let owner_param: Param = owner.unwrap_or("").into();
+        let filter = format!("generation = {} AND ($1 = '' OR owner = $1)", live(NAME));
+        let figures = |row: &Vec<Option<String>>, with_owner: bool| {
+            let offset = usize::from(with_owner);
+            StageFigure {
+                owner: if with_owner { row[0].clone() } else { None },
+                stage: text(row, offset),
+                currency: text(row, offset + 1),
+                count: number(row, offset + 2),
+                amount_minor: number(row, offset + 3),
+            }
+        };
+        let stages = self.rows(
+        &format!(
+            "SELECT stage, currency, CAST(COUNT(*) AS TEXT), CAST(SUM(amount_minor) AS TEXT) \
+               FROM deal_board WHERE {filter} AND status = 'open' \
+              GROUP BY stage, currency ORDER BY MIN({STAGE_ORDER}), currency"
+        ),
+        std::slice::from_ref(&owner_param),
+    )
+    .await?
+    .iter()
+    .map(|row| figures(row, false))
+    .collect();
+        let by_owner = self
+            .rows(
+                &format!(
+                    "SELECT owner, stage, currency, CAST(COUNT(*) AS TEXT), \
+                    CAST(SUM(amount_minor) AS TEXT) \
+               FROM deal_board WHERE {filter} AND status = 'open' \
+              GROUP BY owner, stage, currency ORDER BY owner, MIN({STAGE_ORDER}), currency"
+                ),
+                std::slice::from_ref(&owner_param),
+            )
+            .await?
+            .iter()
+            .map(|row| figures(row, true))
+            .collect();
+        let closed = self
+            .rows(
+                &format!(
+                    "SELECT CAST(SUM(CASE WHEN status = 'won' THEN 1 ELSE 0 END) AS TEXT), \
+                    CAST(SUM(CASE WHEN status = 'lost' THEN 1 ELSE 0 END) AS TEXT), \
+                    CAST(SUM(closed_micros - opened_micros) AS TEXT) \
+               FROM deal_board WHERE {filter} AND status <> 'open'"
+                ),
+                &[owner_param],
+            )
+            .await?;
+        let row = closed.first().cloned().unwrap_or_default();
+        let (won, lost, micros) = (number(&row, 0), number(&row, 1), number(&row, 2));
+        Ok(Pipeline {
+            stages,
+            by_owner,
+            won,
+            lost,
+            win_rate: ratio(won, won + lost),
+            average_days_to_close: ratio(micros, won + lost).map(|m| m / 86_400_000_000.0),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DealFilter {
+    pub stage: Option<String>,
+    pub owner: Option<String>,
+    pub account_id: Option<String>,
+}
+
+fn select_deals() -> String {
+    format!(
+        "SELECT {} FROM deal_board WHERE generation = {}",
+        text_columns(&DealRow::TABLE),
+        live(NAME)
+    )
+}
+
+fn deal_row(row: &[Option<String>]) -> Result<DealRow, ProjectionError> {
+    DealRow::read(row)
+}
+
+/// Deals matching the filter, in the order they were opened (opened_micros, then id); keyset pagination.
+/// `stage` "won" or "lost" means deals with that status; another stage means open deals at that stage.
+pub async fn deals(
+    db: &ReadDatabase,
+    filter: &DealFilter,
+    limit: usize,
+    cursor: Option<&str>,
+) -> Result<Page<DealRow>, ProjectionError> {
+    in_snapshot!(db, |snapshot| snapshot.deals(filter, limit, cursor))
+}
+
+/// One deal of the live deal board; `None` when unknown.
+pub async fn deal(db: &ReadDatabase, deal_id: &str) -> Result<Option<DealRow>, ProjectionError> {
+    in_snapshot!(db, |snapshot| snapshot.deal(deal_id))
+}
+
+impl Snapshot {
+    /// Deals matching the filter (see [`deals`]).
+    pub async fn deals(
+        &mut self,
+        filter: &DealFilter,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<Page<DealRow>, ProjectionError> {
+        let mut conditions = Conditions::default();
+        match filter.stage.as_deref() {
+            Some(status @ ("won" | "lost")) => {
+                let placeholder = conditions.bind(status);
+                conditions.push(format!("status = {placeholder}"));
+            }
+            Some(stage) => {
+                let placeholder = conditions.bind(stage);
+                conditions.push(format!("status = 'open' AND stage = {placeholder}"));
+            }
+            None => {}
+        }
+        for (name, value) in [("owner", &filter.owner), ("account_id", &filter.account_id)] {
+            if let Some(value) = value {
+                let placeholder = conditions.bind(value.clone());
+                conditions.push(format!("{name} = {placeholder}"));
+            }
+        }
+        if let Some(cursor) = cursor {
+            let (opened_micros, [deal_id]) = decode_cursor(cursor)?;
+            let opened_micros = conditions.bind(opened_micros);
+            let deal_id = conditions.bind(deal_id);
+            conditions.push(format!(
+                "opened_micros >= {opened_micros} AND (opened_micros > {opened_micros} OR \
+             (opened_micros = {opened_micros} AND deal_id > {deal_id}))"
+            ));
+        }
+        page(
+            self,
+            &select_deals(),
+            conditions,
+            "opened_micros, deal_id",
+            limit,
+            deal_row,
+            |last| encode_cursor(last.opened_micros, &[&last.deal_id]),
+        )
+        .await
+    }
+
+    /// One deal of the live deal board; `None` when unknown.
+    pub async fn deal(&mut self, deal_id: &str) -> Result<Option<DealRow>, ProjectionError> {
+        let sql = format!("{} AND deal_id = $1", select_deals());
+        self.rows(&sql, &[deal_id.into()])
+            .await?
+            .first()
+            .map(|row| deal_row(row))
+            .transpose()
     }
 }

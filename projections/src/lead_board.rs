@@ -4,8 +4,11 @@
 use annals_domain::lead::{LeadEvent, LeadStatus};
 use annals_store::{LogFilter, RecordedEvent};
 
-use crate::rows::{RowModel, row};
-use crate::{ProjectionError, aggregate_id, decode, sql_int, time_text};
+use crate::queries::{
+    Conditions, Page, Snapshot, decode_cursor, encode_cursor, in_snapshot, live, page,
+};
+use crate::rows::{Row, RowModel, row, text_columns};
+use crate::{ProjectionError, ReadDatabase, aggregate_id, decode, sql_int, time_text};
 
 /// The projection's name, and its table's.
 pub const NAME: &str = "lead_board";
@@ -104,5 +107,98 @@ impl RowModel for LeadBoard {
         }
         row.updated_position = position;
         Ok(Some(row))
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LeadFilter {
+    pub status: Option<String>,
+    pub owner: Option<String>,
+    pub source: Option<String>,
+    pub min_score: Option<i64>,
+}
+
+fn select_leads() -> String {
+    format!(
+        "SELECT {} FROM lead_board WHERE generation = {}",
+        text_columns(&LeadRow::TABLE),
+        live(NAME)
+    )
+}
+
+fn lead_row(row: &[Option<String>]) -> Result<LeadRow, ProjectionError> {
+    LeadRow::read(row)
+}
+
+/// Leads matching the filter, score descending, then capture time, then id (a stable total order); keyset pagination.
+pub async fn leads(
+    db: &ReadDatabase,
+    filter: &LeadFilter,
+    limit: usize,
+    cursor: Option<&str>,
+) -> Result<Page<LeadRow>, ProjectionError> {
+    in_snapshot!(db, |snapshot| snapshot.leads(filter, limit, cursor))
+}
+
+/// One lead of the live lead board; `None` when unknown.
+pub async fn lead(db: &ReadDatabase, lead_id: &str) -> Result<Option<LeadRow>, ProjectionError> {
+    in_snapshot!(db, |snapshot| snapshot.lead(lead_id))
+}
+
+impl Snapshot {
+    /// Leads matching the filter (see [`leads`]).
+    pub async fn leads(
+        &mut self,
+        filter: &LeadFilter,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<Page<LeadRow>, ProjectionError> {
+        let mut conditions = Conditions::default();
+        for (name, value) in [
+            ("status", &filter.status),
+            ("owner", &filter.owner),
+            ("source", &filter.source),
+        ] {
+            if let Some(value) = value {
+                let placeholder = conditions.bind(value.clone());
+                conditions.push(format!("{name} = {placeholder}"));
+            }
+        }
+        if let Some(min_score) = filter.min_score {
+            let placeholder = conditions.bind(min_score);
+            conditions.push(format!("score >= {placeholder}"));
+        }
+        if let Some(cursor) = cursor {
+            let (score, [captured_at, lead_id]) = decode_cursor(cursor)?;
+            let score = conditions.bind(score);
+            let captured_at = conditions.bind(captured_at);
+            let lead_id = conditions.bind(lead_id);
+            // After the last item in (score DESC, captured_at, lead_id) order; `score <= …`
+            // alone bounds the scan of the score index.
+            conditions.push(format!(
+            "score <= {score} AND (score < {score} OR (score = {score} AND \
+             (captured_at > {captured_at} OR (captured_at = {captured_at} AND lead_id > {lead_id}))))"
+        ));
+        }
+        page(
+            self,
+            &select_leads(),
+            conditions,
+            "score DESC, captured_at, lead_id",
+            limit,
+            lead_row,
+            |last| encode_cursor(last.score, &[&last.captured_at, &last.lead_id]),
+        )
+        .await
+    }
+
+    /// One lead of the live lead board; `None` when unknown.
+    pub async fn lead(&mut self, lead_id: &str) -> Result<Option<LeadRow>, ProjectionError> {
+        let sql = format!("{} AND lead_id = $1", select_leads());
+        self.rows(&sql, &[lead_id.into()])
+            .await?
+            .first()
+            .map(|row| lead_row(row))
+            .transpose()
     }
 }

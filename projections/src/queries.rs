@@ -1,6 +1,8 @@
 //! What analysts ask of the read models: the pipeline, the funnel, the account 360 view
 //! and the boards' lists, computed from the live generation of the boards. Pure
-//! functions of the log, as the boards are; nothing here writes.
+//! functions of the log, as the boards are; nothing here writes. Each read model's own
+//! queries are in its file (re-exported here); this module holds what they share (the
+//! snapshot, pages and cursors) and the funnel, which reads two boards.
 //!
 //! Every answer is read from one [`Snapshot`]: all its statements, and the checkpoints
 //! that say which position it reflects ([`Snapshot::position`]), see the read models as
@@ -10,20 +12,17 @@
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use annals_domain::deal::DealStatus;
-
-use crate::account_360;
-use crate::deal_board::{self, DealRow};
-use crate::lead_board::{self, LeadRow};
-use crate::rows::{Row, text_columns};
-use crate::{Param, ProjectionError, ReadDatabase, ReadTx};
+pub use crate::account_360::{AccountDeal, AccountView, account_360};
+pub use crate::deal_board::{DealFilter, Pipeline, StageFigure, deal, deals, pipeline};
+pub use crate::lead_board::{LeadFilter, lead, leads};
+use crate::{Param, ProjectionError, ReadDatabase, ReadTx, deal_board, lead_board};
 
 /// The live generation of a projection, as a subquery.
-fn live(projection: &str) -> String {
+pub(crate) fn live(projection: &str) -> String {
     format!("(SELECT live_generation FROM projections WHERE name = '{projection}')")
 }
 
-type Rows = Vec<Vec<Option<String>>>;
+pub(crate) type Rows = Vec<Vec<Option<String>>>;
 
 /// A test's hold on a snapshot between its statements: after each statement of an
 /// answer the snapshot sends the statement's number (from 1) on `reached` and waits for
@@ -80,7 +79,11 @@ impl Snapshot {
         self.tx.commit().await
     }
 
-    async fn rows(&mut self, sql: &str, params: &[Param<'_>]) -> Result<Rows, ProjectionError> {
+    pub(crate) async fn rows(
+        &mut self,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> Result<Rows, ProjectionError> {
         if let Some(plans) = &mut self.plans {
             plans.push(self.tx.explain(sql, params).await?);
         }
@@ -140,116 +143,18 @@ macro_rules! in_snapshot {
         Ok(answer)
     }};
 }
+pub(crate) use in_snapshot;
 
-fn text(row: &[Option<String>], i: usize) -> String {
+pub(crate) fn text(row: &[Option<String>], i: usize) -> String {
     row.get(i).cloned().flatten().unwrap_or_default()
 }
 
-fn number(row: &[Option<String>], i: usize) -> i64 {
+pub(crate) fn number(row: &[Option<String>], i: usize) -> i64 {
     text(row, i).parse().unwrap_or(0)
 }
 
-fn ratio(part: i64, whole: i64) -> Option<f64> {
+pub(crate) fn ratio(part: i64, whole: i64) -> Option<f64> {
     (whole > 0).then(|| part as f64 / whole as f64)
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct StageFigure {
-    pub owner: Option<String>,
-    pub stage: String,
-    pub currency: String,
-    pub count: i64,
-    pub amount_minor: i64,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Pipeline {
-    /// Open deals per stage and currency, in stage order.
-    pub stages: Vec<StageFigure>,
-    /// The same, per owner (deals without an owner under `None`).
-    pub by_owner: Vec<StageFigure>,
-    pub won: i64,
-    pub lost: i64,
-    /// Won ÷ (won + lost); `None` before any deal closed.
-    pub win_rate: Option<f64>,
-    /// Average days from open to close over closed deals.
-    pub average_days_to_close: Option<f64>,
-}
-
-const STAGE_ORDER: &str = "CASE stage WHEN 'prospecting' THEN 1 WHEN 'qualification' THEN 2 \
-                           WHEN 'demo' THEN 3 WHEN 'proposal' THEN 4 ELSE 5 END";
-
-/// The pipeline, for every owner or one (`owner`).
-pub async fn pipeline(db: &ReadDatabase, owner: Option<&str>) -> Result<Pipeline, ProjectionError> {
-    in_snapshot!(db, |snapshot| snapshot.pipeline(owner))
-}
-
-impl Snapshot {
-    /// The pipeline, for every owner or one (`owner`).
-    pub async fn pipeline(&mut self, owner: Option<&str>) -> Result<Pipeline, ProjectionError> {
-        let owner_param: Param = owner.unwrap_or("").into();
-        let filter = format!(
-            "generation = {} AND ($1 = '' OR owner = $1)",
-            live(deal_board::NAME)
-        );
-        let figures = |row: &Vec<Option<String>>, with_owner: bool| {
-            let offset = usize::from(with_owner);
-            StageFigure {
-                owner: if with_owner { row[0].clone() } else { None },
-                stage: text(row, offset),
-                currency: text(row, offset + 1),
-                count: number(row, offset + 2),
-                amount_minor: number(row, offset + 3),
-            }
-        };
-        let stages = self.rows(
-        &format!(
-            "SELECT stage, currency, CAST(COUNT(*) AS TEXT), CAST(SUM(amount_minor) AS TEXT) \
-               FROM deal_board WHERE {filter} AND status = 'open' \
-              GROUP BY stage, currency ORDER BY MIN({STAGE_ORDER}), currency"
-        ),
-        std::slice::from_ref(&owner_param),
-    )
-    .await?
-    .iter()
-    .map(|row| figures(row, false))
-    .collect();
-        let by_owner = self
-            .rows(
-                &format!(
-                    "SELECT owner, stage, currency, CAST(COUNT(*) AS TEXT), \
-                    CAST(SUM(amount_minor) AS TEXT) \
-               FROM deal_board WHERE {filter} AND status = 'open' \
-              GROUP BY owner, stage, currency ORDER BY owner, MIN({STAGE_ORDER}), currency"
-                ),
-                std::slice::from_ref(&owner_param),
-            )
-            .await?
-            .iter()
-            .map(|row| figures(row, true))
-            .collect();
-        let closed = self
-            .rows(
-                &format!(
-                    "SELECT CAST(SUM(CASE WHEN status = 'won' THEN 1 ELSE 0 END) AS TEXT), \
-                    CAST(SUM(CASE WHEN status = 'lost' THEN 1 ELSE 0 END) AS TEXT), \
-                    CAST(SUM(closed_micros - opened_micros) AS TEXT) \
-               FROM deal_board WHERE {filter} AND status <> 'open'"
-                ),
-                &[owner_param],
-            )
-            .await?;
-        let row = closed.first().cloned().unwrap_or_default();
-        let (won, lost, micros) = (number(&row, 0), number(&row, 1), number(&row, 2));
-        Ok(Pipeline {
-            stages,
-            by_owner,
-            won,
-            lost,
-            win_rate: ratio(won, won + lost),
-            average_days_to_close: ratio(micros, won + lost).map(|m| m / 86_400_000_000.0),
-        })
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -362,118 +267,6 @@ impl Snapshot {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct AccountView {
-    pub account_id: String,
-    pub name: String,
-    pub domain: Option<String>,
-    pub industry: Option<String>,
-    pub employees: Option<i64>,
-    pub tier: String,
-    /// (deal id, name, stage, status, currency, amount in minor units)
-    pub deals: Vec<AccountDeal>,
-    /// Ids of the leads converted into this account.
-    pub converted_leads: Vec<String>,
-    /// (currency, amount in minor units) won, per currency.
-    pub won: Vec<(String, i64)>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct AccountDeal {
-    pub deal_id: String,
-    pub name: String,
-    pub stage: String,
-    pub status: String,
-    pub currency: String,
-    pub amount_minor: i64,
-}
-
-/// One account with its deals, converted leads and won amounts; `None` when unknown.
-pub async fn account_360(
-    db: &ReadDatabase,
-    account_id: &str,
-) -> Result<Option<AccountView>, ProjectionError> {
-    in_snapshot!(db, |snapshot| snapshot.account_360(account_id))
-}
-
-impl Snapshot {
-    /// One account with its deals, converted leads and won amounts; `None` when unknown.
-    pub async fn account_360(
-        &mut self,
-        account_id: &str,
-    ) -> Result<Option<AccountView>, ProjectionError> {
-        let id: Param = account_id.into();
-        let account = self
-            .rows(
-                &format!(
-                    "SELECT account_id, name, domain, industry, CAST(employees AS TEXT), tier \
-               FROM account_360 WHERE generation = {} AND account_id = $1",
-                    live(account_360::NAME)
-                ),
-                std::slice::from_ref(&id),
-            )
-            .await?;
-        let Some(row) = account.first() else {
-            return Ok(None);
-        };
-        let deals = self
-            .rows(
-                &format!(
-                    "SELECT deal_id, name, stage, status, currency, CAST(amount_minor AS TEXT) \
-               FROM deal_board WHERE generation = {} AND account_id = $1 \
-              ORDER BY opened_micros, deal_id",
-                    live(deal_board::NAME)
-                ),
-                std::slice::from_ref(&id),
-            )
-            .await?
-            .iter()
-            .map(|d| AccountDeal {
-                deal_id: text(d, 0),
-                name: text(d, 1),
-                stage: text(d, 2),
-                status: text(d, 3),
-                currency: text(d, 4),
-                amount_minor: number(d, 5),
-            })
-            .collect::<Vec<_>>();
-        let converted_leads = self.rows(
-        &format!(
-            "SELECT lead_id FROM lead_board WHERE generation = {} AND converted_account_id = $1 \
-              ORDER BY converted_at, lead_id",
-            live(lead_board::NAME)
-        ),
-        std::slice::from_ref(&id),
-    )
-    .await?
-    .iter()
-    .map(|l| text(l, 0))
-    .collect();
-        let mut won: Vec<(String, i64)> = Vec::new();
-        for deal in deals
-            .iter()
-            .filter(|d| d.status == DealStatus::Won.as_str())
-        {
-            match won.iter_mut().find(|(c, _)| *c == deal.currency) {
-                Some((_, sum)) => *sum = sum.saturating_add(deal.amount_minor),
-                None => won.push((deal.currency.clone(), deal.amount_minor)),
-            }
-        }
-        won.sort();
-        Ok(Some(AccountView {
-            account_id: text(row, 0),
-            name: text(row, 1),
-            domain: row[2].clone(),
-            industry: row[3].clone(),
-            employees: row[4].as_deref().and_then(|e| e.parse().ok()),
-            tier: text(row, 5),
-            deals,
-            converted_leads,
-            won,
-        }))
-    }
-}
-
 /// One page of a list: `next_cursor` is None on the last page; cursors are opaque strings.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Page<T> {
@@ -502,7 +295,7 @@ fn cursor_text_char(c: char) -> bool {
 
 /// A cursor: a number and text values (see `LEAD_CURSOR_PATTERN`). A read model's
 /// times and ids always fit; one that does not is corrupt.
-fn encode_cursor(number: i64, texts: &[&str]) -> Result<String, ProjectionError> {
+pub(crate) fn encode_cursor(number: i64, texts: &[&str]) -> Result<String, ProjectionError> {
     let mut cursor = number.to_string();
     for text in texts {
         if text.len() > MAX_CURSOR_TEXT || !text.chars().all(cursor_text_char) {
@@ -519,7 +312,9 @@ fn encode_cursor(number: i64, texts: &[&str]) -> Result<String, ProjectionError>
 /// Reads a cursor of a number and `N` text values back; anything not of that form is
 /// `InvalidCursor`. A number past the range of `i64` stands for the range's end: the
 /// keyset order has nothing beyond it either.
-fn decode_cursor<const N: usize>(cursor: &str) -> Result<(i64, [String; N]), ProjectionError> {
+pub(crate) fn decode_cursor<const N: usize>(
+    cursor: &str,
+) -> Result<(i64, [String; N]), ProjectionError> {
     let mut parts = cursor.split('_');
     let number = parts.next().unwrap_or_default();
     let digits = number.strip_prefix('-').unwrap_or(number);
@@ -546,19 +341,19 @@ fn decode_cursor<const N: usize>(cursor: &str) -> Result<(i64, [String; N]), Pro
 
 /// The conditions of a list query and their parameters, numbered as they are bound.
 #[derive(Debug, Default)]
-struct Conditions<'a> {
+pub(crate) struct Conditions<'a> {
     sql: Vec<String>,
     params: Vec<Param<'a>>,
 }
 
 impl<'a> Conditions<'a> {
     /// Binds a parameter; its placeholder.
-    fn bind(&mut self, param: impl Into<Param<'a>>) -> String {
+    pub(crate) fn bind(&mut self, param: impl Into<Param<'a>>) -> String {
         self.params.push(param.into());
         format!("${}", self.params.len())
     }
 
-    fn push(&mut self, condition: String) {
+    pub(crate) fn push(&mut self, condition: String) {
         self.sql.push(condition);
     }
 
@@ -573,7 +368,7 @@ impl<'a> Conditions<'a> {
 
 /// Runs a keyset-paged query (`conditions` already hold the filter and the cursor) for
 /// `limit` items and one more, which says whether there is a next page.
-async fn page<T>(
+pub(crate) async fn page<T>(
     snapshot: &mut Snapshot,
     select: &str,
     mut conditions: Conditions<'_>,
@@ -600,190 +395,4 @@ async fn page<T>(
         _ => None,
     };
     Ok(Page { items, next_cursor })
-}
-
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct LeadFilter {
-    pub status: Option<String>,
-    pub owner: Option<String>,
-    pub source: Option<String>,
-    pub min_score: Option<i64>,
-}
-
-fn select_leads() -> String {
-    format!(
-        "SELECT {} FROM lead_board WHERE generation = {}",
-        text_columns(&LeadRow::TABLE),
-        live(lead_board::NAME)
-    )
-}
-
-fn lead_row(row: &[Option<String>]) -> Result<LeadRow, ProjectionError> {
-    LeadRow::read(row)
-}
-
-/// Leads matching the filter, score descending, then capture time, then id (a stable total order); keyset pagination.
-pub async fn leads(
-    db: &ReadDatabase,
-    filter: &LeadFilter,
-    limit: usize,
-    cursor: Option<&str>,
-) -> Result<Page<LeadRow>, ProjectionError> {
-    in_snapshot!(db, |snapshot| snapshot.leads(filter, limit, cursor))
-}
-
-/// One lead of the live lead board; `None` when unknown.
-pub async fn lead(db: &ReadDatabase, lead_id: &str) -> Result<Option<LeadRow>, ProjectionError> {
-    in_snapshot!(db, |snapshot| snapshot.lead(lead_id))
-}
-
-impl Snapshot {
-    /// Leads matching the filter (see [`leads`]).
-    pub async fn leads(
-        &mut self,
-        filter: &LeadFilter,
-        limit: usize,
-        cursor: Option<&str>,
-    ) -> Result<Page<LeadRow>, ProjectionError> {
-        let mut conditions = Conditions::default();
-        for (name, value) in [
-            ("status", &filter.status),
-            ("owner", &filter.owner),
-            ("source", &filter.source),
-        ] {
-            if let Some(value) = value {
-                let placeholder = conditions.bind(value.clone());
-                conditions.push(format!("{name} = {placeholder}"));
-            }
-        }
-        if let Some(min_score) = filter.min_score {
-            let placeholder = conditions.bind(min_score);
-            conditions.push(format!("score >= {placeholder}"));
-        }
-        if let Some(cursor) = cursor {
-            let (score, [captured_at, lead_id]) = decode_cursor(cursor)?;
-            let score = conditions.bind(score);
-            let captured_at = conditions.bind(captured_at);
-            let lead_id = conditions.bind(lead_id);
-            // After the last item in (score DESC, captured_at, lead_id) order; `score <= …`
-            // alone bounds the scan of the score index.
-            conditions.push(format!(
-            "score <= {score} AND (score < {score} OR (score = {score} AND \
-             (captured_at > {captured_at} OR (captured_at = {captured_at} AND lead_id > {lead_id}))))"
-        ));
-        }
-        page(
-            self,
-            &select_leads(),
-            conditions,
-            "score DESC, captured_at, lead_id",
-            limit,
-            lead_row,
-            |last| encode_cursor(last.score, &[&last.captured_at, &last.lead_id]),
-        )
-        .await
-    }
-
-    /// One lead of the live lead board; `None` when unknown.
-    pub async fn lead(&mut self, lead_id: &str) -> Result<Option<LeadRow>, ProjectionError> {
-        let sql = format!("{} AND lead_id = $1", select_leads());
-        self.rows(&sql, &[lead_id.into()])
-            .await?
-            .first()
-            .map(|row| lead_row(row))
-            .transpose()
-    }
-}
-
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct DealFilter {
-    pub stage: Option<String>,
-    pub owner: Option<String>,
-    pub account_id: Option<String>,
-}
-
-fn select_deals() -> String {
-    format!(
-        "SELECT {} FROM deal_board WHERE generation = {}",
-        text_columns(&DealRow::TABLE),
-        live(deal_board::NAME)
-    )
-}
-
-fn deal_row(row: &[Option<String>]) -> Result<DealRow, ProjectionError> {
-    DealRow::read(row)
-}
-
-/// Deals matching the filter, in the order they were opened (opened_micros, then id); keyset pagination.
-/// `stage` "won" or "lost" means deals with that status; another stage means open deals at that stage.
-pub async fn deals(
-    db: &ReadDatabase,
-    filter: &DealFilter,
-    limit: usize,
-    cursor: Option<&str>,
-) -> Result<Page<DealRow>, ProjectionError> {
-    in_snapshot!(db, |snapshot| snapshot.deals(filter, limit, cursor))
-}
-
-/// One deal of the live deal board; `None` when unknown.
-pub async fn deal(db: &ReadDatabase, deal_id: &str) -> Result<Option<DealRow>, ProjectionError> {
-    in_snapshot!(db, |snapshot| snapshot.deal(deal_id))
-}
-
-impl Snapshot {
-    /// Deals matching the filter (see [`deals`]).
-    pub async fn deals(
-        &mut self,
-        filter: &DealFilter,
-        limit: usize,
-        cursor: Option<&str>,
-    ) -> Result<Page<DealRow>, ProjectionError> {
-        let mut conditions = Conditions::default();
-        match filter.stage.as_deref() {
-            Some(status @ ("won" | "lost")) => {
-                let placeholder = conditions.bind(status);
-                conditions.push(format!("status = {placeholder}"));
-            }
-            Some(stage) => {
-                let placeholder = conditions.bind(stage);
-                conditions.push(format!("status = 'open' AND stage = {placeholder}"));
-            }
-            None => {}
-        }
-        for (name, value) in [("owner", &filter.owner), ("account_id", &filter.account_id)] {
-            if let Some(value) = value {
-                let placeholder = conditions.bind(value.clone());
-                conditions.push(format!("{name} = {placeholder}"));
-            }
-        }
-        if let Some(cursor) = cursor {
-            let (opened_micros, [deal_id]) = decode_cursor(cursor)?;
-            let opened_micros = conditions.bind(opened_micros);
-            let deal_id = conditions.bind(deal_id);
-            conditions.push(format!(
-                "opened_micros >= {opened_micros} AND (opened_micros > {opened_micros} OR \
-             (opened_micros = {opened_micros} AND deal_id > {deal_id}))"
-            ));
-        }
-        page(
-            self,
-            &select_deals(),
-            conditions,
-            "opened_micros, deal_id",
-            limit,
-            deal_row,
-            |last| encode_cursor(last.opened_micros, &[&last.deal_id]),
-        )
-        .await
-    }
-
-    /// One deal of the live deal board; `None` when unknown.
-    pub async fn deal(&mut self, deal_id: &str) -> Result<Option<DealRow>, ProjectionError> {
-        let sql = format!("{} AND deal_id = $1", select_deals());
-        self.rows(&sql, &[deal_id.into()])
-            .await?
-            .first()
-            .map(|row| deal_row(row))
-            .transpose()
-    }
 }
