@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use annals_domain::deal::DealStatus;
 use annals_domain::lead::LeadStatus;
 use annals_domain::values::{SignalKind, Source, Stage, Tier};
 use serde_json::Value;
@@ -162,7 +163,9 @@ pub fn describe_domain_words(openapi: &mut utoipa::openapi::OpenApi) {
     let tiers = words(Tier::ALL.iter().map(|t| t.as_str()).collect());
     let stages = words(Stage::ALL.iter().map(|s| s.as_str()).collect());
     let mut deal_stages = stages.clone();
-    deal_stages.extend(words(vec!["won", "lost"]));
+    deal_stages.extend(words(
+        DealStatus::CLOSED.iter().map(|s| s.as_str()).collect(),
+    ));
     let statuses = words(LeadStatus::CAPTURED.iter().map(|s| s.as_str()).collect());
     // An optional field may also be null.
     let mut optional_tiers = tiers.clone();

@@ -116,9 +116,12 @@ impl App {
 
 fn api() -> OpenApiRouter<Arc<App>> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
-        .merge(routes::commands::routes())
-        .merge(routes::queries::routes())
-        .merge(routes::operations::routes())
+        .merge(routes::leads::routes())
+        .merge(routes::accounts::routes())
+        .merge(routes::deals::routes())
+        .merge(routes::analytics::routes())
+        .merge(routes::log::routes())
+        .merge(routes::admin::routes())
         .merge(routes::consumers::routes())
 }
 

@@ -23,6 +23,9 @@ pub enum DealStatus {
 }
 
 impl DealStatus {
+    /// The statuses of a closed deal: the words a client lists closed deals by.
+    pub const CLOSED: &'static [DealStatus] = &[DealStatus::Won, DealStatus::Lost];
+
     pub fn as_str(self) -> &'static str {
         match self {
             DealStatus::Absent => "absent",
@@ -30,6 +33,11 @@ impl DealStatus {
             DealStatus::Won => "won",
             DealStatus::Lost => "lost",
         }
+    }
+
+    /// The closed status a word names (`won`, `lost`), if it names one.
+    pub fn closed(word: &str) -> Option<DealStatus> {
+        DealStatus::parse(word).filter(|status| DealStatus::CLOSED.contains(status))
     }
 
     /// The status an `as_str` word names.

@@ -228,7 +228,8 @@ fn deal_row(row: &[Option<String>]) -> Result<DealRow, ProjectionError> {
 }
 
 /// Deals matching the filter, in the order they were opened (opened_micros, then id); keyset pagination.
-/// `stage` "won" or "lost" means deals with that status; another stage means open deals at that stage.
+/// `stage` naming a closed status (`DealStatus::CLOSED`: won, lost) means deals with that
+/// status; another stage means open deals at that stage.
 pub async fn deals(
     db: &ReadDatabase,
     filter: &DealFilter,
@@ -253,13 +254,14 @@ impl Snapshot {
     ) -> Result<Page<DealRow>, ProjectionError> {
         let mut conditions = Conditions::default();
         match filter.stage.as_deref() {
-            Some(status @ ("won" | "lost")) => {
-                let placeholder = conditions.bind(status);
+            Some(word) if DealStatus::closed(word).is_some() => {
+                let placeholder = conditions.bind(word);
                 conditions.push(format!("status = {placeholder}"));
             }
             Some(stage) => {
                 let placeholder = conditions.bind(stage);
-                conditions.push(format!("status = 'open' AND stage = {placeholder}"));
+                let open = DealStatus::Open.as_str();
+                conditions.push(format!("status = '{open}' AND stage = {placeholder}"));
             }
             None => {}
         }
