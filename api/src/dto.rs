@@ -1,6 +1,7 @@
-//! The JSON the API speaks: command bodies (unknown fields refused), answers, and query
-//! parameters, each with its OpenAPI schema. Only this crate knows these shapes; turning
-//! a body into a domain command validates it through the domain's value objects.
+//! The JSON shapes every resource shares: money, a command's answer and headers, the
+//! consistency a read asks for, an aggregate's history and an event as stored, each with
+//! its OpenAPI schema. A resource's own bodies and answers are in its file under
+//! `routes`. Only this crate knows these shapes.
 
 use annals_domain::DomainError;
 use annals_domain::values::Money;
