@@ -10,8 +10,8 @@ use serde::Serialize;
 use crate::queries::{Snapshot, in_snapshot, live, number, text};
 use crate::rows::{RowModel, row};
 use crate::{
-    Param, ProjectionError, ReadDatabase, aggregate_id, deal_board, decode, lead_board, sql_int,
-    time_text,
+    Param, ProjectionError, ReadDatabase, aggregate_id, deal_board, decode, lead_board, time_text,
+    to_sql_int,
 };
 
 /// The projection's name, and its table's.
@@ -54,7 +54,7 @@ impl RowModel for Account360 {
         row: Option<AccountRow>,
         event: &RecordedEvent,
     ) -> Result<Option<AccountRow>, ProjectionError> {
-        let position = sql_int(event.position);
+        let position = to_sql_int(event.position);
         let decoded: AccountEvent = decode(event)?;
         if let AccountEvent::AccountOpened {
             name,
@@ -70,7 +70,7 @@ impl RowModel for Account360 {
                 name: name.as_str().to_owned(),
                 domain: domain.map(|d| d.as_str().to_owned()),
                 industry: industry.map(|i| i.as_str().to_owned()),
-                employees: employees.map(sql_int),
+                employees: employees.map(to_sql_int),
                 tier: tier.as_str().to_owned(),
                 opened_at: time_text(event),
                 updated_position: position,

@@ -10,7 +10,7 @@ use crate::queries::{
     ratio, text,
 };
 use crate::rows::{Row, RowModel, row, text_columns};
-use crate::{Param, ProjectionError, ReadDatabase, aggregate_id, decode, sql_int, time_text};
+use crate::{Param, ProjectionError, ReadDatabase, aggregate_id, decode, time_text, to_sql_int};
 
 /// The projection's name, and its table's.
 pub const NAME: &str = "deal_board";
@@ -59,7 +59,7 @@ impl RowModel for DealBoard {
         row: Option<DealRow>,
         event: &RecordedEvent,
     ) -> Result<Option<DealRow>, ProjectionError> {
-        let position = sql_int(event.position);
+        let position = to_sql_int(event.position);
         let decoded: DealEvent = decode(event)?;
         if let DealEvent::DealOpened {
             account_id,

@@ -8,7 +8,7 @@ use crate::queries::{
     Conditions, Page, Snapshot, decode_cursor, encode_cursor, in_snapshot, live, page,
 };
 use crate::rows::{Row, RowModel, row, text_columns};
-use crate::{ProjectionError, ReadDatabase, aggregate_id, decode, sql_int, time_text};
+use crate::{ProjectionError, ReadDatabase, aggregate_id, decode, time_text, to_sql_int};
 
 /// The projection's name, and its table's.
 pub const NAME: &str = "lead_board";
@@ -56,7 +56,7 @@ impl RowModel for LeadBoard {
         row: Option<LeadRow>,
         event: &RecordedEvent,
     ) -> Result<Option<LeadRow>, ProjectionError> {
-        let position = sql_int(event.position);
+        let position = to_sql_int(event.position);
         let decoded: LeadEvent = decode(event)?;
         if let LeadEvent::LeadCaptured {
             email,

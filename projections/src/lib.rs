@@ -50,7 +50,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use annals_store::{EventStore, LogFilter, RecordedEvent, StoreError};
+use annals_store::{EventStore, LogFilter, RecordedEvent, StoreError, to_sql_int};
 use async_trait::async_trait;
 use rows::Column;
 use serde::Serialize;
@@ -637,7 +637,7 @@ impl ProjectionRunner {
                 SET error = excluded.error, attempts = excluded.attempts",
             &[
                 self.name().into(),
-                sql_int(position).into(),
+                to_sql_int(position).into(),
                 event_type.into(),
                 error.into(),
                 i64::from(attempts).into(),
@@ -663,7 +663,7 @@ impl ProjectionRunner {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.dead_letters(
             "skipped_at IS NULL AND position > $2 ORDER BY position LIMIT $3",
-            &[sql_int(after).into(), limit.into()],
+            &[to_sql_int(after).into(), limit.into()],
         )
         .await
     }
@@ -671,7 +671,7 @@ impl ProjectionRunner {
     /// The dead letter at `position`, parked or skipped.
     pub async fn dead_letter(&self, position: u64) -> Result<Option<ParkedEvent>, ProjectionError> {
         let mut found = self
-            .dead_letters("position = $2", &[sql_int(position).into()])
+            .dead_letters("position = $2", &[to_sql_int(position).into()])
             .await?;
         Ok(found.pop())
     }
@@ -777,7 +777,7 @@ impl ProjectionRunner {
             .execute(
                 "UPDATE projection_dead_letters SET attempts = attempts \
                   WHERE name = $1 AND position = $2 AND skipped_at IS NULL",
-                &[name.into(), sql_int(position).into()],
+                &[name.into(), to_sql_int(position).into()],
             )
             .await?;
         if held != 1 {
@@ -787,7 +787,7 @@ impl ProjectionRunner {
             .fetch_text_rows(
                 "SELECT CAST(position AS TEXT) FROM projection_dead_letters \
                   WHERE name = $1 AND position <> $2",
-                &[name.into(), sql_int(position).into()],
+                &[name.into(), to_sql_int(position).into()],
             )
             .await?
             .iter()
@@ -803,7 +803,7 @@ impl ProjectionRunner {
             Ok(()) => {
                 tx.execute(
                     "DELETE FROM projection_dead_letters WHERE name = $1 AND position = $2",
-                    &[name.into(), sql_int(position).into()],
+                    &[name.into(), to_sql_int(position).into()],
                 )
                 .await?;
                 tx.commit().await?;
@@ -822,7 +822,11 @@ impl ProjectionRunner {
                 tx.execute(
                     "UPDATE projection_dead_letters SET error = $3, attempts = attempts + 1 \
                       WHERE name = $1 AND position = $2 AND skipped_at IS NULL",
-                    &[name.into(), sql_int(position).into(), reason.clone().into()],
+                    &[
+                        name.into(),
+                        to_sql_int(position).into(),
+                        reason.clone().into(),
+                    ],
                 )
                 .await?;
                 tx.commit().await?;
@@ -847,7 +851,7 @@ impl ProjectionRunner {
                   WHERE name = $1 AND position = $2 AND skipped_at IS NULL",
                 &[
                     name.into(),
-                    sql_int(position).into(),
+                    to_sql_int(position).into(),
                     actor.into(),
                     now_text().into(),
                 ],
@@ -941,7 +945,7 @@ impl ProjectionRunner {
             tx.execute(
                 "INSERT INTO projection_checkpoints (name, generation, position) \
                  VALUES ($1, $2, $3) ON CONFLICT (name, generation) DO NOTHING",
-                &[name.into(), generation.into(), sql_int(through).into()],
+                &[name.into(), generation.into(), to_sql_int(through).into()],
             )
             .await
         } else {
@@ -949,7 +953,7 @@ impl ProjectionRunner {
             tx.execute(
                 "UPDATE projection_checkpoints SET position = $3 \
                   WHERE name = $1 AND generation = $2",
-                &[name.into(), generation.into(), sql_int(through).into()],
+                &[name.into(), generation.into(), to_sql_int(through).into()],
             )
             .await
         }
@@ -1083,7 +1087,7 @@ impl ProjectionRunner {
             tx.execute(
                 "INSERT INTO projection_checkpoints (name, generation, position) \
                  VALUES ($1, $2, $3) ON CONFLICT (name, generation) DO NOTHING",
-                &[name.into(), generation.into(), sql_int(next).into()],
+                &[name.into(), generation.into(), to_sql_int(next).into()],
             )
             .await?
         } else {
@@ -1091,7 +1095,7 @@ impl ProjectionRunner {
             tx.execute(
                 "UPDATE projection_checkpoints SET position = $3 \
                   WHERE name = $1 AND generation = $2",
-                &[name.into(), generation.into(), sql_int(next).into()],
+                &[name.into(), generation.into(), to_sql_int(next).into()],
             )
             .await?
         };
@@ -1725,10 +1729,6 @@ fn bump(current: &mut u64, to: u64) -> bool {
         *current = to;
     }
     newer
-}
-
-pub(crate) fn sql_int(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 /// Reads a stored event as a domain event (upcast to its current schema).

@@ -32,7 +32,7 @@ const MAX_EVENTS_PER_BATCH: usize = 8_192;
 /// database slows callers down instead of growing memory without bound.
 const QUEUE_CAPACITY: usize = 4_096;
 
-pub(crate) type Answer = Result<AppendOutcome, StoreError>;
+pub(crate) type AppendResult = Result<AppendOutcome, StoreError>;
 
 /// A backend's way of writing one batch in one transaction.
 #[async_trait]
@@ -62,7 +62,7 @@ async fn write_batch<W: BatchWriter>(
     batch: &[ValidAppend],
     probe: &WriterProbe,
     commit_timeout: Duration,
-) -> Result<Vec<Answer>, StoreError> {
+) -> Result<Vec<AppendResult>, StoreError> {
     let remembered = cache.facts(batch);
     let sources = if remembered.is_some() {
         [FactsSource::Remembered, FactsSource::ReadWithIds].as_slice()
@@ -107,7 +107,7 @@ async fn write_batch<W: BatchWriter>(
 
 struct Pending {
     append: ValidAppend,
-    answer: oneshot::Sender<Answer>,
+    answer: oneshot::Sender<AppendResult>,
     /// The append's share of the queue's bytes, given back once it is answered.
     room: OwnedSemaphorePermit,
 }
@@ -267,7 +267,7 @@ impl GroupCommit {
         &self.probe
     }
 
-    pub async fn append(&self, append: ValidAppend) -> Answer {
+    pub async fn append(&self, append: ValidAppend) -> AppendResult {
         let room = self.probe.room_for(&append).await?;
         let (answer, receive) = oneshot::channel();
         self.probe.queued.fetch_add(1, Ordering::SeqCst);
@@ -373,7 +373,7 @@ fn write<'a, W: BatchWriter>(
     appends: &'a [ValidAppend],
     probe: &'a WriterProbe,
     commit_timeout: Duration,
-) -> futures::future::BoxFuture<'a, Vec<Answer>> {
+) -> futures::future::BoxFuture<'a, Vec<AppendResult>> {
     Box::pin(async move {
         match write_batch(writer, cache, appends, probe, commit_timeout).await {
             Ok(answers) => answers,

@@ -40,6 +40,7 @@ pub use model::{
     Anchor, AppendOutcome, AppendRequest, AuditReport, BrokenLink, Claim, Direction,
     ExpectedVersion, IdempotencyKey, IdempotencyRecord, LogFilter, LogPage, MAX_EVENTS_PER_APPEND,
     MAX_IDEMPOTENCY_KEY_LEN, MAX_NAME_LEN, Metadata, NewEvent, RecordedEvent, Snapshot, StreamName,
+    to_sql_int,
 };
 pub use postgres::PostgresStore;
 pub use sql::{Param, SqlStore};

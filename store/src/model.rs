@@ -424,7 +424,7 @@ pub(crate) fn recorded_event(
 }
 
 /// Numbers cross into SQL as `i64`; the store never hands out more than `i64::MAX`.
-pub(crate) fn to_sql_int(n: u64) -> i64 {
+pub fn to_sql_int(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
