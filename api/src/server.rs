@@ -115,14 +115,7 @@ impl App {
 }
 
 fn api() -> OpenApiRouter<Arc<App>> {
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
-        .merge(routes::leads::routes())
-        .merge(routes::accounts::routes())
-        .merge(routes::deals::routes())
-        .merge(routes::analytics::routes())
-        .merge(routes::log::routes())
-        .merge(routes::admin::routes())
-        .merge(routes::consumers::routes())
+    OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(routes::all())
 }
 
 /// The router and the OpenAPI document of every route, with the domain's word lists.

@@ -11,6 +11,7 @@ pub mod deals;
 pub mod leads;
 pub mod log;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use annals_commands::{CommandError, CommandHandler, CommandOutcome};
@@ -21,6 +22,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde_json::Value;
+use utoipa_axum::router::OpenApiRouter;
 use uuid::Uuid;
 
 use crate::contract::Position;
@@ -29,6 +31,18 @@ use crate::error::ApiError;
 use crate::extract::CommandMeta;
 use crate::observe;
 use crate::server::App;
+
+/// Every resource's routes: the one list a new resource joins.
+pub fn all() -> OpenApiRouter<Arc<App>> {
+    OpenApiRouter::new()
+        .merge(leads::routes())
+        .merge(accounts::routes())
+        .merge(deals::routes())
+        .merge(analytics::routes())
+        .merge(log::routes())
+        .merge(admin::routes())
+        .merge(consumers::routes())
+}
 
 /// Runs a command and records its outcome in the metrics.
 async fn execute<A: Aggregate>(
