@@ -79,12 +79,6 @@ impl SqlStore<Sqlite> {
         let gate = Arc::new(Mutex::new(()));
         SqlStore::start(pool, write_pool, Some(gate), &config).await
     }
-
-    /// Where this process's writers queue for the database (see the module); code that
-    /// writes through `pool` in transactions takes its turn here first.
-    pub fn write_gate(&self) -> Arc<Mutex<()>> {
-        self.gate().unwrap_or_default()
-    }
 }
 
 /// A list bound as one JSON text, for `json_each`.
