@@ -135,7 +135,9 @@ impl ApiError {
             Projection(ProjectionError::Busy(_)) => {
                 (StatusCode::CONFLICT, "projection-busy", told())
             }
-            Projection(ProjectionError::Store(error)) => store(error),
+            Projection(ProjectionError::Store(error) | ProjectionError::Database(error)) => {
+                store(error)
+            }
             Projection(ProjectionError::NotParked { .. }) => {
                 (StatusCode::NOT_FOUND, "not-parked", told())
             }

@@ -61,10 +61,14 @@ pub use sql::{ReadDatabase, ReadTx};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectionError {
-    /// The event store or the read-model database failed (an outage is
-    /// `StoreError::Unavailable`) or refused a statement (`StoreError::is_refusal`).
-    #[error("database error")]
+    /// Reading the log failed.
+    #[error("reading the log failed")]
     Store(#[from] StoreError),
+    /// The read-model database failed (an outage is `StoreError::Unavailable`) or
+    /// refused a statement (`StoreError::is_refusal`): only such a refusal is an
+    /// event's own failure (`is_poison`).
+    #[error("read-model database error")]
+    Database(#[source] StoreError),
     #[error("event at position {position} ({event_type}) cannot be projected: {reason}")]
     Apply {
         position: u64,
@@ -365,7 +369,7 @@ impl StepError {
 fn is_poison(error: &ProjectionError) -> bool {
     match error {
         ProjectionError::Apply { .. } => true,
-        ProjectionError::Store(error) => error.is_refusal(),
+        ProjectionError::Database(error) => error.is_refusal(),
         _ => false,
     }
 }
@@ -1760,4 +1764,31 @@ pub(crate) fn time_text(event: &RecordedEvent) -> String {
     event
         .recorded_at
         .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use annals_store::StoreConfig;
+
+    use super::{ProjectionError, is_poison};
+
+    /// Only the read-model database's refusal is an event's own failure: the same refusal
+    /// met while reading the log is not, so a retry that meets it neither counts an
+    /// attempt nor says the event still fails.
+    #[tokio::test]
+    async fn only_a_refusal_of_the_read_model_database_is_the_events_own_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("poison.db").display());
+        let backend = annals_store::open(&url, StoreConfig::default())
+            .await
+            .unwrap();
+        let refusal = backend
+            .tables()
+            .fetch_int("SELECT no_such_column FROM log_head", &[])
+            .await
+            .unwrap_err();
+        assert!(refusal.is_refusal(), "{refusal:?}");
+        assert!(is_poison(&ProjectionError::Database(refusal.clone())));
+        assert!(!is_poison(&ProjectionError::Store(refusal)));
+    }
 }

@@ -27,7 +27,11 @@ impl ReadDatabase {
     /// A transaction writing the given generation of a projection's tables.
     pub async fn begin_write(&self, generation: i64) -> Result<ReadTx, ProjectionError> {
         Ok(ReadTx {
-            inner: self.0.begin_write().await?,
+            inner: self
+                .0
+                .begin_write()
+                .await
+                .map_err(ProjectionError::Database)?,
             generation,
         })
     }
@@ -36,7 +40,11 @@ impl ReadDatabase {
     /// one answer to a query, however many statements it takes.
     pub async fn begin_snapshot(&self) -> Result<ReadTx, ProjectionError> {
         Ok(ReadTx {
-            inner: self.0.begin_snapshot().await?,
+            inner: self
+                .0
+                .begin_snapshot()
+                .await
+                .map_err(ProjectionError::Database)?,
             generation: 0,
         })
     }
@@ -44,7 +52,11 @@ impl ReadDatabase {
     /// A transaction that only reads (on SQLite it takes no write lock).
     pub async fn begin_read(&self, generation: i64) -> Result<ReadTx, ProjectionError> {
         Ok(ReadTx {
-            inner: self.0.begin_read().await?,
+            inner: self
+                .0
+                .begin_read()
+                .await
+                .map_err(ProjectionError::Database)?,
             generation,
         })
     }
@@ -56,7 +68,10 @@ impl ReadDatabase {
         sql: &str,
         params: &[Param<'_>],
     ) -> Result<Vec<Vec<Option<String>>>, ProjectionError> {
-        Ok(self.0.fetch_text_rows(sql, params).await?)
+        self.0
+            .fetch_text_rows(sql, params)
+            .await
+            .map_err(ProjectionError::Database)
     }
 
     /// The integer in the first column of a query's first row, outside any transaction.
@@ -65,7 +80,10 @@ impl ReadDatabase {
         sql: &str,
         params: &[Param<'_>],
     ) -> Result<Option<i64>, ProjectionError> {
-        Ok(self.0.fetch_int(sql, params).await?)
+        self.0
+            .fetch_int(sql, params)
+            .await
+            .map_err(ProjectionError::Database)
     }
 
     /// Tries to take a projection's lease; `None` when another process holds it.
@@ -109,7 +127,10 @@ impl ReadTx {
         sql: &str,
         params: &[Param<'_>],
     ) -> Result<u64, ProjectionError> {
-        Ok(self.inner.execute(sql, params).await?)
+        self.inner
+            .execute(sql, params)
+            .await
+            .map_err(ProjectionError::Database)
     }
 
     /// Runs a query whose first column is an integer; the value in its first row.
@@ -118,7 +139,10 @@ impl ReadTx {
         sql: &str,
         params: &[Param<'_>],
     ) -> Result<Option<i64>, ProjectionError> {
-        Ok(self.inner.fetch_int(sql, params).await?)
+        self.inner
+            .fetch_int(sql, params)
+            .await
+            .map_err(ProjectionError::Database)
     }
 
     /// Every row of a query whose columns are all text (cast them in the SQL).
@@ -127,7 +151,10 @@ impl ReadTx {
         sql: &str,
         params: &[Param<'_>],
     ) -> Result<Vec<Vec<Option<String>>>, ProjectionError> {
-        Ok(self.inner.fetch_text_rows(sql, params).await?)
+        self.inner
+            .fetch_text_rows(sql, params)
+            .await
+            .map_err(ProjectionError::Database)
     }
 
     /// How the database would run a statement: PostgreSQL's `EXPLAIN`, or SQLite's
@@ -137,10 +164,13 @@ impl ReadTx {
         sql: &str,
         params: &[Param<'_>],
     ) -> Result<String, ProjectionError> {
-        Ok(self.inner.explain(sql, params).await?)
+        self.inner
+            .explain(sql, params)
+            .await
+            .map_err(ProjectionError::Database)
     }
 
     pub async fn commit(self) -> Result<(), ProjectionError> {
-        Ok(self.inner.commit().await?)
+        self.inner.commit().await.map_err(ProjectionError::Database)
     }
 }

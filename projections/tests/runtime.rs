@@ -418,7 +418,7 @@ async fn two_runners_on_one_projection_never_double_apply(db: Arc<Fixture>) {
                 Ok(_) => {}
                 Err(ProjectionError::CheckpointMoved(_)) => {}
                 // SQLite: the other runner held the write lock past the busy timeout.
-                Err(ProjectionError::Store(StoreError::Unavailable(_))) => {}
+                Err(ProjectionError::Database(StoreError::Unavailable(_))) => {}
                 Err(other) => panic!("unexpected {other:?}"),
             }
         }

@@ -318,9 +318,9 @@ impl Projector for Outage {
             let code = CODES[left % CODES.len()];
             return Err(Failure {
                 position: events.first().filter(|_| self.at_event).map(|e| e.position),
-                error: ProjectionError::Store(StoreError::from(sqlx::Error::Database(Box::new(
-                    Sqlstate(code),
-                )))),
+                error: ProjectionError::Database(StoreError::from(sqlx::Error::Database(
+                    Box::new(Sqlstate(code)),
+                ))),
             });
         }
         LeadBoard.apply(tx, events).await
@@ -353,7 +353,7 @@ async fn outage_retried_and_never_parked(db: &Fixture, at_event: bool) {
         assert!(
             matches!(
                 step,
-                Err(ProjectionError::Store(StoreError::Unavailable(_)))
+                Err(ProjectionError::Database(StoreError::Unavailable(_)))
             ),
             "attempt {attempt}: {step:?}"
         );
@@ -405,7 +405,7 @@ async fn a_row_the_database_refuses_parks_its_event(db: Arc<Fixture>) {
     let board = runner(&db, Arc::new(Refused)).with_failure_policy(FailurePolicy::Halt, 2);
     let first = board.run_once().await;
     assert!(
-        matches!(&first, Err(ProjectionError::Store(error)) if error.is_refusal()),
+        matches!(&first, Err(ProjectionError::Database(error)) if error.is_refusal()),
         "{first:?}"
     );
     assert_eq!(board.run_once().await.unwrap(), Outcome::Halted);
@@ -615,7 +615,10 @@ async fn a_halted_retry_meets_an_outage_then_applies_the_event_where_it_stands(d
     );
     let met = outage.retry_parked_event(assigned).await;
     assert!(
-        matches!(met, Err(ProjectionError::Store(StoreError::Unavailable(_)))),
+        matches!(
+            met,
+            Err(ProjectionError::Database(StoreError::Unavailable(_)))
+        ),
         "{met:?}"
     );
     let parked = board.parked().await.unwrap();
@@ -757,9 +760,9 @@ impl Projector for Down {
 
     async fn apply(&self, _: &mut ReadTx, _: &[RecordedEvent]) -> Result<(), Failure> {
         let _ = self.tries.send(tokio::time::Instant::now());
-        Err(Failure::unplaced(ProjectionError::Store(StoreError::from(
-            sqlx::Error::Database(Box::new(Sqlstate("40P01"))),
-        ))))
+        Err(Failure::unplaced(ProjectionError::Database(
+            StoreError::from(sqlx::Error::Database(Box::new(Sqlstate("40P01")))),
+        )))
     }
 }
 
