@@ -29,7 +29,7 @@
 //!   position of its last command (`GET /leads/{id}?min_position=`);
 //! - 10% list the lead board (`GET /leads?limit=50&min_position=`).
 //!
-//! In-process, commands go to `system.leads` / `system.deals` and queries to the same
+//! In-process, commands go to the system's lead and deal handlers and queries to the same
 //! consistency wait (`App::consistent`) and read-model queries the routes call. Only 2xx
 //! (or `Ok`) counts as done; other answers are counted by status and code. Over HTTP the
 //! server's own histograms (`/metrics`) split a request's mean time into the server and
@@ -43,9 +43,9 @@ use annals_api::auth::RouteAccess;
 use annals_api::server::App;
 use annals_api::{ApiError, Settings, System, Tokens};
 use annals_commands::CommandContext;
-use annals_domain::account::AccountCommand;
-use annals_domain::deal::DealCommand;
-use annals_domain::lead::LeadCommand;
+use annals_domain::account::{Account, AccountCommand};
+use annals_domain::deal::{Deal, DealCommand};
+use annals_domain::lead::{Lead, LeadCommand};
 use annals_domain::values::{
     Email, Money, Name, Owner, PersonName, SignalKind, Source, Stage, Tier,
 };
@@ -334,7 +334,7 @@ async fn setup(system: &Arc<System>, tasks: usize) -> anyhow::Result<Pool> {
                 let command = capture(id, &format!("pool{i}@load.example"), source)?;
                 head = head.max(
                     system
-                        .leads
+                        .handler::<Lead>()
                         .execute(id, command, &context())
                         .await?
                         .position,
@@ -357,7 +357,10 @@ async fn setup(system: &Arc<System>, tasks: usize) -> anyhow::Result<Pool> {
             employees: None,
             tier: Tier::Standard,
         };
-        system.accounts.execute(account, open, &context()).await?;
+        system
+            .handler::<Account>()
+            .execute(account, open, &context())
+            .await?;
         let mut own = Vec::new();
         for d in 0..DEALS_PER_TASK {
             let id = Uuid::now_v7();
@@ -371,7 +374,13 @@ async fn setup(system: &Arc<System>, tasks: usize) -> anyhow::Result<Pool> {
                 owner: None,
                 expected_close: None,
             };
-            head = head.max(system.deals.execute(id, open, &context()).await?.position);
+            head = head.max(
+                system
+                    .handler::<Deal>()
+                    .execute(id, open, &context())
+                    .await?
+                    .position,
+            );
             own.push(DealState {
                 id,
                 stage: 0,
@@ -443,30 +452,45 @@ async fn in_process(app: &App, op: &Op) -> Result<Option<u64>, ApiError> {
                 company: None,
                 source: *source,
             };
-            system.leads.execute(*id, command, &context).await?
+            system
+                .handler::<Lead>()
+                .execute(*id, command, &context)
+                .await?
         }
         Op::Signal { lead, kind } => {
             let command = LeadCommand::RecordSignal {
                 kind: *kind,
                 occurred_at: None,
             };
-            system.leads.execute(*lead, command, &context).await?
+            system
+                .handler::<Lead>()
+                .execute(*lead, command, &context)
+                .await?
         }
         Op::Assign { lead, owner } => {
             let command = LeadCommand::Assign {
                 owner: Owner::parse(owner)?,
             };
-            system.leads.execute(*lead, command, &context).await?
+            system
+                .handler::<Lead>()
+                .execute(*lead, command, &context)
+                .await?
         }
         Op::Advance { deal, stage } => {
             let command = DealCommand::Advance { stage: *stage };
-            system.deals.execute(*deal, command, &context).await?
+            system
+                .handler::<Deal>()
+                .execute(*deal, command, &context)
+                .await?
         }
         Op::Amount { deal, amount_minor } => {
             let command = DealCommand::ChangeAmount {
                 amount: Money::parse("EUR", *amount_minor)?,
             };
-            system.deals.execute(*deal, command, &context).await?
+            system
+                .handler::<Deal>()
+                .execute(*deal, command, &context)
+                .await?
         }
         Op::GetLead { lead, min_position } => {
             app.consistent(&["lead_board"], Some(*min_position)).await?;

@@ -9,55 +9,54 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use annals_commands::conversion::LeadConversionProcess;
-use annals_commands::{CommandHandler, HandlerConfig};
-use annals_domain::account::Account;
-use annals_domain::deal::Deal;
+use annals_commands::{CommandHandler, HandlerConfig, Handlers};
+use annals_domain::Aggregate;
 use annals_domain::lead::Lead;
-use annals_projections::account_360::Account360;
-use annals_projections::deal_board::DealBoard;
-use annals_projections::lead_board::LeadBoard;
-use annals_projections::{ProjectionRunner, Projector, ReadDatabase};
-use annals_store::{EventStore, StoreConfig, StoreError};
+use annals_projections::{ProjectionRunner, ReadDatabase, read_models};
+use annals_store::{EventStore, StoreConfig};
 use tokio::sync::watch;
+
+use crate::error::ApiError;
 use tokio::task::JoinHandle;
 
 #[derive(Debug)]
 pub struct System {
     pub store: Arc<dyn EventStore>,
     pub db: ReadDatabase,
-    pub leads: CommandHandler<Lead>,
-    pub accounts: CommandHandler<Account>,
-    pub deals: CommandHandler<Deal>,
+    /// A command handler per aggregate (`System::handler`).
+    handlers: Handlers,
     /// Every projection, by name.
     pub projections: Vec<Arc<ProjectionRunner>>,
     pub conversion: Arc<LeadConversionProcess>,
 }
 
 impl System {
-    /// Opens the store a URL names (`sqlite:` or `postgres://`), applying migrations.
-    pub async fn open(url: &str) -> Result<Self, StoreError> {
+    /// Opens the store a URL names (`sqlite:` or `postgres://`), applying migrations,
+    /// and creates the read models' tables that do not exist yet.
+    pub async fn open(url: &str) -> Result<Self, ApiError> {
         let backend = annals_store::open(url, StoreConfig::default()).await?;
         let store = backend.event_store();
         let db = ReadDatabase::of(&backend);
         let handlers = HandlerConfig::default();
-        let projectors: [Arc<dyn Projector>; 3] = [
-            Arc::new(LeadBoard),
-            Arc::new(DealBoard),
-            Arc::new(Account360),
-        ];
-        let projections = projectors
+        let projections: Vec<_> = read_models()
             .into_iter()
             .map(|projector| Arc::new(ProjectionRunner::new(store.clone(), db.clone(), projector)))
             .collect();
+        for projection in &projections {
+            projection.register().await?;
+        }
         Ok(System {
-            leads: CommandHandler::new(store.clone(), handlers.clone()),
-            accounts: CommandHandler::new(store.clone(), handlers.clone()),
-            deals: CommandHandler::new(store.clone(), handlers.clone()),
+            handlers: Handlers::new(store.clone(), handlers.clone()),
             conversion: Arc::new(LeadConversionProcess::new(store.clone(), handlers)),
             projections,
             db,
             store,
         })
+    }
+
+    /// The handler of `A`'s commands, shared by every caller in this process.
+    pub fn handler<A: Aggregate + 'static>(&self) -> Arc<CommandHandler<A>> {
+        self.handlers.of::<A>()
     }
 
     pub fn projection(&self, name: &str) -> Option<&Arc<ProjectionRunner>> {
@@ -88,7 +87,7 @@ impl System {
         let system = self.clone();
         tasks.push(tokio::spawn(async move {
             system
-                .leads
+                .handler::<Lead>()
                 .purge_idempotency_keys_until_stopped(Duration::from_secs(15 * 60), stopped)
                 .await
         }));

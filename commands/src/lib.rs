@@ -14,7 +14,8 @@
 pub mod conversion;
 mod error;
 
-use std::collections::HashSet;
+use std::any::{Any, TypeId};
+use std::collections::{HashMap, HashSet};
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -101,6 +102,41 @@ pub struct CommandHandler<A: Aggregate> {
     config: HandlerConfig,
     cache: Mutex<LruCache<Uuid, Loaded<A>>>,
     in_flight: InFlight,
+}
+
+/// The command handlers of a process, one per aggregate type, each made on first use and
+/// then shared: every caller of one aggregate's commands sees the same cache and the same
+/// idempotency keys in flight. A new aggregate needs no line here.
+#[derive(Debug)]
+pub struct Handlers {
+    store: Arc<dyn EventStore>,
+    config: HandlerConfig,
+    made: Mutex<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>,
+}
+
+impl Handlers {
+    pub fn new(store: Arc<dyn EventStore>, config: HandlerConfig) -> Self {
+        Handlers {
+            store,
+            config,
+            made: Mutex::default(),
+        }
+    }
+
+    /// The handler of `A`'s commands.
+    pub fn of<A: Aggregate + 'static>(&self) -> Arc<CommandHandler<A>> {
+        let mut made = self.made.lock().unwrap_or_else(PoisonError::into_inner);
+        let key = TypeId::of::<A>();
+        if let Some(Ok(handler)) = made.get(&key).map(|h| h.clone().downcast()) {
+            return handler;
+        }
+        let handler = Arc::new(CommandHandler::<A>::new(
+            self.store.clone(),
+            self.config.clone(),
+        ));
+        made.insert(key, handler.clone());
+        handler
+    }
 }
 
 /// The idempotency keys whose requests a handler is carrying out now.

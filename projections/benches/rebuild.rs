@@ -25,8 +25,8 @@ use annals_projections::deal_board::DealBoard;
 use annals_projections::lead_board::LeadBoard;
 use annals_projections::{ProjectionRunner, Projector, ReadDatabase};
 use annals_store::{
-    AppendRequest, Backend, EventStore, ExpectedVersion, NewEvent, PostgresStore, SqliteStore,
-    StoreConfig, StreamName,
+    AppendRequest, EventStore, ExpectedVersion, NewEvent, PostgresStore, SqliteStore, StoreConfig,
+    StreamName,
 };
 use anyhow::Context;
 use sqlx::{Connection, PgConnection};
@@ -144,6 +144,12 @@ async fn rebuild_all(store: Arc<dyn EventStore>, db: ReadDatabase) -> anyhow::Re
         task.await??;
     }
     Ok(started.elapsed())
+}
+
+/// A store of either backend, for the raw baseline's own SQL.
+enum Backend {
+    Sqlite(SqliteStore),
+    Postgres(PostgresStore),
 }
 
 async fn raw_rate(backend: &Backend, rows: u64) -> anyhow::Result<f64> {
@@ -349,7 +355,16 @@ async fn main() -> anyhow::Result<()> {
             pg_name = Some(name);
             Backend::Postgres(store)
         };
-        let (store, db) = (opened.event_store(), ReadDatabase::of(&opened));
+        let (store, db): (Arc<dyn EventStore>, ReadDatabase) = match &opened {
+            Backend::Sqlite(store) => (
+                Arc::new(store.clone()),
+                ReadDatabase::new(Arc::new(store.clone())),
+            ),
+            Backend::Postgres(store) => (
+                Arc::new(store.clone()),
+                ReadDatabase::new(Arc::new(store.clone())),
+            ),
+        };
         // Live lag first, on the fresh database: steady operation, apart from the
         // maintenance (autovacuum, checkpoints) that writing a million rows sets off.
         // Half the peak command rate of `benches/commands.rs` on this machine

@@ -37,6 +37,15 @@ row! {
         pub lost_reason: Option<String>,
         pub updated_position: i64,
     }
+    indexes {
+        // The board's list, in the order deals were opened.
+        deal_board_opened on ("opened_micros, deal_id"),
+        deal_board_account on ("account_id"),
+        deal_board_stage on ("status, stage"),
+        deal_board_owner on ("owner"),
+        // The funnel's won step and the pipeline's closed deals in a time window.
+        deal_board_closed on ("status, closed_at") where "closed_at IS NOT NULL",
+    }
 }
 
 impl RowModel for DealBoard {

@@ -34,6 +34,21 @@ row! {
         pub converted_at: Option<String>,
         pub updated_position: i64,
     }
+    indexes {
+        lead_board_score on ("score DESC, captured_at, lead_id"),
+        lead_board_owner on ("owner"),
+        // Account 360: the leads converted into one account, in conversion order.
+        lead_board_converted_account on ("converted_account_id, converted_at, lead_id")
+            where "converted_account_id IS NOT NULL",
+        // The lead list filtered by status, in the list's own order.
+        lead_board_status on ("status, score DESC, captured_at, lead_id"),
+        // The funnel's time window: each step counts the rows whose time for that step
+        // falls in it, and the won step finds each won deal's lead by its deal.
+        lead_board_captured on ("captured_at"),
+        lead_board_qualified on ("qualified_at") where "qualified_at IS NOT NULL",
+        lead_board_converted on ("converted_at") where "converted_at IS NOT NULL",
+        lead_board_converted_deal on ("converted_deal_id") where "converted_deal_id IS NOT NULL",
+    }
 }
 
 impl RowModel for LeadBoard {

@@ -59,6 +59,15 @@ use tokio::sync::watch;
 pub use annals_store::Param;
 pub use sql::{ReadDatabase, ReadTx};
 
+/// Every read model, in a stable order: the one list a new read model joins.
+pub fn read_models() -> Vec<Arc<dyn Projector>> {
+    vec![
+        Arc::new(lead_board::LeadBoard),
+        Arc::new(deal_board::DealBoard),
+        Arc::new(account_360::Account360),
+    ]
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectionError {
     /// Reading the log failed.
@@ -81,6 +90,18 @@ pub enum ProjectionError {
     Busy(String),
     #[error("a read-model row is corrupt: {0}")]
     Corrupt(String),
+    /// A read model's table, made before, lacks a column its `row!` declares now.
+    #[error(
+        "table {table} does not have the columns read model {projection} declares; a \
+         read model whose columns changed needs a new name, or its table dropped so that \
+         it is made again and rebuilt"
+    )]
+    TableChanged {
+        projection: String,
+        table: String,
+        #[source]
+        refusal: StoreError,
+    },
     #[error("the cursor is not one this server gave out")]
     InvalidCursor,
     /// An operator named an event the consumer has not parked (never parked, already
@@ -110,14 +131,58 @@ impl Failure {
     }
 }
 
-/// A read-model table, as rebuild and verify see it.
+/// A read-model table, declared once (by `row!`): what creates it, and what rebuild and
+/// verify see of it.
 #[derive(Debug, Clone, Copy)]
 pub struct Table {
     pub name: &'static str,
     /// The columns compared by verify (all but `generation`).
     pub columns: &'static [&'static str],
-    /// The key columns, for a stable order.
+    /// Each column's SQL type and nullability, in `columns` order.
+    pub types: &'static [&'static str],
+    /// The key column, for a stable order; with `generation`, the primary key.
     pub key: &'static str,
+    pub indexes: &'static [Index],
+}
+
+/// An index of a read-model table, for its queries; led by `generation`, as every
+/// read-model query is.
+#[derive(Debug, Clone, Copy)]
+pub struct Index {
+    pub name: &'static str,
+    /// The columns after `generation`, with any `DESC`.
+    pub columns: &'static str,
+    /// A partial index's condition: the rows it holds.
+    pub only_where: Option<&'static str>,
+}
+
+impl Table {
+    /// The statements that create the table and its indexes where they do not exist yet,
+    /// in SQL both backends accept.
+    pub fn create_statements(&self) -> Vec<String> {
+        let columns: String = self
+            .columns
+            .iter()
+            .zip(self.types)
+            .map(|(column, kind)| format!("{column} {kind}, "))
+            .collect();
+        let mut statements = vec![format!(
+            "CREATE TABLE IF NOT EXISTS {} (generation BIGINT NOT NULL, {columns}\
+             PRIMARY KEY (generation, {}))",
+            self.name, self.key
+        )];
+        statements.extend(self.indexes.iter().map(|index| {
+            let only = index
+                .only_where
+                .map(|only| format!(" WHERE {only}"))
+                .unwrap_or_default();
+            format!(
+                "CREATE INDEX IF NOT EXISTS {} ON {} (generation, {}){only}",
+                index.name, self.name, index.columns
+            )
+        }));
+        statements
+    }
 }
 
 /// Turns events into rows of a read model.
@@ -485,20 +550,69 @@ impl ProjectionRunner {
         self.progress.subscribe()
     }
 
+    /// Creates the projection's tables and its row in `projections` where they do not
+    /// exist yet, in one transaction; once per runner (later calls cost nothing). Every
+    /// use of the projection does it first; a process calls it at start so that its
+    /// queries find the tables before the runner's first step.
+    pub async fn register(&self) -> Result<(), ProjectionError> {
+        if self.registered.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let mut attempts = 0;
+        loop {
+            match self.create_tables().await {
+                Ok(()) => break,
+                // Two processes creating one table at once: PostgreSQL refuses the one
+                // that commits second, which then finds the table made.
+                Err(ProjectionError::Database(error)) if error.is_refusal() && attempts < 3 => {
+                    attempts += 1;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        for table in self.projector.tables() {
+            let sql = format!(
+                "SELECT {} FROM {} WHERE 1 = 0",
+                table.columns.join(", "),
+                table.name
+            );
+            if let Err(error) = self.db.fetch_text_rows(&sql, &[]).await {
+                return Err(match error {
+                    ProjectionError::Database(error) if error.is_refusal() => {
+                        ProjectionError::TableChanged {
+                            projection: self.name().to_owned(),
+                            table: table.name.to_owned(),
+                            refusal: error,
+                        }
+                    }
+                    error => error,
+                });
+            }
+        }
+        self.registered.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn create_tables(&self) -> Result<(), ProjectionError> {
+        let mut tx = self.db.begin_write(0).await?;
+        for table in self.projector.tables() {
+            for statement in table.create_statements() {
+                tx.execute(&statement, &[]).await?;
+            }
+        }
+        tx.execute(
+            "INSERT INTO projections (name, live_generation, rebuilding) \
+             VALUES ($1, 1, NULL) ON CONFLICT (name) DO NOTHING",
+            &[self.name().into()],
+        )
+        .await?;
+        tx.commit().await
+    }
+
     /// The generation readers see (registering the projection on first use).
     pub async fn live_generation(&self) -> Result<i64, ProjectionError> {
         let name = self.name();
-        if !self.registered.load(Ordering::Relaxed) {
-            let mut tx = self.db.begin_write(0).await?;
-            tx.execute(
-                "INSERT INTO projections (name, live_generation, rebuilding) \
-                 VALUES ($1, 1, NULL) ON CONFLICT (name) DO NOTHING",
-                &[name.into()],
-            )
-            .await?;
-            tx.commit().await?;
-            self.registered.store(true, Ordering::Relaxed);
-        }
+        self.register().await?;
         let mut tx = self.db.begin_read(0).await?;
         let live = tx
             .fetch_int(

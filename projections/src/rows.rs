@@ -26,14 +26,19 @@ pub trait Row: Clone + Send + Sync + PartialEq + Debug + Sized {
 }
 
 /// Declares a read model's row once: the struct, whose fields are its table's columns in
-/// order (`String`, `i64`, or either as an `Option` for a nullable column), the table's
-/// name (the read model's `NAME`) and key, and so how the row is written and read back.
+/// order (`String`, `i64`, a domain status, or `String`/`i64` as an `Option` for a
+/// nullable column), the table's name (the read model's `NAME`), its key and the indexes
+/// its queries need (each led by `generation`, which the macro adds; a `where` makes it
+/// partial), and so the table's DDL and how the row is written and read back.
 macro_rules! row {
     (
         $(#[$meta:meta])*
         pub struct $row:ident in table $table:path, keyed by $key:ident {
             $($(#[$field_meta:meta])* pub $field:ident: $kind:ty,)*
         }
+        $(indexes {
+            $($index:ident on ($index_columns:literal) $(where $only:literal)?,)*
+        })?
     ) => {
         $(#[$meta])*
         #[derive(Debug, Clone, PartialEq)]
@@ -45,7 +50,13 @@ macro_rules! row {
             const TABLE: $crate::Table = $crate::Table {
                 name: $table,
                 columns: &[$(stringify!($field)),*],
+                types: &[$(<$kind as $crate::rows::Column>::SQL_TYPE),*],
                 key: stringify!($key),
+                indexes: &[$($($crate::Index {
+                    name: stringify!($index),
+                    columns: $index_columns,
+                    only_where: row!(@only $($only)?),
+                }),*)?],
             };
 
             fn to_params(&self) -> Vec<$crate::Param<'static>> {
@@ -60,11 +71,16 @@ macro_rules! row {
             }
         }
     };
+    (@only) => { None };
+    (@only $only:literal) => { Some($only) };
 }
 pub(crate) use row;
 
 /// How a field of a `row!` is written and read back as text.
 pub trait Column: Sized {
+    /// The column's SQL type and nullability, as both backends spell it.
+    const SQL_TYPE: &'static str;
+
     fn param(&self) -> Param<'static>;
     fn read(value: Option<&Option<String>>, column: &str) -> Result<Self, ProjectionError>;
 }
@@ -74,6 +90,8 @@ fn not_null<T>(value: Option<T>, column: &str) -> Result<T, ProjectionError> {
 }
 
 impl Column for Option<String> {
+    const SQL_TYPE: &'static str = "TEXT";
+
     fn param(&self) -> Param<'static> {
         self.clone().into()
     }
@@ -84,6 +102,8 @@ impl Column for Option<String> {
 }
 
 impl Column for String {
+    const SQL_TYPE: &'static str = "TEXT NOT NULL";
+
     fn param(&self) -> Param<'static> {
         self.clone().into()
     }
@@ -94,6 +114,8 @@ impl Column for String {
 }
 
 impl Column for Option<i64> {
+    const SQL_TYPE: &'static str = "BIGINT";
+
     fn param(&self) -> Param<'static> {
         Param::Int(*self)
     }
@@ -110,6 +132,8 @@ impl Column for Option<i64> {
 }
 
 impl Column for i64 {
+    const SQL_TYPE: &'static str = "BIGINT NOT NULL";
+
     fn param(&self) -> Param<'static> {
         Param::Int(Some(*self))
     }
@@ -123,6 +147,8 @@ impl Column for i64 {
 macro_rules! status_column {
     ($($status:ty),*) => {$(
         impl Column for $status {
+            const SQL_TYPE: &'static str = "TEXT NOT NULL";
+
             fn param(&self) -> Param<'static> {
                 self.as_str().into()
             }

@@ -72,6 +72,9 @@ on_both_backends!(
     a_rebuild_renews_its_claim_after_every_batch,
     a_long_comparison_renews_its_claim,
     a_verify_whose_live_board_moved_on_after_its_fill_catches_up_and_compares,
+    each_read_model_creates_the_tables_its_migrations_made,
+    two_processes_creating_one_read_models_tables_at_once_both_succeed,
+    a_read_model_whose_table_lacks_a_declared_column_is_refused_at_registration,
 );
 
 fn read_database(db: &Fixture) -> ReadDatabase {
@@ -1925,4 +1928,123 @@ async fn a_verify_whose_live_board_moved_on_after_its_fill_catches_up_and_compar
         report.position, position,
         "compared where the live board stood"
     );
+}
+
+/// A table as the database describes it: each column's name, type (SQLite: its
+/// affinity) and nullability in order, and each index's definition, by name.
+async fn described(db: &Fixture, table: &str) -> (Vec<String>, Vec<String>) {
+    let (columns, indexes) = match db.backend() {
+        Backend::Sqlite => (
+            format!(
+                "SELECT name || ' ' || CASE WHEN type LIKE '%INT%' THEN 'INTEGER' ELSE type END \
+                        || CASE \"notnull\" WHEN 1 THEN ' NOT NULL' ELSE '' END \
+                   FROM pragma_table_info('{table}') ORDER BY cid"
+            ),
+            format!(
+                "SELECT name || ': ' || COALESCE(sql, 'primary key') FROM sqlite_master \
+                  WHERE type = 'index' AND tbl_name = '{table}' ORDER BY name"
+            ),
+        ),
+        Backend::Postgres => (
+            format!(
+                "SELECT column_name || ' ' || data_type \
+                        || CASE is_nullable WHEN 'NO' THEN ' NOT NULL' ELSE '' END \
+                   FROM information_schema.columns WHERE table_name = '{table}' \
+                  ORDER BY ordinal_position"
+            ),
+            format!(
+                "SELECT indexname || ': ' || indexdef FROM pg_indexes \
+                  WHERE tablename = '{table}' ORDER BY indexname"
+            ),
+        ),
+    };
+    let text = |rows: Vec<Vec<Option<String>>>| -> Vec<String> {
+        rows.into_iter()
+            .map(|row| {
+                // SQLite keeps an index's SQL as written: compare it by its words.
+                let words = row[0].clone().unwrap().replace("IF NOT EXISTS ", "");
+                words.split_whitespace().collect::<Vec<_>>().join(" ")
+            })
+            .collect()
+    };
+    (
+        text(db.text_rows(&columns).await),
+        text(db.text_rows(&indexes).await),
+    )
+}
+
+/// A read model's table is declared once, in its `row!`: the tables and indexes that
+/// declaration creates on a database without them are the ones the migrations made
+/// (which stay as the history of databases created before).
+async fn each_read_model_creates_the_tables_its_migrations_made(db: Arc<Fixture>) {
+    for projector in annals_projections::read_models() {
+        for table in projector.tables() {
+            let migrated = described(&db, table.name).await;
+            assert!(!migrated.0.is_empty(), "{} was migrated", table.name);
+            db.execute(&format!("DROP TABLE {}", table.name)).await;
+            assert!(described(&db, table.name).await.0.is_empty());
+
+            runner(&db, projector.clone()).register().await.unwrap();
+            assert_eq!(
+                described(&db, table.name).await,
+                migrated,
+                "{} as declared",
+                table.name
+            );
+        }
+    }
+}
+
+/// Two servers starting at once on one PostgreSQL both create a read model's tables:
+/// the second waits for the first's transaction, is refused when it commits, and
+/// finds the tables made. Forced: the first holds its transaction open.
+async fn two_processes_creating_one_read_models_tables_at_once_both_succeed(db: Arc<Fixture>) {
+    let table = LeadBoard.tables()[0];
+    db.execute(&format!("DROP TABLE {}", table.name)).await;
+    let first = read_database(&db);
+    let mut creating = first.begin_write(0).await.unwrap();
+    for statement in table.create_statements() {
+        creating.execute(&statement, &[]).await.unwrap();
+    }
+
+    let other = runner(&db, Arc::new(LeadBoard));
+    let second = tokio::spawn(async move { other.register().await });
+    // The second waits on the first: on PostgreSQL for the new table's catalog row,
+    // on SQLite for the write lock.
+    if db.backend() == Backend::Postgres {
+        // A wait on another transaction's lock names no database: find it by session.
+        let waiting = "SELECT CAST(count(*) AS TEXT) FROM pg_locks \
+                        WHERE NOT granted AND pid IN (SELECT pid FROM pg_stat_activity \
+                                                       WHERE datname = current_database())";
+        while db.text_rows(waiting).await[0][0].as_deref() == Some("0") {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    } else {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!second.is_finished());
+    creating.commit().await.unwrap();
+
+    second.await.unwrap().unwrap();
+    assert_eq!(
+        described(&db, table.name).await.1.len(),
+        table.indexes.len() + 1
+    );
+}
+
+/// A table made before a read model's columns changed is not silently used: registering
+/// the model says which table and why, before any event is applied to it.
+async fn a_read_model_whose_table_lacks_a_declared_column_is_refused_at_registration(
+    db: Arc<Fixture>,
+) {
+    db.execute("ALTER TABLE lead_board DROP COLUMN email").await;
+    let error = runner(&db, Arc::new(LeadBoard))
+        .register()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, ProjectionError::TableChanged { table, .. } if table == "lead_board"),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("needs a new name"), "{error}");
 }

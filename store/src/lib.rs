@@ -157,40 +157,40 @@ impl Default for StoreConfig {
     }
 }
 
-/// A database a URL names, opened and migrated: its event store, and the backend it is,
-/// for code that keeps its own tables beside the log (read models, leases) and must
-/// commit with it.
+/// A database a URL names, opened and migrated: its event store, and the tables beside
+/// the log on the same database (read models, leases), which must commit with it.
 #[derive(Debug, Clone)]
-pub enum Backend {
-    Sqlite(SqliteStore),
-    Postgres(PostgresStore),
+pub struct Backend {
+    event_store: Arc<dyn EventStore>,
+    tables: Arc<dyn Tables>,
 }
 
 impl Backend {
+    fn of<S: EventStore + Tables + Clone + 'static>(store: S) -> Self {
+        Backend {
+            event_store: Arc::new(store.clone()),
+            tables: Arc::new(store),
+        }
+    }
+
     /// The event store, behind the contract.
     pub fn event_store(&self) -> Arc<dyn EventStore> {
-        match self {
-            Backend::Sqlite(store) => Arc::new(store.clone()),
-            Backend::Postgres(store) => Arc::new(store.clone()),
-        }
+        self.event_store.clone()
     }
 
     /// The tables beside the log, and the leases, on the same database.
     pub fn tables(&self) -> Arc<dyn Tables> {
-        match self {
-            Backend::Sqlite(store) => Arc::new(store.clone()),
-            Backend::Postgres(store) => Arc::new(store.clone()),
-        }
+        self.tables.clone()
     }
 }
 
 /// Opens the database a URL names (`sqlite:…` or `postgres://…`), applying pending
-/// migrations: the one place a URL is read.
+/// migrations: the one place a URL is read, and the one list of backends.
 pub async fn open(url: &str, config: StoreConfig) -> Result<Backend, StoreError> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(Backend::Postgres(PostgresStore::open(url, config).await?))
+        Ok(Backend::of(PostgresStore::open(url, config).await?))
     } else if url.starts_with("sqlite:") {
-        Ok(Backend::Sqlite(SqliteStore::open(url, config).await?))
+        Ok(Backend::of(SqliteStore::open(url, config).await?))
     } else {
         Err(StoreError::UnsupportedUrl)
     }

@@ -8,9 +8,9 @@
 
 use annals_api::System;
 use annals_commands::{CommandContext, CommandError};
-use annals_domain::account::AccountCommand;
-use annals_domain::deal::DealCommand;
-use annals_domain::lead::{ConversionAccount, ConversionDeal, LeadCommand};
+use annals_domain::account::{Account, AccountCommand};
+use annals_domain::deal::{Deal, DealCommand};
+use annals_domain::lead::{ConversionAccount, ConversionDeal, Lead, LeadCommand};
 use annals_domain::values::{
     Email, Label, Money, Name, Owner, PersonName, Reason, SignalKind, Source, Stage, Tier,
 };
@@ -119,7 +119,7 @@ impl Story<'_> {
     }
 
     async fn lead(&mut self, n: usize) -> anyhow::Result<()> {
-        let leads = &self.system.leads;
+        let leads = self.system.handler::<Lead>();
         let id = self.id();
         let first = *FIRST.choose(&mut self.rng).unwrap_or(&"ada");
         let last = *LAST.choose(&mut self.rng).unwrap_or(&"lovelace");
@@ -213,7 +213,7 @@ impl Story<'_> {
         };
         let converted = self
             .system
-            .leads
+            .handler::<Lead>()
             .execute(lead, command, &self.context(&format!("{n}/convert")))
             .await;
         if self.accepted(converted)? {
@@ -250,7 +250,7 @@ impl Story<'_> {
         };
         let opened = self
             .system
-            .accounts
+            .handler::<Account>()
             .execute(id, command, &self.context(&format!("account/{n}")))
             .await;
         if !self.accepted(opened)? {
@@ -273,7 +273,7 @@ impl Story<'_> {
             let step = format!("account/{n}/deal/{d}");
             let opened = self
                 .system
-                .deals
+                .handler::<Deal>()
                 .execute(deal_id, command, &self.context(&step))
                 .await;
             if self.accepted(opened)? {
@@ -286,7 +286,7 @@ impl Story<'_> {
 
     /// Moves a deal through some stages, then wins it, loses it, or leaves it open.
     async fn work_deal(&mut self, step: &str, id: Uuid) -> anyhow::Result<()> {
-        let deals = &self.system.deals;
+        let deals = self.system.handler::<Deal>();
         let reached = self.rng.random_range(0..Stage::ALL.len());
         for (s, stage) in Stage::ALL.iter().enumerate().skip(1).take(reached) {
             if self.rng.random_bool(0.2) {

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use annals_domain::DomainError;
-use annals_domain::account::AccountCommand;
+use annals_domain::account::{Account, AccountCommand};
 use annals_domain::values::{Label, Name, Tier};
 use annals_projections::{account_360, deal_board, lead_board};
 use axum::Json;
@@ -128,7 +128,14 @@ async fn open_account(
         employees: b.employees.map(AccountCommand::employees).transpose()?,
         tier: optional(b.tier.as_deref(), Tier::parse)?.unwrap_or_default(),
     };
-    let outcome = execute(&app.system.accounts, id, command, &meta, &body.digest).await?;
+    let outcome = execute(
+        &app.system.handler::<Account>(),
+        id,
+        command,
+        &meta,
+        &body.digest,
+    )
+    .await?;
     Ok(created("accounts", outcome))
 }
 
@@ -144,7 +151,14 @@ async fn rename_account(
     body: JsonBody<RenameAccount>,
 ) -> Result<Json<CommandAnswer>, ApiError> {
     let command = AccountCommand::try_from(&body.value)?;
-    let outcome = execute(&app.system.accounts, id, command, &meta, &body.digest).await?;
+    let outcome = execute(
+        &app.system.handler::<Account>(),
+        id,
+        command,
+        &meta,
+        &body.digest,
+    )
+    .await?;
     Ok(Json(answer(outcome)))
 }
 
@@ -160,7 +174,14 @@ async fn set_account_tier(
     body: JsonBody<SetAccountTier>,
 ) -> Result<Json<CommandAnswer>, ApiError> {
     let command = AccountCommand::try_from(&body.value)?;
-    let outcome = execute(&app.system.accounts, id, command, &meta, &body.digest).await?;
+    let outcome = execute(
+        &app.system.handler::<Account>(),
+        id,
+        command,
+        &meta,
+        &body.digest,
+    )
+    .await?;
     Ok(Json(answer(outcome)))
 }
 
@@ -227,5 +248,5 @@ async fn account_history(
     Params(query): Params<HistoryQuery>,
 ) -> Result<Json<HistoryView>, ApiError> {
     let missing = ApiError::not_found("account-not-found", "the account does not exist");
-    history(&app.system.accounts, id, query, missing).await
+    history(&app.system.handler::<Account>(), id, query, missing).await
 }

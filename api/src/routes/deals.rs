@@ -4,7 +4,8 @@
 use std::sync::Arc;
 
 use annals_domain::DomainError;
-use annals_domain::deal::{DealCommand, DealStatus};
+use annals_domain::account::Account;
+use annals_domain::deal::{Deal, DealCommand, DealStatus};
 use annals_domain::values::{Name, Owner, Reason, Stage};
 use annals_projections::deal_board;
 use annals_projections::deal_board::DealRow;
@@ -186,9 +187,16 @@ async fn open_deal(
         amount: b.amount.parse()?,
         owner: optional(b.owner.as_deref(), Owner::parse)?,
         expected_close: b.expected_close,
-        account_exists: app.system.accounts.exists(b.account_id).await?,
+        account_exists: app.system.handler::<Account>().exists(b.account_id).await?,
     };
-    let outcome = execute(&app.system.deals, id, command, &meta, &body.digest).await?;
+    let outcome = execute(
+        &app.system.handler::<Deal>(),
+        id,
+        command,
+        &meta,
+        &body.digest,
+    )
+    .await?;
     Ok(created("deals", outcome))
 }
 
@@ -204,7 +212,14 @@ async fn advance_deal(
     body: JsonBody<AdvanceDeal>,
 ) -> Result<Json<CommandAnswer>, ApiError> {
     let command = DealCommand::try_from(&body.value)?;
-    let outcome = execute(&app.system.deals, id, command, &meta, &body.digest).await?;
+    let outcome = execute(
+        &app.system.handler::<Deal>(),
+        id,
+        command,
+        &meta,
+        &body.digest,
+    )
+    .await?;
     Ok(Json(answer(outcome)))
 }
 
@@ -220,7 +235,14 @@ async fn change_deal_amount(
     body: JsonBody<ChangeDealAmount>,
 ) -> Result<Json<CommandAnswer>, ApiError> {
     let command = DealCommand::try_from(&body.value)?;
-    let outcome = execute(&app.system.deals, id, command, &meta, &body.digest).await?;
+    let outcome = execute(
+        &app.system.handler::<Deal>(),
+        id,
+        command,
+        &meta,
+        &body.digest,
+    )
+    .await?;
     Ok(Json(answer(outcome)))
 }
 
@@ -236,7 +258,14 @@ async fn win_deal(
     meta: CommandMeta,
     body: JsonBody<WinDeal>,
 ) -> Result<Json<CommandAnswer>, ApiError> {
-    let outcome = execute(&app.system.deals, id, DealCommand::Win, &meta, &body.digest).await?;
+    let outcome = execute(
+        &app.system.handler::<Deal>(),
+        id,
+        DealCommand::Win,
+        &meta,
+        &body.digest,
+    )
+    .await?;
     Ok(Json(answer(outcome)))
 }
 
@@ -252,7 +281,14 @@ async fn lose_deal(
     body: JsonBody<LoseDeal>,
 ) -> Result<Json<CommandAnswer>, ApiError> {
     let command = DealCommand::try_from(&body.value)?;
-    let outcome = execute(&app.system.deals, id, command, &meta, &body.digest).await?;
+    let outcome = execute(
+        &app.system.handler::<Deal>(),
+        id,
+        command,
+        &meta,
+        &body.digest,
+    )
+    .await?;
     Ok(Json(answer(outcome)))
 }
 
@@ -326,5 +362,5 @@ async fn deal_history(
     Params(query): Params<HistoryQuery>,
 ) -> Result<Json<HistoryView>, ApiError> {
     let missing = ApiError::not_found("deal-not-found", "the deal does not exist");
-    history(&app.system.deals, id, query, missing).await
+    history(&app.system.handler::<Deal>(), id, query, missing).await
 }

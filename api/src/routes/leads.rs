@@ -6,7 +6,9 @@ use std::time::Instant;
 
 use annals_domain::Command;
 use annals_domain::DomainError;
-use annals_domain::lead::{ConversionAccount, ConversionDeal, LeadCommand, LeadStatus};
+use annals_domain::account::Account;
+use annals_domain::deal::Deal;
+use annals_domain::lead::{ConversionAccount, ConversionDeal, Lead, LeadCommand, LeadStatus};
 use annals_domain::values::{Email, Label, Name, Owner, PersonName, Reason, SignalKind, Source};
 use annals_projections::lead_board;
 use annals_projections::lead_board::LeadRow;
@@ -206,7 +208,14 @@ async fn capture_lead(
         company: optional(b.company.as_deref(), Label::parse)?,
         source: Source::parse(&b.source)?,
     };
-    let outcome = execute(&app.system.leads, id, command, &meta, &body.digest).await?;
+    let outcome = execute(
+        &app.system.handler::<Lead>(),
+        id,
+        command,
+        &meta,
+        &body.digest,
+    )
+    .await?;
     Ok(created("leads", outcome))
 }
 
@@ -222,7 +231,14 @@ async fn record_signal(
     body: JsonBody<RecordSignal>,
 ) -> Result<Json<CommandAnswer>, ApiError> {
     let command = LeadCommand::try_from(&body.value)?;
-    let outcome = execute(&app.system.leads, id, command, &meta, &body.digest).await?;
+    let outcome = execute(
+        &app.system.handler::<Lead>(),
+        id,
+        command,
+        &meta,
+        &body.digest,
+    )
+    .await?;
     Ok(Json(answer(outcome)))
 }
 
@@ -238,7 +254,14 @@ async fn assign_lead(
     body: JsonBody<AssignLead>,
 ) -> Result<Json<CommandAnswer>, ApiError> {
     let command = LeadCommand::try_from(&body.value)?;
-    let outcome = execute(&app.system.leads, id, command, &meta, &body.digest).await?;
+    let outcome = execute(
+        &app.system.handler::<Lead>(),
+        id,
+        command,
+        &meta,
+        &body.digest,
+    )
+    .await?;
     Ok(Json(answer(outcome)))
 }
 
@@ -254,7 +277,14 @@ async fn disqualify_lead(
     body: JsonBody<DisqualifyLead>,
 ) -> Result<Json<CommandAnswer>, ApiError> {
     let command = LeadCommand::try_from(&body.value)?;
-    let outcome = execute(&app.system.leads, id, command, &meta, &body.digest).await?;
+    let outcome = execute(
+        &app.system.handler::<Lead>(),
+        id,
+        command,
+        &meta,
+        &body.digest,
+    )
+    .await?;
     Ok(Json(answer(outcome)))
 }
 
@@ -275,14 +305,16 @@ async fn convert_lead(
     let amount = b.amount.parse()?;
     let account = match b.account_id {
         None => ConversionAccount::New(Uuid::now_v7()),
-        Some(named) if app.system.accounts.exists(named).await? => {
+        Some(named) if app.system.handler::<Account>().exists(named).await? => {
             ConversionAccount::Existing(named)
         }
         Some(named) => ConversionAccount::Unknown(named),
     };
     let deal = match b.deal_id {
         None => ConversionDeal::New(Uuid::now_v7()),
-        Some(given) if app.system.deals.exists(given).await? => ConversionDeal::Taken(given),
+        Some(given) if app.system.handler::<Deal>().exists(given).await? => {
+            ConversionDeal::Taken(given)
+        }
         Some(given) => ConversionDeal::New(given),
     };
     let command = LeadCommand::Convert {
@@ -297,7 +329,7 @@ async fn convert_lead(
     let started = Instant::now();
     let result = app
         .system
-        .leads
+        .handler::<Lead>()
         .convert(id, command, &meta.context(&body.digest))
         .await;
     record(name, &result, started);
@@ -389,5 +421,5 @@ async fn lead_history(
     Params(query): Params<HistoryQuery>,
 ) -> Result<Json<HistoryView>, ApiError> {
     let missing = ApiError::not_found("lead-not-found", "the lead does not exist");
-    history(&app.system.leads, id, query, missing).await
+    history(&app.system.handler::<Lead>(), id, query, missing).await
 }
