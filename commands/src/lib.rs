@@ -105,8 +105,8 @@ pub struct CommandHandler<A: Aggregate> {
 }
 
 /// The command handlers of a process, one per aggregate type, each made on first use and
-/// then shared: every caller of one aggregate's commands sees the same cache and the same
-/// idempotency keys in flight. A new aggregate needs no line here.
+/// then shared: every caller through it (the routes, the demo) sees one cache and one set
+/// of idempotency keys in flight per aggregate. A new aggregate needs no line here.
 #[derive(Debug)]
 pub struct Handlers {
     store: Arc<dyn EventStore>,

@@ -93,8 +93,8 @@ pub enum ProjectionError {
     /// A read model's table, made before, lacks a column its `row!` declares now.
     #[error(
         "table {table} does not have the columns read model {projection} declares; a \
-         read model whose columns changed needs a new name, or its table dropped so that \
-         it is made again and rebuilt"
+         read model whose columns changed needs a new name, or its table dropped: the next \
+         start makes it again and the read model applies the log from position 0"
     )]
     TableChanged {
         projection: String,
@@ -157,30 +157,37 @@ pub struct Index {
 }
 
 impl Table {
-    /// The statements that create the table and its indexes where they do not exist yet,
-    /// in SQL both backends accept.
-    pub fn create_statements(&self) -> Vec<String> {
+    /// The statement that creates the table, in SQL both backends accept.
+    pub fn create_table_statement(&self) -> String {
         let columns: String = self
             .columns
             .iter()
             .zip(self.types)
             .map(|(column, kind)| format!("{column} {kind}, "))
             .collect();
-        let mut statements = vec![format!(
+        format!(
             "CREATE TABLE IF NOT EXISTS {} (generation BIGINT NOT NULL, {columns}\
              PRIMARY KEY (generation, {}))",
             self.name, self.key
-        )];
-        statements.extend(self.indexes.iter().map(|index| {
-            let only = index
-                .only_where
-                .map(|only| format!(" WHERE {only}"))
-                .unwrap_or_default();
-            format!(
-                "CREATE INDEX IF NOT EXISTS {} ON {} (generation, {}){only}",
-                index.name, self.name, index.columns
-            )
-        }));
+        )
+    }
+
+    /// The statement that creates one of its indexes.
+    pub fn create_index_statement(&self, index: &Index) -> String {
+        let only = index
+            .only_where
+            .map(|only| format!(" WHERE {only}"))
+            .unwrap_or_default();
+        format!(
+            "CREATE INDEX IF NOT EXISTS {} ON {} (generation, {}){only}",
+            index.name, self.name, index.columns
+        )
+    }
+
+    /// The statements that create the table and all its indexes.
+    pub fn create_statements(&self) -> Vec<String> {
+        let mut statements = vec![self.create_table_statement()];
+        statements.extend(self.indexes.iter().map(|i| self.create_index_statement(i)));
         statements
     }
 }
@@ -550,63 +557,97 @@ impl ProjectionRunner {
         self.progress.subscribe()
     }
 
-    /// Creates the projection's tables and its row in `projections` where they do not
-    /// exist yet, in one transaction; once per runner (later calls cost nothing). Every
-    /// use of the projection does it first; a process calls it at start so that its
-    /// queries find the tables before the runner's first step.
+    /// Makes what the database lacks of the projection: its row in `projections`, its
+    /// tables and their indexes as declared; refuses a table that lacks a declared column
+    /// (`TableChanged`). Once per runner (later calls cost nothing); every use of the
+    /// projection does it first, and a process calls it at start so that its queries
+    /// find the tables before the runner's first step. What exists is found in the
+    /// catalog, so a process that finds everything made takes no lock and writes nothing.
     pub async fn register(&self) -> Result<(), ProjectionError> {
         if self.registered.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let mut attempts = 0;
-        loop {
-            match self.create_tables().await {
-                Ok(()) => break,
-                // Two processes creating one table at once: PostgreSQL refuses the one
-                // that commits second, which then finds the table made.
-                Err(ProjectionError::Database(error)) if error.is_refusal() && attempts < 3 => {
-                    attempts += 1;
-                }
-                Err(error) => return Err(error),
-            }
+        let name = self.name();
+        let known = self
+            .db
+            .fetch_int(
+                "SELECT COUNT(*) FROM projections WHERE name = $1",
+                &[name.into()],
+            )
+            .await?;
+        if known == Some(0) {
+            let mut tx = self.db.begin_write(0).await?;
+            tx.execute(
+                "INSERT INTO projections (name, live_generation, rebuilding) \
+                 VALUES ($1, 1, NULL) ON CONFLICT (name) DO NOTHING",
+                &[name.into()],
+            )
+            .await?;
+            tx.commit().await?;
         }
         for table in self.projector.tables() {
-            let sql = format!(
-                "SELECT {} FROM {} WHERE 1 = 0",
-                table.columns.join(", "),
-                table.name
-            );
-            if let Err(error) = self.db.fetch_text_rows(&sql, &[]).await {
-                return Err(match error {
-                    ProjectionError::Database(error) if error.is_refusal() => {
-                        ProjectionError::TableChanged {
-                            projection: self.name().to_owned(),
-                            table: table.name.to_owned(),
-                            refusal: error,
-                        }
+            let mut attempts = 0;
+            loop {
+                match self.make_missing(table).await {
+                    Ok(()) => break,
+                    // Two processes making one table or index at once: PostgreSQL refuses
+                    // the one that commits second, which then finds it made.
+                    Err(ProjectionError::Database(error)) if error.is_refusal() && attempts < 3 => {
+                        attempts += 1;
                     }
-                    error => error,
-                });
+                    Err(error) => return Err(error),
+                }
             }
         }
         self.registered.store(true, Ordering::Relaxed);
         Ok(())
     }
 
-    async fn create_tables(&self) -> Result<(), ProjectionError> {
-        let mut tx = self.db.begin_write(0).await?;
-        for table in self.projector.tables() {
+    /// Makes a declared table that does not exist, with its indexes; or, for one that
+    /// does, checks its columns and makes the indexes it lacks. A table made here is
+    /// empty, so the projection's checkpoints go with it in the same transaction and the
+    /// projection applies the log again from position 0 (a table an operator dropped is
+    /// rebuilt, never left missing the history before its checkpoint).
+    async fn make_missing(&self, table: &Table) -> Result<(), ProjectionError> {
+        let made = self.db.schema_of(table.name).await?;
+        if made.is_empty() {
+            let mut tx = self.db.begin_write(0).await?;
             for statement in table.create_statements() {
                 tx.execute(&statement, &[]).await?;
             }
+            tx.execute(
+                "DELETE FROM projection_checkpoints WHERE name = $1",
+                &[self.name().into()],
+            )
+            .await?;
+            return tx.commit().await;
         }
-        tx.execute(
-            "INSERT INTO projections (name, live_generation, rebuilding) \
-             VALUES ($1, 1, NULL) ON CONFLICT (name) DO NOTHING",
-            &[self.name().into()],
-        )
-        .await?;
-        tx.commit().await
+        let sql = format!(
+            "SELECT {} FROM {} WHERE 1 = 0",
+            table.columns.join(", "),
+            table.name
+        );
+        if let Err(error) = self.db.fetch_text_rows(&sql, &[]).await {
+            return Err(match error {
+                ProjectionError::Database(error) if error.is_refusal() => {
+                    ProjectionError::TableChanged {
+                        projection: self.name().to_owned(),
+                        table: table.name.to_owned(),
+                        refusal: error,
+                    }
+                }
+                error => error,
+            });
+        }
+        for index in table.indexes {
+            if !made.iter().any(|name| name == index.name) {
+                let mut tx = self.db.begin_write(0).await?;
+                tx.execute(&table.create_index_statement(index), &[])
+                    .await?;
+                tx.commit().await?;
+            }
+        }
+        Ok(())
     }
 
     /// The generation readers see (registering the projection on first use).

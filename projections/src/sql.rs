@@ -86,6 +86,15 @@ impl ReadDatabase {
             .map_err(ProjectionError::Database)
     }
 
+    /// The names of a table and of its indexes, from the catalog; none when there is no
+    /// such table.
+    pub async fn schema_of(&self, table: &str) -> Result<Vec<String>, ProjectionError> {
+        self.0
+            .schema_of(table)
+            .await
+            .map_err(ProjectionError::Database)
+    }
+
     /// Tries to take a projection's lease; `None` when another process holds it.
     pub(crate) async fn try_lease(
         &self,

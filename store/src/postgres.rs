@@ -197,6 +197,11 @@ impl Dialect for Postgres {
     // time costs little.
     const PREPARE_TABLE_STATEMENTS: bool = false;
     const SHARE_LOCK: &'static str = " FOR SHARE";
+    const SCHEMA_OF: &'static str = "SELECT tablename FROM pg_tables \
+                                      WHERE schemaname = current_schema() AND tablename = $1 \
+                                     UNION ALL \
+                                     SELECT indexname FROM pg_indexes \
+                                      WHERE schemaname = current_schema() AND tablename = $1";
     const EXPLAIN: &'static str = "EXPLAIN ";
     const EXPLAIN_COLUMN: &'static str = "QUERY PLAN";
 

@@ -278,6 +278,8 @@ pub(crate) trait Dialect: Sql {
     const PREPARE_TABLE_STATEMENTS: bool;
     /// See `TablesTx::share_lock`.
     const SHARE_LOCK: &'static str;
+    /// The names of the table `$1` and of its indexes, from the catalog (`Tables::schema_of`).
+    const SCHEMA_OF: &'static str;
     /// What comes before a statement to ask how it would run, and the column that says.
     const EXPLAIN: &'static str;
     const EXPLAIN_COLUMN: &'static str;

@@ -112,6 +112,8 @@ impl Dialect for Sqlite {
     // large multi-row statements halved its rebuild rate.
     const PREPARE_TABLE_STATEMENTS: bool = true;
     const SHARE_LOCK: &'static str = "";
+    const SCHEMA_OF: &'static str = "SELECT name FROM sqlite_master \
+                                      WHERE tbl_name = $1 AND type IN ('table', 'index')";
     const EXPLAIN: &'static str = "EXPLAIN QUERY PLAN ";
     const EXPLAIN_COLUMN: &'static str = "detail";
 

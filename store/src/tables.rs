@@ -48,6 +48,10 @@ pub trait Tables: Send + Sync + Debug {
 
     /// Tries to take the lease `name`; `None` while another process holds it.
     async fn try_lease(&self, name: &str) -> Result<Option<Box<dyn Lease>>, StoreError>;
+
+    /// The names of a table and of its indexes, as the catalog has them; none when there
+    /// is no such table. Reading it takes no lock on the table.
+    async fn schema_of(&self, table: &str) -> Result<Vec<String>, StoreError>;
 }
 
 /// One transaction on the tables beside the log.
@@ -187,6 +191,14 @@ impl<DB: Dialect> Tables for SqlStore<DB> {
 
     async fn try_lease(&self, name: &str) -> Result<Option<Box<dyn Lease>>, StoreError> {
         DB::try_lease(self.pool(), name).await
+    }
+
+    async fn schema_of(&self, table: &str) -> Result<Vec<String>, StoreError> {
+        let rows = self.fetch_text_rows(DB::SCHEMA_OF, &[table.into()]).await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|row| row.into_iter().next().flatten())
+            .collect())
     }
 }
 

@@ -128,14 +128,7 @@ async fn open_account(
         employees: b.employees.map(AccountCommand::employees).transpose()?,
         tier: optional(b.tier.as_deref(), Tier::parse)?.unwrap_or_default(),
     };
-    let outcome = execute(
-        &app.system.handler::<Account>(),
-        id,
-        command,
-        &meta,
-        &body.digest,
-    )
-    .await?;
+    let outcome = execute::<Account>(&app, id, command, &meta, &body.digest).await?;
     Ok(created("accounts", outcome))
 }
 
@@ -151,14 +144,7 @@ async fn rename_account(
     body: JsonBody<RenameAccount>,
 ) -> Result<Json<CommandAnswer>, ApiError> {
     let command = AccountCommand::try_from(&body.value)?;
-    let outcome = execute(
-        &app.system.handler::<Account>(),
-        id,
-        command,
-        &meta,
-        &body.digest,
-    )
-    .await?;
+    let outcome = execute::<Account>(&app, id, command, &meta, &body.digest).await?;
     Ok(Json(answer(outcome)))
 }
 
@@ -174,14 +160,7 @@ async fn set_account_tier(
     body: JsonBody<SetAccountTier>,
 ) -> Result<Json<CommandAnswer>, ApiError> {
     let command = AccountCommand::try_from(&body.value)?;
-    let outcome = execute(
-        &app.system.handler::<Account>(),
-        id,
-        command,
-        &meta,
-        &body.digest,
-    )
-    .await?;
+    let outcome = execute::<Account>(&app, id, command, &meta, &body.digest).await?;
     Ok(Json(answer(outcome)))
 }
 

@@ -189,14 +189,7 @@ async fn open_deal(
         expected_close: b.expected_close,
         account_exists: app.system.handler::<Account>().exists(b.account_id).await?,
     };
-    let outcome = execute(
-        &app.system.handler::<Deal>(),
-        id,
-        command,
-        &meta,
-        &body.digest,
-    )
-    .await?;
+    let outcome = execute::<Deal>(&app, id, command, &meta, &body.digest).await?;
     Ok(created("deals", outcome))
 }
 
@@ -212,14 +205,7 @@ async fn advance_deal(
     body: JsonBody<AdvanceDeal>,
 ) -> Result<Json<CommandAnswer>, ApiError> {
     let command = DealCommand::try_from(&body.value)?;
-    let outcome = execute(
-        &app.system.handler::<Deal>(),
-        id,
-        command,
-        &meta,
-        &body.digest,
-    )
-    .await?;
+    let outcome = execute::<Deal>(&app, id, command, &meta, &body.digest).await?;
     Ok(Json(answer(outcome)))
 }
 
@@ -235,14 +221,7 @@ async fn change_deal_amount(
     body: JsonBody<ChangeDealAmount>,
 ) -> Result<Json<CommandAnswer>, ApiError> {
     let command = DealCommand::try_from(&body.value)?;
-    let outcome = execute(
-        &app.system.handler::<Deal>(),
-        id,
-        command,
-        &meta,
-        &body.digest,
-    )
-    .await?;
+    let outcome = execute::<Deal>(&app, id, command, &meta, &body.digest).await?;
     Ok(Json(answer(outcome)))
 }
 
@@ -258,14 +237,7 @@ async fn win_deal(
     meta: CommandMeta,
     body: JsonBody<WinDeal>,
 ) -> Result<Json<CommandAnswer>, ApiError> {
-    let outcome = execute(
-        &app.system.handler::<Deal>(),
-        id,
-        DealCommand::Win,
-        &meta,
-        &body.digest,
-    )
-    .await?;
+    let outcome = execute::<Deal>(&app, id, DealCommand::Win, &meta, &body.digest).await?;
     Ok(Json(answer(outcome)))
 }
 
@@ -281,14 +253,7 @@ async fn lose_deal(
     body: JsonBody<LoseDeal>,
 ) -> Result<Json<CommandAnswer>, ApiError> {
     let command = DealCommand::try_from(&body.value)?;
-    let outcome = execute(
-        &app.system.handler::<Deal>(),
-        id,
-        command,
-        &meta,
-        &body.digest,
-    )
-    .await?;
+    let outcome = execute::<Deal>(&app, id, command, &meta, &body.digest).await?;
     Ok(Json(answer(outcome)))
 }
 

@@ -208,14 +208,7 @@ async fn capture_lead(
         company: optional(b.company.as_deref(), Label::parse)?,
         source: Source::parse(&b.source)?,
     };
-    let outcome = execute(
-        &app.system.handler::<Lead>(),
-        id,
-        command,
-        &meta,
-        &body.digest,
-    )
-    .await?;
+    let outcome = execute::<Lead>(&app, id, command, &meta, &body.digest).await?;
     Ok(created("leads", outcome))
 }
 
@@ -231,14 +224,7 @@ async fn record_signal(
     body: JsonBody<RecordSignal>,
 ) -> Result<Json<CommandAnswer>, ApiError> {
     let command = LeadCommand::try_from(&body.value)?;
-    let outcome = execute(
-        &app.system.handler::<Lead>(),
-        id,
-        command,
-        &meta,
-        &body.digest,
-    )
-    .await?;
+    let outcome = execute::<Lead>(&app, id, command, &meta, &body.digest).await?;
     Ok(Json(answer(outcome)))
 }
 
@@ -254,14 +240,7 @@ async fn assign_lead(
     body: JsonBody<AssignLead>,
 ) -> Result<Json<CommandAnswer>, ApiError> {
     let command = LeadCommand::try_from(&body.value)?;
-    let outcome = execute(
-        &app.system.handler::<Lead>(),
-        id,
-        command,
-        &meta,
-        &body.digest,
-    )
-    .await?;
+    let outcome = execute::<Lead>(&app, id, command, &meta, &body.digest).await?;
     Ok(Json(answer(outcome)))
 }
 
@@ -277,14 +256,7 @@ async fn disqualify_lead(
     body: JsonBody<DisqualifyLead>,
 ) -> Result<Json<CommandAnswer>, ApiError> {
     let command = LeadCommand::try_from(&body.value)?;
-    let outcome = execute(
-        &app.system.handler::<Lead>(),
-        id,
-        command,
-        &meta,
-        &body.digest,
-    )
-    .await?;
+    let outcome = execute::<Lead>(&app, id, command, &meta, &body.digest).await?;
     Ok(Json(answer(outcome)))
 }
 

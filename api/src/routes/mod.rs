@@ -44,9 +44,9 @@ pub fn all() -> OpenApiRouter<Arc<App>> {
         .merge(consumers::routes())
 }
 
-/// Runs a command and records its outcome in the metrics.
-async fn execute<A: Aggregate>(
-    handler: &CommandHandler<A>,
+/// Runs a command of `A`'s and records its outcome in the metrics.
+async fn execute<A: Aggregate + 'static>(
+    app: &App,
     id: Uuid,
     command: A::Command,
     meta: &CommandMeta,
@@ -54,7 +54,9 @@ async fn execute<A: Aggregate>(
 ) -> Result<CommandOutcome, ApiError> {
     let name = command.name();
     let started = Instant::now();
-    let result = handler
+    let result = app
+        .system
+        .handler::<A>()
         .execute(id, command, &meta.context(body_digest))
         .await;
     record(name, &result, started);
