@@ -15,9 +15,9 @@ use annals_domain::lead::Lead;
 use annals_projections::{ProjectionRunner, ReadDatabase, read_models};
 use annals_store::{EventStore, StoreConfig};
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use crate::error::ApiError;
-use tokio::task::JoinHandle;
 
 #[derive(Debug)]
 pub struct System {
