@@ -562,6 +562,39 @@ async fn lock_checkpoint(
     read_checkpoint_of(tx, name, generation).await
 }
 
+/// Moves the checkpoint of `tx`'s generation from `from`, the value read from its row (0
+/// when it has none), to `to`, in the transaction of the batch that applied the events up
+/// to `to`: the first batch makes the row, a later one updates the row its transaction
+/// holds. A runner whose row another made or moved first changes nothing and gets
+/// `CheckpointMoved`, and its batch must be rolled back.
+async fn move_checkpoint(
+    tx: &mut ReadTx,
+    name: &str,
+    from: u64,
+    to: u64,
+) -> Result<(), ProjectionError> {
+    let params = [name.into(), tx.generation().into(), to_sql_int(to).into()];
+    let moved = if from == 0 {
+        tx.execute(
+            "INSERT INTO projection_checkpoints (name, generation, position) \
+             VALUES ($1, $2, $3) ON CONFLICT (name, generation) DO NOTHING",
+            &params,
+        )
+        .await?
+    } else {
+        tx.execute(
+            "UPDATE projection_checkpoints SET position = $3 \
+              WHERE name = $1 AND generation = $2",
+            &params,
+        )
+        .await?
+    };
+    if moved != 1 {
+        return Err(ProjectionError::CheckpointMoved(name.to_owned()));
+    }
+    Ok(())
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()

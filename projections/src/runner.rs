@@ -10,12 +10,12 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use annals_store::{RecordedEvent, to_sql_int};
+use annals_store::RecordedEvent;
 use tokio::sync::watch;
 
 use crate::{
     Failure, FailurePolicy, LEASE_RETRY, Outcome, PausePoint, ProjectionError, ProjectionRunner,
-    ProjectionStatus, ReadTx, Table, bump, lock, lock_checkpoint, read_checkpoint,
+    ProjectionStatus, ReadTx, Table, bump, lock, lock_checkpoint, move_checkpoint, read_checkpoint,
 };
 
 /// Why a step failed: at an event (which may be parked), or around it.
@@ -348,31 +348,10 @@ impl ProjectionRunner {
             next = page.next_position;
         }
         self.projector.apply(tx, &events).await?;
-        let name = self.name();
-        let generation = tx.generation();
-        let moved = if checkpoint == 0 {
-            tx.execute(
-                "INSERT INTO projection_checkpoints (name, generation, position) \
-                 VALUES ($1, $2, $3) ON CONFLICT (name, generation) DO NOTHING",
-                &[name.into(), generation.into(), to_sql_int(through).into()],
-            )
+        // The row is held since `checkpoint` was read from it (`lock_checkpoint`).
+        move_checkpoint(tx, self.name(), checkpoint, through)
             .await
-        } else {
-            // The row is held since `checkpoint` was read from it (`lock_checkpoint`).
-            tx.execute(
-                "UPDATE projection_checkpoints SET position = $3 \
-                  WHERE name = $1 AND generation = $2",
-                &[name.into(), generation.into(), to_sql_int(through).into()],
-            )
-            .await
-        }
-        .map_err(Failure::unplaced)?;
-        if moved != 1 {
-            return Err(Failure::unplaced(ProjectionError::CheckpointMoved(
-                name.to_owned(),
-            )));
-        }
-        Ok(())
+            .map_err(Failure::unplaced)
     }
 
     /// Applies the next batch to `generation`, stopping at `limit` when given; returns
@@ -439,26 +418,9 @@ impl ProjectionRunner {
             return Err(self.locate(failure, generation, &events).await);
         }
         let applied = events.len();
-        let moved = if checkpoint == 0 {
-            tx.execute(
-                "INSERT INTO projection_checkpoints (name, generation, position) \
-                 VALUES ($1, $2, $3) ON CONFLICT (name, generation) DO NOTHING",
-                &[name.into(), generation.into(), to_sql_int(next).into()],
-            )
-            .await?
-        } else {
-            // The row is held, and was found at `checkpoint`, above.
-            tx.execute(
-                "UPDATE projection_checkpoints SET position = $3 \
-                  WHERE name = $1 AND generation = $2",
-                &[name.into(), generation.into(), to_sql_int(next).into()],
-            )
-            .await?
-        };
-        if moved != 1 {
-            // Dropping the transaction rolls the batch back.
-            return Err(ProjectionError::CheckpointMoved(name.to_owned()).into());
-        }
+        // The row is held, and was found at `checkpoint`, above; on an error, dropping
+        // the transaction rolls the batch back.
+        move_checkpoint(&mut tx, name, checkpoint, next).await?;
         tx.commit().await?;
         Ok((Outcome::Applied(applied), next))
     }
