@@ -28,6 +28,8 @@ use crate::error::Problem;
     ),
     modifiers(&BearerScheme),
     components(schemas(Problem)),
+    // The tags of the first resources, in their order; a resource added later brings
+    // its own (`routes::resource`), listed after these.
     tags(
         (name = "leads"), (name = "accounts"), (name = "deals"), (name = "analytics"),
         (name = "history"), (name = "log"), (name = "admin"), (name = "health"),

@@ -193,4 +193,31 @@ mod tests {
     fn the_openapi_document_matches_its_snapshot() {
         insta::assert_json_snapshot!("openapi", super::openapi());
     }
+
+    /// A generator groups operations by tag and names them from the document's list: no
+    /// operation may carry a tag the list lacks (a new resource brings its own).
+    #[test]
+    fn every_operations_tag_is_in_the_documents_list() {
+        let document = serde_json::to_value(super::openapi()).unwrap();
+        let listed: Vec<&str> = document["tags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|tag| tag["name"].as_str().unwrap())
+            .collect();
+        let mut used = 0;
+        for (path, item) in document["paths"].as_object().unwrap() {
+            for (method, operation) in item.as_object().unwrap() {
+                for tag in operation["tags"].as_array().into_iter().flatten() {
+                    let tag = tag.as_str().unwrap();
+                    assert!(
+                        listed.contains(&tag),
+                        "{method} {path}: tag {tag} is not listed"
+                    );
+                    used += 1;
+                }
+            }
+        }
+        assert!(used > 0);
+    }
 }

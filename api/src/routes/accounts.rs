@@ -15,7 +15,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use super::{answer, created, execute, history, optional, snapshot, with_position};
+use super::{answer, created, execute, history, optional, resource, snapshot, with_position};
 use crate::dto::*;
 use crate::error::ApiError;
 use crate::extract::{CommandMeta, Id, JsonBody, Params};
@@ -23,7 +23,7 @@ use crate::openapi::{CommandProblems, QueryProblems};
 use crate::server::App;
 
 pub fn routes() -> OpenApiRouter<Arc<App>> {
-    OpenApiRouter::new()
+    resource("accounts")
         .routes(routes!(open_account))
         .routes(routes!(rename_account))
         .routes(routes!(set_account_tier))

@@ -14,12 +14,13 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use super::resource;
 use crate::error::ApiError;
 use crate::openapi::OperatorProblems;
 use crate::server::App;
 
 pub fn routes() -> OpenApiRouter<Arc<App>> {
-    OpenApiRouter::new()
+    resource("admin")
         .routes(routes!(list_projections))
         .routes(routes!(rebuild_projection))
         .routes(routes!(verify_projection))

@@ -13,7 +13,7 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{snapshot, with_position};
+use super::{resource, snapshot, with_position};
 use crate::dto::*;
 use crate::error::ApiError;
 use crate::extract::Params;
@@ -21,7 +21,7 @@ use crate::openapi::QueryProblems;
 use crate::server::App;
 
 pub fn routes() -> OpenApiRouter<Arc<App>> {
-    OpenApiRouter::new()
+    resource("analytics")
         .routes(routes!(funnel))
         .routes(routes!(pipeline))
 }

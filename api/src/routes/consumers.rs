@@ -18,6 +18,7 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use super::resource;
 use crate::auth::Caller;
 use crate::contract::{FromNumber, Limit};
 use crate::error::ApiError;
@@ -25,7 +26,7 @@ use crate::extract::{Params, limit};
 use crate::server::App;
 
 pub fn routes() -> OpenApiRouter<Arc<App>> {
-    OpenApiRouter::new()
+    resource("admin")
         .routes(routes!(list_parked))
         .routes(routes!(retry_parked))
         .routes(routes!(skip_parked))

@@ -20,7 +20,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use super::{answer, created, execute, history, optional, snapshot, with_position};
+use super::{answer, created, execute, history, optional, resource, snapshot, with_position};
 use crate::contract::Limit;
 use crate::dto::*;
 use crate::error::ApiError;
@@ -29,7 +29,7 @@ use crate::openapi::{CommandProblems, QueryProblems};
 use crate::server::App;
 
 pub fn routes() -> OpenApiRouter<Arc<App>> {
-    OpenApiRouter::new()
+    resource("deals")
         .routes(routes!(open_deal))
         .routes(routes!(advance_deal))
         .routes(routes!(change_deal_amount))

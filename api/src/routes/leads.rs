@@ -23,7 +23,9 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use super::{answer, created, execute, history, optional, record, snapshot, with_position};
+use super::{
+    answer, created, execute, history, optional, record, resource, snapshot, with_position,
+};
 use crate::contract::{Count, Limit};
 use crate::dto::*;
 use crate::error::ApiError;
@@ -32,7 +34,7 @@ use crate::openapi::{CommandProblems, QueryProblems};
 use crate::server::App;
 
 pub fn routes() -> OpenApiRouter<Arc<App>> {
-    OpenApiRouter::new()
+    resource("leads")
         .routes(routes!(capture_lead))
         .routes(routes!(record_signal))
         .routes(routes!(assign_lead))

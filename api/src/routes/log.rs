@@ -11,6 +11,7 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use super::resource;
 use crate::contract;
 use crate::contract::{FromNumber, Limit, Position};
 use crate::dto::*;
@@ -20,7 +21,7 @@ use crate::openapi::OperatorProblems;
 use crate::server::App;
 
 pub fn routes() -> OpenApiRouter<Arc<App>> {
-    OpenApiRouter::new()
+    resource("log")
         .routes(routes!(stream_events))
         .routes(routes!(log_events))
 }
