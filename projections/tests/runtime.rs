@@ -1943,8 +1943,12 @@ async fn described(db: &Fixture, table: &str) -> (Vec<String>, Vec<String>) {
                    FROM pragma_table_info('{table}') ORDER BY cid"
             ),
             format!(
-                "SELECT name || ': ' || COALESCE(sql, 'primary key') FROM sqlite_master \
-                  WHERE type = 'index' AND tbl_name = '{table}' ORDER BY name"
+                // The primary key's index has no SQL: its columns, in order.
+                "SELECT m.name || ': ' || COALESCE(m.sql, 'primary key (' || \
+                        (SELECT group_concat(name, ', ') FROM \
+                           (SELECT name FROM pragma_index_info(m.name) ORDER BY seqno)) || ')') \
+                   FROM sqlite_master m \
+                  WHERE m.type = 'index' AND m.tbl_name = '{table}' ORDER BY m.name"
             ),
         ),
         Backend::Postgres => (
@@ -1983,6 +1987,13 @@ async fn each_read_model_creates_the_tables_its_migrations_made(db: Arc<Fixture>
         for table in projector.tables() {
             let migrated = described(&db, table.name).await;
             assert!(!migrated.0.is_empty(), "{} was migrated", table.name);
+            let key = format!("(generation, {})", table.key);
+            assert!(
+                migrated.1.iter().any(|index| index.contains(&key)),
+                "{} is keyed by {key}: {:?}",
+                table.name,
+                migrated.1
+            );
             db.execute(&format!("DROP TABLE {}", table.name)).await;
             assert!(described(&db, table.name).await.0.is_empty());
 
