@@ -890,7 +890,7 @@ fn app(system: Arc<System>) -> anyhow::Result<App> {
 /// database older than this one's few seconds (see BENCHMARKS.md for what the board
 /// query does without them).
 async fn settle(system: &System, url: &str, head: u64) -> anyhow::Result<()> {
-    for runner in &system.projections {
+    for runner in system.projections() {
         anyhow::ensure!(
             runner.wait_for(head, Duration::from_secs(120)).await,
             "projection {} did not apply the setup's events",

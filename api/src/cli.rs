@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use annals_api::System;
-use annals_projections::{DifferenceKind, ProjectionRunner};
+use annals_projections::{ConsumerRunner, DifferenceKind};
 use annals_store::{Direction, LogFilter, RecordedEvent, StreamName};
 use anyhow::{Context, bail};
 use clap::Subcommand;
@@ -312,9 +312,9 @@ fn exit(ok: bool) -> ExitCode {
     }
 }
 
-fn chosen(system: &System, name: Option<&str>) -> anyhow::Result<Vec<Arc<ProjectionRunner>>> {
+fn chosen(system: &System, name: Option<&str>) -> anyhow::Result<Vec<Arc<ConsumerRunner>>> {
     match name {
-        None => Ok(system.projections.clone()),
+        None => Ok(system.projections().cloned().collect()),
         Some(name) => match system.projection(name) {
             Some(runner) => Ok(vec![runner.clone()]),
             None => bail!(
@@ -325,12 +325,12 @@ fn chosen(system: &System, name: Option<&str>) -> anyhow::Result<Vec<Arc<Project
     }
 }
 
-fn consumer(system: &System, name: &str) -> anyhow::Result<Arc<ProjectionRunner>> {
-    match system.projection(name) {
+fn consumer(system: &System, name: &str) -> anyhow::Result<Arc<ConsumerRunner>> {
+    match system.consumer(name) {
         Some(runner) => Ok(runner.clone()),
         None => bail!(
             "no consumer is named {name:?}; there are: {}",
-            system.projection_names().join(", ")
+            system.consumer_names().join(", ")
         ),
     }
 }
@@ -396,7 +396,7 @@ async fn parked(action: Parked) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn progress(runner: &ProjectionRunner, head: u64, doing: &str) -> ProgressBar {
+fn progress(runner: &ConsumerRunner, head: u64, doing: &str) -> ProgressBar {
     let bar = ProgressBar::new(head);
     bar.set_style(
         ProgressStyle::with_template(
@@ -411,7 +411,7 @@ fn progress(runner: &ProjectionRunner, head: u64, doing: &str) -> ProgressBar {
 
 /// Drives a rebuild or verify, moving the bar as the runner reports progress.
 async fn with_progress<T>(
-    runner: &ProjectionRunner,
+    runner: &ConsumerRunner,
     bar: &ProgressBar,
     job: impl std::future::Future<Output = Result<T, annals_projections::ProjectionError>>,
 ) -> anyhow::Result<T> {

@@ -154,6 +154,16 @@ impl utoipa::IntoResponses for OperatorProblems {
     }
 }
 
+/// What an operator's list without parameters may answer besides success.
+#[derive(Debug)]
+pub struct OperatorListProblems;
+
+impl utoipa::IntoResponses for OperatorListProblems {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        problems(&[UNAUTHORIZED, FORBIDDEN, UNAVAILABLE])
+    }
+}
+
 /// The closed sets of words the domain accepts, written into the document as `enum`s
 /// from the domain's own lists (so the document cannot drift from the rules): on the
 /// command bodies' fields and on the query parameters of the same names.

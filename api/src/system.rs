@@ -1,18 +1,19 @@
 //! The running system, assembled from a database URL: the event store, a command handler
-//! per aggregate, the projections and the processes. The server and the operator CLI
-//! share it, so both see the same projections under the same names.
+//! per aggregate, and a runner per consumer of the log (read models, processes). The
+//! server and the operator CLI share it, so both see the same consumers under the same
+//! names.
 //!
-//! Invariant: background work (projectors, the conversion process, the idempotency
-//! purge) runs only between `start` and `Background::stop`, and stops at a checkpoint.
+//! Invariant: background work (the consumers, the idempotency purge) runs only between
+//! `start` and `Background::stop`, and stops at a checkpoint.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use annals_commands::conversion::LeadConversionProcess;
 use annals_commands::{CommandHandler, HandlerConfig, Handlers};
 use annals_domain::Aggregate;
 use annals_domain::lead::Lead;
-use annals_projections::{ProjectionRunner, ReadDatabase, read_models};
+use annals_projections::timers::{Clock, SystemClock, TimerScheduler};
+use annals_projections::{ConsumerKind, ConsumerRunner, ProcessSettings, ReadDatabase, consumers};
 use annals_store::{EventStore, StoreConfig};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -25,30 +26,40 @@ pub struct System {
     pub db: ReadDatabase,
     /// A command handler per aggregate (`System::handler`).
     handlers: Handlers,
-    /// Every projection, by name.
-    pub projections: Vec<Arc<ProjectionRunner>>,
-    pub conversion: Arc<LeadConversionProcess>,
+    /// Every consumer of the log, in `consumers()`'s order.
+    pub consumers: Vec<Arc<ConsumerRunner>>,
+    /// Fires the processes' timers when they fall due.
+    pub scheduler: Arc<TimerScheduler>,
 }
 
 impl System {
     /// Opens the store a URL names (`sqlite:` or `postgres://`), applying migrations,
     /// and creates the read models' tables that do not exist yet.
     pub async fn open(url: &str) -> Result<Self, ApiError> {
+        Self::open_with(url, process_settings()?, Arc::new(SystemClock)).await
+    }
+
+    /// `open`, with the processes' settings and the timers' clock given.
+    pub async fn open_with(
+        url: &str,
+        settings: ProcessSettings,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, ApiError> {
         let backend = annals_store::open(url, StoreConfig::default()).await?;
         let store = backend.event_store();
         let db = ReadDatabase::of(&backend);
-        let handlers = HandlerConfig::default();
-        let projections: Vec<_> = read_models()
+        let handlers = Handlers::new(store.clone(), HandlerConfig::default());
+        let consumers: Vec<_> = consumers(&handlers, &settings)
             .into_iter()
-            .map(|projector| Arc::new(ProjectionRunner::new(store.clone(), db.clone(), projector)))
+            .map(|consumer| Arc::new(ConsumerRunner::new(store.clone(), db.clone(), consumer)))
             .collect();
-        for projection in &projections {
-            projection.register().await?;
+        for consumer in &consumers {
+            consumer.register().await?;
         }
         Ok(System {
-            handlers: Handlers::new(store.clone(), handlers.clone()),
-            conversion: Arc::new(LeadConversionProcess::new(store.clone(), handlers)),
-            projections,
+            scheduler: Arc::new(TimerScheduler::new(db.clone(), &handlers, clock)),
+            handlers,
+            consumers,
             db,
             store,
         })
@@ -59,30 +70,53 @@ impl System {
         self.handlers.of::<A>()
     }
 
-    pub fn projection(&self, name: &str) -> Option<&Arc<ProjectionRunner>> {
-        self.projections.iter().find(|p| p.name() == name)
+    /// The read models (the consumers with rows), in a stable order.
+    pub fn projections(&self) -> impl Iterator<Item = &Arc<ConsumerRunner>> {
+        self.consumers
+            .iter()
+            .filter(|c| c.kind() == ConsumerKind::ReadModel)
     }
 
-    /// The projections' names, in a stable order.
+    /// The read model of this name.
+    pub fn projection(&self, name: &str) -> Option<&Arc<ConsumerRunner>> {
+        self.projections().find(|p| p.name() == name)
+    }
+
+    /// The read models' names, in a stable order.
     pub fn projection_names(&self) -> Vec<&'static str> {
-        self.projections.iter().map(|p| p.name()).collect()
+        self.projections().map(|p| p.name()).collect()
     }
 
-    /// Starts the projectors, the conversion process and the idempotency purge.
+    /// The consumer of this name, of any kind.
+    pub fn consumer(&self, name: &str) -> Option<&Arc<ConsumerRunner>> {
+        self.consumers.iter().find(|c| c.name() == name)
+    }
+
+    /// The consumers' names, in a stable order.
+    pub fn consumer_names(&self) -> Vec<&'static str> {
+        self.consumers.iter().map(|c| c.name()).collect()
+    }
+
+    /// Starts every consumer, the timer scheduler and the idempotency purge.
     pub fn start(self: &Arc<Self>) -> Background {
         let (stop, stopped) = watch::channel(false);
         let mut tasks: Vec<JoinHandle<()>> = Vec::new();
-        for runner in &self.projections {
+        for runner in &self.consumers {
             let runner = runner.clone();
             let stopped = stopped.clone();
             tasks.push(tokio::spawn(async move {
                 runner.run_until_stopped(stopped).await
             }));
         }
-        let conversion = self.conversion.clone();
-        let stopped_conversion = stopped.clone();
+        // Woken when the due timers' read model takes new events here.
+        let woken = match self.consumer(annals_projections::due_timers::NAME) {
+            Some(due) => due.applied_changes(),
+            None => watch::channel(0).1,
+        };
+        let scheduler = self.scheduler.clone();
+        let stopped_scheduler = stopped.clone();
         tasks.push(tokio::spawn(async move {
-            conversion.run_until_stopped(stopped_conversion).await
+            scheduler.run_until_stopped(stopped_scheduler, woken).await
         }));
         let system = self.clone();
         tasks.push(tokio::spawn(async move {
@@ -93,6 +127,40 @@ impl System {
         }));
         Background { stop, tasks }
     }
+}
+
+/// The processes' settings from the environment: `ANNALS_LEAD_RESPONSE_DEADLINE`, a
+/// duration such as `30s`, `15m`, `24h` or `7d` (24 hours when unset).
+fn process_settings() -> Result<ProcessSettings, ApiError> {
+    let mut settings = ProcessSettings::default();
+    if let Ok(text) = std::env::var("ANNALS_LEAD_RESPONSE_DEADLINE") {
+        settings.lead_response_deadline = duration(&text).ok_or_else(|| {
+            ApiError::InvalidSettings(format!(
+                "ANNALS_LEAD_RESPONSE_DEADLINE is {text:?}: a whole number and a unit, \
+                 ms, s, m, h or d (say 30s or 24h), more than zero"
+            ))
+        })?;
+    }
+    Ok(settings)
+}
+
+/// A duration written as a whole number and a unit (`ms`, `s`, `m`, `h`, `d`), more than
+/// zero and at most 10 years.
+pub fn duration(text: &str) -> Option<chrono::Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(split);
+    let number: i64 = number.parse().ok().filter(|n| *n > 0)?;
+    let millis = match unit {
+        "ms" => Some(1),
+        "s" => Some(1_000),
+        "m" => Some(60_000),
+        "h" => Some(3_600_000),
+        "d" => Some(86_400_000),
+        _ => None,
+    }?;
+    let millis = number.checked_mul(millis)?;
+    (millis <= 10 * 366 * 86_400_000).then(|| chrono::Duration::milliseconds(millis))
 }
 
 /// The background work of a started system.

@@ -124,6 +124,11 @@ impl Handlers {
     }
 
     /// The handler of `A`'s commands.
+    /// The event store every handler appends to.
+    pub fn store(&self) -> Arc<dyn EventStore> {
+        self.store.clone()
+    }
+
     pub fn of<A: Aggregate + 'static>(&self) -> Arc<CommandHandler<A>> {
         let mut made = self.made.lock().unwrap_or_else(PoisonError::into_inner);
         let key = TypeId::of::<A>();
@@ -184,8 +189,7 @@ impl<A: Aggregate> CommandHandler<A> {
     }
 
     pub fn stream(id: Uuid) -> Result<StreamName, CommandError> {
-        StreamName::parse(format!("{}-{id}", A::CATEGORY))
-            .map_err(|_| CommandError::InvalidId(id.to_string()))
+        StreamName::parse(A::stream_name(id)).map_err(|_| CommandError::InvalidId(id.to_string()))
     }
 
     /// Whether the aggregate has any event.

@@ -41,8 +41,6 @@ on_both_backends!(
     expired_idempotency_keys_are_purged,
     a_key_reused_after_its_record_was_purged_is_a_new_command,
     if_match_is_checked_against_the_store_not_a_stale_cache,
-    a_conversion_opens_its_account_and_deal_exactly_once,
-    a_conversion_into_an_existing_account_opens_only_the_deal,
     a_keyed_create_in_flight_makes_its_duplicate_wait,
     a_key_reused_after_its_purge_is_one_new_request_under_concurrency,
     a_duplicate_create_on_another_server_answers_the_stored_outcome,
@@ -705,130 +703,6 @@ async fn expired_idempotency_keys_are_purged(db: Arc<Fixture>) {
     assert!(purged, "the running purge removed the expired key");
 }
 
-/// A qualified lead of Acme, converted; returns (lead, account, deal) ids.
-async fn converted_lead(db: &Fixture, new_account: bool, account_id: Uuid) -> (Uuid, Uuid, Uuid) {
-    let handler = leads(db.store());
-    let lead = Uuid::now_v7();
-    let command = LeadCommand::Capture {
-        lead_id: lead,
-        email: Email::parse(&format!("{}@example.com", lead.simple())).unwrap(),
-        name: PersonName::parse("Ada").unwrap(),
-        company: Some(Label::parse("Acme").unwrap()),
-        source: Source::Event,
-    };
-    handler.execute(lead, command, &actor("a")).await.unwrap();
-    for _ in 0..2 {
-        handler
-            .execute(lead, signal(SignalKind::DemoRequest), &actor("a"))
-            .await
-            .unwrap();
-    }
-    let deal = Uuid::now_v7();
-    let convert = LeadCommand::Convert {
-        deal_name: Name::parse("Acme engines").unwrap(),
-        amount: Money::parse("EUR", 129_900).unwrap(),
-        account: if new_account {
-            ConversionAccount::New(account_id)
-        } else {
-            ConversionAccount::Existing(account_id)
-        },
-        deal: ConversionDeal::New(deal),
-    };
-    handler.execute(lead, convert, &actor("a")).await.unwrap();
-    (lead, account_id, deal)
-}
-
-async fn a_conversion_opens_its_account_and_deal_exactly_once(db: Arc<Fixture>) {
-    use annals_commands::conversion::LeadConversionProcess;
-    let (_, account_id, deal_id) = converted_lead(&db, true, Uuid::now_v7()).await;
-    let process = LeadConversionProcess::new(db.store(), config());
-    assert_eq!(process.run_once().await.unwrap(), 1);
-    let accounts = CommandHandler::<Account>::new(db.store(), config());
-    let account = accounts.load(account_id).await.unwrap();
-    assert_eq!(account.state.name.unwrap().as_str(), "Acme");
-    let deal = CommandHandler::<Deal>::new(db.store(), config())
-        .load(deal_id)
-        .await
-        .unwrap();
-    assert_eq!(deal.state.account_id, Some(account_id));
-    assert_eq!(deal.state.amount.unwrap().amount_minor, 129_900);
-    let head = db.store().head().await.unwrap();
-    assert_eq!(process.run_once().await.unwrap(), 0);
-
-    // A crash that lost the checkpoint, or a replay: the same conversion again opens
-    // nothing, from a new process with empty caches.
-    db.execute("DELETE FROM process_checkpoints").await;
-    let again = LeadConversionProcess::new(db.open_again().await, config());
-    assert_eq!(again.run_once().await.unwrap(), 1);
-    assert_eq!(
-        db.store().head().await.unwrap(),
-        head,
-        "nothing opened twice"
-    );
-
-    // The deal's events say what caused them.
-    let events = db
-        .store()
-        .read_stream(
-            &CommandHandler::<Deal>::stream(deal_id).unwrap(),
-            1,
-            Direction::Forwards,
-            10,
-        )
-        .await
-        .unwrap();
-    let converted = db
-        .store()
-        .read_all(1, 100, &LogFilter::event_types(["LeadConverted"]))
-        .await
-        .unwrap()
-        .events;
-    assert_eq!(
-        events[0].metadata.causation_id.as_deref(),
-        Some(converted[0].event_id.to_string().as_str())
-    );
-    assert_eq!(
-        events[0].metadata.actor.as_deref(),
-        Some("process:lead_conversion")
-    );
-}
-
-async fn a_conversion_into_an_existing_account_opens_only_the_deal(db: Arc<Fixture>) {
-    use annals_commands::conversion::LeadConversionProcess;
-    let accounts = CommandHandler::<Account>::new(db.store(), config());
-    let account_id = Uuid::now_v7();
-    accounts
-        .execute(
-            account_id,
-            AccountCommand::Open {
-                account_id,
-                name: Name::parse("Initech").unwrap(),
-                domain: None,
-                industry: None,
-                employees: Some(40),
-                tier: Tier::Key,
-            },
-            &actor("a"),
-        )
-        .await
-        .unwrap();
-    let (_, _, deal_id) = converted_lead(&db, false, account_id).await;
-    LeadConversionProcess::new(db.store(), config())
-        .run_once()
-        .await
-        .unwrap();
-    let account = accounts.load(account_id).await.unwrap();
-    assert_eq!(
-        (account.version, account.state.name.unwrap().as_str()),
-        (1, "Initech")
-    );
-    let deal = CommandHandler::<Deal>::new(db.store(), config())
-        .load(deal_id)
-        .await
-        .unwrap();
-    assert_eq!(deal.state.account_id, Some(account_id));
-}
-
 // Idempotency keys under concurrency: the same key sent twice at once, on one server
 // and on two, for creates whose id the server makes and conversions whose deal id it
 // makes (each try decides other ids, so only the key says they are one request).
@@ -1305,12 +1179,6 @@ impl EventStore for Gate {
     ) -> Result<u64, StoreError> {
         self.inner.purge_idempotency(recorded_before).await
     }
-    async fn load_checkpoint(&self, process: &str) -> Result<u64, StoreError> {
-        self.inner.load_checkpoint(process).await
-    }
-    async fn save_checkpoint(&self, process: &str, position: u64) -> Result<(), StoreError> {
-        self.inner.save_checkpoint(process, position).await
-    }
     async fn verify(&self) -> Result<AuditReport, StoreError> {
         self.inner.verify().await
     }
@@ -1323,13 +1191,9 @@ impl EventStore for Gate {
 }
 
 // A stream longer than one page of the handler's reads, loaded cold; a key whose record
-// was purged while a stale cache decides its ids again; and the lead-conversion process:
-// its checkpoint past the events it ignores, its loop left running, its backoff while the
-// store is down.
-mod pages_purges_and_the_conversion_loop {
-    use std::time::Duration;
-
-    use annals_commands::conversion::{LEAD_CONVERSION, LeadConversionProcess};
+// was purged while a stale cache decides its ids again. (The lead-conversion process is a
+// consumer of the log: its tests are the consumers' runtime's.)
+mod pages_and_purges {
     use annals_domain::Event;
     use annals_domain::lead::LeadEvent;
     use annals_store::{ExpectedVersion, NewEvent};
@@ -1339,8 +1203,6 @@ mod pages_purges_and_the_conversion_loop {
     on_both_backends!(
         a_stream_longer_than_a_page_loads_whole_when_cold,
         a_key_purged_meeting_its_own_ids_from_a_stale_cache_is_told_to_come_back,
-        the_conversion_checkpoint_reaches_the_head_past_events_it_ignores,
-        the_running_conversion_process_opens_deals_and_stops_when_told,
     );
 
     async fn a_stream_longer_than_a_page_loads_whole_when_cold(db: Arc<Fixture>) {
@@ -1452,172 +1314,5 @@ mod pages_purges_and_the_conversion_loop {
             "{again:?}"
         );
         assert_eq!(count(&db, "LeadConverted").await, 1);
-    }
-
-    async fn the_conversion_checkpoint_reaches_the_head_past_events_it_ignores(db: Arc<Fixture>) {
-        let (_, _, deal_id) = converted_lead(&db, true, Uuid::now_v7()).await;
-        // After the conversion, events the process does not act on: another lead's.
-        qualified(&leads(db.store())).await;
-        let store = db.store();
-        let head = store.head().await.unwrap();
-        let process = LeadConversionProcess::new(db.store(), config());
-        assert_eq!(process.run_once().await.unwrap(), 1);
-        assert!(
-            CommandHandler::<Deal>::new(db.store(), config())
-                .exists(deal_id)
-                .await
-                .unwrap()
-        );
-        assert_eq!(
-            store.load_checkpoint(LEAD_CONVERSION).await.unwrap(),
-            head,
-            "the checkpoint is the head the page was read at, past the last conversion"
-        );
-        // Then it has read its own account and deal: caught up, at the log's head.
-        assert!(store.head().await.unwrap() > head);
-        assert_eq!(process.run_once().await.unwrap(), 0);
-        assert_eq!(
-            store.load_checkpoint(LEAD_CONVERSION).await.unwrap(),
-            store.head().await.unwrap()
-        );
-    }
-
-    /// Returns once the deal's stream exists, woken by each commit to the log.
-    async fn deal_opened(db: &Fixture, deal_id: Uuid) {
-        let store = db.store();
-        let deals = CommandHandler::<Deal>::new(db.store(), config());
-        loop {
-            let head = store.head().await.unwrap();
-            if deals.exists(deal_id).await.unwrap() {
-                return;
-            }
-            store
-                .wait_for_events(head, Duration::from_secs(1))
-                .await
-                .unwrap();
-        }
-    }
-
-    async fn the_running_conversion_process_opens_deals_and_stops_when_told(db: Arc<Fixture>) {
-        let process = Arc::new(LeadConversionProcess::new(db.store(), config()));
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        let running = {
-            let process = process.clone();
-            tokio::spawn(async move { process.run_until_stopped(stopped).await })
-        };
-        // Two conversions, the second once the loop has handled the first and gone back
-        // to waiting for events.
-        for _ in 0..2 {
-            let (_, account_id, deal_id) = converted_lead(&db, true, Uuid::now_v7()).await;
-            within(deal_opened(&db, deal_id)).await;
-            let deal = CommandHandler::<Deal>::new(db.store(), config())
-                .load(deal_id)
-                .await
-                .unwrap();
-            assert_eq!(deal.state.account_id, Some(account_id));
-        }
-        assert!(
-            !running.is_finished(),
-            "the loop runs until it is told to stop"
-        );
-        stop.send(true).unwrap();
-        // Below the 5 s the loop waits for events at a time: only the stop ends it in time.
-        tokio::time::timeout(Duration::from_secs(4), running)
-            .await
-            .expect("the loop stopped within 4 s of being told")
-            .unwrap();
-    }
-
-    /// While the store is down, the loop waits 100 ms after the first failure and twice
-    /// as long after each next one (up to 10 s): an outage is not hammered.
-    #[tokio::test]
-    async fn the_conversion_loop_backs_off_doubling_while_the_store_is_down() {
-        let (tries, mut tried) = tokio::sync::mpsc::unbounded_channel();
-        let process = Arc::new(LeadConversionProcess::new(
-            Arc::new(Down { tries }),
-            config(),
-        ));
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        let running = {
-            let process = process.clone();
-            tokio::spawn(async move { process.run_until_stopped(stopped).await })
-        };
-        let mut at = Vec::new();
-        for _ in 0..5 {
-            at.push(within(tried.recv()).await.unwrap());
-        }
-        stop.send(true).unwrap();
-        within(running).await.unwrap();
-        // A sleep never ends early, so each wait is at least its backoff.
-        let waits: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
-        for (wait, backoff) in waits.iter().zip([100, 200, 400, 800]) {
-            assert!(
-                *wait >= Duration::from_millis(backoff),
-                "waits between tries {waits:?}, each at least [100, 200, 400, 800] ms"
-            );
-        }
-    }
-
-    /// A store that is down: every call fails; each try of the process (its checkpoint
-    /// read comes first) is reported with its time.
-    #[derive(Debug)]
-    struct Down {
-        tries: tokio::sync::mpsc::UnboundedSender<tokio::time::Instant>,
-    }
-
-    #[async_trait::async_trait]
-    impl EventStore for Down {
-        async fn append(&self, _: AppendRequest) -> Result<AppendOutcome, StoreError> {
-            Err(StoreError::Closed)
-        }
-        async fn read_stream(
-            &self,
-            _: &StreamName,
-            _: u64,
-            _: Direction,
-            _: usize,
-        ) -> Result<Vec<RecordedEvent>, StoreError> {
-            Err(StoreError::Closed)
-        }
-        async fn read_all(&self, _: u64, _: usize, _: &LogFilter) -> Result<LogPage, StoreError> {
-            Err(StoreError::Closed)
-        }
-        async fn head(&self) -> Result<u64, StoreError> {
-            Err(StoreError::Closed)
-        }
-        async fn wait_for_events(&self, _: u64, _: Duration) -> Result<u64, StoreError> {
-            Err(StoreError::Closed)
-        }
-        async fn save_snapshot(&self, _: &Snapshot) -> Result<(), StoreError> {
-            Err(StoreError::Closed)
-        }
-        async fn load_snapshot(&self, _: &StreamName) -> Result<Option<Snapshot>, StoreError> {
-            Err(StoreError::Closed)
-        }
-        async fn find_idempotency(&self, _: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
-            Err(StoreError::Closed)
-        }
-        async fn purge_idempotency(
-            &self,
-            _: chrono::DateTime<chrono::Utc>,
-        ) -> Result<u64, StoreError> {
-            Err(StoreError::Closed)
-        }
-        async fn load_checkpoint(&self, _: &str) -> Result<u64, StoreError> {
-            let _ = self.tries.send(tokio::time::Instant::now());
-            Err(StoreError::Closed)
-        }
-        async fn save_checkpoint(&self, _: &str, _: u64) -> Result<(), StoreError> {
-            Err(StoreError::Closed)
-        }
-        async fn verify(&self) -> Result<AuditReport, StoreError> {
-            Err(StoreError::Closed)
-        }
-        async fn anchor(&self) -> Result<annals_store::Anchor, StoreError> {
-            Err(StoreError::Closed)
-        }
-        async fn find_anchor(&self, _: &str) -> Result<Option<u64>, StoreError> {
-            Err(StoreError::Closed)
-        }
     }
 }

@@ -2,6 +2,7 @@
 //! the three kinds of `domain.md` it is: the command is *invalid* (422), the aggregate's
 //! state forbids it (*conflict*, 409), or the aggregate does not exist (*not found*, 404).
 
+use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 /// The three kinds of rejection.
@@ -39,6 +40,23 @@ pub enum DomainError {
     TooLarge { field: &'static str, max: i64 },
     #[error("the amount is in {given}, the deal is in {deal}")]
     CurrencyMismatch { deal: String, given: String },
+    #[error("{field} must have {min} to {max} entries")]
+    InvalidCount {
+        field: &'static str,
+        min: usize,
+        max: usize,
+    },
+    #[error("{field} must not be empty when given (left out, it matches every lead)")]
+    EmptyList { field: &'static str },
+    #[error("{field} {value:?} is given twice")]
+    Duplicate { field: &'static str, value: String },
+    #[error(
+        "email domain pattern {0:?} must be a domain (1 to 253 characters of a-z, 0-9, \
+         '.' and '-', with a dot), or *. and a domain"
+    )]
+    InvalidDomainPattern(String),
+    #[error("process {0:?} must be 1 to 100 characters of a-z, 0-9 and _")]
+    InvalidProcess(String),
 
     // Conflict: the state forbids the command.
     #[error("lead {0} already exists")]
@@ -70,6 +88,18 @@ pub enum DomainError {
     },
     #[error("the deal's amount is already {0}")]
     SameAmount(String),
+    #[error("the routing rules are already these")]
+    RoutingRulesUnchanged,
+    #[error("no routing rule matches the lead")]
+    NoRoutingRuleMatches,
+    #[error("routing rule {rule:?} is gone or has no other owner to reassign the lead to")]
+    NoOtherOwner { rule: String },
+    #[error("timer {0} already exists")]
+    TimerExists(Uuid),
+    #[error("the timer is {status}: it fires at most once, and never once cancelled")]
+    TimerClosed { status: &'static str },
+    #[error("the timer is due at {due_at}, not before")]
+    TimerNotDue { due_at: DateTime<Utc> },
 
     // Not found.
     #[error("the lead does not exist")]
@@ -78,6 +108,8 @@ pub enum DomainError {
     AccountNotFound,
     #[error("the deal does not exist")]
     DealNotFound,
+    #[error("the timer does not exist")]
+    TimerNotFound,
 }
 
 impl DomainError {
@@ -91,7 +123,12 @@ impl DomainError {
             | ControlCharacter { .. }
             | Negative { .. }
             | TooLarge { .. }
-            | CurrencyMismatch { .. } => RejectionKind::Invalid,
+            | CurrencyMismatch { .. }
+            | InvalidCount { .. }
+            | EmptyList { .. }
+            | Duplicate { .. }
+            | InvalidDomainPattern(_)
+            | InvalidProcess(_) => RejectionKind::Invalid,
             LeadExists(_)
             | DuplicateEmail { .. }
             | KeyTaken(_)
@@ -104,8 +141,16 @@ impl DomainError {
             | DealExists(_)
             | DealClosed { .. }
             | StageNotLater { .. }
-            | SameAmount(_) => RejectionKind::Conflict,
-            LeadNotFound | AccountNotFound | DealNotFound => RejectionKind::NotFound,
+            | SameAmount(_)
+            | RoutingRulesUnchanged
+            | NoRoutingRuleMatches
+            | NoOtherOwner { .. }
+            | TimerExists(_)
+            | TimerClosed { .. }
+            | TimerNotDue { .. } => RejectionKind::Conflict,
+            LeadNotFound | AccountNotFound | DealNotFound | TimerNotFound => {
+                RejectionKind::NotFound
+            }
         }
     }
 
@@ -121,6 +166,11 @@ impl DomainError {
             Negative { .. } => "negative-number",
             TooLarge { .. } => "number-too-large",
             CurrencyMismatch { .. } => "currency-mismatch",
+            InvalidCount { .. } => "invalid-count",
+            EmptyList { .. } => "empty-list",
+            Duplicate { .. } => "duplicate-value",
+            InvalidDomainPattern(_) => "invalid-domain-pattern",
+            InvalidProcess(_) => "invalid-process",
             LeadExists(_) => "lead-exists",
             DuplicateEmail { .. } => "duplicate-email",
             KeyTaken(_) => "key-taken",
@@ -134,9 +184,16 @@ impl DomainError {
             DealClosed { .. } => "deal-closed",
             StageNotLater { .. } => "invalid-stage-transition",
             SameAmount(_) => "same-amount",
+            RoutingRulesUnchanged => "routing-rules-unchanged",
+            NoRoutingRuleMatches => "no-routing-rule-matches",
+            NoOtherOwner { .. } => "no-other-owner",
+            TimerExists(_) => "timer-exists",
+            TimerClosed { .. } => "timer-closed",
+            TimerNotDue { .. } => "timer-not-due",
             LeadNotFound => "lead-not-found",
             AccountNotFound => "account-not-found",
             DealNotFound => "deal-not-found",
+            TimerNotFound => "timer-not-found",
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The business of Annals as plain data and pure functions: value objects, and for each
-//! aggregate (lead, account, deal; later order and subscription) its commands, events,
-//! state, `decide` and `evolve`, with the rules of `shared/spec/domain.md`.
+//! aggregate (lead, account, deal, the lead routing rules, durable timers; later order and
+//! subscription) its commands, events, state, `decide` and `evolve`, with the rules of
+//! `shared/spec/domain.md`.
 //!
 //! It must stay pure: no IO, no async, no database, no clock, no randomness. Facts from
 //! outside (new ids, whether an account exists) arrive inside commands, filled in by the
@@ -12,6 +13,8 @@ pub mod conversion;
 pub mod deal;
 mod error;
 pub mod lead;
+pub mod routing;
+pub mod timer;
 pub mod values;
 
 use std::fmt::Debug;
@@ -19,6 +22,7 @@ use std::fmt::Debug;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use uuid::Uuid;
 
 pub use error::{DomainError, RejectionKind};
 
@@ -27,7 +31,8 @@ pub trait Aggregate: Default + Clone + Debug + Serialize + DeserializeOwned + Se
     type Command: Command;
     type Event: Event;
 
-    /// The stream category: the aggregate with id `x` lives in stream `{CATEGORY}-{x}`.
+    /// The stream category: the aggregate with id `x` lives in stream `{CATEGORY}-{x}`,
+    /// unless `stream_name` says otherwise.
     const CATEGORY: &'static str;
     /// The schema version of the state as a snapshot; raise it whenever the state's
     /// shape changes, and older snapshots are ignored (rebuilt from events).
@@ -41,6 +46,13 @@ pub trait Aggregate: Default + Clone + Debug + Serialize + DeserializeOwned + Se
     /// The state after one event. Total: every event applies to the state it was
     /// decided on.
     fn evolve(self, event: &Self::Event) -> Self;
+
+    /// The stream of the aggregate with this id: `{CATEGORY}-{id}`, one stream per
+    /// aggregate. An aggregate that is one stream for the whole category (the routing
+    /// rules) names that stream whatever the id.
+    fn stream_name(id: Uuid) -> String {
+        format!("{}-{id}", Self::CATEGORY)
+    }
 
     /// What it means that another stream holds a unique key this aggregate's events
     /// wanted to take (see `Event::claims`).

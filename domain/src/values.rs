@@ -71,6 +71,11 @@ text_value!(
     /// Why a lead was disqualified or a deal lost: 1–500 characters after trimming.
     Reason, "reason", 1, 500
 );
+text_value!(
+    /// The name of a lead routing rule, unique among the rules: 1–100 characters after
+    /// trimming.
+    RuleName, "rule name", 1, 100
+);
 
 /// An email address, trimmed and lower-cased: one `@`, a dot in the domain part, at
 /// most 254 characters as given.
@@ -116,6 +121,54 @@ impl Email {
 }
 
 impl fmt::Display for Email {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An email domain a routing rule matches, lower-cased: `example.com` matches exactly
+/// that domain, `*.example.com` any of its subdomains (`eu.example.com`,
+/// `a.eu.example.com`) but not `example.com` itself. The domain after the optional `*.` is
+/// 1–253 characters of `a-z`, `0-9`, `.` and `-`, with at least one dot and no empty label.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct DomainPattern(String);
+
+impl DomainPattern {
+    pub fn parse(value: &str) -> Result<Self, DomainError> {
+        let pattern = value.trim().to_lowercase();
+        let domain = pattern.strip_prefix("*.").unwrap_or(&pattern);
+        let valid = (1..=253).contains(&domain.len())
+            && domain
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-'))
+            && domain.contains('.')
+            && domain.split('.').all(|label| !label.is_empty());
+        if valid {
+            Ok(DomainPattern(pattern))
+        } else {
+            Err(DomainError::InvalidDomainPattern(value.to_owned()))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether the domain of an email (in any case) is one this pattern names.
+    pub fn matches(&self, email_domain: &str) -> bool {
+        let domain = email_domain.trim().to_lowercase();
+        match self.0.strip_prefix("*.") {
+            Some(parent) => domain
+                .strip_suffix(parent)
+                .and_then(|head| head.strip_suffix('.'))
+                .is_some_and(|subdomain| !subdomain.is_empty()),
+            None => domain == self.0,
+        }
+    }
+}
+
+impl fmt::Display for DomainPattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
@@ -256,6 +309,16 @@ impl SignalKind {
 }
 
 word_enum!(
+    /// Why the routing process gave a lead its owner: the lead qualified without one, or
+    /// its owner did not act on it within the response deadline.
+    RoutingReason, "reason" {
+        Qualified = "qualified",
+        #[serde(rename = "response-deadline")]
+        ResponseDeadline = "response-deadline",
+    }
+);
+
+word_enum!(
     /// An account's tier; `standard` unless said otherwise.
     #[derive(Default)]
     Tier, "tier" {
@@ -362,6 +425,73 @@ mod tests {
                 field: "reason",
                 min: 1,
                 max: 500
+            })
+        );
+    }
+
+    #[test]
+    fn domain_patterns_are_lower_cased_and_match_a_domain_or_its_subdomains() {
+        let exact = DomainPattern::parse(" Example.COM ").unwrap();
+        assert_eq!(exact.as_str(), "example.com");
+        assert!(exact.matches("example.com") && exact.matches("EXAMPLE.com"));
+        assert!(!exact.matches("eu.example.com") && !exact.matches("badexample.com"));
+        let any_sub = DomainPattern::parse("*.example.com").unwrap();
+        assert!(any_sub.matches("eu.example.com") && any_sub.matches("a.eu.Example.com"));
+        for other in [
+            "example.com",
+            ".example.com",
+            "badexample.com",
+            "example.org",
+        ] {
+            assert!(!any_sub.matches(other), "{other}");
+        }
+        let longest = format!("{}.com", "a".repeat(249));
+        assert!(DomainPattern::parse(&longest).is_ok());
+        assert!(DomainPattern::parse(&format!("*.{longest}")).is_ok());
+        for bad in [
+            "",
+            "*.",
+            "*",
+            "com",
+            "*.com",
+            "example..com",
+            ".example.com",
+            "example.com.",
+            "ex ample.com",
+            "exa_mple.com",
+            "**.example.com",
+            "eu.*.example.com",
+            "bücher.de",
+            &format!("a{longest}"),
+        ] {
+            assert_eq!(
+                DomainPattern::parse(bad),
+                Err(DomainError::InvalidDomainPattern(bad.into())),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn routing_reasons_are_words_with_a_hyphen() {
+        assert_eq!(
+            serde_json::to_value(RoutingReason::ResponseDeadline).unwrap(),
+            serde_json::json!("response-deadline")
+        );
+        assert_eq!(
+            serde_json::to_value(RoutingReason::Qualified).unwrap(),
+            serde_json::json!("qualified")
+        );
+        for reason in RoutingReason::ALL {
+            assert_eq!(RoutingReason::parse(reason.as_str()), Ok(*reason));
+        }
+        assert!(RuleName::parse(&"r".repeat(100)).is_ok());
+        assert_eq!(
+            RuleName::parse(" "),
+            Err(DomainError::InvalidText {
+                field: "rule name",
+                min: 1,
+                max: 100
             })
         );
     }

@@ -23,7 +23,7 @@ use annals_domain::values::*;
 use annals_projections::account_360::Account360;
 use annals_projections::deal_board::DealBoard;
 use annals_projections::lead_board::LeadBoard;
-use annals_projections::{ProjectionRunner, Projector, ReadDatabase};
+use annals_projections::{Consumer, ConsumerRunner, Projector, ReadDatabase};
 use annals_store::{
     AppendRequest, EventStore, ExpectedVersion, NewEvent, PostgresStore, SqliteStore, StoreConfig,
     StreamName,
@@ -137,7 +137,7 @@ async fn rebuild_all(store: Arc<dyn EventStore>, db: ReadDatabase) -> anyhow::Re
     let started = Instant::now();
     let mut tasks = Vec::new();
     for projector in projectors() {
-        let runner = ProjectionRunner::new(store.clone(), db.clone(), projector);
+        let runner = ConsumerRunner::new(store.clone(), db.clone(), Consumer::ReadModel(projector));
         tasks.push(tokio::spawn(async move { runner.rebuild().await }));
     }
     for task in tasks {
@@ -237,10 +237,10 @@ async fn live_lag(
         ids.push(id);
     }
     let ids = Arc::new(ids);
-    let board = Arc::new(ProjectionRunner::new(
+    let board = Arc::new(ConsumerRunner::new(
         store.clone(),
         db.clone(),
-        Arc::new(LeadBoard),
+        Consumer::ReadModel(Arc::new(LeadBoard)),
     ));
     board.catch_up().await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);

@@ -9,11 +9,11 @@ use annals_store::{LogFilter, Param, RecordedEvent, StoreError, to_sql_int};
 
 use crate::runner::is_poison;
 use crate::{
-    Failure, FailurePolicy, ParkedEvent, ProjectionError, ProjectionRunner, ReadTx, bump, lock,
-    now_text,
+    ConsumerKind, ConsumerRunner, Failure, FailurePolicy, ParkedEvent, ProjectionError, ReadTx,
+    bump, lock, lock_checkpoint, move_checkpoint, now_text,
 };
 
-impl ProjectionRunner {
+impl ConsumerRunner {
     pub(crate) async fn park(
         &self,
         position: u64,
@@ -166,6 +166,9 @@ impl ProjectionRunner {
             .into_iter()
             .find(|e| e.position == position)
             .ok_or_else(not_parked)?;
+        if self.kind() != ConsumerKind::ReadModel {
+            return self.retry_acting(&event, not_parked).await;
+        }
         let (mut tx, live, checkpoint) = self.hold_live_checkpoint().await?;
         let held = tx
             .execute(
@@ -211,23 +214,123 @@ impl ProjectionRunner {
             }
             Err(failure) if is_poison(&failure.error) => {
                 drop(tx);
-                let reason = failure.error.to_string();
-                let mut tx = self.db.begin_write(0).await?;
-                tx.execute(
-                    "UPDATE projection_dead_letters SET error = $3, attempts = attempts + 1 \
-                      WHERE name = $1 AND position = $2 AND skipped_at IS NULL",
-                    &[
-                        name.into(),
-                        to_sql_int(position).into(),
-                        reason.clone().into(),
-                    ],
-                )
-                .await?;
-                tx.commit().await?;
-                Err(ProjectionError::StillFailing { position, reason })
+                Err(self.still_failing(position, &failure.error).await?)
             }
             Err(failure) => Err(failure.error),
         }
+    }
+
+    /// Records that a retried event failed again with `error`: it stays parked, one
+    /// attempt more; returns the operator's answer (`StillFailing`).
+    async fn still_failing(
+        &self,
+        position: u64,
+        error: &ProjectionError,
+    ) -> Result<ProjectionError, ProjectionError> {
+        let reason = error.to_string();
+        let mut tx = self.db.begin_write(0).await?;
+        tx.execute(
+            "UPDATE projection_dead_letters SET error = $3, attempts = attempts + 1 \
+              WHERE name = $1 AND position = $2 AND skipped_at IS NULL",
+            &[
+                self.name().into(),
+                to_sql_int(position).into(),
+                reason.clone().into(),
+            ],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(ProjectionError::StillFailing { position, reason })
+    }
+
+    /// A retry for a process or an outbound consumer: it acts on the event (and, when it
+    /// halted there, first on the events before it), outside any transaction, then in one
+    /// transaction takes the dead letter off and moves the checkpoint to it if it was
+    /// behind. Acting happens before the dead letter is taken, so two retries at once may
+    /// both act: a process's idempotency keys, or the delivery's stable id, make that
+    /// once; only one of them answers applied.
+    async fn retry_acting(
+        &self,
+        event: &RecordedEvent,
+        not_parked: impl Fn() -> ProjectionError,
+    ) -> Result<(), ProjectionError> {
+        let (name, position) = (self.name(), event.position);
+        let parked = self.dead_letter(position).await?;
+        if parked.is_none_or(|p| p.skipped_at.is_some()) {
+            return Err(not_parked());
+        }
+        let generation = self.live_generation().await?;
+        let before = self.checkpoint_of(generation).await?;
+        let mut due = Vec::new();
+        if position > before + 1 {
+            let others = self.left_out_all().await?;
+            let filter = self.consumer.filter();
+            let mut next = before + 1;
+            while next < position {
+                let page = self
+                    .store
+                    .read_all(next, self.rebuild_batch, &filter)
+                    .await?;
+                due.extend(
+                    page.events
+                        .into_iter()
+                        .filter(|e| e.position < position && !others.contains(&e.position)),
+                );
+                if page.next_position <= next {
+                    break;
+                }
+                next = page.next_position;
+            }
+        }
+        due.push(event.clone());
+        for each in &due {
+            match self.consumer.act(each).await {
+                Ok(()) => {}
+                Err(error) if is_poison(&error) && each.position == position => {
+                    return Err(self.still_failing(position, &error).await?);
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        let mut tx = self.db.begin_write(generation).await?;
+        let taken = tx
+            .execute(
+                "DELETE FROM projection_dead_letters \
+                  WHERE name = $1 AND position = $2 AND skipped_at IS NULL",
+                &[name.into(), to_sql_int(position).into()],
+            )
+            .await?;
+        if taken != 1 {
+            return Err(not_parked());
+        }
+        let checkpoint = lock_checkpoint(&mut tx, name, generation).await?;
+        if position > checkpoint {
+            if checkpoint != before {
+                return Err(ProjectionError::CheckpointMoved(name.to_owned()));
+            }
+            move_checkpoint(&mut tx, name, checkpoint, position).await?;
+        }
+        tx.commit().await?;
+        *lock(&self.failing) = None;
+        *lock(&self.last_error) = None;
+        self.applied.send_if_modified(|a| bump(a, position));
+        tracing::info!(consumer = name, position, "parked event retried");
+        Ok(())
+    }
+
+    /// Every position a retry leaves out: the others parked or skipped.
+    async fn left_out_all(&self) -> Result<Vec<u64>, ProjectionError> {
+        let rows = self
+            .db
+            .fetch_text_rows(
+                "SELECT CAST(position AS TEXT) FROM projection_dead_letters WHERE name = $1",
+                &[self.name().into()],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|row| row.first().cloned().flatten()?.parse().ok())
+            .collect())
     }
 
     /// An operator's skip of the parked event at `position`: left unapplied for good,
@@ -275,10 +378,11 @@ impl ProjectionRunner {
         checkpoint: u64,
         left_out: &[u64],
     ) -> Result<(), Failure> {
-        let filter = self.projector.filter();
+        let projector = self.projector().map_err(Failure::unplaced)?;
+        let filter = projector.filter();
         let unplaced = |e: StoreError| Failure::unplaced(e.into());
         let mut history = Vec::new();
-        if self.projector.rows_follow_streams() {
+        if projector.rows_follow_streams() {
             let stream = annals_store::StreamName::parse(event.stream.clone()).map_err(unplaced)?;
             let mut from = 1;
             loop {
@@ -316,6 +420,6 @@ impl ProjectionRunner {
             }
         }
         history.retain(|e| e.position <= checkpoint && !left_out.contains(&e.position));
-        self.projector.refold(tx, event, &history).await
+        projector.refold(tx, event, &history).await
     }
 }

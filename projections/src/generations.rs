@@ -7,11 +7,11 @@
 use crate::rows::Column;
 use crate::runner::StepError;
 use crate::{
-    Outcome, PausePoint, ProjectionError, ProjectionRunner, ReadTx, RebuildClaim, bump, now_micros,
+    ConsumerRunner, Outcome, PausePoint, ProjectionError, ReadTx, RebuildClaim, bump, now_micros,
     read_checkpoint_of,
 };
 
-impl ProjectionRunner {
+impl ConsumerRunner {
     /// Claims the projection for a rebuild or a verify and takes a spare generation, in
     /// one transaction: the claim (the projection free, or its claim left stale by a
     /// process that stopped renewing it) takes the next number of the projection's
@@ -20,6 +20,8 @@ impl ProjectionRunner {
     /// between reading the live generation and the drop: only a claim's holder swaps.
     /// Returns (live, spare).
     pub(crate) async fn claim_spare_generation(&self) -> Result<(i64, i64), ProjectionError> {
+        // Only a read model has generations (its rows); a process is never re-run.
+        self.projector()?;
         // Registers the projection on first use.
         self.live_generation().await?;
         self.pause(PausePoint::Claim).await;
@@ -123,7 +125,7 @@ impl ProjectionRunner {
         tx: &mut ReadTx,
         generation: i64,
     ) -> Result<(), ProjectionError> {
-        for table in self.projector.tables() {
+        for table in self.consumer.tables() {
             tx.execute(
                 &format!("DELETE FROM {} WHERE generation = $1", table.name),
                 &[generation.into()],

@@ -46,12 +46,16 @@
 pub mod account_360;
 mod dead_letters;
 pub mod deal_board;
+pub mod due_timers;
 mod generations;
 pub mod lead_board;
+pub mod lead_conversion;
+pub mod lead_routing;
 pub mod queries;
 pub mod rows;
 mod runner;
 mod sql;
+pub mod timers;
 mod verify;
 
 use std::future::Future;
@@ -60,6 +64,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use annals_commands::{CommandError, Handlers};
 use annals_store::{EventStore, LogFilter, RecordedEvent, StoreError, to_sql_int};
 use async_trait::async_trait;
 use serde::Serialize;
@@ -68,13 +73,169 @@ use tokio::sync::watch;
 pub use annals_store::Param;
 pub use sql::{ReadDatabase, ReadTx};
 
-/// Every read model, in a stable order: the one list a new read model joins.
-pub fn read_models() -> Vec<Arc<dyn Projector>> {
+/// Every consumer of the log, in a stable order: the one list a new consumer joins.
+/// Processes act through `handlers`.
+pub fn consumers(handlers: &Handlers, settings: &ProcessSettings) -> Vec<Consumer> {
     vec![
-        Arc::new(lead_board::LeadBoard),
-        Arc::new(deal_board::DealBoard),
-        Arc::new(account_360::Account360),
+        Consumer::ReadModel(Arc::new(lead_board::LeadBoard)),
+        Consumer::ReadModel(Arc::new(deal_board::DealBoard)),
+        Consumer::ReadModel(Arc::new(account_360::Account360)),
+        Consumer::ReadModel(Arc::new(due_timers::DueTimers)),
+        Consumer::Process(Arc::new(lead_conversion::LeadConversion::new(handlers))),
+        Consumer::Process(Arc::new(lead_routing::LeadRouting::new(
+            handlers.store(),
+            handlers,
+            settings.lead_response_deadline,
+        ))),
     ]
+}
+
+/// How the processes behave, as a deployment sets them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessSettings {
+    /// How long a routed lead's owner has to act on it before it goes to the pool's next
+    /// owner (24 hours unless set).
+    pub lead_response_deadline: chrono::Duration,
+}
+
+impl Default for ProcessSettings {
+    fn default() -> Self {
+        ProcessSettings {
+            lead_response_deadline: chrono::Duration::hours(24),
+        }
+    }
+}
+
+/// A consumer of the log, of one of three kinds; the runtime (`ConsumerRunner`) gives
+/// each the same checkpoint, lease, dead letters, backoff, status and stop, and differs
+/// only in what taking an event means.
+#[derive(Debug, Clone)]
+pub enum Consumer {
+    /// Rows and checkpoint in one transaction: each event applied exactly once.
+    ReadModel(Arc<dyn Projector>),
+    /// Acts on events through commands, at least once; the commands' idempotency keys
+    /// derive from the causing event's id, so the effect happens exactly once.
+    Process(Arc<dyn Process>),
+    /// Delivers events to something outside, at least once, each with its event's id as
+    /// the delivery's id (the same on every redelivery).
+    Outbound(Arc<dyn Outbound>),
+}
+
+/// The kinds of consumer, as an operator sees them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConsumerKind {
+    ReadModel,
+    Process,
+    Outbound,
+}
+
+impl ConsumerKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConsumerKind::ReadModel => "read_model",
+            ConsumerKind::Process => "process",
+            ConsumerKind::Outbound => "outbound",
+        }
+    }
+}
+
+impl Consumer {
+    /// The consumer's stable name: its checkpoint's, lease's and dead letters' key.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Consumer::ReadModel(projector) => projector.name(),
+            Consumer::Process(process) => process.name(),
+            Consumer::Outbound(outbound) => outbound.name(),
+        }
+    }
+
+    pub fn kind(&self) -> ConsumerKind {
+        match self {
+            Consumer::ReadModel(_) => ConsumerKind::ReadModel,
+            Consumer::Process(_) => ConsumerKind::Process,
+            Consumer::Outbound(_) => ConsumerKind::Outbound,
+        }
+    }
+
+    /// The events it takes; others move its checkpoint without a call.
+    pub fn filter(&self) -> LogFilter {
+        match self {
+            Consumer::ReadModel(projector) => projector.filter(),
+            Consumer::Process(process) => process.filter(),
+            Consumer::Outbound(outbound) => outbound.filter(),
+        }
+    }
+
+    /// The tables it writes (a read model's; none for the others).
+    pub fn tables(&self) -> &'static [Table] {
+        match self {
+            Consumer::ReadModel(projector) => projector.tables(),
+            Consumer::Process(_) | Consumer::Outbound(_) => &[],
+        }
+    }
+
+    /// Acts on one event outside any transaction (a process or an outbound consumer).
+    async fn act(&self, event: &RecordedEvent) -> Result<(), ProjectionError> {
+        match self {
+            Consumer::ReadModel(projector) => Err(ProjectionError::Apply {
+                position: event.position,
+                event_type: event.event_type.clone(),
+                reason: format!(
+                    "{} applies events in its batch's transaction",
+                    projector.name()
+                ),
+            }),
+            Consumer::Process(process) => process
+                .handle(event)
+                .await
+                .map_err(ProjectionError::Command),
+            Consumer::Outbound(outbound) => {
+                outbound.deliver(event).await.map_err(|error| match error {
+                    DeliveryError::Refused(reason) => ProjectionError::Apply {
+                        position: event.position,
+                        event_type: event.event_type.clone(),
+                        reason,
+                    },
+                    DeliveryError::Unreachable(reason) => ProjectionError::Unreachable(reason),
+                })
+            }
+        }
+    }
+}
+
+/// A process: decides commands from events. It may act on an event more than once (after
+/// a crash, or when a straggler and the lease's new holder both do), so every command it
+/// sends carries an idempotency key derived from the causing event's id, and acting twice
+/// has the effect of acting once. A refusal it cannot get past (a `DomainError`, an
+/// undecodable event) is the event's own failure and parks it; an outage of the store
+/// (or a command still in flight elsewhere) is retried with backoff.
+#[async_trait]
+pub trait Process: Send + Sync + std::fmt::Debug {
+    fn name(&self) -> &'static str;
+    fn filter(&self) -> LogFilter;
+    async fn handle(&self, event: &RecordedEvent) -> Result<(), CommandError>;
+}
+
+/// An outbound consumer: delivers each event it takes to something outside, at least
+/// once; a delivery's id is its event's `event_id`, the same on every redelivery, so the
+/// receiver can drop duplicates.
+#[async_trait]
+pub trait Outbound: Send + Sync + std::fmt::Debug {
+    fn name(&self) -> &'static str;
+    fn filter(&self) -> LogFilter;
+    async fn deliver(&self, event: &RecordedEvent) -> Result<(), DeliveryError>;
+}
+
+/// Why a delivery failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeliveryError {
+    /// The receiver refused this event for good: it is parked.
+    #[error("the receiver refused the event: {0}")]
+    Refused(String),
+    /// The receiver could not be reached, or failed: retried with backoff, never parked.
+    #[error("the receiver is unreachable: {0}")]
+    Unreachable(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +272,16 @@ pub enum ProjectionError {
         #[source]
         refusal: StoreError,
     },
+    /// A process's command failed: a refusal (`is_poison`) parks the event; an outage or
+    /// a command still in flight elsewhere is retried.
+    #[error("the process's command failed: {0}")]
+    Command(#[source] CommandError),
+    /// An outbound consumer's receiver could not be reached; retried, never parked.
+    #[error("the receiver is unreachable: {0}")]
+    Unreachable(String),
+    /// Rebuild and verify are for read models; other consumers have no rows.
+    #[error("{0} is not a read model: it has no rows to rebuild or verify")]
+    NotAReadModel(String),
     #[error("the cursor is not one this server gave out")]
     InvalidCursor,
     /// An operator named an event the consumer has not parked (never parked, already
@@ -287,14 +458,17 @@ pub struct ParkedEvent {
 
 /// A projection as an operator sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ProjectionStatus {
+pub struct ConsumerStatus {
     pub name: String,
+    pub kind: ConsumerKind,
     pub checkpoint: u64,
     pub head: u64,
     pub lag: u64,
     /// `running`, `catching_up` (more than a batch behind), `rebuilding` or `halted`.
     pub status: &'static str,
     pub last_error: Option<String>,
+    /// How many events it has parked (and nobody skipped).
+    pub parked: u64,
 }
 
 /// What verify found.
@@ -339,7 +513,7 @@ pub enum DifferenceKind {
     Changed,
 }
 
-/// A projection claimed for a rebuild (see `ProjectionRunner::claim_rebuild`). A claim
+/// A projection claimed for a rebuild (see `ConsumerRunner::claim_rebuild`). A claim
 /// that is never finished goes stale and may be taken over.
 #[derive(Debug)]
 #[must_use = "a claim holds the projection until it is finished or goes stale"]
@@ -349,7 +523,7 @@ pub struct RebuildClaim {
 }
 
 /// A point in a runner's work where a test can pause it (see
-/// `ProjectionRunner::with_pause_hook`).
+/// `ConsumerRunner::with_pause_hook`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum PausePoint {
@@ -372,6 +546,9 @@ pub enum PausePoint {
     /// batch of events, before the transaction that applies them: a straggler whose
     /// checkpoint another runner may move meanwhile.
     BatchRead,
+    /// A process or an outbound consumer, after acting on an event and before moving its
+    /// checkpoint past it: a crash here acts on the event again.
+    Acted,
 }
 
 /// What a runner calls at each `PausePoint`; it waits for the future returned.
@@ -387,13 +564,14 @@ impl std::fmt::Debug for Pause {
     }
 }
 
-/// Runs one projector: reads the log after its checkpoint in batches, and applies each
-/// batch and moves the checkpoint in one transaction.
+/// Runs one consumer: reads the log after its checkpoint in batches; a read model applies
+/// each batch and moves the checkpoint in one transaction, a process or an outbound
+/// consumer acts on each event and then moves the checkpoint past it.
 #[derive(Debug)]
-pub struct ProjectionRunner {
+pub struct ConsumerRunner {
     store: Arc<dyn EventStore>,
     db: ReadDatabase,
-    projector: Arc<dyn Projector>,
+    consumer: Consumer,
     batch_size: usize,
     /// Events per batch (and transaction) when a rebuild or verify fills its generation.
     rebuild_batch: usize,
@@ -436,16 +614,12 @@ fn now_text() -> String {
 /// bound on a takeover after the holder dies.
 const LEASE_RETRY: Duration = Duration::from_secs(2);
 
-impl ProjectionRunner {
-    pub fn new(
-        store: Arc<dyn EventStore>,
-        db: ReadDatabase,
-        projector: Arc<dyn Projector>,
-    ) -> Self {
-        ProjectionRunner {
+impl ConsumerRunner {
+    pub fn new(store: Arc<dyn EventStore>, db: ReadDatabase, consumer: Consumer) -> Self {
+        ConsumerRunner {
             store,
             db,
-            projector,
+            consumer,
             batch_size: 1_000,
             rebuild_batch: REBUILD_BATCH,
             applied: watch::Sender::new(0),
@@ -517,7 +691,19 @@ impl ProjectionRunner {
     }
 
     pub fn name(&self) -> &'static str {
-        self.projector.name()
+        self.consumer.name()
+    }
+
+    pub fn kind(&self) -> ConsumerKind {
+        self.consumer.kind()
+    }
+
+    /// The read model this runner runs; rebuild, verify and a re-fold need one.
+    pub(crate) fn projector(&self) -> Result<&Arc<dyn Projector>, ProjectionError> {
+        match &self.consumer {
+            Consumer::ReadModel(projector) => Ok(projector),
+            _ => Err(ProjectionError::NotAReadModel(self.name().to_owned())),
+        }
     }
 
     /// The log position the current rebuild or verify has reached (the last one's, when

@@ -10,13 +10,65 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use annals_commands::CommandError;
 use annals_store::RecordedEvent;
 use tokio::sync::watch;
 
 use crate::{
-    Failure, FailurePolicy, LEASE_RETRY, Outcome, PausePoint, ProjectionError, ProjectionRunner,
-    ProjectionStatus, ReadTx, Table, bump, lock, lock_checkpoint, move_checkpoint, read_checkpoint,
+    Consumer, ConsumerKind, ConsumerRunner, ConsumerStatus, Failure, FailurePolicy, LEASE_RETRY,
+    Outcome, PausePoint, ProjectionError, ReadDatabase, ReadTx, Table, bump, lock, lock_checkpoint,
+    move_checkpoint, read_checkpoint,
 };
+
+/// A lease across processes on one name (a consumer's, or the timer scheduler's): held,
+/// or tried for, before each round of work; lost when another process took it over.
+pub(crate) struct LeaseKeeper {
+    name: &'static str,
+    lease: Option<Box<dyn annals_store::Lease>>,
+}
+
+impl LeaseKeeper {
+    pub(crate) fn new(name: &'static str) -> Self {
+        LeaseKeeper { name, lease: None }
+    }
+
+    /// Whether this process holds the lease now: checks the one it holds, or tries to
+    /// take it (giving up, and saying so, one it lost).
+    pub(crate) async fn hold(&mut self, db: &ReadDatabase) -> bool {
+        if let Some(held) = self.lease.as_mut() {
+            if held.held().await {
+                return true;
+            }
+            tracing::warn!(consumer = self.name, "lease lost");
+            if let Some(lost) = self.lease.take() {
+                lost.release().await;
+            }
+        }
+        match db.try_lease(self.name).await {
+            Ok(Some(taken)) => {
+                tracing::info!(consumer = self.name, "lease taken; running");
+                self.lease = Some(taken);
+                true
+            }
+            // At debug level: a standby process says, each time it looks, that it found
+            // the lease taken (what a test of a takeover waits for).
+            Ok(None) => {
+                tracing::debug!(consumer = self.name, "lease held elsewhere; standing by");
+                false
+            }
+            Err(error) => {
+                tracing::warn!(consumer = self.name, %error, "taking the lease failed");
+                false
+            }
+        }
+    }
+
+    pub(crate) async fn release(self) {
+        if let Some(held) = self.lease {
+            held.release().await;
+        }
+    }
+}
 
 /// Why a step failed: at an event (which may be parked), or around it.
 pub(crate) enum StepError {
@@ -54,11 +106,21 @@ pub(crate) fn is_poison(error: &ProjectionError) -> bool {
     match error {
         ProjectionError::Apply { .. } => true,
         ProjectionError::Database(error) => error.is_refusal(),
+        // A process's command: the business's or the handler's refusal is the event's;
+        // the store failing, other writers (also past a version the process read), or
+        // the same command in flight are outages: acting again decides anew.
+        ProjectionError::Command(error) => !matches!(
+            error,
+            CommandError::Store(_)
+                | CommandError::ConcurrencyConflict { .. }
+                | CommandError::VersionMismatch { .. }
+                | CommandError::IdempotencyKeyInUse
+        ),
         _ => false,
     }
 }
 
-impl ProjectionRunner {
+impl ConsumerRunner {
     /// Makes what the database lacks of the projection: its row in `projections`, its
     /// tables and their indexes as declared; refuses a table that lacks a declared column
     /// (`TableChanged`). Once per runner (later calls cost nothing); every use of the
@@ -85,9 +147,20 @@ impl ProjectionRunner {
                 &[name.into()],
             )
             .await?;
+            if self.kind() != ConsumerKind::ReadModel {
+                // A process that followed the log before the one runtime kept its
+                // checkpoint in `process_checkpoints`: it goes on from there.
+                tx.execute(
+                    "INSERT INTO projection_checkpoints (name, generation, position) \
+                     SELECT name, 1, position FROM process_checkpoints WHERE name = $1 \
+                     ON CONFLICT (name, generation) DO NOTHING",
+                    &[name.into()],
+                )
+                .await?;
+            }
             tx.commit().await?;
         }
-        for table in self.projector.tables() {
+        for table in self.consumer.tables() {
             let mut attempts = 0;
             loop {
                 match self.make_missing(table).await {
@@ -327,7 +400,8 @@ impl ProjectionRunner {
         through: u64,
         left_out: &[u64],
     ) -> Result<(), Failure> {
-        let filter = self.projector.filter();
+        let projector = self.projector().map_err(Failure::unplaced)?;
+        let filter = projector.filter();
         let mut next = checkpoint + 1;
         let mut events = Vec::new();
         while next <= through {
@@ -347,7 +421,7 @@ impl ProjectionRunner {
             }
             next = page.next_position;
         }
-        self.projector.apply(tx, &events).await?;
+        projector.apply(tx, &events).await?;
         // The row is held since `checkpoint` was read from it (`lock_checkpoint`).
         move_checkpoint(tx, self.name(), checkpoint, through)
             .await
@@ -368,7 +442,7 @@ impl ProjectionRunner {
         }
         let page = self
             .store
-            .read_all(checkpoint + 1, batch_size, &self.projector.filter())
+            .read_all(checkpoint + 1, batch_size, &self.consumer.filter())
             .await?;
         let mut next = page.next_position.saturating_sub(1).max(checkpoint);
         let mut events = page.events;
@@ -385,6 +459,12 @@ impl ProjectionRunner {
             .filter(|e| !left_out.contains(&e.position))
             .collect();
         self.pause(PausePoint::BatchRead).await;
+        let projector = match &self.consumer {
+            Consumer::ReadModel(projector) => projector,
+            Consumer::Process(_) | Consumer::Outbound(_) => {
+                return self.act_on(generation, checkpoint, next, &events).await;
+            }
+        };
         let name = self.name();
         let mut tx = self.db.begin_write(generation).await?;
         // The batch commits only to a generation that is live, or claimed by a rebuild or
@@ -413,7 +493,7 @@ impl ProjectionRunner {
         if lock_checkpoint(&mut tx, name, generation).await? != checkpoint {
             return Err(ProjectionError::CheckpointMoved(name.to_owned()).into());
         }
-        if let Err(failure) = self.projector.apply(&mut tx, &events).await {
+        if let Err(failure) = projector.apply(&mut tx, &events).await {
             drop(tx);
             return Err(self.locate(failure, generation, &events).await);
         }
@@ -423,6 +503,61 @@ impl ProjectionRunner {
         move_checkpoint(&mut tx, name, checkpoint, next).await?;
         tx.commit().await?;
         Ok((Outcome::Applied(applied), next))
+    }
+
+    /// A process's or an outbound consumer's step: acts on each event of the batch in
+    /// order, outside any transaction, and moves the checkpoint past it (from the value
+    /// read, in a transaction of its own) before the next, so that a crash repeats at
+    /// most one event; an event that fails stops the batch with the checkpoint just
+    /// before it.
+    async fn act_on(
+        &self,
+        generation: i64,
+        checkpoint: u64,
+        next: u64,
+        events: &[RecordedEvent],
+    ) -> Result<(Outcome, u64), StepError> {
+        let mut at = checkpoint;
+        for event in events {
+            if let Err(error) = self.consumer.act(event).await {
+                self.advance(generation, at, event.position.saturating_sub(1))
+                    .await?;
+                return Err(StepError::Event {
+                    position: event.position,
+                    event_id: Some(event.event_id.to_string()),
+                    event_type: event.event_type.clone(),
+                    error,
+                });
+            }
+            self.pause(PausePoint::Acted).await;
+            self.advance(generation, at, event.position).await?;
+            at = event.position;
+        }
+        self.advance(generation, at, next).await?;
+        Ok((Outcome::Applied(events.len()), next))
+    }
+
+    /// Moves a process's or an outbound consumer's checkpoint from `from` to `to` (when
+    /// further), if it is still at `from`: another runner that moved it meanwhile owns
+    /// the consumer now (`CheckpointMoved`).
+    pub(crate) async fn advance(
+        &self,
+        generation: i64,
+        from: u64,
+        to: u64,
+    ) -> Result<(), ProjectionError> {
+        if to <= from {
+            return Ok(());
+        }
+        let name = self.name();
+        let mut tx = self.db.begin_write(generation).await?;
+        if lock_checkpoint(&mut tx, name, generation).await? != from {
+            return Err(ProjectionError::CheckpointMoved(name.to_owned()));
+        }
+        move_checkpoint(&mut tx, name, from, to).await?;
+        tx.commit().await?;
+        self.applied.send_if_modified(|a| bump(a, to));
+        Ok(())
     }
 
     /// Turns a batch's failure into a step error naming its event: when the batch could
@@ -457,16 +592,16 @@ impl ProjectionRunner {
         if !is_poison(&failure.error) {
             return StepError::Other(failure.error);
         }
+        let projector = match self.projector() {
+            Ok(projector) => projector,
+            Err(error) => return StepError::Other(error),
+        };
         let mut tx = match self.db.begin_write(generation).await {
             Ok(tx) => tx,
             Err(error) => return StepError::Other(error),
         };
         for event in events {
-            if let Err(single) = self
-                .projector
-                .apply(&mut tx, std::slice::from_ref(event))
-                .await
-            {
+            if let Err(single) = projector.apply(&mut tx, std::slice::from_ref(event)).await {
                 return StepError::Event {
                     position: event.position,
                     event_id: Some(event.event_id.to_string()),
@@ -492,42 +627,15 @@ impl ProjectionRunner {
     /// events (woken by the store's notification) when caught up, and backs off after a
     /// failure.
     pub async fn run_until_stopped(&self, mut stop: watch::Receiver<bool>) {
-        let mut lease: Option<Box<dyn annals_store::Lease>> = None;
+        let mut lease = LeaseKeeper::new(self.name());
         let mut backoff = Duration::from_millis(100);
         while !*stop.borrow() {
-            let holding = match lease.as_mut() {
-                Some(held) => held.held().await,
-                None => false,
-            };
-            if !holding {
-                if let Some(lost) = lease.take() {
-                    tracing::warn!(projection = self.name(), "lease lost");
-                    lost.release().await;
+            if !lease.hold(&self.db).await {
+                tokio::select! {
+                    _ = stop.changed() => {}
+                    () = tokio::time::sleep(LEASE_RETRY) => {}
                 }
-                match self.db.try_lease(self.name()).await {
-                    Ok(Some(taken)) => {
-                        tracing::info!(projection = self.name(), "lease taken; running");
-                        lease = Some(taken);
-                    }
-                    // At debug level: a standby process says, each time it looks, that it
-                    // found the lease taken (what a test of a takeover waits for).
-                    Ok(None) => {
-                        tracing::debug!(
-                            projection = self.name(),
-                            "lease held elsewhere; standing by"
-                        )
-                    }
-                    Err(error) => {
-                        tracing::warn!(projection = self.name(), %error, "taking the lease failed")
-                    }
-                }
-                if lease.is_none() {
-                    tokio::select! {
-                        _ = stop.changed() => {}
-                        () = tokio::time::sleep(LEASE_RETRY) => {}
-                    }
-                    continue;
-                }
+                continue;
             }
             match self.run_once().await {
                 Ok(Outcome::Applied(_)) => backoff = Duration::from_millis(100),
@@ -552,9 +660,13 @@ impl ProjectionRunner {
                 }
             }
         }
-        if let Some(held) = lease {
-            held.release().await;
-        }
+        lease.release().await;
+    }
+
+    /// The position the live generation has been seen applied up to, as it moves (see
+    /// `applied`): lets another task wake when this consumer has taken new events.
+    pub fn applied_changes(&self) -> watch::Receiver<u64> {
+        self.applied.subscribe()
     }
 
     /// Waits until the live generation has applied the log up to `position`, or
@@ -566,7 +678,7 @@ impl ProjectionRunner {
             .is_ok_and(|seen| seen.is_ok())
     }
 
-    pub async fn status(&self) -> Result<ProjectionStatus, ProjectionError> {
+    pub async fn status(&self) -> Result<ConsumerStatus, ProjectionError> {
         let checkpoint = self.checkpoint().await?;
         let head = self.store.head().await?;
         let mut tx = self.db.begin_read(0).await?;
@@ -589,8 +701,9 @@ impl ProjectionRunner {
         } else {
             "running"
         };
-        Ok(ProjectionStatus {
+        Ok(ConsumerStatus {
             name: self.name().to_owned(),
+            kind: self.kind(),
             checkpoint,
             head,
             lag,
@@ -600,6 +713,7 @@ impl ProjectionRunner {
                     .first()
                     .map(|p| format!("position {}: {}", p.position, p.error))
             }),
+            parked: parked.len() as u64,
         })
     }
 }

@@ -2,11 +2,11 @@
 //! in one read-only snapshot where both stand at one position, in bounded pages by key.
 
 use crate::{
-    Difference, DifferenceKind, PausePoint, ProjectionError, ProjectionRunner, ReadTx,
-    VerifyReport, read_checkpoint_of,
+    ConsumerRunner, Difference, DifferenceKind, PausePoint, ProjectionError, ReadTx, VerifyReport,
+    read_checkpoint_of,
 };
 
-impl ProjectionRunner {
+impl ConsumerRunner {
     /// Rebuilds into a scratch generation and compares it with the live one, at the
     /// same log position; the live read model is left as it is. The comparison holds up
     /// no writer: it reads one snapshot, a page at a time.
@@ -73,7 +73,7 @@ impl ProjectionRunner {
         let mut differences = Vec::new();
         let (mut pages, mut largest_page) = (0, 0);
         let mut renewed = tokio::time::Instant::now();
-        'tables: for table in self.projector.tables() {
+        'tables: for table in self.consumer.tables() {
             let width = table.columns.len();
             let values = |side: &str| {
                 (0..width)

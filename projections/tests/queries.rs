@@ -21,8 +21,9 @@ use annals_projections::deal_board::DealBoard;
 use annals_projections::deal_board::DealRow;
 use annals_projections::lead_board::LeadBoard;
 use annals_projections::lead_board::LeadRow;
+use annals_projections::lead_conversion::LeadConversion;
 use annals_projections::queries::{self, DealFilter, LeadFilter, Page, Pause, Snapshot};
-use annals_projections::{ProjectionError, ProjectionRunner, Projector, ReadDatabase};
+use annals_projections::{Consumer, ConsumerRunner, ProjectionError, Projector, ReadDatabase};
 use database::Fixture;
 use tokio::sync::mpsc;
 use uuid::Uuid;
@@ -46,8 +47,22 @@ fn read_database(db: &Fixture) -> ReadDatabase {
     }
 }
 
-fn runner(db: &Fixture, projector: Arc<dyn Projector>) -> ProjectionRunner {
-    ProjectionRunner::new(db.store(), read_database(db), projector)
+fn runner(db: &Fixture, projector: Arc<dyn Projector>) -> ConsumerRunner {
+    ConsumerRunner::new(
+        db.store(),
+        read_database(db),
+        Consumer::ReadModel(projector),
+    )
+}
+
+/// The lead conversion process's runner, with handlers of its own.
+fn conversion(db: &Fixture) -> ConsumerRunner {
+    let handlers = annals_commands::Handlers::new(db.store(), HandlerConfig::default());
+    ConsumerRunner::new(
+        db.store(),
+        read_database(db),
+        Consumer::Process(Arc::new(LeadConversion::new(&handlers))),
+    )
 }
 
 fn context() -> CommandContext {
@@ -711,7 +726,6 @@ async fn a_pipeline_is_read_from_one_snapshot_while_a_batch_commits(db: Arc<Fixt
 /// A lead captured, qualified and converted into `account` (a new one when `new`), its
 /// deal opened by the conversion process; the lead's and the deal's ids.
 async fn converted_lead(db: &Fixture, account: Uuid, new: bool) -> (Uuid, Uuid) {
-    use annals_commands::conversion::LeadConversionProcess;
     let leads = CommandHandler::<Lead>::new(db.store(), HandlerConfig::default());
     let (lead, deal) = (Uuid::now_v7(), Uuid::now_v7());
     let capture = LeadCommand::Capture {
@@ -740,10 +754,7 @@ async fn converted_lead(db: &Fixture, account: Uuid, new: bool) -> (Uuid, Uuid) 
         deal: ConversionDeal::New(deal),
     };
     leads.execute(lead, convert, &context()).await.unwrap();
-    LeadConversionProcess::new(db.store(), HandlerConfig::default())
-        .run_once()
-        .await
-        .unwrap();
+    conversion(db).catch_up().await.unwrap();
     (lead, deal)
 }
 
@@ -752,7 +763,7 @@ async fn converted_lead(db: &Fixture, account: Uuid, new: bool) -> (Uuid, Uuid) 
 async fn an_account_view_is_read_from_one_snapshot_while_a_conversion_commits(db: Arc<Fixture>) {
     let account = Uuid::now_v7();
     let (_, first_deal) = converted_lead(&db, account, true).await;
-    let runners: Vec<ProjectionRunner> = [
+    let runners: Vec<ConsumerRunner> = [
         Arc::new(LeadBoard) as Arc<dyn Projector>,
         Arc::new(DealBoard),
         Arc::new(Account360),

@@ -95,12 +95,6 @@ pub trait EventStore: Send + Sync + std::fmt::Debug {
         recorded_before: chrono::DateTime<chrono::Utc>,
     ) -> Result<u64, StoreError>;
 
-    /// How far a process has followed the log (0 when it has not started).
-    async fn load_checkpoint(&self, process: &str) -> Result<u64, StoreError>;
-
-    /// Records how far a process has followed the log; never moves it backwards.
-    async fn save_checkpoint(&self, process: &str, position: u64) -> Result<(), StoreError>;
-
     /// Walks every stream's hash chain and the log's from the stored rows, in one
     /// snapshot, and checks the log's head row (see `audit`).
     async fn verify(&self) -> Result<AuditReport, StoreError>;

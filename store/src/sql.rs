@@ -840,34 +840,6 @@ impl<DB: Dialect> EventStore for SqlStore<DB> {
         Ok(DB::rows_affected(&done))
     }
 
-    async fn load_checkpoint(&self, process: &str) -> Result<u64, StoreError> {
-        let row = DB::fetch_optional(
-            &mut *self.connection().await?,
-            "SELECT position FROM process_checkpoints WHERE name = $1",
-            &[process.into()],
-            PREPARED,
-        )
-        .await?;
-        let position = match row {
-            Some(row) => DB::int(&row, "position")?,
-            None => None,
-        };
-        Ok(position.and_then(|p| u64::try_from(p).ok()).unwrap_or(0))
-    }
-
-    async fn save_checkpoint(&self, process: &str, position: u64) -> Result<(), StoreError> {
-        DB::execute(
-            &mut *self.connection().await?,
-            "INSERT INTO process_checkpoints (name, position) VALUES ($1, $2) \
-             ON CONFLICT (name) DO UPDATE SET position = excluded.position \
-              WHERE process_checkpoints.position < excluded.position",
-            &[process.into(), position.into()],
-            PREPARED,
-        )
-        .await?;
-        Ok(())
-    }
-
     async fn verify(&self) -> Result<AuditReport, StoreError> {
         // One snapshot for both walks and the head row.
         let mut connection = self.connection().await?;

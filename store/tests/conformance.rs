@@ -51,7 +51,6 @@ on_both_backends!(
     every_commit_is_flushed_whatever_the_database_default,
     idempotency_keys_are_stored_with_their_append,
     concurrent_appends_with_one_idempotency_key_exactly_one_wins,
-    process_checkpoints_only_move_forwards,
 );
 
 async fn appended_events_read_back_with_every_field(db: Arc<Fixture>) {
@@ -1361,22 +1360,4 @@ async fn concurrent_appends_with_one_idempotency_key_exactly_one_wins(db: Arc<Fi
     }
     assert_eq!(winners, 1);
     assert_eq!(db.store().head().await.unwrap(), 1);
-}
-
-async fn process_checkpoints_only_move_forwards(db: Arc<Fixture>) {
-    let store = db.store();
-    assert_eq!(store.load_checkpoint("lead_conversion").await.unwrap(), 0);
-    store.save_checkpoint("lead_conversion", 5).await.unwrap();
-    store.save_checkpoint("lead_conversion", 3).await.unwrap();
-    assert_eq!(store.load_checkpoint("lead_conversion").await.unwrap(), 5);
-    store.save_checkpoint("lead_conversion", 9).await.unwrap();
-    assert_eq!(
-        db.open_again()
-            .await
-            .load_checkpoint("lead_conversion")
-            .await
-            .unwrap(),
-        9
-    );
-    assert_eq!(store.load_checkpoint("webhooks").await.unwrap(), 0);
 }

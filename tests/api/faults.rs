@@ -20,7 +20,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::database::{Backend, Fixture, run};
-use crate::server::{Answer, Server, TOKENS, WRITER, lead};
+use crate::server::{Answer, Server, TOKENS, WRITER, lead, qualified_lead};
 
 on_both_backends!(
     acknowledged_commands_survive_kill_9_and_no_command_sent_appends_twice,
@@ -535,11 +535,12 @@ async fn postgres_projections_move_to_the_other_server_when_one_is_killed() {
     run(Backend::Postgres, |db: Arc<Fixture>| async move {
         let first = Arc::new(Server::start(db.url()));
         let holds = |server: &Server, projection: &str| {
-            let taken = format!("lease taken; running projection=\"{projection}\"");
+            let taken = format!("lease taken; running consumer=\"{projection}\"");
             strip_ansi(&server.logs()).contains(&taken)
         };
-        let projections = ["lead_board", "deal_board", "account_360"];
-        // The first server takes every projection's lease just after it is ready.
+        // The read models and the conversion process: every consumer's lease moves.
+        let projections = ["lead_board", "deal_board", "account_360", "lead_conversion"];
+        // The first server takes every consumer's lease just after it is ready.
         let deadline = Instant::now() + Duration::from_secs(10);
         while !projections.iter().all(|p| holds(&first, p)) {
             assert!(Instant::now() < deadline, "{}", first.logs());
@@ -556,7 +557,7 @@ async fn postgres_projections_move_to_the_other_server_when_one_is_killed() {
             ],
         ));
         let stands_by = |projection: &str| {
-            let standing = format!("lease held elsewhere; standing by projection=\"{projection}\"");
+            let standing = format!("lease held elsewhere; standing by consumer=\"{projection}\"");
             strip_ansi(&second.logs()).contains(&standing)
         };
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -619,6 +620,26 @@ async fn postgres_projections_move_to_the_other_server_when_one_is_killed() {
             "{:?}",
             killed.elapsed()
         );
+        // And the conversion process: a conversion's deal is opened.
+        let lead = qualified_lead(&second, "after-the-kill").await;
+        let converted = second
+            .command(
+                &format!("/leads/{lead}/convert"),
+                json!({"deal_name": "Engines", "amount": {"currency": "EUR", "amount_minor": 100}}),
+            )
+            .await;
+        let deal = converted["deal_id"].as_str().unwrap().to_owned();
+        loop {
+            if second.get(&format!("/deals/{deal}/history")).await.status == 200 {
+                break;
+            }
+            assert!(
+                killed.elapsed() < Duration::from_secs(10),
+                "the deal was not opened within 10 s of the kill:\n{}",
+                second.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         assert_in_log(&second, &acked).await;
         assert_read_models_verify(&second).await;
     })

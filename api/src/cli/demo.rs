@@ -220,7 +220,12 @@ impl Story<'_> {
             self.tally.converted += 1;
             self.tally.accounts += 1;
             // The conversion process opens the account and the deal.
-            while self.system.conversion.run_once().await? > 0 {}
+            if let Some(conversion) = self
+                .system
+                .consumer(annals_projections::lead_conversion::NAME)
+            {
+                conversion.catch_up().await?;
+            }
             self.tally.deals += 1;
             self.work_deal(&format!("{n}"), deal_id).await?;
         }

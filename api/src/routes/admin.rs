@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use annals_projections::ConsumerKind;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
@@ -139,7 +140,7 @@ pub struct HealthAnswer {
 fn projection<'a>(
     app: &'a App,
     name: &str,
-) -> Result<&'a Arc<annals_projections::ProjectionRunner>, ApiError> {
+) -> Result<&'a Arc<annals_projections::ConsumerRunner>, ApiError> {
     app.system.projection(name).ok_or_else(|| {
         ApiError::not_found(
             "projection-not-found",
@@ -157,7 +158,7 @@ fn projection<'a>(
     security(("bearer" = ["operator"])))]
 async fn list_projections(State(app): State<Arc<App>>) -> Result<Json<ProjectionList>, ApiError> {
     let mut items = Vec::new();
-    for runner in &app.system.projections {
+    for runner in app.system.projections() {
         let status = runner.status().await?;
         items.push(ProjectionItem {
             name: status.name,
@@ -272,22 +273,28 @@ async fn ready(State(app): State<Arc<App>>) -> Result<Json<HealthAnswer>, ApiErr
     }))
 }
 
-/// Prometheus metrics: commands by type and outcome, append latency, projection lag,
-/// HTTP requests by route and status.
+/// Prometheus metrics: commands by type and outcome, append latency, each consumer's lag
+/// and parked events, HTTP requests by route and status.
 #[utoipa::path(get, path = "/metrics", tag = "health",
     responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")),
     security(()))]
 async fn metrics(State(app): State<Arc<App>>) -> Response {
-    for runner in &app.system.projections {
+    for runner in &app.system.consumers {
         match runner.status().await {
             Ok(status) => {
-                let name = status.name.clone();
-                metrics::gauge!("annals_projection_lag", "projection" => name.clone())
+                let (name, kind) = (status.name.clone(), status.kind.as_str());
+                if status.kind == ConsumerKind::ReadModel {
+                    metrics::gauge!("annals_projection_lag", "projection" => name.clone())
+                        .set(status.lag as f64);
+                    metrics::gauge!("annals_projection_checkpoint", "projection" => name.clone())
+                        .set(status.checkpoint as f64);
+                }
+                metrics::gauge!("annals_consumer_lag", "consumer" => name.clone(), "kind" => kind)
                     .set(status.lag as f64);
-                metrics::gauge!("annals_projection_checkpoint", "projection" => name)
-                    .set(status.checkpoint as f64);
+                metrics::gauge!("annals_consumer_parked", "consumer" => name, "kind" => kind)
+                    .set(status.parked as f64);
             }
-            Err(error) => tracing::warn!(projection = runner.name(), %error, "status unknown"),
+            Err(error) => tracing::warn!(consumer = runner.name(), %error, "status unknown"),
         }
     }
     (

@@ -1,6 +1,6 @@
-//! The consumers of the log (today the projections) as an operator restarts them: the
-//! events a consumer parked, and the operator's retry or skip of one. Every route is the
-//! operator's.
+//! The consumers of the log (read models, processes, outbound) as an operator sees and
+//! restarts them: every consumer's status, the events a consumer parked, and the
+//! operator's retry or skip of one. Every route is the operator's.
 //!
 //! Invariant: a retry or a skip acts on an event only while it is parked; a second retry
 //! (or a retry after a skip) finds nothing parked (404) and never applies it twice.
@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use annals_projections::{ParkedEvent, ProjectionRunner};
+use annals_projections::{ConsumerKind, ConsumerRunner, ParkedEvent};
 use axum::Json;
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
@@ -27,6 +27,7 @@ use crate::server::App;
 
 pub fn routes() -> OpenApiRouter<Arc<App>> {
     resource("admin")
+        .routes(routes!(list_consumers))
         .routes(routes!(list_parked))
         .routes(routes!(retry_parked))
         .routes(routes!(skip_parked))
@@ -56,6 +57,52 @@ impl utoipa::IntoResponses for ParkedProblems {
             ),
         ])
     }
+}
+
+/// One consumer of the log as an operator sees it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ConsumerItem {
+    pub name: String,
+    pub kind: ConsumerKindName,
+    /// The log position up to which it has taken the events.
+    pub checkpoint: u64,
+    /// The log's last position.
+    pub head: u64,
+    pub lag: u64,
+    /// `running`, `catching_up` (more than a batch behind), `rebuilding` (a read model's
+    /// rebuild or verify) or `halted` (stopped before a parked event).
+    pub status: String,
+    pub last_error: Option<String>,
+    /// How many events it has parked that nobody retried or skipped.
+    pub parked: u64,
+}
+
+/// What kind of consumer: `read_model` (rows and checkpoint in one transaction, exactly
+/// once), `process` (commands made exactly once by idempotency keys) or `outbound`
+/// (deliveries outside, at least once, with the event's id).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ConsumerKindName {
+    ReadModel,
+    Process,
+    Outbound,
+}
+
+impl From<ConsumerKind> for ConsumerKindName {
+    fn from(kind: ConsumerKind) -> Self {
+        match kind {
+            ConsumerKind::ReadModel => ConsumerKindName::ReadModel,
+            ConsumerKind::Process => ConsumerKindName::Process,
+            ConsumerKind::Outbound => ConsumerKindName::Outbound,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ConsumerList {
+    pub items: Vec<ConsumerItem>,
+    /// Always `null`: every consumer is on the one page.
+    pub next_cursor: Option<String>,
 }
 
 /// One parked event of a consumer.
@@ -126,20 +173,20 @@ pub struct ParkedQuery {
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Path)]
 pub struct ParkedPath {
-    /// The consumer: `lead_board`, `deal_board` or `account_360`.
+    /// A consumer's name, as `GET /admin/consumers` lists them.
     pub name: String,
     /// The parked event's position in the log.
     #[param(inline)]
     pub position: FromNumber,
 }
 
-fn consumer<'a>(app: &'a App, name: &str) -> Result<&'a Arc<ProjectionRunner>, ApiError> {
-    app.system.projection(name).ok_or_else(|| {
+fn consumer<'a>(app: &'a App, name: &str) -> Result<&'a Arc<ConsumerRunner>, ApiError> {
+    app.system.consumer(name).ok_or_else(|| {
         ApiError::not_found(
             "consumer-not-found",
             format!(
                 "no consumer is named so; there are: {}",
-                app.system.projection_names().join(", ")
+                app.system.consumer_names().join(", ")
             ),
         )
     })
@@ -183,10 +230,36 @@ impl<S: Send + Sync> FromRequestParts<S> for Actor {
     }
 }
 
+/// Every consumer of the log (read models, processes, outbound): checkpoint, head of the
+/// log, lag, status, last error and how many events it parked.
+#[utoipa::path(get, path = "/admin/consumers", tag = "admin",
+    responses((status = 200, description = "The consumers", body = ConsumerList), crate::openapi::OperatorListProblems),
+    security(("bearer" = ["operator"])))]
+async fn list_consumers(State(app): State<Arc<App>>) -> Result<Json<ConsumerList>, ApiError> {
+    let mut items = Vec::new();
+    for runner in &app.system.consumers {
+        let status = runner.status().await?;
+        items.push(ConsumerItem {
+            name: status.name,
+            kind: status.kind.into(),
+            checkpoint: status.checkpoint,
+            head: status.head,
+            lag: status.lag,
+            status: status.status.to_owned(),
+            last_error: status.last_error,
+            parked: status.parked,
+        });
+    }
+    Ok(Json(ConsumerList {
+        items,
+        next_cursor: None,
+    }))
+}
+
 /// The events a consumer parked (and nobody skipped), oldest first: a halted consumer
 /// waits before the first of them.
 #[utoipa::path(get, path = "/admin/consumers/{name}/parked", tag = "admin",
-    params(("name" = String, Path, description = "The consumer: `lead_board`, `deal_board` or `account_360`"), ParkedQuery),
+    params(("name" = String, Path, description = "A consumer's name, as `GET /admin/consumers` lists them"), ParkedQuery),
     responses((status = 200, description = "A page of its parked events", body = ParkedList), ParkedProblems),
     security(("bearer" = ["operator"])))]
 async fn list_parked(

@@ -4,6 +4,8 @@
 use annals_domain::account::AccountEvent;
 use annals_domain::deal::DealEvent;
 use annals_domain::lead::LeadEvent;
+use annals_domain::routing::{RoutingEvent, RoutingRule, RoutingRules, RuleMatch};
+use annals_domain::timer::TimerEvent;
 use annals_domain::values::*;
 use annals_domain::{Event, StoredForm};
 use chrono::{NaiveDate, TimeZone, Utc};
@@ -104,6 +106,66 @@ pub fn every_deal_event() -> Vec<DealEvent> {
     ]
 }
 
+pub fn every_timer_event() -> Vec<TimerEvent> {
+    let due_at = Utc.with_ymd_and_hms(2026, 12, 3, 9, 0, 0).unwrap();
+    let payload = json!({"order_id": id(50), "step": "payment-deadline"});
+    vec![
+        TimerEvent::TimerScheduled {
+            timer_id: id(40),
+            process: "order_process".into(),
+            due_at,
+            payload: payload.clone(),
+        },
+        TimerEvent::TimerCancelled {},
+        TimerEvent::TimerFired {
+            process: "order_process".into(),
+            due_at,
+            payload,
+        },
+    ]
+}
+
+pub fn every_routing_event() -> Vec<RoutingEvent> {
+    let owner = |name: &str| Owner::parse(name).unwrap();
+    let rules = RoutingRules::new(vec![
+        RoutingRule {
+            name: RuleName::parse("EU partners").unwrap(),
+            matches: RuleMatch {
+                sources: Some(vec![Source::Partner, Source::Referral]),
+                min_score: Some(60),
+                email_domains: Some(vec![
+                    DomainPattern::parse("acme.example").unwrap(),
+                    DomainPattern::parse("*.eu.example").unwrap(),
+                ]),
+            },
+            owners: vec![owner("pat")],
+        },
+        RoutingRule {
+            name: RuleName::parse("everyone").unwrap(),
+            matches: RuleMatch::default(),
+            owners: vec![owner("ann"), owner("bob")],
+        },
+    ])
+    .unwrap();
+    vec![
+        RoutingEvent::RoutingRulesSet { rules },
+        RoutingEvent::LeadRouted {
+            lead_id: id(1),
+            rule: RuleName::parse("everyone").unwrap(),
+            owner: owner("ann"),
+            previous_owner: None,
+            reason: RoutingReason::Qualified,
+        },
+        RoutingEvent::LeadRouted {
+            lead_id: id(1),
+            rule: RuleName::parse("everyone").unwrap(),
+            owner: owner("bob"),
+            previous_owner: Some(owner("ann")),
+            reason: RoutingReason::ResponseDeadline,
+        },
+    ]
+}
+
 fn stored_json<E: Event>(event: &E) -> serde_json::Value {
     let stored = event.encode();
     json!({"type": stored.event_type, "schema_version": stored.schema_version, "data": stored.data})
@@ -131,6 +193,16 @@ fn account_events_keep_their_stored_form() {
 #[test]
 fn deal_events_keep_their_stored_form() {
     check_all(every_deal_event());
+}
+
+#[test]
+fn timer_events_keep_their_stored_form() {
+    check_all(every_timer_event());
+}
+
+#[test]
+fn routing_events_keep_their_stored_form() {
+    check_all(every_routing_event());
 }
 
 #[test]

@@ -1,10 +1,12 @@
-//! The domain's tests, in one binary: every rule accepted and refused (`rules`),
-//! invariants over random command sequences (`properties`), and the stored form of every
-//! event (`events`).
+//! The domain's tests, in one binary: every rule accepted and refused (`rules` for
+//! leads, accounts and deals; `routing`; `timer`), invariants over random command
+//! sequences (`properties`), and the stored form of every event (`events`).
 
 // A test that cannot go on should stop loudly; `unwrap` says so shortest.
 #![allow(clippy::unwrap_used)]
 
 mod events;
 mod properties;
+mod routing;
 mod rules;
+mod timer;

@@ -5,8 +5,11 @@ use annals_domain::deal::{Deal, DealCommand, DealEvent, DealStatus};
 use annals_domain::lead::{
     ConversionAccount, ConversionDeal, Lead, LeadCommand, LeadEvent, LeadStatus,
 };
+use annals_domain::routing::{Routing, RoutingCommand, RoutingEvent, RoutingRule, RoutingRules};
+use annals_domain::timer::{Timer, TimerCommand, TimerEvent, TimerStatus};
 use annals_domain::values::*;
 use annals_domain::{Aggregate, Event};
+use chrono::{DateTime, Duration, TimeZone, Utc};
 use proptest::prelude::*;
 use uuid::Uuid;
 
@@ -57,6 +60,57 @@ fn deal_command() -> impl Strategy<Value = DealCommand> {
         1 => Just(DealCommand::Win),
         1 => Just(DealCommand::Lose { reason: Reason::parse("r").unwrap() }),
     ]
+}
+
+/// Routing commands for one rule, `everyone`, over `owners` owners: leads of any source,
+/// score and domain, now and then a reassignment of one of them.
+fn routing_commands(owners: usize) -> impl Strategy<Value = Vec<RoutingCommand>> {
+    let source = proptest::sample::select(Source::ALL.to_vec());
+    let domain = proptest::sample::select(vec!["example.com", "eu.acme.example", "x.io"]);
+    let command = prop_oneof![
+        4 => (any::<u128>(), source, 0u32..200, domain).prop_map(|(lead, source, score, domain)| {
+            RoutingCommand::Route {
+                lead_id: Uuid::from_u128(lead),
+                source,
+                score,
+                email_domain: domain.into(),
+            }
+        }),
+        1 => (0..owners + 1).prop_map(|current| RoutingCommand::Reassign {
+            lead_id: Uuid::from_u128(1),
+            rule: RuleName::parse("everyone").unwrap(),
+            current_owner: Owner::parse(&format!("owner-{current}")).unwrap(),
+        }),
+    ];
+    proptest::collection::vec(command, 0..60)
+}
+
+fn pool(owners: usize) -> RoutingRules {
+    RoutingRules::new(vec![RoutingRule {
+        name: RuleName::parse("everyone").unwrap(),
+        matches: Default::default(),
+        owners: (0..owners)
+            .map(|n| Owner::parse(&format!("owner-{n}")).unwrap())
+            .collect(),
+    }])
+    .unwrap()
+}
+
+fn timer_command() -> impl Strategy<Value = TimerCommand> {
+    prop_oneof![
+        1 => (0i64..10).prop_map(|minutes| TimerCommand::Schedule {
+            timer_id: Uuid::from_u128(4),
+            process: "order_process".into(),
+            due_at: at(minutes),
+            payload: serde_json::json!({"minutes": minutes}),
+        }),
+        1 => Just(TimerCommand::Cancel {}),
+        3 => (0i64..20).prop_map(|minutes| TimerCommand::Fire { now: at(minutes) }),
+    ]
+}
+
+fn at(minutes: i64) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 12, 3, 9, 0, 0).unwrap() + Duration::minutes(minutes)
 }
 
 /// Decides every command on the state so far and applies what it accepts; checks that
@@ -153,5 +207,62 @@ proptest! {
         });
         let openings = log.iter().filter(|e| matches!(e, DealEvent::DealOpened { .. })).count();
         prop_assert!(openings <= 1);
+    }
+}
+
+proptest! {
+    #[test]
+    fn round_robin_shares_the_leads_evenly_and_a_replay_gives_the_same_cursor(
+        (owners, commands) in (1usize..6).prop_flat_map(|k| (Just(k), routing_commands(k))),
+    ) {
+        let all = std::iter::once(RoutingCommand::SetRules { rules: pool(owners) })
+            .chain(commands)
+            .collect();
+        let log = run::<Routing>(all, |_, _, _, _| {});
+        let mut leads = vec![0usize; owners];
+        for event in &log {
+            if let RoutingEvent::LeadRouted { owner, reason: RoutingReason::Qualified, .. } = event {
+                let n: usize = owner.as_str()["owner-".len()..].parse().unwrap();
+                leads[n] += 1;
+            }
+        }
+        let routed: usize = leads.iter().sum();
+        for (n, got) in leads.iter().enumerate() {
+            prop_assert!(
+                *got == routed / owners || *got == routed.div_ceil(owners),
+                "owner {} got {} of {} leads over {} owners", n, got, routed, owners
+            );
+        }
+        // The cursor is rebuilt from the `LeadRouted` events alone, on the same rules.
+        let routed_only: Vec<RoutingEvent> = log
+            .iter()
+            .filter(|e| matches!(e, RoutingEvent::LeadRouted { .. }))
+            .cloned()
+            .collect();
+        let everyone = RuleName::parse("everyone").unwrap();
+        let live = Routing::default().replay(&log);
+        let rebuilt = Routing::default()
+            .replay(&[RoutingEvent::RoutingRulesSet { rules: pool(owners) }])
+            .replay(&routed_only);
+        prop_assert_eq!(live.cursor(&everyone), routed as u64);
+        prop_assert_eq!(rebuilt.cursor(&everyone), live.cursor(&everyone));
+    }
+
+    #[test]
+    fn a_timer_fires_at_most_once_never_early_and_never_once_cancelled(
+        commands in proptest::collection::vec(timer_command(), 0..30)
+    ) {
+        let log = run::<Timer>(commands, |before, command, result, after| {
+            if matches!(before.status, TimerStatus::Fired | TimerStatus::Cancelled) {
+                assert!(result.is_err(), "a fired or cancelled timer never changes");
+                assert_eq!(before, after);
+            }
+            if let (TimerCommand::Fire { now }, Ok(_)) = (command, result) {
+                assert!(before.due_at.is_some_and(|due_at| *now >= due_at));
+            }
+        });
+        let fired = log.iter().filter(|e| matches!(e, TimerEvent::TimerFired { .. })).count();
+        let cancelled = log.iter().filter(|e| matches!(e, TimerEvent::TimerCancelled {})).count();
+        prop_assert!(fired + cancelled <= 1);
     }
 }

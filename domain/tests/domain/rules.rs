@@ -8,21 +8,22 @@ use annals_domain::values::*;
 use annals_domain::{Aggregate, DomainError, RejectionKind};
 use uuid::Uuid;
 
-/// The harness: `given(events).when(command).then(events)` or `.then_err(error)`.
-struct Given<A: Aggregate>(A);
+/// The harness: `given(events).when(command).then(events)` or `.then_err(error)`; the
+/// routing and timer rules use it too.
+pub(crate) struct Given<A: Aggregate>(A);
 
-fn given<A: Aggregate>(events: impl IntoIterator<Item = A::Event>) -> Given<A> {
+pub(crate) fn given<A: Aggregate>(events: impl IntoIterator<Item = A::Event>) -> Given<A> {
     let events: Vec<A::Event> = events.into_iter().collect();
     Given(A::default().replay(&events))
 }
 
-struct When<A: Aggregate> {
+pub(crate) struct When<A: Aggregate> {
     state: A,
     result: Result<Vec<A::Event>, DomainError>,
 }
 
 impl<A: Aggregate> Given<A> {
-    fn when(self, command: A::Command) -> When<A> {
+    pub(crate) fn when(self, command: A::Command) -> When<A> {
         let result = self.0.decide(command);
         When {
             state: self.0,
@@ -33,7 +34,7 @@ impl<A: Aggregate> Given<A> {
 
 impl<A: Aggregate> When<A> {
     #[track_caller]
-    fn then(self, expected: impl IntoIterator<Item = A::Event>) -> A {
+    pub(crate) fn then(self, expected: impl IntoIterator<Item = A::Event>) -> A {
         let expected: Vec<A::Event> = expected.into_iter().collect();
         match self.result {
             Ok(events) => {
@@ -45,7 +46,7 @@ impl<A: Aggregate> When<A> {
     }
 
     #[track_caller]
-    fn then_err(self, expected: DomainError) {
+    pub(crate) fn then_err(self, expected: DomainError) {
         match self.result {
             Err(error) => assert_eq!(error, expected),
             Ok(events) => panic!("expected {expected:?}, got {events:?}"),
@@ -53,7 +54,7 @@ impl<A: Aggregate> When<A> {
     }
 }
 
-fn id(n: u128) -> Uuid {
+pub(crate) fn id(n: u128) -> Uuid {
     Uuid::from_u128(n)
 }
 

@@ -124,7 +124,7 @@ async fn finished_or_blocked<T>(db: &Fixture, task: &tokio::task::JoinHandle<T>)
     }
 }
 
-fn skipping(db: &Fixture, projector: Arc<dyn Projector>) -> ProjectionRunner {
+fn skipping(db: &Fixture, projector: Arc<dyn Projector>) -> ConsumerRunner {
     runner(db, projector).with_failure_policy(FailurePolicy::Skip, 1)
 }
 

@@ -1,0 +1,243 @@
+//! Durable timers: how a process asks to be woken at a time, and the scheduler that fires
+//! the timers when they are due.
+//!
+//! A process schedules a timer with a command (`TimerScheduled` in stream `timer-{id}`,
+//! its id derived from the causing event, so a retry schedules nothing twice); the
+//! `due_timers` read model keeps the timers waiting; the scheduler fires each one due
+//! (`TimerFired`, decided by the timer itself); and the process is woken by reading
+//! `TimerFired` in the log, like any other event it follows.
+//!
+//! Invariants: a timer fires at most once, never before its time, and never once
+//! cancelled: the timer's own stream decides, with its expected version, so two
+//! schedulers (two servers) or a scheduler and a cancel racing leave one outcome. A
+//! timer due while no scheduler ran fires at the next start, since the log and the read
+//! model keep it. Time comes from a `Clock`, which tests control.
+
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use annals_commands::{CommandContext, CommandError, CommandHandler, Handlers};
+use annals_domain::timer::{Timer, TimerCommand, TimerEvent, timer_id};
+use annals_domain::{DecodeError, DomainError, Event, StoredForm};
+use annals_store::RecordedEvent;
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::due_timers;
+use crate::runner::LeaseKeeper;
+use crate::{LEASE_RETRY, ProjectionError, ReadDatabase, lock};
+
+/// Where the time comes from: the real clock in production; a clock a test sets.
+pub trait Clock: Send + Sync + Debug {
+    fn now(&self) -> DateTime<Utc>;
+}
+
+/// The machine's clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}
+
+/// A clock that stands still until it is moved: for tests, and for a demo's history.
+#[derive(Debug)]
+pub struct ManualClock(Mutex<DateTime<Utc>>);
+
+impl ManualClock {
+    pub fn at(now: DateTime<Utc>) -> Self {
+        ManualClock(Mutex::new(now))
+    }
+
+    pub fn advance(&self, by: chrono::Duration) {
+        let mut now = lock(&self.0);
+        *now += by;
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> DateTime<Utc> {
+        *lock(&self.0)
+    }
+}
+
+/// The lease the scheduler runs under: one server fires at a time (the timers' own
+/// streams would keep two from firing one timer twice anyway).
+const SCHEDULER: &str = "timer_scheduler";
+
+/// Schedules, for `process`, a timer due at `due_at` that hands `payload` back; `key`
+/// names the step that schedules it (the causing event's id, say), so every retry of
+/// that step schedules the same timer. Scheduling it again is no error.
+pub async fn schedule(
+    timers: &CommandHandler<Timer>,
+    process: &str,
+    key: &str,
+    due_at: DateTime<Utc>,
+    payload: Value,
+    context: &CommandContext,
+) -> Result<Uuid, CommandError> {
+    let id = timer_id(process, key);
+    let command = TimerCommand::Schedule {
+        timer_id: id,
+        process: process.to_owned(),
+        due_at,
+        payload,
+    };
+    match timers.execute(id, command, context).await {
+        Ok(_) | Err(CommandError::Domain(DomainError::TimerExists(_))) => Ok(id),
+        Err(error) => Err(error),
+    }
+}
+
+/// The payload of a `TimerFired` for `process`, if `event` is one (`None` for another
+/// process's timer or another event).
+pub fn fired_for(process: &str, event: &RecordedEvent) -> Result<Option<Value>, DecodeError> {
+    if event.event_type != "TimerFired" {
+        return Ok(None);
+    }
+    let stored = StoredForm {
+        event_type: event.event_type.clone(),
+        schema_version: event.schema_version,
+        data: event.data.clone(),
+    };
+    match TimerEvent::decode(&stored)? {
+        TimerEvent::TimerFired {
+            process: woken,
+            payload,
+            ..
+        } if woken == process => Ok(Some(payload)),
+        _ => Ok(None),
+    }
+}
+
+/// Fires the timers that are due, under a lease across processes.
+#[derive(Debug)]
+pub struct TimerScheduler {
+    db: ReadDatabase,
+    timers: Arc<CommandHandler<Timer>>,
+    clock: Arc<dyn Clock>,
+    /// Timers fired per round (and read per query).
+    batch: usize,
+    /// The longest wait between two looks at the due timers: the bound on a timer's
+    /// delay when the read model that learns of it runs on another server.
+    poll: Duration,
+}
+
+impl TimerScheduler {
+    pub fn new(db: ReadDatabase, handlers: &Handlers, clock: Arc<dyn Clock>) -> Self {
+        TimerScheduler {
+            db,
+            timers: handlers.of::<Timer>(),
+            clock,
+            batch: 256,
+            poll: Duration::from_millis(250),
+        }
+    }
+
+    /// Fires every timer due now (as the read model knows them), a batch at a time, the
+    /// earliest first; returns how many it fired. A timer already fired or cancelled
+    /// (the read model had not caught up yet, or another scheduler fired it) is left.
+    pub async fn fire_due(&self) -> Result<usize, ProjectionError> {
+        let mut fired = 0;
+        loop {
+            let now = self.clock.now();
+            let due = due_timers::due(&self.db, now.timestamp_micros(), self.batch).await?;
+            let mut round = 0;
+            let tries = due.iter().map(|timer| self.fire(&timer.timer_id, now));
+            for outcome in futures::future::join_all(tries).await {
+                if outcome? {
+                    round += 1;
+                }
+            }
+            fired += round;
+            // A full batch none of which fired is one the read model has not caught up
+            // with: looking again now would find the same.
+            if due.len() < self.batch || round == 0 {
+                return Ok(fired);
+            }
+        }
+    }
+
+    /// Fires one timer; whether it fired now.
+    async fn fire(&self, id: &str, now: DateTime<Utc>) -> Result<bool, ProjectionError> {
+        let id = Uuid::parse_str(id).map_err(|e| ProjectionError::Corrupt(e.to_string()))?;
+        let context = CommandContext {
+            actor: format!("process:{SCHEDULER}"),
+            ..CommandContext::default()
+        };
+        match self
+            .timers
+            .execute(id, TimerCommand::Fire { now }, &context)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(CommandError::Domain(
+                DomainError::TimerClosed { .. } | DomainError::TimerNotDue { .. },
+            )) => Ok(false),
+            Err(error) => Err(ProjectionError::Command(error)),
+        }
+    }
+
+    /// How long to wait before looking again: until the next timer is due, at most
+    /// `poll`.
+    async fn wait(&self) -> Duration {
+        match due_timers::next_due(&self.db).await {
+            Ok(Some(next)) => {
+                let now = self.clock.now().timestamp_micros();
+                let micros = u64::try_from(next.saturating_sub(now)).unwrap_or(0);
+                Duration::from_micros(micros).min(self.poll)
+            }
+            Ok(None) => self.poll,
+            Err(error) => {
+                tracing::warn!(%error, "reading the next due timer failed");
+                self.poll
+            }
+        }
+    }
+
+    /// Fires timers as they fall due until `stop` turns true, while this process holds
+    /// the scheduler's lease (taking it over when its holder dies); `woken` (the due
+    /// timers' read model's progress, when it runs here) cuts a wait short when a new
+    /// timer may have arrived.
+    pub async fn run_until_stopped(
+        &self,
+        mut stop: watch::Receiver<bool>,
+        mut woken: watch::Receiver<u64>,
+    ) {
+        let mut lease = LeaseKeeper::new(SCHEDULER);
+        let mut backoff = Duration::from_millis(100);
+        while !*stop.borrow() {
+            if !lease.hold(&self.db).await {
+                tokio::select! {
+                    _ = stop.changed() => {}
+                    () = tokio::time::sleep(LEASE_RETRY) => {}
+                }
+                continue;
+            }
+            let wait = match self.fire_due().await {
+                Ok(_) => {
+                    backoff = Duration::from_millis(100);
+                    self.wait().await
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "firing timers failed; retrying");
+                    let wait = backoff;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    wait
+                }
+            };
+            tokio::select! {
+                _ = stop.changed() => {}
+                // Not when the read model's runner is gone: then only the poll wakes it.
+                Ok(()) = woken.changed() => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+        lease.release().await;
+    }
+}
