@@ -172,6 +172,36 @@ pub fn text_pattern(max: usize) -> String {
     )
 }
 
+/// `text_pattern` without white space around it: free text whose items must be unique as
+/// the domain compares them (trimmed), which `uniqueItems` compares as sent.
+pub fn untrimmed_text_pattern(max: usize) -> String {
+    let solid = concat!(solid_char!(), "]");
+    let any = text_char!();
+    format!(
+        "^{solid}({any}{{0,{between}}}{solid})?$",
+        between = max.saturating_sub(2)
+    )
+}
+
+/// A nested object of a body as JSON writes it: serde's derive would also take a struct
+/// from an array of its fields in order, which the document does not allow.
+pub fn object<'de, D: Deserializer<'de>, T: serde::de::DeserializeOwned>(
+    deserializer: D,
+) -> Result<T, D::Error> {
+    let map = serde_json::Map::deserialize(deserializer)?;
+    serde_json::from_value(serde_json::Value::Object(map)).map_err(D::Error::custom)
+}
+
+/// `object` for each item of an array.
+pub fn objects<'de, D: Deserializer<'de>, T: serde::de::DeserializeOwned>(
+    deserializer: D,
+) -> Result<Vec<T>, D::Error> {
+    Vec::<serde_json::Map<String, serde_json::Value>>::deserialize(deserializer)?
+        .into_iter()
+        .map(|map| serde_json::from_value(serde_json::Value::Object(map)).map_err(D::Error::custom))
+        .collect()
+}
+
 /// An email as the domain takes it (`values::Email`): white space around it is trimmed;
 /// one `@` with something before it; after it a name with a dot that neither starts
 /// nor ends it; no white space or control character inside. At most 254 characters

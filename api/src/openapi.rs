@@ -14,7 +14,7 @@ use utoipa::openapi::{
 };
 use utoipa::{Modify, OpenApi};
 
-use crate::contract::{EMAIL_PATTERN, text_pattern};
+use crate::contract::{EMAIL_PATTERN, text_pattern, untrimmed_text_pattern};
 use crate::error::Problem;
 
 #[derive(OpenApi)]
@@ -196,6 +196,9 @@ pub fn describe_domain_words(openapi: &mut utoipa::openapi::OpenApi) {
                 field.enum_values = Some(values.clone());
             }
         }
+        if let Some(items) = items_of(components, "RuleMatchBody", "sources") {
+            items.enum_values = Some(sources.clone());
+        }
     }
     for (path, item) in openapi.paths.paths.iter_mut() {
         let Some(get) = item.get.as_mut() else {
@@ -219,7 +222,7 @@ pub fn describe_domain_words(openapi: &mut utoipa::openapi::OpenApi) {
 /// patterns (`contract`): each free-text field with the most characters it keeps once
 /// trimmed, and the email. A new free-text field belongs in this list.
 pub fn describe_text_rules(openapi: &mut utoipa::openapi::OpenApi) {
-    const FREE_TEXT: [(&str, &str, usize); 12] = [
+    const FREE_TEXT: [(&str, &str, usize); 13] = [
         ("CaptureLead", "name", 200),
         ("CaptureLead", "company", 200),
         ("AssignLead", "owner", 100),
@@ -232,6 +235,7 @@ pub fn describe_text_rules(openapi: &mut utoipa::openapi::OpenApi) {
         ("OpenDeal", "name", 200),
         ("OpenDeal", "owner", 100),
         ("LoseDeal", "reason", 500),
+        ("RoutingRuleBody", "name", 100),
     ];
     let Some(components) = openapi.components.as_mut() else {
         return;
@@ -246,6 +250,54 @@ pub fn describe_text_rules(openapi: &mut utoipa::openapi::OpenApi) {
         {
             field.pattern = Some(pattern);
         }
+    }
+    // Lists of free text: each item as its field would be. A pool's owners are unique
+    // as sent, and so with nothing blank around them unique as the domain compares them.
+    if let Some(owners) = array_of(components, "RoutingRuleBody", "owners") {
+        owners.unique_items = true;
+    }
+    if let Some(owners) = items_of(components, "RoutingRuleBody", "owners") {
+        owners.pattern = Some(untrimmed_text_pattern(100));
+    }
+    if let Some(domains) = items_of(components, "RuleMatchBody", "email_domains") {
+        domains.pattern = Some(DOMAIN_PATTERN.to_owned());
+        domains.max_length = Some(253);
+    }
+}
+
+/// A routing rule's email domain pattern (`values::DomainPattern`): `*.` or not, then
+/// ASCII labels of letters, digits and `-`, at least two, dot-separated.
+const DOMAIN_PATTERN: &str = r"^(\*\.)?[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$";
+
+/// The schema of an array property of a component.
+fn array_of<'a>(
+    components: &'a mut utoipa::openapi::Components,
+    schema: &str,
+    property: &str,
+) -> Option<&'a mut utoipa::openapi::schema::Array> {
+    let RefOr::T(Schema::Object(object)) = components.schemas.get_mut(schema)? else {
+        return None;
+    };
+    match object.properties.get_mut(property)? {
+        RefOr::T(Schema::Array(array)) => Some(array),
+        _ => None,
+    }
+}
+
+/// The schema of the items of an array property of a component.
+fn items_of<'a>(
+    components: &'a mut utoipa::openapi::Components,
+    schema: &str,
+    property: &str,
+) -> Option<&'a mut utoipa::openapi::schema::Object> {
+    use utoipa::openapi::schema::ArrayItems;
+    let array = array_of(components, schema, property)?;
+    let ArrayItems::RefOrSchema(items) = &mut array.items else {
+        return None;
+    };
+    match items.as_mut() {
+        RefOr::T(Schema::Object(items)) => Some(items),
+        _ => None,
     }
 }
 

@@ -128,17 +128,19 @@ impl fmt::Display for Email {
 
 /// An email domain a routing rule matches, lower-cased: `example.com` matches exactly
 /// that domain, `*.example.com` any of its subdomains (`eu.example.com`,
-/// `a.eu.example.com`) but not `example.com` itself. The domain after the optional `*.` is
-/// 1–253 characters of `a-z`, `0-9`, `.` and `-`, with at least one dot and no empty label.
+/// `a.eu.example.com`) but not `example.com` itself. At most 253 characters in all; the
+/// domain after the optional `*.` is `a-z`, `0-9`, `.` and `-` (upper-case ASCII letters
+/// are taken lower-cased), with at least one dot and no empty label.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct DomainPattern(String);
 
 impl DomainPattern {
     pub fn parse(value: &str) -> Result<Self, DomainError> {
-        let pattern = value.trim().to_lowercase();
+        // ASCII only, and nothing around it: what the OpenAPI document's pattern says.
+        let pattern = value.to_ascii_lowercase();
         let domain = pattern.strip_prefix("*.").unwrap_or(&pattern);
-        let valid = (1..=253).contains(&domain.len())
+        let valid = (1..=253).contains(&pattern.len())
             && domain
                 .chars()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-'))
@@ -431,7 +433,11 @@ mod tests {
 
     #[test]
     fn domain_patterns_are_lower_cased_and_match_a_domain_or_its_subdomains() {
-        let exact = DomainPattern::parse(" Example.COM ").unwrap();
+        let exact = DomainPattern::parse("Example.COM").unwrap();
+        assert!(
+            DomainPattern::parse(" example.com").is_err(),
+            "nothing around it"
+        );
         assert_eq!(exact.as_str(), "example.com");
         assert!(exact.matches("example.com") && exact.matches("EXAMPLE.com"));
         assert!(!exact.matches("eu.example.com") && !exact.matches("badexample.com"));
@@ -447,7 +453,11 @@ mod tests {
         }
         let longest = format!("{}.com", "a".repeat(249));
         assert!(DomainPattern::parse(&longest).is_ok());
-        assert!(DomainPattern::parse(&format!("*.{longest}")).is_ok());
+        assert!(
+            DomainPattern::parse(&format!("*.{longest}")).is_err(),
+            "253 in all"
+        );
+        assert!(DomainPattern::parse(&format!("*.{}", &longest[2..])).is_ok());
         for bad in [
             "",
             "*.",

@@ -1,12 +1,16 @@
-//! The projector runtime and the read models: projectors follow the global log and apply
-//! each event exactly once, committing their rows and their checkpoint in one
-//! transaction of the event store's own database.
+//! The consumers of the log and their one runtime. A consumer follows the global log in
+//! position order from a checkpoint of its own, and is one of three kinds: a read model
+//! (its rows and its checkpoint commit in one transaction of the event store's own
+//! database: exactly once), a process (it sends commands whose idempotency keys derive
+//! from the causing event: at least once, with the effect of once) or an outbound
+//! consumer (it delivers outside, at least once, with the event's id).
 //!
-//! Rooms: this file holds the contract (`Projector`, `Table`, the errors and reports)
-//! and the runner's settings; `runner` the live runner (registration, batches, the
-//! lease, status), `dead_letters` parking and the operator's retry and skip,
-//! `generations` claims, rebuilds and swaps, `verify` the comparison; each read model is
-//! a file of its own, listed in `read_models()`.
+//! Rooms: this file holds the contract (`Consumer`, `Projector`, `Process`, `Outbound`,
+//! `Table`, the errors and reports), `consumers()` (the one list of consumers) and the
+//! runner's settings; `runner` the live runner (registration, batches, the lease,
+//! status); `dead_letters` parking and the operator's retry and skip; `generations`
+//! claims, rebuilds and swaps; `verify` the comparison; `timers` the durable timers'
+//! scheduler and clock; each consumer is a file of its own.
 //!
 //! Every read-model row belongs to a *generation* of its projection; readers see only the
 //! live one. A rebuild fills a new generation from position 0 beside the live one and
@@ -17,7 +21,7 @@
 //! it, and only from the value the runner read (a runner that lost a race applies
 //! nothing); a read model is a pure function of the log (no clock, no randomness), so a
 //! rebuild from position 0 gives the same rows. Projectors never append events;
-//! processes act only through commands.
+//! processes act only through commands, and are never rebuilt (they have no generations).
 //!
 //! Generations: a rebuild or verify first *claims* the projection (one at a time; a
 //! claim not renewed for `CLAIM_STALE`, 30 s, may be taken over) and in the same statement
@@ -50,6 +54,7 @@ pub mod due_timers;
 mod generations;
 pub mod lead_board;
 pub mod lead_conversion;
+pub mod lead_response;
 pub mod lead_routing;
 pub mod queries;
 pub mod rows;
@@ -81,6 +86,7 @@ pub fn consumers(handlers: &Handlers, settings: &ProcessSettings) -> Vec<Consume
         Consumer::ReadModel(Arc::new(deal_board::DealBoard)),
         Consumer::ReadModel(Arc::new(account_360::Account360)),
         Consumer::ReadModel(Arc::new(due_timers::DueTimers)),
+        Consumer::ReadModel(Arc::new(lead_response::LeadResponse)),
         Consumer::Process(Arc::new(lead_conversion::LeadConversion::new(handlers))),
         Consumer::Process(Arc::new(lead_routing::LeadRouting::new(
             handlers.store(),

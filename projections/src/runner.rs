@@ -1,7 +1,8 @@
-//! The live runner of a projection: registering it (its tables as declared), reading the
-//! log after its checkpoint in batches and applying each batch and moving the checkpoint
-//! in one transaction, the lease that lets one process run it, the wait for a position,
-//! and its status.
+//! The live runner of a consumer: registering it (a read model's tables as declared),
+//! reading the log after its checkpoint in batches, a read model applying each batch and
+//! moving the checkpoint in one transaction, a process or an outbound consumer acting on
+//! each event and then moving the checkpoint past it; the lease that lets one process
+//! (of several servers) run it, the wait for a position, and its status.
 //!
 //! Invariant: a checkpoint only moves in the transaction that applied the events up to
 //! it, and only from the value the runner read; an outage is retried with backoff and

@@ -49,6 +49,8 @@ macro_rules! lead_board_name_filter_and_tables {
 mod parked;
 #[path = "runtime/processes.rs"]
 mod processes;
+#[path = "runtime/timers.rs"]
+mod timers;
 
 on_both_backends!(
     the_funnel_pipeline_and_account_view_follow_a_revenue_history,

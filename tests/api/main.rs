@@ -17,3 +17,4 @@ mod operations;
 mod parked;
 mod process;
 mod roles;
+mod routing;

@@ -15,7 +15,7 @@ on_both_backends!(every_route_admits_exactly_its_roles);
 
 /// `api.md`'s roles, route by route: `None` is open, otherwise the role that may call
 /// it besides the operator (who may call everything).
-const CONTRACT: [(&str, &str, Option<&str>); 37] = [
+const CONTRACT: [(&str, &str, Option<&str>); 40] = [
     ("post", "/leads", Some("writer")),
     ("post", "/leads/{id}/signals", Some("writer")),
     ("post", "/leads/{id}/assign", Some("writer")),
@@ -50,6 +50,9 @@ const CONTRACT: [(&str, &str, Option<&str>); 37] = [
     ("post", "/admin/projections/{name}/verify", Some("operator")),
     ("get", "/admin/audit/verify", Some("operator")),
     ("get", "/admin/consumers", Some("operator")),
+    ("get", "/admin/routing", Some("operator")),
+    ("get", "/analytics/response-times", Some("analyst")),
+    ("put", "/admin/routing", Some("operator")),
     ("get", "/admin/consumers/{name}/parked", Some("operator")),
     (
         "post",

@@ -1,9 +1,9 @@
-//! What analysts ask: the funnel and the pipeline.
+//! What analysts ask: the funnel, the pipeline, and speed to lead.
 
 use std::sync::Arc;
 
 use annals_domain::values::Source;
-use annals_projections::{deal_board, lead_board, queries};
+use annals_projections::{deal_board, lead_board, lead_response, queries};
 use axum::Json;
 use axum::extract::State;
 use axum::response::Response;
@@ -24,6 +24,47 @@ pub fn routes() -> OpenApiRouter<Arc<App>> {
     resource("analytics")
         .routes(routes!(funnel))
         .routes(routes!(pipeline))
+        .routes(routes!(response_times))
+}
+
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ResponseTimesQuery {
+    /// RFC 3339, inclusive: leads that qualified from then; all time without it.
+    pub from: Option<DateTime<Utc>>,
+    /// RFC 3339, exclusive: leads that qualified before then; all time without it.
+    pub to: Option<DateTime<Utc>>,
+    /// Only this owner's figures.
+    #[param(pattern = r"^[^\x00]*$")]
+    pub owner: Option<String>,
+}
+
+/// Speed to lead for one owner.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OwnerResponseView {
+    pub owner: String,
+    /// Leads routed to the owner (a lead reassigned to them counts again).
+    pub routed: u64,
+    /// Leads whose first action (a signal recorded as their owner, a disqualification or
+    /// a conversion) was the owner's.
+    pub responded: u64,
+    /// Seconds from qualification to the owner's first action: the median (the mean of
+    /// the two middle ones for an even count) and the 90th percentile (nearest rank);
+    /// `null` when the owner responded to none.
+    pub median_seconds: Option<f64>,
+    pub p90_seconds: Option<f64>,
+    /// How often the owner let the response deadline pass, so the lead went to the next
+    /// owner of the rule's pool.
+    pub breached: u64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ResponseTimesView {
+    pub from: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
+    /// One per owner the routing process gave a lead that qualified in the window, by
+    /// owner.
+    pub owners: Vec<OwnerResponseView>,
 }
 
 #[derive(Debug, Default, Deserialize, IntoParams)]
@@ -184,6 +225,50 @@ async fn pipeline(
             lost: pipeline.lost,
             win_rate: pipeline.win_rate,
             average_days_to_close: pipeline.average_days_to_close,
+        }),
+    ))
+}
+
+/// Speed to lead: per owner, the leads the routing process gave them that qualified in
+/// the window, the median and 90th-percentile time from qualification to their first
+/// action, and how often they let the response deadline pass.
+#[utoipa::path(get, path = "/analytics/response-times", tag = "analytics",
+    params(ResponseTimesQuery, Consistency),
+    responses((status = 200, description = "Speed to lead per owner", body = ResponseTimesView,
+        headers(("Annals-Position" = u64, description = "How far the read model had read the log"))),
+        QueryProblems),
+    security(("bearer" = ["analyst"])))]
+async fn response_times(
+    State(app): State<Arc<App>>,
+    Params(query): Params<ResponseTimesQuery>,
+    Params(consistency): Params<Consistency>,
+) -> Result<Response, ApiError> {
+    let (mut snapshot, position) =
+        snapshot(&app, &[lead_response::NAME], consistency.position()).await?;
+    let owners = snapshot
+        .response_times(
+            query.from.map(|t| t.timestamp_micros()),
+            query.to.map(|t| t.timestamp_micros()),
+            query.owner.as_deref(),
+        )
+        .await?;
+    snapshot.finish().await?;
+    Ok(with_position(
+        position,
+        Json(ResponseTimesView {
+            from: query.from,
+            to: query.to,
+            owners: owners
+                .into_iter()
+                .map(|o| OwnerResponseView {
+                    owner: o.owner,
+                    routed: o.routed,
+                    responded: o.responded,
+                    median_seconds: o.median_seconds,
+                    p90_seconds: o.p90_seconds,
+                    breached: o.breached,
+                })
+                .collect(),
         }),
     ))
 }

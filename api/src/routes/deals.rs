@@ -47,6 +47,7 @@ pub struct OpenDeal {
     pub account_id: Uuid,
     /// 1–200 characters once trimmed.
     pub name: String,
+    #[serde(deserialize_with = "crate::contract::object")]
     pub amount: MoneyBody,
     /// 1–100 characters once trimmed.
     pub owner: Option<String>,
@@ -74,6 +75,7 @@ impl TryFrom<&AdvanceDeal> for DealCommand {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChangeDealAmount {
+    #[serde(deserialize_with = "crate::contract::object")]
     pub amount: MoneyBody,
 }
 

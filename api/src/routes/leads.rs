@@ -126,6 +126,7 @@ impl TryFrom<&DisqualifyLead> for LeadCommand {
 pub struct ConvertLead {
     /// 1–200 characters once trimmed.
     pub deal_name: String,
+    #[serde(deserialize_with = "crate::contract::object")]
     pub amount: MoneyBody,
     /// An existing account to convert into; a new account is opened otherwise.
     pub account_id: Option<Uuid>,

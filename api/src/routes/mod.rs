@@ -10,6 +10,7 @@ pub mod consumers;
 pub mod deals;
 pub mod leads;
 pub mod log;
+pub mod routing;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -53,6 +54,7 @@ pub fn all() -> OpenApiRouter<Arc<App>> {
         .merge(log::routes())
         .merge(admin::routes())
         .merge(consumers::routes())
+        .merge(routing::routes())
 }
 
 /// Runs a command of `A`'s and records its outcome in the metrics.
