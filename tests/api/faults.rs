@@ -24,6 +24,7 @@ use crate::server::{Answer, Server, TOKENS, WRITER, lead, qualified_lead};
 
 on_both_backends!(
     acknowledged_commands_survive_kill_9_and_no_command_sent_appends_twice,
+    conversions_open_each_account_and_deal_once_across_kill_9,
     a_command_in_flight_at_kill_9_appends_once_when_retried,
     a_poisoned_event_is_parked_and_the_rest_keeps_serving,
     a_transaction_held_open_during_appends_is_never_skipped,
@@ -866,5 +867,74 @@ async fn a_transaction_held_open_during_appends_is_never_skipped(db: Arc<Fixture
         ids.contains(&held_id.to_string().as_str()),
         "the held lead was skipped"
     );
+    assert_read_models_verify(&server).await;
+}
+
+/// The conversion process under kill -9 at several points: leads are converted one after
+/// another while the server is killed after the 2nd, the 5th and the 9th conversion of a
+/// round is acknowledged (the process acting on the latest ones, or about to), and
+/// started again. In the end every conversion opened its account and its deal, each
+/// exactly once.
+async fn conversions_open_each_account_and_deal_once_across_kill_9(db: Arc<Fixture>) {
+    for kill_after in [2, 5, 9] {
+        let server = Server::start(db.url());
+        for n in 0..kill_after {
+            let lead = qualified_lead(&server, &format!("k{kill_after}-{n}")).await;
+            server
+                .command(
+                    &format!("/leads/{lead}/convert"),
+                    json!({"deal_name": "Engines", "amount": {"currency": "EUR", "amount_minor": 100}}),
+                )
+                .await;
+        }
+        server.kill();
+    }
+    let server = Server::start(db.url());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let all = server.read("/admin/consumers").await;
+        let process = all["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "lead_conversion")
+            .unwrap()
+            .clone();
+        if process["lag"] == 0 {
+            assert_eq!(process["parked"], 0, "{process}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{process}\n{}", server.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let count = |event_type: &'static str| {
+        let db = db.clone();
+        async move {
+            db.store()
+                .read_all(
+                    1,
+                    100_000,
+                    &annals_store::LogFilter::event_types([event_type]),
+                )
+                .await
+                .unwrap()
+                .events
+        }
+    };
+    let conversions = count("LeadConverted").await;
+    assert_eq!(conversions.len(), 2 + 5 + 9);
+    let (accounts, deals) = (count("AccountOpened").await, count("DealOpened").await);
+    assert_eq!((accounts.len(), deals.len()), (16, 16), "each opened once");
+    for conversion in &conversions {
+        let deal = conversion.data["deal_id"].as_str().unwrap();
+        assert_eq!(
+            deals
+                .iter()
+                .filter(|d| d.stream == format!("deal-{deal}"))
+                .count(),
+            1,
+            "{deal}"
+        );
+    }
     assert_read_models_verify(&server).await;
 }

@@ -15,6 +15,7 @@ use crate::server::{OPERATOR, Server, TOKENS, qualified_lead};
 on_both_backends!(
     qualified_leads_are_routed_and_reassigned_once_per_missed_deadline,
     routing_rules_are_validated_and_read_back_as_set,
+    a_deadline_set_before_a_kill_9_reassigns_once_after_the_restart,
 );
 
 /// The role tokens, and a writer token for each owner, so an owner can act as itself.
@@ -265,5 +266,77 @@ async fn routing_rules_are_validated_and_read_back_as_set(db: Arc<Fixture>) {
         server.read("/admin/routing").await["version"],
         1,
         "nothing stored"
+    );
+}
+
+/// A deadline set before a kill -9 is kept: the server is killed right after a lead is
+/// routed (its timer scheduled), stays down past the deadline, and on its start the
+/// timer fires and the lead is reassigned, once.
+async fn a_deadline_set_before_a_kill_9_reassigns_once_after_the_restart(db: Arc<Fixture>) {
+    let tokens = tokens();
+    let env = [
+        ("ANNALS_API_TOKENS", tokens.as_str()),
+        ("ANNALS_LEAD_RESPONSE_DEADLINE", "2s"),
+    ];
+    let server = Server::start_with(db.url(), &env);
+    let rules = json!({"rules": [{"name": "all", "match": {}, "owners": ["ada", "bea"]}]});
+    let set = server
+        .call(Method::PUT, "/admin/routing", OPERATOR, Some(&rules), &[])
+        .await;
+    assert_eq!(set.status, 200, "{:?}", set.body);
+    let lead = qualified_lead(&server, "killed").await;
+    assert_eq!(owner_when(&server, &lead, |o| !o.is_null()).await, "ada");
+    // The deadline's timer is in the log before the kill.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while db
+        .store()
+        .read_all(
+            1,
+            10_000,
+            &annals_store::LogFilter::event_types(["TimerScheduled"]),
+        )
+        .await
+        .unwrap()
+        .events
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline, "{}", server.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.kill();
+    // Down past the deadline.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let server = Server::start_with(db.url(), &env);
+    assert_eq!(owner_when(&server, &lead, |o| o == "bea").await, "bea");
+    let acted = server
+        .call(
+            Method::POST,
+            &format!("/leads/{lead}/signals"),
+            Some("bea-token"),
+            Some(&json!({"kind": "email_click"})),
+            &[],
+        )
+        .await;
+    assert_eq!(acted.status, 200, "{:?}", acted.body);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        assignments(&db, &lead).await,
+        ["ada", "bea"],
+        "reassigned once"
+    );
+    let fired = db
+        .store()
+        .read_all(
+            1,
+            10_000,
+            &annals_store::LogFilter::event_types(["TimerFired"]),
+        )
+        .await
+        .unwrap()
+        .events;
+    assert_eq!(
+        fired.len(),
+        2,
+        "ada's deadline, then bea's: each fired once"
     );
 }
