@@ -181,3 +181,32 @@ impl Background {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::duration;
+
+    #[test]
+    fn durations_are_a_whole_number_and_a_unit() {
+        let seconds = |text: &str| duration(text).map(|d| d.num_milliseconds());
+        assert_eq!(seconds("250ms"), Some(250));
+        assert_eq!(seconds("30s"), Some(30_000));
+        assert_eq!(seconds(" 15m "), Some(900_000));
+        assert_eq!(seconds("24h"), Some(86_400_000));
+        assert_eq!(seconds("7d"), Some(604_800_000));
+        for bad in [
+            "",
+            "s",
+            "0s",
+            "1",
+            "1x",
+            "-1s",
+            "1.5h",
+            "1 h",
+            "99999999999999999999d",
+            "4000d",
+        ] {
+            assert_eq!(duration(bad), None, "{bad}");
+        }
+    }
+}

@@ -55,6 +55,28 @@ fn without_tokens_it_serves_only_loopback() {
     );
 }
 
+/// A response deadline that is not a duration stops the start with a message naming it;
+/// nothing is served.
+#[test]
+fn a_lead_response_deadline_that_is_not_a_duration_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("deadline.db").display());
+    for bad in ["soon", "0s", "1.5h", "24", "-1h"] {
+        let refused = annals()
+            .args(["serve", "--database-url", &url, "--listen", "127.0.0.1:0"])
+            .env("ANNALS_LEAD_RESPONSE_DEADLINE", bad)
+            .output()
+            .unwrap();
+        assert!(!refused.status.success(), "{bad}");
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            stderr.contains("ANNALS_LEAD_RESPONSE_DEADLINE"),
+            "{bad}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anonymous_on_loopback_logs_json_with_the_correlation_id_and_counts_metrics() {
     let dir = tempfile::tempdir().unwrap();
