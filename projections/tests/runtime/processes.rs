@@ -22,6 +22,7 @@ on_both_backends!(
     an_outbound_consumer_killed_after_delivering_delivers_again_with_the_same_id,
     a_refused_event_parks_and_halts_a_process_until_an_operator_retries_or_skips,
     a_process_outage_is_retried_and_never_parked,
+    a_straggling_runner_never_moves_a_process_checkpoint_back,
     the_running_conversion_process_opens_deals_and_stops_when_told,
 );
 
@@ -510,4 +511,74 @@ async fn the_running_conversion_process_opens_deals_and_stops_when_told(db: Arc<
         .await
         .expect("it stopped within 4 s of being told")
         .unwrap();
+}
+
+/// Two runners of one outbound consumer (a lease lost without noticing): the first reads
+/// its batch and pauses; the second delivers everything and moves the checkpoint to the
+/// head; the first, resumed, delivers its batch again (at least once) but finds the
+/// checkpoint moved and leaves it where the second put it, so nothing is delivered a
+/// third time.
+async fn a_straggling_runner_never_moves_a_process_checkpoint_back(db: Arc<Fixture>) {
+    let outbound = Arc::new(Recording::default());
+    // A checkpoint row already there: the runners update it (rather than make it).
+    let first = captured_leads(&db, 1).await;
+    ConsumerRunner::new(
+        db.store(),
+        read_database(&db),
+        Consumer::Outbound(outbound.clone()),
+    )
+    .catch_up()
+    .await
+    .unwrap();
+    outbound.delivered.lock().unwrap().clear();
+    assert!(first[0] > 0);
+    let at = captured_leads(&db, 3).await;
+    let gate = Gate::at(PausePoint::BatchRead);
+    let runner = |hook: Option<PauseHook>| {
+        let runner = ConsumerRunner::new(
+            db.store(),
+            read_database(&db),
+            Consumer::Outbound(outbound.clone()),
+        );
+        match hook {
+            Some(hook) => runner.with_pause_hook(hook),
+            None => runner,
+        }
+    };
+    let straggler = Arc::new(runner(Some(gate.hook())));
+    let stepping = {
+        let straggler = straggler.clone();
+        tokio::spawn(async move { straggler.run_once().await })
+    };
+    gate.reached().await;
+    let other = runner(None);
+    other.catch_up().await.unwrap();
+    let head = db.store().head().await.unwrap();
+    assert_eq!(other.checkpoint().await.unwrap(), head);
+    gate.resume();
+    assert!(matches!(
+        stepping.await.unwrap(),
+        Err(ProjectionError::CheckpointMoved(_))
+    ));
+    assert_eq!(other.checkpoint().await.unwrap(), head, "never moved back");
+    other.catch_up().await.unwrap();
+    let delivered: Vec<u64> = outbound
+        .delivered
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, p)| *p)
+        .collect();
+    assert_eq!(
+        delivered.iter().filter(|p| **p == at[0]).count(),
+        2,
+        "{delivered:?}"
+    );
+    for position in &at[1..] {
+        assert_eq!(
+            delivered.iter().filter(|p| *p == position).count(),
+            1,
+            "{delivered:?}"
+        );
+    }
 }
