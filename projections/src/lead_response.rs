@@ -1,8 +1,9 @@
 //! `lead_response`: speed to lead. One row per qualified lead: when it qualified, the
 //! owners the routing process gave it in turn (each marked when it let the response
 //! deadline pass), and the first action on it after it was routed (recording a signal as
-//! its owner, disqualifying or converting) with the owner it is credited to. The
-//! response-time figures are computed from these rows by `response_times`.
+//! its owner, disqualifying or converting) with the owner it is credited to, or an
+//! operator's assignment by hand, after which no one is credited. The response-time
+//! figures are computed from these rows by `Snapshot::response_times`.
 //!
 //! Folded from the lead streams and the `routing` stream together (rows span streams), a
 //! pure function of the log: a rebuild gives the same rows.
@@ -15,6 +16,7 @@ use annals_domain::values::RoutingReason;
 use annals_store::{LogFilter, RecordedEvent};
 use serde::{Deserialize, Serialize};
 
+use crate::lead_routing::ROUTER;
 use crate::queries::{Snapshot, live};
 use crate::rows::{Row, RowModel, row, text_columns};
 use crate::{ProjectionError, aggregate_id, decode, time_text};
@@ -35,6 +37,9 @@ row! {
         pub owner: Option<String>,
         /// The routings, in order, as JSON: `[{"owner", "breached"}]`.
         pub routings: String,
+        /// The first action, and the owner it is credited to; with no owner, an
+        /// operator assigned the lead by hand first, which ends what the routing answers
+        /// for (no one is credited or blamed after it).
         pub first_action_at: Option<String>,
         pub first_action_micros: Option<i64>,
         pub first_action_owner: Option<String>,
@@ -68,6 +73,7 @@ impl RowModel for LeadResponse {
         LogFilter::event_types([
             "LeadQualified",
             "LeadRouted",
+            "LeadAssigned",
             "SignalRecorded",
             "LeadDisqualified",
             "LeadConverted",
@@ -146,17 +152,20 @@ impl RowModel for LeadResponse {
         if row.first_action_at.is_some() {
             return Ok(Some(row));
         }
-        let acted = match decoded {
-            LeadEvent::SignalRecorded { .. } => {
-                event.metadata.actor.as_deref() == Some(owner.as_str())
+        let actor = event.metadata.actor.as_deref();
+        let credited = match decoded {
+            LeadEvent::SignalRecorded { .. } if actor == Some(owner.as_str()) => Some(Some(owner)),
+            LeadEvent::LeadDisqualified { .. } | LeadEvent::LeadConverted { .. } => {
+                Some(Some(owner))
             }
-            LeadEvent::LeadDisqualified { .. } | LeadEvent::LeadConverted { .. } => true,
-            _ => false,
+            // Assigned by hand: the routing answers for nothing after it.
+            LeadEvent::LeadAssigned { .. } if actor != Some(ROUTER) => Some(None),
+            _ => None,
         };
-        if acted {
+        if let Some(owner) = credited {
             row.first_action_at = Some(time_text(event));
             row.first_action_micros = Some(event.recorded_at.timestamp_micros());
-            row.first_action_owner = Some(owner);
+            row.first_action_owner = owner;
         }
         Ok(Some(row))
     }

@@ -98,6 +98,19 @@ async fn qualified_leads_are_routed_and_reassigned_once_per_missed_deadline(db: 
         .await;
     assert_eq!(acted.status, 200, "{:?}", acted.body);
 
+    // The operator's owner closes the second lead: not bea's action, since an operator
+    // took the lead from the routing by hand.
+    let closed = server
+        .call(
+            Method::POST,
+            &format!("/leads/{second}/disqualify"),
+            OPERATOR,
+            Some(&json!({"reason": "not a buyer"})),
+            &[],
+        )
+        .await;
+    assert_eq!(closed.status, 200, "{:?}", closed.body);
+
     // Several deadlines later: bea acted, so the first lead stays hers; the second stays
     // with the operator's choice. Each deadline reassigned at most once.
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -133,7 +146,7 @@ async fn qualified_leads_are_routed_and_reassigned_once_per_missed_deadline(db: 
 
     // Speed to lead: ada let one deadline pass; bea had two leads and acted on one, after
     // the first owner's deadline (so at least 2 s after it qualified).
-    let position = acted.body["position"].as_u64().unwrap();
+    let position = closed.body["position"].as_u64().unwrap();
     let speed = server
         .read(&format!(
             "/analytics/response-times?min_position={position}"
