@@ -67,25 +67,37 @@ impl RowModel for DueTimers {
     }
 }
 
-/// The timers due at `now_micros` or before, the earliest first, at most `limit`.
+/// The timers due at `now_micros` or before, the earliest first, at most `limit`, after
+/// the timer `after` (its due time and id) when given: pages through them in order.
 pub async fn due(
     db: &ReadDatabase,
     now_micros: i64,
+    after: Option<(i64, &str)>,
     limit: usize,
 ) -> Result<Vec<DueTimer>, ProjectionError> {
     let table = DueTimer::TABLE;
     let sql = format!(
         "SELECT {} FROM {NAME} WHERE generation = {} AND due_micros <= $1 \
-          ORDER BY due_micros, timer_id LIMIT $2",
+            AND (due_micros > $2 OR (due_micros = $2 AND timer_id > $3)) \
+          ORDER BY due_micros, timer_id LIMIT $4",
         text_columns(&table),
         live(NAME)
     );
+    let (after_micros, after_id) = after.unwrap_or((i64::MIN, ""));
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    db.fetch_text_rows(&sql, &[now_micros.into(), limit.into()])
-        .await?
-        .iter()
-        .map(|values| DueTimer::read(values))
-        .collect()
+    db.fetch_text_rows(
+        &sql,
+        &[
+            now_micros.into(),
+            after_micros.into(),
+            after_id.into(),
+            limit.into(),
+        ],
+    )
+    .await?
+    .iter()
+    .map(|values| DueTimer::read(values))
+    .collect()
 }
 
 /// When the next timer is due (microseconds since the epoch), if any is waiting.

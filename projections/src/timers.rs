@@ -139,26 +139,36 @@ impl TimerScheduler {
         }
     }
 
-    /// Fires every timer due now (as the read model knows them), a batch at a time, the
-    /// earliest first; returns how many it fired. A timer already fired or cancelled
-    /// (the read model had not caught up yet, or another scheduler fired it) is left.
+    /// How many timers it reads per page, and fires at once (256 unless set).
+    pub fn with_batch_size(mut self, batch: usize) -> Self {
+        self.batch = batch.max(1);
+        self
+    }
+
+    /// Fires every timer due now (as the read model knows them), a page at a time, the
+    /// earliest first; returns how many it fired. A timer already fired or cancelled (the
+    /// read model had not caught up yet, or another scheduler fired it) is left.
     pub async fn fire_due(&self) -> Result<usize, ProjectionError> {
+        let now = self.clock.now();
         let mut fired = 0;
+        let mut after: Option<(i64, String)> = None;
         loop {
-            let now = self.clock.now();
-            let due = due_timers::due(&self.db, now.timestamp_micros(), self.batch).await?;
-            let mut round = 0;
-            let tries = due.iter().map(|timer| self.fire(&timer.timer_id, now));
+            let page = due_timers::due(
+                &self.db,
+                now.timestamp_micros(),
+                after.as_ref().map(|(micros, id)| (*micros, id.as_str())),
+                self.batch,
+            )
+            .await?;
+            let tries = page.iter().map(|timer| self.fire(&timer.timer_id, now));
             for outcome in futures::future::join_all(tries).await {
-                if outcome? {
-                    round += 1;
-                }
+                fired += usize::from(outcome?);
             }
-            fired += round;
-            // A full batch none of which fired is one the read model has not caught up
-            // with: looking again now would find the same.
-            if due.len() < self.batch || round == 0 {
-                return Ok(fired);
+            match page.last() {
+                Some(last) if page.len() == self.batch => {
+                    after = Some((last.due_micros, last.timer_id.clone()));
+                }
+                _ => return Ok(fired),
             }
         }
     }
