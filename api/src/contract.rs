@@ -172,17 +172,6 @@ pub fn text_pattern(max: usize) -> String {
     )
 }
 
-/// `text_pattern` without white space around it: free text whose items must be unique as
-/// the domain compares them (trimmed), which `uniqueItems` compares as sent.
-pub fn untrimmed_text_pattern(max: usize) -> String {
-    let solid = concat!(solid_char!(), "]");
-    let any = text_char!();
-    format!(
-        "^{solid}({any}{{0,{between}}}{solid})?$",
-        between = max.saturating_sub(2)
-    )
-}
-
 /// A nested object of a body as JSON writes it: serde's derive would also take a struct
 /// from an array of its fields in order, which the document does not allow.
 pub fn object<'de, D: Deserializer<'de>, T: serde::de::DeserializeOwned>(

@@ -135,8 +135,14 @@ impl ApiError {
             Projection(ProjectionError::Busy(_)) => {
                 (StatusCode::CONFLICT, "projection-busy", told())
             }
-            Projection(ProjectionError::Store(error) | ProjectionError::Database(error)) => {
-                store(error)
+            Projection(
+                ProjectionError::Store(error)
+                | ProjectionError::Database(error)
+                | ProjectionError::Command(CommandError::Store(error)),
+            ) => store(error),
+            // A process's retry met another runner moving the consumer on meanwhile.
+            Projection(ProjectionError::CheckpointMoved(_)) => {
+                (StatusCode::CONFLICT, "projection-busy", told())
             }
             Projection(ProjectionError::NotParked { .. }) => {
                 (StatusCode::NOT_FOUND, "not-parked", told())

@@ -14,7 +14,7 @@ use utoipa::openapi::{
 };
 use utoipa::{Modify, OpenApi};
 
-use crate::contract::{EMAIL_PATTERN, text_pattern, untrimmed_text_pattern};
+use crate::contract::{EMAIL_PATTERN, text_pattern};
 use crate::error::Problem;
 
 #[derive(OpenApi)]
@@ -251,13 +251,9 @@ pub fn describe_text_rules(openapi: &mut utoipa::openapi::OpenApi) {
             field.pattern = Some(pattern);
         }
     }
-    // Lists of free text: each item as its field would be. A pool's owners are unique
-    // as sent, and so with nothing blank around them unique as the domain compares them.
-    if let Some(owners) = array_of(components, "RoutingRuleBody", "owners") {
-        owners.unique_items = true;
-    }
+    // Lists of free text: each item as its field would be.
     if let Some(owners) = items_of(components, "RoutingRuleBody", "owners") {
-        owners.pattern = Some(untrimmed_text_pattern(100));
+        owners.pattern = Some(text_pattern(100));
     }
     if let Some(domains) = items_of(components, "RuleMatchBody", "email_domains") {
         domains.pattern = Some(DOMAIN_PATTERN.to_owned());
@@ -269,21 +265,6 @@ pub fn describe_text_rules(openapi: &mut utoipa::openapi::OpenApi) {
 /// ASCII labels of letters, digits and `-`, at least two, dot-separated.
 const DOMAIN_PATTERN: &str = r"^(\*\.)?[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$";
 
-/// The schema of an array property of a component.
-fn array_of<'a>(
-    components: &'a mut utoipa::openapi::Components,
-    schema: &str,
-    property: &str,
-) -> Option<&'a mut utoipa::openapi::schema::Array> {
-    let RefOr::T(Schema::Object(object)) = components.schemas.get_mut(schema)? else {
-        return None;
-    };
-    match object.properties.get_mut(property)? {
-        RefOr::T(Schema::Array(array)) => Some(array),
-        _ => None,
-    }
-}
-
 /// The schema of the items of an array property of a component.
 fn items_of<'a>(
     components: &'a mut utoipa::openapi::Components,
@@ -291,7 +272,12 @@ fn items_of<'a>(
     property: &str,
 ) -> Option<&'a mut utoipa::openapi::schema::Object> {
     use utoipa::openapi::schema::ArrayItems;
-    let array = array_of(components, schema, property)?;
+    let RefOr::T(Schema::Object(object)) = components.schemas.get_mut(schema)? else {
+        return None;
+    };
+    let RefOr::T(Schema::Array(array)) = object.properties.get_mut(property)? else {
+        return None;
+    };
     let ArrayItems::RefOrSchema(items) = &mut array.items else {
         return None;
     };

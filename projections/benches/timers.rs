@@ -9,8 +9,8 @@
 //! Fired/s: timers already due, the due-timers read model caught up, one scheduler
 //! firing them all (`fire_due`); each firing is a command appending `TimerFired` to the
 //! timer's stream. Baseline, in the same run: the same number of `Schedule` commands
-//! (one append to a new timer stream each) sent by 16 writers; the ratio says what
-//! firing costs beyond the append itself. Delay: timers due at a steady rate over the
+//! (one append to a new timer stream each) sent by 256 writers, as many as the
+//! scheduler fires at once; the ratio says what firing costs beyond the append itself. Delay: timers due at a steady rate over the
 //! window while the read model's runner and the scheduler run as a server runs them;
 //! each timer's delay is its `TimerFired`'s `recorded_at` minus its due time.
 
@@ -43,7 +43,11 @@ fn context() -> CommandContext {
     }
 }
 
-/// Schedules `due.len()` timers from 16 writers; returns the wall time.
+/// Writers that schedule at once: as many as timers the scheduler fires at once (its
+/// page), so the baseline and the firing append with the same concurrency.
+const WRITERS: usize = 256;
+
+/// Schedules `due.len()` timers from `WRITERS` writers; returns the wall time.
 async fn schedule_all(
     timers: Arc<CommandHandler<Timer>>,
     run: &str,
@@ -52,10 +56,10 @@ async fn schedule_all(
     let started = Instant::now();
     let due = Arc::new(due);
     let mut tasks = Vec::new();
-    for writer in 0..16 {
+    for writer in 0..WRITERS {
         let (timers, due, run) = (timers.clone(), due.clone(), run.to_owned());
         tasks.push(tokio::spawn(async move {
-            for n in (writer..due.len()).step_by(16) {
+            for n in (writer..due.len()).step_by(WRITERS) {
                 let key = format!("{run}-{n}");
                 let payload = json!({"n": n});
                 schedule(&timers, "bench", &key, due[n], payload, &context()).await?;

@@ -78,11 +78,11 @@ impl LeadRouting {
             return Ok(());
         };
         let lead_id = lead_of(event)?;
-        let lead = self.leads.load(lead_id).await?;
-        let (Some(source), Some(email)) = (lead.state.source, &lead.state.email) else {
+        let (lead, version, _) = self.lead(lead_id).await?;
+        let (Some(source), Some(email)) = (lead.source, &lead.email) else {
             return Ok(());
         };
-        if lead.state.owner.is_some() || !lead.state.status.is_open() {
+        if lead.owner.is_some() || !lead.status.is_open() {
             return Ok(());
         }
         let email_domain = email
@@ -96,7 +96,7 @@ impl LeadRouting {
             score,
             email_domain,
         };
-        self.route(event, route).await
+        self.route(event, route, version).await
     }
 
     /// Checks a routed lead at its deadline: reassigned when its owner has not acted.
@@ -105,12 +105,11 @@ impl LeadRouting {
         event: &RecordedEvent,
         deadline: Deadline,
     ) -> Result<(), CommandError> {
-        let lead = self.leads.load(deadline.lead_id).await?;
-        if lead.state.owner.as_ref() != Some(&deadline.owner) {
+        let (lead, version, history) = self.lead(deadline.lead_id).await?;
+        if lead.owner.as_ref() != Some(&deadline.owner) {
             // Assigned to someone else since: by hand, or by an earlier deadline.
             return Ok(());
         }
-        let history = self.history(deadline.lead_id).await?;
         // The events since the lead was last routed to this owner.
         let routed_at = history.iter().rposition(|(actor, event)| {
             actor == ROUTER
@@ -130,15 +129,20 @@ impl LeadRouting {
             rule: deadline.rule,
             current_owner: deadline.owner,
         };
-        self.route(event, reassign).await
+        self.route(event, reassign, version).await
     }
 
-    /// Records the routing `command` decides in reply to `cause`, assigns the lead to the
-    /// owner it names (unless someone assigned it meanwhile), and sets the deadline.
+    /// Records the routing `command` decides in reply to `cause`, sets the new owner's
+    /// deadline, then assigns the lead to them, if it is still at `seen`, the version the
+    /// decision was made on (else the event is acted on again, and decides anew). In that
+    /// order, so that acting again after a failure anywhere finishes the step: until the
+    /// assignment the lead looks as it did, and routing and scheduling again are the
+    /// same decisions (their keys derive from `cause`).
     async fn route(
         &self,
         cause: &RecordedEvent,
         command: RoutingCommand,
+        seen: u64,
     ) -> Result<(), CommandError> {
         let outcome = match self
             .routing
@@ -171,29 +175,10 @@ impl LeadRouting {
         else {
             return Ok(());
         };
-        let lead = self.leads.load(lead_id).await?;
-        let routed_earlier = lead.state.owner.as_ref().is_some_and(|o| *o == owner);
-        if !routed_earlier {
-            if !lead.state.status.is_open() {
-                return Ok(());
-            }
-            let mut context = caused_by(NAME, cause, "assign");
-            // Not over an assignment made meanwhile (by hand): the version it was read at.
-            context.expected_version = Some(lead.version);
-            let assign = LeadCommand::Assign {
-                owner: owner.clone(),
-            };
-            match self.leads.execute(lead_id, assign, &context).await {
-                Ok(_) => {}
-                // Closed since it was read: nobody to wait for.
-                Err(CommandError::Domain(DomainError::LeadClosed { .. })) => return Ok(()),
-                Err(error) => return Err(error),
-            }
-        }
         let payload = Deadline {
             lead_id,
             rule,
-            owner,
+            owner: owner.clone(),
         };
         let payload = serde_json::to_value(&payload)
             .map_err(|e| undecodable(routed, format!("the deadline's payload: {e}")))?;
@@ -206,7 +191,30 @@ impl LeadRouting {
             &caused_by(NAME, cause, "deadline"),
         )
         .await?;
-        Ok(())
+        let mut context = caused_by(NAME, cause, "assign");
+        // Never over an assignment made meanwhile (by hand): a VersionMismatch is acted
+        // on again, and the lead then looks assigned.
+        context.expected_version = Some(seen);
+        match self
+            .leads
+            .execute(lead_id, LeadCommand::Assign { owner }, &context)
+            .await
+        {
+            // Closed since it was read: nobody to wait for (its deadline finds it so).
+            Ok(_) | Err(CommandError::Domain(DomainError::LeadClosed { .. })) => Ok(()),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// The lead as the store has it now (never a cache: another server may have changed
+    /// it), its version, and its events with the actor of each.
+    async fn lead(
+        &self,
+        lead_id: Uuid,
+    ) -> Result<(Lead, u64, Vec<(String, LeadEvent)>), CommandError> {
+        let history = self.history(lead_id).await?;
+        let lead = Lead::default().replay(history.iter().map(|(_, event)| event));
+        Ok((lead, history.len() as u64, history))
     }
 
     /// The lead's events, each with the actor that recorded it, in order.

@@ -622,11 +622,17 @@ const LEASE_RETRY: Duration = Duration::from_secs(2);
 
 impl ConsumerRunner {
     pub fn new(store: Arc<dyn EventStore>, db: ReadDatabase, consumer: Consumer) -> Self {
+        // A process's or an outbound consumer's event is slow to take (commands, a
+        // delivery), and a stop waits for its batch: smaller batches.
+        let batch_size = match consumer {
+            Consumer::ReadModel(_) => 1_000,
+            Consumer::Process(_) | Consumer::Outbound(_) => 100,
+        };
         ConsumerRunner {
             store,
             db,
             consumer,
-            batch_size: 1_000,
+            batch_size,
             rebuild_batch: REBUILD_BATCH,
             applied: watch::Sender::new(0),
             progress: watch::Sender::new(0),

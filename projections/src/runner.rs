@@ -107,13 +107,15 @@ pub(crate) fn is_poison(error: &ProjectionError) -> bool {
     match error {
         ProjectionError::Apply { .. } => true,
         ProjectionError::Database(error) => error.is_refusal(),
-        // A process's command: the business's or the handler's refusal is the event's;
-        // the store failing, other writers (also past a version the process read), or
-        // the same command in flight are outages: acting again decides anew.
+        // A process's command: the business's, the handler's or the store's refusal is
+        // the event's; the store failing, other writers (also past a version the process
+        // read), or the same command in flight are outages: acting again decides anew.
+        ProjectionError::Command(CommandError::Store(error)) => {
+            matches!(error, annals_store::StoreError::InvalidInput(_)) || error.is_refusal()
+        }
         ProjectionError::Command(error) => !matches!(
             error,
-            CommandError::Store(_)
-                | CommandError::ConcurrencyConflict { .. }
+            CommandError::ConcurrencyConflict { .. }
                 | CommandError::VersionMismatch { .. }
                 | CommandError::IdempotencyKeyInUse
         ),

@@ -230,9 +230,14 @@ impl TimerScheduler {
                 continue;
             }
             let wait = match self.fire_due().await {
-                Ok(_) => {
+                Ok(fired) => {
                     backoff = Duration::from_millis(100);
-                    self.wait().await
+                    match self.wait().await {
+                        // Due, yet none fired: the read model has not seen them fire
+                        // yet (or another scheduler fired them); not a busy loop.
+                        wait if wait.is_zero() && fired == 0 => self.poll,
+                        wait => wait,
+                    }
                 }
                 Err(error) => {
                     tracing::warn!(%error, "firing timers failed; retrying");

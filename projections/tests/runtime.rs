@@ -49,6 +49,8 @@ macro_rules! lead_board_name_filter_and_tables {
 mod parked;
 #[path = "runtime/processes.rs"]
 mod processes;
+#[path = "runtime/routing.rs"]
+mod routing;
 #[path = "runtime/timers.rs"]
 mod timers;
 

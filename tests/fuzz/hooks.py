@@ -22,8 +22,9 @@ def _refused_for_state(status, body, case):
     # (422); which currency a deal has is state.
     if (status, code) == (422, "currency-mismatch"):
         return True
-    # domain.md: routing rules have names unique among them once trimmed: JSON Schema
-    # cannot say that (`uniqueItems` compares whole items, not one of their properties).
+    # domain.md: routing rules have names unique among them, and a pool has each owner
+    # once, both once trimmed: JSON Schema cannot say either (`uniqueItems` compares
+    # whole items as sent, not one of their properties, nor trimmed text).
     if (status, code) == (422, "duplicate-value") and case.operation.path == "/admin/routing":
         return True
     # `min_position` is beyond the log's head: a position the log has not given out

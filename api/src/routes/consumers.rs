@@ -48,7 +48,7 @@ impl utoipa::IntoResponses for ParkedProblems {
             ),
             (
                 409,
-                "The retried event failed again (`still-failing`, with the new error); it stays parked",
+                "The retried event failed again (`still-failing`, with the new error); it stays parked. Or (`projection-busy`) a rebuild holds the read model, or another runner moved the consumer on meanwhile: retry",
             ),
             (422, "A parameter is invalid"),
             (

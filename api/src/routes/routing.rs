@@ -59,7 +59,7 @@ pub struct RoutingRuleBody {
     pub name: String,
     #[serde(rename = "match", deserialize_with = "crate::contract::object")]
     pub matches: RuleMatchBody,
-    /// 1–50 owners (each 1–100 characters, nothing blank around them), none twice, in
+    /// 1–50 owners (each 1–100 characters once trimmed), none twice once trimmed, in
     /// turn order.
     #[schema(min_items = 1, max_items = 50)]
     pub owners: Vec<String>,
