@@ -110,10 +110,16 @@ impl ConsumerRunner {
     /// The positions a batch leaves out: skipped events always; parked ones too when the
     /// projection goes on without them (a halted one stops before its parked event).
     pub(crate) async fn left_out(&self) -> Result<Vec<u64>, ProjectionError> {
-        let condition = match self.policy {
+        self.dead_letter_positions(match self.policy {
             FailurePolicy::Skip => "",
             FailurePolicy::Halt => " AND skipped_at IS NOT NULL",
-        };
+        })
+        .await
+    }
+
+    /// The positions of this consumer's dead letters that meet `condition` (`AND …`, or
+    /// nothing for all of them).
+    async fn dead_letter_positions(&self, condition: &str) -> Result<Vec<u64>, ProjectionError> {
         let rows = self
             .db
             .fetch_text_rows(
@@ -263,7 +269,7 @@ impl ConsumerRunner {
         let before = self.checkpoint_of(generation).await?;
         let mut due = Vec::new();
         if position > before + 1 {
-            let others = self.left_out_all().await?;
+            let others = self.dead_letter_positions("").await?;
             let filter = self.consumer.filter();
             let mut next = before + 1;
             while next < position {
@@ -316,21 +322,6 @@ impl ConsumerRunner {
         self.applied.send_if_modified(|a| bump(a, position));
         tracing::info!(consumer = name, position, "parked event retried");
         Ok(())
-    }
-
-    /// Every position a retry leaves out: the others parked or skipped.
-    async fn left_out_all(&self) -> Result<Vec<u64>, ProjectionError> {
-        let rows = self
-            .db
-            .fetch_text_rows(
-                "SELECT CAST(position AS TEXT) FROM projection_dead_letters WHERE name = $1",
-                &[self.name().into()],
-            )
-            .await?;
-        Ok(rows
-            .iter()
-            .filter_map(|row| row.first().cloned().flatten()?.parse().ok())
-            .collect())
     }
 
     /// An operator's skip of the parked event at `position`: left unapplied for good,
