@@ -57,6 +57,18 @@ pub enum DomainError {
     InvalidDomainPattern(String),
     #[error("process {0:?} must be 1 to 100 characters of a-z, 0-9 and _")]
     InvalidProcess(String),
+    #[error("{field} must be {min} to {max}")]
+    OutOfRange {
+        field: &'static str,
+        min: i64,
+        max: i64,
+    },
+    #[error("{field} must be greater than zero")]
+    NotPositive { field: &'static str },
+    #[error("the payment is {given}, the order's total is {total}")]
+    AmountMismatch { total: String, given: String },
+    #[error("the MRR is in {given}, the subscription is in {subscription}")]
+    MrrCurrencyMismatch { subscription: String, given: String },
 
     // Conflict: the state forbids the command.
     #[error("lead {0} already exists")]
@@ -100,6 +112,25 @@ pub enum DomainError {
     TimerClosed { status: &'static str },
     #[error("the timer is due at {due_at}, not before")]
     TimerNotDue { due_at: DateTime<Utc> },
+    #[error("order {0} already exists")]
+    OrderExists(Uuid),
+    #[error("the deal is {status}, only a won deal takes an order")]
+    DealNotWon { status: &'static str },
+    #[error("the order is {status}: closed orders do not change")]
+    OrderClosed { status: &'static str },
+    #[error("the order is {status}, and this takes an order that is {required}")]
+    OrderNotInStatus {
+        status: &'static str,
+        required: &'static str,
+    },
+    #[error("subscription {0} already exists")]
+    SubscriptionExists(Uuid),
+    #[error("the subscription is {status}: closed subscriptions do not change")]
+    SubscriptionClosed { status: &'static str },
+    #[error("an expansion raises the MRR: {from} to {to} does not")]
+    MrrNotHigher { from: String, to: String },
+    #[error("a contraction lowers the MRR: {from} to {to} does not")]
+    MrrNotLower { from: String, to: String },
 
     // Not found.
     #[error("the lead does not exist")]
@@ -110,6 +141,10 @@ pub enum DomainError {
     DealNotFound,
     #[error("the timer does not exist")]
     TimerNotFound,
+    #[error("the order does not exist")]
+    OrderNotFound,
+    #[error("the subscription does not exist")]
+    SubscriptionNotFound,
 }
 
 impl DomainError {
@@ -128,7 +163,11 @@ impl DomainError {
             | EmptyList { .. }
             | Duplicate { .. }
             | InvalidDomainPattern(_)
-            | InvalidProcess(_) => RejectionKind::Invalid,
+            | InvalidProcess(_)
+            | OutOfRange { .. }
+            | NotPositive { .. }
+            | AmountMismatch { .. }
+            | MrrCurrencyMismatch { .. } => RejectionKind::Invalid,
             LeadExists(_)
             | DuplicateEmail { .. }
             | KeyTaken(_)
@@ -147,10 +186,17 @@ impl DomainError {
             | NoOtherOwner { .. }
             | TimerExists(_)
             | TimerClosed { .. }
-            | TimerNotDue { .. } => RejectionKind::Conflict,
-            LeadNotFound | AccountNotFound | DealNotFound | TimerNotFound => {
-                RejectionKind::NotFound
-            }
+            | TimerNotDue { .. }
+            | OrderExists(_)
+            | DealNotWon { .. }
+            | OrderClosed { .. }
+            | OrderNotInStatus { .. }
+            | SubscriptionExists(_)
+            | SubscriptionClosed { .. }
+            | MrrNotHigher { .. }
+            | MrrNotLower { .. } => RejectionKind::Conflict,
+            LeadNotFound | AccountNotFound | DealNotFound | TimerNotFound | OrderNotFound
+            | SubscriptionNotFound => RejectionKind::NotFound,
         }
     }
 
@@ -171,6 +217,12 @@ impl DomainError {
             Duplicate { .. } => "duplicate-value",
             InvalidDomainPattern(_) => "invalid-domain-pattern",
             InvalidProcess(_) => "invalid-process",
+            OutOfRange { .. } => "number-out-of-range",
+            NotPositive { .. } => "non-positive-number",
+            AmountMismatch { .. } => "amount-mismatch",
+            // The same code as a deal's: to a client both say the money is in the wrong
+            // currency.
+            MrrCurrencyMismatch { .. } => "currency-mismatch",
             LeadExists(_) => "lead-exists",
             DuplicateEmail { .. } => "duplicate-email",
             KeyTaken(_) => "key-taken",
@@ -190,10 +242,20 @@ impl DomainError {
             TimerExists(_) => "timer-exists",
             TimerClosed { .. } => "timer-closed",
             TimerNotDue { .. } => "timer-not-due",
+            OrderExists(_) => "order-exists",
+            DealNotWon { .. } => "deal-not-won",
+            OrderClosed { .. } => "order-closed",
+            OrderNotInStatus { .. } => "invalid-order-transition",
+            SubscriptionExists(_) => "subscription-exists",
+            SubscriptionClosed { .. } => "subscription-closed",
+            MrrNotHigher { .. } => "mrr-not-higher",
+            MrrNotLower { .. } => "mrr-not-lower",
             LeadNotFound => "lead-not-found",
             AccountNotFound => "account-not-found",
             DealNotFound => "deal-not-found",
             TimerNotFound => "timer-not-found",
+            OrderNotFound => "order-not-found",
+            SubscriptionNotFound => "subscription-not-found",
         }
     }
 }

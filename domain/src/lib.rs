@@ -1,6 +1,6 @@
 //! The business of Annals as plain data and pure functions: value objects, and for each
-//! aggregate (lead, account, deal, the lead routing rules, durable timers; later order and
-//! subscription) its commands, events, state, `decide` and `evolve`, with the rules of
+//! aggregate (lead, account, deal, order, subscription, the lead routing rules, durable
+//! timers) its commands, events, state, `decide` and `evolve`, with the rules of
 //! `shared/spec/domain.md`.
 //!
 //! It must stay pure: no IO, no async, no database, no clock, no randomness. Facts from
@@ -13,7 +13,9 @@ pub mod conversion;
 pub mod deal;
 mod error;
 pub mod lead;
+pub mod order;
 pub mod routing;
+pub mod subscription;
 pub mod timer;
 pub mod values;
 

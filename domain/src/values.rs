@@ -77,6 +77,43 @@ text_value!(
     RuleName, "rule name", 1, 100
 );
 
+text_value!(
+    /// The stock-keeping unit an order line sells: 1–64 characters after trimming.
+    Sku, "sku", 1, 64
+);
+
+/// How many units an order line sells: a whole number from 1 to 1,000,000.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Quantity(u32);
+
+impl Quantity {
+    pub const MIN: u32 = 1;
+    pub const MAX: u32 = 1_000_000;
+
+    pub fn parse(value: i64) -> Result<Self, DomainError> {
+        u32::try_from(value)
+            .ok()
+            .filter(|n| (Quantity::MIN..=Quantity::MAX).contains(n))
+            .map(Quantity)
+            .ok_or(DomainError::OutOfRange {
+                field: "quantity",
+                min: i64::from(Quantity::MIN),
+                max: i64::from(Quantity::MAX),
+            })
+    }
+
+    pub fn get(self) -> u32 {
+        self.0
+    }
+}
+
+impl fmt::Display for Quantity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
 /// An email address, trimmed and lower-cased: one `@`, a dot in the domain part, at
 /// most 254 characters as given.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -4,7 +4,9 @@
 use annals_domain::account::AccountEvent;
 use annals_domain::deal::DealEvent;
 use annals_domain::lead::LeadEvent;
+use annals_domain::order::{OrderEvent, OrderLine, OrderLines};
 use annals_domain::routing::{RoutingEvent, RoutingRule, RoutingRules, RuleMatch};
+use annals_domain::subscription::SubscriptionEvent;
 use annals_domain::timer::TimerEvent;
 use annals_domain::values::*;
 use annals_domain::{Event, StoredForm};
@@ -166,6 +168,78 @@ pub fn every_routing_event() -> Vec<RoutingEvent> {
     ]
 }
 
+pub fn every_order_event() -> Vec<OrderEvent> {
+    let reason = |text: &str| Reason::parse(text).unwrap();
+    vec![
+        OrderEvent::OrderPlaced {
+            order_id: id(50),
+            deal_id: id(30),
+            account_id: id(20),
+            lines: OrderLines::new(vec![
+                OrderLine {
+                    sku: Sku::parse("SEAT-PRO").unwrap(),
+                    quantity: Quantity::parse(10).unwrap(),
+                    unit_price: eur(4_900),
+                    recurring: true,
+                },
+                OrderLine {
+                    sku: Sku::parse("SETUP").unwrap(),
+                    quantity: Quantity::parse(1).unwrap(),
+                    unit_price: eur(100_000),
+                    recurring: false,
+                },
+            ])
+            .unwrap(),
+            total: eur(149_000),
+            recurring_total: eur(49_000),
+        },
+        OrderEvent::OrderInvoiced {
+            invoice_id: id(60),
+            due_at: Utc.with_ymd_and_hms(2026, 12, 3, 9, 0, 0).unwrap(),
+        },
+        OrderEvent::PaymentReceived {
+            amount: eur(149_000),
+        },
+        OrderEvent::OrderFulfilled {},
+        OrderEvent::InvoiceVoided {
+            reason: reason("payment-timeout"),
+        },
+        OrderEvent::OrderCancelled {
+            reason: reason("payment-timeout"),
+        },
+        OrderEvent::PaymentRefunded {
+            amount: eur(149_000),
+        },
+    ]
+}
+
+pub fn every_subscription_event() -> Vec<SubscriptionEvent> {
+    vec![
+        SubscriptionEvent::SubscriptionStarted {
+            subscription_id: id(70),
+            account_id: id(20),
+            order_id: id(50),
+            mrr: eur(49_000),
+        },
+        SubscriptionEvent::SubscriptionExpanded {
+            from: eur(49_000),
+            to: eur(59_000),
+        },
+        SubscriptionEvent::SubscriptionContracted {
+            from: eur(59_000),
+            to: eur(39_000),
+        },
+        SubscriptionEvent::SubscriptionChurned {
+            mrr: eur(39_000),
+            reason: Some(Reason::parse("moved to a competitor").unwrap()),
+        },
+        SubscriptionEvent::SubscriptionChurned {
+            mrr: eur(39_000),
+            reason: None,
+        },
+    ]
+}
+
 fn stored_json<E: Event>(event: &E) -> serde_json::Value {
     let stored = event.encode();
     json!({"type": stored.event_type, "schema_version": stored.schema_version, "data": stored.data})
@@ -203,6 +277,16 @@ fn timer_events_keep_their_stored_form() {
 #[test]
 fn routing_events_keep_their_stored_form() {
     check_all(every_routing_event());
+}
+
+#[test]
+fn order_events_keep_their_stored_form() {
+    check_all(every_order_event());
+}
+
+#[test]
+fn subscription_events_keep_their_stored_form() {
+    check_all(every_subscription_event());
 }
 
 #[test]
