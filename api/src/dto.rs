@@ -30,6 +30,24 @@ impl MoneyBody {
     }
 }
 
+/// An amount of money above zero: an ISO 4217 code and a whole number of minor units.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"currency": "EUR", "amount_minor": 9900}))]
+pub struct PositiveMoneyBody {
+    #[schema(pattern = "^[A-Z]{3}$")]
+    pub currency: String,
+    #[schema(minimum = 1, maximum = 1_000_000_000_000_000_i64)]
+    #[serde(deserialize_with = "crate::contract::integer")]
+    pub amount_minor: i64,
+}
+
+impl PositiveMoneyBody {
+    pub fn parse(&self) -> Result<Money, DomainError> {
+        Money::parse(&self.currency, self.amount_minor)
+    }
+}
+
 impl From<&Money> for MoneyBody {
     fn from(money: &Money) -> Self {
         MoneyBody {

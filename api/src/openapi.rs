@@ -222,7 +222,7 @@ pub fn describe_domain_words(openapi: &mut utoipa::openapi::OpenApi) {
 /// patterns (`contract`): each free-text field with the most characters it keeps once
 /// trimmed, and the email. A new free-text field belongs in this list.
 pub fn describe_text_rules(openapi: &mut utoipa::openapi::OpenApi) {
-    const FREE_TEXT: [(&str, &str, usize); 13] = [
+    const FREE_TEXT: [(&str, &str, usize); 16] = [
         ("CaptureLead", "name", 200),
         ("CaptureLead", "company", 200),
         ("AssignLead", "owner", 100),
@@ -236,6 +236,9 @@ pub fn describe_text_rules(openapi: &mut utoipa::openapi::OpenApi) {
         ("OpenDeal", "owner", 100),
         ("LoseDeal", "reason", 500),
         ("RoutingRuleBody", "name", 100),
+        ("OrderLineBody", "sku", 64),
+        ("CancelOrder", "reason", 500),
+        ("ChurnSubscription", "reason", 500),
     ];
     let Some(components) = openapi.components.as_mut() else {
         return;

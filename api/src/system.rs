@@ -129,17 +129,26 @@ impl System {
     }
 }
 
-/// The processes' settings from the environment: `ANNALS_LEAD_RESPONSE_DEADLINE`, a
-/// duration such as `30s`, `15m`, `24h` or `7d` (24 hours when unset).
+/// The processes' settings from the environment, each a duration such as `30s`, `15m`,
+/// `24h` or `7d`: `ANNALS_LEAD_RESPONSE_DEADLINE` (24 hours when unset) and
+/// `ANNALS_PAYMENT_TIMEOUT` (7 days when unset).
 fn process_settings() -> Result<ProcessSettings, ApiError> {
     let mut settings = ProcessSettings::default();
-    if let Ok(text) = std::env::var("ANNALS_LEAD_RESPONSE_DEADLINE") {
-        settings.lead_response_deadline = duration(&text).ok_or_else(|| {
-            ApiError::InvalidSettings(format!(
-                "ANNALS_LEAD_RESPONSE_DEADLINE is {text:?}: a whole number and a unit, \
-                 ms, s, m, h or d (say 30s or 24h), more than zero"
-            ))
-        })?;
+    for (name, setting) in [
+        (
+            "ANNALS_LEAD_RESPONSE_DEADLINE",
+            &mut settings.lead_response_deadline,
+        ),
+        ("ANNALS_PAYMENT_TIMEOUT", &mut settings.payment_timeout),
+    ] {
+        if let Ok(text) = std::env::var(name) {
+            *setting = duration(&text).ok_or_else(|| {
+                ApiError::InvalidSettings(format!(
+                    "{name} is {text:?}: a whole number and a unit, ms, s, m, h or d \
+                     (say 30s or 24h), more than zero"
+                ))
+            })?;
+        }
     }
     Ok(settings)
 }

@@ -203,6 +203,14 @@ impl<A: Aggregate> CommandHandler<A> {
         if let Some(hit) = self.cached(id) {
             return Ok(hit);
         }
+        self.current(id).await
+    }
+
+    /// The aggregate as the store has it now, read past the cache (which another
+    /// server's writes may have outdated): for a decision that appends nothing to the
+    /// aggregate, where no expected version would catch a stale state. The cache keeps
+    /// what it read.
+    pub async fn current(&self, id: Uuid) -> Result<Loaded<A>, CommandError> {
         let stream = Self::stream(id)?;
         let snapshot = self.latest_snapshot(&stream).await?;
         let loaded = self.replay_onto(&stream, snapshot, |_| false).await?;

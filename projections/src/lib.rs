@@ -56,6 +56,7 @@ pub mod lead_board;
 pub mod lead_conversion;
 pub mod lead_response;
 pub mod lead_routing;
+pub mod order_saga;
 pub mod queries;
 pub mod rows;
 mod runner;
@@ -93,6 +94,10 @@ pub fn consumers(handlers: &Handlers, settings: &ProcessSettings) -> Vec<Consume
             handlers,
             settings.lead_response_deadline,
         ))),
+        Consumer::Process(Arc::new(order_saga::OrderSaga::new(
+            handlers,
+            settings.payment_timeout,
+        ))),
     ]
 }
 
@@ -102,12 +107,16 @@ pub struct ProcessSettings {
     /// How long a routed lead's owner has to act on it before it goes to the pool's next
     /// owner (24 hours unless set).
     pub lead_response_deadline: chrono::Duration,
+    /// How long a customer has to pay an invoice before the order process cancels the
+    /// order (7 days unless set).
+    pub payment_timeout: chrono::Duration,
 }
 
 impl Default for ProcessSettings {
     fn default() -> Self {
         ProcessSettings {
             lead_response_deadline: chrono::Duration::hours(24),
+            payment_timeout: chrono::Duration::days(7),
         }
     }
 }

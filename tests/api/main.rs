@@ -14,6 +14,7 @@ mod errors;
 mod faults;
 mod flows;
 mod operations;
+mod orders;
 mod parked;
 mod process;
 mod roles;

@@ -15,7 +15,7 @@ on_both_backends!(every_route_admits_exactly_its_roles);
 
 /// `api.md`'s roles, route by route: `None` is open, otherwise the role that may call
 /// it besides the operator (who may call everything).
-const CONTRACT: [(&str, &str, Option<&str>); 40] = [
+const CONTRACT: [(&str, &str, Option<&str>); 48] = [
     ("post", "/leads", Some("writer")),
     ("post", "/leads/{id}/signals", Some("writer")),
     ("post", "/leads/{id}/assign", Some("writer")),
@@ -51,6 +51,14 @@ const CONTRACT: [(&str, &str, Option<&str>); 40] = [
     ("get", "/admin/audit/verify", Some("operator")),
     ("get", "/admin/consumers", Some("operator")),
     ("get", "/admin/routing", Some("operator")),
+    ("post", "/orders", Some("writer")),
+    ("post", "/orders/{id}/pay", Some("writer")),
+    ("post", "/orders/{id}/cancel", Some("writer")),
+    ("get", "/orders/{id}/history", Some("analyst")),
+    ("post", "/subscriptions/{id}/expand", Some("writer")),
+    ("post", "/subscriptions/{id}/contract", Some("writer")),
+    ("post", "/subscriptions/{id}/churn", Some("writer")),
+    ("get", "/subscriptions/{id}/history", Some("analyst")),
     ("get", "/analytics/response-times", Some("analyst")),
     ("put", "/admin/routing", Some("operator")),
     ("get", "/admin/consumers/{name}/parked", Some("operator")),

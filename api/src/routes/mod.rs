@@ -10,7 +10,9 @@ pub mod consumers;
 pub mod deals;
 pub mod leads;
 pub mod log;
+pub mod orders;
 pub mod routing;
+pub mod subscriptions;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -50,6 +52,8 @@ pub fn all() -> OpenApiRouter<Arc<App>> {
         .merge(leads::routes())
         .merge(accounts::routes())
         .merge(deals::routes())
+        .merge(orders::routes())
+        .merge(subscriptions::routes())
         .merge(analytics::routes())
         .merge(log::routes())
         .merge(admin::routes())

@@ -1,0 +1,243 @@
+//! The order saga end to end over HTTP, with the payment deadline shortened to two
+//! seconds: placed → invoiced → paid → subscription started → fulfilled; an unpaid order
+//! cancelled at its deadline (its invoice voided) and a late payment refused; the saga
+//! across kill -9, each step once.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use annals_projections::order_saga::{invoice_id, subscription_id};
+use serde_json::{Value, json};
+
+use crate::database::Fixture;
+use crate::server::Server;
+
+on_both_backends!(
+    an_order_goes_from_placed_to_a_running_subscription,
+    an_unpaid_order_is_cancelled_at_its_deadline_and_a_late_payment_refused,
+    the_saga_finishes_each_order_once_across_kill_9,
+);
+
+fn with_timeout() -> [(&'static str, &'static str); 2] {
+    [
+        ("ANNALS_API_TOKENS", crate::server::TOKENS),
+        ("ANNALS_PAYMENT_TIMEOUT", "2s"),
+    ]
+}
+
+/// A won deal of a new account, in EUR; the deal's id.
+async fn won_deal(server: &Server) -> String {
+    let account = server
+        .command("/accounts", json!({"name": "Initech"}))
+        .await;
+    let deal = server
+        .command(
+            "/deals",
+            json!({"account_id": account["id"], "name": "Engines",
+                   "amount": {"currency": "EUR", "amount_minor": 100000}}),
+        )
+        .await;
+    let id = deal["id"].as_str().unwrap().to_owned();
+    server.command(&format!("/deals/{id}/win"), json!({})).await;
+    id
+}
+
+/// An order for `deal`: two engines at 500.00, and support at 99.00 a month.
+async fn placed(server: &Server, deal: &str) -> String {
+    let order = server
+        .command(
+            "/orders",
+            json!({"deal_id": deal, "lines": [
+                {"sku": "ENGINE-1", "quantity": 2, "unit_price": {"currency": "EUR", "amount_minor": 50000}},
+                {"sku": "SUPPORT", "quantity": 1, "unit_price": {"currency": "EUR", "amount_minor": 9900}, "recurring": true},
+            ]}),
+        )
+        .await;
+    order["id"].as_str().unwrap().to_owned()
+}
+
+const TOTAL: i64 = 109_900;
+
+/// The state of an aggregate from its history, once `ready` says it is as awaited.
+async fn state_when(server: &Server, path: &str, ready: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let answer = server.get(path).await;
+        if answer.status == 200 && ready(&answer.body["state"]) {
+            return answer.body["state"].clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{path}: {}\n{}",
+            answer.body,
+            server.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn events_of(db: &Fixture, event_type: &str) -> Vec<annals_store::RecordedEvent> {
+    db.store()
+        .read_all(
+            1,
+            100_000,
+            &annals_store::LogFilter::event_types([event_type]),
+        )
+        .await
+        .unwrap()
+        .events
+}
+
+async fn an_order_goes_from_placed_to_a_running_subscription(db: Arc<Fixture>) {
+    let server = Server::start(db.url());
+    let deal = won_deal(&server).await;
+    let order = placed(&server, &deal).await;
+    let history = format!("/orders/{order}/history");
+    let invoiced = state_when(&server, &history, |s| s["status"] == "invoiced").await;
+    assert_eq!(
+        invoiced["total"],
+        json!({"currency": "EUR", "amount_minor": TOTAL})
+    );
+    let order_id: uuid::Uuid = order.parse().unwrap();
+    assert_eq!(invoiced["invoice_id"], json!(invoice_id(order_id)));
+
+    // A payment of another amount is refused; the total is taken.
+    let short = server
+        .post(
+            &format!("/orders/{order}/pay"),
+            json!({"amount": {"currency": "EUR", "amount_minor": TOTAL - 1}}),
+        )
+        .await;
+    assert_eq!((short.status, short.code()), (422, "amount-mismatch"));
+    server
+        .command(
+            &format!("/orders/{order}/pay"),
+            json!({"amount": {"currency": "EUR", "amount_minor": TOTAL}}),
+        )
+        .await;
+    let fulfilled = state_when(&server, &history, |s| s["status"] == "fulfilled").await;
+    assert_eq!(fulfilled["paid"]["amount_minor"], TOTAL);
+    let subscription = subscription_id(order_id);
+    let running = state_when(
+        &server,
+        &format!("/subscriptions/{subscription}/history"),
+        |s| s["status"] == "active",
+    )
+    .await;
+    assert_eq!(
+        running["mrr"],
+        json!({"currency": "EUR", "amount_minor": 9900})
+    );
+    assert_eq!(running["order_id"], json!(order_id));
+
+    // Each step once, each caused by the one before: the saga's events name their cause.
+    let started = events_of(&db, "SubscriptionStarted").await;
+    let payments = events_of(&db, "PaymentReceived").await;
+    assert_eq!((started.len(), payments.len()), (1, 1));
+    assert_eq!(
+        started[0].metadata.causation_id.as_deref(),
+        Some(payments[0].event_id.to_string().as_str())
+    );
+    assert_eq!(
+        events_of(&db, "TimerCancelled").await.len(),
+        1,
+        "the deadline stopped"
+    );
+
+    // The subscription expands, contracts and churns over HTTP.
+    let path = |action: &str| format!("/subscriptions/{subscription}/{action}");
+    let mrr = |amount_minor: i64| json!({"mrr": {"currency": "EUR", "amount_minor": amount_minor}});
+    server.command(&path("expand"), mrr(19_900)).await;
+    let lower = server.post(&path("expand"), mrr(10_000)).await;
+    assert_eq!(lower.status, 409, "{:?}", lower.body);
+    server.command(&path("contract"), mrr(14_900)).await;
+    server
+        .command(&path("churn"), json!({"reason": "budget"}))
+        .await;
+    let churned = server.post(&path("churn"), json!({})).await;
+    assert_eq!(churned.status, 409, "{:?}", churned.body);
+}
+
+async fn an_unpaid_order_is_cancelled_at_its_deadline_and_a_late_payment_refused(db: Arc<Fixture>) {
+    let server = Server::start_with(db.url(), &with_timeout());
+    let deal = won_deal(&server).await;
+    let order = placed(&server, &deal).await;
+    let history = format!("/orders/{order}/history");
+    state_when(&server, &history, |s| s["status"] == "invoiced").await;
+    let cancelled = state_when(&server, &history, |s| s["status"] == "cancelled").await;
+    assert_eq!(
+        cancelled["invoice_id"],
+        Value::Null,
+        "the invoice is voided"
+    );
+    let voided = events_of(&db, "InvoiceVoided").await;
+    assert_eq!(voided.len(), 1);
+    assert_eq!(voided[0].data["reason"], "payment-timeout");
+    let reasons: Vec<Value> = events_of(&db, "OrderCancelled")
+        .await
+        .iter()
+        .map(|e| e.data["reason"].clone())
+        .collect();
+    assert_eq!(reasons, [json!("payment-timeout")]);
+
+    // The money arrives late: refused, never taken silently.
+    let late = server
+        .post(
+            &format!("/orders/{order}/pay"),
+            json!({"amount": {"currency": "EUR", "amount_minor": TOTAL}}),
+        )
+        .await;
+    assert_eq!(late.status, 409, "{:?}", late.body);
+    assert!(events_of(&db, "PaymentReceived").await.is_empty());
+    assert!(events_of(&db, "SubscriptionStarted").await.is_empty());
+}
+
+/// Orders placed and paid while the server is killed -9 after each few commands, then
+/// started again: every paid order ends fulfilled with one subscription, every unpaid
+/// one cancelled at its deadline, and no step twice.
+async fn the_saga_finishes_each_order_once_across_kill_9(db: Arc<Fixture>) {
+    let (mut paid, mut unpaid) = (Vec::new(), Vec::new());
+    for round in 0..3 {
+        let server = Server::start_with(db.url(), &with_timeout());
+        let deal = won_deal(&server).await;
+        for n in 0..=round {
+            let order = placed(&server, &deal).await;
+            if n % 2 == 0 {
+                let history = format!("/orders/{order}/history");
+                state_when(&server, &history, |s| s["status"] == "invoiced").await;
+                server
+                    .command(
+                        &format!("/orders/{order}/pay"),
+                        json!({"amount": {"currency": "EUR", "amount_minor": TOTAL}}),
+                    )
+                    .await;
+                paid.push(order);
+            } else {
+                unpaid.push(order);
+            }
+        }
+        server.kill();
+    }
+    let server = Server::start_with(db.url(), &with_timeout());
+    for order in &paid {
+        state_when(&server, &format!("/orders/{order}/history"), |s| {
+            s["status"] == "fulfilled"
+        })
+        .await;
+    }
+    for order in &unpaid {
+        state_when(&server, &format!("/orders/{order}/history"), |s| {
+            s["status"] == "cancelled"
+        })
+        .await;
+    }
+    let placed_orders = paid.len() + unpaid.len();
+    assert_eq!(events_of(&db, "OrderInvoiced").await.len(), placed_orders);
+    assert_eq!(events_of(&db, "TimerScheduled").await.len(), placed_orders);
+    assert_eq!(events_of(&db, "OrderFulfilled").await.len(), paid.len());
+    assert_eq!(
+        events_of(&db, "SubscriptionStarted").await.len(),
+        paid.len()
+    );
+    assert_eq!(events_of(&db, "OrderCancelled").await.len(), unpaid.len());
+}
