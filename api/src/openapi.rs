@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use annals_domain::deal::DealStatus;
 use annals_domain::lead::LeadStatus;
+use annals_domain::order::OrderStatus;
 use annals_domain::values::{SignalKind, Source, Stage, Tier};
 use serde_json::Value;
 use utoipa::openapi::header::HeaderBuilder;
@@ -179,6 +180,7 @@ pub fn describe_domain_words(openapi: &mut utoipa::openapi::OpenApi) {
         DealStatus::CLOSED.iter().map(|s| s.as_str()).collect(),
     ));
     let statuses = words(LeadStatus::CAPTURED.iter().map(|s| s.as_str()).collect());
+    let order_statuses = words(OrderStatus::PLACED.iter().map(|s| s.as_str()).collect());
     // An optional field may also be null.
     let mut optional_tiers = tiers.clone();
     optional_tiers.push(Value::Null);
@@ -208,6 +210,7 @@ pub fn describe_domain_words(openapi: &mut utoipa::openapi::OpenApi) {
             let values = match (parameter.name.as_str(), path.as_str()) {
                 ("source", _) => &sources,
                 ("status", "/leads") => &statuses,
+                ("status", "/orders") => &order_statuses,
                 ("stage", "/deals") => &deal_stages,
                 _ => continue,
             };

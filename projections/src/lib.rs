@@ -56,6 +56,7 @@ pub mod lead_board;
 pub mod lead_conversion;
 pub mod lead_response;
 pub mod lead_routing;
+pub mod order_board;
 pub mod order_saga;
 pub mod queries;
 pub mod rows;
@@ -88,6 +89,7 @@ pub fn consumers(handlers: &Handlers, settings: &ProcessSettings) -> Vec<Consume
         Consumer::ReadModel(Arc::new(account_360::Account360)),
         Consumer::ReadModel(Arc::new(due_timers::DueTimers)),
         Consumer::ReadModel(Arc::new(lead_response::LeadResponse)),
+        Consumer::ReadModel(Arc::new(order_board::OrderBoard)),
         Consumer::Process(Arc::new(lead_conversion::LeadConversion::new(handlers))),
         Consumer::Process(Arc::new(lead_routing::LeadRouting::new(
             handlers.store(),

@@ -8,6 +8,8 @@ use std::fmt::Debug;
 
 use annals_domain::deal::DealStatus;
 use annals_domain::lead::LeadStatus;
+use annals_domain::order::OrderStatus;
+use annals_domain::subscription::SubscriptionStatus;
 use annals_store::RecordedEvent;
 use async_trait::async_trait;
 
@@ -162,7 +164,7 @@ macro_rules! status_column {
         }
     )*};
 }
-status_column!(LeadStatus, DealStatus);
+status_column!(LeadStatus, DealStatus, OrderStatus, SubscriptionStatus);
 
 /// A read model of rows keyed by one column, each row folded from events.
 pub trait RowModel: Send + Sync + Debug + 'static {

@@ -144,6 +144,50 @@ async fn an_order_goes_from_placed_to_a_running_subscription(db: Arc<Fixture>) {
         "the deadline stopped"
     );
 
+    // The order board shows the saga's steps, each done.
+    let view = state_of_order(&server, &order, |o| o["status"] == "fulfilled").await;
+    let steps: Vec<(String, String)> = view["saga"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["step"].as_str().unwrap().to_owned(),
+                s["status"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let done = |step: &str| (step.to_owned(), "done".to_owned());
+    assert_eq!(
+        steps,
+        [
+            done("place"),
+            done("invoice"),
+            done("payment"),
+            done("subscription"),
+            done("fulfil")
+        ],
+        "{view}"
+    );
+    assert_eq!(view["subscription_id"], json!(subscription));
+    assert_eq!(
+        view["total"],
+        json!({"currency": "EUR", "amount_minor": TOTAL})
+    );
+    assert_eq!(view["recurring_total"]["amount_minor"], 9900);
+    assert_eq!(view["lines"].as_array().unwrap().len(), 2);
+    let fulfilled = server.read("/orders?status=fulfilled").await;
+    assert_eq!(
+        fulfilled["items"].as_array().unwrap().len(),
+        1,
+        "{fulfilled}"
+    );
+    let account = view["account_id"].as_str().unwrap();
+    let of_account = server.read(&format!("/orders?account_id={account}")).await;
+    assert_eq!(of_account["items"][0]["id"], json!(order));
+    let bad = server.get("/orders?status=shipped").await;
+    assert_eq!(bad.status, 422);
+
     // The subscription expands, contracts and churns over HTTP.
     let path = |action: &str| format!("/subscriptions/{subscription}/{action}");
     let mrr = |amount_minor: i64| json!({"mrr": {"currency": "EUR", "amount_minor": amount_minor}});
@@ -190,6 +234,52 @@ async fn an_unpaid_order_is_cancelled_at_its_deadline_and_a_late_payment_refused
     assert_eq!(late.status, 409, "{:?}", late.body);
     assert!(events_of(&db, "PaymentReceived").await.is_empty());
     assert!(events_of(&db, "SubscriptionStarted").await.is_empty());
+
+    // The saga's steps: the invoice compensated, the payment failed, the order cancelled.
+    let view = state_of_order(&server, &order, |o| o["status"] == "cancelled").await;
+    let steps: Vec<(&str, &str)> = view["saga"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["step"].as_str().unwrap(), s["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            ("place", "done"),
+            ("invoice", "compensated"),
+            ("payment", "failed"),
+            ("cancel", "done")
+        ],
+        "{view}"
+    );
+    assert_eq!(view["cancel_reason"], "payment-timeout");
+    verify_every_read_model(&server).await;
+}
+
+/// The order board's view of an order, once `ready` says it is as awaited.
+async fn state_of_order(server: &Server, order: &str, ready: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let answer = server.get(&format!("/orders/{order}")).await;
+        if answer.status == 200 && ready(&answer.body) {
+            return answer.body;
+        }
+        assert!(Instant::now() < deadline, "{}", answer.body);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn verify_every_read_model(server: &Server) {
+    let projections = server.read("/admin/projections").await;
+    for item in projections["items"].as_array().unwrap() {
+        let name = item["name"].as_str().unwrap();
+        let verified = server
+            .admin(&format!("/admin/projections/{name}/verify"))
+            .await;
+        assert_eq!(verified.status, 200, "{name}: {:?}", verified.body);
+        assert_eq!(verified.body["equal"], true, "{name}: {:?}", verified.body);
+    }
 }
 
 /// Orders placed and paid while the server is killed -9 after each few commands, then
@@ -240,4 +330,5 @@ async fn the_saga_finishes_each_order_once_across_kill_9(db: Arc<Fixture>) {
         paid.len()
     );
     assert_eq!(events_of(&db, "OrderCancelled").await.len(), unpaid.len());
+    verify_every_read_model(&server).await;
 }

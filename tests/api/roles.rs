@@ -15,7 +15,7 @@ on_both_backends!(every_route_admits_exactly_its_roles);
 
 /// `api.md`'s roles, route by route: `None` is open, otherwise the role that may call
 /// it besides the operator (who may call everything).
-const CONTRACT: [(&str, &str, Option<&str>); 48] = [
+const CONTRACT: [(&str, &str, Option<&str>); 50] = [
     ("post", "/leads", Some("writer")),
     ("post", "/leads/{id}/signals", Some("writer")),
     ("post", "/leads/{id}/assign", Some("writer")),
@@ -55,6 +55,8 @@ const CONTRACT: [(&str, &str, Option<&str>); 48] = [
     ("post", "/orders/{id}/pay", Some("writer")),
     ("post", "/orders/{id}/cancel", Some("writer")),
     ("get", "/orders/{id}/history", Some("analyst")),
+    ("get", "/orders", Some("analyst")),
+    ("get", "/orders/{id}", Some("analyst")),
     ("post", "/subscriptions/{id}/expand", Some("writer")),
     ("post", "/subscriptions/{id}/contract", Some("writer")),
     ("post", "/subscriptions/{id}/churn", Some("writer")),

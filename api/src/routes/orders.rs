@@ -5,22 +5,23 @@ use std::sync::Arc;
 
 use annals_domain::DomainError;
 use annals_domain::deal::{Deal, DealStatus};
-use annals_domain::order::{Order, OrderCommand, OrderDeal, OrderLine, OrderLines};
+use annals_domain::order::{Order, OrderCommand, OrderDeal, OrderLine, OrderLines, OrderStatus};
 use annals_domain::values::{Quantity, Reason, Sku};
+use annals_projections::order_board::{self, OrderFilter, OrderRow};
 use axum::Json;
 use axum::extract::State;
 use axum::response::Response;
-use serde::Deserialize;
-use utoipa::ToSchema;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use super::{answer, created, execute, history, resource};
-use crate::contract::Bounded;
+use super::{answer, created, execute, history, resource, snapshot, with_position};
+use crate::contract::{Bounded, Limit};
 use crate::dto::*;
 use crate::error::ApiError;
-use crate::extract::{CommandMeta, Id, JsonBody, Params};
+use crate::extract::{CommandMeta, Id, JsonBody, Params, limit};
 use crate::openapi::{CommandProblems, QueryProblems};
 use crate::server::App;
 
@@ -29,6 +30,8 @@ pub fn routes() -> OpenApiRouter<Arc<App>> {
         .routes(routes!(place_order))
         .routes(routes!(pay_order))
         .routes(routes!(cancel_order))
+        .routes(routes!(list_orders))
+        .routes(routes!(get_order))
         .routes(routes!(order_history))
 }
 
@@ -84,6 +87,185 @@ pub struct PayOrder {
 pub struct CancelOrder {
     /// 1–500 characters once trimmed.
     pub reason: String,
+}
+
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct OrderListQuery {
+    /// `placed`, `invoiced`, `paid`, `fulfilled` or `cancelled`.
+    pub status: Option<String>,
+    pub account_id: Option<Uuid>,
+    /// Default 50.
+    #[param(inline)]
+    pub limit: Option<Limit>,
+    /// A `next_cursor` from an earlier page.
+    #[param(pattern = r"^-?[0-9]{1,19}_[0-9A-Za-z:.\-]{0,64}$")]
+    pub cursor: Option<String>,
+}
+
+/// One line of an order, as placed.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct OrderLineView {
+    pub sku: String,
+    pub quantity: u32,
+    pub unit_price: MoneyBody,
+    pub recurring: bool,
+}
+
+/// One step of the order saga.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SagaStepView {
+    /// `place`, `invoice`, `payment`, `subscription`, `fulfil` or `cancel`.
+    pub step: String,
+    /// `done`, `waiting`, `compensated` or `failed`.
+    pub status: String,
+    /// When it reached that status (RFC 3339).
+    pub at: String,
+}
+
+/// An order, as the order board shows it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OrderView {
+    pub id: String,
+    pub deal_id: String,
+    pub account_id: String,
+    /// `placed`, `invoiced`, `paid`, `fulfilled` or `cancelled`.
+    pub status: String,
+    pub lines: Vec<OrderLineView>,
+    pub total: MoneyBody,
+    /// The monthly price of the recurring lines: the subscription's MRR once paid.
+    pub recurring_total: MoneyBody,
+    /// While invoiced or paid (`null` before, and once the invoice is voided).
+    pub invoice_id: Option<String>,
+    /// When the payment is due (RFC 3339), while invoiced.
+    pub due_at: Option<String>,
+    pub paid: Option<MoneyBody>,
+    pub refunded: Option<MoneyBody>,
+    pub subscription_id: Option<String>,
+    pub cancel_reason: Option<String>,
+    pub placed_at: String,
+    /// The order process's steps, in order.
+    pub saga: Vec<SagaStepView>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OrderList {
+    pub items: Vec<OrderView>,
+    /// `null` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+fn order_view(row: OrderRow) -> Result<OrderView, ApiError> {
+    let money = |amount_minor: i64| MoneyBody {
+        currency: row.currency.clone(),
+        amount_minor,
+    };
+    let lines: Vec<OrderLine> = serde_json::from_str(&row.lines).map_err(|e| {
+        annals_projections::ProjectionError::Corrupt(format!("order_board.lines: {e}"))
+    })?;
+    Ok(OrderView {
+        saga: row
+            .saga_steps()?
+            .into_iter()
+            .map(|s| SagaStepView {
+                step: s.step,
+                status: s.status,
+                at: s.at,
+            })
+            .collect(),
+        lines: lines
+            .into_iter()
+            .map(|line| OrderLineView {
+                sku: line.sku.as_str().to_owned(),
+                quantity: line.quantity.get(),
+                unit_price: MoneyBody {
+                    currency: line.unit_price.currency.as_str().to_owned(),
+                    amount_minor: line.unit_price.amount_minor,
+                },
+                recurring: line.recurring,
+            })
+            .collect(),
+        total: money(row.total_minor),
+        recurring_total: money(row.recurring_minor),
+        paid: row.paid_minor.map(money),
+        refunded: row.refunded_minor.map(money),
+        id: row.order_id,
+        deal_id: row.deal_id,
+        account_id: row.account_id,
+        status: row.status.as_str().to_owned(),
+        invoice_id: row.invoice_id,
+        due_at: row.due_at,
+        subscription_id: row.subscription_id,
+        cancel_reason: row.cancel_reason,
+        placed_at: row.placed_at,
+    })
+}
+
+/// Orders, in the order they were placed, by status or account.
+#[utoipa::path(get, path = "/orders", tag = "orders",
+    params(OrderListQuery, Consistency),
+    responses((status = 200, description = "A page of orders", body = OrderList,
+        headers(("Annals-Position" = u64, description = "How far the read model had read the log"))),
+        QueryProblems),
+    security(("bearer" = ["analyst"])))]
+async fn list_orders(
+    State(app): State<Arc<App>>,
+    Params(query): Params<OrderListQuery>,
+    Params(consistency): Params<Consistency>,
+) -> Result<Response, ApiError> {
+    if let Some(status) = &query.status {
+        OrderStatus::parse(status)
+            .filter(|s| *s != OrderStatus::Absent)
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    "invalid-parameter",
+                    format!("status {status:?} is not one of: placed, invoiced, paid, fulfilled, cancelled"),
+                )
+            })?;
+    }
+    let limit = limit(query.limit);
+    let (mut snapshot, position) =
+        snapshot(&app, &[order_board::NAME], consistency.position()).await?;
+    let filter = OrderFilter {
+        status: query.status,
+        account_id: query.account_id.map(|id| id.to_string()),
+    };
+    let page = snapshot
+        .orders(&filter, limit, query.cursor.as_deref())
+        .await?;
+    snapshot.finish().await?;
+    Ok(with_position(
+        position,
+        Json(OrderList {
+            items: page
+                .items
+                .into_iter()
+                .map(order_view)
+                .collect::<Result<_, _>>()?,
+            next_cursor: page.next_cursor,
+        }),
+    ))
+}
+
+/// One order, with the order process's steps.
+#[utoipa::path(get, path = "/orders/{id}", tag = "orders",
+    params(("id" = Uuid, Path), Consistency),
+    responses((status = 200, description = "The order", body = OrderView,
+        headers(("Annals-Position" = u64, description = "How far the read model had read the log"))),
+        QueryProblems),
+    security(("bearer" = ["analyst"])))]
+async fn get_order(
+    State(app): State<Arc<App>>,
+    Id(id): Id,
+    Params(consistency): Params<Consistency>,
+) -> Result<Response, ApiError> {
+    let (mut snapshot, position) =
+        snapshot(&app, &[order_board::NAME], consistency.position()).await?;
+    let order = snapshot.order(&id.to_string()).await?;
+    snapshot.finish().await?;
+    let order =
+        order.ok_or_else(|| ApiError::not_found("order-not-found", "the order does not exist"))?;
+    Ok(with_position(position, Json(order_view(order)?)))
 }
 
 /// The deal an order is for, as the store has it.
