@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use annals_domain::deal::DealStatus;
 use annals_domain::lead::LeadStatus;
 use annals_domain::order::OrderStatus;
+use annals_domain::subscription::SubscriptionStatus;
 use annals_domain::values::{SignalKind, Source, Stage, Tier};
 use serde_json::Value;
 use utoipa::openapi::header::HeaderBuilder;
@@ -181,6 +182,12 @@ pub fn describe_domain_words(openapi: &mut utoipa::openapi::OpenApi) {
     ));
     let statuses = words(LeadStatus::CAPTURED.iter().map(|s| s.as_str()).collect());
     let order_statuses = words(OrderStatus::PLACED.iter().map(|s| s.as_str()).collect());
+    let subscription_statuses = words(
+        SubscriptionStatus::STARTED
+            .iter()
+            .map(|s| s.as_str())
+            .collect(),
+    );
     // An optional field may also be null.
     let mut optional_tiers = tiers.clone();
     optional_tiers.push(Value::Null);
@@ -211,6 +218,7 @@ pub fn describe_domain_words(openapi: &mut utoipa::openapi::OpenApi) {
                 ("source", _) => &sources,
                 ("status", "/leads") => &statuses,
                 ("status", "/orders") => &order_statuses,
+                ("status", "/subscriptions") => &subscription_statuses,
                 ("stage", "/deals") => &deal_stages,
                 _ => continue,
             };

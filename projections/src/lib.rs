@@ -62,6 +62,7 @@ pub mod queries;
 pub mod rows;
 mod runner;
 mod sql;
+pub mod subscription_board;
 pub mod timers;
 mod verify;
 
@@ -90,6 +91,7 @@ pub fn consumers(handlers: &Handlers, settings: &ProcessSettings) -> Vec<Consume
         Consumer::ReadModel(Arc::new(due_timers::DueTimers)),
         Consumer::ReadModel(Arc::new(lead_response::LeadResponse)),
         Consumer::ReadModel(Arc::new(order_board::OrderBoard)),
+        Consumer::ReadModel(Arc::new(subscription_board::SubscriptionBoard)),
         Consumer::Process(Arc::new(lead_conversion::LeadConversion::new(handlers))),
         Consumer::Process(Arc::new(lead_routing::LeadRouting::new(
             handlers.store(),

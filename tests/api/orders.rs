@@ -195,11 +195,43 @@ async fn an_order_goes_from_placed_to_a_running_subscription(db: Arc<Fixture>) {
     let lower = server.post(&path("expand"), mrr(10_000)).await;
     assert_eq!(lower.status, 409, "{:?}", lower.body);
     server.command(&path("contract"), mrr(14_900)).await;
-    server
+    let churn = server
         .command(&path("churn"), json!({"reason": "budget"}))
         .await;
-    let churned = server.post(&path("churn"), json!({})).await;
-    assert_eq!(churned.status, 409, "{:?}", churned.body);
+    let again = server.post(&path("churn"), json!({})).await;
+    assert_eq!(again.status, 409, "{:?}", again.body);
+
+    // The subscription board: churned, with the MRR lost; by account and by status.
+    let position = churn["position"].as_u64().unwrap();
+    let board = server
+        .read(&format!(
+            "/subscriptions/{subscription}?min_position={position}"
+        ))
+        .await;
+    assert_eq!(board["status"], "churned", "{board}");
+    assert_eq!(
+        board["mrr"],
+        json!({"currency": "EUR", "amount_minor": 14_900})
+    );
+    assert_eq!(board["order_id"], json!(order));
+    assert!(board["churned_at"].is_string(), "{board}");
+    let of_account = server
+        .read(&format!(
+            "/subscriptions?account_id={account}&min_position={position}"
+        ))
+        .await;
+    assert_eq!(
+        of_account["items"][0]["id"],
+        json!(subscription),
+        "{of_account}"
+    );
+    let active = server
+        .read(&format!(
+            "/subscriptions?status=active&min_position={position}"
+        ))
+        .await;
+    assert_eq!(active["items"], json!([]), "{active}");
+    assert_eq!(server.get("/subscriptions?status=paused").await.status, 422);
 }
 
 async fn an_unpaid_order_is_cancelled_at_its_deadline_and_a_late_payment_refused(db: Arc<Fixture>) {

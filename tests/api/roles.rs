@@ -15,7 +15,7 @@ on_both_backends!(every_route_admits_exactly_its_roles);
 
 /// `api.md`'s roles, route by route: `None` is open, otherwise the role that may call
 /// it besides the operator (who may call everything).
-const CONTRACT: [(&str, &str, Option<&str>); 50] = [
+const CONTRACT: [(&str, &str, Option<&str>); 52] = [
     ("post", "/leads", Some("writer")),
     ("post", "/leads/{id}/signals", Some("writer")),
     ("post", "/leads/{id}/assign", Some("writer")),
@@ -61,6 +61,8 @@ const CONTRACT: [(&str, &str, Option<&str>); 50] = [
     ("post", "/subscriptions/{id}/contract", Some("writer")),
     ("post", "/subscriptions/{id}/churn", Some("writer")),
     ("get", "/subscriptions/{id}/history", Some("analyst")),
+    ("get", "/subscriptions", Some("analyst")),
+    ("get", "/subscriptions/{id}", Some("analyst")),
     ("get", "/analytics/response-times", Some("analyst")),
     ("put", "/admin/routing", Some("operator")),
     ("get", "/admin/consumers/{name}/parked", Some("operator")),
