@@ -59,6 +59,7 @@ pub mod lead_routing;
 pub mod order_board;
 pub mod order_saga;
 pub mod queries;
+pub mod revenue;
 pub mod rows;
 mod runner;
 mod sql;
@@ -92,6 +93,7 @@ pub fn consumers(handlers: &Handlers, settings: &ProcessSettings) -> Vec<Consume
         Consumer::ReadModel(Arc::new(lead_response::LeadResponse)),
         Consumer::ReadModel(Arc::new(order_board::OrderBoard)),
         Consumer::ReadModel(Arc::new(subscription_board::SubscriptionBoard)),
+        Consumer::ReadModel(Arc::new(revenue::Revenue)),
         Consumer::Process(Arc::new(lead_conversion::LeadConversion::new(handlers))),
         Consumer::Process(Arc::new(lead_routing::LeadRouting::new(
             handlers.store(),

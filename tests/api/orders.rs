@@ -232,6 +232,45 @@ async fn an_order_goes_from_placed_to_a_running_subscription(db: Arc<Fixture>) {
         .await;
     assert_eq!(active["items"], json!([]), "{active}");
     assert_eq!(server.get("/subscriptions?status=paused").await.status, 422);
+
+    // Recurring revenue: 99.00 new, expanded by 100.00, contracted by 50.00, churned at
+    // 149.00, summed over the months (a run may cross a month's end); nothing left.
+    let revenue = server
+        .read(&format!(
+            "/analytics/revenue?currency=EUR&min_position={position}"
+        ))
+        .await;
+    let months = revenue["currencies"][0]["months"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let total = |field: &str| {
+        months
+            .iter()
+            .map(|m| m[field].as_i64().unwrap())
+            .sum::<i64>()
+    };
+    assert_eq!(
+        [
+            total("new"),
+            total("expansion"),
+            total("contraction"),
+            total("churn")
+        ],
+        [9_900, 10_000, 5_000, 14_900],
+        "{revenue}"
+    );
+    assert_eq!(months.last().unwrap()["mrr_end"], 0, "{revenue}");
+    assert_eq!(months[0]["mrr_start"], 0, "{revenue}");
+    assert_eq!(
+        revenue["currencies"][0]["nrr"],
+        Value::Null,
+        "no window start"
+    );
+    let none = server.read("/analytics/revenue?currency=USD").await;
+    assert_eq!(none["currencies"], json!([]), "{none}");
+    let lower = server.get("/analytics/revenue?currency=eur").await;
+    assert_eq!((lower.status, lower.code()), (422, "invalid-currency"));
 }
 
 async fn an_unpaid_order_is_cancelled_at_its_deadline_and_a_late_payment_refused(db: Arc<Fixture>) {

@@ -15,7 +15,7 @@ on_both_backends!(every_route_admits_exactly_its_roles);
 
 /// `api.md`'s roles, route by route: `None` is open, otherwise the role that may call
 /// it besides the operator (who may call everything).
-const CONTRACT: [(&str, &str, Option<&str>); 52] = [
+const CONTRACT: [(&str, &str, Option<&str>); 53] = [
     ("post", "/leads", Some("writer")),
     ("post", "/leads/{id}/signals", Some("writer")),
     ("post", "/leads/{id}/assign", Some("writer")),
@@ -64,6 +64,7 @@ const CONTRACT: [(&str, &str, Option<&str>); 52] = [
     ("get", "/subscriptions", Some("analyst")),
     ("get", "/subscriptions/{id}", Some("analyst")),
     ("get", "/analytics/response-times", Some("analyst")),
+    ("get", "/analytics/revenue", Some("analyst")),
     ("put", "/admin/routing", Some("operator")),
     ("get", "/admin/consumers/{name}/parked", Some("operator")),
     (

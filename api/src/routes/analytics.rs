@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use annals_domain::values::Source;
-use annals_projections::{deal_board, lead_board, lead_response, queries};
+use annals_projections::{deal_board, lead_board, lead_response, queries, revenue};
 use axum::Json;
 use axum::extract::State;
 use axum::response::Response;
@@ -25,6 +25,59 @@ pub fn routes() -> OpenApiRouter<Arc<App>> {
         .routes(routes!(funnel))
         .routes(routes!(pipeline))
         .routes(routes!(response_times))
+        .routes(routes!(revenue_figures))
+}
+
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct RevenueQuery {
+    /// RFC 3339, inclusive; without it, from the first change of MRR (and no NRR, GRR).
+    pub from: Option<DateTime<Utc>>,
+    /// RFC 3339, exclusive; without it, up to now.
+    pub to: Option<DateTime<Utc>>,
+    /// Only this currency (three upper-case letters).
+    #[param(pattern = "^[A-Z]{3}$")]
+    pub currency: Option<String>,
+}
+
+/// One month's recurring revenue in one currency, in minor units.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RevenueMonthView {
+    /// `YYYY-MM` (UTC).
+    pub month: String,
+    /// The MRR at the month's start.
+    pub mrr_start: i64,
+    /// The MRR of subscriptions started in the month.
+    pub new: i64,
+    /// The sum of increases.
+    pub expansion: i64,
+    /// The sum of decreases.
+    pub contraction: i64,
+    /// The MRR of subscriptions churned.
+    pub churn: i64,
+    /// `mrr_start + new + expansion − contraction − churn`: the MRR at the month's end.
+    pub mrr_end: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CurrencyRevenueView {
+    pub currency: String,
+    /// Every calendar month the window touches, in order, from the month of the
+    /// currency's first change of MRR up to this month (or that of its last change).
+    pub months: Vec<RevenueMonthView>,
+    /// Net revenue retention: the MRR at `to` of the accounts that had MRR at `from`, over
+    /// the MRR at `from`; `null` when that is 0 or there is no `from`.
+    pub nrr: Option<f64>,
+    /// Gross revenue retention: the same with each account's MRR at `to` capped at its
+    /// MRR at `from` (no expansion counted).
+    pub grr: Option<f64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RevenueView {
+    pub from: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
+    pub currencies: Vec<CurrencyRevenueView>,
 }
 
 #[derive(Debug, Default, Deserialize, IntoParams)]
@@ -267,6 +320,62 @@ async fn response_times(
                     median_seconds: o.median_seconds,
                     p90_seconds: o.p90_seconds,
                     breached: o.breached,
+                })
+                .collect(),
+        }),
+    ))
+}
+
+/// Recurring revenue per currency and month (MRR at the start, new, expansion,
+/// contraction, churn, MRR at the end), and net and gross revenue retention over the
+/// window.
+#[utoipa::path(get, path = "/analytics/revenue", tag = "analytics",
+    params(RevenueQuery, Consistency),
+    responses((status = 200, description = "Recurring revenue", body = RevenueView,
+        headers(("Annals-Position" = u64, description = "How far the read model had read the log"))),
+        QueryProblems),
+    security(("bearer" = ["analyst"])))]
+async fn revenue_figures(
+    State(app): State<Arc<App>>,
+    Params(query): Params<RevenueQuery>,
+    Params(consistency): Params<Consistency>,
+) -> Result<Response, ApiError> {
+    if let Some(currency) = &query.currency {
+        annals_domain::values::Currency::parse(currency)?;
+    }
+    let (mut snapshot, position) = snapshot(&app, &[revenue::NAME], consistency.position()).await?;
+    let currencies = snapshot
+        .revenue(
+            query.from.map(|t| t.timestamp_micros()),
+            query.to.map(|t| t.timestamp_micros()),
+            query.currency.as_deref(),
+        )
+        .await?;
+    snapshot.finish().await?;
+    Ok(with_position(
+        position,
+        Json(RevenueView {
+            from: query.from,
+            to: query.to,
+            currencies: currencies
+                .into_iter()
+                .map(|c| CurrencyRevenueView {
+                    currency: c.currency,
+                    months: c
+                        .months
+                        .into_iter()
+                        .map(|m| RevenueMonthView {
+                            month: m.month,
+                            mrr_start: m.mrr_start,
+                            new: m.new,
+                            expansion: m.expansion,
+                            contraction: m.contraction,
+                            churn: m.churn,
+                            mrr_end: m.mrr_end,
+                        })
+                        .collect(),
+                    nrr: c.nrr,
+                    grr: c.grr,
                 })
                 .collect(),
         }),
