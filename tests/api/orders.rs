@@ -187,6 +187,20 @@ async fn an_order_goes_from_placed_to_a_running_subscription(db: Arc<Fixture>) {
     assert_eq!(of_account["items"][0]["id"], json!(order));
     let bad = server.get("/orders?status=shipped").await;
     assert_eq!(bad.status, 422);
+    // The account's view gains its orders and its MRR now.
+    let account_view = state_of(&server, &format!("/accounts/{account}"), |a| {
+        a["mrr"] == json!([{"currency": "EUR", "amount_minor": 9900}])
+    })
+    .await;
+    assert_eq!(
+        account_view["orders"][0]["id"],
+        json!(order),
+        "{account_view}"
+    );
+    assert_eq!(
+        account_view["orders"][0]["status"], "fulfilled",
+        "{account_view}"
+    );
 
     // The subscription expands, contracts and churns over HTTP.
     let path = |action: &str| format!("/subscriptions/{subscription}/{action}");
@@ -269,6 +283,10 @@ async fn an_order_goes_from_placed_to_a_running_subscription(db: Arc<Fixture>) {
     );
     let none = server.read("/analytics/revenue?currency=USD").await;
     assert_eq!(none["currencies"], json!([]), "{none}");
+    let after = server
+        .read(&format!("/accounts/{account}?min_position={position}"))
+        .await;
+    assert_eq!(after["mrr"], json!([]), "churned: no MRR left");
     let lower = server.get("/analytics/revenue?currency=eur").await;
     assert_eq!((lower.status, lower.code()), (422, "invalid-currency"));
 }
@@ -326,6 +344,19 @@ async fn an_unpaid_order_is_cancelled_at_its_deadline_and_a_late_payment_refused
     );
     assert_eq!(view["cancel_reason"], "payment-timeout");
     verify_every_read_model(&server).await;
+}
+
+/// What `path` answers, once `ready` says it is as awaited.
+async fn state_of(server: &Server, path: &str, ready: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let answer = server.get(path).await;
+        if answer.status == 200 && ready(&answer.body) {
+            return answer.body;
+        }
+        assert!(Instant::now() < deadline, "{path}: {}", answer.body);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// The order board's view of an order, once `ready` says it is as awaited.

@@ -5,6 +5,8 @@ use std::sync::Arc;
 use annals_domain::DomainError;
 use annals_domain::account::{Account, AccountCommand};
 use annals_domain::values::{Label, Name, Tier};
+use annals_projections::order_board::{self, OrderFilter};
+use annals_projections::subscription_board::{self, SubscriptionFilter};
 use annals_projections::{account_360, deal_board, lead_board};
 use axum::Json;
 use axum::extract::State;
@@ -93,6 +95,18 @@ pub struct AccountDealItem {
     pub amount: MoneyBody,
 }
 
+/// One order of an account.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AccountOrderItem {
+    pub id: String,
+    /// `placed`, `invoiced`, `paid`, `fulfilled` or `cancelled`.
+    pub status: String,
+    pub total: MoneyBody,
+}
+
+/// The most orders an account's view lists (`GET /orders?account_id=` pages through all).
+const ACCOUNT_ORDERS: usize = 100;
+
 /// An account with its deals, converted leads and won amounts.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct AccountView {
@@ -106,6 +120,10 @@ pub struct AccountView {
     pub converted_leads: Vec<String>,
     /// Won amount per currency.
     pub won: Vec<MoneyBody>,
+    /// Its first 100 orders, in the order they were placed.
+    pub orders: Vec<AccountOrderItem>,
+    /// Its monthly recurring revenue now (active subscriptions), per currency.
+    pub mrr: Vec<MoneyBody>,
 }
 
 /// Open an account.
@@ -178,11 +196,47 @@ async fn get_account(
 ) -> Result<Response, ApiError> {
     let (mut snapshot, position) = snapshot(
         &app,
-        &[account_360::NAME, deal_board::NAME, lead_board::NAME],
+        &[
+            account_360::NAME,
+            deal_board::NAME,
+            lead_board::NAME,
+            order_board::NAME,
+            subscription_board::NAME,
+        ],
         consistency.position(),
     )
     .await?;
     let account = snapshot.account_360(&id.to_string()).await?;
+    let of_account = Some(id.to_string());
+    let orders = snapshot
+        .orders(
+            &OrderFilter {
+                account_id: of_account.clone(),
+                status: None,
+            },
+            ACCOUNT_ORDERS,
+            None,
+        )
+        .await?;
+    let mut subscriptions = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = snapshot
+            .subscriptions(
+                &SubscriptionFilter {
+                    account_id: of_account.clone(),
+                    status: Some("active".to_owned()),
+                },
+                500,
+                cursor.as_deref(),
+            )
+            .await?;
+        subscriptions.extend(page.items);
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
     snapshot.finish().await?;
     let account = account
         .ok_or_else(|| ApiError::not_found("account-not-found", "the account does not exist"))?;
@@ -212,6 +266,22 @@ async fn get_account(
                 .collect(),
             converted_leads: account.converted_leads,
             won: account.won.into_iter().map(|(c, a)| money(c, a)).collect(),
+            orders: orders
+                .items
+                .into_iter()
+                .map(|o| AccountOrderItem {
+                    total: money(o.currency, o.total_minor),
+                    id: o.order_id,
+                    status: o.status.as_str().to_owned(),
+                })
+                .collect(),
+            mrr: {
+                let mut by_currency = std::collections::BTreeMap::<String, i64>::new();
+                for s in subscriptions {
+                    *by_currency.entry(s.currency).or_default() += s.mrr_minor;
+                }
+                by_currency.into_iter().map(|(c, a)| money(c, a)).collect()
+            },
         }),
     ))
 }
