@@ -540,7 +540,13 @@ async fn postgres_projections_move_to_the_other_server_when_one_is_killed() {
             strip_ansi(&server.logs()).contains(&taken)
         };
         // The read models and the conversion process: every consumer's lease moves.
-        let projections = ["lead_board", "deal_board", "account_360", "lead_conversion"];
+        let projections = [
+            "lead_board",
+            "deal_board",
+            "account_360",
+            "lead_conversion",
+            "order_saga",
+        ];
         // The first server takes every consumer's lease just after it is ready.
         let deadline = Instant::now() + Duration::from_secs(10);
         while !projections.iter().all(|p| holds(&first, p)) {
@@ -637,6 +643,49 @@ async fn postgres_projections_move_to_the_other_server_when_one_is_killed() {
             assert!(
                 killed.elapsed() < Duration::from_secs(10),
                 "the deal was not opened within 10 s of the kill:\n{}",
+                second.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // And the order saga: an order placed and paid on the survivor is fulfilled.
+        let won = second
+            .command(
+                "/deals",
+                json!({"account_id": account["id"], "name": "Saga",
+                       "amount": {"currency": "EUR", "amount_minor": 100}}),
+            )
+            .await;
+        let deal = won["id"].as_str().unwrap();
+        second
+            .command(&format!("/deals/{deal}/win"), json!({}))
+            .await;
+        let order = second
+            .command(
+                "/orders",
+                json!({"deal_id": deal, "lines": [{"sku": "S", "quantity": 1,
+                       "unit_price": {"currency": "EUR", "amount_minor": 100}}]}),
+            )
+            .await;
+        let order = order["id"].as_str().unwrap().to_owned();
+        let history = format!("/orders/{order}/history");
+        let mut paid = false;
+        loop {
+            let state = second.get(&history).await.body["state"]["status"].clone();
+            if state == "invoiced" && !paid {
+                second
+                    .command(
+                        &format!("/orders/{order}/pay"),
+                        json!({"amount": {"currency": "EUR", "amount_minor": 100}}),
+                    )
+                    .await;
+                paid = true;
+            }
+            if state == "fulfilled" {
+                break;
+            }
+            assert!(
+                killed.elapsed() < Duration::from_secs(20),
+                "the saga did not finish on the survivor: {state}\n{}",
                 second.logs()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
