@@ -76,7 +76,7 @@ async fn the_demo_history_replays_verifies_audits_and_prints(db: Arc<Fixture>) {
     let demo = [
         "demo",
         "--leads",
-        "40",
+        "100",
         "--seed",
         "7",
         "--database-url",
@@ -84,10 +84,10 @@ async fn the_demo_history_replays_verifies_audits_and_prints(db: Arc<Fixture>) {
     ];
     let (ok, out, err) = run(&demo);
     assert!(ok, "{err}");
-    assert!(out.contains("demo (seed 7): 40 leads"), "{out}");
+    assert!(out.contains("demo (seed 7): 100 leads"), "{out}");
     let head = db.store().head().await.unwrap();
     assert!(head > 100, "the demo wrote only {head} events");
-    // Every kind of history is there: conversions, deals won and lost.
+    // Every kind of history is there: conversions, deals won and lost, orders.
     let log = db.store();
     let page = log
         .read_all(1, 100_000, &annals_store::LogFilter::all())
@@ -104,6 +104,16 @@ async fn the_demo_history_replays_verifies_audits_and_prints(db: Arc<Fixture>) {
         "DealStageChanged",
         "DealWon",
         "DealLost",
+        // Orders on won deals: paid and fulfilled with a subscription, or timed out on
+        // the demo's clock.
+        "OrderPlaced",
+        "OrderInvoiced",
+        "PaymentReceived",
+        "SubscriptionStarted",
+        "OrderFulfilled",
+        "TimerFired",
+        "InvoiceVoided",
+        "OrderCancelled",
     ] {
         assert!(
             page.events.iter().any(|e| e.event_type == kind),
@@ -117,7 +127,14 @@ async fn the_demo_history_replays_verifies_audits_and_prints(db: Arc<Fixture>) {
 
     let (ok, out, err) = run(&["verify", "--database-url", url]);
     assert!(ok, "{out}{err}");
-    for projection in ["lead_board", "deal_board", "account_360"] {
+    for projection in [
+        "lead_board",
+        "deal_board",
+        "account_360",
+        "order_board",
+        "subscription_board",
+        "revenue",
+    ] {
         assert!(
             out.contains(&format!(
                 "{projection}: equal to a rebuild at position {head}"

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use annals_api::System;
+use annals_projections::timers::ManualClock;
 use annals_projections::{ConsumerRunner, DifferenceKind};
 use annals_store::{Direction, LogFilter, RecordedEvent, StreamName};
 use anyhow::{Context, bail};
@@ -297,8 +298,16 @@ pub async fn run(command: Operator) -> anyhow::Result<ExitCode> {
             leads,
             seed,
         } => {
-            let system = Arc::new(database.open().await?);
-            demo::run(&system, leads, seed).await?;
+            // The demo's own clock: it moves past payment deadlines at once. (The server
+            // takes time from the real clock only.)
+            let clock = Arc::new(ManualClock::at(chrono::Utc::now()));
+            let settings = annals_api::process_settings()?;
+            let system = Arc::new(
+                System::open_with(&database.database_url, settings, clock.clone())
+                    .await
+                    .context("opening the database")?,
+            );
+            demo::run(&system, &clock, leads, seed).await?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -20,4 +20,4 @@ pub mod system;
 pub use auth::Tokens;
 pub use error::ApiError;
 pub use server::{Settings, openapi, router, serve};
-pub use system::System;
+pub use system::{System, process_settings};

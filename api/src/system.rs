@@ -132,7 +132,7 @@ impl System {
 /// The processes' settings from the environment, each a duration such as `30s`, `15m`,
 /// `24h` or `7d`: `ANNALS_LEAD_RESPONSE_DEADLINE` (24 hours when unset) and
 /// `ANNALS_PAYMENT_TIMEOUT` (7 days when unset).
-fn process_settings() -> Result<ProcessSettings, ApiError> {
+pub fn process_settings() -> Result<ProcessSettings, ApiError> {
     let mut settings = ProcessSettings::default();
     for (name, setting) in [
         (

@@ -1,7 +1,9 @@
 //! `annals demo`: a seeded, reproducible revenue history, written through the command
 //! layer as real clients would: leads from every source with their signals, owners,
 //! qualifications, disqualifications and conversions; accounts opened by hand and by the
-//! conversion process; deals moved through the stages to won and lost.
+//! conversion process; deals moved through the stages to won and lost; orders on some
+//! won deals, most paid (their subscriptions then expanded, contracted or churned), the
+//! rest left to time out on the demo's clock, moved past their payment deadline.
 //!
 //! Every command carries an idempotency key made of the seed and its place in the
 //! story, so running the same demo twice appends nothing the second time.
@@ -11,9 +13,14 @@ use annals_commands::{CommandContext, CommandError};
 use annals_domain::account::{Account, AccountCommand};
 use annals_domain::deal::{Deal, DealCommand};
 use annals_domain::lead::{ConversionAccount, ConversionDeal, Lead, LeadCommand};
+use annals_domain::order::{Order, OrderCommand, OrderDeal, OrderLine, OrderLines};
+use annals_domain::subscription::{Subscription, SubscriptionCommand};
 use annals_domain::values::{
-    Email, Label, Money, Name, Owner, PersonName, Reason, SignalKind, Source, Stage, Tier,
+    Email, Label, Money, Name, Owner, PersonName, Quantity, Reason, SignalKind, Sku, Source, Stage,
+    Tier,
 };
+use annals_projections::timers::ManualClock;
+use annals_projections::{due_timers, order_saga};
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::IndexedRandom;
@@ -69,7 +76,18 @@ struct Tally {
     deals: usize,
     won: usize,
     lost: usize,
+    orders: usize,
+    paid: usize,
+    timed_out: usize,
+    churned: usize,
     refused: usize,
+}
+
+/// An order the demo placed: its id, its total, and whether it will be paid.
+struct Placed {
+    id: Uuid,
+    total: Money,
+    pays: bool,
 }
 
 struct Story<'a> {
@@ -77,6 +95,7 @@ struct Story<'a> {
     seed: u64,
     rng: ChaCha8Rng,
     tally: Tally,
+    orders: Vec<Placed>,
 }
 
 impl Story<'_> {
@@ -313,6 +332,7 @@ impl Story<'_> {
                 .await;
             if self.accepted(won)? {
                 self.tally.won += 1;
+                self.order(step, id).await?;
             }
         } else if ending < 0.65 {
             let reason =
@@ -332,6 +352,133 @@ impl Story<'_> {
     }
 }
 
+impl Story<'_> {
+    /// Places an order on most won deals: the deal's amount once, and on some a monthly
+    /// support line; most will be paid.
+    async fn order(&mut self, step: &str, deal_id: Uuid) -> anyhow::Result<()> {
+        if !self.rng.random_bool(0.6) {
+            return Ok(());
+        }
+        let deal = self.system.handler::<Deal>().load(deal_id).await?.state;
+        let (Some(account_id), Some(amount)) = (deal.account_id, deal.amount) else {
+            return Ok(());
+        };
+        let mut lines = vec![OrderLine {
+            sku: Sku::parse("LICENCE")?,
+            quantity: Quantity::parse(1)?,
+            unit_price: amount.clone(),
+            recurring: false,
+        }];
+        if self.rng.random_bool(0.7) {
+            let monthly = self.rng.random_range(5..60) * 10_000;
+            lines.push(OrderLine {
+                sku: Sku::parse("SUPPORT")?,
+                quantity: Quantity::parse(self.rng.random_range(1..4))?,
+                unit_price: Money::parse(amount.currency.as_str(), monthly)?,
+                recurring: true,
+            });
+        }
+        let lines = OrderLines::new(lines)?;
+        let (total, _) = lines.totals(&amount.currency)?;
+        let id = self.id();
+        let place = OrderCommand::Place {
+            order_id: id,
+            deal: OrderDeal::Won {
+                deal_id,
+                account_id,
+                currency: amount.currency,
+            },
+            lines,
+        };
+        let placed = self
+            .system
+            .handler::<Order>()
+            .execute(id, place, &self.context(&format!("{step}/order")))
+            .await;
+        if self.accepted(placed)? {
+            self.tally.orders += 1;
+            let pays = self.rng.random_bool(0.8);
+            self.orders.push(Placed { id, total, pays });
+        }
+        Ok(())
+    }
+
+    /// The orders' lives: invoiced by the order process, most paid (their subscriptions
+    /// started, then some expanded, contracted or churned), the others cancelled when
+    /// the demo's clock passes their payment deadline.
+    async fn sell(&mut self, clock: &ManualClock) -> anyhow::Result<()> {
+        let saga = self
+            .system
+            .consumer(order_saga::NAME)
+            .context("the order process is not running")?
+            .clone();
+        saga.catch_up().await?;
+        let orders = self.system.handler::<Order>();
+        let subscriptions = self.system.handler::<Subscription>();
+        let placed = std::mem::take(&mut self.orders);
+        for order in placed.iter().filter(|o| o.pays) {
+            let pay = OrderCommand::Pay {
+                amount: order.total.clone(),
+            };
+            let paid = orders
+                .execute(order.id, pay, &self.context(&format!("{}/pay", order.id)))
+                .await;
+            if self.accepted(paid)? {
+                self.tally.paid += 1;
+            }
+        }
+        saga.catch_up().await?;
+        for order in placed.iter().filter(|o| o.pays) {
+            let id = order_saga::subscription_id(order.id);
+            let roll: f64 = self.rng.random();
+            let started = subscriptions.load(id).await?;
+            // None for a one-off order; moved already by an earlier run of this demo.
+            let (Some(mrr), 1) = (started.state.mrr, started.version) else {
+                continue;
+            };
+            let step = |what: &str| format!("{}/{what}", order.id);
+            let (command, what) = if roll < 0.3 {
+                let more = Money::parse(mrr.currency.as_str(), mrr.amount_minor * 3 / 2)?;
+                (SubscriptionCommand::Expand { mrr: more }, "expand")
+            } else if roll < 0.5 && mrr.amount_minor > 1 {
+                let less = Money::parse(mrr.currency.as_str(), mrr.amount_minor / 2)?;
+                (SubscriptionCommand::Contract { mrr: less }, "contract")
+            } else if roll < 0.65 {
+                let reason = Some(Reason::parse("budget cut")?);
+                (SubscriptionCommand::Churn { reason }, "churn")
+            } else {
+                continue;
+            };
+            let churns = what == "churn";
+            let done = subscriptions
+                .execute(id, command, &self.context(&step(what)))
+                .await;
+            if self.accepted(done)? && churns {
+                self.tally.churned += 1;
+            }
+        }
+        // The unpaid orders time out: the demo's clock passes their deadline.
+        let unpaid = placed.iter().filter(|o| !o.pays).count();
+        if unpaid > 0 {
+            clock.advance(order_saga_timeout() + chrono::Duration::days(1));
+            if let Some(due) = self.system.consumer(due_timers::NAME) {
+                due.catch_up().await?;
+            }
+            self.system.scheduler.fire_due().await?;
+            saga.catch_up().await?;
+            self.tally.timed_out = unpaid;
+        }
+        Ok(())
+    }
+}
+
+/// The payment deadline the demo's clock moves past (the setting's default unless set).
+fn order_saga_timeout() -> chrono::Duration {
+    annals_api::process_settings()
+        .map(|s| s.payment_timeout)
+        .unwrap_or_else(|_| chrono::Duration::days(7))
+}
+
 fn title(word: &str) -> String {
     let mut chars = word.chars();
     chars
@@ -340,12 +487,18 @@ fn title(word: &str) -> String {
         .unwrap_or_default()
 }
 
-pub async fn run(system: &System, leads: usize, seed: u64) -> anyhow::Result<()> {
+pub async fn run(
+    system: &System,
+    clock: &ManualClock,
+    leads: usize,
+    seed: u64,
+) -> anyhow::Result<()> {
     let mut story = Story {
         system,
         seed,
         rng: ChaCha8Rng::seed_from_u64(seed),
         tally: Tally::default(),
+        orders: Vec::new(),
     };
     let accounts = (leads / 20).max(1);
     let bar = ProgressBar::new((leads + accounts) as u64);
@@ -369,13 +522,26 @@ pub async fn run(system: &System, leads: usize, seed: u64) -> anyhow::Result<()>
             .with_context(|| format!("demo account {n}"))?;
         bar.inc(1);
     }
+    story.sell(clock).await.context("demo orders")?;
     bar.finish_and_clear();
     let t = &story.tally;
     let head = system.store.head().await?;
     println!(
         "demo (seed {seed}): {} leads ({} qualified, {} converted, {} disqualified), \
-         {} accounts, {} deals ({} won, {} lost); the log holds {head} events",
-        t.leads, t.qualified, t.converted, t.disqualified, t.accounts, t.deals, t.won, t.lost
+         {} accounts, {} deals ({} won, {} lost), {} orders ({} paid, {} timed out), {} \
+         subscriptions churned; the log holds {head} events",
+        t.leads,
+        t.qualified,
+        t.converted,
+        t.disqualified,
+        t.accounts,
+        t.deals,
+        t.won,
+        t.lost,
+        t.orders,
+        t.paid,
+        t.timed_out,
+        t.churned
     );
     if t.refused > 0 {
         println!(
