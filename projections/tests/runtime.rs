@@ -51,6 +51,8 @@ mod parked;
 mod processes;
 #[path = "runtime/routing.rs"]
 mod routing;
+#[path = "runtime/sagas.rs"]
+mod sagas;
 #[path = "runtime/timers.rs"]
 mod timers;
 
