@@ -337,7 +337,20 @@ impl<A: Aggregate> CommandHandler<A> {
                     });
                 }
             }
-            let events = loaded.state.decide(command.clone())?;
+            let events = match loaded.state.decide(command.clone()) {
+                Ok(events) => events,
+                Err(refusal) => {
+                    // The cache may be behind writers in other processes (another
+                    // server's process invoiced the order this one cached as placed): a
+                    // refusal stands only when the store's state refuses too.
+                    let stored = self.current(id).await?;
+                    if stored.version == loaded.version {
+                        return Err(refusal.into());
+                    }
+                    loaded = stored;
+                    loaded.state.decide(command.clone())?
+                }
+            };
             let names: Vec<String> = events.iter().map(|e| e.event_type().to_owned()).collect();
             // Tests that force a race read this to know every contender has decided.
             tracing::debug!(%stream, version = loaded.version, events = ?names, "decided");

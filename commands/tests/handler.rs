@@ -37,6 +37,7 @@ on_both_backends!(
     every_event_carries_its_metadata,
     a_deal_opens_only_for_an_existing_account,
     a_stale_cache_is_dropped_and_the_command_decided_again,
+    a_refusal_decided_on_a_stale_cache_is_checked_against_the_store,
     history_rebuilds_the_state_as_of_a_version_or_a_time,
     expired_idempotency_keys_are_purged,
     a_key_reused_after_its_record_was_purged_is_a_new_command,
@@ -546,6 +547,34 @@ async fn a_stale_cache_is_dropped_and_the_command_decided_again(db: Arc<Fixture>
         (lead.state.score, lead.state.status),
         (75, LeadStatus::Qualified)
     );
+}
+
+/// Another server qualifies a lead this one has cached as new: a conversion decided on
+/// the cache alone would be refused (only a qualified lead converts). A refusal is
+/// confirmed against the store before it is answered, and the conversion goes through.
+async fn a_refusal_decided_on_a_stale_cache_is_checked_against_the_store(db: Arc<Fixture>) {
+    let ours = leads(db.store());
+    let theirs = leads(db.open_again().await);
+    let id = Uuid::now_v7();
+    ours.execute(id, capture(id, "r@example.com"), &actor("a"))
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        theirs
+            .execute(id, signal(SignalKind::DemoRequest), &actor("b"))
+            .await
+            .unwrap();
+    }
+    let outcome = ours.execute(id, convert_anew(), &actor("a")).await.unwrap();
+    assert_eq!(outcome.events, vec!["LeadConverted"]);
+    // Converted, it does not convert again (their cache, still at qualified, loses to
+    // the store's version and the command is decided again: refused).
+    let head = db.store().head().await.unwrap();
+    assert!(matches!(
+        theirs.execute(id, convert_anew(), &actor("b")).await,
+        Err(CommandError::Domain(DomainError::LeadClosed { .. }))
+    ));
+    assert_eq!(db.store().head().await.unwrap(), head);
 }
 
 async fn history_rebuilds_the_state_as_of_a_version_or_a_time(db: Arc<Fixture>) {

@@ -987,3 +987,103 @@ async fn conversions_open_each_account_and_deal_once_across_kill_9(db: Arc<Fixtu
     }
     assert_read_models_verify(&server).await;
 }
+
+/// Two servers on one PostgreSQL; the first runs the order saga. Orders are placed and
+/// paid through the second, and the first is killed -9 the moment the last payment is
+/// acknowledged, mid-saga (the payments not yet all taken). The second takes the saga's
+/// lease over and finishes every order: fulfilled once, one subscription each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_saga_cut_short_by_kill_9_is_finished_by_the_other_server() {
+    run(Backend::Postgres, |db: Arc<Fixture>| async move {
+        let first = Server::start(db.url());
+        let taken = "lease taken; running consumer=\"order_saga\"";
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !strip_ansi(&first.logs()).contains(taken) {
+            assert!(Instant::now() < deadline, "{}", first.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let second = Server::start(db.url());
+        let account = second
+            .command("/accounts", json!({"name": "Initech"}))
+            .await;
+        let deal = second
+            .command(
+                "/deals",
+                json!({"account_id": account["id"], "name": "Engines",
+                       "amount": {"currency": "EUR", "amount_minor": 100}}),
+            )
+            .await;
+        let deal = deal["id"].as_str().unwrap().to_owned();
+        second
+            .command(&format!("/deals/{deal}/win"), json!({}))
+            .await;
+        let mut orders = Vec::new();
+        for _ in 0..6 {
+            let order = second
+                .command(
+                    "/orders",
+                    json!({"deal_id": deal, "lines": [{"sku": "S", "quantity": 1,
+                           "unit_price": {"currency": "EUR", "amount_minor": 100},
+                           "recurring": true}]}),
+                )
+                .await;
+            orders.push(order["id"].as_str().unwrap().to_owned());
+        }
+        // Each invoiced by the first server's saga, then all paid at once.
+        for order in &orders {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while second.get(&format!("/orders/{order}/history")).await.body["state"]["status"]
+                != "invoiced"
+            {
+                assert!(Instant::now() < deadline, "{}", first.logs());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        for order in &orders {
+            second
+                .command(
+                    &format!("/orders/{order}/pay"),
+                    json!({"amount": {"currency": "EUR", "amount_minor": 100}}),
+                )
+                .await;
+        }
+        first.kill();
+        let killed = Instant::now();
+        for order in &orders {
+            loop {
+                let state =
+                    second.get(&format!("/orders/{order}/history")).await.body["state"]["status"]
+                        .clone();
+                if state == "fulfilled" {
+                    break;
+                }
+                assert!(
+                    killed.elapsed() < Duration::from_secs(20),
+                    "{order} is {state}:\n{}",
+                    second.logs()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let count = |event_type: &'static str| {
+            let db = db.clone();
+            async move {
+                db.store()
+                    .read_all(
+                        1,
+                        100_000,
+                        &annals_store::LogFilter::event_types([event_type]),
+                    )
+                    .await
+                    .unwrap()
+                    .events
+                    .len()
+            }
+        };
+        assert_eq!(count("OrderInvoiced").await, orders.len());
+        assert_eq!(count("SubscriptionStarted").await, orders.len(), "one each");
+        assert_eq!(count("OrderFulfilled").await, orders.len(), "once each");
+        assert_read_models_verify(&second).await;
+    })
+    .await;
+}
