@@ -6,8 +6,7 @@ use annals_store::{LogFilter, RecordedEvent};
 use serde::Serialize;
 
 use crate::queries::{
-    Conditions, Page, Snapshot, decode_cursor, encode_cursor, in_snapshot, live, number, page,
-    ratio, text,
+    Conditions, Page, Snapshot, encode_cursor, in_snapshot, live, number, page, ratio, text,
 };
 use crate::rows::{Row, RowModel, row, text_columns};
 use crate::{Param, ProjectionError, ReadDatabase, aggregate_id, decode, time_text, to_sql_int};
@@ -274,21 +273,9 @@ impl Snapshot {
             }
             None => {}
         }
-        for (name, value) in [("owner", &filter.owner), ("account_id", &filter.account_id)] {
-            if let Some(value) = value {
-                let placeholder = conditions.bind(value.clone());
-                conditions.push(format!("{name} = {placeholder}"));
-            }
-        }
-        if let Some(cursor) = cursor {
-            let (opened_micros, [deal_id]) = decode_cursor(cursor)?;
-            let opened_micros = conditions.bind(opened_micros);
-            let deal_id = conditions.bind(deal_id);
-            conditions.push(format!(
-                "opened_micros >= {opened_micros} AND (opened_micros > {opened_micros} OR \
-             (opened_micros = {opened_micros} AND deal_id > {deal_id}))"
-            ));
-        }
+        conditions.equal("owner", filter.owner.as_ref());
+        conditions.equal("account_id", filter.account_id.as_ref());
+        conditions.after(cursor, "opened_micros", "deal_id")?;
         page(
             self,
             &select_deals(),

@@ -13,7 +13,7 @@ use annals_domain::subscription::SubscriptionEvent;
 use annals_store::{LogFilter, RecordedEvent};
 use serde::{Deserialize, Serialize};
 
-use crate::queries::{Conditions, Page, Snapshot, decode_cursor, encode_cursor, live, page};
+use crate::queries::{Conditions, Page, Snapshot, encode_cursor, live, page};
 use crate::rows::{Row, RowModel, row, text_columns};
 use crate::{ProjectionError, aggregate_id, decode, time_text, to_sql_int};
 
@@ -242,24 +242,9 @@ impl Snapshot {
         cursor: Option<&str>,
     ) -> Result<Page<OrderRow>, ProjectionError> {
         let mut conditions = Conditions::default();
-        for (name, value) in [
-            ("status", &filter.status),
-            ("account_id", &filter.account_id),
-        ] {
-            if let Some(value) = value {
-                let placeholder = conditions.bind(value.clone());
-                conditions.push(format!("{name} = {placeholder}"));
-            }
-        }
-        if let Some(cursor) = cursor {
-            let (placed_micros, [order_id]) = decode_cursor(cursor)?;
-            let placed_micros = conditions.bind(placed_micros);
-            let order_id = conditions.bind(order_id);
-            conditions.push(format!(
-                "placed_micros >= {placed_micros} AND (placed_micros > {placed_micros} OR \
-                 (placed_micros = {placed_micros} AND order_id > {order_id}))"
-            ));
-        }
+        conditions.equal("status", filter.status.as_ref());
+        conditions.equal("account_id", filter.account_id.as_ref());
+        conditions.after(cursor, "placed_micros", "order_id")?;
         page(
             self,
             &select_orders(),

@@ -357,6 +357,33 @@ impl<'a> Conditions<'a> {
         self.sql.push(condition);
     }
 
+    /// `column = value`, when a value is given.
+    pub(crate) fn equal(&mut self, column: &str, value: Option<&String>) {
+        if let Some(value) = value {
+            let placeholder = self.bind(value.clone());
+            self.push(format!("{column} = {placeholder}"));
+        }
+    }
+
+    /// The rows after a `next_cursor` of a list kept in `(time, id)` order (the cursor
+    /// `encode_cursor(time, &[id])` made), when one is given.
+    pub(crate) fn after(
+        &mut self,
+        cursor: Option<&str>,
+        time: &str,
+        id: &str,
+    ) -> Result<(), ProjectionError> {
+        if let Some(cursor) = cursor {
+            let (micros, [after]) = decode_cursor(cursor)?;
+            let micros = self.bind(micros);
+            let after = self.bind(after);
+            self.push(format!(
+                "{time} >= {micros} AND ({time} > {micros} OR ({time} = {micros} AND {id} > {after}))"
+            ));
+        }
+        Ok(())
+    }
+
     /// `AND`-joined, each condition after the generation's.
     fn and(&self) -> String {
         self.sql

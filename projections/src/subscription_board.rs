@@ -5,7 +5,7 @@
 use annals_domain::subscription::{SubscriptionEvent, SubscriptionStatus};
 use annals_store::{LogFilter, RecordedEvent};
 
-use crate::queries::{Conditions, Page, Snapshot, decode_cursor, encode_cursor, live, page};
+use crate::queries::{Conditions, Page, Snapshot, encode_cursor, live, page};
 use crate::rows::{Row, RowModel, row, text_columns};
 use crate::{ProjectionError, aggregate_id, decode, time_text, to_sql_int};
 
@@ -122,24 +122,9 @@ impl Snapshot {
         cursor: Option<&str>,
     ) -> Result<Page<SubscriptionRow>, ProjectionError> {
         let mut conditions = Conditions::default();
-        for (name, value) in [
-            ("status", &filter.status),
-            ("account_id", &filter.account_id),
-        ] {
-            if let Some(value) = value {
-                let placeholder = conditions.bind(value.clone());
-                conditions.push(format!("{name} = {placeholder}"));
-            }
-        }
-        if let Some(cursor) = cursor {
-            let (started_micros, [subscription_id]) = decode_cursor(cursor)?;
-            let started_micros = conditions.bind(started_micros);
-            let subscription_id = conditions.bind(subscription_id);
-            conditions.push(format!(
-                "started_micros >= {started_micros} AND (started_micros > {started_micros} OR \
-                 (started_micros = {started_micros} AND subscription_id > {subscription_id}))"
-            ));
-        }
+        conditions.equal("status", filter.status.as_ref());
+        conditions.equal("account_id", filter.account_id.as_ref());
+        conditions.after(cursor, "started_micros", "subscription_id")?;
         page(
             self,
             &select_subscriptions(),
