@@ -1,18 +1,26 @@
-//! `account_360`'s own rows: one per account with its profile (`domain.md`, read
-//! models). The account's deals, won amounts and converted leads are read from the deal
-//! and lead boards beside it.
+//! `account_360`: one row per account with its profile (`domain.md`, read models). The
+//! account's view adds, read in the same snapshot from the boards that own them, its
+//! deals and won amounts (`deal_board`), its converted leads (`lead_board`), its orders
+//! (`order_board`) and its MRR now (`subscription_board`). Each of those is rebuilt and
+//! verified on its own, so the view is as replayable as its parts, and no fact is kept
+//! twice.
 
 use annals_domain::account::AccountEvent;
 use annals_domain::deal::DealStatus;
+use annals_domain::subscription::SubscriptionStatus;
 use annals_store::{LogFilter, RecordedEvent};
 use serde::Serialize;
 
 use crate::queries::{Snapshot, in_snapshot, live, number, text};
 use crate::rows::{RowModel, row};
 use crate::{
-    Param, ProjectionError, ReadDatabase, aggregate_id, deal_board, decode, lead_board, time_text,
-    to_sql_int,
+    Param, ProjectionError, ReadDatabase, aggregate_id, deal_board, decode, lead_board,
+    order_board, subscription_board, time_text, to_sql_int,
 };
+
+/// The most orders an account's view lists, the first placed (`GET /orders?account_id=`
+/// pages through all of them).
+pub const ACCOUNT_ORDERS: usize = 100;
 
 /// The projection's name, and its table's.
 pub const NAME: &str = "account_360";
@@ -105,6 +113,18 @@ pub struct AccountView {
     pub converted_leads: Vec<String>,
     /// (currency, amount in minor units) won, per currency.
     pub won: Vec<(String, i64)>,
+    /// Its first `ACCOUNT_ORDERS` orders, in the order they were placed.
+    pub orders: Vec<AccountOrder>,
+    /// (currency, MRR in minor units) of its active subscriptions now, per currency.
+    pub mrr: Vec<(String, i64)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AccountOrder {
+    pub order_id: String,
+    pub status: String,
+    pub currency: String,
+    pub total_minor: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -117,7 +137,8 @@ pub struct AccountDeal {
     pub amount_minor: i64,
 }
 
-/// One account with its deals, converted leads and won amounts; `None` when unknown.
+/// One account with its deals, converted leads, won amounts, orders and MRR; `None`
+/// when unknown.
 pub async fn account_360(
     db: &ReadDatabase,
     account_id: &str,
@@ -126,7 +147,8 @@ pub async fn account_360(
 }
 
 impl Snapshot {
-    /// One account with its deals, converted leads and won amounts; `None` when unknown.
+    /// One account with its deals, converted leads, won amounts, orders and MRR; `None`
+    /// when unknown.
     pub async fn account_360(
         &mut self,
         account_id: &str,
@@ -178,17 +200,42 @@ impl Snapshot {
     .iter()
     .map(|l| text(l, 0))
     .collect();
-        let mut won: Vec<(String, i64)> = Vec::new();
-        for deal in deals
+        let won = per_currency(
+            deals
+                .iter()
+                .filter(|d| d.status == DealStatus::Won.as_str())
+                .map(|d| (d.currency.clone(), d.amount_minor)),
+        );
+        let orders = self
+            .rows(
+                &format!(
+                    "SELECT order_id, status, currency, CAST(total_minor AS TEXT) \
+               FROM order_board WHERE generation = {} AND account_id = $1 \
+              ORDER BY placed_micros, order_id LIMIT {ACCOUNT_ORDERS}",
+                    live(order_board::NAME)
+                ),
+                std::slice::from_ref(&id),
+            )
+            .await?
             .iter()
-            .filter(|d| d.status == DealStatus::Won.as_str())
-        {
-            match won.iter_mut().find(|(c, _)| *c == deal.currency) {
-                Some((_, sum)) => *sum = sum.saturating_add(deal.amount_minor),
-                None => won.push((deal.currency.clone(), deal.amount_minor)),
-            }
-        }
-        won.sort();
+            .map(|o| AccountOrder {
+                order_id: text(o, 0),
+                status: text(o, 1),
+                currency: text(o, 2),
+                total_minor: number(o, 3),
+            })
+            .collect();
+        let active = self
+            .rows(
+                &format!(
+                    "SELECT currency, CAST(mrr_minor AS TEXT) FROM subscription_board \
+               WHERE generation = {} AND account_id = $1 AND status = $2",
+                    live(subscription_board::NAME)
+                ),
+                &[id.clone(), SubscriptionStatus::Active.as_str().into()],
+            )
+            .await?;
+        let mrr = per_currency(active.iter().map(|s| (text(s, 0), number(s, 1))));
         Ok(Some(AccountView {
             account_id: text(row, 0),
             name: text(row, 1),
@@ -199,6 +246,18 @@ impl Snapshot {
             deals,
             converted_leads,
             won,
+            orders,
+            mrr,
         }))
     }
+}
+
+/// Amounts summed per currency, in currency order.
+fn per_currency(amounts: impl Iterator<Item = (String, i64)>) -> Vec<(String, i64)> {
+    let mut sums = std::collections::BTreeMap::<String, i64>::new();
+    for (currency, amount) in amounts {
+        let sum = sums.entry(currency).or_default();
+        *sum = sum.saturating_add(amount);
+    }
+    sums.into_iter().collect()
 }

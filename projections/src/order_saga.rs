@@ -35,6 +35,10 @@ pub const NAME: &str = "order_saga";
 /// The reason an unpaid order is cancelled at its deadline.
 pub const PAYMENT_TIMEOUT: &str = "payment-timeout";
 
+/// The reason a paid order is cancelled (and refunded) when its subscription cannot
+/// start.
+pub const SUBSCRIPTION_FAILED: &str = "subscription-failed";
+
 /// The namespace of the ids the saga makes from an order's id.
 const SAGA_IDS: Uuid = Uuid::from_u128(0x3b1f_7c52_9d04_4e8a_a6c1_52f0_9e7d_21b4);
 
@@ -133,28 +137,36 @@ impl OrderSaga {
         if let (Some(account_id), Some(mrr)) = (order.account_id, order.recurring_total)
             && mrr.amount_minor > 0
         {
+            let id = subscription_id(order_id);
             let start = SubscriptionCommand::Start {
-                subscription_id: subscription_id(order_id),
+                subscription_id: id,
                 account_id,
                 order_id,
                 mrr,
             };
-            match self
+            let started = match self
                 .subscriptions
-                .execute(
-                    subscription_id(order_id),
-                    start,
-                    &caused_by(NAME, cause, "subscription"),
-                )
+                .execute(id, start, &caused_by(NAME, cause, "subscription"))
                 .await
             {
-                Ok(_) | Err(CommandError::Domain(DomainError::SubscriptionExists(_))) => {}
-                // Fails for good: undo the payment step (the refund comes with the cancel).
-                Err(CommandError::Domain(refusal)) => {
-                    tracing::warn!(process = NAME, %order_id, %refusal, "the subscription cannot start; cancelling the order");
-                    return self.cancel(cause, order_id, "subscription-failed").await;
+                Ok(_) => Ok(()),
+                // Started by an earlier attempt at this step; or the id is another
+                // order's, which no retry mends.
+                Err(CommandError::Domain(exists @ DomainError::SubscriptionExists(_))) => {
+                    let existing = self.subscriptions.current(id).await?.state;
+                    if existing.order_id == Some(order_id) {
+                        Ok(())
+                    } else {
+                        Err(exists)
+                    }
                 }
+                Err(CommandError::Domain(refusal)) => Err(refusal),
                 Err(error) => return Err(error),
+            };
+            if let Err(refusal) = started {
+                // Fails for good: undo the payment step (the refund comes with the cancel).
+                tracing::warn!(process = NAME, %order_id, %refusal, "the subscription cannot start; cancelling the order");
+                return self.cancel(cause, order_id, SUBSCRIPTION_FAILED).await;
             }
         }
         match self

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use annals_domain::DomainError;
 use annals_domain::account::{Account, AccountCommand};
 use annals_domain::values::{Label, Name, Tier};
-use annals_projections::order_board::{self, OrderFilter};
-use annals_projections::subscription_board::{self, SubscriptionFilter};
+use annals_projections::order_board;
+use annals_projections::subscription_board;
 use annals_projections::{account_360, deal_board, lead_board};
 use axum::Json;
 use axum::extract::State;
@@ -103,9 +103,6 @@ pub struct AccountOrderItem {
     pub status: String,
     pub total: MoneyBody,
 }
-
-/// The most orders an account's view lists (`GET /orders?account_id=` pages through all).
-const ACCOUNT_ORDERS: usize = 100;
 
 /// An account with its deals, converted leads and won amounts.
 #[derive(Debug, Serialize, ToSchema)]
@@ -207,36 +204,6 @@ async fn get_account(
     )
     .await?;
     let account = snapshot.account_360(&id.to_string()).await?;
-    let of_account = Some(id.to_string());
-    let orders = snapshot
-        .orders(
-            &OrderFilter {
-                account_id: of_account.clone(),
-                status: None,
-            },
-            ACCOUNT_ORDERS,
-            None,
-        )
-        .await?;
-    let mut subscriptions = Vec::new();
-    let mut cursor = None;
-    loop {
-        let page = snapshot
-            .subscriptions(
-                &SubscriptionFilter {
-                    account_id: of_account.clone(),
-                    status: Some("active".to_owned()),
-                },
-                500,
-                cursor.as_deref(),
-            )
-            .await?;
-        subscriptions.extend(page.items);
-        match page.next_cursor {
-            Some(next) => cursor = Some(next),
-            None => break,
-        }
-    }
     snapshot.finish().await?;
     let account = account
         .ok_or_else(|| ApiError::not_found("account-not-found", "the account does not exist"))?;
@@ -266,22 +233,16 @@ async fn get_account(
                 .collect(),
             converted_leads: account.converted_leads,
             won: account.won.into_iter().map(|(c, a)| money(c, a)).collect(),
-            orders: orders
-                .items
+            orders: account
+                .orders
                 .into_iter()
                 .map(|o| AccountOrderItem {
-                    total: money(o.currency, o.total_minor),
                     id: o.order_id,
-                    status: o.status.as_str().to_owned(),
+                    status: o.status,
+                    total: money(o.currency, o.total_minor),
                 })
                 .collect(),
-            mrr: {
-                let mut by_currency = std::collections::BTreeMap::<String, i64>::new();
-                for s in subscriptions {
-                    *by_currency.entry(s.currency).or_default() += s.mrr_minor;
-                }
-                by_currency.into_iter().map(|(c, a)| money(c, a)).collect()
-            },
+            mrr: account.mrr.into_iter().map(|(c, a)| money(c, a)).collect(),
         }),
     ))
 }
