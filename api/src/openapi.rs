@@ -166,47 +166,120 @@ impl utoipa::IntoResponses for OperatorListProblems {
     }
 }
 
-/// The closed sets of words the domain accepts, written into the document as `enum`s
-/// from the domain's own lists (so the document cannot drift from the rules): on the
-/// command bodies' fields and on the query parameters of the same names.
+/// The closed sets of words the domain accepts, written into the document from the
+/// domain's own lists (so the document cannot drift from the rules) as named `enum`
+/// components, each referred to wherever it is taken: on the command bodies' fields and
+/// on the query parameters of the same names. Named once, a generated client has one
+/// type for each (a `LeadSource` wherever a source is), and no generator can make two
+/// clashing names of its own for them.
 pub fn describe_domain_words(openapi: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::schema::{ArrayItems, OneOfBuilder};
+
     let words =
         |all: Vec<&'static str>| -> Vec<Value> { all.into_iter().map(Value::from).collect() };
-    let sources = words(Source::ALL.iter().map(|s| s.as_str()).collect());
-    let kinds = words(SignalKind::ALL.iter().map(|k| k.as_str()).collect());
-    let tiers = words(Tier::ALL.iter().map(|t| t.as_str()).collect());
     let stages = words(Stage::ALL.iter().map(|s| s.as_str()).collect());
-    let mut deal_stages = stages.clone();
-    deal_stages.extend(words(
+    let mut stages_and_outcomes = stages.clone();
+    stages_and_outcomes.extend(words(
         DealStatus::CLOSED.iter().map(|s| s.as_str()).collect(),
     ));
-    let statuses = words(LeadStatus::CAPTURED.iter().map(|s| s.as_str()).collect());
-    let order_statuses = words(OrderStatus::PLACED.iter().map(|s| s.as_str()).collect());
-    let subscription_statuses = words(
-        SubscriptionStatus::STARTED
-            .iter()
-            .map(|s| s.as_str())
-            .collect(),
-    );
-    // An optional field may also be null.
-    let mut optional_tiers = tiers.clone();
-    optional_tiers.push(Value::Null);
+    let named: [(&str, &str, Vec<Value>); 8] = [
+        (
+            "LeadSource",
+            "Where a lead came from.",
+            words(Source::ALL.iter().map(|s| s.as_str()).collect()),
+        ),
+        (
+            "SignalKind",
+            "What a lead did.",
+            words(SignalKind::ALL.iter().map(|k| k.as_str()).collect()),
+        ),
+        (
+            "AccountTier",
+            "An account's tier.",
+            words(Tier::ALL.iter().map(|t| t.as_str()).collect()),
+        ),
+        (
+            "DealStage",
+            "An open deal's stage, in the funnel's order.",
+            stages,
+        ),
+        (
+            "DealStageOrOutcome",
+            "A deal's stage, or how it closed.",
+            stages_and_outcomes,
+        ),
+        (
+            "LeadStatus",
+            "A captured lead's status.",
+            words(LeadStatus::CAPTURED.iter().map(|s| s.as_str()).collect()),
+        ),
+        (
+            "OrderStatus",
+            "An order's status.",
+            words(OrderStatus::PLACED.iter().map(|s| s.as_str()).collect()),
+        ),
+        (
+            "SubscriptionStatus",
+            "A subscription's status.",
+            words(
+                SubscriptionStatus::STARTED
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect(),
+            ),
+        ),
+    ];
+    let to = |name: &str, description: Option<String>| -> RefOr<Schema> {
+        let mut to = Ref::from_schema_name(name);
+        to.description = description.unwrap_or_default();
+        RefOr::Ref(to)
+    };
     if let Some(components) = openapi.components.as_mut() {
-        for (schema, property, values) in [
-            ("CaptureLead", "source", &sources),
-            ("RecordSignal", "kind", &kinds),
-            ("OpenAccount", "tier", &optional_tiers),
-            ("SetAccountTier", "tier", &tiers),
-            ("AdvanceDeal", "stage", &stages),
-        ] {
-            if let Some(RefOr::T(Schema::Object(object))) = components.schemas.get_mut(schema)
-                && let Some(RefOr::T(Schema::Object(field))) = object.properties.get_mut(property)
-            {
-                field.enum_values = Some(values.clone());
-            }
+        for (name, description, values) in named {
+            let schema = ObjectBuilder::new()
+                .schema_type(Type::String)
+                .description(Some(description))
+                .enum_values(Some(values))
+                .build();
+            components
+                .schemas
+                .insert(name.to_owned(), RefOr::T(Schema::Object(schema)));
         }
-        if let Some(items) = items_of(components, "RuleMatchBody", "sources") {
-            items.enum_values = Some(sources.clone());
+        for (schema, property, name) in [
+            ("CaptureLead", "source", "LeadSource"),
+            ("RecordSignal", "kind", "SignalKind"),
+            ("OpenAccount", "tier", "AccountTier"),
+            ("SetAccountTier", "tier", "AccountTier"),
+            ("AdvanceDeal", "stage", "DealStage"),
+        ] {
+            let Some(RefOr::T(Schema::Object(object))) = components.schemas.get_mut(schema) else {
+                continue;
+            };
+            let required = object.required.iter().any(|r| r == property);
+            let Some(field) = object.properties.get_mut(property) else {
+                continue;
+            };
+            let description = match field {
+                RefOr::T(Schema::Object(field)) => field.description.clone(),
+                _ => None,
+            };
+            *field = if required {
+                to(name, description)
+            } else {
+                // An optional field may also be null.
+                RefOr::T(Schema::OneOf(
+                    OneOfBuilder::new()
+                        .item(to(name, None))
+                        .item(ObjectBuilder::new().schema_type(Type::Null))
+                        .description(description)
+                        .build(),
+                ))
+            };
+        }
+        if let Some(RefOr::T(Schema::Object(object))) = components.schemas.get_mut("RuleMatchBody")
+            && let Some(RefOr::T(Schema::Array(array))) = object.properties.get_mut("sources")
+        {
+            array.items = ArrayItems::RefOrSchema(Box::new(to("LeadSource", None)));
         }
     }
     for (path, item) in openapi.paths.paths.iter_mut() {
@@ -214,17 +287,19 @@ pub fn describe_domain_words(openapi: &mut utoipa::openapi::OpenApi) {
             continue;
         };
         for parameter in get.parameters.iter_mut().flatten() {
-            let values = match (parameter.name.as_str(), path.as_str()) {
-                ("source", _) => &sources,
-                ("status", "/leads") => &statuses,
-                ("status", "/orders") => &order_statuses,
-                ("status", "/subscriptions") => &subscription_statuses,
-                ("stage", "/deals") => &deal_stages,
+            let name = match (parameter.name.as_str(), path.as_str()) {
+                ("source", _) => "LeadSource",
+                ("status", "/leads") => "LeadStatus",
+                ("status", "/orders") => "OrderStatus",
+                ("status", "/subscriptions") => "SubscriptionStatus",
+                ("stage", "/deals") => "DealStageOrOutcome",
                 _ => continue,
             };
-            if let Some(RefOr::T(Schema::Object(field))) = parameter.schema.as_mut() {
-                field.enum_values = Some(values.clone());
-            }
+            let description = match &parameter.schema {
+                Some(RefOr::T(Schema::Object(field))) => field.description.clone(),
+                _ => None,
+            };
+            parameter.schema = Some(to(name, description));
         }
     }
 }

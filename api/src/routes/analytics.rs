@@ -149,7 +149,7 @@ pub struct FunnelStepsView {
 }
 
 #[derive(Debug, Serialize, ToSchema)]
-pub struct FunnelSource {
+pub struct FunnelSourceView {
     pub source: String,
     #[serde(flatten)]
     pub steps: FunnelStepsView,
@@ -160,7 +160,7 @@ pub struct FunnelView {
     pub from: Option<DateTime<Utc>>,
     pub to: Option<DateTime<Utc>>,
     pub overall: FunnelStepsView,
-    pub by_source: Vec<FunnelSource>,
+    pub by_source: Vec<FunnelSourceView>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -236,7 +236,7 @@ async fn funnel(
             by_source: funnel
                 .by_source
                 .into_iter()
-                .map(|(source, s)| FunnelSource {
+                .map(|(source, s)| FunnelSourceView {
                     source,
                     steps: steps(s),
                 })
