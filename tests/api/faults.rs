@@ -1,6 +1,8 @@
 //! The server under faults, on loopback and bounded in time: killed with SIGKILL under
 //! load and inside a command's write, its PostgreSQL connections cut, one of two servers
-//! killed, a poisoned event, a transaction held open during appends. Nothing acknowledged
+//! killed, one of two servers frozen (SIGSTOP) holding the order saga's lease while the
+//! other takes a payment and its cancellation, a poisoned event, a transaction held open
+//! during appends. Nothing acknowledged
 //! is ever lost, no command is applied twice however often it is retried, no request
 //! hangs, and the read models verify equal afterwards.
 //!
@@ -1083,6 +1085,136 @@ async fn postgres_a_saga_cut_short_by_kill_9_is_finished_by_the_other_server() {
         assert_eq!(count("OrderInvoiced").await, orders.len());
         assert_eq!(count("SubscriptionStarted").await, orders.len(), "one each");
         assert_eq!(count("OrderFulfilled").await, orders.len(), "once each");
+        assert_read_models_verify(&second).await;
+    })
+    .await;
+}
+
+/// Two servers on one PostgreSQL; the first runs the order saga and invoices an order,
+/// then is frozen (SIGSTOP: it keeps the saga's lease, so the second cannot take it).
+/// Through the second the order is paid, then cancelled before any saga took the
+/// payment: the cancel answers the refund with it. Thawed, the first server's saga takes
+/// the payment, finds the order cancelled, and starts and fulfils nothing; a payment
+/// after that is refused (409), and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_an_order_cancelled_after_payment_while_the_saga_waits_is_refunded() {
+    run(Backend::Postgres, |db: Arc<Fixture>| async move {
+        let first = Server::start(db.url());
+        let taken = "lease taken; running consumer=\"order_saga\"";
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !strip_ansi(&first.logs()).contains(taken) {
+            assert!(Instant::now() < deadline, "{}", first.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let second = Server::start(db.url());
+        let account = second
+            .command("/accounts", json!({"name": "Initech"}))
+            .await;
+        let deal = second
+            .command(
+                "/deals",
+                json!({"account_id": account["id"], "name": "Engines",
+                       "amount": {"currency": "EUR", "amount_minor": 100}}),
+            )
+            .await;
+        let deal = deal["id"].as_str().unwrap().to_owned();
+        second
+            .command(&format!("/deals/{deal}/win"), json!({}))
+            .await;
+        let order = second
+            .command(
+                "/orders",
+                json!({"deal_id": deal, "lines": [{"sku": "S", "quantity": 1,
+                       "unit_price": {"currency": "EUR", "amount_minor": 100},
+                       "recurring": true}]}),
+            )
+            .await;
+        let order = order["id"].as_str().unwrap().to_owned();
+        let history = format!("/orders/{order}/history");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while second.get(&history).await.body["state"]["status"] != "invoiced" {
+            assert!(Instant::now() < deadline, "{}", first.logs());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        first.freeze();
+        let paid = second
+            .command(
+                &format!("/orders/{order}/pay"),
+                json!({"amount": {"currency": "EUR", "amount_minor": 100}}),
+            )
+            .await;
+        let cancelled = second
+            .command(
+                &format!("/orders/{order}/cancel"),
+                json!({"reason": "changed our mind"}),
+            )
+            .await;
+        assert_eq!(
+            cancelled["events"],
+            json!(["OrderCancelled", "PaymentRefunded"]),
+            "the cancel of a paid order refunds it"
+        );
+        first.thaw();
+
+        // The saga has read past the payment (on whichever server holds it now).
+        let payment = paid["position"].as_u64().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let all = second.read("/admin/consumers").await;
+            let saga = all["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["name"] == "order_saga")
+                .unwrap()
+                .clone();
+            if saga["checkpoint"].as_u64().unwrap() >= payment {
+                assert_eq!(saga["parked"], 0, "{saga}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "{saga}\n{}", first.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let count = |event_type: &'static str| {
+            let db = db.clone();
+            async move {
+                db.store()
+                    .read_all(1, 100_000, &LogFilter::event_types([event_type]))
+                    .await
+                    .unwrap()
+                    .events
+                    .len()
+            }
+        };
+        assert_eq!(count("SubscriptionStarted").await, 0, "nothing started");
+        assert_eq!(count("OrderFulfilled").await, 0, "nothing fulfilled");
+        assert_eq!(count("PaymentRefunded").await, 1);
+        let late = second
+            .post(
+                &format!("/orders/{order}/pay"),
+                json!({"amount": {"currency": "EUR", "amount_minor": 100}}),
+            )
+            .await;
+        assert_eq!(late.status, 409, "{}", late.body);
+        assert_eq!(
+            count("PaymentReceived").await,
+            1,
+            "the late payment is not taken"
+        );
+        let view = second
+            .read(&format!(
+                "/orders/{order}?min_position={}",
+                cancelled["position"]
+            ))
+            .await;
+        assert_eq!(view["status"], "cancelled", "{view}");
+        assert_eq!(
+            view["refunded"],
+            json!({"currency": "EUR", "amount_minor": 100}),
+            "{view}"
+        );
+        assert_eq!(view["subscription_id"], Value::Null, "{view}");
         assert_read_models_verify(&second).await;
     })
     .await;

@@ -206,6 +206,26 @@ impl Server {
         child.wait().expect("reaped");
     }
 
+    /// Pauses the process (SIGSTOP): it holds its connections, its locks and its
+    /// leases, and does nothing, until `thaw`.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a frozen process go on (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let child = self.child.lock().unwrap();
+        let sent = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "kill {signal}");
+    }
+
     /// Sends SIGTERM and waits (at most a minute) for the process to exit.
     pub fn terminate(&self) -> ExitStatus {
         let mut child = self.child.lock().unwrap();
