@@ -1275,10 +1275,13 @@ async fn the_funnel_pipeline_and_account_view_follow_a_revenue_history(db: Arc<F
     use annals_projections::deal_board::DealBoard;
     use annals_projections::queries;
     let (account, leads, deals) = revenue_history(&db).await;
-    let projectors: [Arc<dyn Projector>; 3] = [
+    // The account view also reads the account's orders and MRR (none here).
+    let projectors: [Arc<dyn Projector>; 5] = [
         Arc::new(LeadBoard),
         Arc::new(DealBoard),
         Arc::new(Account360),
+        Arc::new(annals_projections::order_board::OrderBoard),
+        Arc::new(annals_projections::subscription_board::SubscriptionBoard),
     ];
     // The read models see the log through the test's clock: an event at position p was
     // recorded on day p.
