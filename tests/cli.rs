@@ -14,8 +14,15 @@ use std::sync::Arc;
 use annals_store::ExpectedVersion;
 use database::{Fixture, append, event};
 
+/// The master key every run of the binary on a test database shares.
+const MASTER_KEY: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f00112233445566778899aabbccddeeff0";
+
 fn annals() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_annals"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_annals"));
+    command
+        .env_remove("ANNALS_MASTER_KEY_FILE")
+        .env("ANNALS_MASTER_KEY", MASTER_KEY);
+    command
 }
 
 #[test]

@@ -1,8 +1,10 @@
 //! The operator's commands: replay and verify projections (with progress bars), audit
 //! the hash chains, read or tail the log, list, retry or skip the events a consumer
-//! parked, and fill a store with a demo history.
+//! parked, erase a lead or print what is held about one, the master key's life, and
+//! fill a store with a demo history.
 
 mod demo;
+mod personal;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -83,6 +85,16 @@ pub enum Operator {
     Parked {
         #[command(subcommand)]
         action: Parked,
+    },
+    /// A lead's personal data: erase it, or print everything held about the person.
+    Lead {
+        #[command(subcommand)]
+        action: personal::LeadData,
+    },
+    /// The master key: make one, rotate it, report what an older build stored in clear.
+    Keys {
+        #[command(subcommand)]
+        action: personal::Keys,
     },
     /// Fill the store, through the command layer, with a reproducible revenue history.
     Demo {
@@ -293,6 +305,8 @@ pub async fn run(command: Operator) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Operator::Parked { action } => parked(action).await,
+        Operator::Lead { action } => personal::lead(action).await,
+        Operator::Keys { action } => personal::keys(action).await,
         Operator::Demo {
             database,
             leads,

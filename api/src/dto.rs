@@ -75,6 +75,11 @@ pub struct CommandAnswer {
     /// For a conversion: the deal it opens.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub deal_id: Option<Uuid>,
+    /// For an erasure of a lead captured before personal data was encrypted: how many of
+    /// its events hold its email and name in clear, which the log keeps (rewriting them
+    /// would break the hash chain); every answer shows them as erased all the same.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub events_in_clear: Option<u64>,
 }
 
 /// The headers a command reads.
@@ -153,4 +158,28 @@ pub struct EventItem {
     #[schema(value_type = Object)]
     pub metadata: serde_json::Value,
     pub recorded_at: DateTime<Utc>,
+}
+
+impl From<annals_store::RecordedEvent> for EventItem {
+    fn from(event: annals_store::RecordedEvent) -> Self {
+        let mut metadata =
+            serde_json::to_value(&event.metadata).unwrap_or_else(|_| serde_json::json!({}));
+        if let serde_json::Value::Object(fields) = &mut metadata {
+            fields.insert("event_id".into(), serde_json::json!(event.event_id));
+            fields.insert("recorded_at".into(), serde_json::json!(event.recorded_at));
+            fields.insert(
+                "schema_version".into(),
+                serde_json::json!(event.schema_version),
+            );
+        }
+        EventItem {
+            position: event.position,
+            stream: event.stream,
+            version: event.version,
+            event_type: event.event_type,
+            data: event.data,
+            metadata,
+            recorded_at: event.recorded_at,
+        }
+    }
 }

@@ -55,6 +55,9 @@ pub enum ApiError {
     Timeout(Duration),
     #[error("the server is not ready: {0}")]
     NotReady(String),
+    /// What was asked for is gone for good (an erased lead's personal data): 410.
+    #[error("the lead's personal data was erased")]
+    Gone,
     /// A handler panicked (a bug): the answer is a plain 500.
     #[error("a handler panicked")]
     Panicked,
@@ -172,6 +175,7 @@ impl ApiError {
             ),
             Timeout(_) => (StatusCode::SERVICE_UNAVAILABLE, "timeout", told()),
             InvalidSettings(_) | Panicked => internal(),
+            Gone => (StatusCode::GONE, "erased", told()),
             NotReady(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "not-ready",
@@ -197,6 +201,11 @@ fn store(error: &StoreError) -> (StatusCode, &'static str, String) {
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid-request",
             input.to_string(),
+        ),
+        StoreError::Shredded { .. } => (
+            StatusCode::CONFLICT,
+            "erased",
+            "the lead's personal data was erased".to_owned(),
         ),
         _ => internal(),
     }

@@ -3,6 +3,7 @@
 //! parameters (422), and a command's headers and caller.
 
 use annals_commands::CommandContext;
+use annals_store::EncryptedStore;
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::header;
 use axum::http::request::Parts;
@@ -12,6 +13,7 @@ use sha2::{Digest, Sha256};
 
 use crate::auth::Caller;
 use crate::contract::{self, Limit};
+
 use crate::error::ApiError;
 use crate::observe::CorrelationId;
 
@@ -145,19 +147,17 @@ pub struct CommandMeta {
 }
 
 impl CommandMeta {
-    /// The command context for a body with this digest.
-    pub fn context(&self, body_digest: &str) -> CommandContext {
-        let mut hasher = Sha256::new();
-        hasher.update(self.route.as_bytes());
-        hasher.update([0]);
-        hasher.update(body_digest.as_bytes());
+    /// The command context for a body with this digest. The request's digest is a keyed
+    /// hash (the idempotency record keeps it, and a body may carry personal data).
+    pub fn context(&self, body_digest: &str, personal: &EncryptedStore) -> CommandContext {
+        let request = [self.route.as_bytes(), &[0], body_digest.as_bytes()].concat();
         CommandContext {
             actor: self.caller.actor.clone(),
             correlation_id: Some(self.correlation_id.clone()),
             causation_id: None,
             expected_version: self.expected_version,
             idempotency_key: self.idempotency_key.clone(),
-            request_hash: Some(hex::encode(hasher.finalize())),
+            request_hash: Some(personal.keyed_hash(&request)),
         }
     }
 }

@@ -11,10 +11,12 @@ use std::time::Duration;
 
 use annals_commands::{CommandHandler, HandlerConfig, Handlers};
 use annals_domain::Aggregate;
+use annals_domain::Event;
 use annals_domain::lead::Lead;
 use annals_projections::timers::{Clock, SystemClock, TimerScheduler};
 use annals_projections::{ConsumerKind, ConsumerRunner, ProcessSettings, ReadDatabase, consumers};
-use annals_store::{EventStore, StoreConfig};
+use annals_store::vault::MasterKey;
+use annals_store::{DataKeys, EncryptedStore, EventStore, PersonalFields, StoreConfig, StoreError};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -22,7 +24,12 @@ use crate::error::ApiError;
 
 #[derive(Debug)]
 pub struct System {
+    /// The event log, its personal fields sealed at rest and opened as read.
     pub store: Arc<dyn EventStore>,
+    /// The same store, for what only it does: keyed hashes of personal values.
+    pub personal: Arc<EncryptedStore>,
+    /// The data keys, and what the database keeps of overwritten data.
+    pub keys: Arc<dyn DataKeys>,
     pub db: ReadDatabase,
     /// A command handler per aggregate (`System::handler`).
     handlers: Handlers,
@@ -45,8 +52,21 @@ impl System {
         settings: ProcessSettings,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, ApiError> {
-        let backend = annals_store::open(url, StoreConfig::default()).await?;
+        let backend = annals_store::open(url, StoreConfig::default())
+            .await?
+            .with_personal_data(&master_key(url)?, personal_fields())
+            .await
+            .map_err(|error| match error {
+                StoreError::MasterKey(reason) => ApiError::InvalidSettings(format!(
+                    "the master key (ANNALS_MASTER_KEY, ANNALS_MASTER_KEY_FILE or the key \
+                     file beside the SQLite database): {reason}"
+                )),
+                other => other.into(),
+            })?;
         let store = backend.event_store();
+        let personal = backend
+            .personal_data()
+            .ok_or_else(|| ApiError::InvalidSettings("personal data is not sealed".into()))?;
         let db = ReadDatabase::of(&backend);
         let handlers = Handlers::new(store.clone(), HandlerConfig::default());
         let consumers: Vec<_> = consumers(&handlers, &settings)
@@ -62,7 +82,22 @@ impl System {
             consumers,
             db,
             store,
+            personal,
+            keys: backend.data_keys(),
         })
+    }
+
+    /// After an erasure at `position`: waits (a bounded while) for the read models to
+    /// forget what they showed of the lead, then has the database drop the old images
+    /// of what they overwrote (`DataKeys::purge_overwritten`). An erasure the read models
+    /// apply later is purged by the next erasure, or the database's own checkpoints.
+    pub async fn forget_erased(&self, position: u64) {
+        for read_model in self.projections() {
+            read_model.wait_for(position, Duration::from_secs(5)).await;
+        }
+        if let Err(error) = self.keys.purge_overwritten().await {
+            tracing::warn!(%error, "dropping the old images of erased data failed");
+        }
     }
 
     /// The handler of `A`'s commands, shared by every caller in this process.
@@ -127,6 +162,93 @@ impl System {
         }));
         Background { stop, tasks }
     }
+}
+
+/// The personal fields of every event type (`Event::PERSONAL_FIELDS`), by the category
+/// of the streams that hold them. A new aggregate with personal data adds a line here.
+pub fn personal_fields() -> PersonalFields {
+    let mut declared = Vec::new();
+    for (event_type, fields) in <Lead as Aggregate>::Event::PERSONAL_FIELDS {
+        declared.push((Lead::CATEGORY, *event_type, *fields));
+    }
+    PersonalFields::new(&declared)
+}
+
+/// The master key (`domain.md`, Erasure): `ANNALS_MASTER_KEY` (64 hex characters), or
+/// the file `ANNALS_MASTER_KEY_FILE` names; with SQLite and neither, the file beside the
+/// database (`annals.db.key`), made with a new key, readable by its owner only, the
+/// first time. PostgreSQL refuses to start without one: its servers must share the key.
+pub fn master_key(url: &str) -> Result<MasterKey, ApiError> {
+    let invalid =
+        |what: &str, error: StoreError| ApiError::InvalidSettings(format!("{what}: {error}"));
+    if let Ok(hex) = std::env::var("ANNALS_MASTER_KEY") {
+        return MasterKey::from_hex(&hex).map_err(|e| invalid("ANNALS_MASTER_KEY", e));
+    }
+    let Some(file) = master_key_file(url) else {
+        if url.starts_with("sqlite:") {
+            // An in-memory database lives as long as the process, and its key with it.
+            return Ok(MasterKey::generate());
+        }
+        return Err(ApiError::InvalidSettings(
+            "PostgreSQL needs a master key shared by its servers: set ANNALS_MASTER_KEY \
+             (64 hex characters) or ANNALS_MASTER_KEY_FILE (`annals keys generate` makes one)"
+                .into(),
+        ));
+    };
+    if std::env::var_os("ANNALS_MASTER_KEY_FILE").is_none() {
+        make_key_file(&file)?;
+    }
+    let text = std::fs::read_to_string(&file).map_err(|e| {
+        ApiError::InvalidSettings(format!("the master key file {}: {e}", file.display()))
+    })?;
+    MasterKey::from_hex(&text).map_err(|e| invalid(&format!("the key file {}", file.display()), e))
+}
+
+/// The file the master key is read from when `ANNALS_MASTER_KEY` is not set:
+/// `ANNALS_MASTER_KEY_FILE`, or beside a SQLite database file (`annals.db.key`).
+pub fn master_key_file(url: &str) -> Option<std::path::PathBuf> {
+    if std::env::var_os("ANNALS_MASTER_KEY").is_some() {
+        return None;
+    }
+    if let Some(file) = std::env::var_os("ANNALS_MASTER_KEY_FILE") {
+        return Some(file.into());
+    }
+    let mut file = sqlite_file(url)?.into_os_string();
+    file.push(".key");
+    Some(file.into())
+}
+
+/// The file of a SQLite URL (`sqlite://annals.db`, `sqlite:annals.db?mode=rwc`); `None`
+/// for an in-memory database.
+fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or(rest);
+    (!path.is_empty() && !path.contains(":memory:")).then(|| path.into())
+}
+
+/// Writes a new master key to `file`, readable by its owner only, unless it exists.
+fn make_key_file(file: &std::path::Path) -> Result<(), ApiError> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let failed = |e: std::io::Error| {
+        ApiError::InvalidSettings(format!("the master key file {}: {e}", file.display()))
+    };
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    options.mode(0o600);
+    let mut out = match options.open(file) {
+        Ok(out) => out,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(failed(e)),
+    };
+    writeln!(out, "{}", MasterKey::generate().to_hex()).map_err(failed)?;
+    out.sync_all().map_err(failed)?;
+    tracing::info!(file = %file.display(), "a new master key was written beside the database");
+    Ok(())
 }
 
 /// The processes' settings from the environment, each a duration such as `30s`, `15m`,

@@ -355,14 +355,16 @@ impl<A: Aggregate> CommandHandler<A> {
             // Tests that force a race read this to know every contender has decided.
             tracing::debug!(%stream, version = loaded.version, events = ?names, "decided");
             let mut claims = Vec::new();
+            let mut before = loaded.state.clone();
             let new_events = events
                 .iter()
                 .enumerate()
                 .map(|(i, event)| {
-                    claims.extend(event.claims().into_iter().map(|c| match c {
+                    claims.extend(before.claims(event).into_iter().map(|c| match c {
                         ClaimChange::Take(key) => Claim::Take(key),
                         ClaimChange::Release(key) => Claim::Release(key),
                     }));
+                    before = std::mem::take(&mut before).evolve(event);
                     let stored = event.encode();
                     let event_id = match &key {
                         // A retry decides the same events at the same version with the
@@ -389,6 +391,10 @@ impl<A: Aggregate> CommandHandler<A> {
                 new_events,
             )
             .with_claims(claims);
+            if events.iter().any(Event::erases_subject) {
+                // The stream's data key goes with the erasure, in its transaction.
+                request = request.with_shredded(vec![stream.as_str().to_owned()]);
+            }
             if let Some(key) = &key {
                 request = request.with_idempotency(IdempotencyKey {
                     key: key.clone(),

@@ -1241,8 +1241,8 @@ mod pages_and_purges {
         let id = Uuid::now_v7();
         let mut events = vec![LeadEvent::LeadCaptured {
             lead_id: id,
-            email: Email::parse("long@example.com").unwrap(),
-            name: PersonName::parse("Ada").unwrap(),
+            email: Some(Email::parse("long@example.com").unwrap()),
+            name: Some(PersonName::parse("Ada").unwrap()),
             company: None,
             source: Source::Web,
         }];

@@ -16,7 +16,8 @@ pub enum RejectionKind {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DomainError {
     // Invalid: the command itself is malformed.
-    #[error("email {0:?} is not a valid address")]
+    /// (The message never repeats the address: it is personal data, even malformed.)
+    #[error("the email is not a valid address: one @, a dot after it, at most 254 characters")]
     InvalidEmail(String),
     #[error("{field} must be {min} to {max} characters")]
     InvalidText {

@@ -26,7 +26,7 @@ pub enum LeadStatus {
     Qualified,
     Converted,
     Disqualified,
-    /// Room for the erasure issue: personal data shredded, the email free again.
+    /// Its personal data shredded (`Erase`), its email free again.
     Erased,
 }
 
@@ -79,6 +79,7 @@ impl LeadStatus {
             LeadEvent::LeadQualified { .. } => LeadStatus::Qualified,
             LeadEvent::LeadDisqualified { .. } => LeadStatus::Disqualified,
             LeadEvent::LeadConverted { .. } => LeadStatus::Converted,
+            LeadEvent::LeadErased {} => LeadStatus::Erased,
         }
     }
 }
@@ -110,6 +111,8 @@ pub enum LeadCommand {
         account: ConversionAccount,
         deal: ConversionDeal,
     },
+    /// The right to erasure: the lead's personal data becomes unreadable everywhere.
+    Erase {},
 }
 
 /// The account a conversion goes into, as the handler found it.
@@ -158,6 +161,7 @@ impl Command for LeadCommand {
             LeadCommand::Assign { .. } => "Assign",
             LeadCommand::Disqualify { .. } => "Disqualify",
             LeadCommand::Convert { .. } => "Convert",
+            LeadCommand::Erase {} => "Erase",
         }
     }
 }
@@ -166,11 +170,12 @@ impl Command for LeadCommand {
 #[serde(tag = "type", content = "data")]
 pub enum LeadEvent {
     /// Schema v2 added `company`, always present (null when none); v1 events are read
-    /// through the upcaster, which adds it.
+    /// through the upcaster, which adds it. `email` and `name` are personal data
+    /// (`PERSONAL_FIELDS`): stored sealed, and `None` once the lead is erased.
     LeadCaptured {
         lead_id: Uuid,
-        email: Email,
-        name: PersonName,
+        email: Option<Email>,
+        name: Option<PersonName>,
         #[serde(deserialize_with = "Option::deserialize")]
         company: Option<Label>,
         source: Source,
@@ -200,6 +205,9 @@ pub enum LeadEvent {
         amount: Money,
         account_name: Option<Name>,
     },
+    /// The lead's data key is destroyed with this event (`erases_subject`), and its
+    /// email's claim given back (`Lead::claims`).
+    LeadErased {},
 }
 
 impl Event for LeadEvent {
@@ -211,15 +219,25 @@ impl Event for LeadEvent {
             LeadEvent::LeadAssigned { .. } => "LeadAssigned",
             LeadEvent::LeadDisqualified { .. } => "LeadDisqualified",
             LeadEvent::LeadConverted { .. } => "LeadConverted",
+            LeadEvent::LeadErased {} => "LeadErased",
         }
     }
+
+    const PERSONAL_FIELDS: &'static [(&'static str, &'static [&'static str])] =
+        &[("LeadCaptured", &["email", "name"])];
 
     /// A captured lead holds its email (as a hash), so no other lead can take it.
     fn claims(&self) -> Vec<ClaimChange> {
         match self {
-            LeadEvent::LeadCaptured { email, .. } => vec![ClaimChange::Take(email.claim_key())],
+            LeadEvent::LeadCaptured {
+                email: Some(email), ..
+            } => vec![ClaimChange::Take(email.claim_key())],
             _ => Vec::new(),
         }
+    }
+
+    fn erases_subject(&self) -> bool {
+        matches!(self, LeadEvent::LeadErased {})
     }
 
     fn current_version(event_type: &str) -> u32 {
@@ -287,6 +305,16 @@ impl Aggregate for Lead {
     const CATEGORY: &'static str = "lead";
     const SNAPSHOT_VERSION: u32 = 1;
 
+    /// An erasure gives back the email's claim, which only the state knows.
+    fn claims(&self, event: &LeadEvent) -> Vec<ClaimChange> {
+        match (event, &self.email) {
+            (LeadEvent::LeadErased {}, Some(email)) => {
+                vec![ClaimChange::Release(email.claim_key())]
+            }
+            _ => event.claims(),
+        }
+    }
+
     /// The only key a lead takes is its email's: held by another lead, it is a
     /// duplicate of that lead.
     fn claim_held(key: &str, holder_stream: &str) -> DomainError {
@@ -313,8 +341,8 @@ impl Aggregate for Lead {
                 }
                 Ok(vec![LeadEvent::LeadCaptured {
                     lead_id,
-                    email,
-                    name,
+                    email: Some(email),
+                    name: Some(name),
                     company,
                     source,
                 }])
@@ -384,6 +412,13 @@ impl Aggregate for Lead {
                     account_name,
                 }])
             }
+            LeadCommand::Erase {} => match self.status {
+                LeadStatus::Absent => Err(DomainError::LeadNotFound),
+                LeadStatus::Erased => Err(DomainError::LeadClosed {
+                    status: LeadStatus::Erased.as_str(),
+                }),
+                _ => Ok(vec![LeadEvent::LeadErased {}]),
+            },
         }
     }
 
@@ -398,8 +433,8 @@ impl Aggregate for Lead {
                 source,
             } => {
                 self.id = Some(*lead_id);
-                self.email = Some(email.clone());
-                self.name = Some(name.clone());
+                self.email = email.clone();
+                self.name = name.clone();
                 self.company = company.clone();
                 self.source = Some(*source);
             }
@@ -416,6 +451,10 @@ impl Aggregate for Lead {
             } => {
                 self.converted_account_id = Some(*account_id);
                 self.converted_deal_id = Some(*deal_id);
+            }
+            LeadEvent::LeadErased {} => {
+                self.email = None;
+                self.name = None;
             }
         }
         self

@@ -56,6 +56,12 @@ pub trait Aggregate: Default + Clone + Debug + Serialize + DeserializeOwned + Se
         format!("{}-{id}", Self::CATEGORY)
     }
 
+    /// The unique keys `event` takes or gives back, decided on the state before it: the
+    /// event's own (`Event::claims`), unless only the state knows a key to give back.
+    fn claims(&self, event: &Self::Event) -> Vec<ClaimChange> {
+        event.claims()
+    }
+
     /// What it means that another stream holds a unique key this aggregate's events
     /// wanted to take (see `Event::claims`).
     fn claim_held(key: &str, _holder_stream: &str) -> DomainError {
@@ -126,9 +132,19 @@ pub trait Event: Debug + Clone + PartialEq + Serialize + DeserializeOwned + Send
         })
     }
 
+    /// The fields of each event type that hold personal data (`domain.md`, Erasure):
+    /// stored sealed under the key of the event's stream, and read as `null` once that
+    /// key is destroyed.
+    const PERSONAL_FIELDS: &'static [(&'static str, &'static [&'static str])] = &[];
+
     /// The unique keys this event takes or gives back (none, for most events).
     fn claims(&self) -> Vec<ClaimChange> {
         Vec::new()
+    }
+
+    /// Whether this event destroys its stream's data key (an erasure), in its append.
+    fn erases_subject(&self) -> bool {
+        false
     }
 
     /// The stored form of the event, at its current schema version.

@@ -341,7 +341,6 @@ pub enum Response {
     /// An operator assigned the lead by hand: it is never routed again.
     AssignedByHand,
     /// The lead is closed without being acted on (erased): it is never routed again.
-    /// Room for the erasure issue, which adds `LeadErased`.
     Closed,
 }
 
@@ -363,6 +362,7 @@ pub fn response<'a>(
             LeadEvent::LeadDisqualified { .. } | LeadEvent::LeadConverted { .. } => {
                 Some(Response::Acted)
             }
+            LeadEvent::LeadErased {} => Some(Response::Closed),
             LeadEvent::LeadCaptured { .. }
             | LeadEvent::SignalRecorded { .. }
             | LeadEvent::LeadQualified { .. }

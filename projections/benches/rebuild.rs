@@ -42,8 +42,8 @@ fn history(n: u64) -> anyhow::Result<Vec<AppendRequest>> {
     let lead = Uuid::now_v7();
     let mut events = vec![new_event(&LeadEvent::LeadCaptured {
         lead_id: lead,
-        email: Email::parse(&format!("lead{n}@example.com"))?,
-        name: PersonName::parse("Ada Lovelace")?,
+        email: Some(Email::parse(&format!("lead{n}@example.com"))?),
+        name: Some(PersonName::parse("Ada Lovelace")?),
         company: Some(Label::parse("Acme")?),
         source: Source::ALL[(n % 5) as usize],
     })];

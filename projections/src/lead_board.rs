@@ -1,5 +1,7 @@
 //! `lead_board`: one row per lead with its status, score, owner, source, and capture,
-//! qualification and conversion times (`domain.md`, read models).
+//! qualification and conversion times (`domain.md`, read models). It keeps the lead's
+//! email and name to show them, and forgets both when the lead is erased (a rebuild
+//! after the erasure reads them as erased from the log, so it comes out the same).
 
 use annals_domain::lead::{LeadEvent, LeadStatus};
 use annals_store::{LogFilter, RecordedEvent};
@@ -20,8 +22,9 @@ row! {
     /// A row of `lead_board`.
     pub struct LeadRow in table NAME, keyed by lead_id {
         pub lead_id: String,
-        pub email: String,
-        pub name: String,
+        /// `None` once the lead is erased.
+        pub email: Option<String>,
+        pub name: Option<String>,
         pub company: Option<String>,
         pub source: String,
         pub status: LeadStatus,
@@ -83,8 +86,8 @@ impl RowModel for LeadBoard {
         {
             return Ok(Some(LeadRow {
                 lead_id: aggregate_id(event),
-                email: email.as_str().to_owned(),
-                name: name.as_str().to_owned(),
+                email: email.map(|e| e.as_str().to_owned()),
+                name: name.map(|n| n.as_str().to_owned()),
                 company: company.map(|c| c.as_str().to_owned()),
                 source: source.as_str().to_owned(),
                 status: LeadStatus::New,
@@ -118,6 +121,10 @@ impl RowModel for LeadBoard {
                 row.converted_deal_id = Some(deal_id.to_string());
                 row.converted_account_id = Some(account_id.to_string());
                 row.converted_at = Some(time_text(event));
+            }
+            LeadEvent::LeadErased {} => {
+                row.email = None;
+                row.name = None;
             }
         }
         row.updated_position = position;

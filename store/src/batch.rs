@@ -211,6 +211,8 @@ pub(crate) struct Plan {
     pub claims_released: Vec<String>,
     /// Idempotency keys to record.
     pub idempotency: Vec<IdempotencyRecord>,
+    /// Subjects whose data keys to destroy (each once).
+    pub shredded: Vec<String>,
     pub outcomes: Vec<Result<AppendOutcome, StoreError>>,
     /// The log's head after this plan, for its head row.
     pub last_position: u64,
@@ -395,6 +397,11 @@ fn plan_one(
         };
         facts.idempotency.insert(key.key.clone(), record.clone());
         plan.idempotency.push(record);
+    }
+    for subject in &request.shred {
+        if !plan.shredded.contains(subject) {
+            plan.shredded.push(subject.clone());
+        }
     }
     Ok(AppendOutcome { version, positions })
 }

@@ -54,6 +54,14 @@ pub enum StoreError {
     /// A stored row could not be read back (corrupt JSON, a value out of range).
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// The master key is malformed, or is not the key this database's data keys were
+    /// wrapped with (see `vault`).
+    #[error("master key: {0}")]
+    MasterKey(String),
+    /// The subject's data key was shredded (its personal data erased): it takes no new
+    /// personal data.
+    #[error("the personal data of {subject} was erased")]
+    Shredded { subject: String },
     /// The database URL names no backend this store has.
     #[error("unsupported database URL: it must start with sqlite: or postgres://")]
     UnsupportedUrl,

@@ -21,11 +21,14 @@ mod chain;
 mod error;
 mod follow;
 mod group_commit;
+mod keys;
 mod model;
+mod personal;
 pub mod postgres;
 mod sql;
 pub mod sqlite;
 mod tables;
+pub mod vault;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -36,12 +39,14 @@ use async_trait::async_trait;
 pub use error::{BackendError, InvalidInput, StoreError, is_unavailable};
 pub use follow::LogFollower;
 pub use group_commit::WriterProbe;
+pub use keys::DataKeys;
 pub use model::{
     Anchor, AppendOutcome, AppendRequest, AuditReport, BrokenLink, Claim, Direction,
     ExpectedVersion, IdempotencyKey, IdempotencyRecord, LogFilter, LogPage, MAX_EVENTS_PER_APPEND,
     MAX_IDEMPOTENCY_KEY_LEN, MAX_NAME_LEN, Metadata, NewEvent, RecordedEvent, Snapshot, StreamName,
     to_sql_int,
 };
+pub use personal::{EncryptedStore, PersonalFields};
 pub use postgres::PostgresStore;
 pub use sql::{Param, SqlStore};
 pub use sqlite::SqliteStore;
@@ -157,19 +162,56 @@ impl Default for StoreConfig {
 pub struct Backend {
     event_store: Arc<dyn EventStore>,
     tables: Arc<dyn Tables>,
+    keys: Arc<dyn DataKeys>,
+    /// Set once the event store seals personal data (`with_personal_data`).
+    encrypted: Option<Arc<EncryptedStore>>,
 }
 
 impl Backend {
-    fn of<S: EventStore + Tables + Clone + 'static>(store: S) -> Self {
+    fn of<S: EventStore + Tables + DataKeys + Clone + 'static>(store: S) -> Self {
         Backend {
             event_store: Arc::new(store.clone()),
-            tables: Arc::new(store),
+            tables: Arc::new(store.clone()),
+            keys: Arc::new(store),
+            encrypted: None,
         }
+    }
+
+    /// The same database, its event store sealing the personal fields `personal` names
+    /// under keys wrapped by `master` (see `personal`); refused when `master` is not
+    /// the key the database was first started with.
+    pub async fn with_personal_data(
+        mut self,
+        master: &vault::MasterKey,
+        personal: PersonalFields,
+    ) -> Result<Self, StoreError> {
+        let encrypted = Arc::new(
+            EncryptedStore::open(
+                self.event_store.clone(),
+                self.keys.clone(),
+                master,
+                personal,
+            )
+            .await?,
+        );
+        self.event_store = encrypted.clone();
+        self.encrypted = Some(encrypted);
+        Ok(self)
     }
 
     /// The event store, behind the contract.
     pub fn event_store(&self) -> Arc<dyn EventStore> {
         self.event_store.clone()
+    }
+
+    /// The store of the data keys.
+    pub fn data_keys(&self) -> Arc<dyn DataKeys> {
+        self.keys.clone()
+    }
+
+    /// The sealing event store, when personal data is sealed.
+    pub fn personal_data(&self) -> Option<Arc<EncryptedStore>> {
+        self.encrypted.clone()
     }
 
     /// The tables beside the log, and the leases, on the same database.

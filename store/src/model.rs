@@ -208,7 +208,8 @@ pub struct IdempotencyRecord {
     pub recorded_at: DateTime<Utc>,
 }
 
-/// One atomic append: all its events, claims and idempotency key are stored, or none.
+/// One atomic append: all its events, claims, idempotency key and shredded data keys are
+/// stored, or none.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AppendRequest {
     pub stream: StreamName,
@@ -216,6 +217,9 @@ pub struct AppendRequest {
     pub events: Vec<NewEvent>,
     pub claims: Vec<Claim>,
     pub idempotency: Option<IdempotencyKey>,
+    /// Subjects whose data key (see `DataKeys`) the append destroys, in its transaction:
+    /// their rows stay, without a key, as tombstones.
+    pub shred: Vec<String>,
 }
 
 impl AppendRequest {
@@ -226,7 +230,14 @@ impl AppendRequest {
             events,
             claims: Vec::new(),
             idempotency: None,
+            shred: Vec::new(),
         }
+    }
+
+    /// Destroys the data keys of these subjects with the append (crypto-shredding).
+    pub fn with_shredded(mut self, subjects: Vec<String>) -> Self {
+        self.shred = subjects;
+        self
     }
 
     pub fn with_idempotency(mut self, key: IdempotencyKey) -> Self {

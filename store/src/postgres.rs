@@ -190,6 +190,7 @@ impl Dialect for Postgres {
                      THEN NULL ELSE metadata END AS metadata \
            FROM events ORDER BY stream, version";
 
+    const PURGE_OVERWRITTEN: Option<&'static str> = None;
     const BEGIN_TABLES_WRITE: &'static str = "BEGIN";
     // Planned afresh with their real arguments: read-model tables grow from empty during
     // a rebuild, and a plan cached while one was empty kept scanning it whole (350 ms
@@ -461,7 +462,8 @@ impl Dialect for Postgres {
         .bind(plan.last_log_hash.as_slice())
         .execute(&mut *connection)
         .await?;
-        Ok(())
+        // Only inside the transaction `write_attempt` opens for a batch that shreds.
+        sql::shred_keys::<Self>(connection, plan).await
     }
 
     async fn write_attempt(
@@ -470,9 +472,12 @@ impl Dialect for Postgres {
         source: FactsSource,
         remembered: Option<LogFacts>,
     ) -> Result<Option<Plan>, StoreError> {
-        if let Some(facts) = remembered {
+        let shreds = batch.iter().any(|append| !append.request.shred.is_empty());
+        if let Some(facts) = remembered.filter(|_| !shreds) {
             // Remembered facts need no reads, so no transaction around them: the append is
-            // one statement, and the function checks the facts under the lock.
+            // one statement, and the function checks the facts under the lock. (A batch
+            // that shreds a data key writes more than that statement, so it takes the
+            // transaction below.)
             let planned_on_last = facts.last_position;
             let plan = batch::plan(batch, facts, Utc::now());
             if plan.needs_stored_ids() {

@@ -280,6 +280,9 @@ pub(crate) trait Dialect: Sql {
     const SHARE_LOCK: &'static str;
     /// The names of the table `$1` and of its indexes, from the catalog (`Tables::schema_of`).
     const SCHEMA_OF: &'static str;
+    /// What makes the database drop old images of overwritten pages (`DataKeys::
+    /// purge_overwritten`), where there is such a thing.
+    const PURGE_OVERWRITTEN: Option<&'static str>;
     /// What comes before a statement to ask how it would run, and the column that says.
     const EXPLAIN: &'static str;
     const EXPLAIN_COLUMN: &'static str;
@@ -502,6 +505,30 @@ impl<DB: Database> HeldAppend<DB> {
 
 /// Plans the batch on `facts` in the open write transaction, inserts and commits; rolls
 /// back and returns `None` when the facts proved too thin (see `BatchWriter`).
+/// Destroys the data keys a plan shreds: each subject's row keeps no key, and says when
+/// (a subject without a row gets one, so a legacy subject is marked erased too).
+pub(crate) async fn shred_keys<DB: Dialect>(
+    connection: &mut DB::Connection,
+    plan: &Plan,
+) -> Result<(), StoreError> {
+    let at = plan
+        .rows
+        .first()
+        .map_or_else(Utc::now, |row| row.recorded_at);
+    for subject in &plan.shredded {
+        DB::execute(
+            connection,
+            "INSERT INTO data_keys (subject, wrapped, created_at, shredded_at) \
+             VALUES ($1, NULL, $2, $2) \
+             ON CONFLICT (subject) DO UPDATE SET wrapped = NULL, shredded_at = excluded.shredded_at",
+            &[subject.as_str().into(), DB::time(at)],
+            PREPARED,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 pub(crate) async fn plan_and_commit<DB: Dialect>(
     mut transaction: Transaction<'_, DB>,
     batch: &[ValidAppend],

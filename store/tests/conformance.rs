@@ -16,6 +16,9 @@ mod audit;
 #[path = "conformance/input_bounds.rs"]
 mod input_bounds;
 
+#[path = "conformance/personal.rs"]
+mod personal;
+
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;

@@ -719,8 +719,8 @@ fn strip_ansi(text: &str) -> String {
 fn captured(id: uuid::Uuid) -> NewEvent {
     let stored = LeadEvent::LeadCaptured {
         lead_id: id,
-        email: Email::parse(&format!("held.{}@example.com", id.simple())).unwrap(),
-        name: PersonName::parse("Held").unwrap(),
+        email: Some(Email::parse(&format!("held.{}@example.com", id.simple())).unwrap()),
+        name: Some(PersonName::parse("Held").unwrap()),
         company: None,
         source: Source::Partner,
     }

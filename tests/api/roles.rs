@@ -15,7 +15,7 @@ on_both_backends!(every_route_admits_exactly_its_roles);
 
 /// `api.md`'s roles, route by route: `None` is open, otherwise the role that may call
 /// it besides the operator (who may call everything).
-const CONTRACT: [(&str, &str, Option<&str>); 53] = [
+const CONTRACT: [(&str, &str, Option<&str>); 55] = [
     ("post", "/leads", Some("writer")),
     ("post", "/leads/{id}/signals", Some("writer")),
     ("post", "/leads/{id}/assign", Some("writer")),
@@ -37,6 +37,8 @@ const CONTRACT: [(&str, &str, Option<&str>); 53] = [
     ("get", "/analytics/funnel", Some("analyst")),
     ("get", "/analytics/pipeline", Some("analyst")),
     ("get", "/leads/{id}/history", Some("analyst")),
+    ("post", "/leads/{id}/erase", Some("operator")),
+    ("get", "/leads/{id}/personal-data", Some("operator")),
     ("get", "/accounts/{id}/history", Some("analyst")),
     ("get", "/deals/{id}/history", Some("analyst")),
     ("get", "/streams/{stream}/events", Some("operator")),

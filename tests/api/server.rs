@@ -18,6 +18,10 @@ pub const WRITER: Option<&str> = Some("writer-token");
 pub const ANALYST: Option<&str> = Some("analyst-token");
 pub const OPERATOR: Option<&str> = Some("operator-token");
 
+/// The master key every test server of a database shares (PostgreSQL needs one; a test
+/// of the key file beside a SQLite database removes it).
+pub const MASTER_KEY: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f00112233445566778899aabbccddeeff0";
+
 pub fn annals() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_annals"));
     for variable in [
@@ -27,10 +31,12 @@ pub fn annals() -> Command {
         "ANNALS_LOG_FORMAT",
         "ANNALS_CONSISTENCY_WAIT_MS",
         "ANNALS_REQUEST_TIMEOUT_MS",
+        "ANNALS_MASTER_KEY_FILE",
     ] {
         command.env_remove(variable);
     }
     command.env("RUST_LOG", "info,sqlx=warn");
+    command.env("ANNALS_MASTER_KEY", MASTER_KEY);
     command
 }
 
@@ -71,9 +77,13 @@ impl Server {
         let mut command = annals();
         command
             .args(["serve", "--database-url", url, "--listen", "127.0.0.1:0"])
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+            .envs(env.iter().copied());
+        Server::start_command(&mut command)
+    }
+
+    /// Serves with a `serve` command made by the test (`annals()` and its settings).
+    pub fn start_command(command: &mut Command) -> Server {
+        command.stdout(Stdio::null()).stderr(Stdio::piped());
         let mut child = command.spawn().expect("the annals binary starts");
         let stderr = child.stderr.take().expect("stderr is piped");
         let logs = Arc::new(Mutex::new(String::new()));

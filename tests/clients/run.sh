@@ -25,6 +25,9 @@ annals=${1:-target/debug/annals}
 python_generator_version=0.29.1
 venv=$root/target/clients-venv
 admin_url=${ANNALS_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+# PostgreSQL needs a master key (ANNALS_MASTER_KEY): a fixed one for these throwaway
+# databases, shared by the demo and the server.
+export ANNALS_MASTER_KEY=0f1e2d3c4b5a69788796a5b4c3d2e1f00112233445566778899aabbccddeeff0
 token=clients-token
 
 if [ "$("$venv/bin/openapi-python-client" --version 2>/dev/null)" != "openapi-python-client version: $python_generator_version" ]; then

@@ -189,6 +189,28 @@ converted = call(
 )
 assert converted.account_id and converted.deal_id, converted
 
+# Erasure: a third lead, what is held about her, then erased; what is held is then
+# gone (410, a problem), and her email may be captured again.
+eve_email = f"eve-{suffix}@example.com"
+eve = call(
+    "capture_lead",
+    201,
+    body=m.CaptureLead(email=eve_email, name="Eve", source=m.LeadSource.PARTNER),
+)
+held = call("lead_personal_data", 200, eve.id)
+assert held.email == eve_email and held.events, held
+erased = call("erase_lead", 200, eve.id, body=m.EraseLead())
+assert erased.events == ["LeadErased"], erased
+gone = call("lead_personal_data", 410, eve.id)
+assert gone.code == "erased", gone
+again = call(
+    "capture_lead",
+    201,
+    body=m.CaptureLead(email=eve_email, name="Eve", source=m.LeadSource.PARTNER),
+)
+shown = call("get_lead", 200, eve.id, min_position=erased.position)
+assert shown.erased and shown.email is None and shown.name is None, shown
+
 # Accounts.
 account = call(
     "open_account",

@@ -24,6 +24,9 @@ venv=$root/target/fuzz-venv
 max_examples=${FUZZ_MAX_EXAMPLES:-30}
 seed=${FUZZ_SEED:-6}
 admin_url=${ANNALS_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+# PostgreSQL needs a master key (ANNALS_MASTER_KEY): a fixed one for these throwaway
+# databases, shared by the demo and the server.
+export ANNALS_MASTER_KEY=0f1e2d3c4b5a69788796a5b4c3d2e1f00112233445566778899aabbccddeeff0
 token=fuzz-token
 
 if [ "$("$venv/bin/st" --version 2>/dev/null)" != "st, version $schemathesis_version" ]; then

@@ -211,6 +211,14 @@ impl Fixture {
         }
     }
 
+    /// The data keys beside the log (crypto-shredding).
+    pub fn keys(&self) -> Arc<dyn annals_store::DataKeys> {
+        match self {
+            Fixture::Sqlite { store, .. } => Arc::new(store.clone()),
+            Fixture::Postgres { store, .. } => Arc::new(store.clone()),
+        }
+    }
+
     /// A second, independent store on the same database, as another process would open.
     pub async fn open_again(&self) -> Arc<dyn EventStore> {
         match self {

@@ -1,9 +1,11 @@
 //! Leads: capture, signals, assignment, disqualification and conversion; the lead board's
-//! list and one lead; a lead's history.
+//! list and one lead; a lead's history; erasure and the right of access (`domain.md`,
+//! Erasure).
 
 use std::sync::Arc;
 use std::time::Instant;
 
+use annals_commands::CommandHandler;
 use annals_domain::Command;
 use annals_domain::DomainError;
 use annals_domain::account::Account;
@@ -13,6 +15,7 @@ use annals_domain::values::{Email, Label, Name, Owner, PersonName, Reason, Signa
 use annals_projections::lead_board;
 use annals_projections::lead_board::LeadRow;
 use annals_projections::queries::LeadFilter;
+use annals_store::Direction;
 use axum::Json;
 use axum::extract::State;
 use axum::response::Response;
@@ -28,10 +31,11 @@ use super::{
 };
 use crate::contract::{Count, Limit};
 use crate::dto::*;
-use crate::error::ApiError;
+use crate::error::{ApiError, Problem};
 use crate::extract::{CommandMeta, Id, JsonBody, Params, limit};
 use crate::openapi::{CommandProblems, QueryProblems};
 use crate::server::App;
+use crate::system::System;
 
 pub fn routes() -> OpenApiRouter<Arc<App>> {
     resource("leads")
@@ -43,6 +47,8 @@ pub fn routes() -> OpenApiRouter<Arc<App>> {
         .routes(routes!(list_leads))
         .routes(routes!(get_lead))
         .routes(routes!(lead_history))
+        .routes(routes!(erase_lead))
+        .routes(routes!(lead_personal_data))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -156,8 +162,12 @@ pub struct LeadListQuery {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct LeadItem {
     pub id: String,
-    pub email: String,
-    pub name: String,
+    /// `null` once the lead is erased.
+    pub email: Option<String>,
+    /// `null` once the lead is erased.
+    pub name: Option<String>,
+    /// Whether the lead's personal data was erased.
+    pub erased: bool,
     pub company: Option<String>,
     pub source: String,
     pub status: String,
@@ -178,6 +188,7 @@ pub struct LeadList {
 fn lead_item(view: LeadRow) -> LeadItem {
     LeadItem {
         id: view.lead_id,
+        erased: view.status == LeadStatus::Erased,
         email: view.email,
         name: view.name,
         company: view.company,
@@ -305,7 +316,11 @@ async fn convert_lead(
     let result = app
         .system
         .handler::<Lead>()
-        .convert(id, command, &meta.context(&body.digest))
+        .convert(
+            id,
+            command,
+            &meta.context(&body.digest, &app.system.personal),
+        )
         .await;
     record(name, &result, started);
     let conversion = result?;
@@ -396,5 +411,110 @@ async fn lead_history(
     Params(query): Params<HistoryQuery>,
 ) -> Result<Json<HistoryView>, ApiError> {
     let missing = ApiError::not_found("lead-not-found", "the lead does not exist");
-    history(&app.system.handler::<Lead>(), id, query, missing).await
+    let handler = app.system.handler::<Lead>();
+    let Json(mut view) = history(&handler, id, query, missing).await?;
+    // An erased lead's personal fields read as null at every version; say why.
+    if handler.current(id).await?.state.status == LeadStatus::Erased
+        && let Some(state) = view.state.as_object_mut()
+    {
+        state.insert("erased".to_owned(), serde_json::Value::Bool(true));
+    }
+    Ok(Json(view))
+}
+
+/// Erase the lead's personal data (the right to erasure): its data key is destroyed with
+/// the `LeadErased` event, so its email and name read as `null` everywhere from then on,
+/// events included, and its email may be captured again as a new lead.
+#[utoipa::path(post, path = "/leads/{id}/erase", tag = "leads",
+    request_body(content = EraseLead, description = "An empty object, or no body"),
+    params(("id" = Uuid, Path), CommandHeaders),
+    responses((status = 200, description = "Erased", body = CommandAnswer), CommandProblems),
+    security(("bearer" = ["operator"])))]
+async fn erase_lead(
+    State(app): State<Arc<App>>,
+    Id(id): Id,
+    meta: CommandMeta,
+    body: JsonBody<EraseLead>,
+) -> Result<Json<CommandAnswer>, ApiError> {
+    let outcome = execute::<Lead>(&app, id, LeadCommand::Erase {}, &meta, &body.digest).await?;
+    app.system.forget_erased(outcome.position).await;
+    let in_clear = app
+        .system
+        .personal
+        .events_in_clear(&CommandHandler::<Lead>::stream(id)?)
+        .await?;
+    let mut answer = answer(outcome);
+    answer.events_in_clear = (in_clear > 0).then_some(in_clear);
+    Ok(Json(answer))
+}
+
+/// An empty object (the body may also be left out): an erasure takes nothing but the
+/// lead's id.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EraseLead {}
+
+/// Everything held about the person behind a lead (the right of access), decrypted.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PersonalData {
+    pub lead_id: Uuid,
+    pub email: Option<String>,
+    pub name: Option<String>,
+    pub company: Option<String>,
+    /// Every event of the lead, with its data as stored, opened.
+    pub events: Vec<EventItem>,
+}
+
+/// Everything held about the person behind a lead (the right of access): the personal
+/// fields and every event of the lead, decrypted; 410 `erased` once the lead is erased.
+#[utoipa::path(get, path = "/leads/{id}/personal-data", tag = "leads",
+    params(("id" = Uuid, Path)),
+    responses((status = 200, description = "The personal data held", body = PersonalData),
+        (status = 410, description = "The lead's personal data was erased", body = Problem,
+            content_type = "application/problem+json"),
+        QueryProblems),
+    security(("bearer" = ["operator"])))]
+async fn lead_personal_data(
+    State(app): State<Arc<App>>,
+    Id(id): Id,
+) -> Result<Json<PersonalData>, ApiError> {
+    Ok(Json(personal_data(&app.system, id).await?))
+}
+
+/// Everything held about the person behind lead `id` (the right of access), decrypted:
+/// 404 for no such lead, 410 once it is erased. The API and the CLI answer with this.
+pub async fn personal_data(system: &System, id: Uuid) -> Result<PersonalData, ApiError> {
+    let lead = system.handler::<Lead>().current(id).await?.state;
+    match lead.status {
+        LeadStatus::Absent => {
+            return Err(ApiError::not_found(
+                "lead-not-found",
+                "the lead does not exist",
+            ));
+        }
+        LeadStatus::Erased => return Err(ApiError::Gone),
+        _ => {}
+    }
+    let stream = CommandHandler::<Lead>::stream(id)?;
+    let mut events = Vec::new();
+    let mut from = 1;
+    loop {
+        let page = system
+            .store
+            .read_stream(&stream, from, Direction::Forwards, 1_000)
+            .await?;
+        let done = page.len() < 1_000;
+        from += u64::try_from(page.len()).unwrap_or(u64::MAX);
+        events.extend(page.into_iter().map(EventItem::from));
+        if done {
+            break;
+        }
+    }
+    Ok(PersonalData {
+        lead_id: id,
+        email: lead.email.map(|e| e.as_str().to_owned()),
+        name: lead.name.map(|n| n.as_str().to_owned()),
+        company: lead.company.map(|c| c.as_str().to_owned()),
+        events,
+    })
 }

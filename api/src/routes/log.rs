@@ -2,11 +2,10 @@
 
 use std::sync::Arc;
 
-use annals_store::{Direction, LogFilter, RecordedEvent, StreamName};
+use annals_store::{Direction, LogFilter, StreamName};
 use axum::Json;
 use axum::extract::{Path, State};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -66,24 +65,6 @@ pub struct EventList {
     pub head: u64,
 }
 
-fn event_item(event: RecordedEvent) -> EventItem {
-    let mut metadata = serde_json::to_value(&event.metadata).unwrap_or_else(|_| json!({}));
-    if let Value::Object(fields) = &mut metadata {
-        fields.insert("event_id".into(), json!(event.event_id));
-        fields.insert("recorded_at".into(), json!(event.recorded_at));
-        fields.insert("schema_version".into(), json!(event.schema_version));
-    }
-    EventItem {
-        position: event.position,
-        stream: event.stream,
-        version: event.version,
-        event_type: event.event_type,
-        data: event.data,
-        metadata,
-        recorded_at: event.recorded_at,
-    }
-}
-
 fn cursor_number(cursor: Option<&str>) -> Result<Option<u64>, ApiError> {
     cursor
         .map(|c| {
@@ -130,7 +111,7 @@ async fn stream_events(
     events.truncate(limit);
     let head = store.head().await?;
     Ok(Json(EventList {
-        items: events.into_iter().map(event_item).collect(),
+        items: events.into_iter().map(EventItem::from).collect(),
         next_cursor,
         head,
     }))
@@ -160,7 +141,7 @@ async fn log_events(
     page.events.truncate(limit);
     Ok(Json(EventList {
         next_cursor,
-        items: page.events.into_iter().map(event_item).collect(),
+        items: page.events.into_iter().map(EventItem::from).collect(),
         head: page.head,
     }))
 }

@@ -74,7 +74,11 @@ async fn execute<A: Aggregate + 'static>(
     let result = app
         .system
         .handler::<A>()
-        .execute(id, command, &meta.context(body_digest))
+        .execute(
+            id,
+            command,
+            &meta.context(body_digest, &app.system.personal),
+        )
         .await;
     record(name, &result, started);
     Ok(result?)
@@ -97,6 +101,7 @@ fn answer(outcome: CommandOutcome) -> CommandAnswer {
         events: outcome.events,
         account_id: None,
         deal_id: None,
+        events_in_clear: None,
     }
 }
 

@@ -26,8 +26,8 @@ pub fn every_lead_event() -> Vec<LeadEvent> {
     vec![
         LeadEvent::LeadCaptured {
             lead_id: id(1),
-            email: Email::parse("ada@example.com").unwrap(),
-            name: PersonName::parse("Ada Lovelace").unwrap(),
+            email: Some(Email::parse("ada@example.com").unwrap()),
+            name: Some(PersonName::parse("Ada Lovelace").unwrap()),
             company: Some(Label::parse("Analytical Engines").unwrap()),
             source: Source::Web,
         },
@@ -56,6 +56,7 @@ pub fn every_lead_event() -> Vec<LeadEvent> {
             amount: eur(129_900),
             account_name: Some(Name::parse("Analytical Engines").unwrap()),
         },
+        LeadEvent::LeadErased {},
     ]
 }
 
@@ -305,8 +306,8 @@ fn a_version_1_lead_captured_is_read_without_a_company() {
         LeadEvent::decode(&v1).unwrap(),
         LeadEvent::LeadCaptured {
             lead_id: id(1),
-            email: Email::parse("ada@example.com").unwrap(),
-            name: PersonName::parse("Ada").unwrap(),
+            email: Some(Email::parse("ada@example.com").unwrap()),
+            name: Some(PersonName::parse("Ada").unwrap()),
             company: None,
             source: Source::Event,
         }

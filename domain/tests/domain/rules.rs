@@ -77,8 +77,8 @@ fn capture() -> LeadCommand {
 fn captured() -> LeadEvent {
     LeadEvent::LeadCaptured {
         lead_id: id(1),
-        email: Email::parse("ada@example.com").unwrap(),
-        name: PersonName::parse("Ada Lovelace").unwrap(),
+        email: Some(Email::parse("ada@example.com").unwrap()),
+        name: Some(PersonName::parse("Ada Lovelace").unwrap()),
         company: Some(Label::parse("Analytical Engines").unwrap()),
         source: Source::Web,
     }
@@ -189,8 +189,8 @@ fn capture_without_a_company_is_accepted() {
         .when(command)
         .then([LeadEvent::LeadCaptured {
             lead_id: id(1),
-            email: Email::parse("a@b.co").unwrap(),
-            name: PersonName::parse("A").unwrap(),
+            email: Some(Email::parse("a@b.co").unwrap()),
+            name: Some(PersonName::parse("A").unwrap()),
             company: None,
             source: Source::Referral,
         }]);
@@ -332,6 +332,92 @@ fn disqualify_twice_is_a_conflict() {
         .then_err(DomainError::LeadClosed {
             status: "disqualified",
         });
+}
+
+#[test]
+fn erase_shreds_any_lead_not_erased_and_gives_its_email_back() {
+    use annals_domain::{ClaimChange, Event};
+    let key = Email::parse("ada@example.com").unwrap().claim_key();
+    let histories = [
+        vec![captured()],
+        vec![captured(), assigned("grace", None)],
+        qualified_lead(),
+        vec![captured(), disqualified()],
+    ];
+    for history in histories {
+        let before = history.iter().fold(Lead::default(), |l, e| l.evolve(e));
+        let lead = given::<Lead>(history)
+            .when(LeadCommand::Erase {})
+            .then([LeadEvent::LeadErased {}]);
+        assert_eq!(lead.status.as_str(), "erased");
+        assert_eq!((lead.email, lead.name), (None, None), "forgotten");
+        // The email's claim goes back, which only the state before knows.
+        assert_eq!(
+            before.claims(&LeadEvent::LeadErased {}),
+            vec![ClaimChange::Release(key.clone())]
+        );
+    }
+    assert!(LeadEvent::LeadErased {}.erases_subject());
+    assert!(!captured().erases_subject());
+    assert!(
+        LeadEvent::LeadErased {}.claims().is_empty(),
+        "nothing in the event"
+    );
+}
+
+#[test]
+fn erase_of_an_erased_or_unknown_lead_is_refused_and_an_erased_lead_takes_nothing() {
+    let erased = vec![captured(), LeadEvent::LeadErased {}];
+    given::<Lead>(erased.clone())
+        .when(LeadCommand::Erase {})
+        .then_err(DomainError::LeadClosed { status: "erased" });
+    given::<Lead>([])
+        .when(LeadCommand::Erase {})
+        .then_err(DomainError::LeadNotFound);
+    given::<Lead>(erased.clone())
+        .when(signal(SignalKind::DemoRequest))
+        .then_err(DomainError::LeadClosed { status: "erased" });
+    given::<Lead>(erased)
+        .when(LeadCommand::Assign {
+            owner: owner("grace"),
+        })
+        .then_err(DomainError::LeadClosed { status: "erased" });
+}
+
+#[test]
+fn a_converted_lead_may_be_erased_and_keeps_its_conversion() {
+    let mut history = qualified_lead();
+    history.push(LeadEvent::LeadConverted {
+        account_id: id(20),
+        deal_id: id(30),
+        deal_name: Name::parse("Engines for Acme").unwrap(),
+        amount: eur(129_900),
+        account_name: Some(Name::parse("Analytical Engines").unwrap()),
+    });
+    let lead = given::<Lead>(history)
+        .when(LeadCommand::Erase {})
+        .then([LeadEvent::LeadErased {}]);
+    assert_eq!(lead.converted_deal_id, Some(id(30)));
+    assert_eq!(lead.email, None);
+}
+
+#[test]
+fn a_capture_read_back_erased_has_no_email_and_takes_no_claim() {
+    use annals_domain::Event;
+    let erased = LeadEvent::LeadCaptured {
+        lead_id: id(1),
+        email: None,
+        name: None,
+        company: None,
+        source: Source::Web,
+    };
+    assert!(erased.claims().is_empty());
+    let lead = Lead::default().evolve(&erased);
+    assert_eq!((lead.email, lead.name), (None, None));
+    assert_eq!(
+        LeadEvent::PERSONAL_FIELDS,
+        &[("LeadCaptured", &["email", "name"][..])]
+    );
 }
 
 #[test]

@@ -1,0 +1,405 @@
+//! Personal data in the log, encrypted (crypto-shredding, `domain.md` Erasure): an
+//! `EventStore` in front of another that seals the personal fields of the events it
+//! appends under their subject's data key, and opens them in the events it reads.
+//!
+//! - The subject of an event is its stream (`lead-{id}`); the personal fields are named
+//!   per event type (`PersonalFields`, from the domain). Each is stored as `enc:v1:…`
+//!   (`vault`), so the hash chains cover the ciphertext and still verify after erasure.
+//! - A field whose subject's key is shredded, or never existed, reads as `null`, and the
+//!   event's data then says `"erased": true`; so does a field an older build stored in
+//!   clear, once its subject is shredded (the tombstone row).
+//! - Claim keys (an email's) are stored as a keyed hash: the key's prefix, then the
+//!   HMAC of the whole key under a secret kept as a data key of its own
+//!   (`annals:claims`), so a rotation of the master key leaves every claim as it was.
+//! - Snapshots of a category that holds personal data are neither saved nor read: a
+//!   state would hold the fields in clear.
+//!
+//! Every reader (command handlers, consumers, the API) reads through this, so the key
+//! table is read for each page of events: an erasure on one server is seen by every
+//! other at its next read, and a rebuild after it finds the fields erased.
+
+use std::collections::{HashMap, HashSet};
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use lru::LruCache;
+use serde_json::Value;
+
+use crate::keys::DataKeys;
+use crate::model::{
+    Anchor, AppendOutcome, AppendRequest, AuditReport, Claim, Direction, IdempotencyRecord,
+    LogFilter, LogPage, RecordedEvent, Snapshot, StreamName,
+};
+use crate::vault::{DataKey, MasterKey, SEALED, Vault};
+use crate::{EventStore, StoreError};
+
+/// The subject whose data key is the secret of the claims' keyed hashes.
+const CLAIMS_SUBJECT: &str = "annals:claims";
+/// What marks a stored claim key as a keyed hash (see `claim_key`).
+const KEYED: &str = "k1:";
+/// Events read per page by the reports on clear data.
+const PAGE: usize = 1_000;
+/// Opened data keys kept in memory, by their wrapped bytes (opening one costs a
+/// decryption; the table is still read for every page, so a shredded key is never used).
+const OPENED_KEYS: usize = 10_000;
+
+/// Which fields of which event types are personal, and the categories of their streams.
+#[derive(Debug, Clone, Default)]
+pub struct PersonalFields {
+    fields: HashMap<String, Vec<String>>,
+    categories: HashSet<String>,
+}
+
+impl PersonalFields {
+    /// `(category, event type, fields)`: the fields of that event type, in streams of
+    /// that category, that hold personal data.
+    pub fn new(declared: &[(&str, &str, &[&str])]) -> Self {
+        let mut personal = PersonalFields::default();
+        for (category, event_type, fields) in declared {
+            personal.categories.insert((*category).to_owned());
+            personal.fields.insert(
+                (*event_type).to_owned(),
+                fields.iter().map(|f| (*f).to_owned()).collect(),
+            );
+        }
+        personal
+    }
+
+    fn of(&self, event_type: &str) -> Option<&[String]> {
+        self.fields.get(event_type).map(Vec::as_slice)
+    }
+}
+
+/// The place a field's value is sealed for: its subject, event type and field.
+fn place(subject: &str, event_type: &str, field: &str) -> String {
+    format!("{subject}/{event_type}/{field}")
+}
+
+/// An event store whose personal fields are sealed at rest (see the module).
+#[derive(Debug)]
+pub struct EncryptedStore {
+    inner: Arc<dyn EventStore>,
+    keys: Arc<dyn DataKeys>,
+    vault: Vault,
+    personal: PersonalFields,
+    claims: DataKey,
+    opened: Mutex<LruCache<Vec<u8>, DataKey>>,
+}
+
+impl EncryptedStore {
+    /// The store in front of `inner`, once the master key is found to be the one the
+    /// database's keys were wrapped with (the first start records it).
+    pub async fn open(
+        inner: Arc<dyn EventStore>,
+        keys: Arc<dyn DataKeys>,
+        master: &MasterKey,
+        personal: PersonalFields,
+    ) -> Result<Self, StoreError> {
+        let vault = Vault::new(master);
+        if keys.master_key_check(vault.check_value()).await? != vault.check_value() {
+            return Err(StoreError::MasterKey(
+                "this is not the master key this database was started with".into(),
+            ));
+        }
+        let candidate = vault.wrap(CLAIMS_SUBJECT, &DataKey::generate());
+        let wrapped = keys
+            .key_for(CLAIMS_SUBJECT, &candidate)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("the claims' secret was shredded".into()))?;
+        let claims = vault.unwrap(CLAIMS_SUBJECT, &wrapped)?;
+        Ok(EncryptedStore {
+            inner,
+            keys,
+            vault,
+            personal,
+            claims,
+            opened: Mutex::new(LruCache::new(
+                NonZeroUsize::new(OPENED_KEYS).unwrap_or(NonZeroUsize::MIN),
+            )),
+        })
+    }
+
+    /// How a claim key is stored: its prefix (before the first `:`), `k1:` (a keyed
+    /// hash, where an older build stored the domain's key as it was), then the keyed hash
+    /// of the whole key.
+    pub fn claim_key(&self, key: &str) -> String {
+        let prefix = key.split_once(':').map_or("claim", |(prefix, _)| prefix);
+        format!("{prefix}:{KEYED}{}", self.claims.keyed_hash(key.as_bytes()))
+    }
+
+    /// Whether a stored claim key is a keyed hash (`claim_key`), not an older build's.
+    pub fn is_keyed_claim(stored: &str) -> bool {
+        stored
+            .split_once(':')
+            .is_some_and(|(_, rest)| rest.starts_with(KEYED))
+    }
+
+    /// The events of `stream` (up to `limit` read) whose personal fields an older build
+    /// stored in clear: an erasure cannot make those unreadable in the log, only in
+    /// every answer.
+    pub async fn events_in_clear(&self, stream: &StreamName) -> Result<u64, StoreError> {
+        let mut clear = 0_usize;
+        let mut from = 1;
+        loop {
+            let page = self
+                .inner
+                .read_stream(stream, from, Direction::Forwards, PAGE)
+                .await?;
+            clear += page.iter().filter(|e| self.in_clear(e)).count();
+            if page.len() < PAGE {
+                return Ok(u64::try_from(clear).unwrap_or(u64::MAX));
+            }
+            from += u64::try_from(page.len()).unwrap_or(u64::MAX);
+        }
+    }
+
+    /// Every event of the log whose personal fields are stored in clear, as (position,
+    /// stream), for an operator's report.
+    pub async fn log_in_clear(&self) -> Result<Vec<(u64, String)>, StoreError> {
+        let types: Vec<&str> = self.personal.fields.keys().map(String::as_str).collect();
+        let filter = LogFilter::event_types(types);
+        let mut clear = Vec::new();
+        let mut from = 1;
+        loop {
+            let page = self.inner.read_all(from, PAGE, &filter).await?;
+            clear.extend(
+                page.events
+                    .iter()
+                    .filter(|e| self.in_clear(e))
+                    .map(|e| (e.position, e.stream.clone())),
+            );
+            if page.next_position > page.head {
+                return Ok(clear);
+            }
+            from = page.next_position;
+        }
+    }
+
+    /// Whether a stored event has a personal field that is not sealed.
+    fn in_clear(&self, event: &RecordedEvent) -> bool {
+        let Some(fields) = self.personal.of(&event.event_type) else {
+            return false;
+        };
+        fields.iter().any(|field| match event.data.get(field) {
+            Some(Value::String(value)) => !value.starts_with(SEALED),
+            Some(Value::Null) | None => false,
+            Some(_) => true,
+        })
+    }
+
+    /// A keyed hash of anything personal that must be compared but never kept (a
+    /// request's digest), under the claims' secret.
+    pub fn keyed_hash(&self, message: &[u8]) -> String {
+        self.claims.keyed_hash(message)
+    }
+
+    fn open_key(&self, subject: &str, wrapped: &[u8]) -> Result<DataKey, StoreError> {
+        let mut opened = self.opened.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(key) = opened.get(wrapped) {
+            return Ok(key.clone());
+        }
+        let key = self.vault.unwrap(subject, wrapped)?;
+        opened.put(wrapped.to_vec(), key.clone());
+        Ok(key)
+    }
+
+    /// Seals the request's personal fields under its stream's key (made on first use),
+    /// and turns its claim keys into keyed hashes.
+    async fn seal(&self, request: &mut AppendRequest) -> Result<(), StoreError> {
+        for claim in &mut request.claims {
+            match claim {
+                Claim::Take(key) | Claim::Release(key) => *key = self.claim_key(key),
+            }
+        }
+        let subject = request.stream.as_str().to_owned();
+        let mut key = None;
+        for event in &mut request.events {
+            let Some(fields) = self.personal.of(&event.event_type) else {
+                continue;
+            };
+            let Value::Object(data) = &mut event.data else {
+                continue;
+            };
+            for field in fields {
+                let Some(value) = data.get_mut(field).filter(|v| !v.is_null()) else {
+                    continue;
+                };
+                if key.is_none() {
+                    key = Some(self.key_of(&subject).await?);
+                }
+                let Some(key) = &key else {
+                    continue;
+                };
+                let plain = serde_json::to_vec(value).unwrap_or_default();
+                *value =
+                    Value::String(key.seal(&place(&subject, &event.event_type, field), &plain));
+            }
+        }
+        Ok(())
+    }
+
+    /// The subject's data key, made and stored when it has none.
+    async fn key_of(&self, subject: &str) -> Result<DataKey, StoreError> {
+        let candidate = self.vault.wrap(subject, &DataKey::generate());
+        match self.keys.key_for(subject, &candidate).await? {
+            Some(wrapped) => self.open_key(subject, &wrapped),
+            None => Err(StoreError::Shredded {
+                subject: subject.to_owned(),
+            }),
+        }
+    }
+
+    /// Opens the personal fields of events read from the log (see the module).
+    async fn open_events(&self, events: &mut [RecordedEvent]) -> Result<(), StoreError> {
+        let subjects: Vec<&str> = {
+            let mut subjects: Vec<&str> = events
+                .iter()
+                .filter(|e| self.personal.of(&e.event_type).is_some())
+                .map(|e| e.stream.as_str())
+                .collect();
+            subjects.sort_unstable();
+            subjects.dedup();
+            subjects
+        };
+        if subjects.is_empty() {
+            return Ok(());
+        }
+        let keys = self.keys.keys_of(&subjects).await?;
+        for event in events {
+            let Some(fields) = self.personal.of(&event.event_type) else {
+                continue;
+            };
+            let stored = keys.get(&event.stream);
+            let key = match stored {
+                Some(Some(wrapped)) => Some(self.open_key(&event.stream, wrapped)?),
+                _ => None,
+            };
+            let shredded = matches!(stored, Some(None));
+            let Value::Object(data) = &mut event.data else {
+                continue;
+            };
+            let mut erased = false;
+            for field in fields {
+                let Some(value) = data.get_mut(field) else {
+                    continue;
+                };
+                let sealed = value.as_str().filter(|v| v.starts_with(SEALED));
+                match (sealed, &key) {
+                    (Some(sealed), Some(key)) => {
+                        let plain =
+                            key.open(&place(&event.stream, &event.event_type, field), sealed)?;
+                        *value = serde_json::from_slice(&plain).map_err(|_| {
+                            StoreError::Corrupt(format!(
+                                "a sealed {field} of {} is not JSON",
+                                event.stream
+                            ))
+                        })?;
+                    }
+                    // Sealed under a key that is gone: erased.
+                    (Some(_), None) => {
+                        *value = Value::Null;
+                        erased = true;
+                    }
+                    // Stored in clear by an older build: erased once its subject is.
+                    (None, _) if shredded && !value.is_null() => {
+                        *value = Value::Null;
+                        erased = true;
+                    }
+                    (None, _) => {}
+                }
+            }
+            if erased || shredded {
+                data.insert("erased".to_owned(), Value::Bool(true));
+            }
+        }
+        Ok(())
+    }
+
+    fn holds_personal_data(&self, stream: &str) -> bool {
+        let category = stream
+            .split_once('-')
+            .map_or(stream, |(category, _)| category);
+        self.personal.categories.contains(category)
+    }
+}
+
+#[async_trait]
+impl EventStore for EncryptedStore {
+    async fn append(&self, mut request: AppendRequest) -> Result<AppendOutcome, StoreError> {
+        self.seal(&mut request).await?;
+        self.inner.append(request).await
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &StreamName,
+        from_version: u64,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let mut events = self
+            .inner
+            .read_stream(stream, from_version, direction, limit)
+            .await?;
+        self.open_events(&mut events).await?;
+        Ok(events)
+    }
+
+    async fn read_all(
+        &self,
+        from_position: u64,
+        limit: usize,
+        filter: &LogFilter,
+    ) -> Result<LogPage, StoreError> {
+        let mut page = self.inner.read_all(from_position, limit, filter).await?;
+        self.open_events(&mut page.events).await?;
+        Ok(page)
+    }
+
+    async fn head(&self) -> Result<u64, StoreError> {
+        self.inner.head().await
+    }
+
+    async fn wait_for_events(&self, after: u64, timeout: Duration) -> Result<u64, StoreError> {
+        self.inner.wait_for_events(after, timeout).await
+    }
+
+    async fn save_snapshot(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
+        if self.holds_personal_data(&snapshot.stream) {
+            return Ok(());
+        }
+        self.inner.save_snapshot(snapshot).await
+    }
+
+    async fn load_snapshot(&self, stream: &StreamName) -> Result<Option<Snapshot>, StoreError> {
+        if self.holds_personal_data(stream.as_str()) {
+            return Ok(None);
+        }
+        self.inner.load_snapshot(stream).await
+    }
+
+    async fn find_idempotency(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
+        self.inner.find_idempotency(key).await
+    }
+
+    async fn purge_idempotency(
+        &self,
+        recorded_before: chrono::DateTime<chrono::Utc>,
+    ) -> Result<u64, StoreError> {
+        self.inner.purge_idempotency(recorded_before).await
+    }
+
+    async fn verify(&self) -> Result<AuditReport, StoreError> {
+        self.inner.verify().await
+    }
+
+    async fn anchor(&self) -> Result<Anchor, StoreError> {
+        self.inner.anchor().await
+    }
+
+    async fn find_anchor(&self, hash: &str) -> Result<Option<u64>, StoreError> {
+        self.inner.find_anchor(hash).await
+    }
+}
