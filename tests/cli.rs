@@ -67,6 +67,8 @@ on_both_backends!(
     the_demo_history_replays_verifies_audits_and_prints,
     an_audit_anchor_shows_a_log_rewritten_with_every_hash_recomputed,
     parked_events_are_listed_retried_and_skipped_from_the_command_line,
+    a_lead_is_erased_and_its_personal_data_printed_from_the_command_line,
+    keys_migrate_reports_what_an_older_build_stored_in_clear_and_rekeys_its_claims,
 );
 
 fn run(args: &[&str]) -> (bool, String, String) {
@@ -457,4 +459,231 @@ async fn parked_events_are_listed_retried_and_skipped_from_the_command_line(db: 
         assert!(err.starts_with("annals: "), "{args:?}: {err}");
         assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
     }
+}
+
+/// The first lead of the log, and its email as the demo wrote it (opened).
+fn first_lead(url: &str) -> (String, String) {
+    let (ok, out, err) = run(&["events", "--json", "--database-url", url]);
+    assert!(ok, "{err}");
+    let captured = out
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+        .find(|event| event["event_type"] == "LeadCaptured")
+        .expect("a captured lead");
+    let id = captured["stream"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("lead-")
+        .to_owned();
+    (id, captured["data"]["email"].as_str().unwrap().to_owned())
+}
+
+/// What is held about a lead, printed as JSON; erased from the command line; then the
+/// printout is refused (exit 1) and every read shows the lead erased. The log of the
+/// whole run (a demo history, the printout, the erasure) names no email of the demo.
+async fn a_lead_is_erased_and_its_personal_data_printed_from_the_command_line(db: Arc<Fixture>) {
+    let url = db.url();
+    let (ok, _, demo_log) = {
+        let output = annals()
+            .env("RUST_LOG", "debug,sqlx=warn")
+            .args(["demo", "--leads", "20", "--database-url", url])
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    assert!(ok, "{demo_log}");
+    let (id, email) = first_lead(url);
+    assert!(email.contains('@'), "{email}");
+    let (ok, out, err) = run(&["lead", "personal-data", "--id", &id, "--database-url", url]);
+    assert!(ok, "{err}");
+    let document: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(document["email"], email.as_str());
+    assert_eq!(document["events"][0]["type"], "LeadCaptured");
+
+    let (ok, out, erase_log) = run(&["lead", "erase", "--id", &id, "--database-url", url]);
+    assert!(ok, "{erase_log}");
+    assert!(
+        out.contains(&format!("lead {id}: erased at position")),
+        "{out}"
+    );
+    assert!(!out.contains("in clear"), "{out}");
+    let (ok, _, err) = run(&["lead", "personal-data", "--id", &id, "--database-url", url]);
+    assert!(!ok);
+    assert!(err.contains("erased"), "{err}");
+    let (again, _, err) = run(&["lead", "erase", "--id", &id, "--database-url", url]);
+    assert!(!again, "a second erasure is refused");
+    assert!(!err.contains("panicked"), "{err}");
+    let (ok, out, _) = run(&[
+        "events",
+        "--json",
+        "--stream",
+        &format!("lead-{id}"),
+        "--database-url",
+        url,
+    ]);
+    assert!(ok);
+    assert!(!out.contains(&email), "{out}");
+    assert!(out.contains("\"erased\":true"), "{out}");
+    let (ok, out, _) = run(&["audit", "verify", "--database-url", url]);
+    assert!(ok, "{out}");
+    let (ok, out, _) = run(&["verify", "--database-url", url]);
+    assert!(ok, "{out}");
+    for log in [demo_log, erase_log] {
+        assert!(!log.contains(&email), "{log}");
+        assert!(!log.contains(".example"), "a demo email in the log: {log}");
+    }
+}
+
+/// An older build's events (email and name in clear) and its email claim (the domain's
+/// key, not a keyed hash): `keys migrate` counts the one, the store turned the other
+/// into a keyed hash on opening, so the email stays taken; the erasure of that lead
+/// says its events keep it in clear, gives the email back, and every read shows it
+/// erased.
+async fn keys_migrate_reports_what_an_older_build_stored_in_clear_and_rekeys_its_claims(
+    db: Arc<Fixture>,
+) {
+    use annals_domain::values::Email;
+    let url = db.url();
+    let claim = Email::parse("old@example.com").unwrap().claim_key();
+    let lead = uuid::Uuid::now_v7();
+    db.store()
+        .append(
+            append(
+                &format!("lead-{lead}"),
+                ExpectedVersion::NoStream,
+                vec![
+                    annals_store::NewEvent::new(
+                        "LeadCaptured",
+                        serde_json::json!({"lead_id": lead, "email": "old@example.com",
+                        "name": "Old Timer", "company": null, "source": "web"}),
+                    )
+                    .with_schema_version(2),
+                ],
+            )
+            .with_claims(vec![annals_store::Claim::Take(claim.clone())]),
+        )
+        .await
+        .unwrap();
+    let (ok, out, err) = run(&["keys", "migrate", "--database-url", url]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("1 events of 1 leads hold an email and a name in clear"),
+        "{out}"
+    );
+    // The older build's claim became a keyed hash when the store opened: the email
+    // stays taken, and the erasure below gives it back.
+    let claims = db.text_rows("SELECT key FROM claims").await;
+    let stored = claims[0][0].clone().unwrap();
+    assert!(stored.starts_with("lead-email:k1:"), "{stored}");
+    assert!(!stored.contains(&claim["lead-email:".len()..]), "{stored}");
+
+    let (ok, out, err) = run(&[
+        "lead",
+        "erase",
+        "--id",
+        &lead.to_string(),
+        "--database-url",
+        url,
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("1 of its events were written before"), "{out}");
+    let (ok, out, _) = run(&[
+        "events",
+        "--json",
+        "--stream",
+        &format!("lead-{lead}"),
+        "--database-url",
+        url,
+    ]);
+    assert!(ok);
+    assert!(
+        !out.contains("old@example.com") && out.contains("\"erased\":true"),
+        "{out}"
+    );
+    assert!(
+        db.text_rows("SELECT key FROM claims").await.is_empty(),
+        "given back"
+    );
+}
+
+/// `keys rotate` on a SQLite database keyed by the file beside it: every data key is
+/// wrapped anew and the file holds the new key; the log is untouched (its anchor is the
+/// same) and reads as before with the new key, while the old key is refused.
+#[test]
+fn keys_rotate_rewraps_every_data_key_and_leaves_the_log_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("rotated.db");
+    let url = format!("sqlite://{}", db.display());
+    let keyed = |args: &[&str]| {
+        let output = annals()
+            .env_remove("ANNALS_MASTER_KEY")
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (ok, _, err) = keyed(&["demo", "--leads", "10", "--database-url", &url]);
+    assert!(ok, "{err}");
+    let key_file = dir.path().join("rotated.db.key");
+    let old = std::fs::read_to_string(&key_file).unwrap();
+    let (ok, anchor, _) = keyed(&["audit", "anchor", "--database-url", &url]);
+    assert!(ok);
+    let lead_before = {
+        let (ok, out, err) = keyed(&["events", "--json", "--database-url", &url]);
+        assert!(ok, "{err}");
+        out
+    };
+
+    let new_file = dir.path().join("new.key");
+    let (ok, _, err) = keyed(&["keys", "generate", "--out", new_file.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = keyed(&[
+        "keys",
+        "rotate",
+        "--new-key-file",
+        new_file.to_str().unwrap(),
+        "--database-url",
+        &url,
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("data keys wrapped with the new master key"),
+        "{out}"
+    );
+    let new = std::fs::read_to_string(&key_file).unwrap();
+    assert_eq!(new, std::fs::read_to_string(&new_file).unwrap());
+    assert_ne!(new, old);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    }
+    let (ok, after, _) = keyed(&["audit", "anchor", "--database-url", &url]);
+    assert!(ok);
+    assert_eq!(after, anchor, "no event was touched");
+    let (ok, out, err) = keyed(&["events", "--json", "--database-url", &url]);
+    assert!(ok, "{err}");
+    assert_eq!(out, lead_before, "every event reads as before");
+    let (ok, _, err) = annals()
+        .env("ANNALS_MASTER_KEY", old.trim())
+        .args(["audit", "anchor", "--database-url", &url])
+        .output()
+        .map(|o| {
+            (
+                o.status.success(),
+                String::new(),
+                String::from_utf8_lossy(&o.stderr).into_owned(),
+            )
+        })
+        .unwrap();
+    assert!(!ok);
+    assert!(err.contains("not the master key"), "{err}");
 }

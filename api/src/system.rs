@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use annals_commands::{CommandHandler, HandlerConfig, Handlers};
+use annals_commands::{CommandHandler, HandlerConfig, Handlers, RequestDigest};
 use annals_domain::Aggregate;
 use annals_domain::Event;
 use annals_domain::lead::Lead;
@@ -68,7 +68,14 @@ impl System {
             .personal_data()
             .ok_or_else(|| ApiError::InvalidSettings("personal data is not sealed".into()))?;
         let db = ReadDatabase::of(&backend);
-        let handlers = Handlers::new(store.clone(), HandlerConfig::default());
+        // Commands may carry personal data: the digests their idempotency records keep
+        // are keyed hashes.
+        let keyed = personal.clone();
+        let config = HandlerConfig {
+            request_digest: Some(RequestDigest::new(move |content| keyed.keyed_hash(content))),
+            ..HandlerConfig::default()
+        };
+        let handlers = Handlers::new(store.clone(), config);
         let consumers: Vec<_> = consumers(&handlers, &settings)
             .into_iter()
             .map(|consumer| Arc::new(ConsumerRunner::new(store.clone(), db.clone(), consumer)))
@@ -87,16 +94,36 @@ impl System {
         })
     }
 
-    /// After an erasure at `position`: waits (a bounded while) for the read models to
-    /// forget what they showed of the lead, then has the database drop the old images
-    /// of what they overwrote (`DataKeys::purge_overwritten`). An erasure the read models
-    /// apply later is purged by the next erasure, or the database's own checkpoints.
+    /// After an erasure at `position`: waits (5 s at most) for the lead board to forget
+    /// what it showed of the lead, then has the database drop the old images of what it
+    /// overwrote (`DataKeys::purge_overwritten`), again while readers keep it from that.
+    /// An erasure the board applies later is purged by the next erasure.
     pub async fn forget_erased(&self, position: u64) {
-        for read_model in self.projections() {
-            read_model.wait_for(position, Duration::from_secs(5)).await;
+        // The lead board is the read model that shows personal data; its checkpoint is
+        // read from the database, whichever process runs it.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        if let Some(board) = self.projection(annals_projections::lead_board::NAME) {
+            while tokio::time::Instant::now() < deadline
+                && board.checkpoint().await.is_ok_and(|at| at < position)
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
-        if let Err(error) = self.keys.purge_overwritten().await {
-            tracing::warn!(%error, "dropping the old images of erased data failed");
+        loop {
+            match self.keys.purge_overwritten().await {
+                Ok(true) => return,
+                Ok(false) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Ok(false) => {
+                    tracing::warn!("readers kept the write-ahead log from being truncated");
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "dropping the old images of erased data failed");
+                    return;
+                }
+            }
         }
     }
 

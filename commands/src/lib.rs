@@ -44,6 +44,28 @@ pub struct HandlerConfig {
     pub max_attempts: u32,
     /// How long idempotency keys are kept.
     pub idempotency_retention: Duration,
+    /// What turns a command into the digest its idempotency record keeps, when the
+    /// caller gives none: a keyed hash where commands carry personal data (the
+    /// store's); a plain SHA-256 otherwise.
+    pub request_digest: Option<RequestDigest>,
+}
+
+/// A keyed digest of a command's content (see `HandlerConfig::request_digest`).
+#[derive(Clone)]
+pub struct RequestDigest(Arc<DigestFn>);
+
+type DigestFn = dyn Fn(&[u8]) -> String + Send + Sync;
+
+impl RequestDigest {
+    pub fn new(digest: impl Fn(&[u8]) -> String + Send + Sync + 'static) -> Self {
+        RequestDigest(Arc::new(digest))
+    }
+}
+
+impl std::fmt::Debug for RequestDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RequestDigest(…)")
+    }
 }
 
 impl Default for HandlerConfig {
@@ -53,6 +75,7 @@ impl Default for HandlerConfig {
             snapshot_every: 100,
             max_attempts: 5,
             idempotency_retention: Duration::from_secs(24 * 60 * 60),
+            request_digest: None,
         }
     }
 }
@@ -285,7 +308,7 @@ impl<A: Aggregate> CommandHandler<A> {
         let request_hash = context
             .request_hash
             .clone()
-            .unwrap_or_else(|| request_hash(&stream, &command));
+            .unwrap_or_else(|| request_hash(&stream, &command, &self.config.request_digest));
         // Held until this request is answered: a duplicate sent meanwhile is told to come
         // back, rather than deciding ids of its own (a create's id, a conversion's deal)
         // for the same key.
@@ -574,15 +597,25 @@ fn decode<A: Aggregate>(recorded: &RecordedEvent) -> Result<A::Event, CommandErr
     })?)
 }
 
-/// The default request digest: the stream, the command's name and its full content.
-fn request_hash<C: Command>(stream: &StreamName, command: &C) -> String {
-    let mut hasher = Sha256::new();
-    hasher.update(stream.as_str().as_bytes());
-    hasher.update([0]);
-    hasher.update(command.name().as_bytes());
-    hasher.update([0]);
-    hasher.update(format!("{command:?}").as_bytes());
-    hex::encode(hasher.finalize())
+/// The default request digest: the stream, the command's name and its full content,
+/// through the configured keyed digest when there is one.
+fn request_hash<C: Command>(
+    stream: &StreamName,
+    command: &C,
+    keyed: &Option<RequestDigest>,
+) -> String {
+    let content = [
+        stream.as_str().as_bytes(),
+        &[0],
+        command.name().as_bytes(),
+        &[0],
+        format!("{command:?}").as_bytes(),
+    ]
+    .concat();
+    match keyed {
+        Some(RequestDigest(digest)) => digest(&content),
+        None => hex::encode(Sha256::digest(&content)),
+    }
 }
 
 /// Whether an append's refusal may come from another request with the same key that

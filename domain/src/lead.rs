@@ -197,7 +197,7 @@ pub enum LeadEvent {
         reason: Reason,
     },
     /// `account_name` is set when the conversion opens a new account (named after the
-    /// lead's company, or the lead's name when there is none).
+    /// lead's company, or the deal when there is none: never after the person).
     LeadConverted {
         account_id: Uuid,
         deal_id: Uuid,
@@ -394,13 +394,14 @@ impl Aggregate for Lead {
                 if let ConversionDeal::Taken(deal_id) = deal {
                     return Err(DomainError::DealExists(deal_id));
                 }
+                // A new account is named after the lead's company, or else after the deal:
+                // never after the person, whose name is personal data an erasure must
+                // reach (`domain.md`, Erasure), and an account's name is the business's.
                 let account_name = if let ConversionAccount::New(_) = account {
-                    let name = match (&self.company, &self.name) {
-                        (Some(company), _) => company.as_str(),
-                        (None, Some(name)) => name.as_str(),
-                        (None, None) => "",
-                    };
-                    Some(Name::parse(name)?)
+                    Some(match &self.company {
+                        Some(company) => Name::parse(company.as_str())?,
+                        None => deal_name.clone(),
+                    })
                 } else {
                     None
                 };

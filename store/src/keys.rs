@@ -27,9 +27,16 @@ const CHUNK: usize = 500;
 pub trait DataKeys: Send + Sync + Debug {
     /// The key stored for `subject`, storing `candidate` first when it has none: the key
     /// every writer of the subject then uses, whoever stored it. `None` when the
-    /// subject's key was shredded.
-    async fn key_for(&self, subject: &str, candidate: &[u8])
-    -> Result<Option<Vec<u8>>, StoreError>;
+    /// subject's key was shredded. `check` is the check of the master key `candidate`
+    /// is wrapped with: a candidate is never stored once the database's master key has
+    /// changed (a rotation while this process ran), so no key is stored that the
+    /// database's master key cannot open.
+    async fn key_for(
+        &self,
+        subject: &str,
+        candidate: &[u8],
+        check: &[u8],
+    ) -> Result<Option<Vec<u8>>, StoreError>;
 
     /// The keys of those of `subjects` that have a row: `None` for a shredded one.
     async fn keys_of(
@@ -37,30 +44,36 @@ pub trait DataKeys: Send + Sync + Debug {
         subjects: &[&str],
     ) -> Result<HashMap<String, Option<Vec<u8>>>, StoreError>;
 
-    /// Up to `limit` keys still held, of the subjects after `after`, in subject order.
-    async fn held_keys(
+    /// A rotation of the master key, in one transaction that no key is stored during:
+    /// refused unless the stored check is `old_check`; every held key replaced by what
+    /// `rewrap(subject, wrapped)` makes of it, and the check by `new_check`. Returns how
+    /// many keys it wrapped anew.
+    async fn rotate(
         &self,
-        after: &str,
-        limit: usize,
-    ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
-
-    /// Puts every key wrapped anew and the new master key's check in place, in one
-    /// transaction (a rotation of the master key): each `(subject, old, new)` only where
-    /// the stored key is still `old`. Returns how many keys it replaced.
-    async fn rewrap(
-        &self,
-        keys: &[(String, Vec<u8>, Vec<u8>)],
-        check: &[u8],
+        old_check: &[u8],
+        new_check: &[u8],
+        rewrap: &(
+             dyn for<'a, 'b> Fn(&'a str, &'b [u8]) -> Result<Vec<u8>, StoreError> + Send + Sync
+         ),
     ) -> Result<u64, StoreError>;
 
     /// The stored check of the master key, storing `check` first when there is none.
     async fn master_key_check(&self, check: &[u8]) -> Result<Vec<u8>, StoreError>;
 
+    /// Turns the claim keys an older build stored as the domain made them into what
+    /// `keyed` makes of them (`None`: already keyed), in one transaction; a key whose
+    /// keyed form is held already is left as it was. Returns how many it turned.
+    async fn rekey_claims(
+        &self,
+        keyed: &(dyn for<'a> Fn(&'a str) -> Option<String> + Send + Sync),
+    ) -> Result<u64, StoreError>;
+
     /// Has the database drop what it still keeps of overwritten data where it can: on
     /// SQLite (which zeroes freed space, `secure_delete`) the write-ahead log is
     /// checkpointed and truncated, so old page images go; PostgreSQL keeps dead row
-    /// versions until its vacuum, where no dump or query reads them.
-    async fn purge_overwritten(&self) -> Result<(), StoreError>;
+    /// versions until its vacuum, where no dump or query reads them. Returns whether it
+    /// was done (`false`: readers kept the log from being truncated; try again).
+    async fn purge_overwritten(&self) -> Result<bool, StoreError>;
 }
 
 /// A write transaction on the keys, with this process's writer turn where the backend has
@@ -81,13 +94,21 @@ impl<DB: Dialect> DataKeys for SqlStore<DB> {
         &self,
         subject: &str,
         candidate: &[u8],
+        check: &[u8],
     ) -> Result<Option<Vec<u8>>, StoreError> {
         let (_turn, mut transaction) = begin_write(self).await?;
         DB::execute(
             &mut transaction,
-            "INSERT INTO data_keys (subject, wrapped, created_at) VALUES ($1, $2, $3) \
+            "INSERT INTO data_keys (subject, wrapped, created_at) \
+             SELECT $1, $2, $3 WHERE EXISTS \
+                 (SELECT 1 FROM master_key_check WHERE id = 1 AND check_value = $4) \
              ON CONFLICT (subject) DO NOTHING",
-            &[subject.into(), candidate.into(), DB::time(Utc::now())],
+            &[
+                subject.into(),
+                candidate.into(),
+                DB::time(Utc::now()),
+                check.into(),
+            ],
             PREPARED,
         )
         .await?;
@@ -98,7 +119,13 @@ impl<DB: Dialect> DataKeys for SqlStore<DB> {
             PREPARED,
         )
         .await?
-        .ok_or_else(|| StoreError::Corrupt(format!("the data key of {subject} vanished")))?;
+        .ok_or_else(|| {
+            StoreError::MasterKey(
+                "the database's master key changed while this process ran (a rotation): \
+                 start it again with the new key"
+                    .into(),
+            )
+        })?;
         let stored = DB::bytes(&row, "wrapped")?;
         transaction.commit().await?;
         Ok(stored)
@@ -128,59 +155,95 @@ impl<DB: Dialect> DataKeys for SqlStore<DB> {
         Ok(keys)
     }
 
-    async fn held_keys(
+    async fn rotate(
         &self,
-        after: &str,
-        limit: usize,
-    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        old_check: &[u8],
+        new_check: &[u8],
+        rewrap: &(
+             dyn for<'a, 'b> Fn(&'a str, &'b [u8]) -> Result<Vec<u8>, StoreError> + Send + Sync
+         ),
+    ) -> Result<u64, StoreError> {
+        let (_turn, mut transaction) = begin_write(self).await?;
+        // No key is stored meanwhile (SQLite: the write transaction excludes writers).
+        if let Some(lock) = DB::LOCK_DATA_KEYS {
+            DB::execute(&mut transaction, lock, &[], false).await?;
+        }
+        let stored = DB::fetch_optional(
+            &mut transaction,
+            "SELECT check_value FROM master_key_check WHERE id = 1",
+            &[],
+            PREPARED,
+        )
+        .await?
+        .map(|row| DB::required(DB::bytes, &row, "check_value"))
+        .transpose()?;
+        if stored.as_deref() != Some(old_check) {
+            return Err(StoreError::MasterKey(
+                "the current key is not the one this database was started with".into(),
+            ));
+        }
         let rows = DB::fetch_all(
-            &mut *self.pool().acquire().await?,
-            "SELECT subject, wrapped FROM data_keys \
-              WHERE subject > $1 AND wrapped IS NOT NULL ORDER BY subject LIMIT $2",
-            &[after.into(), limit.into()],
+            &mut transaction,
+            "SELECT subject, wrapped FROM data_keys WHERE wrapped IS NOT NULL ORDER BY subject",
+            &[],
             PREPARED,
         )
         .await?;
-        rows.iter()
-            .map(|row| {
-                Ok((
-                    DB::required(DB::text, row, "subject")?,
-                    DB::required(DB::bytes, row, "wrapped")?,
-                ))
-            })
-            .collect()
-    }
-
-    async fn rewrap(
-        &self,
-        keys: &[(String, Vec<u8>, Vec<u8>)],
-        check: &[u8],
-    ) -> Result<u64, StoreError> {
-        let (_turn, mut transaction) = begin_write(self).await?;
-        let mut replaced = 0;
-        for (subject, old, new) in keys {
-            let done = DB::execute(
+        let mut rotated = 0;
+        for row in &rows {
+            let subject = DB::required(DB::text, row, "subject")?;
+            let wrapped = DB::required(DB::bytes, row, "wrapped")?;
+            let again = rewrap(&subject, &wrapped)?;
+            DB::execute(
                 &mut transaction,
-                "UPDATE data_keys SET wrapped = $1 WHERE subject = $2 AND wrapped = $3",
-                &[
-                    new.as_slice().into(),
-                    subject.as_str().into(),
-                    old.as_slice().into(),
-                ],
+                "UPDATE data_keys SET wrapped = $1 WHERE subject = $2",
+                &[again.as_slice().into(), subject.as_str().into()],
                 PREPARED,
             )
             .await?;
-            replaced += DB::rows_affected(&done);
+            rotated += 1;
         }
         DB::execute(
             &mut transaction,
             "UPDATE master_key_check SET check_value = $1 WHERE id = 1",
-            &[check.into()],
+            &[new_check.into()],
             PREPARED,
         )
         .await?;
         transaction.commit().await?;
-        Ok(replaced)
+        Ok(rotated)
+    }
+
+    async fn rekey_claims(
+        &self,
+        keyed: &(dyn for<'a> Fn(&'a str) -> Option<String> + Send + Sync),
+    ) -> Result<u64, StoreError> {
+        let (_turn, mut transaction) = begin_write(self).await?;
+        let rows = DB::fetch_all(
+            &mut transaction,
+            "SELECT key FROM claims WHERE key NOT LIKE '%:k1:%'",
+            &[],
+            PREPARED,
+        )
+        .await?;
+        let mut turned = 0;
+        for row in &rows {
+            let key = DB::required(DB::text, row, "key")?;
+            let Some(new) = keyed(&key) else {
+                continue;
+            };
+            let done = DB::execute(
+                &mut transaction,
+                "UPDATE claims SET key = $1 WHERE key = $2 \
+                   AND NOT EXISTS (SELECT 1 FROM claims WHERE key = $1)",
+                &[new.as_str().into(), key.as_str().into()],
+                PREPARED,
+            )
+            .await?;
+            turned += DB::rows_affected(&done);
+        }
+        transaction.commit().await?;
+        Ok(turned)
     }
 
     async fn master_key_check(&self, check: &[u8]) -> Result<Vec<u8>, StoreError> {
@@ -206,10 +269,18 @@ impl<DB: Dialect> DataKeys for SqlStore<DB> {
         Ok(stored)
     }
 
-    async fn purge_overwritten(&self) -> Result<(), StoreError> {
-        if let Some(sql) = DB::PURGE_OVERWRITTEN {
-            DB::fetch_all(&mut *self.pool().acquire().await?, sql, &[], false).await?;
-        }
-        Ok(())
+    async fn purge_overwritten(&self) -> Result<bool, StoreError> {
+        let Some(sql) = DB::PURGE_OVERWRITTEN else {
+            return Ok(true);
+        };
+        let rows = DB::fetch_all(&mut *self.pool().acquire().await?, sql, &[], false).await?;
+        // SQLite answers (busy, log frames, frames checkpointed): busy means a reader
+        // kept the log from being truncated.
+        Ok(rows
+            .first()
+            .map(|row| DB::first_int(row))
+            .transpose()?
+            .flatten()
+            .is_none_or(|busy| busy == 0))
     }
 }

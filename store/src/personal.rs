@@ -105,11 +105,11 @@ impl EncryptedStore {
         }
         let candidate = vault.wrap(CLAIMS_SUBJECT, &DataKey::generate());
         let wrapped = keys
-            .key_for(CLAIMS_SUBJECT, &candidate)
+            .key_for(CLAIMS_SUBJECT, &candidate, vault.check_value())
             .await?
             .ok_or_else(|| StoreError::Corrupt("the claims' secret was shredded".into()))?;
         let claims = vault.unwrap(CLAIMS_SUBJECT, &wrapped)?;
-        Ok(EncryptedStore {
+        let store = EncryptedStore {
             inner,
             keys,
             vault,
@@ -118,7 +118,21 @@ impl EncryptedStore {
             opened: Mutex::new(LruCache::new(
                 NonZeroUsize::new(OPENED_KEYS).unwrap_or(NonZeroUsize::MIN),
             )),
-        })
+        };
+        // The claims an older build stored as the domain made them (an email's plain
+        // hash) become keyed hashes before anything is appended, so its leads' emails
+        // stay taken, and an erasure gives them back.
+        let turned = store
+            .keys
+            .rekey_claims(&|key| (!Self::is_keyed_claim(key)).then(|| store.claim_key(key)))
+            .await?;
+        if turned > 0 {
+            tracing::info!(
+                claims = turned,
+                "claims of an older build stored as keyed hashes"
+            );
+        }
+        Ok(store)
     }
 
     /// How a claim key is stored: its prefix (before the first `:`), `k1:` (a keyed
@@ -126,7 +140,8 @@ impl EncryptedStore {
     /// of the whole key.
     pub fn claim_key(&self, key: &str) -> String {
         let prefix = key.split_once(':').map_or("claim", |(prefix, _)| prefix);
-        format!("{prefix}:{KEYED}{}", self.claims.keyed_hash(key.as_bytes()))
+        let message = [b"claim\0".as_slice(), key.as_bytes()].concat();
+        format!("{prefix}:{KEYED}{}", self.claims.keyed_hash(&message))
     }
 
     /// Whether a stored claim key is a keyed hash (`claim_key`), not an older build's.
@@ -189,10 +204,11 @@ impl EncryptedStore {
         })
     }
 
-    /// A keyed hash of anything personal that must be compared but never kept (a
-    /// request's digest), under the claims' secret.
+    /// A keyed hash of a request that may carry personal data (its idempotency digest),
+    /// under the claims' secret, apart from the claims' own hashes.
     pub fn keyed_hash(&self, message: &[u8]) -> String {
-        self.claims.keyed_hash(message)
+        self.claims
+            .keyed_hash(&[b"request\0".as_slice(), message].concat())
     }
 
     fn open_key(&self, subject: &str, wrapped: &[u8]) -> Result<DataKey, StoreError> {
@@ -243,7 +259,11 @@ impl EncryptedStore {
     /// The subject's data key, made and stored when it has none.
     async fn key_of(&self, subject: &str) -> Result<DataKey, StoreError> {
         let candidate = self.vault.wrap(subject, &DataKey::generate());
-        match self.keys.key_for(subject, &candidate).await? {
+        match self
+            .keys
+            .key_for(subject, &candidate, self.vault.check_value())
+            .await?
+        {
             Some(wrapped) => self.open_key(subject, &wrapped),
             None => Err(StoreError::Shredded {
                 subject: subject.to_owned(),

@@ -190,6 +190,7 @@ impl Dialect for Postgres {
                      THEN NULL ELSE metadata END AS metadata \
            FROM events ORDER BY stream, version";
 
+    const LOCK_DATA_KEYS: Option<&'static str> = Some("LOCK TABLE data_keys IN EXCLUSIVE MODE");
     const PURGE_OVERWRITTEN: Option<&'static str> = None;
     const BEGIN_TABLES_WRITE: &'static str = "BEGIN";
     // Planned afresh with their real arguments: read-model tables grow from empty during

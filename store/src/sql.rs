@@ -280,6 +280,9 @@ pub(crate) trait Dialect: Sql {
     const SHARE_LOCK: &'static str;
     /// The names of the table `$1` and of its indexes, from the catalog (`Tables::schema_of`).
     const SCHEMA_OF: &'static str;
+    /// What keeps every other writer from storing a data key until the transaction ends
+    /// (`DataKeys::rotate`), where a write transaction does not already.
+    const LOCK_DATA_KEYS: Option<&'static str>;
     /// What makes the database drop old images of overwritten pages (`DataKeys::
     /// purge_overwritten`), where there is such a thing.
     const PURGE_OVERWRITTEN: Option<&'static str>;
@@ -503,8 +506,6 @@ impl<DB: Database> HeldAppend<DB> {
     }
 }
 
-/// Plans the batch on `facts` in the open write transaction, inserts and commits; rolls
-/// back and returns `None` when the facts proved too thin (see `BatchWriter`).
 /// Destroys the data keys a plan shreds: each subject's row keeps no key, and says when
 /// (a subject without a row gets one, so a legacy subject is marked erased too).
 pub(crate) async fn shred_keys<DB: Dialect>(
@@ -529,6 +530,8 @@ pub(crate) async fn shred_keys<DB: Dialect>(
     Ok(())
 }
 
+/// Plans the batch on `facts` in the open write transaction, inserts and commits; rolls
+/// back and returns `None` when the facts proved too thin (see `BatchWriter`).
 pub(crate) async fn plan_and_commit<DB: Dialect>(
     mut transaction: Transaction<'_, DB>,
     batch: &[ValidAppend],

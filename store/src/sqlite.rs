@@ -110,6 +110,7 @@ impl Dialect for Sqlite {
                 metadata, recorded_at, hash \
            FROM events ORDER BY stream, version";
 
+    const LOCK_DATA_KEYS: Option<&'static str> = None;
     const PURGE_OVERWRITTEN: Option<&'static str> = Some("PRAGMA wal_checkpoint(TRUNCATE)");
     const BEGIN_TABLES_WRITE: &'static str = Self::BEGIN_WRITE;
     // SQLite plans by its indexes, not by table sizes, and re-preparing the read models'

@@ -10,8 +10,8 @@ use annals_api::routes::leads::personal_data;
 use annals_api::system::{master_key, master_key_file};
 use annals_commands::{CommandContext, CommandHandler};
 use annals_domain::lead::{Lead, LeadCommand};
+use annals_store::StoreConfig;
 use annals_store::vault::{MasterKey, Vault};
-use annals_store::{EncryptedStore, StoreConfig};
 use anyhow::{Context, bail};
 use clap::Subcommand;
 use uuid::Uuid;
@@ -56,9 +56,8 @@ pub enum Keys {
         #[arg(long)]
         new_key_file: PathBuf,
     },
-    /// Report the events an older build stored with personal data in clear (they cannot
-    /// be rewritten without breaking the hash chain), turn that build's email claims into
-    /// keyed hashes, and delete its snapshots of leads.
+    /// Report the events an older build stored with personal data in clear: they cannot
+    /// be rewritten without breaking the hash chain.
     Migrate {
         #[command(flatten)]
         database: Database,
@@ -122,7 +121,7 @@ pub async fn keys(action: Keys) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Keys::Generate { out: Some(file) } => {
-            write_key(&file, &MasterKey::generate(), false)?;
+            write_key(&file, &MasterKey::generate())?;
             println!("a new master key is in {}", file.display());
             Ok(ExitCode::SUCCESS)
         }
@@ -134,8 +133,10 @@ pub async fn keys(action: Keys) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Every data key unwrapped with the current master key and wrapped with the new one,
-/// then put in place with the new key's check in one transaction.
+/// Every data key unwrapped with the current master key and wrapped with the new one, in
+/// one transaction with the new key's check (no key is stored meanwhile). The key file,
+/// when the key comes from one, is written beside the old first and renamed over it only
+/// once the database is on the new key.
 async fn rotate(url: &str, new_key_file: &Path) -> anyhow::Result<ExitCode> {
     let old = master_key(url)?;
     let new_text = std::fs::read_to_string(new_key_file)
@@ -145,74 +146,60 @@ async fn rotate(url: &str, new_key_file: &Path) -> anyhow::Result<ExitCode> {
     if new == old {
         bail!("the new key is the current one");
     }
+    let key_file = master_key_file(url);
+    let staged = match &key_file {
+        Some(file) => Some(stage_key(file, &new)?),
+        None => None,
+    };
     let backend = annals_store::open(url, StoreConfig::default()).await?;
-    let keys = backend.data_keys();
     let (old_vault, new_vault) = (Vault::new(&old), Vault::new(&new));
-    if keys.master_key_check(old_vault.check_value()).await? != old_vault.check_value() {
-        bail!("the current master key is not the one this database was started with");
-    }
-    let mut rewrapped = Vec::new();
-    let mut after = String::new();
-    loop {
-        let page = keys.held_keys(&after, 1_000).await?;
-        let Some((last, _)) = page.last() else {
-            break;
-        };
-        after = last.clone();
-        for (subject, wrapped) in page {
-            let key = old_vault.unwrap(&subject, &wrapped)?;
-            let again = new_vault.wrap(&subject, &key);
-            rewrapped.push((subject, wrapped, again));
+    let rotated = backend
+        .data_keys()
+        .rotate(
+            old_vault.check_value(),
+            new_vault.check_value(),
+            &|subject, wrapped| Ok(new_vault.wrap(subject, &old_vault.unwrap(subject, wrapped)?)),
+        )
+        .await;
+    let rotated = match rotated {
+        Ok(rotated) => rotated,
+        Err(error) => {
+            if let Some(staged) = &staged {
+                let _ = std::fs::remove_file(staged);
+            }
+            return Err(error).context("rotating the master key; nothing was changed");
         }
-    }
-    let replaced = keys.rewrap(&rewrapped, new_vault.check_value()).await?;
-    println!("{replaced} data keys wrapped with the new master key; no event was touched");
-    match master_key_file(url) {
-        Some(file) => {
-            write_key(&file, &new, true)?;
+    };
+    println!("{rotated} data keys wrapped with the new master key; no event was touched");
+    match (key_file, staged) {
+        (Some(file), Some(staged)) => {
+            std::fs::rename(&staged, &file).with_context(|| {
+                format!(
+                    "the database is on the new key, which is in {}; move it over {} by hand",
+                    staged.display(),
+                    file.display()
+                )
+            })?;
+            if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
             println!("the new key replaced the old in {}", file.display());
         }
-        None => println!(
+        _ => println!(
             "start every server with the new key (ANNALS_MASTER_KEY or ANNALS_MASTER_KEY_FILE)"
         ),
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// The report on personal data an older build stored in clear, and its claims re-keyed.
+/// The report on personal data an older build stored in clear. (Its claims become keyed
+/// hashes when the store opens, and its snapshots of leads went with a migration.)
 async fn migrate(database: &Database) -> anyhow::Result<ExitCode> {
     let system = database.open().await?;
     let clear = system.personal.log_in_clear().await?;
     let mut leads: Vec<&str> = clear.iter().map(|(_, stream)| stream.as_str()).collect();
     leads.sort_unstable();
     leads.dedup();
-    let claims = system
-        .db
-        .fetch_text_rows("SELECT key FROM claims", &[])
-        .await?;
-    let mut rekeyed = 0;
-    let mut tx = system.db.begin_write(0).await?;
-    for row in claims {
-        let Some(Some(key)) = row.into_iter().next() else {
-            continue;
-        };
-        if EncryptedStore::is_keyed_claim(&key) {
-            continue;
-        }
-        let keyed = system.personal.claim_key(&key);
-        rekeyed += tx
-            .execute(
-                "UPDATE claims SET key = $1 WHERE key = $2",
-                &[keyed.as_str().into(), key.as_str().into()],
-            )
-            .await?;
-    }
-    // Snapshots of leads, which an older build kept with the fields in clear (the store
-    // neither takes nor reads them now).
-    let snapshots = tx
-        .execute("DELETE FROM snapshots WHERE stream LIKE 'lead-%'", &[])
-        .await?;
-    tx.commit().await?;
     if clear.is_empty() {
         println!("every event holds its personal data encrypted: nothing to migrate");
     } else {
@@ -222,40 +209,39 @@ async fn migrate(database: &Database) -> anyhow::Result<ExitCode> {
              chains cover what is stored, and `audit verify` would find them broken. \
              Erasing such a lead still shows its data as erased in every answer, and \
              `lead erase` says how many of its events keep it in clear in the log (and \
-             in any backup). New events are always encrypted.",
+             in any backup). New events are always encrypted; the older build's email \
+             claims are keyed hashes now, and its snapshots of leads are gone.",
             clear.len(),
             leads.len()
         );
     }
-    println!("{rekeyed} email claims of an older build now stored as keyed hashes");
-    println!("{snapshots} snapshots of leads deleted");
     Ok(ExitCode::SUCCESS)
 }
 
-/// Writes a key to `file`, readable by its owner only: a new file, or (`replace`) in
-/// place of the old one, through a file beside it renamed over it.
-fn write_key(file: &Path, key: &MasterKey, replace: bool) -> anyhow::Result<()> {
+/// Writes `key` to a file beside `file` (`<file>.new`, replacing a stale one), readable
+/// by its owner only and flushed; its path.
+fn stage_key(file: &Path, key: &MasterKey) -> anyhow::Result<PathBuf> {
+    let mut name = file.as_os_str().to_owned();
+    name.push(".new");
+    let staged = PathBuf::from(name);
+    let _ = std::fs::remove_file(&staged);
+    write_key(&staged, key)?;
+    Ok(staged)
+}
+
+/// Writes a key to a new file, readable by its owner only, flushed.
+fn write_key(file: &Path, key: &MasterKey) -> anyhow::Result<()> {
     use std::io::Write;
     #[cfg(unix)]
     use std::os::unix::fs::OpenOptionsExt;
-    let target = if replace {
-        let mut name = file.as_os_str().to_owned();
-        name.push(".new");
-        PathBuf::from(name)
-    } else {
-        file.to_owned()
-    };
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
     options.mode(0o600);
     let mut out = options
-        .open(&target)
-        .with_context(|| format!("writing {}", target.display()))?;
+        .open(file)
+        .with_context(|| format!("writing {}", file.display()))?;
     writeln!(out, "{}", key.to_hex())?;
     out.sync_all()?;
-    if replace {
-        std::fs::rename(&target, file).with_context(|| format!("replacing {}", file.display()))?;
-    }
     Ok(())
 }

@@ -436,13 +436,15 @@ async fn erase_lead(
     meta: CommandMeta,
     body: JsonBody<EraseLead>,
 ) -> Result<Json<CommandAnswer>, ApiError> {
-    let outcome = execute::<Lead>(&app, id, LeadCommand::Erase {}, &meta, &body.digest).await?;
-    app.system.forget_erased(outcome.position).await;
+    // Counted first: what the log keeps does not change with the erasure, and nothing
+    // after the commit may fail its answer.
     let in_clear = app
         .system
         .personal
         .events_in_clear(&CommandHandler::<Lead>::stream(id)?)
         .await?;
+    let outcome = execute::<Lead>(&app, id, LeadCommand::Erase {}, &meta, &body.digest).await?;
+    app.system.forget_erased(outcome.position).await;
     let mut answer = answer(outcome);
     answer.events_in_clear = (in_clear > 0).then_some(in_clear);
     Ok(Json(answer))

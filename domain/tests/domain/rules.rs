@@ -437,6 +437,28 @@ fn convert_a_qualified_lead_into_a_new_account_named_after_its_company() {
 }
 
 #[test]
+fn a_lead_without_a_company_converts_into_an_account_named_after_the_deal_never_the_person() {
+    let without_company = LeadEvent::LeadCaptured {
+        lead_id: id(1),
+        email: Some(Email::parse("ada@example.com").unwrap()),
+        name: Some(PersonName::parse("Ada Lovelace").unwrap()),
+        company: None,
+        source: Source::Web,
+    };
+    let mut history = qualified_lead();
+    history[0] = without_company;
+    given::<Lead>(history)
+        .when(convert(true))
+        .then([LeadEvent::LeadConverted {
+            account_id: id(20),
+            deal_id: id(30),
+            deal_name: Name::parse("Engines for Acme").unwrap(),
+            amount: eur(129_900),
+            account_name: Some(Name::parse("Engines for Acme").unwrap()),
+        }]);
+}
+
+#[test]
 fn convert_into_an_account_that_does_not_exist_is_not_found() {
     let mut command = convert(false);
     if let LeadCommand::Convert { account, .. } = &mut command {

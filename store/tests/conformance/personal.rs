@@ -41,16 +41,31 @@ fn capture(email: &str) -> NewEvent {
 
 async fn a_data_key_is_stored_once_and_shredded_only_with_its_append(db: Arc<Fixture>) {
     let keys = db.keys();
+    let check = b"the master key's check";
+    assert_eq!(keys.master_key_check(check).await.unwrap(), check);
     // Two writers making the subject's key at once both get the one stored.
     let (a, b) = tokio::join!(
-        keys.key_for("lead-1", b"first candidate"),
-        keys.key_for("lead-1", b"second candidate")
+        keys.key_for("lead-1", b"first candidate", check),
+        keys.key_for("lead-1", b"second candidate", check)
     );
     let (a, b) = (a.unwrap().unwrap(), b.unwrap().unwrap());
     assert_eq!(a, b);
     assert_eq!(
-        keys.key_for("lead-1", b"third").await.unwrap(),
+        keys.key_for("lead-1", b"third", check).await.unwrap(),
         Some(a.clone())
+    );
+    // A writer whose master key is no longer the database's (rotated meanwhile) stores
+    // nothing: its key could not be opened.
+    assert!(matches!(
+        keys.key_for("lead-2", b"stale", b"another check").await,
+        Err(StoreError::MasterKey(_))
+    ));
+    assert!(
+        !keys
+            .keys_of(&["lead-2"])
+            .await
+            .unwrap()
+            .contains_key("lead-2")
     );
     let store = db.store();
     store
@@ -90,7 +105,7 @@ async fn a_data_key_is_stored_once_and_shredded_only_with_its_append(db: Arc<Fix
         Some(&None),
         "a tombstone without a key"
     );
-    assert_eq!(keys.key_for("lead-1", b"again").await.unwrap(), None);
+    assert_eq!(keys.key_for("lead-1", b"again", check).await.unwrap(), None);
     let rows = db
         .text_rows("SELECT subject FROM data_keys WHERE wrapped IS NOT NULL")
         .await;
