@@ -213,6 +213,8 @@ pub(crate) struct Plan {
     pub idempotency: Vec<IdempotencyRecord>,
     /// Subjects whose data keys to destroy (each once).
     pub shredded: Vec<String>,
+    /// Data keys to store: (subject, wrapped, master key check).
+    pub new_keys: Vec<(String, Vec<u8>, Vec<u8>)>,
     pub outcomes: Vec<Result<AppendOutcome, StoreError>>,
     /// The log's head after this plan, for its head row.
     pub last_position: u64,
@@ -402,6 +404,9 @@ fn plan_one(
         if !plan.shredded.contains(subject) {
             plan.shredded.push(subject.clone());
         }
+    }
+    if let Some(key) = &request.new_key {
+        plan.new_keys.push(key.clone());
     }
     Ok(AppendOutcome { version, positions })
 }

@@ -220,6 +220,9 @@ pub struct AppendRequest {
     /// Subjects whose data key (see `DataKeys`) the append destroys, in its transaction:
     /// their rows stay, without a key, as tombstones.
     pub shred: Vec<String>,
+    /// A data key stored in the append's transaction, for an append that creates its
+    /// stream: `(subject, wrapped, the check of the master key that wrapped it)`.
+    pub new_key: Option<(String, Vec<u8>, Vec<u8>)>,
 }
 
 impl AppendRequest {
@@ -231,7 +234,14 @@ impl AppendRequest {
             claims: Vec::new(),
             idempotency: None,
             shred: Vec::new(),
+            new_key: None,
         }
+    }
+
+    /// Stores a new data key with the append (see `new_key`).
+    pub fn with_new_key(mut self, subject: String, wrapped: Vec<u8>, check: Vec<u8>) -> Self {
+        self.new_key = Some((subject, wrapped, check));
+        self
     }
 
     /// Destroys the data keys of these subjects with the append (crypto-shredding).

@@ -29,8 +29,8 @@ use serde_json::Value;
 
 use crate::keys::DataKeys;
 use crate::model::{
-    Anchor, AppendOutcome, AppendRequest, AuditReport, Claim, Direction, IdempotencyRecord,
-    LogFilter, LogPage, RecordedEvent, Snapshot, StreamName,
+    Anchor, AppendOutcome, AppendRequest, AuditReport, Claim, Direction, ExpectedVersion,
+    IdempotencyRecord, LogFilter, LogPage, RecordedEvent, Snapshot, StreamName,
 };
 use crate::vault::{DataKey, MasterKey, SEALED, Vault};
 use crate::{EventStore, StoreError};
@@ -230,7 +230,12 @@ impl EncryptedStore {
             }
         }
         let subject = request.stream.as_str().to_owned();
+        let creates = matches!(
+            request.expected,
+            ExpectedVersion::NoStream | ExpectedVersion::Exact(0)
+        );
         let mut key = None;
+        let mut new_key = None;
         for event in &mut request.events {
             let Some(fields) = self.personal.of(&event.event_type) else {
                 continue;
@@ -243,7 +248,16 @@ impl EncryptedStore {
                     continue;
                 };
                 if key.is_none() {
-                    key = Some(self.key_of(&subject).await?);
+                    key = Some(if creates {
+                        // A stream being created has no event under any key: its new
+                        // key is stored in the append's transaction (a concurrent
+                        // creation loses its version check and stores nothing).
+                        let new = DataKey::generate();
+                        new_key = Some(self.vault.wrap(&subject, &new));
+                        new
+                    } else {
+                        self.key_of(&subject).await?
+                    });
                 }
                 let Some(key) = &key else {
                     continue;
@@ -252,6 +266,9 @@ impl EncryptedStore {
                 *value =
                     Value::String(key.seal(&place(&subject, &event.event_type, field), &plain));
             }
+        }
+        if let Some(wrapped) = new_key {
+            request.new_key = Some((subject, wrapped, self.vault.check_value().to_vec()));
         }
         Ok(())
     }

@@ -464,7 +464,7 @@ impl Dialect for Postgres {
         .execute(&mut *connection)
         .await?;
         // Only inside the transaction `write_attempt` opens for a batch that shreds.
-        sql::shred_keys::<Self>(connection, plan).await
+        sql::write_keys::<Self>(connection, plan).await
     }
 
     async fn write_attempt(
@@ -473,12 +473,14 @@ impl Dialect for Postgres {
         source: FactsSource,
         remembered: Option<LogFacts>,
     ) -> Result<Option<Plan>, StoreError> {
-        let shreds = batch.iter().any(|append| !append.request.shred.is_empty());
+        let shreds = batch
+            .iter()
+            .any(|append| !append.request.shred.is_empty() || append.request.new_key.is_some());
         if let Some(facts) = remembered.filter(|_| !shreds) {
             // Remembered facts need no reads, so no transaction around them: the append is
             // one statement, and the function checks the facts under the lock. (A batch
-            // that shreds a data key writes more than that statement, so it takes the
-            // transaction below.)
+            // that stores or shreds a data key writes more than that statement, so it
+            // takes the transaction below.)
             let planned_on_last = facts.last_position;
             let plan = batch::plan(batch, facts, Utc::now());
             if plan.needs_stored_ids() {

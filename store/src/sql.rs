@@ -506,9 +506,10 @@ impl<DB: Database> HeldAppend<DB> {
     }
 }
 
-/// Destroys the data keys a plan shreds: each subject's row keeps no key, and says when
-/// (a subject without a row gets one, so a legacy subject is marked erased too).
-pub(crate) async fn shred_keys<DB: Dialect>(
+/// Stores the data keys a plan makes, and destroys those it shreds: each shredded
+/// subject's row keeps no key, and says when (a subject without a row gets one, so a
+/// legacy subject is marked erased too).
+pub(crate) async fn write_keys<DB: Dialect>(
     connection: &mut DB::Connection,
     plan: &Plan,
 ) -> Result<(), StoreError> {
@@ -516,6 +517,34 @@ pub(crate) async fn shred_keys<DB: Dialect>(
         .rows
         .first()
         .map_or_else(Utc::now, |row| row.recorded_at);
+    // The keys of streams these appends create: no event of the subject exists, so a
+    // key a refused capture left is replaced; a tombstone is not, and neither is any
+    // key once the database's master key is not the writer's.
+    for (subject, wrapped, check) in &plan.new_keys {
+        let done = DB::execute(
+            connection,
+            "INSERT INTO data_keys (subject, wrapped, created_at) \
+             SELECT $1, $2, $3 WHERE EXISTS \
+                 (SELECT 1 FROM master_key_check WHERE id = 1 AND check_value = $4) \
+             ON CONFLICT (subject) DO UPDATE \
+                SET wrapped = excluded.wrapped, created_at = excluded.created_at \
+              WHERE data_keys.wrapped IS NOT NULL",
+            &[
+                subject.as_str().into(),
+                wrapped.as_slice().into(),
+                DB::time(at),
+                check.as_slice().into(),
+            ],
+            PREPARED,
+        )
+        .await?;
+        if DB::rows_affected(&done) == 0 {
+            return Err(StoreError::MasterKey(format!(
+                "the data key of {subject} cannot be stored: its subject was erased, or the \
+                 database's master key changed while this process ran"
+            )));
+        }
+    }
     for subject in &plan.shredded {
         DB::execute(
             connection,

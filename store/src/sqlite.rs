@@ -342,7 +342,7 @@ impl Dialect for Sqlite {
             )
             .await?;
         }
-        sql::shred_keys::<Self>(connection, plan).await
+        sql::write_keys::<Self>(connection, plan).await
     }
 
     async fn write_attempt(

@@ -154,6 +154,11 @@ async fn personal_fields_are_sealed_at_rest_and_read_as_erased_once_shredded(db:
         store.append(second).await,
         Err(StoreError::ClaimHeld { holder, .. }) if holder == "lead-1"
     ));
+    // A capture's key is stored in its append's transaction: a refused capture stores
+    // none.
+    let keys = db.keys().keys_of(&["lead-1", "lead-2"]).await.unwrap();
+    assert!(matches!(keys.get("lead-1"), Some(Some(_))));
+    assert!(!keys.contains_key("lead-2"), "{keys:?}");
 
     // As read: opened, by both reads.
     let opened = store
