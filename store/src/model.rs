@@ -238,12 +238,6 @@ impl AppendRequest {
         }
     }
 
-    /// Stores a new data key with the append (see `new_key`).
-    pub fn with_new_key(mut self, subject: String, wrapped: Vec<u8>, check: Vec<u8>) -> Self {
-        self.new_key = Some((subject, wrapped, check));
-        self
-    }
-
     /// Destroys the data keys of these subjects with the append (crypto-shredding).
     pub fn with_shredded(mut self, subjects: Vec<String>) -> Self {
         self.shred = subjects;
