@@ -17,10 +17,7 @@ use sqlx::Transaction;
 use tokio::sync::OwnedMutexGuard;
 
 use crate::error::StoreError;
-use crate::sql::{Dialect, PREPARED, Param, SqlStore};
-
-/// Subjects looked up per statement (SQLite binds at most 32,766 parameters).
-const CHUNK: usize = 500;
+use crate::sql::{Dialect, PREPARED, SqlStore};
 
 /// The data keys of the subjects, and the master key's check.
 #[async_trait]
@@ -135,24 +132,18 @@ impl<DB: Dialect> DataKeys for SqlStore<DB> {
         &self,
         subjects: &[&str],
     ) -> Result<HashMap<String, Option<Vec<u8>>>, StoreError> {
-        let mut keys = HashMap::new();
+        // One prepared statement, whatever the number of subjects: they cross as one
+        // JSON array.
+        let subjects = serde_json::to_string(subjects).unwrap_or_default();
         let mut connection = self.pool().acquire().await?;
-        for chunk in subjects.chunks(CHUNK) {
-            let placeholders: Vec<String> = (1..=chunk.len()).map(|n| format!("${n}")).collect();
-            let sql = format!(
-                "SELECT subject, wrapped FROM data_keys WHERE subject IN ({})",
-                placeholders.join(", ")
-            );
-            let params: Vec<Param<'_>> = chunk.iter().map(|s| (*s).into()).collect();
-            // Not prepared: the statement's shape changes with the chunk's length.
-            for row in DB::fetch_all(&mut connection, &sql, &params, false).await? {
-                keys.insert(
-                    DB::required(DB::text, &row, "subject")?,
-                    DB::bytes(&row, "wrapped")?,
-                );
-            }
-        }
-        Ok(keys)
+        let rows = DB::fetch_all(
+            &mut connection,
+            DB::KEYS_OF,
+            &[subjects.as_str().into()],
+            PREPARED,
+        )
+        .await?;
+        DB::keys_found(&rows)
     }
 
     async fn rotate(

@@ -19,12 +19,10 @@
 //! other at its next read, and a rebuild after it finds the fields erased.
 
 use std::collections::{HashMap, HashSet};
-use std::num::NonZeroUsize;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use lru::LruCache;
 use serde_json::Value;
 
 use crate::keys::DataKeys;
@@ -41,9 +39,6 @@ const CLAIMS_SUBJECT: &str = "annals:claims";
 const KEYED: &str = "k1:";
 /// Events read per page by the reports on clear data.
 const PAGE: usize = 1_000;
-/// Opened data keys kept in memory, by their wrapped bytes (opening one costs a
-/// decryption; the table is still read for every page, so a shredded key is never used).
-const OPENED_KEYS: usize = 10_000;
 
 /// Which fields of which event types are personal, and the categories of their streams.
 #[derive(Debug, Clone, Default)]
@@ -74,7 +69,15 @@ impl PersonalFields {
 
 /// The place a field's value is sealed for: its subject, event type and field.
 fn place(subject: &str, event_type: &str, field: &str) -> String {
-    format!("{subject}/{event_type}/{field}")
+    let mut place = String::new();
+    write_place(&mut place, subject, event_type, field);
+    place
+}
+
+fn write_place(place: &mut String, subject: &str, event_type: &str, field: &str) {
+    for part in [subject, "/", event_type, "/", field] {
+        place.push_str(part);
+    }
 }
 
 /// An event store whose personal fields are sealed at rest (see the module).
@@ -85,7 +88,6 @@ pub struct EncryptedStore {
     vault: Vault,
     personal: PersonalFields,
     claims: DataKey,
-    opened: Mutex<LruCache<Vec<u8>, DataKey>>,
 }
 
 impl EncryptedStore {
@@ -115,9 +117,6 @@ impl EncryptedStore {
             vault,
             personal,
             claims,
-            opened: Mutex::new(LruCache::new(
-                NonZeroUsize::new(OPENED_KEYS).unwrap_or(NonZeroUsize::MIN),
-            )),
         };
         // The claims an older build stored as the domain made them (an email's plain
         // hash) become keyed hashes before anything is appended, so its leads' emails
@@ -211,16 +210,6 @@ impl EncryptedStore {
             .keyed_hash(&[b"request\0".as_slice(), message].concat())
     }
 
-    fn open_key(&self, subject: &str, wrapped: &[u8]) -> Result<DataKey, StoreError> {
-        let mut opened = self.opened.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(key) = opened.get(wrapped) {
-            return Ok(key.clone());
-        }
-        let key = self.vault.unwrap(subject, wrapped)?;
-        opened.put(wrapped.to_vec(), key.clone());
-        Ok(key)
-    }
-
     /// Seals the request's personal fields under its stream's key (made on first use),
     /// and turns its claim keys into keyed hashes.
     async fn seal(&self, request: &mut AppendRequest) -> Result<(), StoreError> {
@@ -281,7 +270,7 @@ impl EncryptedStore {
             .key_for(subject, &candidate, self.vault.check_value())
             .await?
         {
-            Some(wrapped) => self.open_key(subject, &wrapped),
+            Some(wrapped) => self.vault.unwrap(subject, &wrapped),
             None => Err(StoreError::Shredded {
                 subject: subject.to_owned(),
             }),
@@ -291,11 +280,13 @@ impl EncryptedStore {
     /// Opens the personal fields of events read from the log (see the module).
     async fn open_events(&self, events: &mut [RecordedEvent]) -> Result<(), StoreError> {
         let subjects: Vec<&str> = {
-            let mut subjects: Vec<&str> = events
-                .iter()
-                .filter(|e| self.personal.of(&e.event_type).is_some())
-                .map(|e| e.stream.as_str())
-                .collect();
+            let mut subjects = Vec::with_capacity(events.len());
+            subjects.extend(
+                events
+                    .iter()
+                    .filter(|e| self.personal.of(&e.event_type).is_some())
+                    .map(|e| e.stream.as_str()),
+            );
             subjects.sort_unstable();
             subjects.dedup();
             subjects
@@ -304,13 +295,17 @@ impl EncryptedStore {
             return Ok(());
         }
         let keys = self.keys.keys_of(&subjects).await?;
+        // One buffer for every value's place and one for its opening.
+        let (mut place, mut scratch) = (String::new(), Vec::new());
         for event in events {
             let Some(fields) = self.personal.of(&event.event_type) else {
                 continue;
             };
             let stored = keys.get(&event.stream);
             let key = match stored {
-                Some(Some(wrapped)) => Some(self.open_key(&event.stream, wrapped)?),
+                // Opened for each event (one decryption of 32 bytes): keeping opened
+                // keys cost more than it saved.
+                Some(Some(wrapped)) => Some(self.vault.unwrap(&event.stream, wrapped)?),
                 _ => None,
             };
             let shredded = matches!(stored, Some(None));
@@ -325,9 +320,10 @@ impl EncryptedStore {
                 let sealed = value.as_str().filter(|v| v.starts_with(SEALED));
                 match (sealed, &key) {
                     (Some(sealed), Some(key)) => {
-                        let plain =
-                            key.open(&place(&event.stream, &event.event_type, field), sealed)?;
-                        *value = serde_json::from_slice(&plain).map_err(|_| {
+                        place.clear();
+                        write_place(&mut place, &event.stream, &event.event_type, field);
+                        let plain = key.open_in(&place, sealed, &mut scratch)?;
+                        *value = serde_json::from_slice(plain).map_err(|_| {
                             StoreError::Corrupt(format!(
                                 "a sealed {field} of {} is not JSON",
                                 event.stream

@@ -41,6 +41,8 @@ use crate::tables::Lease;
 pub const APPLICATION_NAME: &str = "annals";
 /// The notification channel that carries the last committed position.
 const CHANNEL: &str = "annals_events";
+/// The SQLSTATE with which `annals_append` refuses a data key (see `sql::key_refused`).
+const KEY_REFUSED_SQLSTATE: &str = "ANS02";
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
 
@@ -192,6 +194,8 @@ impl Dialect for Postgres {
 
     const LOCK_DATA_KEYS: Option<&'static str> = Some("LOCK TABLE data_keys IN EXCLUSIVE MODE");
     const PURGE_OVERWRITTEN: Option<&'static str> = None;
+    const KEYS_OF: &'static str = "SELECT subject, wrapped FROM data_keys \
+         WHERE subject = ANY (ARRAY(SELECT jsonb_array_elements_text($1::jsonb)))";
     const BEGIN_TABLES_WRITE: &'static str = "BEGIN";
     // Planned afresh with their real arguments: read-model tables grow from empty during
     // a rebuild, and a plan cached while one was empty kept scanning it whole (350 ms
@@ -431,9 +435,13 @@ impl Dialect for Postgres {
             .iter()
             .map(|(_, _, p)| to_sql_int(*p))
             .collect();
+        let new_key_subjects: Vec<&str> = plan.new_keys.iter().map(|k| k.0.as_str()).collect();
+        let new_key_wrapped: Vec<&[u8]> = plan.new_keys.iter().map(|k| k.1.as_slice()).collect();
+        let new_key_checks: Vec<&[u8]> = plan.new_keys.iter().map(|k| k.2.as_slice()).collect();
         sqlx::query(
             "SELECT annals_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
-                                  $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26)",
+                                  $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, \
+                                  $27, $28, $29)",
         )
         .bind(to_sql_int(planned_on_last))
         .bind(to_sql_int(plan.last_position))
@@ -461,10 +469,23 @@ impl Dialect for Postgres {
         .bind(&key_recorded)
         .bind(&log_hashes)
         .bind(plan.last_log_hash.as_slice())
+        .bind(&new_key_subjects)
+        .bind(&new_key_wrapped)
+        .bind(&new_key_checks)
         .execute(&mut *connection)
-        .await?;
+        .await
+        .map_err(|error| {
+            let refused = error
+                .as_database_error()
+                .and_then(|e| e.code())
+                .is_some_and(|code| code == KEY_REFUSED_SQLSTATE);
+            match plan.new_keys.first() {
+                Some((subject, _, _)) if refused => sql::key_refused(subject),
+                _ => StoreError::from(error),
+            }
+        })?;
         // Only inside the transaction `write_attempt` opens for a batch that shreds.
-        sql::write_keys::<Self>(connection, plan).await
+        sql::shred_keys::<Self>(connection, plan).await
     }
 
     async fn write_attempt(
@@ -473,14 +494,13 @@ impl Dialect for Postgres {
         source: FactsSource,
         remembered: Option<LogFacts>,
     ) -> Result<Option<Plan>, StoreError> {
-        let shreds = batch
-            .iter()
-            .any(|append| !append.request.shred.is_empty() || append.request.new_key.is_some());
+        let shreds = batch.iter().any(|append| !append.request.shred.is_empty());
         if let Some(facts) = remembered.filter(|_| !shreds) {
             // Remembered facts need no reads, so no transaction around them: the append is
-            // one statement, and the function checks the facts under the lock. (A batch
-            // that stores or shreds a data key writes more than that statement, so it
-            // takes the transaction below.)
+            // one statement, and the function checks the facts under the lock (and
+            // stores the data keys of the streams the batch creates). A batch that shreds
+            // a data key writes more than that statement, so it takes the transaction
+            // below.
             let planned_on_last = facts.last_position;
             let plan = batch::plan(batch, facts, Utc::now());
             if plan.needs_stored_ids() {

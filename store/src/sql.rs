@@ -11,6 +11,7 @@
 //! one line in `open`.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -283,6 +284,9 @@ pub(crate) trait Dialect: Sql {
     /// What keeps every other writer from storing a data key until the transaction ends
     /// (`DataKeys::rotate`), where a write transaction does not already.
     const LOCK_DATA_KEYS: Option<&'static str>;
+    /// The data keys of the subjects in `$1` (a JSON array of text) that have a row, as
+    /// `keys_found` reads them.
+    const KEYS_OF: &'static str;
     /// What makes the database drop old images of overwritten pages (`DataKeys::
     /// purge_overwritten`), where there is such a thing.
     const PURGE_OVERWRITTEN: Option<&'static str>;
@@ -303,6 +307,19 @@ pub(crate) trait Dialect: Sql {
     fn rows_affected(done: &Self::QueryResult) -> u64;
     /// One row of `AUDIT_STREAMS`.
     fn audit_row(row: &Self::Row) -> Result<AuditRow, StoreError>;
+
+    /// The data keys `KEYS_OF` found, by subject (`None`: shredded): by default one row
+    /// each, its `subject` and `wrapped`.
+    fn keys_found(rows: &[Self::Row]) -> Result<HashMap<String, Option<Vec<u8>>>, StoreError> {
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    Self::required(Self::text, row, "subject")?,
+                    Self::bytes(row, "wrapped")?,
+                ))
+            })
+            .collect()
+    }
 
     /// Gets the facts the batch is planned on, from `source`.
     async fn read_facts(
@@ -506,20 +523,23 @@ impl<DB: Database> HeldAppend<DB> {
     }
 }
 
-/// Stores the data keys a plan makes, and destroys those it shreds: each shredded
-/// subject's row keeps no key, and says when (a subject without a row gets one, so a
-/// legacy subject is marked erased too).
-pub(crate) async fn write_keys<DB: Dialect>(
+/// What refuses a data key an append would store: its subject was erased, or the
+/// database's master key is not the writer's.
+pub(crate) fn key_refused(subject: &str) -> StoreError {
+    StoreError::MasterKey(format!(
+        "the data key of {subject} cannot be stored: its subject was erased, or the \
+         database's master key changed while this process ran"
+    ))
+}
+
+/// Stores the data keys of the streams a plan creates: no event of the subject exists,
+/// so a key a refused capture left is replaced; a tombstone is not, and neither is any
+/// key once the database's master key is not the writer's (PostgreSQL's
+/// `annals_append` does the same in its statement).
+pub(crate) async fn store_new_keys<DB: Dialect>(
     connection: &mut DB::Connection,
     plan: &Plan,
 ) -> Result<(), StoreError> {
-    let at = plan
-        .rows
-        .first()
-        .map_or_else(Utc::now, |row| row.recorded_at);
-    // The keys of streams these appends create: no event of the subject exists, so a
-    // key a refused capture left is replaced; a tombstone is not, and neither is any
-    // key once the database's master key is not the writer's.
     for (subject, wrapped, check) in &plan.new_keys {
         let done = DB::execute(
             connection,
@@ -532,31 +552,45 @@ pub(crate) async fn write_keys<DB: Dialect>(
             &[
                 subject.as_str().into(),
                 wrapped.as_slice().into(),
-                DB::time(at),
+                DB::time(key_time(plan)),
                 check.as_slice().into(),
             ],
             PREPARED,
         )
         .await?;
         if DB::rows_affected(&done) == 0 {
-            return Err(StoreError::MasterKey(format!(
-                "the data key of {subject} cannot be stored: its subject was erased, or the \
-                 database's master key changed while this process ran"
-            )));
+            return Err(key_refused(subject));
         }
     }
+    Ok(())
+}
+
+/// Destroys the data keys a plan shreds: each shredded subject's row keeps no key, and
+/// says when (a subject without a row gets one, so a legacy subject is marked erased
+/// too).
+pub(crate) async fn shred_keys<DB: Dialect>(
+    connection: &mut DB::Connection,
+    plan: &Plan,
+) -> Result<(), StoreError> {
     for subject in &plan.shredded {
         DB::execute(
             connection,
             "INSERT INTO data_keys (subject, wrapped, created_at, shredded_at) \
              VALUES ($1, NULL, $2, $2) \
              ON CONFLICT (subject) DO UPDATE SET wrapped = NULL, shredded_at = excluded.shredded_at",
-            &[subject.as_str().into(), DB::time(at)],
+            &[subject.as_str().into(), DB::time(key_time(plan))],
             PREPARED,
         )
         .await?;
     }
     Ok(())
+}
+
+/// When a plan's keys are stored or shredded: when its events are recorded.
+fn key_time(plan: &Plan) -> DateTime<Utc> {
+    plan.rows
+        .first()
+        .map_or_else(Utc::now, |row| row.recorded_at)
 }
 
 /// Plans the batch on `facts` in the open write transaction, inserts and commits; rolls

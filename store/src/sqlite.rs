@@ -15,6 +15,7 @@
 //! Lists are bound as JSON text and read with `json_each`; times are stored as
 //! microseconds since the epoch; event ids as hyphenated text.
 
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -112,6 +113,13 @@ impl Dialect for Sqlite {
 
     const LOCK_DATA_KEYS: Option<&'static str> = None;
     const PURGE_OVERWRITTEN: Option<&'static str> = Some("PRAGMA wal_checkpoint(TRUNCATE)");
+    // A join probes the key for each subject; `IN (SELECT …)` first built an index of
+    // the list, and cost half as much again.
+    // One row for them all (see `keys_found`): sqlx's SQLite driver costs more per row
+    // than the look-up itself, and a page of new leads reads a key per event.
+    const KEYS_OF: &'static str = "SELECT group_concat(d.subject || ' ' || \
+         CASE WHEN d.wrapped IS NULL THEN '-' ELSE 'x' || hex(d.wrapped) END, ' ') AS keys \
+         FROM json_each($1) AS j JOIN data_keys AS d ON d.subject = j.value";
     const BEGIN_TABLES_WRITE: &'static str = Self::BEGIN_WRITE;
     // SQLite plans by its indexes, not by table sizes, and re-preparing the read models'
     // large multi-row statements halved its rebuild rate.
@@ -160,6 +168,29 @@ impl Dialect for Sqlite {
             recorded_at_micros: Self::required(Self::int, row, "recorded_at")?,
             hash: Self::required(Self::bytes, row, "hash")?,
         })
+    }
+
+    /// `KEYS_OF`'s one text: pairs of a subject and `x` then its key in hex, or `-` for
+    /// a shredded key (a stream name has no space).
+    fn keys_found(rows: &[SqliteRow]) -> Result<HashMap<String, Option<Vec<u8>>>, StoreError> {
+        let found = match rows.first() {
+            Some(row) => Self::text(row, "keys")?.unwrap_or_default(),
+            None => String::new(),
+        };
+        let corrupt =
+            || StoreError::Corrupt("the data keys read are not pairs of subject and key".into());
+        let mut words = found.split(' ').filter(|word| !word.is_empty());
+        let mut keys = HashMap::with_capacity(found.matches(' ').count() / 2 + 1);
+        while let Some(subject) = words.next() {
+            let key = words.next().ok_or_else(corrupt)?;
+            let wrapped = match key.strip_prefix('x') {
+                Some(hex) => Some(const_hex::decode(hex).map_err(|_| corrupt())?),
+                None if key == "-" => None,
+                None => return Err(corrupt()),
+            };
+            keys.insert(subject.to_owned(), wrapped);
+        }
+        Ok(keys)
     }
 
     async fn read_facts(
@@ -342,7 +373,8 @@ impl Dialect for Sqlite {
             )
             .await?;
         }
-        sql::write_keys::<Self>(connection, plan).await
+        sql::store_new_keys::<Self>(connection, plan).await?;
+        sql::shred_keys::<Self>(connection, plan).await
     }
 
     async fn write_attempt(

@@ -12,8 +12,8 @@
 
 use std::fmt;
 
-use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
-use aes_gcm::{Aes256Gcm, Key, Nonce};
+use aes_gcm::aead::{Aead, AeadCore, AeadInPlace, KeyInit, OsRng, Payload};
+use aes_gcm::{Aes256Gcm, Key, Nonce, Tag};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use hkdf::Hkdf;
@@ -25,6 +25,7 @@ use crate::error::StoreError;
 /// What a sealed value begins with: the scheme and its version.
 pub const SEALED: &str = "enc:v1:";
 const NONCE_LEN: usize = 12;
+const TAG_LEN: usize = 16;
 
 /// The master key: 32 bytes, written as 64 hex characters.
 #[derive(Clone, PartialEq, Eq)]
@@ -102,7 +103,7 @@ impl Vault {
             .encrypt(
                 &nonce,
                 Payload {
-                    msg: &key.0,
+                    msg: &key.bytes,
                     aad: subject.as_bytes(),
                 },
             )
@@ -118,15 +119,19 @@ impl Vault {
                 "the data key of {subject} does not open with this master key"
             ))
         })?;
-        Ok(DataKey(opened.try_into().map_err(|_| {
+        Ok(DataKey::from_bytes(opened.try_into().map_err(|_| {
             StoreError::Corrupt(format!("the data key of {subject} is not 32 bytes"))
         })?))
     }
 }
 
-/// One subject's key.
+/// One subject's key, with its cipher ready (AES's key schedule is made once per key,
+/// not once per value).
 #[derive(Clone)]
-pub struct DataKey([u8; 32]);
+pub struct DataKey {
+    bytes: [u8; 32],
+    cipher: Aes256Gcm,
+}
 
 impl fmt::Debug for DataKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -137,11 +142,14 @@ impl fmt::Debug for DataKey {
 impl DataKey {
     /// A new random key.
     pub fn generate() -> Self {
-        DataKey(Aes256Gcm::generate_key(OsRng).into())
+        Self::from_bytes(Aes256Gcm::generate_key(OsRng).into())
     }
 
-    fn cipher(&self) -> Aes256Gcm {
-        Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&self.0))
+    fn from_bytes(bytes: [u8; 32]) -> Self {
+        DataKey {
+            bytes,
+            cipher: Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&bytes)),
+        }
     }
 
     /// `plain` sealed for its `place` (where it is stored: subject, event, field), as
@@ -149,7 +157,7 @@ impl DataKey {
     pub fn seal(&self, place: &str, plain: &[u8]) -> String {
         let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
         let sealed = self
-            .cipher()
+            .cipher
             .encrypt(
                 &nonce,
                 Payload {
@@ -166,17 +174,41 @@ impl DataKey {
 
     /// What `seal` sealed for `place`.
     pub fn open(&self, place: &str, sealed: &str) -> Result<Vec<u8>, StoreError> {
+        self.open_in(place, sealed, &mut Vec::new())
+            .map(<[u8]>::to_vec)
+    }
+
+    /// What `seal` sealed for `place`, opened in `scratch` (cleared first): a reader of
+    /// many values reuses one buffer.
+    pub fn open_in<'a>(
+        &self,
+        place: &str,
+        sealed: &str,
+        scratch: &'a mut Vec<u8>,
+    ) -> Result<&'a [u8], StoreError> {
         let corrupt = || StoreError::Corrupt(format!("a sealed value of {place} does not open"));
-        let bytes = sealed
-            .strip_prefix(SEALED)
-            .and_then(|b64| BASE64.decode(b64).ok())
-            .ok_or_else(corrupt)?;
-        open(&self.cipher(), &bytes, place.as_bytes()).ok_or_else(corrupt)
+        scratch.clear();
+        let b64 = sealed.strip_prefix(SEALED).ok_or_else(corrupt)?;
+        BASE64.decode_vec(b64, scratch).map_err(|_| corrupt())?;
+        if scratch.len() < NONCE_LEN + TAG_LEN {
+            return Err(corrupt());
+        }
+        let (nonce, rest) = scratch.split_at_mut(NONCE_LEN);
+        let (message, tag) = rest.split_at_mut(rest.len() - TAG_LEN);
+        self.cipher
+            .decrypt_in_place_detached(
+                Nonce::from_slice(nonce),
+                place.as_bytes(),
+                message,
+                Tag::from_slice(tag),
+            )
+            .map_err(|_| corrupt())?;
+        Ok(&scratch[NONCE_LEN..scratch.len() - TAG_LEN])
     }
 
     /// A keyed hash of `message` (HMAC-SHA-256), in hex.
     pub fn keyed_hash(&self, message: &[u8]) -> String {
-        hex::encode(mac(&self.0, message))
+        hex::encode(mac(&self.bytes, message))
     }
 }
 
@@ -233,7 +265,7 @@ mod tests {
         let key = DataKey::generate();
         let wrapped = vault.wrap("lead-1", &key);
         let opened = vault.unwrap("lead-1", &wrapped).unwrap();
-        assert_eq!(opened.0, key.0);
+        assert_eq!(opened.bytes, key.bytes);
         assert!(vault.unwrap("lead-2", &wrapped).is_err());
         let other = Vault::new(&MasterKey::generate());
         assert!(other.unwrap("lead-1", &wrapped).is_err());

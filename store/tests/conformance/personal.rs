@@ -17,6 +17,7 @@ use crate::database::{Fixture, append, stream};
 
 on_both_backends!(
     a_data_key_is_stored_once_and_shredded_only_with_its_append,
+    a_new_stream_s_key_is_stored_by_its_append_and_refused_with_it,
     personal_fields_are_sealed_at_rest_and_read_as_erased_once_shredded,
     fields_stored_in_clear_read_as_erased_once_their_subject_is_shredded,
     a_master_key_that_is_not_the_database_s_is_refused,
@@ -110,6 +111,100 @@ async fn a_data_key_is_stored_once_and_shredded_only_with_its_append(db: Arc<Fix
         .text_rows("SELECT subject FROM data_keys WHERE wrapped IS NOT NULL")
         .await;
     assert!(rows.is_empty(), "{rows:?}");
+    assert!(store.verify().await.unwrap().ok());
+}
+
+/// An append that creates its stream with `new_key`.
+fn creating(subject: &str, wrapped: &[u8], check: &[u8]) -> AppendRequest {
+    let mut request = append(
+        subject,
+        ExpectedVersion::NoStream,
+        vec![NewEvent::new("A", json!({}))],
+    );
+    request.new_key = Some((subject.to_owned(), wrapped.to_vec(), check.to_vec()));
+    request
+}
+
+async fn a_new_stream_s_key_is_stored_by_its_append_and_refused_with_it(db: Arc<Fixture>) {
+    let keys = db.keys();
+    let check = b"the master key's check";
+    keys.master_key_check(check).await.unwrap();
+    let store = db.store();
+    // Several in a row, then several at once (one batch): each append stores its key.
+    for n in 1..=3 {
+        let subject = format!("lead-{n}");
+        store
+            .append(creating(&subject, subject.as_bytes(), check))
+            .await
+            .unwrap();
+    }
+    let together: Vec<_> = (4..=9)
+        .map(|n| {
+            let subject = format!("lead-{n}");
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .append(creating(&subject, subject.as_bytes(), check))
+                    .await
+            })
+        })
+        .collect();
+    for task in together {
+        task.await.unwrap().unwrap();
+    }
+    let subjects: Vec<String> = (1..=9).map(|n| format!("lead-{n}")).collect();
+    let subjects: Vec<&str> = subjects.iter().map(String::as_str).collect();
+    let held = keys.keys_of(&subjects).await.unwrap();
+    for subject in &subjects {
+        assert_eq!(held.get(*subject), Some(&Some(subject.as_bytes().to_vec())));
+    }
+
+    // A key a refused capture left behind (no event of its subject) is replaced.
+    keys.key_for("lead-10", b"left behind", check)
+        .await
+        .unwrap();
+    store
+        .append(creating("lead-10", b"the capture's", check))
+        .await
+        .unwrap();
+    let held = keys.keys_of(&["lead-10"]).await.unwrap();
+    assert_eq!(held.get("lead-10"), Some(&Some(b"the capture's".to_vec())));
+
+    // Refused with its append, which stores nothing: under a master key that is no
+    // longer the database's, or over a tombstone.
+    let head = store.head().await.unwrap();
+    let stale = store
+        .append(creating("lead-11", b"stale", b"another check"))
+        .await;
+    assert!(matches!(stale, Err(StoreError::MasterKey(_))), "{stale:?}");
+    store
+        .append(
+            append(
+                "lead-erased",
+                ExpectedVersion::Any,
+                vec![NewEvent::new("B", json!({}))],
+            )
+            .with_shredded(vec!["lead-gone".into()]),
+        )
+        .await
+        .unwrap();
+    let head = head + 1;
+    let tombstone = store.append(creating("lead-gone", b"again", check)).await;
+    assert!(
+        matches!(tombstone, Err(StoreError::MasterKey(_))),
+        "{tombstone:?}"
+    );
+    assert_eq!(store.head().await.unwrap(), head);
+    for subject in ["lead-11", "lead-gone"] {
+        let read = store
+            .read_stream(&stream(subject), 1, Direction::Forwards, 10)
+            .await
+            .unwrap();
+        assert!(read.is_empty(), "{subject}: {read:?}");
+    }
+    let held = keys.keys_of(&["lead-11", "lead-gone"]).await.unwrap();
+    assert!(!held.contains_key("lead-11"), "{held:?}");
+    assert_eq!(held.get("lead-gone"), Some(&None));
     assert!(store.verify().await.unwrap().ok());
 }
 
