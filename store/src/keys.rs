@@ -16,7 +16,7 @@ use chrono::Utc;
 use sqlx::Transaction;
 use tokio::sync::OwnedMutexGuard;
 
-use crate::error::StoreError;
+use crate::error::{InvalidInput, StoreError};
 use crate::sql::{Dialect, PREPARED, SqlStore};
 
 /// The data keys of the subjects, and the master key's check.
@@ -132,6 +132,14 @@ impl<DB: Dialect> DataKeys for SqlStore<DB> {
         &self,
         subjects: &[&str],
     ) -> Result<HashMap<String, Option<Vec<u8>>>, StoreError> {
+        // A subject is a stream's name, which has no space (the SQLite answer is spaced).
+        if let Some(subject) = subjects.iter().find(|subject| subject.contains(' ')) {
+            return Err(InvalidInput::StreamName {
+                name: (*subject).to_owned(),
+                reason: "a subject has no space",
+            }
+            .into());
+        }
         // One prepared statement, whatever the number of subjects: they cross as one
         // JSON array.
         let subjects = serde_json::to_string(subjects).unwrap_or_default();

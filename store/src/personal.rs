@@ -295,17 +295,17 @@ impl EncryptedStore {
             return Ok(());
         }
         let keys = self.keys.keys_of(&subjects).await?;
-        // One buffer for every value's place and one for its opening.
+        // The keys this page opened, each once when a value needs it; none is kept past
+        // the page. One buffer for every value's place and one for its opening.
+        let mut opened: HashMap<String, DataKey> = HashMap::new();
         let (mut place, mut scratch) = (String::new(), Vec::new());
         for event in events {
             let Some(fields) = self.personal.of(&event.event_type) else {
                 continue;
             };
             let stored = keys.get(&event.stream);
-            let key = match stored {
-                // Opened for each event (one decryption of 32 bytes): keeping opened
-                // keys cost more than it saved.
-                Some(Some(wrapped)) => Some(self.vault.unwrap(&event.stream, wrapped)?),
+            let wrapped = match stored {
+                Some(Some(wrapped)) => Some(wrapped),
                 _ => None,
             };
             let shredded = matches!(stored, Some(None));
@@ -318,8 +318,13 @@ impl EncryptedStore {
                     continue;
                 };
                 let sealed = value.as_str().filter(|v| v.starts_with(SEALED));
-                match (sealed, &key) {
-                    (Some(sealed), Some(key)) => {
+                match (sealed, wrapped) {
+                    (Some(sealed), Some(wrapped)) => {
+                        if !opened.contains_key(&event.stream) {
+                            let key = self.vault.unwrap(&event.stream, wrapped)?;
+                            opened.insert(event.stream.clone(), key);
+                        }
+                        let key = &opened[&event.stream];
                         place.clear();
                         write_place(&mut place, &event.stream, &event.event_type, field);
                         let plain = key.open_in(&place, sealed, &mut scratch)?;

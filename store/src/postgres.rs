@@ -479,9 +479,15 @@ impl Dialect for Postgres {
                 .as_database_error()
                 .and_then(|e| e.code())
                 .is_some_and(|code| code == KEY_REFUSED_SQLSTATE);
-            match plan.new_keys.first() {
-                Some((subject, _, _)) if refused => sql::key_refused(subject),
-                _ => StoreError::from(error),
+            if refused {
+                // The batch's own subject when it has one key (a batch that fails is
+                // written again in halves, so each append ends up alone).
+                match plan.new_keys.as_slice() {
+                    [(subject, _, _)] => sql::key_refused(subject),
+                    _ => sql::key_refused("a stream of the batch"),
+                }
+            } else {
+                StoreError::from(error)
             }
         })?;
         // Only inside the transaction `write_attempt` opens for a batch that shreds.
@@ -497,10 +503,10 @@ impl Dialect for Postgres {
         let shreds = batch.iter().any(|append| !append.request.shred.is_empty());
         if let Some(facts) = remembered.filter(|_| !shreds) {
             // Remembered facts need no reads, so no transaction around them: the append is
-            // one statement, and the function checks the facts under the lock (and
-            // stores the data keys of the streams the batch creates). A batch that shreds
-            // a data key writes more than that statement, so it takes the transaction
-            // below.
+            // one statement, and the function checks the facts under the lock. A batch
+            // that shreds a data key writes more than that statement, so it takes the
+            // transaction below; so does one that creates a stream (and may store its
+            // data key), as its stream is not remembered.
             let planned_on_last = facts.last_position;
             let plan = batch::plan(batch, facts, Utc::now());
             if plan.needs_stored_ids() {

@@ -91,6 +91,11 @@ async fn a_data_key_is_stored_once_and_shredded_only_with_its_append(db: Arc<Fix
     let held = keys.keys_of(&["lead-1", "lead-9"]).await.unwrap();
     assert_eq!(held.get("lead-1"), Some(&Some(a.clone())));
     assert!(!held.contains_key("lead-9"), "no row, no key");
+    // A subject is a stream's name: one with a space is refused, never misread.
+    assert!(matches!(
+        keys.keys_of(&["lead-1", "lead 1"]).await,
+        Err(StoreError::InvalidInput(_))
+    ));
 
     let erased = append(
         "lead-1",
