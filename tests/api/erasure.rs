@@ -10,11 +10,13 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 
 use crate::database::{Backend, Fixture};
+use crate::flows::WriteLock;
 use crate::server::Server;
 
 on_both_backends!(
     an_erased_lead_leaves_no_email_or_name_anywhere_and_its_email_is_free_again,
     the_personal_data_document_holds_everything_about_the_person,
+    two_erasures_of_one_lead_and_a_capture_of_its_email_at_once_erase_it_once,
 );
 
 /// A name and an email that nothing else in a test database holds.
@@ -236,4 +238,113 @@ async fn the_personal_data_document_holds_everything_about_the_person(db: Arc<Fi
         .get(&format!("/leads/{}/personal-data", uuid::Uuid::now_v7()))
         .await;
     assert_eq!(missing.status, 404, "{}", missing.body);
+}
+
+/// How many of the server's `decided` log lines (the command handler's, JSON) `wanted`
+/// accepts.
+fn decided(server: &Server, wanted: impl Fn(&Value) -> bool) -> usize {
+    server
+        .logs()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|line| {
+            line["target"] == "annals_commands" && line["fields"]["message"] == "decided"
+        })
+        .filter(|line| wanted(&line["fields"]))
+        .count()
+}
+
+/// Two operators erase one lead at once while a client captures its email for a new
+/// lead, all three decided while the test holds the database's write lock: both
+/// erasures decide on the same version, so one must lose it. The lead is erased once
+/// (the other erasure is decided again and refused with 409, never a second
+/// `LeadErased`); the email ends with exactly one live lead, the new one: captured at
+/// once (its append after the erasure's) or on a retry (before it, refused as taken).
+async fn two_erasures_of_one_lead_and_a_capture_of_its_email_at_once_erase_it_once(
+    db: Arc<Fixture>,
+) {
+    let server = Arc::new(Server::start_with(
+        db.url(),
+        &[
+            ("ANNALS_API_TOKENS", crate::server::TOKENS),
+            ("ANNALS_LOG_FORMAT", "json"),
+            ("RUST_LOG", "info,sqlx=warn,annals_commands=debug"),
+        ],
+    ));
+    let (name, email) = person();
+    let captured = server
+        .command(
+            "/leads",
+            json!({"email": email, "name": name, "source": "web"}),
+        )
+        .await;
+    let id = captured["id"].as_str().unwrap().to_owned();
+    let stream = format!("lead-{id}");
+    let capture = json!({"email": email, "name": name, "source": "event"});
+    let is_capture = |fields: &Value| {
+        fields["stream"] != stream.as_str()
+            && fields["events"]
+                .as_str()
+                .is_some_and(|events| events.contains("LeadCaptured"))
+    };
+    let captures_before = decided(&server, is_capture);
+
+    let lock = WriteLock::take(&db).await;
+    let erase = |server: Arc<Server>| {
+        let path = format!("/leads/{id}/erase");
+        tokio::spawn(async move { server.admin(&path).await })
+    };
+    let (first, second) = (erase(server.clone()), erase(server.clone()));
+    let recapture = {
+        let (server, capture) = (server.clone(), capture.clone());
+        tokio::spawn(async move { server.post("/leads", capture).await })
+    };
+    // Inside the server's lock timeout (10 s), so a failure here is the test's own.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(8);
+    loop {
+        let erasures = decided(&server, |fields| {
+            fields["stream"] == stream.as_str() && fields["version"] == 1
+        });
+        let captures = decided(&server, is_capture) - captures_before;
+        if erasures >= 2 && captures >= 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{erasures} erasures and {captures} captures decided"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    lock.release().await;
+    let (first, second) = (first.await.unwrap(), second.await.unwrap());
+    let recaptured = recapture.await.unwrap();
+
+    let mut statuses = [first.status, second.status];
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 409], "{} / {}", first.body, second.body);
+    let events = server
+        .read(&format!("/streams/{stream}/events?limit=100"))
+        .await;
+    let erasures = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "LeadErased")
+        .count();
+    assert_eq!(erasures, 1, "{events}");
+    let new_lead = match recaptured.status {
+        201 => recaptured.body["id"].as_str().unwrap().to_owned(),
+        409 => {
+            let retried = server.post("/leads", capture.clone()).await;
+            assert_eq!(retried.status, 201, "{}", retried.body);
+            retried.body["id"].as_str().unwrap().to_owned()
+        }
+        other => panic!("the capture answered {other}: {}", recaptured.body),
+    };
+    assert_ne!(new_lead, id);
+    // The new lead holds the email now: a further capture is refused.
+    let taken = server.post("/leads", capture).await;
+    assert_eq!(taken.status, 409, "{}", taken.body);
+    let audit = server.read("/admin/audit/verify").await;
+    assert_eq!(audit["ok"], true, "{audit}");
 }

@@ -798,13 +798,13 @@ async fn all_decided_at_once(
 /// A transaction of the test's own that holds the lock every writer of the database
 /// needs: `BEGIN IMMEDIATE` on SQLite, an `EXCLUSIVE` lock on `events` on PostgreSQL
 /// (reads go on; inserts wait).
-enum WriteLock {
+pub(crate) enum WriteLock {
     Sqlite(sqlx::SqliteConnection),
     Postgres(sqlx::PgConnection),
 }
 
 impl WriteLock {
-    async fn take(db: &Fixture) -> WriteLock {
+    pub(crate) async fn take(db: &Fixture) -> WriteLock {
         use sqlx::Connection;
         match db.backend() {
             Backend::Sqlite => {
@@ -828,7 +828,7 @@ impl WriteLock {
         }
     }
 
-    async fn release(self) {
+    pub(crate) async fn release(self) {
         match self {
             WriteLock::Sqlite(mut connection) => {
                 sqlx::query("ROLLBACK")
