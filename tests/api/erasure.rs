@@ -28,6 +28,19 @@ fn person() -> (String, String) {
     )
 }
 
+/// A new person, captured as a lead from `source`: their name, email and the lead's id.
+async fn captured_person(server: &Server, source: &str) -> (String, String, String) {
+    let (name, email) = person();
+    let captured = server
+        .command(
+            "/leads",
+            json!({"email": email, "name": name, "source": source}),
+        )
+        .await;
+    let id = captured["id"].as_str().unwrap().to_owned();
+    (name, email, id)
+}
+
 /// Every place the database keeps bytes, as one text: the SQLite file with its WAL and
 /// shared memory, or a dump of the PostgreSQL database (schema, data and indexes).
 fn database_bytes(db: &Fixture) -> Vec<u8> {
@@ -83,14 +96,7 @@ async fn an_erased_lead_leaves_no_email_or_name_anywhere_and_its_email_is_free_a
     db: Arc<Fixture>,
 ) {
     let server = Server::start(db.url());
-    let (name, email) = person();
-    let captured = server
-        .command(
-            "/leads",
-            json!({"email": email, "name": name, "source": "web"}),
-        )
-        .await;
-    let id = captured["id"].as_str().unwrap().to_owned();
+    let (name, email, id) = captured_person(&server, "web").await;
     for _ in 0..2 {
         server
             .command(
@@ -191,14 +197,7 @@ async fn an_erased_lead_leaves_no_email_or_name_anywhere_and_its_email_is_free_a
 
 async fn the_personal_data_document_holds_everything_about_the_person(db: Arc<Fixture>) {
     let server = Server::start(db.url());
-    let (name, email) = person();
-    let captured = server
-        .command(
-            "/leads",
-            json!({"email": email, "name": name, "source": "partner"}),
-        )
-        .await;
-    let id = captured["id"].as_str().unwrap().to_owned();
+    let (name, email, id) = captured_person(&server, "partner").await;
     server
         .command(&format!("/leads/{id}/assign"), json!({"owner": "grace"}))
         .await;
@@ -271,14 +270,7 @@ async fn two_erasures_of_one_lead_and_a_capture_of_its_email_at_once_erase_it_on
             ("RUST_LOG", "info,sqlx=warn,annals_commands=debug"),
         ],
     ));
-    let (name, email) = person();
-    let captured = server
-        .command(
-            "/leads",
-            json!({"email": email, "name": name, "source": "web"}),
-        )
-        .await;
-    let id = captured["id"].as_str().unwrap().to_owned();
+    let (name, email, id) = captured_person(&server, "web").await;
     let stream = format!("lead-{id}");
     let capture = json!({"email": email, "name": name, "source": "event"});
     let is_capture = |fields: &Value| {
