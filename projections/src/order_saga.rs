@@ -213,7 +213,10 @@ impl OrderSaga {
             if let Err(refusal) = started {
                 // Fails for good: undo the payment step (the refund comes with the cancel).
                 tracing::warn!(process = NAME, %order_id, %refusal, "the subscription cannot start; cancelling the order");
-                return self.cancel(cause, order_id, SUBSCRIPTION_FAILED).await;
+                let cancel = OrderCommand::Cancel {
+                    reason: Reason::parse(SUBSCRIPTION_FAILED)?,
+                };
+                return self.cancel(cause, order_id, cancel).await;
             }
             // Cancelled while the subscription started: undo the start.
             if self.orders.current(order_id).await?.state.status != OrderStatus::Paid {
@@ -245,18 +248,7 @@ impl OrderSaga {
         let cancel = OrderCommand::CancelUnpaid {
             reason: Reason::parse(PAYMENT_TIMEOUT)?,
         };
-        match self
-            .orders
-            .execute(order_id, cancel, &caused_by(NAME, cause, "cancel"))
-            .await
-        {
-            // Paid before the cancel (the payment won), or closed already.
-            Ok(_)
-            | Err(CommandError::Domain(
-                DomainError::OrderClosed { .. } | DomainError::OrderNotInStatus { .. },
-            )) => Ok(()),
-            Err(error) => Err(error),
-        }
+        self.cancel(cause, order_id, cancel).await
     }
 
     /// Whether the subscription with the order's id was started for this order.
@@ -293,22 +285,23 @@ impl OrderSaga {
         }
     }
 
+    /// Sends the saga's cancel (`Cancel` or `CancelUnpaid`) for the order.
     async fn cancel(
         &self,
         cause: &RecordedEvent,
         order_id: Uuid,
-        reason: &str,
+        cancel: OrderCommand,
     ) -> Result<(), CommandError> {
-        let cancel = OrderCommand::Cancel {
-            reason: Reason::parse(reason)?,
-        };
         match self
             .orders
             .execute(order_id, cancel, &caused_by(NAME, cause, "cancel"))
             .await
         {
-            // Closed already.
-            Ok(_) | Err(CommandError::Domain(DomainError::OrderClosed { .. })) => Ok(()),
+            // Paid before the deadline's cancel (the payment won), or closed already.
+            Ok(_)
+            | Err(CommandError::Domain(
+                DomainError::OrderClosed { .. } | DomainError::OrderNotInStatus { .. },
+            )) => Ok(()),
             Err(error) => Err(error),
         }
     }

@@ -57,19 +57,7 @@ async fn routed_lead(db: &Fixture) -> Uuid {
         .execute(ROUTING_ID, RoutingCommand::SetRules { rules }, &context())
         .await
         .unwrap();
-    let leads = CommandHandler::<Lead>::new(db.store(), HandlerConfig::default());
-    let lead = Uuid::now_v7();
-    leads
-        .execute(lead, capture(lead, 0), &context())
-        .await
-        .unwrap();
-    for _ in 0..2 {
-        leads
-            .execute(lead, signal(SignalKind::DemoRequest), &context())
-            .await
-            .unwrap();
-    }
-    lead
+    qualified_lead(db).await
 }
 
 async fn events_of(db: &Fixture, event_type: &str) -> Vec<RecordedEvent> {
