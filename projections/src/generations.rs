@@ -149,7 +149,7 @@ impl ConsumerRunner {
         spare: i64,
     ) -> Result<(), ProjectionError> {
         loop {
-            match self.step(generation, limit, self.rebuild_batch).await {
+            match self.step(generation, limit, self.rebuild_batch, None).await {
                 Ok((outcome, reached)) => {
                     self.progress.send_replace(reached);
                     self.renew_claim(spare).await?;
