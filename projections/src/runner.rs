@@ -1,12 +1,13 @@
 //! The live runner of a consumer: registering it (a read model's tables as declared),
 //! reading the log after its checkpoint in batches, a read model applying each batch and
 //! moving the checkpoint in one transaction, a process or an outbound consumer acting on
-//! each event and then moving the checkpoint past it; the lease that lets one process
-//! (of several servers) run it, the wait for a position, and its status.
+//! each event and then moving the checkpoint past it; running it where its lease is
+//! (`lease`: one process of several), the wait for a position, and its status.
 //!
 //! Invariant: a checkpoint only moves in the transaction that applied the events up to
-//! it, and only from the value the runner read; an outage is retried with backoff and
-//! never parks an event.
+//! it, and only from the value the runner read; under a lease, only while that
+//! transaction finds the lease still its holder's (`Fence::check`); an outage is retried
+//! with backoff and never parks an event.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
