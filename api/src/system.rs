@@ -89,7 +89,7 @@ impl System {
             ..HandlerConfig::default()
         };
         let handlers = Handlers::new(store.clone(), config);
-        let consumers: Vec<_> = consumers(&handlers, &settings)
+        let consumers: Vec<_> = consumers(&handlers, &settings, clock.clone())
             .into_iter()
             .map(|consumer| {
                 Arc::new(

@@ -8,7 +8,9 @@
 //! a key's request, another request with that key on the same handler is refused at
 //! once (`IdempotencyKeyInUse`); on another handler or process it may run, but only one
 //! of them appends, and the others answer its stored outcome (or `IdempotencyKeyInUse`
-//! if they cannot see it yet), never a store error. This crate holds no business
+//! if they cannot see it yet), never a store error. Commands to one aggregate through one
+//! handler take turns (they queue, never race); across handlers a lost race is decided
+//! again after a jittered backoff, for a bounded time. This crate holds no business
 //! rules (they are `annals-domain`'s) and no SQL (that is `annals-store`'s).
 
 pub mod conversion;
@@ -40,8 +42,14 @@ pub struct HandlerConfig {
     pub cache_capacity: NonZeroUsize,
     /// A snapshot is saved each time an aggregate's version crosses a multiple of this.
     pub snapshot_every: u64,
-    /// How many times a command is decided in all, when its appends keep losing races.
+    /// How many times a command is decided at least, when its appends keep losing races
+    /// to other writers (another server: within a handler, commands to one aggregate
+    /// take turns and never race).
     pub max_attempts: u32,
+    /// How long a command whose appends keep losing races is decided again, after a
+    /// jittered backoff each time, before it gives up (`ConcurrencyConflict`), once it
+    /// has also been decided `max_attempts` times.
+    pub conflict_wait: Duration,
     /// How long idempotency keys are kept.
     pub idempotency_retention: Duration,
     /// What turns a command into the digest its idempotency record keeps, when the
@@ -74,6 +82,7 @@ impl Default for HandlerConfig {
             cache_capacity: NonZeroUsize::new(10_000).unwrap_or(NonZeroUsize::MIN),
             snapshot_every: 100,
             max_attempts: 5,
+            conflict_wait: Duration::from_secs(1),
             idempotency_retention: Duration::from_secs(24 * 60 * 60),
             request_digest: None,
         }
@@ -125,6 +134,7 @@ pub struct CommandHandler<A: Aggregate> {
     config: HandlerConfig,
     cache: Mutex<LruCache<Uuid, Loaded<A>>>,
     in_flight: InFlight,
+    turns: Turns,
 }
 
 /// The command handlers of a process, one per aggregate type, each made on first use and
@@ -196,6 +206,60 @@ impl Drop for TakenKey<'_> {
     }
 }
 
+/// The aggregates whose commands a handler is carrying out now, each with the queue of
+/// those waiting for their turn: commands to one aggregate are decided and appended one
+/// at a time, in the order they came (a fair lock), so they never race each other on one
+/// server; commands to other aggregates go on at once. An aggregate's entry is dropped
+/// with the last turn that holds or awaits it.
+#[derive(Debug, Default)]
+struct Turns(Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>);
+
+impl Turns {
+    /// Waits for the aggregate's turn.
+    async fn take(&self, id: Uuid) -> Turn<'_> {
+        let queue = {
+            let mut queues = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+            queues.entry(id).or_default().clone()
+        };
+        let held = queue.clone().lock_owned().await;
+        Turn {
+            turns: self,
+            id,
+            queue,
+            held: Some(held),
+        }
+    }
+}
+
+/// An aggregate's turn, given to the next command waiting when dropped (however the
+/// command ends, a cancelled request's too).
+struct Turn<'a> {
+    turns: &'a Turns,
+    id: Uuid,
+    queue: Arc<tokio::sync::Mutex<()>>,
+    held: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let mut queues = self.turns.0.lock().unwrap_or_else(PoisonError::into_inner);
+        // The map's, this turn's and its guard's: no one else holds or awaits the turn.
+        if Arc::strong_count(&self.queue) == 3 {
+            queues.remove(&self.id);
+        }
+        self.held.take();
+    }
+}
+
+/// How long to wait before deciding a command again after its `attempt`-th append lost a
+/// race: up to 1, 2, 4, … 32 ms, at random, so that writers on several servers stop
+/// meeting at the same instant.
+fn lost_race_backoff(attempt: u32) -> Duration {
+    let ceiling = 1u64 << attempt.saturating_sub(1).min(5);
+    let random = Uuid::new_v4().as_u128() as u64;
+    Duration::from_micros(random % (ceiling * 1_000 + 1))
+}
+
 /// Event ids derived from an idempotency key live in this namespace.
 const EVENT_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6a0d_5e2c_3c1b_4f8e_9a57_1d2e_8b4c_0f31);
 const PAGE: usize = 1_000;
@@ -208,6 +272,7 @@ impl<A: Aggregate> CommandHandler<A> {
             config,
             cache,
             in_flight: InFlight::default(),
+            turns: Turns::default(),
         }
     }
 
@@ -344,7 +409,12 @@ impl<A: Aggregate> CommandHandler<A> {
                 .collect(),
         };
 
-        for attempt in 1..=self.config.max_attempts {
+        // Commands to this aggregate through this handler take turns from here.
+        let _turn = self.turns.take(id).await;
+        let started = std::time::Instant::now();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
             let mut loaded = self.load(id).await?;
             if let Some(expected) = context.expected_version
                 && loaded.version != expected
@@ -465,7 +535,13 @@ impl<A: Aggregate> CommandHandler<A> {
                     if let Some(expected) = context.expected_version {
                         return Err(CommandError::VersionMismatch { expected, actual });
                     }
+                    if attempt >= self.config.max_attempts
+                        && started.elapsed() >= self.config.conflict_wait
+                    {
+                        return Err(CommandError::ConcurrencyConflict { attempts: attempt });
+                    }
                     tracing::debug!(%stream, attempt, "append lost a race; deciding again");
+                    tokio::time::sleep(lost_race_backoff(attempt)).await;
                 }
                 Err(StoreError::ClaimHeld { key, holder }) => {
                     return Err(A::claim_held(&key, &holder).into());
@@ -476,9 +552,6 @@ impl<A: Aggregate> CommandHandler<A> {
                 }
             }
         }
-        Err(CommandError::ConcurrencyConflict {
-            attempts: self.config.max_attempts,
-        })
     }
 
     /// Forgets idempotency keys older than the retention.

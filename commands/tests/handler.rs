@@ -50,6 +50,11 @@ on_both_backends!(
     a_signal_that_lost_its_race_is_decided_again_and_qualifies_no_one_twice,
     an_assignment_that_lost_its_race_to_the_same_owner_is_refused,
     a_conversion_that_lost_its_race_is_refused,
+    commands_to_one_aggregate_on_one_handler_take_turns_and_all_succeed,
+    a_key_reused_with_another_body_after_the_append_lost_its_race_is_refused,
+    a_key_reused_with_another_body_meanwhile_is_refused_for_the_key,
+    an_erasure_destroys_its_subjects_key_in_its_append_and_nothing_else_does,
+    a_command_that_keeps_losing_to_another_server_gives_up_only_after_its_wait,
 );
 
 fn config() -> HandlerConfig {
@@ -100,13 +105,14 @@ async fn concurrent_signals_on_one_lead_lose_no_update(db: Arc<Fixture>) {
             },
         )),
     ];
-    // At 40, every task's first signal (+10) decides to qualify the lead, and no append
-    // goes on until all sixteen have decided: fifteen lose, and must decide again.
+    // At 40, each server's first signal (+10) decides to qualify the lead, and neither
+    // append goes on until both have decided: one loses, and must decide again. (Within a
+    // server, commands to one lead take turns.)
     let id = nearly_qualified(&handlers[0]).await;
     let tasks_n = 16;
-    let together = Arc::new(tokio::sync::Barrier::new(tasks_n));
+    let together = Arc::new(tokio::sync::Barrier::new(gates.len()));
     for gate in &gates {
-        gate.hold_together(together.clone(), tasks_n / 2);
+        gate.hold_together(together.clone(), 1);
     }
     let mut tasks = Vec::new();
     for task in 0..tasks_n {
@@ -1100,6 +1106,182 @@ async fn a_conversion_that_lost_its_race_is_refused(db: Arc<Fixture>) {
     assert_eq!(count(&db, "LeadConverted").await, 1);
 }
 
+/// 64 signals sent at once to one lead through one handler (one server), every append
+/// held until all 64 have arrived (or 2 s): they take turns, so every one succeeds and
+/// none is lost, the score is their sum, and the lead qualified once. (Racing, all 64
+/// decided on one version, and most gave up `ConcurrencyConflict` after 5 attempts.)
+async fn commands_to_one_aggregate_on_one_handler_take_turns_and_all_succeed(db: Arc<Fixture>) {
+    let gate = Gate::new(db.store());
+    let handler = Arc::new(leads(gate.clone()));
+    let id = nearly_qualified(&handler).await;
+    let n = 64;
+    gate.pile_up(n, std::time::Duration::from_secs(2));
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                handler
+                    .execute(id, signal(SignalKind::EmailClick), &actor("t"))
+                    .await
+            })
+        })
+        .collect();
+    for task in tasks {
+        let outcome = within(task).await.unwrap();
+        assert!(outcome.is_ok(), "{outcome:?}");
+    }
+    let lead = leads(db.store()).load(id).await.unwrap();
+    assert_eq!(lead.state.score, 40 + 3 * n as u32, "no signal lost");
+    let events = lead_events(&db, id).await;
+    assert_eq!(lead.version, events.len() as u64);
+    assert_qualified_once_at_the_crossing(&events);
+}
+
+/// Two servers, one idempotency key, two bodies (signals of different kinds) on one
+/// lead: ours decides and is held at its append; another writer's signal commits, so
+/// ours loses the race; before ours looks for the key's record, theirs commits the key
+/// with its other body. Ours finds a record made for another request: refused
+/// `IdempotencyKeyReused`, never answered with the other request's outcome (its own
+/// signal would be silently dropped).
+async fn a_key_reused_with_another_body_after_the_append_lost_its_race_is_refused(
+    db: Arc<Fixture>,
+) {
+    let gate = Gate::new(db.store());
+    let ours = Arc::new(leads(gate.clone()));
+    let theirs = leads(db.open_again().await);
+    let id = nearly_qualified(&theirs).await;
+    let key = |body: &str| CommandContext {
+        idempotency_key: Some("signal-1".into()),
+        request_hash: Some(format!("digest of {body}")),
+        ..actor("a")
+    };
+    gate.hold_next_append();
+    // The first look-up (before deciding) goes on; the second (after the lost race) waits.
+    gate.hold_lookup(2);
+    let held = {
+        let (ours, context) = (ours.clone(), key("a page view"));
+        tokio::spawn(async move {
+            ours.execute(id, signal(SignalKind::PageView), &context)
+                .await
+        })
+    };
+    within(gate.arrival()).await;
+    within(theirs.execute(id, signal(SignalKind::EmailOpen), &actor("b")))
+        .await
+        .unwrap();
+    gate.open();
+    within(gate.lookup_arrival()).await;
+    within(theirs.execute(id, signal(SignalKind::EmailClick), &key("an email click")))
+        .await
+        .unwrap();
+    gate.open_lookup();
+    let loser = within(held).await.unwrap();
+    assert!(
+        matches!(loser, Err(CommandError::IdempotencyKeyReused)),
+        "{loser:?}"
+    );
+    assert_eq!(
+        count(&db, "SignalRecorded").await,
+        5,
+        "the three before, the other writer's and theirs"
+    );
+}
+
+/// Two servers, one idempotency key, two bodies on two aggregates: ours opens one
+/// account and is held at its append, theirs opens another account with the same key
+/// meanwhile; ours's append is refused for the key, whose record is another request's:
+/// `IdempotencyKeyReused`, never theirs's outcome.
+async fn a_key_reused_with_another_body_meanwhile_is_refused_for_the_key(db: Arc<Fixture>) {
+    let gate = Gate::new(db.store());
+    let ours = Arc::new(CommandHandler::<Account>::new(gate.clone(), config()));
+    let theirs = CommandHandler::<Account>::new(db.open_again().await, config());
+    let (our_id, their_id) = (Uuid::now_v7(), Uuid::now_v7());
+    let key = |body: &str| CommandContext {
+        idempotency_key: Some("open-1".into()),
+        request_hash: Some(format!("digest of {body}")),
+        ..actor("a")
+    };
+    gate.hold_next_append();
+    let held = {
+        let (ours, context) = (ours.clone(), key("our account"));
+        tokio::spawn(async move { ours.execute(our_id, open_account(our_id), &context).await })
+    };
+    within(gate.arrival()).await;
+    within(theirs.execute(their_id, open_account(their_id), &key("their account")))
+        .await
+        .unwrap();
+    gate.open();
+    let loser = within(held).await.unwrap();
+    assert!(
+        matches!(loser, Err(CommandError::IdempotencyKeyReused)),
+        "{loser:?}"
+    );
+    assert_eq!(count(&db, "AccountOpened").await, 1, "theirs only");
+}
+
+/// A lead captured, scored and erased through the handler: the erasure's append, and
+/// only it, names the lead's stream as the subject whose data key it destroys (in its
+/// own transaction); every other append destroys nothing.
+async fn an_erasure_destroys_its_subjects_key_in_its_append_and_nothing_else_does(
+    db: Arc<Fixture>,
+) {
+    let gate = Gate::new(db.store());
+    let handler = leads(gate.clone());
+    let id = nearly_qualified(&handler).await;
+    let erased = handler
+        .execute(id, LeadCommand::Erase {}, &actor("olga"))
+        .await
+        .unwrap();
+    assert_eq!(erased.events, ["LeadErased"]);
+    let stream = format!("lead-{id}");
+    let appends = gate.shredding.lock().unwrap().clone();
+    assert_eq!(
+        appends.len(),
+        5,
+        "the capture, three signals and the erasure"
+    );
+    for (n, (on, shred)) in appends.iter().enumerate() {
+        assert_eq!(on, &stream);
+        let expected: &[String] = if n == 4 {
+            std::slice::from_ref(&stream)
+        } else {
+            &[]
+        };
+        assert_eq!(shred.as_slice(), expected, "append {n}");
+    }
+}
+
+/// Another server wins every race for the lead (the store answers each append with a
+/// wrong version): the command is decided again, after a backoff each time, for its
+/// whole `conflict_wait` and at least `max_attempts` times, and only then gives up
+/// `ConcurrencyConflict`; within a bound (a few backoffs past the wait).
+async fn a_command_that_keeps_losing_to_another_server_gives_up_only_after_its_wait(
+    db: Arc<Fixture>,
+) {
+    let gate = Gate::new(db.store());
+    let wait = std::time::Duration::from_millis(300);
+    let handler = CommandHandler::<Lead>::new(
+        gate.clone(),
+        HandlerConfig {
+            conflict_wait: wait,
+            ..config()
+        },
+    );
+    let id = nearly_qualified(&handler).await;
+    gate.always_loses
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    let lost = within(handler.execute(id, signal(SignalKind::PageView), &actor("a"))).await;
+    let waited = started.elapsed();
+    let Err(CommandError::ConcurrencyConflict { attempts }) = lost else {
+        panic!("{lost:?}");
+    };
+    assert!(attempts > config().max_attempts, "{attempts} attempts");
+    assert!(waited >= wait, "gave up after {waited:?}");
+    assert!(waited < wait * 10, "gave up only after {waited:?}");
+    assert_eq!(count(&db, "SignalRecorded").await, 3, "nothing appended");
+}
+
 /// A store whose next append, once held, waits at the gate: the command that makes it
 /// has taken its idempotency key and decided, and nothing of it is committed yet.
 #[derive(Debug)]
@@ -1110,6 +1292,16 @@ struct Gate {
     opened: tokio::sync::Semaphore,
     /// Appends still to hold at a barrier, and the barrier (see `hold_together`).
     together: std::sync::Mutex<Option<(Arc<tokio::sync::Barrier>, usize)>>,
+    /// Appends that arrived, and how many to wait for until when (see `pile_up`).
+    piled: std::sync::Mutex<(usize, Option<(usize, std::time::Instant)>)>,
+    /// Idempotency look-ups still to let through before one is held (see `hold_lookup`).
+    lookups_before_hold: std::sync::Mutex<Option<usize>>,
+    lookup_arrived: tokio::sync::Semaphore,
+    lookup_opened: tokio::sync::Semaphore,
+    /// Each append's stream and the subjects whose keys it destroys, in order.
+    shredding: std::sync::Mutex<Vec<(String, Vec<String>)>>,
+    /// Every append loses its race, as if another server always wrote first.
+    always_loses: std::sync::atomic::AtomicBool,
 }
 
 impl Gate {
@@ -1120,7 +1312,34 @@ impl Gate {
             arrived: tokio::sync::Semaphore::new(0),
             opened: tokio::sync::Semaphore::new(0),
             together: std::sync::Mutex::new(None),
+            piled: std::sync::Mutex::new((0, None)),
+            lookups_before_hold: std::sync::Mutex::new(None),
+            lookup_arrived: tokio::sync::Semaphore::new(0),
+            lookup_opened: tokio::sync::Semaphore::new(0),
+            shredding: std::sync::Mutex::new(Vec::new()),
+            always_loses: false.into(),
         })
+    }
+
+    /// Holds the `nth` idempotency look-up from now (1 is the next) at the gate.
+    fn hold_lookup(&self, nth: usize) {
+        *self.lookups_before_hold.lock().unwrap() = Some(nth - 1);
+    }
+
+    /// Returns once the held look-up has arrived.
+    async fn lookup_arrival(&self) {
+        self.lookup_arrived.acquire().await.unwrap().forget();
+    }
+
+    /// Lets the held look-up through.
+    fn open_lookup(&self) {
+        self.lookup_opened.add_permits(1);
+    }
+
+    /// Holds every append until `appends` have arrived (each decided on what it loaded,
+    /// none committed), or until `patience` has passed, whichever comes first.
+    fn pile_up(&self, appends: usize, patience: std::time::Duration) {
+        *self.piled.lock().unwrap() = (0, Some((appends, std::time::Instant::now() + patience)));
     }
 
     /// Holds the next `appends` appends at `barrier` until it lets its whole party through
@@ -1157,6 +1376,27 @@ impl EventStore for Gate {
         };
         if let Some(barrier) = barrier {
             barrier.wait().await;
+        }
+        self.shredding
+            .lock()
+            .unwrap()
+            .push((request.stream.as_str().to_owned(), request.shred.clone()));
+        if self.always_loses.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::WrongExpectedVersion {
+                stream: request.stream.as_str().to_owned(),
+                expected: request.expected,
+                actual: 1_000,
+            });
+        }
+        let pile = {
+            let mut piled = self.piled.lock().unwrap();
+            piled.0 += 1;
+            piled.1
+        };
+        if let Some((appends, until)) = pile {
+            while self.piled.lock().unwrap().0 < appends && std::time::Instant::now() < until {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
         }
         if self.hold.swap(false, std::sync::atomic::Ordering::SeqCst) {
             self.arrived.add_permits(1);
@@ -1200,6 +1440,24 @@ impl EventStore for Gate {
         self.inner.load_snapshot(stream).await
     }
     async fn find_idempotency(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
+        let held = {
+            let mut before = self.lookups_before_hold.lock().unwrap();
+            match *before {
+                Some(0) => {
+                    *before = None;
+                    true
+                }
+                Some(n) => {
+                    *before = Some(n - 1);
+                    false
+                }
+                None => false,
+            }
+        };
+        if held {
+            self.lookup_arrived.add_permits(1);
+            self.lookup_opened.acquire().await.unwrap().forget();
+        }
         self.inner.find_idempotency(key).await
     }
     async fn purge_idempotency(

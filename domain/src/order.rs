@@ -221,6 +221,13 @@ pub enum OrderCommand {
     Cancel {
         reason: Reason,
     },
+    /// The order process's, at the payment deadline: cancels an order that is not paid
+    /// (voiding its invoice) and refuses a paid one (conflict `not-in-status`), so a
+    /// payment that committed first is never refunded by the deadline, however late the
+    /// cancel is decided again on the paid order.
+    CancelUnpaid {
+        reason: Reason,
+    },
 }
 
 impl Command for OrderCommand {
@@ -232,6 +239,7 @@ impl Command for OrderCommand {
             OrderCommand::Fulfil {} => "FulfilOrder",
             OrderCommand::VoidInvoice { .. } => "VoidInvoice",
             OrderCommand::Cancel { .. } => "CancelOrder",
+            OrderCommand::CancelUnpaid { .. } => "CancelUnpaidOrder",
         }
     }
 }
@@ -391,6 +399,14 @@ impl Aggregate for Order {
                 self.in_status(OrderStatus::Invoiced)?;
                 Ok(vec![OrderEvent::InvoiceVoided { reason }])
             }
+            // A paid order's payment stands; otherwise as Cancel.
+            OrderCommand::CancelUnpaid { reason } => match self.status {
+                OrderStatus::Paid => Err(DomainError::OrderNotInStatus {
+                    status: OrderStatus::Paid.as_str(),
+                    required: OrderStatus::Invoiced.as_str(),
+                }),
+                _ => self.decide(OrderCommand::Cancel { reason }),
+            },
             OrderCommand::Cancel { reason } => match (self.status, &self.paid) {
                 (OrderStatus::Absent, _) => Err(DomainError::OrderNotFound),
                 (OrderStatus::Placed, _) => Ok(vec![OrderEvent::OrderCancelled { reason }]),

@@ -8,6 +8,10 @@
 //! rebuilt from the `LeadRouted` events, so a replay gives the same owners. Cursors
 //! outlive a new set of rules. The stream keeps no state per lead: whether a lead's owner
 //! acted on it is read from the lead's own events (`response`).
+//!
+//! A routing is decided (`Route`, `Reassign`: pure, on the state the process read),
+//! applied to the lead (its `LeadAssigned`), and only then recorded (`Record`, the
+//! `LeadRouted` the cursor counts): a decision that is never applied leaves no trace.
 
 use std::collections::BTreeMap;
 
@@ -192,6 +196,17 @@ pub enum RoutingCommand {
         rule: RuleName,
         current_owner: Owner,
     },
+    /// Records a routing the process decided (with `Route` or `Reassign`, on the state it
+    /// read) and then applied: the lead was assigned to `owner`. Recorded only once
+    /// applied, so a decision that lost to an assignment by hand leaves no trace, and the
+    /// cursor counts only leads that were routed.
+    Record {
+        lead_id: Uuid,
+        rule: RuleName,
+        owner: Owner,
+        previous_owner: Option<Owner>,
+        reason: RoutingReason,
+    },
 }
 
 impl Command for RoutingCommand {
@@ -200,6 +215,7 @@ impl Command for RoutingCommand {
             RoutingCommand::SetRules { .. } => "SetRoutingRules",
             RoutingCommand::Route { .. } => "RouteLead",
             RoutingCommand::Reassign { .. } => "ReassignLead",
+            RoutingCommand::Record { .. } => "RecordRouting",
         }
     }
 }
@@ -310,6 +326,19 @@ impl Aggregate for Routing {
                     reason: RoutingReason::ResponseDeadline,
                 }])
             }
+            RoutingCommand::Record {
+                lead_id,
+                rule,
+                owner,
+                previous_owner,
+                reason,
+            } => Ok(vec![RoutingEvent::LeadRouted {
+                lead_id,
+                rule,
+                owner,
+                previous_owner,
+                reason,
+            }]),
         }
     }
 

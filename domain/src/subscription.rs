@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::values::{Money, Reason};
-use crate::{Aggregate, Command, DomainError, Event};
+use crate::{Aggregate, Command, DecodeError, DomainError, Event};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -101,8 +101,13 @@ pub enum SubscriptionEvent {
     SubscriptionExpanded { from: Money, to: Money },
     /// Contraction: `from` − `to`.
     SubscriptionContracted { from: Money, to: Money },
-    /// `mrr` is the MRR lost.
-    SubscriptionChurned { mrr: Money, reason: Option<Reason> },
+    /// `mrr` is the MRR lost; `order_id` the order that started it (v2; `None` in a v1
+    /// event, which did not say).
+    SubscriptionChurned {
+        mrr: Money,
+        reason: Option<Reason>,
+        order_id: Option<Uuid>,
+    },
 }
 
 impl Event for SubscriptionEvent {
@@ -115,8 +120,32 @@ impl Event for SubscriptionEvent {
         }
     }
 
-    fn current_version(_event_type: &str) -> u32 {
-        1
+    fn current_version(event_type: &str) -> u32 {
+        match event_type {
+            "SubscriptionChurned" => 2,
+            _ => 1,
+        }
+    }
+
+    fn upcast_step(
+        event_type: &str,
+        schema_version: u32,
+        mut data: serde_json::Value,
+    ) -> Result<serde_json::Value, DecodeError> {
+        match (event_type, schema_version) {
+            // v1 → v2: the churn did not name its order.
+            ("SubscriptionChurned", 1) => {
+                if let serde_json::Value::Object(fields) = &mut data {
+                    fields.entry("order_id").or_insert(serde_json::Value::Null);
+                }
+                Ok(data)
+            }
+            _ => Err(DecodeError {
+                event_type: event_type.to_owned(),
+                schema_version,
+                reason: "no upcaster from this version".into(),
+            }),
+        }
     }
 }
 
@@ -222,6 +251,7 @@ impl Aggregate for Subscription {
                 Ok(vec![SubscriptionEvent::SubscriptionChurned {
                     mrr: mrr.clone(),
                     reason,
+                    order_id: self.order_id,
                 }])
             }
         }

@@ -191,6 +191,7 @@ async fn main() -> anyhow::Result<()> {
                 Consumer::Process(Arc::new(OrderSaga::new(
                     &handlers,
                     chrono::Duration::days(7),
+                    Arc::new(annals_projections::timers::SystemClock),
                 ))),
             ));
             saga.register().await?;

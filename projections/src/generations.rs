@@ -141,13 +141,23 @@ impl ConsumerRunner {
     }
 
     /// Brings `generation` up to the head of the log (or `limit`), in large batches,
-    /// renewing the claim on `spare` after each.
+    /// renewing the claim on `spare` after each. It applies what the live runner applies
+    /// and nothing else: skipped events are left out (and parked ones, under the skip
+    /// policy, by `step`), and under the halt policy it stops before the oldest parked
+    /// event, where the live runner halts. A parked event is resolved only by an
+    /// operator's retry or skip, never by a rebuild, so live, rebuild, verify, retry and
+    /// skip agree on which events a board holds.
     pub(crate) async fn fill(
         &self,
         generation: i64,
         limit: Option<u64>,
         spare: i64,
     ) -> Result<(), ProjectionError> {
+        let halt = self.halted_before().await?;
+        let limit = match (limit, halt) {
+            (Some(limit), Some(halt)) => Some(limit.min(halt)),
+            (limit, halt) => limit.or(halt),
+        };
         loop {
             match self.step(generation, limit, self.rebuild_batch, None).await {
                 Ok((outcome, reached)) => {

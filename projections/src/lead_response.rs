@@ -146,13 +146,21 @@ impl RowModel for LeadResponse {
         }
         // Only a routed lead's first action counts.
         let Some(mut row) = row else { return Ok(None) };
+        let actor = event.metadata.actor.as_deref();
+        // The router's assignment names the owner the routing answers for from then on
+        // (its `LeadRouted` is recorded after it; an older build recorded it before).
+        if let LeadEvent::LeadAssigned { owner, .. } = &decoded
+            && actor == Some(ROUTER)
+        {
+            row.owner = Some(owner.as_str().to_owned());
+            return Ok(Some(row));
+        }
         let Some(owner) = row.owner.clone() else {
             return Ok(Some(row));
         };
         if row.first_action_at.is_some() {
             return Ok(Some(row));
         }
-        let actor = event.metadata.actor.as_deref();
         let credited = match decoded {
             LeadEvent::SignalRecorded { .. } if actor == Some(owner.as_str()) => Some(Some(owner)),
             LeadEvent::LeadDisqualified { .. } | LeadEvent::LeadConverted { .. } => {

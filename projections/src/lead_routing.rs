@@ -1,16 +1,28 @@
 //! The lead routing process (`domain.md`, Lead routing): a lead that qualifies without an
-//! owner is routed by the first rule that matches it, round-robin within the rule's pool
-//! (`LeadRouted` in the `routing` stream, then the lead's `LeadAssigned`), and a timer is
-//! set for the response deadline; when it fires and the owner has not acted on the lead
-//! (acting is recording a signal as that owner, disqualifying or converting), the lead is
-//! reassigned to the pool's next owner (`LeadRouted` with reason `response-deadline`) and
-//! the next deadline is set. A lead an operator assigned by hand is never routed again.
+//! owner is routed by the first rule that matches it, round-robin within the rule's pool,
+//! and when its response deadline passes and the owner has not acted on it (acting is
+//! recording a signal as that owner, disqualifying or converting), it is reassigned to
+//! the pool's next owner (reason `response-deadline`). A lead an operator assigned by
+//! hand is never routed again.
 //!
-//! Exactly-once effect: every command carries an idempotency key derived from the event
-//! it answers (the qualification, or the fired timer), and each deadline's timer is keyed
-//! by that event too, so acting on one event twice routes, assigns and schedules once.
-//! The round-robin cursor is the `routing` stream's state, so a replay of the log gives
-//! the same owners.
+//! A routing goes in three steps, each recognised from the store when the event that
+//! called for it is acted on again (after a crash, and whatever the age of the keys):
+//! 1. the decision (`Route`/`Reassign`, decided on the routing's state) is made durable
+//!    as the owner's response deadline, a timer keyed by the causing event that carries
+//!    the decision (found by its id on a retry, and then reused);
+//! 2. it is applied: the lead is assigned to that owner at the version the process read
+//!    it at (an assignment by hand meanwhile wins; the event is acted on again, finds the
+//!    lead no longer calling for a routing, and withdraws the decision: its timer is
+//!    cancelled) — recognised by the lead's `LeadAssigned` by this process caused by the
+//!    event;
+//! 3. only then it is recorded (`LeadRouted` in the `routing` stream, which the cursor and
+//!    speed to lead count), unless the routing stream already holds the record caused by
+//!    the event (looked for among the events since the assignment, and appended at the
+//!    stream's version that search saw).
+//!
+//! So a decision that is never applied leaves no trace that read models or the cursor
+//! count, and one that is applied is recorded once. The round-robin cursor is the
+//! `routing` stream's state, so a replay of the log gives the same owners.
 
 use std::sync::Arc;
 
@@ -20,8 +32,8 @@ use annals_domain::lead::{Lead, LeadCommand, LeadEvent};
 use annals_domain::routing::{
     ROUTING_ID, Response, Routing, RoutingCommand, RoutingEvent, response,
 };
-use annals_domain::timer::Timer;
-use annals_domain::values::{Owner, RuleName};
+use annals_domain::timer::{Timer, TimerCommand, TimerStatus, timer_id};
+use annals_domain::values::{Owner, RoutingReason, RuleName};
 use annals_domain::{Aggregate, DecodeError, Event, StoredForm};
 use annals_store::{Direction, EventStore, LogFilter, RecordedEvent, StreamName};
 use async_trait::async_trait;
@@ -30,7 +42,7 @@ use uuid::Uuid;
 
 use crate::Process;
 use crate::lead_conversion::caused_by;
-use crate::timers::{fired_for, schedule};
+use crate::timers::{Clock, fired_for, schedule};
 
 /// The process's name: its checkpoint's key and, as `process:lead_routing`, the actor of
 /// its commands.
@@ -39,12 +51,31 @@ pub const NAME: &str = "lead_routing";
 /// The actor of the process's commands: an assignment by anyone else is by hand.
 pub const ROUTER: &str = "process:lead_routing";
 
-/// What a deadline's timer hands back: the routing it checks.
+/// A routing decided, as its deadline's timer keeps it and hands it back: the lead, the
+/// rule and the owner it goes to, and (for a reassignment) the owner it leaves.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct Deadline {
+struct Decision {
     lead_id: Uuid,
     rule: RuleName,
     owner: Owner,
+    /// Absent in the timers of an older build, which set them only once recorded.
+    #[serde(default)]
+    previous_owner: Option<Owner>,
+    #[serde(default = "qualified")]
+    reason: RoutingReason,
+}
+
+fn qualified() -> RoutingReason {
+    RoutingReason::Qualified
+}
+
+/// One event of a lead's stream, with what the process reads of its envelope.
+#[derive(Debug)]
+struct Step {
+    actor: String,
+    causation: Option<String>,
+    position: u64,
+    event: LeadEvent,
 }
 
 #[derive(Debug)]
@@ -55,6 +86,8 @@ pub struct LeadRouting {
     timers: Arc<CommandHandler<Timer>>,
     /// How long an owner has to act on a routed lead.
     deadline: chrono::Duration,
+    /// When a routing is decided (its deadline runs from then).
+    clock: Arc<dyn Clock>,
 }
 
 impl LeadRouting {
@@ -62,6 +95,7 @@ impl LeadRouting {
         store: Arc<dyn EventStore>,
         handlers: &Handlers,
         deadline: chrono::Duration,
+        clock: Arc<dyn Clock>,
     ) -> Self {
         LeadRouting {
             store,
@@ -69,6 +103,7 @@ impl LeadRouting {
             routing: handlers.of::<Routing>(),
             timers: handlers.of::<Timer>(),
             deadline,
+            clock,
         }
     }
 
@@ -78,147 +113,248 @@ impl LeadRouting {
             return Ok(());
         };
         let lead_id = lead_of(event)?;
-        let (lead, version, _) = self.lead(lead_id).await?;
-        let (Some(source), Some(email)) = (lead.source, &lead.email) else {
-            return Ok(());
-        };
-        if lead.owner.is_some() || !lead.status.is_open() {
-            return Ok(());
-        }
-        let email_domain = email
-            .as_str()
-            .rsplit_once('@')
-            .map_or("", |(_, domain)| domain)
-            .to_owned();
-        let route = RoutingCommand::Route {
-            lead_id,
-            source,
-            score,
-            email_domain,
-        };
-        self.route(event, route, version).await
+        self.route(event, lead_id, |lead, _| {
+            let (Some(source), Some(email)) = (lead.source, &lead.email) else {
+                return None;
+            };
+            if lead.owner.is_some() || !lead.status.is_open() {
+                return None;
+            }
+            let email_domain = email
+                .as_str()
+                .rsplit_once('@')
+                .map_or("", |(_, domain)| domain)
+                .to_owned();
+            Some(RoutingCommand::Route {
+                lead_id,
+                source,
+                score,
+                email_domain,
+            })
+        })
+        .await
     }
 
     /// Checks a routed lead at its deadline: reassigned when its owner has not acted.
-    async fn deadline(
-        &self,
-        event: &RecordedEvent,
-        deadline: Deadline,
-    ) -> Result<(), CommandError> {
-        let (lead, version, history) = self.lead(deadline.lead_id).await?;
-        if lead.owner.as_ref() != Some(&deadline.owner) {
-            // Assigned to someone else since: by hand, or by an earlier deadline.
-            return Ok(());
-        }
-        // The events since the lead was last routed to this owner.
-        let routed_at = history.iter().rposition(|(actor, event)| {
-            actor == ROUTER
-                && matches!(event, LeadEvent::LeadAssigned { owner, .. } if *owner == deadline.owner)
-        });
-        let Some(routed_at) = routed_at else {
-            return Ok(());
-        };
-        let since = history[routed_at + 1..]
-            .iter()
-            .map(|(actor, event)| (actor.as_str(), event));
-        if response(deadline.owner.as_str(), ROUTER, since) != Response::Waiting {
-            return Ok(());
-        }
-        let reassign = RoutingCommand::Reassign {
-            lead_id: deadline.lead_id,
-            rule: deadline.rule,
-            current_owner: deadline.owner,
-        };
-        self.route(event, reassign, version).await
+    async fn deadline(&self, event: &RecordedEvent, routed: Decision) -> Result<(), CommandError> {
+        self.route(event, routed.lead_id, |lead, history| {
+            if lead.owner.as_ref() != Some(&routed.owner) {
+                // Assigned to someone else since: by hand, or by an earlier deadline.
+                return None;
+            }
+            // The events since the lead was last routed to this owner.
+            let routed_at = history.iter().rposition(|step| {
+                step.actor == ROUTER
+                    && matches!(&step.event, LeadEvent::LeadAssigned { owner, .. } if *owner == routed.owner)
+            })?;
+            let since = history[routed_at + 1..]
+                .iter()
+                .map(|step| (step.actor.as_str(), &step.event));
+            (response(routed.owner.as_str(), ROUTER, since) == Response::Waiting).then(|| {
+                RoutingCommand::Reassign {
+                    lead_id: routed.lead_id,
+                    rule: routed.rule.clone(),
+                    current_owner: routed.owner.clone(),
+                }
+            })
+        })
+        .await
     }
 
-    /// Records the routing `command` decides in reply to `cause`, sets the new owner's
-    /// deadline, then assigns the lead to them, if it is still at `seen`, the version the
-    /// decision was made on (else the event is acted on again, and decides anew). In that
-    /// order, so that acting again after a failure anywhere finishes the step: until the
-    /// assignment the lead looks as it did, and routing and scheduling again are the
-    /// same decisions (their keys derive from `cause`).
+    /// Carries out the routing that `cause` calls for: `calls` says, from the lead as it
+    /// is now (and its events), which routing command it calls for, if any. Each step
+    /// done already for `cause` is recognised from the store and not done again (see the
+    /// module's docs).
     async fn route(
         &self,
         cause: &RecordedEvent,
-        command: RoutingCommand,
-        seen: u64,
+        lead_id: Uuid,
+        calls: impl FnOnce(&Lead, &[Step]) -> Option<RoutingCommand>,
     ) -> Result<(), CommandError> {
-        let outcome = match self
-            .routing
-            .execute(ROUTING_ID, command, &caused_by(NAME, cause, "route"))
-            .await
-        {
+        let decision_id = timer_id(NAME, &cause.event_id.to_string());
+        let cause_id = cause.event_id.to_string();
+        let (lead, version, history) = self.lead(lead_id).await?;
+        let decided = self.decision(decision_id).await?;
+        // Applied already: the lead holds this process's assignment caused by `cause`.
+        let applied = history.iter().rev().find(|step| {
+            step.actor == ROUTER
+                && step.causation.as_deref() == Some(cause_id.as_str())
+                && matches!(step.event, LeadEvent::LeadAssigned { .. })
+        });
+        if let Some(assignment) = applied {
+            let decision = decided.ok_or_else(|| {
+                undecodable(cause, "the routing applied has no decision".to_owned())
+            })?;
+            return self.record(cause, &decision, assignment.position).await;
+        }
+        let Some(command) = calls(&lead, &history) else {
+            // Never to be applied: a decision made for it is withdrawn.
+            return self.withdraw(cause, decision_id).await;
+        };
+        let decision = match decided {
+            Some(decision) => decision,
+            None => match self.decide(cause, command).await? {
+                Some(decision) => decision,
+                // No rule takes the lead, or its pool has no one else: nothing to do.
+                None => return Ok(()),
+            },
+        };
+        let mut context = caused_by(NAME, cause, "assign");
+        // Never over an assignment made meanwhile (by hand): a VersionMismatch is acted
+        // on again, and the lead then no longer calls for the routing.
+        context.expected_version = Some(version);
+        let assign = LeadCommand::Assign {
+            owner: decision.owner.clone(),
+        };
+        let assigned = match self.leads.execute(lead_id, assign, &context).await {
             Ok(outcome) => outcome,
-            // No rule takes the lead, or its pool has no one else: nothing to do.
-            Err(CommandError::Domain(
-                DomainError::NoRoutingRuleMatches | DomainError::NoOtherOwner { .. },
-            )) => return Ok(()),
+            // Closed since it was read: nobody to route it to.
+            Err(CommandError::Domain(DomainError::LeadClosed { .. })) => {
+                return self.withdraw(cause, decision_id).await;
+            }
             Err(error) => return Err(error),
         };
-        // The routing this command recorded (the first try's, when this is a retry).
-        let stream =
-            StreamName::parse(Routing::stream_name(ROUTING_ID)).map_err(CommandError::Store)?;
-        let routed = self
-            .store
-            .read_stream(&stream, outcome.version, Direction::Forwards, 1)
-            .await?;
-        let Some(routed) = routed.first() else {
-            return Ok(());
+        self.record(cause, &decision, assigned.position).await
+    }
+
+    /// Decides the routing `command` asks for on the routing as stored now, and makes
+    /// the decision durable: the new owner's deadline, a timer keyed by `cause` that
+    /// carries it. `None` when no rule takes the lead or its pool has no one else.
+    async fn decide(
+        &self,
+        cause: &RecordedEvent,
+        command: RoutingCommand,
+    ) -> Result<Option<Decision>, CommandError> {
+        let routing = self.routing.current(ROUTING_ID).await?.state;
+        let events = match routing.decide(command) {
+            Ok(events) => events,
+            Err(DomainError::NoRoutingRuleMatches | DomainError::NoOtherOwner { .. }) => {
+                return Ok(None);
+            }
+            Err(refusal) => return Err(refusal.into()),
         };
-        let RoutingEvent::LeadRouted {
+        let Some(RoutingEvent::LeadRouted {
             lead_id,
             rule,
             owner,
-            ..
-        } = decode::<RoutingEvent>(routed)?
+            previous_owner,
+            reason,
+        }) = events.into_iter().next()
         else {
-            return Ok(());
+            return Ok(None);
         };
-        let payload = Deadline {
+        let decision = Decision {
             lead_id,
             rule,
-            owner: owner.clone(),
+            owner,
+            previous_owner,
+            reason,
         };
-        let payload = serde_json::to_value(&payload)
-            .map_err(|e| undecodable(routed, format!("the deadline's payload: {e}")))?;
+        let payload = serde_json::to_value(&decision)
+            .map_err(|e| undecodable(cause, format!("the deadline's payload: {e}")))?;
         schedule(
             &self.timers,
             NAME,
             &cause.event_id.to_string(),
-            routed.recorded_at + self.deadline,
+            self.clock.now() + self.deadline,
             payload,
             &caused_by(NAME, cause, "deadline"),
         )
         .await?;
-        let mut context = caused_by(NAME, cause, "assign");
-        // Never over an assignment made meanwhile (by hand): a VersionMismatch is acted
-        // on again, and the lead then looks assigned.
-        context.expected_version = Some(seen);
+        Ok(Some(decision))
+    }
+
+    /// The decision made for a cause: the payload of its deadline's timer, once
+    /// scheduled (whether it fired or was withdrawn since).
+    async fn decision(&self, timer: Uuid) -> Result<Option<Decision>, CommandError> {
+        let timer = self.timers.current(timer).await?.state;
+        if timer.status == TimerStatus::Absent {
+            return Ok(None);
+        }
+        Ok(serde_json::from_value(timer.payload).ok())
+    }
+
+    /// Withdraws a decision that will never be applied: its deadline is cancelled.
+    async fn withdraw(&self, cause: &RecordedEvent, timer: Uuid) -> Result<(), CommandError> {
         match self
-            .leads
-            .execute(lead_id, LeadCommand::Assign { owner }, &context)
+            .timers
+            .execute(
+                timer,
+                TimerCommand::Cancel {},
+                &caused_by(NAME, cause, "withdraw"),
+            )
             .await
         {
-            // Closed since it was read: nobody to wait for (its deadline finds it so).
-            Ok(_) | Err(CommandError::Domain(DomainError::LeadClosed { .. })) => Ok(()),
+            Ok(_)
+            | Err(CommandError::Domain(
+                DomainError::TimerClosed { .. } | DomainError::TimerNotFound,
+            )) => Ok(()),
             Err(error) => Err(error),
         }
     }
 
-    /// The lead as the store has it now (never a cache: another server may have changed
-    /// it), its version, and its events with the actor of each.
-    async fn lead(
+    /// Records an applied routing (`LeadRouted`), unless the routing stream holds it
+    /// already: one caused by `cause` after `assigned_at`, the assignment's position (the
+    /// record always follows it). Appended at the stream's version that search saw, so
+    /// two attempts at once record it once.
+    async fn record(
         &self,
-        lead_id: Uuid,
-    ) -> Result<(Lead, u64, Vec<(String, LeadEvent)>), CommandError> {
+        cause: &RecordedEvent,
+        decision: &Decision,
+        assigned_at: u64,
+    ) -> Result<(), CommandError> {
+        const PAGE: usize = 100;
+        let stream =
+            StreamName::parse(Routing::stream_name(ROUTING_ID)).map_err(CommandError::Store)?;
+        let cause_id = cause.event_id.to_string();
+        let mut version = None;
+        let mut from = u64::MAX;
+        'search: loop {
+            let page = self
+                .store
+                .read_stream(&stream, from, Direction::Backwards, PAGE)
+                .await?;
+            for event in &page {
+                version.get_or_insert(event.version);
+                if event.position < assigned_at {
+                    break 'search;
+                }
+                if event.metadata.causation_id.as_deref() == Some(cause_id.as_str())
+                    && event.event_type == "LeadRouted"
+                {
+                    return Ok(());
+                }
+            }
+            match page.last() {
+                Some(last) if page.len() == PAGE && last.version > 1 => from = last.version - 1,
+                _ => break,
+            }
+        }
+        let record = RoutingCommand::Record {
+            lead_id: decision.lead_id,
+            rule: decision.rule.clone(),
+            owner: decision.owner.clone(),
+            previous_owner: decision.previous_owner.clone(),
+            reason: decision.reason,
+        };
+        let mut context = caused_by(NAME, cause, "route");
+        context.expected_version = Some(version.unwrap_or(0));
+        self.routing
+            .execute(ROUTING_ID, record, &context)
+            .await
+            .map(|_| ())
+    }
+
+    /// The lead as the store has it now (never a cache: another server may have changed
+    /// it), its version, and its events with what the process reads of their envelopes.
+    async fn lead(&self, lead_id: Uuid) -> Result<(Lead, u64, Vec<Step>), CommandError> {
         let history = self.history(lead_id).await?;
-        let lead = Lead::default().replay(history.iter().map(|(_, event)| event));
+        let lead = Lead::default().replay(history.iter().map(|step| &step.event));
         Ok((lead, history.len() as u64, history))
     }
 
-    /// The lead's events, each with the actor that recorded it, in order.
-    async fn history(&self, lead_id: Uuid) -> Result<Vec<(String, LeadEvent)>, CommandError> {
+    /// The lead's events, in order.
+    async fn history(&self, lead_id: Uuid) -> Result<Vec<Step>, CommandError> {
         const PAGE: usize = 1_000;
         let stream = CommandHandler::<Lead>::stream(lead_id)?;
         let mut history = Vec::new();
@@ -229,8 +365,12 @@ impl LeadRouting {
                 .read_stream(&stream, from, Direction::Forwards, PAGE)
                 .await?;
             for recorded in &page {
-                let actor = recorded.metadata.actor.clone().unwrap_or_default();
-                history.push((actor, decode::<LeadEvent>(recorded)?));
+                history.push(Step {
+                    actor: recorded.metadata.actor.clone().unwrap_or_default(),
+                    causation: recorded.metadata.causation_id.clone(),
+                    position: recorded.position,
+                    event: decode::<LeadEvent>(recorded)?,
+                });
             }
             match page.last() {
                 Some(last) if page.len() == PAGE => from = last.version + 1,
@@ -280,8 +420,8 @@ impl Process for LeadRouting {
         let Some(payload) = fired_for(NAME, event)? else {
             return Ok(());
         };
-        let deadline: Deadline = serde_json::from_value(payload)
+        let routed: Decision = serde_json::from_value(payload)
             .map_err(|e| undecodable(event, format!("the deadline's payload: {e}")))?;
-        self.deadline(event, deadline).await
+        self.deadline(event, routed).await
     }
 }

@@ -88,8 +88,12 @@ pub use lease::LEASE_LIFE;
 pub use sql::{ReadDatabase, ReadTx};
 
 /// Every consumer of the log, in a stable order: the one list a new consumer joins.
-/// Processes act through `handlers`.
-pub fn consumers(handlers: &Handlers, settings: &ProcessSettings) -> Vec<Consumer> {
+/// Processes act through `handlers`, and read the time (an invoice's, say) from `clock`.
+pub fn consumers(
+    handlers: &Handlers,
+    settings: &ProcessSettings,
+    clock: Arc<dyn timers::Clock>,
+) -> Vec<Consumer> {
     vec![
         Consumer::ReadModel(Arc::new(lead_board::LeadBoard)),
         Consumer::ReadModel(Arc::new(deal_board::DealBoard)),
@@ -104,10 +108,12 @@ pub fn consumers(handlers: &Handlers, settings: &ProcessSettings) -> Vec<Consume
             handlers.store(),
             handlers,
             settings.lead_response_deadline,
+            clock.clone(),
         ))),
         Consumer::Process(Arc::new(order_saga::OrderSaga::new(
             handlers,
             settings.payment_timeout,
+            clock,
         ))),
     ]
 }

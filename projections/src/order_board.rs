@@ -1,12 +1,13 @@
 //! `order_board`: one row per order with its status, account, lines and totals, invoice,
 //! payment, subscription, and the order saga's steps (`api.md`, `GET /orders/{id}`).
-//! Folded from the order's stream and the `SubscriptionStarted` that names it (rows
-//! span streams), a pure function of the log.
+//! Folded from the order's stream and the `SubscriptionStarted` and `SubscriptionChurned`
+//! that name it (rows span streams), a pure function of the log.
 //!
 //! The saga's steps, in order, each `{step, status, at}`: `place`; `invoice`
 //! (compensated when the invoice is voided); `payment` (waiting once invoiced, done when
 //! paid, failed when the order is cancelled unpaid, compensated when refunded);
-//! `subscription` (started for recurring lines); `fulfil`; `cancel`.
+//! `subscription` (done when started for recurring lines, compensated when churned
+//! after the order was cancelled); `fulfil`; `cancel`.
 
 use annals_domain::order::{OrderEvent, OrderStatus};
 use annals_domain::subscription::SubscriptionEvent;
@@ -73,6 +74,10 @@ impl OrderRow {
     }
 }
 
+/// The events of an order's subscription that a row folds: its start, and its churn
+/// (the compensation of a refunded order).
+const SUBSCRIPTION_EVENTS: [&str; 2] = ["SubscriptionStarted", "SubscriptionChurned"];
+
 const ORDER_EVENTS: [&str; 7] = [
     "OrderPlaced",
     "OrderInvoiced",
@@ -91,15 +96,17 @@ impl RowModel for OrderBoard {
     const ROWS_FOLLOW_STREAMS: bool = false;
 
     fn filter(&self) -> LogFilter {
-        LogFilter::event_types(ORDER_EVENTS.into_iter().chain(["SubscriptionStarted"]))
+        LogFilter::event_types(ORDER_EVENTS.into_iter().chain(SUBSCRIPTION_EVENTS))
     }
 
     fn key(&self, event: &RecordedEvent) -> Result<Option<String>, ProjectionError> {
-        if event.event_type == "SubscriptionStarted" {
+        if SUBSCRIPTION_EVENTS.contains(&event.event_type.as_str()) {
             return match decode::<SubscriptionEvent>(event)? {
-                SubscriptionEvent::SubscriptionStarted { order_id, .. } => {
-                    Ok(Some(order_id.to_string()))
-                }
+                SubscriptionEvent::SubscriptionStarted { order_id, .. }
+                | SubscriptionEvent::SubscriptionChurned {
+                    order_id: Some(order_id),
+                    ..
+                } => Ok(Some(order_id.to_string())),
                 _ => Ok(None),
             };
         }
@@ -113,18 +120,35 @@ impl RowModel for OrderBoard {
     ) -> Result<Option<OrderRow>, ProjectionError> {
         let at = time_text(event);
         let corrupt = |e: serde_json::Error| ProjectionError::Corrupt(e.to_string());
-        if event.event_type == "SubscriptionStarted" {
+        if SUBSCRIPTION_EVENTS.contains(&event.event_type.as_str()) {
             let Some(mut row) = row else { return Ok(None) };
-            if let SubscriptionEvent::SubscriptionStarted {
-                subscription_id, ..
-            } = decode::<SubscriptionEvent>(event)?
-            {
-                row.subscription_id = Some(subscription_id.to_string());
-                let mut steps = row.saga_steps()?;
-                steps.push(step("subscription", "done", &at));
-                row.saga = serde_json::to_string(&steps).map_err(corrupt)?;
-                row.updated_position = to_sql_int(event.position);
+            let mut steps = row.saga_steps()?;
+            match decode::<SubscriptionEvent>(event)? {
+                SubscriptionEvent::SubscriptionStarted {
+                    subscription_id, ..
+                } => {
+                    row.subscription_id = Some(subscription_id.to_string());
+                    steps.push(step("subscription", "done", &at));
+                }
+                // The compensation of a refunded order's subscription: churned because
+                // the order was cancelled (a churn of a running order's subscription,
+                // by its customer, is no step of the saga).
+                SubscriptionEvent::SubscriptionChurned { .. }
+                    if row.status == OrderStatus::Cancelled =>
+                {
+                    if let Some(found) = steps
+                        .iter_mut()
+                        .rev()
+                        .find(|s| s.step == "subscription" && s.status == "done")
+                    {
+                        found.status = "compensated".to_owned();
+                        found.at = at.clone();
+                    }
+                }
+                _ => return Ok(Some(row)),
             }
+            row.saga = serde_json::to_string(&steps).map_err(corrupt)?;
+            row.updated_position = to_sql_int(event.position);
             return Ok(Some(row));
         }
         let decoded: OrderEvent = decode(event)?;

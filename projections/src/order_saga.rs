@@ -1,21 +1,36 @@
 //! The order process, a saga (`domain.md`, Order): on `OrderPlaced` it invoices the
-//! order and sets a payment deadline (a durable timer, `ANNALS_PAYMENT_TIMEOUT` after the
-//! invoice); on `PaymentReceived` it cancels the deadline, starts the subscription for
-//! an order with recurring lines, then fulfils the order; when the deadline fires and
-//! the order is still invoiced, it cancels it (`payment-timeout`, which voids the
-//! invoice). A step that fails for good is compensated, the steps done undone in reverse:
-//! a subscription that cannot start cancels the paid order, which refunds it.
+//! order, due `ANNALS_PAYMENT_TIMEOUT` after the invoice (its own clock's time when it
+//! invoices, so a saga that lags never invoices an order already overdue); on
+//! `OrderInvoiced` it sets the payment deadline (a durable timer at the invoice's due
+//! time); on `PaymentReceived` it cancels the deadline, starts the subscription for an
+//! order with recurring lines, then fulfils the order; when the deadline fires it cancels
+//! the order unless it is paid (`CancelUnpaid`, `payment-timeout`, which voids the
+//! invoice: the domain refuses it on a paid order, so a payment that committed first is
+//! never refunded, however late the cancel is decided again); on `PaymentRefunded` (a
+//! paid order cancelled) it churns the order's subscription (`order-cancelled`). A step
+//! that fails for good is compensated, the steps done undone in reverse: a subscription
+//! that cannot start cancels the paid order, which refunds it.
+//!
+//! Whatever the order of the client's Pay and Cancel and the saga's steps, a refunded
+//! order ends with no active subscription: a subscription started while the order was
+//! being cancelled is churned by the step that started it (it reads the order again
+//! after the start, and a Fulfil refused on a cancelled order churns it), or by the
+//! refund's own step, which comes later in the log.
 //!
 //! Exactly-once effect: every command carries an idempotency key derived from the event
 //! it answers, and the ids it makes (the invoice's, the subscription's, the deadline's)
-//! derive from the order's id, so acting on one event twice does each step once. Each
-//! step's events name the event that caused them, so the saga replays and is audited.
+//! derive from the order's id. Acting on an event again also recognises the step's
+//! effect from the store, whatever the age of the key (keys are purged): an order
+//! invoiced already is not invoiced again (only this process invoices), a timer or a
+//! subscription that exists is not made again, a closed order or subscription is left.
+//! Each step's events name the event that caused them, so the saga replays and is
+//! audited.
 
 use std::sync::Arc;
 
 use annals_commands::{CommandError, CommandHandler, Handlers};
 use annals_domain::order::{Order, OrderCommand, OrderEvent, OrderStatus};
-use annals_domain::subscription::{Subscription, SubscriptionCommand};
+use annals_domain::subscription::{Subscription, SubscriptionCommand, SubscriptionStatus};
 use annals_domain::timer::{Timer, TimerCommand, timer_id};
 use annals_domain::values::Reason;
 use annals_domain::{DecodeError, DomainError, Event, StoredForm};
@@ -26,7 +41,7 @@ use uuid::Uuid;
 
 use crate::Process;
 use crate::lead_conversion::caused_by;
-use crate::timers::{fired_for, schedule};
+use crate::timers::{Clock, fired_for, schedule};
 
 /// The process's name: its checkpoint's key, and (as `process:order_saga`) the actor of
 /// its commands.
@@ -38,6 +53,9 @@ pub const PAYMENT_TIMEOUT: &str = "payment-timeout";
 /// The reason a paid order is cancelled (and refunded) when its subscription cannot
 /// start.
 pub const SUBSCRIPTION_FAILED: &str = "subscription-failed";
+
+/// The reason the subscription of a cancelled (refunded) order is churned.
+pub const ORDER_CANCELLED: &str = "order-cancelled";
 
 /// The namespace of the ids the saga makes from an order's id.
 const SAGA_IDS: Uuid = Uuid::from_u128(0x3b1f_7c52_9d04_4e8a_a6c1_52f0_9e7d_21b4);
@@ -70,21 +88,62 @@ pub struct OrderSaga {
     timers: Arc<CommandHandler<Timer>>,
     /// How long a customer has to pay an invoice.
     payment_timeout: chrono::Duration,
+    /// The time an invoice is issued at.
+    clock: Arc<dyn Clock>,
 }
 
 impl OrderSaga {
-    pub fn new(handlers: &Handlers, payment_timeout: chrono::Duration) -> Self {
+    pub fn new(
+        handlers: &Handlers,
+        payment_timeout: chrono::Duration,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
         OrderSaga {
             orders: handlers.of::<Order>(),
             subscriptions: handlers.of::<Subscription>(),
             timers: handlers.of::<Timer>(),
             payment_timeout,
+            clock,
         }
     }
 
-    /// Invoices a placed order and sets its payment deadline.
+    /// Invoices a placed order, due the payment timeout from now.
     async fn placed(&self, cause: &RecordedEvent, order_id: Uuid) -> Result<(), CommandError> {
-        let due_at = cause.recorded_at + self.payment_timeout;
+        if self.orders.current(order_id).await?.state.status != OrderStatus::Placed {
+            // Invoiced already (only this process invoices: an earlier attempt, whose
+            // key may be gone), paid since, or cancelled: nothing to do.
+            return Ok(());
+        }
+        let invoice = OrderCommand::Invoice {
+            invoice_id: invoice_id(order_id),
+            due_at: self.clock.now() + self.payment_timeout,
+        };
+        match self
+            .orders
+            .execute(order_id, invoice, &caused_by(NAME, cause, "invoice"))
+            .await
+        {
+            // Cancelled before it was invoiced, or invoiced by an attempt running beside
+            // this one (a stalled server's, waking).
+            Ok(_)
+            | Err(CommandError::Domain(
+                DomainError::OrderClosed { .. } | DomainError::OrderNotInStatus { .. },
+            )) => Ok(()),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Sets the payment deadline of an invoiced order, at the invoice's due time.
+    async fn invoiced(
+        &self,
+        cause: &RecordedEvent,
+        order_id: Uuid,
+        due_at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), CommandError> {
+        if self.orders.current(order_id).await?.state.status != OrderStatus::Invoiced {
+            // Paid or cancelled since: no deadline to wait for.
+            return Ok(());
+        }
         schedule(
             &self.timers,
             NAME,
@@ -94,24 +153,12 @@ impl OrderSaga {
             &caused_by(NAME, cause, "deadline"),
         )
         .await?;
-        let invoice = OrderCommand::Invoice {
-            invoice_id: invoice_id(order_id),
-            due_at,
-        };
-        match self
-            .orders
-            .execute(order_id, invoice, &caused_by(NAME, cause, "invoice"))
-            .await
-        {
-            // Cancelled before it was invoiced: nothing to wait for.
-            Ok(_) | Err(CommandError::Domain(DomainError::OrderClosed { .. })) => Ok(()),
-            Err(error) => Err(error),
-        }
+        Ok(())
     }
 
     /// On payment: the deadline cancelled, the subscription started (recurring lines),
     /// the order fulfilled; a subscription that cannot start cancels (and so refunds)
-    /// the order.
+    /// the order; a subscription started while the order was being cancelled is churned.
     async fn paid(&self, cause: &RecordedEvent, order_id: Uuid) -> Result<(), CommandError> {
         let deadline = timer_id(NAME, &deadline_key(order_id));
         match self
@@ -131,7 +178,8 @@ impl OrderSaga {
         }
         let order = self.orders.current(order_id).await?.state;
         if order.status != OrderStatus::Paid {
-            // Cancelled (and refunded) or fulfilled since: nothing left to do.
+            // Cancelled (and refunded: the refund's step churns what was started) or
+            // fulfilled since: nothing left to do.
             return Ok(());
         }
         if let (Some(account_id), Some(mrr)) = (order.account_id, order.recurring_total)
@@ -153,8 +201,7 @@ impl OrderSaga {
                 // Started by an earlier attempt at this step; or the id is another
                 // order's, which no retry mends.
                 Err(CommandError::Domain(exists @ DomainError::SubscriptionExists(_))) => {
-                    let existing = self.subscriptions.current(id).await?.state;
-                    if existing.order_id == Some(order_id) {
+                    if self.order_of_subscription(order_id).await? {
                         Ok(())
                     } else {
                         Err(exists)
@@ -168,6 +215,10 @@ impl OrderSaga {
                 tracing::warn!(process = NAME, %order_id, %refusal, "the subscription cannot start; cancelling the order");
                 return self.cancel(cause, order_id, SUBSCRIPTION_FAILED).await;
             }
+            // Cancelled while the subscription started: undo the start.
+            if self.orders.current(order_id).await?.state.status != OrderStatus::Paid {
+                return self.churn(cause, order_id).await;
+            }
         }
         match self
             .orders
@@ -178,18 +229,68 @@ impl OrderSaga {
             )
             .await
         {
-            Ok(_) | Err(CommandError::Domain(DomainError::OrderClosed { .. })) => Ok(()),
+            Ok(_) => Ok(()),
+            // Cancelled since the order was read: the subscription goes with it.
+            Err(CommandError::Domain(DomainError::OrderClosed {
+                status: "cancelled",
+            })) => self.churn(cause, order_id).await,
+            Err(CommandError::Domain(DomainError::OrderClosed { .. })) => Ok(()),
             Err(error) => Err(error),
         }
     }
 
-    /// The payment deadline: an order still invoiced is cancelled.
+    /// The payment deadline: the order is cancelled unless it is paid (the domain
+    /// refuses `CancelUnpaid` on a paid order, whenever it is decided).
     async fn deadline(&self, cause: &RecordedEvent, order_id: Uuid) -> Result<(), CommandError> {
-        let order = self.orders.current(order_id).await?.state;
-        if order.status != OrderStatus::Invoiced {
+        let cancel = OrderCommand::CancelUnpaid {
+            reason: Reason::parse(PAYMENT_TIMEOUT)?,
+        };
+        match self
+            .orders
+            .execute(order_id, cancel, &caused_by(NAME, cause, "cancel"))
+            .await
+        {
+            // Paid before the cancel (the payment won), or closed already.
+            Ok(_)
+            | Err(CommandError::Domain(
+                DomainError::OrderClosed { .. } | DomainError::OrderNotInStatus { .. },
+            )) => Ok(()),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Whether the subscription with the order's id was started for this order.
+    async fn order_of_subscription(&self, order_id: Uuid) -> Result<bool, CommandError> {
+        let existing = self
+            .subscriptions
+            .current(subscription_id(order_id))
+            .await?
+            .state;
+        Ok(existing.order_id == Some(order_id))
+    }
+
+    /// Churns the order's subscription (`order-cancelled`), if it started one that is
+    /// still active; one under the order's id that is another order's is left alone.
+    async fn churn(&self, cause: &RecordedEvent, order_id: Uuid) -> Result<(), CommandError> {
+        let id = subscription_id(order_id);
+        let subscription = self.subscriptions.current(id).await?.state;
+        if subscription.order_id != Some(order_id)
+            || subscription.status != SubscriptionStatus::Active
+        {
             return Ok(());
         }
-        self.cancel(cause, order_id, PAYMENT_TIMEOUT).await
+        let churn = SubscriptionCommand::Churn {
+            reason: Some(Reason::parse(ORDER_CANCELLED)?),
+        };
+        match self
+            .subscriptions
+            .execute(id, churn, &caused_by(NAME, cause, "stop-subscription"))
+            .await
+        {
+            // Churned meanwhile (by its customer, or an attempt beside this one).
+            Ok(_) | Err(CommandError::Domain(DomainError::SubscriptionClosed { .. })) => Ok(()),
+            Err(error) => Err(error),
+        }
     }
 
     async fn cancel(
@@ -206,11 +307,8 @@ impl OrderSaga {
             .execute(order_id, cancel, &caused_by(NAME, cause, "cancel"))
             .await
         {
-            // Paid in the meantime (the payment won), or closed already.
-            Ok(_)
-            | Err(CommandError::Domain(
-                DomainError::OrderClosed { .. } | DomainError::OrderNotInStatus { .. },
-            )) => Ok(()),
+            // Closed already.
+            Ok(_) | Err(CommandError::Domain(DomainError::OrderClosed { .. })) => Ok(()),
             Err(error) => Err(error),
         }
     }
@@ -244,7 +342,13 @@ impl Process for OrderSaga {
     }
 
     fn filter(&self) -> LogFilter {
-        LogFilter::event_types(["OrderPlaced", "PaymentReceived", "TimerFired"])
+        LogFilter::event_types([
+            "OrderPlaced",
+            "OrderInvoiced",
+            "PaymentReceived",
+            "PaymentRefunded",
+            "TimerFired",
+        ])
     }
 
     async fn handle(&self, event: &RecordedEvent) -> Result<(), CommandError> {
@@ -264,7 +368,12 @@ impl Process for OrderSaga {
         let order_id = order_of(event)?;
         match decoded {
             OrderEvent::OrderPlaced { .. } => self.placed(event, order_id).await,
+            OrderEvent::OrderInvoiced { due_at, .. } => {
+                self.invoiced(event, order_id, due_at).await
+            }
             OrderEvent::PaymentReceived { .. } => self.paid(event, order_id).await,
+            // A paid order cancelled: its subscription goes.
+            OrderEvent::PaymentRefunded { .. } => self.churn(event, order_id).await,
             _ => Ok(()),
         }
     }

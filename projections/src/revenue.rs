@@ -144,17 +144,19 @@ impl RowModel for Revenue {
     }
 }
 
-/// One month's figures in one currency (minor units).
+/// One month's figures in one currency (minor units). Sums over subscriptions, each of
+/// which is at most `Money::MAX_MINOR`: 128 bits hold any count of them exactly, where
+/// 64 bits would wrap past some nine thousand of the largest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct MonthFigures {
     /// `YYYY-MM`, UTC.
     pub month: String,
-    pub mrr_start: i64,
-    pub new: i64,
-    pub expansion: i64,
-    pub contraction: i64,
-    pub churn: i64,
-    pub mrr_end: i64,
+    pub mrr_start: i128,
+    pub new: i128,
+    pub expansion: i128,
+    pub contraction: i128,
+    pub churn: i128,
+    pub mrr_end: i128,
 }
 
 /// The figures of one currency.
@@ -188,11 +190,11 @@ fn month_of(micros: i64) -> (DateTime<Utc>, DateTime<Utc>) {
 }
 
 /// The MRR of the changes before `micros`.
-fn mrr_before(changes: &[MrrChange], micros: i64) -> i64 {
+fn mrr_before(changes: &[MrrChange], micros: i64) -> i128 {
     changes
         .iter()
         .filter(|c| c.at_micros < micros)
-        .map(|c| c.delta_minor)
+        .map(|c| i128::from(c.delta_minor))
         .sum()
 }
 
@@ -228,13 +230,13 @@ pub fn figures(
                 while month.timestamp_micros() <= last {
                     let (start, next) = month_of(month.timestamp_micros());
                     let (start, next) = (start.timestamp_micros(), next.timestamp_micros());
-                    let sum = |kind: ChangeKind| -> i64 {
+                    let sum = |kind: ChangeKind| -> i128 {
                         all.clone()
                             .filter(|c| c.kind == kind && (start..next).contains(&c.at_micros))
-                            .map(|c| c.delta_minor.abs())
+                            .map(|c| i128::from(c.delta_minor).abs())
                             .sum()
                     };
-                    let mrr_at = |micros| -> i64 {
+                    let mrr_at = |micros| -> i128 {
                         subscriptions
                             .iter()
                             .map(|s| mrr_before(&s.changes, micros))
@@ -275,7 +277,7 @@ fn retention(
         return (None, None);
     };
     let to = to.unwrap_or(i64::MAX);
-    let mut accounts: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
+    let mut accounts: BTreeMap<&str, (i128, i128)> = BTreeMap::new();
     for subscription in subscriptions {
         let entry = accounts
             .entry(subscription.account_id.as_str())
@@ -283,16 +285,16 @@ fn retention(
         entry.0 += mrr_before(&subscription.changes, from);
         entry.1 += mrr_before(&subscription.changes, to);
     }
-    let cohort: Vec<(i64, i64)> = accounts
+    let cohort: Vec<(i128, i128)> = accounts
         .into_values()
         .filter(|(at_from, _)| *at_from > 0)
         .collect();
-    let start: i64 = cohort.iter().map(|(at_from, _)| at_from).sum();
+    let start: i128 = cohort.iter().map(|(at_from, _)| at_from).sum();
     if start == 0 {
         return (None, None);
     }
-    let net: i64 = cohort.iter().map(|(_, at_to)| at_to).sum();
-    let gross: i64 = cohort
+    let net: i128 = cohort.iter().map(|(_, at_to)| at_to).sum();
+    let gross: i128 = cohort
         .iter()
         .map(|(at_from, at_to)| *at_to.min(at_from))
         .sum();
@@ -426,6 +428,31 @@ mod tests {
         assert_eq!(window[0].grr, Some(100.0 / 150.0));
     }
 
+    /// Ten thousand subscriptions at the largest MRR each: the figures are exact, past
+    /// what 64 bits hold (a 64-bit sum wrapped to a negative MRR in a release build).
+    #[test]
+    fn figures_of_many_of_the_largest_subscriptions_never_wrap() {
+        let largest = annals_domain::values::Money::MAX_MINOR;
+        let history: Vec<SubscriptionChanges> = (0..10_000)
+            .map(|n| SubscriptionChanges {
+                account_id: format!("account-{n}"),
+                currency: "EUR".into(),
+                changes: vec![change("2026-01-10T00:00:00Z", ChangeKind::New, largest)],
+            })
+            .collect();
+        let now = micros("2026-02-15T00:00:00Z");
+        let expected = 10_000 * i128::from(largest);
+        assert!(expected > i128::from(i64::MAX));
+        let revenue = figures(&history, None, None, now);
+        let [january, february] = &revenue[0].months[..] else {
+            panic!("two months: {:?}", revenue[0].months);
+        };
+        assert_eq!((january.new, january.mrr_end), (expected, expected));
+        assert_eq!((february.mrr_start, february.mrr_end), (expected, expected));
+        let window = figures(&history, Some(micros("2026-02-01T00:00:00Z")), None, now);
+        assert_eq!((window[0].nrr, window[0].grr), (Some(1.0), Some(1.0)));
+    }
+
     mod against_a_direct_fold {
         use annals_domain::subscription::{Subscription, SubscriptionCommand};
         use annals_domain::values::Money;
@@ -547,8 +574,8 @@ mod tests {
                         0
                     }
                 };
-                let mrr_at = |micros: i64| -> i64 {
-                    states.keys().map(|n| active_mrr(&state_at(*n, micros))).sum()
+                let mrr_at = |micros: i64| -> i128 {
+                    states.keys().map(|n| i128::from(active_mrr(&state_at(*n, micros)))).sum()
                 };
                 if log.is_empty() {
                     prop_assert!(computed.is_empty());
@@ -560,16 +587,16 @@ mod tests {
                     let first = micros(&format!("{}-01T00:00:00Z", month.month));
                     let (_, next) = month_of(first);
                     let next = next.timestamp_micros();
-                    let mut flows = [0i64; 4];
+                    let mut flows = [0i128; 4];
                     for (_, at, event) in &log {
                         if !(first..next).contains(at) {
                             continue;
                         }
                         match event {
-                            SubscriptionEvent::SubscriptionStarted { mrr, .. } => flows[0] += mrr.amount_minor,
-                            SubscriptionEvent::SubscriptionExpanded { from, to } => flows[1] += to.amount_minor - from.amount_minor,
-                            SubscriptionEvent::SubscriptionContracted { from, to } => flows[2] += from.amount_minor - to.amount_minor,
-                            SubscriptionEvent::SubscriptionChurned { mrr, .. } => flows[3] += mrr.amount_minor,
+                            SubscriptionEvent::SubscriptionStarted { mrr, .. } => flows[0] += i128::from(mrr.amount_minor),
+                            SubscriptionEvent::SubscriptionExpanded { from, to } => flows[1] += i128::from(to.amount_minor - from.amount_minor),
+                            SubscriptionEvent::SubscriptionContracted { from, to } => flows[2] += i128::from(from.amount_minor - to.amount_minor),
+                            SubscriptionEvent::SubscriptionChurned { mrr, .. } => flows[3] += i128::from(mrr.amount_minor),
                         }
                     }
                     prop_assert_eq!(month.mrr_start, mrr_at(first), "{}", month.month);

@@ -242,13 +242,9 @@ impl ConsumerRunner {
         fence: Option<&Fence>,
     ) -> Result<Outcome, ProjectionError> {
         // A halted projection still applies every event before the one it parked.
-        let halted_at = match self.policy {
-            FailurePolicy::Halt => self.parked().await?.first().map(|p| p.position),
-            FailurePolicy::Skip => None,
-        };
+        let limit = self.halted_before().await?;
         let mut live = self.live_generation().await?;
         self.pause(PausePoint::LiveStep).await;
-        let limit = halted_at.map(|position| position.saturating_sub(1));
         let mut stepped = self.step(live, limit, self.batch_size, fence).await;
         // A rebuild swapped generations since `live` was read: the batch took nothing;
         // go on in the generation that is live now.
@@ -262,7 +258,7 @@ impl ConsumerRunner {
                 *lock(&self.failing) = None;
                 self.applied.send_if_modified(|a| bump(a, checkpoint));
                 Ok(match outcome {
-                    Outcome::CaughtUp if halted_at.is_some() => Outcome::Halted,
+                    Outcome::CaughtUp if limit.is_some() => Outcome::Halted,
                     outcome => outcome,
                 })
             }
@@ -321,6 +317,19 @@ impl ConsumerRunner {
                 Err(error)
             }
         }
+    }
+
+    /// Under the halt policy, the last position a generation may apply: the one before
+    /// the oldest parked event (`None` when nothing is parked, or under the skip policy).
+    pub(crate) async fn halted_before(&self) -> Result<Option<u64>, ProjectionError> {
+        Ok(match self.policy {
+            FailurePolicy::Halt => self
+                .parked()
+                .await?
+                .first()
+                .map(|parked| parked.position.saturating_sub(1)),
+            FailurePolicy::Skip => None,
+        })
     }
 
     // ---- Parked events (dead letters) and the operator's retry and skip. ----

@@ -45,6 +45,8 @@ macro_rules! lead_board_name_filter_and_tables {
     };
 }
 
+#[path = "runtime/intercepting.rs"]
+mod intercepting;
 #[path = "runtime/leases.rs"]
 mod leases;
 #[path = "runtime/parked.rs"]
@@ -1882,7 +1884,11 @@ async fn described(db: &Fixture, table: &str) -> (Vec<String>, Vec<String>) {
 /// (which stay as the history of databases created before).
 async fn each_read_model_creates_the_tables_its_migrations_made(db: Arc<Fixture>) {
     let handlers = annals_commands::Handlers::new(db.store(), HandlerConfig::default());
-    for consumer in annals_projections::consumers(&handlers, &Default::default()) {
+    for consumer in annals_projections::consumers(
+        &handlers,
+        &Default::default(),
+        Arc::new(annals_projections::timers::SystemClock),
+    ) {
         for table in consumer.tables() {
             let migrated = described(&db, table.name).await;
             if migrated.0.is_empty() {

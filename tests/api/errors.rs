@@ -16,6 +16,7 @@ on_both_backends!(
     a_min_position_beyond_the_head_is_the_clients_error_at_once,
     the_server_enforces_the_bounds_and_forms_the_document_states,
     a_server_error_says_nothing_of_the_insides,
+    an_analytics_window_that_holds_no_instant_is_refused,
 );
 
 fn assert_problem(answer: &crate::server::Answer, status: u16, code: &str) {
@@ -380,6 +381,29 @@ async fn a_min_position_beyond_the_head_is_the_clients_error_at_once(db: Arc<Fix
             .unwrap()
             >= head
     );
+}
+
+/// An analytics window is `[from, to)`: one whose `from` is not before its `to` holds no
+/// instant, and is refused (422 `invalid-window`) rather than answered with figures.
+async fn an_analytics_window_that_holds_no_instant_is_refused(db: Arc<Fixture>) {
+    let server = Server::start(db.url());
+    let (early, late) = ("2026-01-01T00:00:00Z", "2026-02-01T00:00:00Z");
+    for path in [
+        "/analytics/funnel",
+        "/analytics/revenue",
+        "/analytics/response-times",
+    ] {
+        for (from, to) in [(late, early), (early, early)] {
+            let answer = server.get(&format!("{path}?from={from}&to={to}")).await;
+            assert_problem(&answer, 422, "invalid-window");
+        }
+        let answer = server.get(&format!("{path}?from={early}&to={late}")).await;
+        assert_eq!(answer.status, 200, "{path}: {}", answer.body);
+        for one_side in [format!("from={late}"), format!("to={early}")] {
+            let answer = server.get(&format!("{path}?{one_side}")).await;
+            assert_eq!(answer.status, 200, "{path}?{one_side}: {}", answer.body);
+        }
+    }
 }
 
 /// The rules the OpenAPI document states (`api/src/contract.rs`) are the ones the server

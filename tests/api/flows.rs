@@ -648,9 +648,10 @@ async fn concurrent_commands_on_one_lead_never_both_win_a_version(db: Arc<Fixtur
     assert_eq!(history["version"], 1 + versions.len() as u64);
     assert_eq!(history["state"]["score"], versions.len() as u64);
 
-    // Decisions that depend on the state, each taken by every contender on the same
-    // version (the database's write lock held until all have decided): only the first
-    // to commit may act on it; every other must be decided again on the new state.
+    // Decisions that depend on the state, sent at once while the database's write lock
+    // is held: the first is decided, the others wait their turn (commands to one
+    // aggregate take turns on a server, undecided until it commits), so only the first
+    // acts on that version and every other is decided on the new state.
     let id = server.command("/leads", lead("grace")).await["id"]
         .as_str()
         .unwrap()
@@ -662,7 +663,7 @@ async fn concurrent_commands_on_one_lead_never_both_win_a_version(db: Arc<Fixtur
     }
     // At 40, +10 qualifies: six signals decide to qualify the lead, one may.
     let signal = json!({"kind": "pricing_page_view"});
-    let answers = all_decided_at_once(&db, &server, &id, "signals", &signal, 6).await;
+    let answers = sent_at_once_while_held(&db, &server, &id, "signals", &signal, 6).await;
     let mut accepted = 0;
     let mut qualified_by = Vec::new();
     for answer in &answers {
@@ -699,12 +700,12 @@ async fn concurrent_commands_on_one_lead_never_both_win_a_version(db: Arc<Fixtur
 
     // Four assignments to grace: one assigns, the others find her the owner already.
     let owner = json!({"owner": "grace"});
-    let answers = all_decided_at_once(&db, &server, &id, "assign", &owner, 4).await;
+    let answers = sent_at_once_while_held(&db, &server, &id, "assign", &owner, 4).await;
     assert_one_wins(&answers, "already-assigned");
     // Four conversions: one converts, the others find the lead closed.
     let convert = json!({"deal_name": "Grace engines",
                          "amount": {"currency": "EUR", "amount_minor": 5_000}});
-    let answers = all_decided_at_once(&db, &server, &id, "convert", &convert, 4).await;
+    let answers = sent_at_once_while_held(&db, &server, &id, "convert", &convert, 4).await;
     assert_one_wins(&answers, "lead-closed");
     let events = server.read(&format!("/streams/lead-{id}/events")).await;
     for (event_type, once) in [("LeadAssigned", 1), ("LeadConverted", 1)] {
@@ -739,9 +740,10 @@ fn assert_one_wins(answers: &[Answer], refused: &str) {
 }
 
 /// Sends `n` copies of a lead command at once while a transaction of the test holds the
-/// database's write lock, releases it only when the server's log shows that all `n`
-/// were decided on the lead's current version, and returns their answers.
-async fn all_decided_at_once(
+/// database's write lock; once the server's log shows one decided on the lead's current
+/// version, checks that no other is decided meanwhile (they wait their turn), releases
+/// the lock, and returns their answers.
+async fn sent_at_once_while_held(
     db: &Fixture,
     server: &Arc<Server>,
     id: &str,
@@ -752,6 +754,23 @@ async fn all_decided_at_once(
     let version = server.read(&format!("/leads/{id}/history")).await["version"]
         .as_u64()
         .unwrap();
+    // Inside the server's lock timeout (10 s), so a failure here is the test's own.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(8);
+    let stream = format!("lead-{id}");
+    let decided = || {
+        server
+            .logs()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .filter(|line| {
+                line["target"] == "annals_commands"
+                    && line["fields"]["message"] == "decided"
+                    && line["fields"]["stream"] == stream.as_str()
+            })
+            .map(|line| line["fields"]["version"] == version)
+            .collect::<Vec<bool>>()
+    };
+    let before = decided().len();
     let lock = WriteLock::take(db).await;
     let tasks: Vec<_> = (0..n)
         .map(|_| {
@@ -763,30 +782,22 @@ async fn all_decided_at_once(
             tokio::spawn(async move { server.post(&path, body).await })
         })
         .collect();
-    // Inside the server's lock timeout (10 s), so a failure here is the test's own.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(8);
-    let stream = format!("lead-{id}");
     loop {
-        let decided = server
-            .logs()
-            .lines()
-            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-            .filter(|line| {
-                line["target"] == "annals_commands"
-                    && line["fields"]["message"] == "decided"
-                    && line["fields"]["stream"] == stream.as_str()
-                    && line["fields"]["version"] == version
-            })
-            .count();
-        if decided >= n {
+        if decided()[before..].iter().any(|at_version| *at_version) {
             break;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "{decided} of {n} {action} commands decided at version {version}"
+            "no {action} command decided at version {version}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        decided().len() - before,
+        1,
+        "one of {n} {action} commands decided while the first is held"
+    );
     lock.release().await;
     let mut answers = Vec::new();
     for task in tasks {

@@ -32,6 +32,7 @@ pub fn routes() -> OpenApiRouter<Arc<App>> {
 #[into_params(parameter_in = Query)]
 pub struct RevenueQuery {
     /// RFC 3339, inclusive; without it, from the first change of MRR (and no NRR, GRR).
+    /// Before `to` when both are given (422 `invalid-window` otherwise).
     pub from: Option<DateTime<Utc>>,
     /// RFC 3339, exclusive; without it, up to now.
     pub to: Option<DateTime<Utc>>,
@@ -40,23 +41,25 @@ pub struct RevenueQuery {
     pub currency: Option<String>,
 }
 
-/// One month's recurring revenue in one currency, in minor units.
+/// One month's recurring revenue in one currency, in minor units: exact integers, sums
+/// that may exceed 64 bits (each subscription's MRR is at most 10^15, any number of
+/// them is summed without wrapping).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct RevenueMonthView {
     /// `YYYY-MM` (UTC).
     pub month: String,
     /// The MRR at the month's start.
-    pub mrr_start: i64,
+    pub mrr_start: i128,
     /// The MRR of subscriptions started in the month.
-    pub new: i64,
+    pub new: i128,
     /// The sum of increases.
-    pub expansion: i64,
+    pub expansion: i128,
     /// The sum of decreases.
-    pub contraction: i64,
+    pub contraction: i128,
     /// The MRR of subscriptions churned.
-    pub churn: i64,
+    pub churn: i128,
     /// `mrr_start + new + expansion − contraction − churn`: the MRR at the month's end.
-    pub mrr_end: i64,
+    pub mrr_end: i128,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -83,7 +86,8 @@ pub struct RevenueView {
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ResponseTimesQuery {
-    /// RFC 3339, inclusive: leads that qualified from then; all time without it.
+    /// RFC 3339, inclusive: leads that qualified from then; all time without it. Before
+    /// `to` when both are given (422 `invalid-window` otherwise).
     pub from: Option<DateTime<Utc>>,
     /// RFC 3339, exclusive: leads that qualified before then; all time without it.
     pub to: Option<DateTime<Utc>>,
@@ -123,7 +127,8 @@ pub struct ResponseTimesView {
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct FunnelQuery {
-    /// RFC 3339, inclusive; all time without it.
+    /// RFC 3339, inclusive; all time without it. Before `to` when both are given (422
+    /// `invalid-window` otherwise).
     pub from: Option<DateTime<Utc>>,
     /// RFC 3339, exclusive; all time without it.
     pub to: Option<DateTime<Utc>>,
@@ -182,6 +187,17 @@ pub struct PipelineView {
     pub average_days_to_close: Option<f64>,
 }
 
+/// A window `[from, to)` that holds an instant: `from` before `to` when both are given.
+fn window(from: Option<DateTime<Utc>>, to: Option<DateTime<Utc>>) -> Result<(), ApiError> {
+    match (from, to) {
+        (Some(from), Some(to)) if from >= to => Err(ApiError::Invalid {
+            code: "invalid-window",
+            detail: format!("`from` ({from}) must be before `to` ({to}): the window is [from, to)"),
+        }),
+        _ => Ok(()),
+    }
+}
+
 fn steps(steps: queries::FunnelSteps) -> FunnelStepsView {
     FunnelStepsView {
         captured: steps.captured,
@@ -207,6 +223,7 @@ async fn funnel(
     Params(query): Params<FunnelQuery>,
     Params(consistency): Params<Consistency>,
 ) -> Result<Response, ApiError> {
+    window(query.from, query.to)?;
     if let Some(source) = &query.source {
         Source::parse(source)?;
     }
@@ -296,6 +313,7 @@ async fn response_times(
     Params(query): Params<ResponseTimesQuery>,
     Params(consistency): Params<Consistency>,
 ) -> Result<Response, ApiError> {
+    window(query.from, query.to)?;
     let (mut snapshot, position) =
         snapshot(&app, &[lead_response::NAME], consistency.position()).await?;
     let owners = snapshot
@@ -340,6 +358,7 @@ async fn revenue_figures(
     Params(query): Params<RevenueQuery>,
     Params(consistency): Params<Consistency>,
 ) -> Result<Response, ApiError> {
+    window(query.from, query.to)?;
     if let Some(currency) = &query.currency {
         annals_domain::values::Currency::parse(currency)?;
     }

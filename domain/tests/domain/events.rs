@@ -233,10 +233,12 @@ pub fn every_subscription_event() -> Vec<SubscriptionEvent> {
         SubscriptionEvent::SubscriptionChurned {
             mrr: eur(39_000),
             reason: Some(Reason::parse("moved to a competitor").unwrap()),
+            order_id: Some(id(50)),
         },
         SubscriptionEvent::SubscriptionChurned {
             mrr: eur(39_000),
             reason: None,
+            order_id: None,
         },
     ]
 }
@@ -323,6 +325,34 @@ fn a_version_1_lead_captured_is_read_without_a_company() {
         2,
         "LeadCaptured is at v2"
     );
+}
+
+#[test]
+fn a_version_1_subscription_churned_is_read_without_its_order() {
+    let v1 = StoredForm {
+        event_type: "SubscriptionChurned".into(),
+        schema_version: 1,
+        data: json!({
+            "mrr": {"currency": "EUR", "amount_minor": 39_000},
+            "reason": null,
+        }),
+    };
+    assert_eq!(
+        SubscriptionEvent::decode(&v1).unwrap(),
+        SubscriptionEvent::SubscriptionChurned {
+            mrr: eur(39_000),
+            reason: None,
+            order_id: None,
+        }
+    );
+    let churned = SubscriptionEvent::SubscriptionChurned {
+        mrr: eur(39_000),
+        reason: None,
+        order_id: Some(id(50)),
+    };
+    let stored = churned.encode();
+    assert_eq!(stored.schema_version, 2, "SubscriptionChurned is at v2");
+    assert_eq!(stored.data["order_id"], json!(id(50)));
 }
 
 #[test]

@@ -124,7 +124,14 @@ fn every_command() -> Vec<OrderCommand> {
             reason: reason("wrong address"),
         },
         cancel("changed their mind"),
+        cancel_unpaid("payment-timeout"),
     ]
+}
+
+fn cancel_unpaid(why: &str) -> OrderCommand {
+    OrderCommand::CancelUnpaid {
+        reason: reason(why),
+    }
 }
 
 // ----- Place -------------------------------------------------------------------------
@@ -540,6 +547,40 @@ fn cancel_a_paid_order_refunds_the_payment_after_cancelling() {
         ]);
     assert_eq!(order.status, OrderStatus::Cancelled);
     assert_eq!(order.refunded, Some(eur(149_000)));
+}
+
+// ----- CancelUnpaid (the payment deadline's) -------------------------------------------
+
+#[test]
+fn the_deadline_cancels_an_unpaid_order_as_cancel_does() {
+    given::<Order>([placed()])
+        .when(cancel_unpaid("payment-timeout"))
+        .then([cancelled("payment-timeout")]);
+    let order = given::<Order>([placed(), invoiced()])
+        .when(cancel_unpaid("payment-timeout"))
+        .then([voided("payment-timeout"), cancelled("payment-timeout")]);
+    assert_eq!(order.status, OrderStatus::Cancelled);
+    assert_eq!(order.refunded, None);
+}
+
+/// The payment committed before the deadline's cancel: the cancel, decided again on the
+/// paid order, is refused, so nothing is refunded.
+#[test]
+fn the_deadline_never_cancels_a_paid_order() {
+    given::<Order>([placed(), invoiced(), paid()])
+        .when(cancel_unpaid("payment-timeout"))
+        .then_err(DomainError::OrderNotInStatus {
+            status: "paid",
+            required: "invoiced",
+        });
+    assert_eq!(
+        DomainError::OrderNotInStatus {
+            status: "paid",
+            required: "invoiced"
+        }
+        .kind(),
+        RejectionKind::Conflict
+    );
 }
 
 #[test]

@@ -416,6 +416,30 @@ fn reassign_does_not_move_the_round_robin() {
 }
 
 #[test]
+fn record_writes_the_routing_applied_and_only_a_qualification_moves_the_cursor() {
+    let routing = given::<Routing>([set(two_rules())])
+        .when(RoutingCommand::Record {
+            lead_id: id(1),
+            rule: name("everyone"),
+            owner: owner("bob"),
+            previous_owner: None,
+            reason: RoutingReason::Qualified,
+        })
+        .then([routed(1, "everyone", "bob")]);
+    assert_eq!(routing.cursor(&name("everyone")), 1);
+    let routing = given::<Routing>([set(two_rules()), routed(1, "everyone", "ann")])
+        .when(RoutingCommand::Record {
+            lead_id: id(1),
+            rule: name("everyone"),
+            owner: owner("bob"),
+            previous_owner: Some(owner("ann")),
+            reason: RoutingReason::ResponseDeadline,
+        })
+        .then([reassigned("everyone", "ann", "bob")]);
+    assert_eq!(routing.cursor(&name("everyone")), 1);
+}
+
+#[test]
 fn reassign_with_no_other_owner_or_a_rule_gone_is_a_conflict() {
     given::<Routing>([set(two_rules())])
         .when(reassign("partners", "pat"))

@@ -35,6 +35,7 @@ fn churned() -> SubscriptionEvent {
     SubscriptionEvent::SubscriptionChurned {
         mrr: eur(49_000),
         reason: None,
+        order_id: Some(id(50)),
     }
 }
 
@@ -181,6 +182,7 @@ fn churn_an_active_subscription_records_the_mrr_lost() {
         .then([SubscriptionEvent::SubscriptionChurned {
             mrr: eur(59_000),
             reason: Some(Reason::parse("moved to a competitor").unwrap()),
+            order_id: Some(id(50)),
         }]);
 }
 

@@ -1,115 +1,48 @@
 //! The lead routing process at its crash windows, forced through a store that acts before
-//! chosen appends: the deadline's timer failing to be scheduled after the routing was
-//! recorded, and an operator assigning the lead by hand between the process reading the
-//! lead and assigning it.
-
-use std::sync::Mutex;
+//! chosen appends: each of a routing's appends (its decision's deadline, the lead's
+//! assignment, the record) failing once, and the process acting again; an operator
+//! assigning the lead by hand between the process reading the lead and assigning it,
+//! which leaves no trace of the routing; acting again after the keys were purged; an
+//! owner who acted before the deadline keeping the lead.
 
 use annals_commands::Handlers;
 use annals_domain::routing::{
     ROUTING_ID, Routing, RoutingCommand, RoutingRule, RoutingRules, RuleMatch,
 };
-use annals_projections::lead_routing::LeadRouting;
-use annals_store::{AppendOutcome, AppendRequest, EventStore, StoreError};
+use annals_domain::timer::{Timer, TimerCommand};
+use annals_projections::Process;
+use annals_projections::lead_routing::{self, LeadRouting};
+use annals_projections::timers::SystemClock;
+use annals_store::{AppendRequest, EventStore, StoreError};
 use futures::future::BoxFuture;
 
+use super::intercepting::{Intercepting, acting_once_before};
 use super::*;
 
 on_both_backends!(
-    a_deadline_that_failed_to_be_set_is_set_when_the_qualification_is_acted_on_again,
+    a_routing_that_failed_at_any_append_is_finished_once_when_acted_on_again,
     the_router_never_assigns_over_an_assignment_made_by_hand_meanwhile,
+    a_routing_acted_on_again_after_the_keys_were_purged_is_done_once,
+    an_owner_who_acted_before_the_deadline_keeps_the_lead,
 );
-
-type BeforeAppend =
-    Box<dyn Fn(&AppendRequest) -> BoxFuture<'static, Result<(), StoreError>> + Send + Sync>;
-
-/// The store, with something done before each append (which may fail it).
-struct Intercepting {
-    inner: Arc<dyn EventStore>,
-    before: BeforeAppend,
-}
-
-impl std::fmt::Debug for Intercepting {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Intercepting")
-    }
-}
-
-#[async_trait]
-impl EventStore for Intercepting {
-    async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError> {
-        (self.before)(&request).await?;
-        self.inner.append(request).await
-    }
-    async fn read_stream(
-        &self,
-        stream: &annals_store::StreamName,
-        from_version: u64,
-        direction: annals_store::Direction,
-        limit: usize,
-    ) -> Result<Vec<RecordedEvent>, StoreError> {
-        self.inner
-            .read_stream(stream, from_version, direction, limit)
-            .await
-    }
-    async fn read_all(
-        &self,
-        from_position: u64,
-        limit: usize,
-        filter: &LogFilter,
-    ) -> Result<annals_store::LogPage, StoreError> {
-        self.inner.read_all(from_position, limit, filter).await
-    }
-    async fn head(&self) -> Result<u64, StoreError> {
-        self.inner.head().await
-    }
-    async fn wait_for_events(&self, after: u64, timeout: Duration) -> Result<u64, StoreError> {
-        self.inner.wait_for_events(after, timeout).await
-    }
-    async fn save_snapshot(&self, snapshot: &annals_store::Snapshot) -> Result<(), StoreError> {
-        self.inner.save_snapshot(snapshot).await
-    }
-    async fn load_snapshot(
-        &self,
-        stream: &annals_store::StreamName,
-    ) -> Result<Option<annals_store::Snapshot>, StoreError> {
-        self.inner.load_snapshot(stream).await
-    }
-    async fn find_idempotency(
-        &self,
-        key: &str,
-    ) -> Result<Option<annals_store::IdempotencyRecord>, StoreError> {
-        self.inner.find_idempotency(key).await
-    }
-    async fn purge_idempotency(
-        &self,
-        recorded_before: chrono::DateTime<chrono::Utc>,
-    ) -> Result<u64, StoreError> {
-        self.inner.purge_idempotency(recorded_before).await
-    }
-    async fn verify(&self) -> Result<annals_store::AuditReport, StoreError> {
-        self.inner.verify().await
-    }
-    async fn anchor(&self) -> Result<annals_store::Anchor, StoreError> {
-        self.inner.anchor().await
-    }
-    async fn find_anchor(&self, hash: &str) -> Result<Option<u64>, StoreError> {
-        self.inner.find_anchor(hash).await
-    }
-}
 
 /// The routing process's runner over `store`, with handlers of its own.
 fn router(db: &Fixture, store: Arc<dyn EventStore>) -> ConsumerRunner {
-    let handlers = Handlers::new(store.clone(), HandlerConfig::default());
     ConsumerRunner::new(
         store.clone(),
         read_database(db),
-        Consumer::Process(Arc::new(LeadRouting::new(
-            store,
-            &handlers,
-            chrono::Duration::hours(24),
-        ))),
+        Consumer::Process(process(store)),
     )
+}
+
+fn process(store: Arc<dyn EventStore>) -> Arc<LeadRouting> {
+    let handlers = Handlers::new(store.clone(), HandlerConfig::default());
+    Arc::new(LeadRouting::new(
+        store,
+        &handlers,
+        chrono::Duration::hours(24),
+        Arc::new(SystemClock),
+    ))
 }
 
 /// One rule, taking every lead, with ada and bea in turn; and a qualified lead.
@@ -157,95 +90,135 @@ async fn owner(db: &Fixture, lead: Uuid) -> Option<String> {
         .map(|o| o.as_str().to_owned())
 }
 
-/// The routing is recorded, then scheduling its deadline fails (the store is down): the
-/// process acts on the qualification again, and then the lead has its owner and its
-/// deadline, each once. (Assigning before scheduling lost the deadline for good: acting
-/// again found the lead assigned and did nothing.)
-async fn a_deadline_that_failed_to_be_set_is_set_when_the_qualification_is_acted_on_again(
-    db: Arc<Fixture>,
-) {
-    let lead = routed_lead(&db).await;
-    let down = Arc::new(AtomicBool::new(true));
-    let store: Arc<dyn EventStore> = Arc::new(Intercepting {
-        inner: db.store(),
-        before: {
-            let down = down.clone();
-            Box::new(move |request: &AppendRequest| {
-                let fails =
-                    request.stream.as_str().starts_with("timer-") && down.load(Ordering::SeqCst);
-                Box::pin(async move {
-                    if fails {
-                        Err(StoreError::Closed)
-                    } else {
-                        Ok(())
-                    }
-                })
-            })
-        },
-    });
-    let runner = router(&db, store);
-    assert!(
-        runner.run_once().await.is_err(),
-        "the timer's append failed"
-    );
-    assert_eq!(events_of(&db, "LeadRouted").await.len(), 1);
-    assert!(events_of(&db, "TimerScheduled").await.is_empty());
-    assert!(
-        runner.parked().await.unwrap().is_empty(),
-        "an outage parks nothing"
-    );
-
-    down.store(false, Ordering::SeqCst);
-    runner.catch_up().await.unwrap();
-    assert_eq!(owner(&db, lead).await.as_deref(), Some("ada"));
-    assert_eq!(events_of(&db, "LeadRouted").await.len(), 1, "routed once");
-    assert_eq!(
-        events_of(&db, "TimerScheduled").await.len(),
-        1,
-        "its deadline, once"
-    );
-    assert_eq!(
-        events_of(&db, "LeadAssigned").await.len(),
-        1,
-        "assigned once"
-    );
+/// A qualified lead, new: captured and brought to 50 points.
+async fn qualified_lead(db: &Fixture) -> Uuid {
+    let leads = CommandHandler::<Lead>::new(db.store(), HandlerConfig::default());
+    let lead = Uuid::now_v7();
+    leads
+        .execute(lead, capture(lead, 0), &context())
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        leads
+            .execute(lead, signal(SignalKind::DemoRequest), &context())
+            .await
+            .unwrap();
+    }
+    lead
 }
 
-/// An operator assigns the lead to zed by hand just as the process records its routing
-/// to ada: the process's assignment (at the version it read the lead at) is refused, it
-/// acts again, finds the lead assigned by hand, and leaves it with zed.
+/// The store failing the first append that `fails` picks (an outage: retried, never
+/// parked).
+fn failing_once(
+    db: &Fixture,
+    fails: impl Fn(&AppendRequest) -> bool + Send + Sync + 'static,
+) -> Arc<dyn EventStore> {
+    let armed = AtomicBool::new(true);
+    Arc::new(Intercepting {
+        inner: db.store(),
+        before: Box::new(move |request| {
+            let fail = fails(request) && armed.swap(false, Ordering::SeqCst);
+            Box::pin(async move {
+                if fail {
+                    Err(StoreError::Closed)
+                } else {
+                    Ok(())
+                }
+            })
+        }),
+    })
+}
+
+/// Which appends a test acts before.
+type Picks = fn(&AppendRequest) -> bool;
+
+/// A routing's three appends, each failed once in its turn: the decision's deadline
+/// (a timer), the lead's assignment, the routing's record. Each time the process acts on
+/// the qualification again and finishes the routing once: one deadline, one assignment,
+/// one `LeadRouted`; nothing parks; and the cursor moved once (the next lead goes to
+/// bea). (Recording before assigning, a routing that lost to a hand assignment stayed
+/// recorded; assigning before scheduling lost the deadline for good.)
+async fn a_routing_that_failed_at_any_append_is_finished_once_when_acted_on_again(
+    db: Arc<Fixture>,
+) {
+    let points: [(&str, Picks); 3] = [
+        ("the deadline", |r| r.stream.as_str().starts_with("timer-")),
+        ("the assignment", |r| {
+            r.stream.as_str().starts_with("lead-")
+                && r.events.iter().any(|e| e.event_type == "LeadAssigned")
+        }),
+        ("the record", |r| r.stream.as_str() == "routing"),
+    ];
+    let first = routed_lead(&db).await;
+    let mut leads = vec![first];
+    for (n, (point, fails)) in points.into_iter().enumerate() {
+        let lead = if n == 0 {
+            first
+        } else {
+            qualified_lead(&db).await
+        };
+        if n > 0 {
+            leads.push(lead);
+        }
+        let runner = router(&db, failing_once(&db, fails));
+        assert!(runner.run_once().await.is_err(), "{point} failed");
+        assert!(
+            runner.parked().await.unwrap().is_empty(),
+            "{point}: an outage parks nothing"
+        );
+        runner.catch_up().await.unwrap();
+        let expected = ["ada", "bea", "ada"][n];
+        assert_eq!(owner(&db, lead).await.as_deref(), Some(expected), "{point}");
+        for event_type in ["LeadRouted", "TimerScheduled", "LeadAssigned"] {
+            assert_eq!(
+                events_of(&db, event_type).await.len(),
+                n + 1,
+                "{point}: {event_type} once per lead"
+            );
+        }
+    }
+    assert_eq!(leads.len(), 3);
+}
+
+/// An operator assigns the lead to zed by hand just before the process's assignment to
+/// ada (decided on the lead as it read it) is appended: the process's assignment is
+/// refused, it acts again, finds the lead assigned by hand and leaves it with zed. The
+/// routing leaves no trace: no `LeadRouted`, the cursor unmoved (the next lead goes to
+/// ada), the decision's deadline withdrawn, and speed to lead counts nothing for ada.
+/// (Recording the routing first, the `LeadRouted` stayed and the rotation skipped ada.)
 async fn the_router_never_assigns_over_an_assignment_made_by_hand_meanwhile(db: Arc<Fixture>) {
     let lead = routed_lead(&db).await;
-    let armed = Arc::new(AtomicBool::new(true));
-    let done: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
-    let store: Arc<dyn EventStore> = Arc::new(Intercepting {
-        inner: db.store(),
-        before: {
-            let (armed, inner, done) = (armed.clone(), db.store(), done.clone());
-            Box::new(move |request: &AppendRequest| {
-                let now =
-                    request.stream.as_str() == "routing" && armed.swap(false, Ordering::SeqCst);
+    let done = Arc::new(AtomicBool::new(false));
+    let store = {
+        let (inner, done) = (db.store(), done.clone());
+        acting_once_before(
+            db.store(),
+            |request| {
+                request.stream.as_str().starts_with("lead-")
+                    && request.events.iter().any(|e| {
+                        e.event_type == "LeadAssigned"
+                            && e.metadata.actor.as_deref() == Some(lead_routing::ROUTER)
+                    })
+            },
+            move || -> BoxFuture<'static, ()> {
                 let (inner, done) = (inner.clone(), done.clone());
                 Box::pin(async move {
-                    if now {
-                        let by_hand = LeadCommand::Assign {
-                            owner: Owner::parse("zed").unwrap(),
-                        };
-                        let operator = CommandContext {
-                            actor: "olga".into(),
-                            ..CommandContext::default()
-                        };
-                        CommandHandler::<Lead>::new(inner, HandlerConfig::default())
-                            .execute(lead, by_hand, &operator)
-                            .await
-                            .unwrap();
-                        *done.lock().unwrap() = Some("zed".into());
-                    }
-                    Ok(())
+                    let by_hand = LeadCommand::Assign {
+                        owner: Owner::parse("zed").unwrap(),
+                    };
+                    let operator = CommandContext {
+                        actor: "olga".into(),
+                        ..CommandContext::default()
+                    };
+                    CommandHandler::<Lead>::new(inner, HandlerConfig::default())
+                        .execute(lead, by_hand, &operator)
+                        .await
+                        .unwrap();
+                    done.store(true, Ordering::SeqCst);
                 })
-            })
-        },
-    });
+            },
+        )
+    };
     let runner = router(&db, store);
     assert!(matches!(
         runner.run_once().await,
@@ -253,14 +226,122 @@ async fn the_router_never_assigns_over_an_assignment_made_by_hand_meanwhile(db: 
             annals_commands::CommandError::VersionMismatch { .. }
         ))
     ));
-    assert_eq!(done.lock().unwrap().as_deref(), Some("zed"));
+    assert!(done.load(Ordering::SeqCst));
     runner.catch_up().await.unwrap();
     assert_eq!(
         owner(&db, lead).await.as_deref(),
         Some("zed"),
         "left as assigned by hand"
     );
-    let assigned = events_of(&db, "LeadAssigned").await;
-    assert_eq!(assigned.len(), 1, "only the operator's");
+    assert_eq!(
+        events_of(&db, "LeadAssigned").await.len(),
+        1,
+        "only the operator's"
+    );
+    assert!(
+        events_of(&db, "LeadRouted").await.is_empty(),
+        "no routing recorded"
+    );
+    assert_eq!(
+        events_of(&db, "TimerCancelled").await.len(),
+        1,
+        "the decision's deadline withdrawn"
+    );
     assert!(runner.parked().await.unwrap().is_empty());
+    let routing = CommandHandler::<Routing>::new(db.store(), HandlerConfig::default())
+        .current(ROUTING_ID)
+        .await
+        .unwrap();
+    assert_eq!(routing.state.cursor(&RuleName::parse("all").unwrap()), 0);
+    let next = qualified_lead(&db).await;
+    router(&db, db.store()).catch_up().await.unwrap();
+    assert_eq!(owner(&db, next).await.as_deref(), Some("ada"), "ada's turn");
+}
+
+/// A lead routed in full; then every idempotency key is purged (as after a day) and
+/// the process acts on the qualification again, as after a crash and a late restart:
+/// nothing is appended. And a routing whose record failed (after the assignment),
+/// acted on again only after the purge, is recorded once: the cursor moved once.
+/// (With the key gone, the routing was recorded again and the cursor moved twice.)
+async fn a_routing_acted_on_again_after_the_keys_were_purged_is_done_once(db: Arc<Fixture>) {
+    let first = routed_lead(&db).await;
+    router(&db, db.store()).catch_up().await.unwrap();
+    assert_eq!(owner(&db, first).await.as_deref(), Some("ada"));
+    let second = qualified_lead(&db).await;
+    let runner = router(&db, failing_once(&db, |r| r.stream.as_str() == "routing"));
+    assert!(runner.run_once().await.is_err(), "the record failed");
+    assert_eq!(owner(&db, second).await.as_deref(), Some("bea"), "assigned");
+
+    let purged = CommandHandler::<Lead>::new(db.store(), HandlerConfig::default())
+        .purge_expired_idempotency_keys(chrono::Utc::now() + chrono::Duration::days(2))
+        .await
+        .unwrap();
+    assert!(purged > 0);
+    let again = process(db.store());
+    for qualified in events_of(&db, "LeadQualified").await {
+        again.handle(&qualified).await.unwrap();
+        again.handle(&qualified).await.unwrap();
+    }
+    assert_eq!(
+        events_of(&db, "LeadRouted").await.len(),
+        2,
+        "each recorded once"
+    );
+    assert_eq!(events_of(&db, "LeadAssigned").await.len(), 2);
+    assert_eq!(events_of(&db, "TimerScheduled").await.len(), 2);
+    let routing = CommandHandler::<Routing>::new(db.store(), HandlerConfig::default())
+        .current(ROUTING_ID)
+        .await
+        .unwrap();
+    assert_eq!(routing.state.cursor(&RuleName::parse("all").unwrap()), 2);
+}
+
+/// ada is routed the lead and records a signal on it as herself before her deadline
+/// fires: the lead stays hers, and nothing is routed again.
+async fn an_owner_who_acted_before_the_deadline_keeps_the_lead(db: Arc<Fixture>) {
+    let lead = routed_lead(&db).await;
+    let runner = router(&db, db.store());
+    runner.catch_up().await.unwrap();
+    assert_eq!(owner(&db, lead).await.as_deref(), Some("ada"));
+    let ada = CommandContext {
+        actor: "ada".into(),
+        ..CommandContext::default()
+    };
+    CommandHandler::<Lead>::new(db.store(), HandlerConfig::default())
+        .execute(lead, signal(SignalKind::EmailOpen), &ada)
+        .await
+        .unwrap();
+    let deadline = events_of(&db, "TimerScheduled").await;
+    assert_eq!(deadline.len(), 1);
+    let timer = Uuid::parse_str(&aggregate_of(&deadline[0])).unwrap();
+    CommandHandler::<Timer>::new(db.store(), HandlerConfig::default())
+        .execute(
+            timer,
+            TimerCommand::Fire {
+                now: chrono::Utc::now() + chrono::Duration::days(2),
+            },
+            &context(),
+        )
+        .await
+        .unwrap();
+    runner.catch_up().await.unwrap();
+    assert_eq!(
+        owner(&db, lead).await.as_deref(),
+        Some("ada"),
+        "still ada's"
+    );
+    assert_eq!(
+        events_of(&db, "LeadRouted").await.len(),
+        1,
+        "not routed again"
+    );
+    assert_eq!(events_of(&db, "LeadAssigned").await.len(), 1);
+}
+
+fn aggregate_of(event: &RecordedEvent) -> String {
+    event
+        .stream
+        .split_once('-')
+        .map(|(_, id)| id.to_owned())
+        .unwrap_or_default()
 }

@@ -119,6 +119,14 @@ async fn a_cancelled_timer_never_fires_even_when_the_scheduler_saw_it_due(db: Ar
     let scheduler = scheduler(&db, clock.clone());
     assert_eq!(scheduler.fire_due().await.unwrap(), 0);
     board.catch_up().await.unwrap();
+    // Its row is gone: a scheduler would otherwise find it due, and try it, for ever.
+    assert!(
+        due_timers::due(&read_database(&db), i64::MAX, None, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a cancelled timer waits no more"
+    );
     assert_eq!(scheduler.fire_due().await.unwrap(), 0);
     assert!(fired(&db).await.is_empty(), "a cancelled timer never fires");
 }
