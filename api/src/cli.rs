@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use annals_api::System;
-use annals_projections::timers::ManualClock;
 use annals_projections::{ConsumerRunner, DifferenceKind};
 use annals_store::{Direction, LogFilter, RecordedEvent, StreamName};
 use anyhow::{Context, bail};
@@ -312,16 +311,15 @@ pub async fn run(command: Operator) -> anyhow::Result<ExitCode> {
             leads,
             seed,
         } => {
-            // The demo's own clock: it moves past payment deadlines at once. (The server
-            // takes time from the real clock only.)
-            let clock = Arc::new(ManualClock::at(chrono::Utc::now()));
-            let settings = annals_api::process_settings()?;
-            let system = Arc::new(
-                System::open_with(&database.database_url, settings, clock.clone())
-                    .await
-                    .context("opening the database")?,
-            );
-            demo::run(&system, &clock, leads, seed).await?;
+            // The demo runs the consumers and the timer scheduler as a server does: each
+            // under its lease, on the real clock. Beside a running server, that server
+            // holds the leases, and the demo waits for its consumers instead.
+            let system = Arc::new(database.open().await?);
+            let background = system.start();
+            let told = demo::run(&system, leads, seed).await;
+            // The leases are given back, so a server standing by takes them at once.
+            background.stop().await;
+            told?;
             Ok(ExitCode::SUCCESS)
         }
     }

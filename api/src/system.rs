@@ -52,7 +52,20 @@ impl System {
         settings: ProcessSettings,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, ApiError> {
-        let backend = annals_store::open(url, StoreConfig::default())
+        // Every process of a deployment uses the same life (`ANNALS_LEASE_TTL`).
+        let lease_life = settings
+            .lease_life
+            .to_std()
+            .unwrap_or(annals_projections::LEASE_LIFE);
+        // A session frozen inside a transaction (a stalled lease holder in the middle of
+        // a batch) holds its checkpoint's and its lease's rows: the server ends it within
+        // a lease's life, so that a take-over waits no longer than that for them.
+        let defaults = StoreConfig::default();
+        let config = StoreConfig {
+            idle_in_transaction_timeout: defaults.idle_in_transaction_timeout.min(lease_life),
+            ..defaults
+        };
+        let backend = annals_store::open(url, config)
             .await?
             .with_personal_data(&master_key(url)?, personal_fields())
             .await
@@ -78,13 +91,20 @@ impl System {
         let handlers = Handlers::new(store.clone(), config);
         let consumers: Vec<_> = consumers(&handlers, &settings, clock.clone())
             .into_iter()
-            .map(|consumer| Arc::new(ConsumerRunner::new(store.clone(), db.clone(), consumer)))
+            .map(|consumer| {
+                Arc::new(
+                    ConsumerRunner::new(store.clone(), db.clone(), consumer)
+                        .with_lease_life(lease_life),
+                )
+            })
             .collect();
         for consumer in &consumers {
             consumer.register().await?;
         }
         Ok(System {
-            scheduler: Arc::new(TimerScheduler::new(db.clone(), &handlers, clock)),
+            scheduler: Arc::new(
+                TimerScheduler::new(db.clone(), &handlers, clock).with_lease_life(lease_life),
+            ),
             handlers,
             consumers,
             db,
@@ -124,6 +144,31 @@ impl System {
                     return;
                 }
             }
+        }
+    }
+
+    /// Waits until the consumer `name` has taken the log up to `position`, whichever
+    /// process runs it (its checkpoint is read from the database), for `within` at most;
+    /// whether it has. How a tool beside a server waits for a process's effects rather
+    /// than running the process itself.
+    pub async fn wait_for_consumer(
+        &self,
+        name: &str,
+        position: u64,
+        within: Duration,
+    ) -> Result<bool, ApiError> {
+        let Some(consumer) = self.consumer(name) else {
+            return Ok(false);
+        };
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if consumer.applied() >= position || consumer.checkpoint().await? >= position {
+                return Ok(true);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -279,8 +324,9 @@ fn make_key_file(file: &std::path::Path) -> Result<(), ApiError> {
 }
 
 /// The processes' settings from the environment, each a duration such as `30s`, `15m`,
-/// `24h` or `7d`: `ANNALS_LEAD_RESPONSE_DEADLINE` (24 hours when unset) and
-/// `ANNALS_PAYMENT_TIMEOUT` (7 days when unset).
+/// `24h` or `7d`: `ANNALS_LEAD_RESPONSE_DEADLINE` (24 hours when unset),
+/// `ANNALS_PAYMENT_TIMEOUT` (7 days when unset) and `ANNALS_LEASE_TTL`, the life of a
+/// lease on a consumer or the timer scheduler unless renewed (10 s when unset).
 pub fn process_settings() -> Result<ProcessSettings, ApiError> {
     let mut settings = ProcessSettings::default();
     for (name, setting) in [
@@ -289,6 +335,7 @@ pub fn process_settings() -> Result<ProcessSettings, ApiError> {
             &mut settings.lead_response_deadline,
         ),
         ("ANNALS_PAYMENT_TIMEOUT", &mut settings.payment_timeout),
+        ("ANNALS_LEASE_TTL", &mut settings.lease_life),
     ] {
         if let Ok(text) = std::env::var(name) {
             *setting = duration(&text).ok_or_else(|| {

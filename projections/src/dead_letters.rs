@@ -7,6 +7,7 @@
 
 use annals_store::{LogFilter, Param, RecordedEvent, StoreError, to_sql_int};
 
+use crate::lease::Fence;
 use crate::runner::is_poison;
 use crate::{
     ConsumerKind, ConsumerRunner, Failure, FailurePolicy, ParkedEvent, ProjectionError, ReadTx,
@@ -14,6 +15,8 @@ use crate::{
 };
 
 impl ConsumerRunner {
+    /// Parks an event; under a lease (`fence`), only while the lease is still this
+    /// holder's (a holder that lost it parks nothing: the new one decides).
     pub(crate) async fn park(
         &self,
         position: u64,
@@ -21,8 +24,12 @@ impl ConsumerRunner {
         event_type: &str,
         error: &str,
         attempts: u32,
+        fence: Option<&Fence>,
     ) -> Result<(), ProjectionError> {
         let mut tx = self.db.begin_write(0).await?;
+        if let Some(fence) = fence {
+            fence.check(&mut tx).await?;
+        }
         tx.execute(
             "INSERT INTO projection_dead_letters \
                     (name, position, event_type, error, attempts, event_id, parked_at) \

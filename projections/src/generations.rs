@@ -159,7 +159,7 @@ impl ConsumerRunner {
             (limit, halt) => limit.or(halt),
         };
         loop {
-            match self.step(generation, limit, self.rebuild_batch).await {
+            match self.step(generation, limit, self.rebuild_batch, None).await {
                 Ok((outcome, reached)) => {
                     self.progress.send_replace(reached);
                     self.renew_claim(spare).await?;

@@ -7,8 +7,9 @@
 //!
 //! Rooms: this file holds the contract (`Consumer`, `Projector`, `Process`, `Outbound`,
 //! `Table`, the errors and reports), `consumers()` (the one list of consumers) and the
-//! runner's settings; `runner` the live runner (registration, batches, the lease,
-//! status); `dead_letters` parking and the operator's retry and skip; `generations`
+//! runner's settings; `runner` the live runner (registration, batches, status); `lease`
+//! the lease it runs under (renewed in the background, fencing every checkpoint move);
+//! `dead_letters` parking and the operator's retry and skip; `generations`
 //! claims, rebuilds and swaps; `verify` the comparison; `timers` the durable timers'
 //! scheduler and clock; each consumer is a file of its own.
 //!
@@ -19,8 +20,10 @@
 //!
 //! Invariants: a checkpoint only moves in the transaction that applied the events up to
 //! it, and only from the value the runner read (a runner that lost a race applies
-//! nothing); a read model is a pure function of the log (no clock, no randomness), so a
-//! rebuild from position 0 gives the same rows. Projectors never append events;
+//! nothing); under a lease, only while the lease is still its holder's at its epoch
+//! (a holder that stalled past its lease's life commits nothing when it wakes); a read
+//! model is a pure function of the log (no clock, no randomness), so a rebuild from
+//! position 0 gives the same rows. Projectors never append events;
 //! processes act only through commands, and are never rebuilt (they have no generations).
 //!
 //! Generations: a rebuild or verify first *claims* the projection (one at a time; a
@@ -56,6 +59,7 @@ pub mod lead_board;
 pub mod lead_conversion;
 pub mod lead_response;
 pub mod lead_routing;
+mod lease;
 pub mod order_board;
 pub mod order_saga;
 pub mod queries;
@@ -80,6 +84,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 pub use annals_store::Param;
+pub use lease::LEASE_LIFE;
 pub use sql::{ReadDatabase, ReadTx};
 
 /// Every consumer of the log, in a stable order: the one list a new consumer joins.
@@ -122,6 +127,10 @@ pub struct ProcessSettings {
     /// How long a customer has to pay an invoice before the order process cancels the
     /// order (7 days unless set).
     pub payment_timeout: chrono::Duration,
+    /// How long a lease on a consumer or the timer scheduler lives unless renewed (10 s
+    /// unless set; every process of a deployment must use the same): the bound on a
+    /// take-over after its holder stalls or dies (`runner`, `lease`).
+    pub lease_life: chrono::Duration,
 }
 
 impl Default for ProcessSettings {
@@ -129,6 +138,7 @@ impl Default for ProcessSettings {
         ProcessSettings {
             lead_response_deadline: chrono::Duration::hours(24),
             payment_timeout: chrono::Duration::days(7),
+            lease_life: chrono::Duration::seconds(10),
         }
     }
 }
@@ -283,6 +293,10 @@ pub enum ProjectionError {
     },
     #[error("projection {0}'s checkpoint moved under this runner; another runner owns it")]
     CheckpointMoved(String),
+    /// This process's lease on the consumer was taken over, or not renewed within its
+    /// life: what it was doing is refused, and it stands by.
+    #[error("{0}'s lease is no longer this process's; it stands down")]
+    LeaseLost(String),
     #[error("projection {0} is already being rebuilt or verified")]
     Busy(String),
     #[error("a read-model row is corrupt: {0}")]
@@ -491,11 +505,19 @@ pub struct ConsumerStatus {
     pub checkpoint: u64,
     pub head: u64,
     pub lag: u64,
-    /// `running`, `catching_up` (more than a batch behind), `rebuilding` or `halted`.
+    /// `running`, `catching_up` (more than a batch behind), `rebuilding`, `halted`, or
+    /// `stalled` (it has lag, and its checkpoint has not moved for longer than a lease's
+    /// life, whoever holds it).
     pub status: &'static str,
     pub last_error: Option<String>,
     /// How many events it has parked (and nobody skipped).
     pub parked: u64,
+    /// Who holds its lease (`host:pid:random`), when anyone ever took it.
+    pub holder: Option<String>,
+    /// When that lease expires, or expired (RFC 3339, by the database's clock).
+    pub lease_expires_at: Option<String>,
+    /// When its checkpoint last moved (RFC 3339, by the database's clock).
+    pub moved_at: Option<String>,
 }
 
 /// What verify found.
@@ -616,6 +638,8 @@ pub struct ConsumerRunner {
     verify_page: usize,
     /// How long a claim may go without renewal before another process may take it.
     claim_stale: Duration,
+    /// How long the consumer's lease lives unless renewed (`LEASE_LIFE` unless set).
+    lease_life: Duration,
     /// Tests' hook for forcing interleavings; `None` in production.
     pause: Option<Pause>,
 }
@@ -637,8 +661,8 @@ fn now_text() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
-/// How often a process that does not hold a projection's lease tries to take it: the
-/// bound on a takeover after the holder dies.
+/// How often a process that does not hold a consumer's lease tries to take it: a
+/// take-over comes within this of the lease's expiry.
 const LEASE_RETRY: Duration = Duration::from_secs(2);
 
 impl ConsumerRunner {
@@ -664,6 +688,7 @@ impl ConsumerRunner {
             failing: Mutex::new(None),
             verify_page: 1_000,
             claim_stale: CLAIM_STALE,
+            lease_life: LEASE_LIFE,
             pause: None,
         }
     }
@@ -680,6 +705,13 @@ impl ConsumerRunner {
     /// deployment must use the same). A test sets it short to see a claim renewed.
     pub fn with_claim_stale(mut self, stale: Duration) -> Self {
         self.claim_stale = stale;
+        self
+    }
+
+    /// How long the consumer's lease lives unless renewed (10 s unless set; every process
+    /// of a deployment must use the same): a holder that stalls longer is taken over.
+    pub fn with_lease_life(mut self, life: Duration) -> Self {
+        self.lease_life = life.max(Duration::from_millis(30));
         self
     }
 
@@ -793,17 +825,23 @@ async fn move_checkpoint(
     to: u64,
 ) -> Result<(), ProjectionError> {
     let params = [name.into(), tx.generation().into(), to_sql_int(to).into()];
+    // When it moved, by the database's clock: what tells a stalled consumer (`status`).
+    let now = tx.now_micros();
     let moved = if from == 0 {
         tx.execute(
-            "INSERT INTO projection_checkpoints (name, generation, position) \
-             VALUES ($1, $2, $3) ON CONFLICT (name, generation) DO NOTHING",
+            &format!(
+                "INSERT INTO projection_checkpoints (name, generation, position, moved_micros) \
+                 VALUES ($1, $2, $3, {now}) ON CONFLICT (name, generation) DO NOTHING"
+            ),
             &params,
         )
         .await?
     } else {
         tx.execute(
-            "UPDATE projection_checkpoints SET position = $3 \
-              WHERE name = $1 AND generation = $2",
+            &format!(
+                "UPDATE projection_checkpoints SET position = $3, moved_micros = {now} \
+                  WHERE name = $1 AND generation = $2"
+            ),
             &params,
         )
         .await?

@@ -1,12 +1,13 @@
 //! The live runner of a consumer: registering it (a read model's tables as declared),
 //! reading the log after its checkpoint in batches, a read model applying each batch and
 //! moving the checkpoint in one transaction, a process or an outbound consumer acting on
-//! each event and then moving the checkpoint past it; the lease that lets one process
-//! (of several servers) run it, the wait for a position, and its status.
+//! each event and then moving the checkpoint past it; running it where its lease is
+//! (`lease`: one process of several), the wait for a position, and its status.
 //!
 //! Invariant: a checkpoint only moves in the transaction that applied the events up to
-//! it, and only from the value the runner read; an outage is retried with backoff and
-//! never parks an event.
+//! it, and only from the value the runner read; under a lease, only while that
+//! transaction finds the lease still its holder's (`Fence::check`); an outage is retried
+//! with backoff and never parks an event.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -15,61 +16,12 @@ use annals_commands::CommandError;
 use annals_store::RecordedEvent;
 use tokio::sync::watch;
 
+use crate::lease::{Fence, LeaseKeeper};
 use crate::{
     Consumer, ConsumerKind, ConsumerRunner, ConsumerStatus, Failure, FailurePolicy, LEASE_RETRY,
-    Outcome, PausePoint, ProjectionError, ReadDatabase, ReadTx, Table, bump, lock, lock_checkpoint,
+    Outcome, PausePoint, ProjectionError, ReadTx, Table, bump, lock, lock_checkpoint,
     move_checkpoint, read_checkpoint,
 };
-
-/// A lease across processes on one name (a consumer's, or the timer scheduler's): held,
-/// or tried for, before each round of work; lost when another process took it over.
-pub(crate) struct LeaseKeeper {
-    name: &'static str,
-    lease: Option<Box<dyn annals_store::Lease>>,
-}
-
-impl LeaseKeeper {
-    pub(crate) fn new(name: &'static str) -> Self {
-        LeaseKeeper { name, lease: None }
-    }
-
-    /// Whether this process holds the lease now: checks the one it holds, or tries to
-    /// take it (giving up, and saying so, one it lost).
-    pub(crate) async fn hold(&mut self, db: &ReadDatabase) -> bool {
-        if let Some(held) = self.lease.as_mut() {
-            if held.held().await {
-                return true;
-            }
-            tracing::warn!(consumer = self.name, "lease lost");
-            if let Some(lost) = self.lease.take() {
-                lost.release().await;
-            }
-        }
-        match db.try_lease(self.name).await {
-            Ok(Some(taken)) => {
-                tracing::info!(consumer = self.name, "lease taken; running");
-                self.lease = Some(taken);
-                true
-            }
-            // At debug level: a standby process says, each time it looks, that it found
-            // the lease taken (what a test of a takeover waits for).
-            Ok(None) => {
-                tracing::debug!(consumer = self.name, "lease held elsewhere; standing by");
-                false
-            }
-            Err(error) => {
-                tracing::warn!(consumer = self.name, %error, "taking the lease failed");
-                false
-            }
-        }
-    }
-
-    pub(crate) async fn release(self) {
-        if let Some(held) = self.lease {
-            held.release().await;
-        }
-    }
-}
 
 /// Why a step failed: at an event (which may be parked), or around it.
 pub(crate) enum StepError {
@@ -277,18 +229,28 @@ impl ConsumerRunner {
     }
 
     /// One step of the live generation: the next batch after its checkpoint, applied and
-    /// checkpointed in one transaction. A failure rolls the whole batch back.
+    /// checkpointed in one transaction. A failure rolls the whole batch back. It runs
+    /// under no lease: for tests, and a process alone on its database; beside servers,
+    /// `run_until_stopped` runs the consumer where its lease is.
     pub async fn run_once(&self) -> Result<Outcome, ProjectionError> {
+        self.run_once_under(None).await
+    }
+
+    /// `run_once`, with every checkpoint-moving transaction fenced by `fence` when given.
+    pub(crate) async fn run_once_under(
+        &self,
+        fence: Option<&Fence>,
+    ) -> Result<Outcome, ProjectionError> {
         // A halted projection still applies every event before the one it parked.
         let limit = self.halted_before().await?;
         let mut live = self.live_generation().await?;
         self.pause(PausePoint::LiveStep).await;
-        let mut stepped = self.step(live, limit, self.batch_size).await;
+        let mut stepped = self.step(live, limit, self.batch_size, fence).await;
         // A rebuild swapped generations since `live` was read: the batch took nothing;
         // go on in the generation that is live now.
         while let Err(StepError::Superseded(_)) = stepped {
             live = self.live_generation().await?;
-            stepped = self.step(live, limit, self.batch_size).await;
+            stepped = self.step(live, limit, self.batch_size, fence).await;
         }
         match stepped {
             Ok((outcome, checkpoint)) => {
@@ -326,6 +288,7 @@ impl ConsumerRunner {
                     &event_type,
                     &reason,
                     attempts,
+                    fence,
                 )
                 .await?;
                 *lock(&self.failing) = None;
@@ -334,7 +297,12 @@ impl ConsumerRunner {
                     FailurePolicy::Halt => {
                         // The events of its batch before it are exact: apply them now.
                         let (_, checkpoint) = self
-                            .step(live, Some(position.saturating_sub(1)), self.batch_size)
+                            .step(
+                                live,
+                                Some(position.saturating_sub(1)),
+                                self.batch_size,
+                                fence,
+                            )
                             .await
                             .map_err(StepError::into_error)?;
                         self.applied.send_if_modified(|a| bump(a, checkpoint));
@@ -441,12 +409,16 @@ impl ConsumerRunner {
     }
 
     /// Applies the next batch to `generation`, stopping at `limit` when given; returns
-    /// what it did and the generation's checkpoint after it.
+    /// what it did and the generation's checkpoint after it. Under a lease (`fence`), the
+    /// transaction that moves the checkpoint first checks the lease is still this
+    /// holder's, and commits nothing otherwise (a rebuild's or verify's generation has
+    /// its claim instead).
     pub(crate) async fn step(
         &self,
         generation: i64,
         limit: Option<u64>,
         batch_size: usize,
+        fence: Option<&Fence>,
     ) -> Result<(Outcome, u64), StepError> {
         let checkpoint = self.checkpoint_of(generation).await?;
         if limit.is_some_and(|limit| checkpoint >= limit) {
@@ -470,15 +442,25 @@ impl ConsumerRunner {
             .into_iter()
             .filter(|e| !left_out.contains(&e.position))
             .collect();
+        if let Some(fence) = fence {
+            fence.may_act();
+        }
         self.pause(PausePoint::BatchRead).await;
         let projector = match &self.consumer {
             Consumer::ReadModel(projector) => projector,
             Consumer::Process(_) | Consumer::Outbound(_) => {
-                return self.act_on(generation, checkpoint, next, &events).await;
+                return self
+                    .act_on(generation, checkpoint, next, &events, fence)
+                    .await;
             }
         };
         let name = self.name();
         let mut tx = self.db.begin_write(generation).await?;
+        // The fence first: a holder that lost its lease (taken over, or past its life)
+        // commits nothing, whatever it read before.
+        if let Some(fence) = fence {
+            fence.check(&mut tx).await?;
+        }
         // The batch commits only to a generation that is live, or claimed by a rebuild or
         // verify, when it commits: one swapped out or taken over takes nothing more. The
         // projections row is held (shared) until the commit, and a swap or a claim
@@ -528,11 +510,18 @@ impl ConsumerRunner {
         checkpoint: u64,
         next: u64,
         events: &[RecordedEvent],
+        fence: Option<&Fence>,
     ) -> Result<(Outcome, u64), StepError> {
         let mut at = checkpoint;
         for event in events {
+            // A holder past its lease's life acts no more (it may have acted once more
+            // just before: its checkpoint's move is then refused, and the new holder's
+            // commands are the same, keyed by the event).
+            if fence.is_some_and(|fence| !fence.may_act()) {
+                return Err(ProjectionError::LeaseLost(self.name().to_owned()).into());
+            }
             if let Err(error) = self.consumer.act(event).await {
-                self.advance(generation, at, event.position.saturating_sub(1))
+                self.advance(generation, at, event.position.saturating_sub(1), fence)
                     .await?;
                 return Err(StepError::Event {
                     position: event.position,
@@ -542,27 +531,32 @@ impl ConsumerRunner {
                 });
             }
             self.pause(PausePoint::Acted).await;
-            self.advance(generation, at, event.position).await?;
+            self.advance(generation, at, event.position, fence).await?;
             at = event.position;
         }
-        self.advance(generation, at, next).await?;
+        self.advance(generation, at, next, fence).await?;
         Ok((Outcome::Applied(events.len()), next))
     }
 
     /// Moves a process's or an outbound consumer's checkpoint from `from` to `to` (when
     /// further), if it is still at `from`: another runner that moved it meanwhile owns
-    /// the consumer now (`CheckpointMoved`).
+    /// the consumer now (`CheckpointMoved`); under a lease, only while it is still this
+    /// holder's (`LeaseLost`).
     pub(crate) async fn advance(
         &self,
         generation: i64,
         from: u64,
         to: u64,
+        fence: Option<&Fence>,
     ) -> Result<(), ProjectionError> {
         if to <= from {
             return Ok(());
         }
         let name = self.name();
         let mut tx = self.db.begin_write(generation).await?;
+        if let Some(fence) = fence {
+            fence.check(&mut tx).await?;
+        }
         if lock_checkpoint(&mut tx, name, generation).await? != from {
             return Err(ProjectionError::CheckpointMoved(name.to_owned()));
         }
@@ -634,41 +628,45 @@ impl ConsumerRunner {
         Ok(applied)
     }
 
-    /// Runs until `stop` turns true, while this process holds the projection's lease
-    /// (taking it over when its holder dies): steps while there is work, waits for new
-    /// events (woken by the store's notification) when caught up, and backs off after a
-    /// failure.
+    /// Runs until `stop` turns true, while this process holds the consumer's lease
+    /// (taking it over once its holder's expired): steps while there is work, waits for
+    /// new events (woken by the store's notification) when caught up, and backs off after
+    /// a failure; every checkpoint it moves is fenced by the lease, and it comes back to
+    /// its loop at least every third of the lease's life (which keeps the lease renewed).
     pub async fn run_until_stopped(&self, mut stop: watch::Receiver<bool>) {
-        let mut lease = LeaseKeeper::new(self.name());
+        let mut lease = LeaseKeeper::new(self.name(), &self.db, self.lease_life);
+        let longest_wait = (self.lease_life / 3).min(Duration::from_secs(5));
         let mut backoff = Duration::from_millis(100);
         while !*stop.borrow() {
-            if !lease.hold(&self.db).await {
+            let Some(fence) = lease.hold().await else {
                 tokio::select! {
                     _ = stop.changed() => {}
                     () = tokio::time::sleep(LEASE_RETRY) => {}
                 }
                 continue;
-            }
-            match self.run_once().await {
+            };
+            match self.run_once_under(Some(&fence)).await {
                 Ok(Outcome::Applied(_)) => backoff = Duration::from_millis(100),
                 Ok(Outcome::CaughtUp | Outcome::Halted) => {
                     let after = *self.applied.borrow();
                     tokio::select! {
                         _ = stop.changed() => {}
-                        waited = self.store.wait_for_events(after, Duration::from_secs(5)) => {
+                        waited = self.store.wait_for_events(after, longest_wait) => {
                             if let Err(error) = waited {
                                 tracing::warn!(projection = self.name(), %error, "waiting for events failed");
                             }
                         }
                     }
                 }
+                // Said once, by the lease; the next round stands by.
+                Err(ProjectionError::LeaseLost(_)) => {}
                 Err(error) => {
                     tracing::warn!(projection = self.name(), %error, "projection step failed; retrying");
                     tokio::select! {
                         _ = stop.changed() => {}
                         () = tokio::time::sleep(backoff) => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    backoff = (backoff * 2).min(Duration::from_secs(10)).min(longest_wait);
                 }
             }
         }
@@ -701,17 +699,64 @@ impl ConsumerRunner {
                 &[self.name().into(), self.stale_before().into()],
             )
             .await?;
+        // When the live checkpoint last moved, and the database's clock now.
+        let moved = tx
+            .fetch_text_rows(
+                &format!(
+                    "SELECT CAST(c.moved_micros AS TEXT), CAST({} AS TEXT) \
+                       FROM projections p JOIN projection_checkpoints c \
+                         ON c.name = p.name AND c.generation = p.live_generation \
+                      WHERE p.name = $1",
+                    tx.now_micros()
+                ),
+                &[self.name().into()],
+            )
+            .await?;
         tx.commit().await?;
+        let micros = |text: &Option<String>| text.as_deref().and_then(|t| t.parse::<i64>().ok());
+        let moved_micros = moved.first().and_then(|row| micros(&row[0]));
+        let lease = self.db.lease_of(self.name()).await?;
         let lag = head.saturating_sub(checkpoint);
         let parked = self.parked().await?;
+        // Stalled: work waits, and nothing moved for longer than a lease's life since the
+        // checkpoint last moved, its lease was last taken (a new holder catching up is not
+        // stalled) or the first event it has not taken was appended (one that came after
+        // a long quiet is not late yet), by the database's clock.
+        let waiting_since = match lag {
+            0 => None,
+            _ => self
+                .store
+                .read_all(checkpoint + 1, 1, &annals_store::LogFilter::all())
+                .await?
+                .events
+                .first()
+                .map(|event| event.recorded_at.timestamp_micros()),
+        };
+        let stalled = match (&lease, waiting_since) {
+            (Some(lease), Some(appended)) => {
+                let since = moved_micros
+                    .unwrap_or(i64::MIN)
+                    .max(lease.taken_micros)
+                    .max(appended);
+                let life = i64::try_from(self.lease_life.as_micros()).unwrap_or(i64::MAX);
+                lease.now_micros.saturating_sub(since) > life
+            }
+            _ => false,
+        };
         let status = if self.policy == FailurePolicy::Halt && !parked.is_empty() {
             "halted"
         } else if rebuilding.is_some() {
             "rebuilding"
+        } else if stalled {
+            "stalled"
         } else if lag > self.batch_size as u64 {
             "catching_up"
         } else {
             "running"
+        };
+        let time = |micros: i64| {
+            chrono::DateTime::from_timestamp_micros(micros)
+                .map(|at| at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
         };
         Ok(ConsumerStatus {
             name: self.name().to_owned(),
@@ -726,6 +771,9 @@ impl ConsumerRunner {
                     .map(|p| format!("position {}: {}", p.position, p.error))
             }),
             parked: parked.len() as u64,
+            holder: lease.as_ref().map(|lease| lease.holder.clone()),
+            lease_expires_at: lease.as_ref().and_then(|lease| time(lease.expires_micros)),
+            moved_at: moved_micros.and_then(time),
         })
     }
 }

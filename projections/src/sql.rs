@@ -5,8 +5,9 @@
 //! accepts (see `annals_store::Tables` for what differs and where).
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use annals_store::{Backend, Lease, Param, Tables, TablesTx};
+use annals_store::{Backend, Lease, LeaseState, Param, Tables, TablesTx};
 
 use crate::ProjectionError;
 
@@ -95,16 +96,49 @@ impl ReadDatabase {
             .map_err(ProjectionError::Database)
     }
 
-    /// Tries to take a projection's lease; `None` when another process holds it.
+    /// Tries to take a consumer's lease (`projection.{name}`) for `holder`, for `life`;
+    /// `None` while another holds it.
     pub(crate) async fn try_lease(
         &self,
-        projection: &str,
-    ) -> Result<Option<Box<dyn Lease>>, ProjectionError> {
+        consumer: &str,
+        holder: &str,
+        life: Duration,
+    ) -> Result<Option<Lease>, ProjectionError> {
         Ok(self
             .0
-            .try_lease(&format!("projection.{projection}"))
+            .try_lease(&lease_name(consumer), holder, life)
             .await?)
     }
+
+    /// Renews a lease for `life`; `false` when another process took it over.
+    pub(crate) async fn renew_lease(
+        &self,
+        lease: &Lease,
+        life: Duration,
+    ) -> Result<bool, ProjectionError> {
+        Ok(self.0.renew_lease(lease, life).await?)
+    }
+
+    /// Gives a lease back: another process may take it at once.
+    pub(crate) async fn release_lease(&self, lease: &Lease) -> Result<(), ProjectionError> {
+        Ok(self.0.release_lease(lease).await?)
+    }
+
+    /// The row of a consumer's lease, when it was ever taken.
+    pub async fn lease_of(&self, consumer: &str) -> Result<Option<LeaseState>, ProjectionError> {
+        let name = lease_name(consumer);
+        Ok(self
+            .0
+            .leases()
+            .await?
+            .into_iter()
+            .find(|state| state.name == name))
+    }
+}
+
+/// The name of a consumer's lease in the store's `leases`.
+pub(crate) fn lease_name(consumer: &str) -> String {
+    format!("projection.{consumer}")
 }
 
 /// One transaction on the read-model database, for one generation of a projection.
@@ -128,6 +162,19 @@ impl ReadTx {
     /// See `TablesTx::share_lock`.
     pub fn share_lock(&self) -> &'static str {
         self.inner.share_lock()
+    }
+
+    /// See `TablesTx::now_micros`: the database's clock, in SQL.
+    pub fn now_micros(&self) -> &'static str {
+        self.inner.now_micros()
+    }
+
+    /// See `TablesTx::fence`.
+    pub(crate) async fn fence(&mut self, lease: &Lease) -> Result<bool, ProjectionError> {
+        self.inner
+            .fence(lease)
+            .await
+            .map_err(ProjectionError::Database)
     }
 
     /// Runs one statement; returns the rows it changed.

@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::due_timers;
-use crate::runner::LeaseKeeper;
+use crate::lease::{Fence, LEASE_LIFE, LeaseKeeper};
 use crate::{LEASE_RETRY, ProjectionError, ReadDatabase, lock};
 
 /// Where the time comes from: the real clock in production; a clock a test sets.
@@ -126,6 +126,8 @@ pub struct TimerScheduler {
     /// The longest wait between two looks at the due timers: the bound on a timer's
     /// delay when the read model that learns of it runs on another server.
     poll: Duration,
+    /// How long the scheduler's lease lives unless renewed.
+    lease_life: Duration,
 }
 
 impl TimerScheduler {
@@ -136,7 +138,15 @@ impl TimerScheduler {
             clock,
             batch: 256,
             poll: Duration::from_millis(250),
+            lease_life: LEASE_LIFE,
         }
+    }
+
+    /// How long the scheduler's lease lives unless renewed (10 s unless set; every
+    /// process of a deployment must use the same).
+    pub fn with_lease_life(mut self, life: Duration) -> Self {
+        self.lease_life = life.max(Duration::from_millis(30));
+        self
     }
 
     /// How many timers it reads per page, and fires at once (256 unless set).
@@ -147,12 +157,21 @@ impl TimerScheduler {
 
     /// Fires every timer due now (as the read model knows them), a page at a time, the
     /// earliest first; returns how many it fired. A timer already fired or cancelled (the
-    /// read model had not caught up yet, or another scheduler fired it) is left.
+    /// read model had not caught up yet, or another scheduler fired it) is left. Under no
+    /// lease: for tests; beside servers, only `run_until_stopped` fires timers.
     pub async fn fire_due(&self) -> Result<usize, ProjectionError> {
+        self.fire_due_under(None).await
+    }
+
+    /// `fire_due`, page by page only while `fence` (the scheduler's lease) is valid.
+    async fn fire_due_under(&self, fence: Option<&Fence>) -> Result<usize, ProjectionError> {
         let now = self.clock.now();
         let mut fired = 0;
         let mut after: Option<(i64, String)> = None;
         loop {
+            if fence.is_some_and(|fence| !fence.may_act()) {
+                return Err(ProjectionError::LeaseLost(SCHEDULER.to_owned()));
+            }
             let page = due_timers::due(
                 &self.db,
                 now.timestamp_micros(),
@@ -219,17 +238,17 @@ impl TimerScheduler {
         mut stop: watch::Receiver<bool>,
         mut woken: watch::Receiver<u64>,
     ) {
-        let mut lease = LeaseKeeper::new(SCHEDULER);
+        let mut lease = LeaseKeeper::new(SCHEDULER, &self.db, self.lease_life);
         let mut backoff = Duration::from_millis(100);
         while !*stop.borrow() {
-            if !lease.hold(&self.db).await {
+            let Some(fence) = lease.hold().await else {
                 tokio::select! {
                     _ = stop.changed() => {}
                     () = tokio::time::sleep(LEASE_RETRY) => {}
                 }
                 continue;
-            }
-            let wait = match self.fire_due().await {
+            };
+            let wait = match self.fire_due_under(Some(&fence)).await {
                 Ok(fired) => {
                     backoff = Duration::from_millis(100);
                     match self.wait().await {
@@ -239,10 +258,13 @@ impl TimerScheduler {
                         wait => wait,
                     }
                 }
+                Err(ProjectionError::LeaseLost(_)) => Duration::ZERO,
                 Err(error) => {
                     tracing::warn!(%error, "firing timers failed; retrying");
                     let wait = backoff;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    backoff = (backoff * 2)
+                        .min(Duration::from_secs(10))
+                        .min(self.lease_life / 3);
                     wait
                 }
             };

@@ -47,6 +47,8 @@ macro_rules! lead_board_name_filter_and_tables {
 
 #[path = "runtime/intercepting.rs"]
 mod intercepting;
+#[path = "runtime/leases.rs"]
+mod leases;
 #[path = "runtime/parked.rs"]
 mod parked;
 #[path = "runtime/processes.rs"]
@@ -908,138 +910,6 @@ async fn a_skipping_projection_parks_a_failing_event_goes_on_and_retries_it(db: 
     );
     // Verify skips the parked poison too, and finds the board equal to a rebuild.
     assert!(board.verify().await.unwrap().equal);
-}
-
-/// Cuts the session that holds `projection`'s lease (its advisory lock), as when a process
-/// stalls past its connection's life or its network goes: the lock goes with the session.
-async fn cut_lease(db: &Fixture, projection: &str) {
-    let cut = db
-        .text_rows(&format!(
-            "SELECT CAST(pg_terminate_backend(l.pid) AS TEXT) \
-               FROM pg_locks l, (SELECT hashtextextended('annals.projection.{projection}', 0) \
-                                   AS k) h \
-              WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
-                AND l.database = (SELECT oid FROM pg_database \
-                                   WHERE datname = current_database()) \
-                AND CAST(l.classid AS BIGINT) = ((h.k >> 32) & 4294967295) \
-                AND CAST(l.objid AS BIGINT) = (h.k & 4294967295)"
-        ))
-        .await;
-    assert_eq!(
-        cut,
-        vec![vec![Some("true".to_owned())]],
-        "one lease holder cut"
-    );
-}
-
-/// Two processes (two stores, two runners) on one PostgreSQL: the projection runs in one
-/// of them. That one stalls after reading a batch and loses its lease; the other takes
-/// the projection over within 10 s and applies the batch; the stalled one then goes on
-/// as a straggler, and its batch rolls back: every event applied exactly once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn postgres_a_runner_that_lost_its_lease_mid_batch_is_taken_over_and_rolls_back() {
-    run(Backend::Postgres, |db| async move {
-        history(&db).await;
-        let other_store = db.open_again().await;
-        let other_db = match &*db {
-            Fixture::Postgres { url, .. } => ReadDatabase::of(
-                &annals_store::open(url, annals_store::StoreConfig::default())
-                    .await
-                    .unwrap(),
-            ),
-            Fixture::Sqlite { .. } => unreachable!("PostgreSQL only"),
-        };
-        let gates = [
-            Gate::at(PausePoint::BatchRead),
-            Gate::at(PausePoint::BatchRead),
-        ];
-        for gate in &gates {
-            gate.armed.store(false, Ordering::SeqCst);
-        }
-        let runners = [
-            Arc::new(runner(&db, Arc::new(LeadBoard)).with_pause_hook(gates[0].hook())),
-            Arc::new(
-                ConsumerRunner::new(
-                    other_store,
-                    other_db,
-                    Consumer::ReadModel(Arc::new(LeadBoard)),
-                )
-                .with_pause_hook(gates[1].hook()),
-            ),
-        ];
-        let mut tasks = Vec::new();
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        for r in &runners {
-            let r = r.clone();
-            let stopped = stopped.clone();
-            tasks.push(tokio::spawn(
-                async move { r.run_until_stopped(stopped).await },
-            ));
-        }
-        let head = db.store().head().await.unwrap();
-        // Exactly one of them does the work: the one whose own view of progress moves.
-        let hang = Duration::from_secs(10);
-        let active = tokio::select! {
-            true = runners[0].wait_for(head, hang) => 0,
-            true = runners[1].wait_for(head, hang) => 1,
-            else => panic!("neither runner applied the log within 10 s"),
-        };
-        let survivor = 1 - active;
-        assert_eq!(
-            runners[survivor].applied(),
-            0,
-            "only the lease holder applies"
-        );
-
-        // The active process reads its next batch and stalls before applying it.
-        gates[active].arm();
-        history(&db).await;
-        let head = db.store().head().await.unwrap();
-        gates[active].reached().await;
-        cut_lease(&db, "lead_board").await;
-        assert!(
-            runners[survivor].wait_for(head, hang).await,
-            "the survivor took the projection over within 10 s"
-        );
-        let rows = db.text_rows(BOARD).await;
-        assert_eq!(rows.len(), 6);
-        // The stalled one goes on: its batch, read before the takeover, must roll back.
-        let straggler = &runners[active];
-        let seen = straggler.applied();
-        gates[active].resume();
-        let until = tokio::time::Instant::now() + hang;
-        let error = loop {
-            if let Some(error) = straggler.status().await.unwrap().last_error {
-                break error;
-            }
-            assert_eq!(
-                straggler.applied(),
-                seen,
-                "the straggler committed its batch after the takeover"
-            );
-            assert!(
-                tokio::time::Instant::now() < until,
-                "the straggler's step did not end within 10 s"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        assert!(error.contains("checkpoint moved"), "{error}");
-        assert_eq!(
-            db.text_rows(BOARD).await,
-            rows,
-            "the straggler wrote nothing"
-        );
-        stop.send(true).unwrap();
-        for task in tasks {
-            tokio::time::timeout(hang, task)
-                .await
-                .expect("the runners stop when asked")
-                .unwrap();
-        }
-        let report = runners[survivor].verify().await.unwrap();
-        assert!(report.equal, "no event applied twice or lost: {report:?}");
-    })
-    .await;
 }
 
 /// Leads from two sources; three qualified, two of them converted (one into a new

@@ -22,6 +22,7 @@ mod error;
 mod follow;
 mod group_commit;
 mod keys;
+pub mod leases;
 mod model;
 mod personal;
 pub mod postgres;
@@ -40,6 +41,7 @@ pub use error::{BackendError, InvalidInput, StoreError, is_unavailable};
 pub use follow::LogFollower;
 pub use group_commit::WriterProbe;
 pub use keys::DataKeys;
+pub use leases::{Lease, LeaseState, holder_of_this_process};
 pub use model::{
     Anchor, AppendOutcome, AppendRequest, AuditReport, BrokenLink, Claim, Direction,
     ExpectedVersion, IdempotencyKey, IdempotencyRecord, LogFilter, LogPage, MAX_EVENTS_PER_APPEND,
@@ -50,7 +52,7 @@ pub use personal::{EncryptedStore, PersonalFields};
 pub use postgres::PostgresStore;
 pub use sql::{Param, SqlStore};
 pub use sqlite::SqliteStore;
-pub use tables::{Lease, Tables, TablesTx};
+pub use tables::{Tables, TablesTx};
 
 /// The event store contract.
 #[async_trait]

@@ -35,7 +35,6 @@ use crate::chain::Hash;
 use crate::error::StoreError;
 use crate::model::{IdempotencyRecord, LogFilter, to_sql_int};
 use crate::sql::{self, Dialect, Param, Sql, SqlStore};
-use crate::tables::Lease;
 
 /// The `application_name` of the store's sessions when the URL names none.
 pub const APPLICATION_NAME: &str = "annals";
@@ -137,24 +136,6 @@ async fn listen(mut listener: PgListener, head: watch::Sender<u64>) {
     }
 }
 
-/// A lease held by a session-level advisory lock. It is never unlocked here, so it is
-/// held exactly while its connection answers; closing the connection releases it.
-#[derive(Debug)]
-struct SessionLock {
-    connection: PgConnection,
-}
-
-#[async_trait]
-impl Lease for SessionLock {
-    async fn held(&mut self) -> bool {
-        self.connection.ping().await.is_ok()
-    }
-
-    async fn release(self: Box<Self>) {
-        let _ = self.connection.close().await;
-    }
-}
-
 #[async_trait]
 impl Dialect for Postgres {
     /// Data and metadata are read as the text the store wrote (see `chain`), not as
@@ -203,6 +184,10 @@ impl Dialect for Postgres {
     // time costs little.
     const PREPARE_TABLE_STATEMENTS: bool = false;
     const SHARE_LOCK: &'static str = " FOR SHARE";
+    /// `clock_timestamp()`, not `now()`: a transaction's start would make a lease taken
+    /// late in a long transaction expire early, and a fence pass late.
+    const NOW_MICROS: &'static str =
+        "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000 AS BIGINT)";
     const SCHEMA_OF: &'static str = "SELECT tablename FROM pg_tables \
                                       WHERE schemaname = current_schema() AND tablename = $1 \
                                      UNION ALL \
@@ -545,29 +530,6 @@ impl Dialect for Postgres {
             .bind(&filter.categories)
             .fetch_all(&mut *connection)
             .await?)
-    }
-
-    /// A session-level advisory lock, held on a connection of its own, outside the pool:
-    /// the lock lives as long as the connection, and a process that dies takes it along.
-    async fn try_lease(
-        pool: &sqlx::PgPool,
-        name: &str,
-    ) -> Result<Option<Box<dyn Lease>>, StoreError> {
-        let mut connection = pool.acquire().await?.detach();
-        let key: i64 = sqlx::query_scalar("SELECT hashtextextended($1, 0)")
-            .bind(format!("annals.{name}"))
-            .fetch_one(&mut connection)
-            .await?;
-        let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(key)
-            .fetch_one(&mut connection)
-            .await?;
-        if taken {
-            Ok(Some(Box::new(SessionLock { connection })))
-        } else {
-            let _ = connection.close().await;
-            Ok(None)
-        }
     }
 
     async fn store_log_hashes(

@@ -279,6 +279,8 @@ pub(crate) trait Dialect: Sql {
     const PREPARE_TABLE_STATEMENTS: bool;
     /// See `TablesTx::share_lock`.
     const SHARE_LOCK: &'static str;
+    /// See `TablesTx::now_micros`: the database's clock, never the process's.
+    const NOW_MICROS: &'static str;
     /// The names of the table `$1` and of its indexes, from the catalog (`Tables::schema_of`).
     const SCHEMA_OF: &'static str;
     /// What keeps every other writer from storing a data key until the transaction ends
@@ -352,12 +354,6 @@ pub(crate) trait Dialect: Sql {
         limit: usize,
         filter: &LogFilter,
     ) -> Result<Vec<Self::Row>, StoreError>;
-
-    /// Tries to take the lease `name` (see `Tables::try_lease`).
-    async fn try_lease(
-        pool: &Pool<Self>,
-        name: &str,
-    ) -> Result<Option<Box<dyn crate::tables::Lease>>, StoreError>;
 
     /// Stores the log hashes of rows stored before the log chain existed.
     async fn store_log_hashes(

@@ -2,8 +2,9 @@
 //! `synchronous=FULL`, so an acknowledged append survives a power cut.
 //!
 //! SQLite lets one writer in at a time (`BEGIN IMMEDIATE`), so positions are handed out in
-//! commit order. One process owns the file: waiting readers are woken by this process's
-//! writer, and by polling for anything else.
+//! commit order. Several processes may open the file (a server, the CLI, a second
+//! server): leases (`leases`) decide which runs each consumer. Waiting readers are woken
+//! by this process's writer, and by polling for anything else's.
 //!
 //! A writer's waits are bounded by `StoreConfig::lock_timeout`: its turn at this process's
 //! write gate, and SQLite's busy timeout on the file; past it the append fails as
@@ -36,7 +37,6 @@ use crate::chain::Hash;
 use crate::error::StoreError;
 use crate::model::LogFilter;
 use crate::sql::{self, Dialect, PREPARED, Param, Sql, SqlStore};
-use crate::tables::{Lease, SoleOwner};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
 
@@ -125,6 +125,9 @@ impl Dialect for Sqlite {
     // large multi-row statements halved its rebuild rate.
     const PREPARE_TABLE_STATEMENTS: bool = true;
     const SHARE_LOCK: &'static str = "";
+    /// The file's own clock, as every process on it reads it (one machine's).
+    const NOW_MICROS: &'static str =
+        "CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER)";
     const SCHEMA_OF: &'static str = "SELECT name FROM sqlite_master \
                                       WHERE tbl_name = $1 AND type IN ('table', 'index')";
     const EXPLAIN: &'static str = "EXPLAIN QUERY PLAN ";
@@ -424,13 +427,6 @@ impl Dialect for Sqlite {
             limit.into(),
         ];
         Ok(Self::fetch_all(connection, &sql, &params, PREPARED).await?)
-    }
-
-    async fn try_lease(
-        _pool: &sqlx::SqlitePool,
-        _name: &str,
-    ) -> Result<Option<Box<dyn Lease>>, StoreError> {
-        Ok(Some(Box::new(SoleOwner)))
     }
 
     async fn store_log_hashes(

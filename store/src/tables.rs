@@ -1,6 +1,7 @@
 //! The tables kept beside the log (the read models, and later the processes' state), on
 //! the event store's own database so that their rows and a checkpoint commit in one
-//! transaction, and the leases that spread consumers between the processes sharing it.
+//! transaction, and the leases that spread consumers between the processes sharing it
+//! (their statements are `leases`'s).
 //!
 //! Statements are written once for every backend, with `$1`-style placeholders (or
 //! `placeholder(n)` in generated SQL) and `Param`s; rows come back as integers or text
@@ -10,16 +11,18 @@
 //! Invariants: a write transaction on SQLite takes its turn at this process's write gate
 //! with the appends, then the write lock at once (a deferred transaction that reads and
 //! then writes could fail on a lock it cannot upgrade); a snapshot transaction sees one
-//! snapshot from before its caller's first statement; a lease is held exactly while its
-//! session answers (on SQLite, where one process owns the file, always).
+//! snapshot from before its caller's first statement; leases are `leases`'s (taken,
+//! renewed, released and fenced by the database's clock, on every backend alike).
 
 use std::fmt::Debug;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::{Database, Transaction};
 use tokio::sync::OwnedMutexGuard;
 
 use crate::error::StoreError;
+use crate::leases::{self, Lease, LeaseState};
 use crate::sql::{Dialect, Param, SqlStore};
 
 /// The tables beside the log, on one database.
@@ -46,8 +49,25 @@ pub trait Tables: Send + Sync + Debug {
     /// The integer in the first column of a query's first row, outside any transaction.
     async fn fetch_int(&self, sql: &str, params: &[Param<'_>]) -> Result<Option<i64>, StoreError>;
 
-    /// Tries to take the lease `name`; `None` while another process holds it.
-    async fn try_lease(&self, name: &str) -> Result<Option<Box<dyn Lease>>, StoreError>;
+    /// Tries to take the lease `name` for `holder`, for `life` from now by the database's
+    /// clock: a new one, or one whose expiry has passed (taken over at a higher epoch);
+    /// `None` while another holds it unexpired (see `leases`).
+    async fn try_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        life: Duration,
+    ) -> Result<Option<Lease>, StoreError>;
+
+    /// Renews a lease for `life` from now, by its holder and epoch (also after its expiry,
+    /// as long as nobody took it over); `false` when it was taken over.
+    async fn renew_lease(&self, lease: &Lease, life: Duration) -> Result<bool, StoreError>;
+
+    /// Gives a lease back: it expires now, so another takes it at once.
+    async fn release_lease(&self, lease: &Lease) -> Result<(), StoreError>;
+
+    /// Every lease's row, with the database's clock.
+    async fn leases(&self) -> Result<Vec<LeaseState>, StoreError>;
 
     /// The names of a table and of its indexes, as the catalog has them; none when there
     /// is no such table. Reading it takes no lock on the table.
@@ -67,6 +87,16 @@ pub trait TablesTx: Send + Debug {
     /// transaction ends: `FOR SHARE` on PostgreSQL; nothing on SQLite, where a write
     /// transaction already excludes every other writer.
     fn share_lock(&self) -> &'static str;
+
+    /// An SQL expression for the database's clock now, in microseconds since the epoch
+    /// (on PostgreSQL the time of the statement's evaluation, not the transaction's).
+    fn now_micros(&self) -> &'static str;
+
+    /// Whether `lease` is still its holder's at its epoch, and unexpired, by the
+    /// database's clock; holds the lease's row until this transaction ends, so that no
+    /// take-over commits before it. A transaction that moves a checkpoint under a lease
+    /// asks this, and rolls back on `false`.
+    async fn fence(&mut self, lease: &Lease) -> Result<bool, StoreError>;
 
     /// Runs one statement; returns the rows it changed.
     async fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<u64, StoreError>;
@@ -89,33 +119,6 @@ pub trait TablesTx: Send + Debug {
     async fn explain(&mut self, sql: &str, params: &[Param<'_>]) -> Result<String, StoreError>;
 
     async fn commit(self: Box<Self>) -> Result<(), StoreError>;
-}
-
-/// Which process does a piece of work (a projection, a process), while it holds this. On
-/// PostgreSQL several servers share the work: it runs where its lease is, and when that
-/// server dies its session ends, the lease goes with it, and another's next attempt takes
-/// it over. The lease decides who works; exactly-once never rests on it (a consumer's
-/// checkpoint guard makes a second holder's batch fail).
-#[async_trait]
-pub trait Lease: Send + Debug {
-    /// Whether the lease is still this process's (checked before every batch).
-    async fn held(&mut self) -> bool;
-
-    /// Gives the lease back.
-    async fn release(self: Box<Self>);
-}
-
-/// The lease of the process that owns its database alone: always held.
-#[derive(Debug)]
-pub(crate) struct SoleOwner;
-
-#[async_trait]
-impl Lease for SoleOwner {
-    async fn held(&mut self) -> bool {
-        true
-    }
-
-    async fn release(self: Box<Self>) {}
 }
 
 /// A transaction on the tables, and a SQLite writer's turn, held until it ends.
@@ -189,8 +192,104 @@ impl<DB: Dialect> Tables for SqlStore<DB> {
         fetch_int::<DB>(&mut *self.pool().acquire().await?, sql, params).await
     }
 
-    async fn try_lease(&self, name: &str) -> Result<Option<Box<dyn Lease>>, StoreError> {
-        DB::try_lease(self.pool(), name).await
+    async fn try_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        life: Duration,
+    ) -> Result<Option<Lease>, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let mut epoch = tx
+            .fetch_int(
+                &leases::take_sql(DB::NOW_MICROS),
+                &[name.into(), holder.into(), leases::micros(life).into()],
+            )
+            .await?;
+        tx.commit().await?;
+        if epoch.is_none() {
+            // Held: by a process of this host that is gone, it is taken over now.
+            let held = self.leases().await?.into_iter().find(|l| l.name == name);
+            if let Some(gone) = held.filter(|held| leases::is_gone(&held.holder)) {
+                let mut tx = self.begin_write().await?;
+                epoch = tx
+                    .fetch_int(
+                        &leases::take_from_gone_sql(DB::NOW_MICROS),
+                        &[
+                            name.into(),
+                            gone.holder.as_str().into(),
+                            gone.epoch.into(),
+                            holder.into(),
+                            leases::micros(life).into(),
+                        ],
+                    )
+                    .await?;
+                tx.commit().await?;
+                if epoch.is_some() {
+                    tracing::info!(
+                        lease = name,
+                        gone = gone.holder,
+                        "lease of a process gone taken over"
+                    );
+                }
+            }
+        }
+        Ok(epoch.map(|epoch| Lease {
+            name: name.to_owned(),
+            holder: holder.to_owned(),
+            epoch: u64::try_from(epoch).unwrap_or(0),
+        }))
+    }
+
+    async fn renew_lease(&self, lease: &Lease, life: Duration) -> Result<bool, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let renewed = tx
+            .execute(
+                &leases::renew_sql(DB::NOW_MICROS),
+                &[
+                    lease.name.as_str().into(),
+                    lease.holder.as_str().into(),
+                    lease.epoch.into(),
+                    leases::micros(life).into(),
+                ],
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(renewed == 1)
+    }
+
+    async fn release_lease(&self, lease: &Lease) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        tx.execute(
+            &leases::release_sql(DB::NOW_MICROS),
+            &[
+                lease.name.as_str().into(),
+                lease.holder.as_str().into(),
+                lease.epoch.into(),
+            ],
+        )
+        .await?;
+        tx.commit().await
+    }
+
+    async fn leases(&self) -> Result<Vec<LeaseState>, StoreError> {
+        let rows = self
+            .fetch_text_rows(&leases::states_sql(DB::NOW_MICROS), &[])
+            .await?;
+        let corrupt = || StoreError::Corrupt("a lease's row".into());
+        rows.into_iter()
+            .map(|row| {
+                let text = |i: usize| row.get(i).cloned().flatten().ok_or_else(corrupt);
+                let int = |i: usize| text(i)?.parse::<i64>().map_err(|_| corrupt());
+                Ok(LeaseState {
+                    name: text(0)?,
+                    holder: text(1)?,
+                    epoch: u64::try_from(int(2)?).map_err(|_| corrupt())?,
+                    expires_micros: int(3)?,
+                    taken_micros: int(4)?,
+                    now_micros: int(5)?,
+                })
+            })
+            .collect()
     }
 
     async fn schema_of(&self, table: &str) -> Result<Vec<String>, StoreError> {
@@ -210,6 +309,24 @@ impl<DB: Dialect> TablesTx for Tx<DB> {
 
     fn share_lock(&self) -> &'static str {
         DB::SHARE_LOCK
+    }
+
+    fn now_micros(&self) -> &'static str {
+        DB::NOW_MICROS
+    }
+
+    async fn fence(&mut self, lease: &Lease) -> Result<bool, StoreError> {
+        let held = fetch_int::<DB>(
+            &mut self.transaction,
+            &leases::fence_sql(DB::NOW_MICROS, DB::SHARE_LOCK),
+            &[
+                lease.name.as_str().into(),
+                lease.holder.as_str().into(),
+                lease.epoch.into(),
+            ],
+        )
+        .await?;
+        Ok(held.is_some())
     }
 
     async fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<u64, StoreError> {

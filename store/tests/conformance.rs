@@ -19,6 +19,9 @@ mod input_bounds;
 #[path = "conformance/personal.rs"]
 mod personal;
 
+#[path = "conformance/leases.rs"]
+mod leases;
+
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,8 +1,9 @@
 //! The server under faults, on loopback and bounded in time: killed with SIGKILL under
 //! load and inside a command's write, its PostgreSQL connections cut, one of two servers
 //! killed, one of two servers frozen (SIGSTOP) holding the order saga's lease while the
-//! other takes a payment and its cancellation, a poisoned event, a transaction held open
-//! during appends. Nothing acknowledged
+//! other takes a payment and its cancellation, the lease holder frozen under load and
+//! taken over once its leases expire, a poisoned event, a transaction held open during
+//! appends. Nothing acknowledged
 //! is ever lost, no command is applied twice however often it is retried, no request
 //! hangs, and the read models verify equal afterwards.
 //!
@@ -1090,23 +1091,25 @@ async fn postgres_a_saga_cut_short_by_kill_9_is_finished_by_the_other_server() {
     .await;
 }
 
-/// Two servers on one PostgreSQL; the first runs the order saga and invoices an order,
-/// then is frozen (SIGSTOP: it keeps the saga's lease, so the second cannot take it).
-/// Through the second the order is paid, then cancelled before any saga took the
-/// payment: the cancel answers the refund with it. Thawed, the first server's saga takes
-/// the payment, finds the order cancelled, and starts and fulfils nothing; a payment
-/// after that is refused (409), and nothing is lost.
+/// Two servers on one PostgreSQL, with a lease life (60 s) far longer than the test; the
+/// first runs the order saga and invoices an order, then is frozen (SIGSTOP: its lease on
+/// the saga lives on, so the second does not take it over while the test runs). Through
+/// the second the order is paid, then cancelled before any saga took the payment: the
+/// cancel answers the refund with it. Thawed, the first server's saga takes the payment,
+/// finds the order cancelled, and starts and fulfils nothing; a payment after that is
+/// refused (409), and nothing is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_an_order_cancelled_after_payment_while_the_saga_waits_is_refunded() {
     run(Backend::Postgres, |db: Arc<Fixture>| async move {
-        let first = Server::start(db.url());
+        let settings = [("ANNALS_API_TOKENS", TOKENS), ("ANNALS_LEASE_TTL", "60s")];
+        let first = Server::start_with(db.url(), &settings);
         let taken = "lease taken; running consumer=\"order_saga\"";
         let deadline = Instant::now() + Duration::from_secs(10);
         while !strip_ansi(&first.logs()).contains(taken) {
             assert!(Instant::now() < deadline, "{}", first.logs());
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let second = Server::start(db.url());
+        let second = Server::start_with(db.url(), &settings);
         let account = second
             .command("/accounts", json!({"name": "Initech"}))
             .await;
@@ -1216,6 +1219,188 @@ async fn postgres_an_order_cancelled_after_payment_while_the_saga_waits_is_refun
         );
         assert_eq!(view["subscription_id"], Value::Null, "{view}");
         assert_read_models_verify(&second).await;
+    })
+    .await;
+}
+
+/// The consumer `name` as `GET /admin/consumers` on `server` shows it.
+async fn consumer(server: &Server, name: &str) -> Value {
+    server.read("/admin/consumers").await["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap()
+        .clone()
+}
+
+/// Two servers on one PostgreSQL with a short lease life (3 s); the first holds every
+/// consumer's lease. Under load through the second, the first is frozen (SIGSTOP). While
+/// the test holds the lead board's lease row (so that no take-over of that one lease can
+/// come first), the second server's `/admin/consumers` shows the lead board `stalled`,
+/// with the frozen server as its holder. The other leases expire and are taken over: a
+/// conversion made through the second has its deal opened within 10 s of the expiry,
+/// and the second's log says `lease taken`. Thawed, the first finds its leases lost,
+/// commits nothing and stands down; every read model verifies equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_frozen_lease_holder_is_taken_over_and_stands_down_when_thawed() {
+    use sqlx::Connection;
+    run(Backend::Postgres, |db: Arc<Fixture>| async move {
+        let settings = [("ANNALS_API_TOKENS", TOKENS), ("ANNALS_LEASE_TTL", "3s")];
+        let consumers = [
+            "lead_board",
+            "deal_board",
+            "account_360",
+            "lead_conversion",
+            "order_saga",
+        ];
+        let holds = |server: &Server, consumer: &str| {
+            strip_ansi(&server.logs())
+                .contains(&format!("lease taken; running consumer=\"{consumer}\""))
+        };
+        let first = Arc::new(Server::start_with(db.url(), &settings));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !consumers.iter().all(|c| holds(&first, c)) {
+            assert!(Instant::now() < deadline, "{}", first.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let second = Arc::new(Server::start_with(db.url(), &settings));
+        let lead = qualified_lead(&second, "before-the-freeze").await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Seen::default());
+        let load = start_load(&second, "b", 3, &stop, &seen);
+        until("the second server takes commands", || {
+            seen.acknowledged() >= 20
+        })
+        .await;
+
+        first.freeze();
+        let frozen = Instant::now();
+        // The test holds the lead board's lease row: a take-over of it waits.
+        let url = db.url().to_owned();
+        let mut holding = sqlx::PgConnection::connect(&url).await.unwrap();
+        sqlx::query("BEGIN").execute(&mut holding).await.unwrap();
+        sqlx::query("SELECT holder FROM leases WHERE name = 'projection.lead_board' FOR UPDATE")
+            .execute(&mut holding)
+            .await
+            .unwrap();
+        // Through the second server: a conversion, whose deal only a running conversion
+        // process opens.
+        let converted = second
+            .command(
+                &format!("/leads/{lead}/convert"),
+                json!({"deal_name": "Engines", "amount": {"currency": "EUR", "amount_minor": 100}}),
+            )
+            .await;
+        let deal = converted["deal_id"].as_str().unwrap().to_owned();
+        // Stalled, with the frozen server as its holder, while it is not taken over.
+        let pid = format!(":{}:", first.pid());
+        let stalled = loop {
+            let board = consumer(&second, "lead_board").await;
+            if board["status"] == "stalled" {
+                break board;
+            }
+            assert!(
+                frozen.elapsed() < Duration::from_secs(20),
+                "the lead board never showed stalled: {board}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert!(
+            stalled["holder"].as_str().unwrap().contains(&pid),
+            "{stalled} is not held by {pid}"
+        );
+        assert!(stalled["lag"].as_u64().unwrap() > 0, "{stalled}");
+        assert!(stalled["lease_expires_at"].is_string(), "{stalled}");
+        // The conversion process's lease expired 3 s after its last renewal at most; the
+        // deal is opened within 10 s of that.
+        loop {
+            if second.get(&format!("/deals/{deal}/history")).await.status == 200 {
+                break;
+            }
+            assert!(
+                frozen.elapsed() < Duration::from_secs(13),
+                "the deal was not opened within 10 s of the lease's expiry:\n{}",
+                second.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(holds(&second, "lead_conversion"), "{}", second.logs());
+        sqlx::query("ROLLBACK").execute(&mut holding).await.unwrap();
+        let released = Instant::now();
+        while !consumers.iter().all(|c| holds(&second, c)) {
+            assert!(
+                released.elapsed() < Duration::from_secs(10),
+                "the second server did not take every lease over:\n{}",
+                second.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let board = loop {
+            let board = consumer(&second, "lead_board").await;
+            if board["status"] != "stalled" {
+                break board;
+            }
+            assert!(released.elapsed() < Duration::from_secs(10), "{board}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert!(!board["holder"].as_str().unwrap().contains(&pid), "{board}");
+        stop.store(true, Ordering::Relaxed);
+        finish(load).await;
+        assert_eq!(seen.unanswered(), Vec::<String>::new());
+
+        // Thawed: the first finds every lease lost and takes none back.
+        let before = strip_ansi(&first.logs());
+        first.thaw();
+        let thawed = Instant::now();
+        loop {
+            let logs = strip_ansi(&first.logs());
+            let after = &logs[before.len().min(logs.len())..];
+            let lost = |c: &&str| {
+                after.lines().any(|line| {
+                    line.contains("lease lost") && line.contains(&format!("consumer=\"{c}\""))
+                })
+            };
+            if consumers.iter().all(lost) {
+                assert!(!after.contains("lease taken"), "{after}");
+                break;
+            }
+            assert!(
+                thawed.elapsed() < Duration::from_secs(10),
+                "the thawed server did not stand down:\n{after}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let acked: Vec<Sent> = seen
+            .sent()
+            .into_iter()
+            .filter(|s| s.acknowledged())
+            .collect();
+        assert_in_log(&second, &acked.iter().collect::<Vec<_>>()).await;
+        let head = head(&second).await;
+        second.read(&format!("/leads?min_position={head}")).await;
+        for projection in [
+            "lead_board",
+            "deal_board",
+            "account_360",
+            "due_timers",
+            "lead_response",
+            "order_board",
+            "subscription_board",
+            "revenue",
+        ] {
+            let verified = second
+                .admin(&format!("/admin/projections/{projection}/verify"))
+                .await;
+            assert_eq!(verified.status, 200, "{}", verified.body);
+            assert_eq!(
+                verified.body["equal"], true,
+                "{projection}: {}",
+                verified.body
+            );
+        }
+        // The thawed server serves still, as a standby.
+        assert_eq!(first.get("/leads?limit=1").await.status, 200);
     })
     .await;
 }

@@ -14,6 +14,7 @@ mod erasure;
 mod errors;
 mod faults;
 mod flows;
+mod leases;
 mod operations;
 mod orders;
 mod parked;

@@ -211,6 +211,14 @@ impl Fixture {
         }
     }
 
+    /// The tables beside the log (read models, checkpoints, leases).
+    pub fn tables(&self) -> Arc<dyn annals_store::Tables> {
+        match self {
+            Fixture::Sqlite { store, .. } => Arc::new(store.clone()),
+            Fixture::Postgres { store, .. } => Arc::new(store.clone()),
+        }
+    }
+
     /// The data keys beside the log (crypto-shredding).
     pub fn keys(&self) -> Arc<dyn annals_store::DataKeys> {
         match self {
@@ -221,6 +229,20 @@ impl Fixture {
 
     /// A second, independent store on the same database, as another process would open.
     pub async fn open_again(&self) -> Arc<dyn EventStore> {
+        match self {
+            Fixture::Sqlite { url, .. } => {
+                Arc::new(SqliteStore::open(url, config()).await.expect("reopen"))
+            }
+            Fixture::Postgres { url, .. } => Arc::new(
+                PostgresStore::open(&own(url), config())
+                    .await
+                    .expect("reopen"),
+            ),
+        }
+    }
+
+    /// The tables of a second, independent store on the same database.
+    pub async fn open_again_tables(&self) -> Arc<dyn annals_store::Tables> {
         match self {
             Fixture::Sqlite { url, .. } => {
                 Arc::new(SqliteStore::open(url, config()).await.expect("reopen"))

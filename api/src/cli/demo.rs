@@ -2,8 +2,14 @@
 //! layer as real clients would: leads from every source with their signals, owners,
 //! qualifications, disqualifications and conversions; accounts opened by hand and by the
 //! conversion process; deals moved through the stages to won and lost; orders on some
-//! won deals, most paid (their subscriptions then expanded, contracted or churned), the
-//! rest left to time out on the demo's clock, moved past their payment deadline.
+//! won deals, most paid (their subscriptions then expanded, contracted or churned), of
+//! the rest half cancelled by their customer and half left awaiting payment.
+//!
+//! The consumers and the timer scheduler run as on a server: under their leases, on the
+//! real clock. Beside a running server (SQLite or PostgreSQL), that server holds the
+//! leases and runs them; the demo waits for the processes' effects (reading their
+//! checkpoints from the database) and never fires a timer itself, so a payment deadline
+//! falls due only on the real clock, 7 days (`ANNALS_PAYMENT_TIMEOUT`) after the invoice.
 //!
 //! Every command carries an idempotency key made of the seed and its place in the
 //! story, so running the same demo twice appends nothing the second time.
@@ -19,9 +25,8 @@ use annals_domain::values::{
     Email, Label, Money, Name, Owner, PersonName, Quantity, Reason, SignalKind, Sku, Source, Stage,
     Tier,
 };
-use annals_projections::timers::ManualClock;
-use annals_projections::{due_timers, order_saga};
-use anyhow::Context;
+use annals_projections::order_saga;
+use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
@@ -78,7 +83,8 @@ struct Tally {
     lost: usize,
     orders: usize,
     paid: usize,
-    timed_out: usize,
+    cancelled: usize,
+    awaiting: usize,
     churned: usize,
     refused: usize,
 }
@@ -89,6 +95,9 @@ struct Placed {
     total: Money,
     pays: bool,
 }
+
+/// How long the demo waits for a process (its own, or a server's) to take an event.
+const PROCESS_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 struct Story<'a> {
     system: &'a System,
@@ -124,6 +133,40 @@ impl Story<'_> {
                 Ok(false)
             }
             Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Waits until the consumer `name` has taken the log up to `position`, whichever
+    /// process runs it.
+    async fn wait_for(&self, name: &str, position: u64) -> anyhow::Result<()> {
+        if !self
+            .system
+            .wait_for_consumer(name, position, PROCESS_WAIT)
+            .await?
+        {
+            let status = match self.system.consumer(name) {
+                Some(consumer) => consumer.status().await?.status,
+                None => "unknown",
+            };
+            bail!(
+                "{name} did not reach position {position} within {} s (it is {status}; \
+                 see `annals parked list --consumer {name}` or GET /admin/consumers)",
+                PROCESS_WAIT.as_secs()
+            );
+        }
+        Ok(())
+    }
+
+    /// Waits until every consumer has taken the whole log, its processes' commands too.
+    async fn settle(&self) -> anyhow::Result<u64> {
+        loop {
+            let head = self.system.store.head().await?;
+            for name in self.system.consumer_names() {
+                self.wait_for(name, head).await?;
+            }
+            if self.system.store.head().await? == head {
+                return Ok(head);
+            }
         }
     }
 
@@ -235,16 +278,14 @@ impl Story<'_> {
             .handler::<Lead>()
             .execute(lead, command, &self.context(&format!("{n}/convert")))
             .await;
+        let position = converted.as_ref().map_or(0, |outcome| outcome.position);
         if self.accepted(converted)? {
             self.tally.converted += 1;
             self.tally.accounts += 1;
-            // The conversion process opens the account and the deal.
-            if let Some(conversion) = self
-                .system
-                .consumer(annals_projections::lead_conversion::NAME)
-            {
-                conversion.catch_up().await?;
-            }
+            // The conversion process opens the account and the deal (here, or on a
+            // server beside the demo).
+            self.wait_for(annals_projections::lead_conversion::NAME, position)
+                .await?;
             self.tally.deals += 1;
             self.work_deal(&format!("{n}"), deal_id).await?;
         }
@@ -404,15 +445,12 @@ impl Story<'_> {
     }
 
     /// The orders' lives: invoiced by the order process, most paid (their subscriptions
-    /// started, then some expanded, contracted or churned), the others cancelled when
-    /// the demo's clock passes their payment deadline.
-    async fn sell(&mut self, clock: &ManualClock) -> anyhow::Result<()> {
-        let saga = self
-            .system
-            .consumer(order_saga::NAME)
-            .context("the order process is not running")?
-            .clone();
-        saga.catch_up().await?;
+    /// started, then some expanded, contracted or churned); of the others, half are
+    /// cancelled by their customer and half left awaiting payment (their deadline falls
+    /// due on the real clock, long after the demo).
+    async fn sell(&mut self) -> anyhow::Result<()> {
+        let head = self.system.store.head().await?;
+        self.wait_for(order_saga::NAME, head).await?;
         let orders = self.system.handler::<Order>();
         let subscriptions = self.system.handler::<Subscription>();
         let placed = std::mem::take(&mut self.orders);
@@ -427,7 +465,8 @@ impl Story<'_> {
                 self.tally.paid += 1;
             }
         }
-        saga.catch_up().await?;
+        let head = self.system.store.head().await?;
+        self.wait_for(order_saga::NAME, head).await?;
         for order in placed.iter().filter(|o| o.pays) {
             let id = order_saga::subscription_id(order.id);
             let roll: f64 = self.rng.random();
@@ -457,26 +496,29 @@ impl Story<'_> {
                 self.tally.churned += 1;
             }
         }
-        // The unpaid orders time out: the demo's clock passes their deadline.
-        let unpaid = placed.iter().filter(|o| !o.pays).count();
-        if unpaid > 0 {
-            clock.advance(order_saga_timeout() + chrono::Duration::days(1));
-            if let Some(due) = self.system.consumer(due_timers::NAME) {
-                due.catch_up().await?;
+        // The unpaid orders: every other one cancelled by its customer; the rest await
+        // payment until their deadline on the real clock.
+        for (n, order) in placed.iter().filter(|o| !o.pays).enumerate() {
+            if n % 2 == 1 {
+                self.tally.awaiting += 1;
+                continue;
             }
-            self.system.scheduler.fire_due().await?;
-            saga.catch_up().await?;
-            self.tally.timed_out = unpaid;
+            let cancel = OrderCommand::Cancel {
+                reason: Reason::parse("the customer changed their mind")?,
+            };
+            let cancelled = orders
+                .execute(
+                    order.id,
+                    cancel,
+                    &self.context(&format!("{}/cancel", order.id)),
+                )
+                .await;
+            if self.accepted(cancelled)? {
+                self.tally.cancelled += 1;
+            }
         }
         Ok(())
     }
-}
-
-/// The payment deadline the demo's clock moves past (the setting's default unless set).
-fn order_saga_timeout() -> chrono::Duration {
-    annals_api::process_settings()
-        .map(|s| s.payment_timeout)
-        .unwrap_or_else(|_| chrono::Duration::days(7))
 }
 
 fn title(word: &str) -> String {
@@ -487,12 +529,7 @@ fn title(word: &str) -> String {
         .unwrap_or_default()
 }
 
-pub async fn run(
-    system: &System,
-    clock: &ManualClock,
-    leads: usize,
-    seed: u64,
-) -> anyhow::Result<()> {
+pub async fn run(system: &System, leads: usize, seed: u64) -> anyhow::Result<()> {
     let mut story = Story {
         system,
         seed,
@@ -522,14 +559,15 @@ pub async fn run(
             .with_context(|| format!("demo account {n}"))?;
         bar.inc(1);
     }
-    story.sell(clock).await.context("demo orders")?;
+    story.sell().await.context("demo orders")?;
+    let head = story.settle().await.context("demo consumers")?;
     bar.finish_and_clear();
     let t = &story.tally;
-    let head = system.store.head().await?;
     println!(
         "demo (seed {seed}): {} leads ({} qualified, {} converted, {} disqualified), \
-         {} accounts, {} deals ({} won, {} lost), {} orders ({} paid, {} timed out), {} \
-         subscriptions churned; the log holds {head} events",
+         {} accounts, {} deals ({} won, {} lost), {} orders ({} paid, {} cancelled by \
+         their customer, {} awaiting payment), {} subscriptions churned; the log holds \
+         {head} events",
         t.leads,
         t.qualified,
         t.converted,
@@ -540,7 +578,8 @@ pub async fn run(
         t.lost,
         t.orders,
         t.paid,
-        t.timed_out,
+        t.cancelled,
+        t.awaiting,
         t.churned
     );
     if t.refused > 0 {

@@ -70,11 +70,25 @@ pub struct ConsumerItem {
     pub head: u64,
     pub lag: u64,
     /// `running`, `catching_up` (more than a batch behind), `rebuilding` (a read model's
-    /// rebuild or verify) or `halted` (stopped before a parked event).
+    /// rebuild or verify), `halted` (stopped before a parked event) or `stalled` (it has
+    /// lag, and its checkpoint has not moved for longer than a lease's life,
+    /// `ANNALS_LEASE_TTL`, since it last moved or its lease was last taken: its holder
+    /// is stalled, or nobody holds it; another server takes it over once the lease
+    /// expires).
     pub status: String,
     pub last_error: Option<String>,
     /// How many events it has parked that nobody retried or skipped.
     pub parked: u64,
+    /// The process that holds (or last held) its lease, as `host:pid:random`; `null`
+    /// when no process ever took it. Only that process runs the consumer while its
+    /// lease is live.
+    pub holder: Option<String>,
+    /// When that lease expires unless renewed, or expired (RFC 3339, by the database's
+    /// clock); `null` with `holder`.
+    pub lease_expires_at: Option<String>,
+    /// When its checkpoint last moved (RFC 3339, by the database's clock); `null` when it
+    /// has not moved since this was recorded.
+    pub moved_at: Option<String>,
 }
 
 /// What kind of consumer: `read_model` (rows and checkpoint in one transaction, exactly
@@ -231,7 +245,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Actor {
 }
 
 /// Every consumer of the log (read models, processes, outbound): checkpoint, head of the
-/// log, lag, status, last error and how many events it parked.
+/// log, lag, status, last error, how many events it parked, and who holds its lease.
 #[utoipa::path(get, path = "/admin/consumers", tag = "admin",
     responses((status = 200, description = "The consumers", body = ConsumerList), crate::openapi::OperatorListProblems),
     security(("bearer" = ["operator"])))]
@@ -248,6 +262,9 @@ async fn list_consumers(State(app): State<Arc<App>>) -> Result<Json<ConsumerList
             status: status.status.to_owned(),
             last_error: status.last_error,
             parked: status.parked,
+            holder: status.holder,
+            lease_expires_at: status.lease_expires_at,
+            moved_at: status.moved_at,
         });
     }
     Ok(Json(ConsumerList {

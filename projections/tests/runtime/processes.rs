@@ -269,8 +269,8 @@ async fn a_process_killed_after_acting_acts_again_with_the_same_effect(db: Arc<F
 
 /// An outbound consumer that records what it delivered: each event's id and position.
 #[derive(Debug, Default)]
-struct Recording {
-    delivered: Mutex<Vec<(Uuid, u64)>>,
+pub(super) struct Recording {
+    pub(super) delivered: Mutex<Vec<(Uuid, u64)>>,
 }
 
 #[async_trait]
@@ -380,7 +380,7 @@ impl Process for Refusing {
     }
 }
 
-async fn captured_leads(db: &Fixture, n: usize) -> Vec<u64> {
+pub(super) async fn captured_leads(db: &Fixture, n: usize) -> Vec<u64> {
     let leads = CommandHandler::<Lead>::new(db.store(), HandlerConfig::default());
     let mut positions = Vec::new();
     for i in 0..n {
