@@ -326,7 +326,8 @@ fn make_key_file(file: &std::path::Path) -> Result<(), ApiError> {
 /// The processes' settings from the environment, each a duration such as `30s`, `15m`,
 /// `24h` or `7d`: `ANNALS_LEAD_RESPONSE_DEADLINE` (24 hours when unset),
 /// `ANNALS_PAYMENT_TIMEOUT` (7 days when unset) and `ANNALS_LEASE_TTL`, the life of a
-/// lease on a consumer or the timer scheduler unless renewed (10 s when unset).
+/// lease on a consumer or the timer scheduler unless renewed (10 s when unset, at least
+/// 1 s).
 pub fn process_settings() -> Result<ProcessSettings, ApiError> {
     let mut settings = ProcessSettings::default();
     for (name, setting) in [
@@ -345,6 +346,14 @@ pub fn process_settings() -> Result<ProcessSettings, ApiError> {
                 ))
             })?;
         }
+    }
+    // Shorter, renewals (every third of it) and the sessions' idle-in-transaction bound
+    // (at most the life) would cut a healthy server's own work.
+    if settings.lease_life < chrono::Duration::seconds(1) {
+        return Err(ApiError::InvalidSettings(format!(
+            "ANNALS_LEASE_TTL is {}ms: a lease lives at least 1s",
+            settings.lease_life.num_milliseconds()
+        )));
     }
     Ok(settings)
 }

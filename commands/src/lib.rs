@@ -50,6 +50,10 @@ pub struct HandlerConfig {
     /// jittered backoff each time, before it gives up (`ConcurrencyConflict`), once it
     /// has also been decided `max_attempts` times.
     pub conflict_wait: Duration,
+    /// How long a command waits for its aggregate's turn (the commands before it to that
+    /// aggregate on this handler) before it gives up (`ConcurrencyConflict`): a store
+    /// that hangs under one command never holds the others for ever.
+    pub turn_wait: Duration,
     /// How long idempotency keys are kept.
     pub idempotency_retention: Duration,
     /// What turns a command into the digest its idempotency record keeps, when the
@@ -83,6 +87,7 @@ impl Default for HandlerConfig {
             snapshot_every: 100,
             max_attempts: 5,
             conflict_wait: Duration::from_secs(1),
+            turn_wait: Duration::from_secs(30),
             idempotency_retention: Duration::from_secs(24 * 60 * 60),
             request_digest: None,
         }
@@ -219,6 +224,11 @@ impl Turns {
     async fn take(&self, id: Uuid) -> Turn<'_> {
         let queue = {
             let mut queues = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+            // A waiter cancelled before its turn came leaves its aggregate's entry
+            // behind, held by the map alone: swept now and then, as the map doubles.
+            if queues.len() >= 1_024 && queues.len().is_power_of_two() {
+                queues.retain(|_, queue| Arc::strong_count(queue) > 1);
+            }
             queues.entry(id).or_default().clone()
         };
         let held = queue.clone().lock_owned().await;
@@ -410,7 +420,9 @@ impl<A: Aggregate> CommandHandler<A> {
         };
 
         // Commands to this aggregate through this handler take turns from here.
-        let _turn = self.turns.take(id).await;
+        let _turn = tokio::time::timeout(self.config.turn_wait, self.turns.take(id))
+            .await
+            .map_err(|_| CommandError::ConcurrencyConflict { attempts: 0 })?;
         let started = std::time::Instant::now();
         let mut attempt = 0;
         loop {

@@ -7,8 +7,8 @@
 use crate::rows::Column;
 use crate::runner::StepError;
 use crate::{
-    ConsumerRunner, Outcome, PausePoint, ProjectionError, ReadTx, RebuildClaim, bump, now_micros,
-    read_checkpoint_of,
+    ConsumerRunner, FailurePolicy, Outcome, PausePoint, ProjectionError, ReadTx, RebuildClaim,
+    bump, now_micros, read_checkpoint_of,
 };
 
 impl ConsumerRunner {
@@ -153,12 +153,13 @@ impl ConsumerRunner {
         limit: Option<u64>,
         spare: i64,
     ) -> Result<(), ProjectionError> {
-        let halt = self.halted_before().await?;
-        let limit = match (limit, halt) {
-            (Some(limit), Some(halt)) => Some(limit.min(halt)),
-            (limit, halt) => limit.or(halt),
-        };
         loop {
+            // Read again at every batch: the live runner may park an event meanwhile.
+            let halt = self.halted_before().await?;
+            let limit = match (limit, halt) {
+                (Some(limit), Some(halt)) => Some(limit.min(halt)),
+                (limit, halt) => limit.or(halt),
+            };
             match self.step(generation, limit, self.rebuild_batch, None).await {
                 Ok((outcome, reached)) => {
                     self.progress.send_replace(reached);
@@ -221,6 +222,25 @@ impl ConsumerRunner {
             };
             let live_at = read_checkpoint_of(&mut tx, name, live).await?;
             let new_at = read_checkpoint_of(&mut tx, name, new).await?;
+            // An event the live runner parked (halting) after this generation had passed
+            // it: swapped in, the board would hold what the live one halted before.
+            if self.policy == FailurePolicy::Halt
+                && let Some(parked) = tx
+                    .fetch_int(
+                        "SELECT MIN(position) FROM projection_dead_letters \
+                          WHERE name = $1 AND skipped_at IS NULL",
+                        &[name.into()],
+                    )
+                    .await?
+                && u64::try_from(parked).is_ok_and(|parked| parked <= new_at)
+            {
+                tracing::warn!(
+                    projection = name,
+                    parked,
+                    "an event was parked behind the rebuild; retry or skip it, then rebuild"
+                );
+                return Err(ProjectionError::Busy(name.to_owned()));
+            }
             if new_at >= live_at {
                 tx.execute(
                     "UPDATE projections SET live_generation = $2 WHERE name = $1",

@@ -182,9 +182,18 @@ impl LeadRouting {
                 && matches!(step.event, LeadEvent::LeadAssigned { .. })
         });
         if let Some(assignment) = applied {
-            let decision = decided.ok_or_else(|| {
+            let mut decision = decided.ok_or_else(|| {
                 undecodable(cause, "the routing applied has no decision".to_owned())
             })?;
+            // What is recorded is what was applied.
+            if let LeadEvent::LeadAssigned {
+                owner,
+                previous_owner,
+            } = &assignment.event
+            {
+                decision.owner = owner.clone();
+                decision.previous_owner = previous_owner.clone();
+            }
             return self.record(cause, &decision, assignment.position).await;
         }
         let Some(command) = calls(&lead, &history) else {
@@ -252,7 +261,7 @@ impl LeadRouting {
         };
         let payload = serde_json::to_value(&decision)
             .map_err(|e| undecodable(cause, format!("the deadline's payload: {e}")))?;
-        schedule(
+        let timer = schedule(
             &self.timers,
             NAME,
             &cause.event_id.to_string(),
@@ -261,7 +270,9 @@ impl LeadRouting {
             &caused_by(NAME, cause, "deadline"),
         )
         .await?;
-        Ok(Some(decision))
+        // An attempt beside this one (a stalled server waking) may have made the
+        // decision first, on another routing state: the timer's is the one applied.
+        Ok(self.decision(timer).await?.or(Some(decision)))
     }
 
     /// The decision made for a cause: the payload of its deadline's timer, once

@@ -512,7 +512,7 @@ pub struct ConsumerStatus {
     pub last_error: Option<String>,
     /// How many events it has parked (and nobody skipped).
     pub parked: u64,
-    /// Who holds its lease (`host:pid:random`), when anyone ever took it.
+    /// Who holds its lease (`host:scope:pid:random`), when anyone ever took it.
     pub holder: Option<String>,
     /// When that lease expires, or expired (RFC 3339, by the database's clock).
     pub lease_expires_at: Option<String>,

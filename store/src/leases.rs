@@ -2,8 +2,8 @@
 //! scheduler) while several share one database. Written once over the dialects, in the
 //! `leases` table of the store's own database.
 //!
-//! A lease is a row per name: its holder (`holder_of_this_process`: host, pid and a
-//! random part, so an operator can tell which process), a fencing epoch, and an expiry
+//! A lease is a row per name: its holder (`holder_of_this_process`: host, the boot and
+//! pid namespace, pid and a random part, so an operator can tell which process), a fencing epoch, and an expiry
 //! computed by the database's clock (PostgreSQL's `clock_timestamp()`, SQLite's
 //! `julianday('now')`), so the servers' clocks never matter.
 //!
@@ -61,7 +61,10 @@ impl LeaseState {
     }
 }
 
-/// The holder id of this process: `host:pid:random`, the same for every lease it takes.
+/// The holder id of this process: `host:scope:pid:random`, the same for every lease it
+/// takes. The scope is the machine's boot and the process's pid namespace (`unknown`
+/// where they cannot be read), so two containers that share a host name but not a pid
+/// namespace never take each other for gone.
 pub fn holder_of_this_process() -> &'static str {
     static HOLDER: OnceLock<String> = OnceLock::new();
     HOLDER.get_or_init(|| {
@@ -73,9 +76,31 @@ pub fn holder_of_this_process() -> &'static str {
             .filter(|host| !host.is_empty())
             .unwrap_or_else(|| "localhost".to_owned());
         let random = uuid::Uuid::new_v4().simple().to_string();
-        format!("{host}:{}:{}", std::process::id(), &random[..8])
+        format!("{host}:{}:{}:{}", scope(), std::process::id(), &random[..8])
     })
 }
+
+/// Where this process's pids mean something: the machine's boot (the first part of its
+/// boot id) and the pid namespace's inode; `unknown` when either cannot be read.
+fn scope() -> String {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .and_then(|id| id.trim().split('-').next().map(str::to_owned))
+        .filter(|boot| !boot.is_empty() && boot.chars().all(|c| c.is_ascii_hexdigit()));
+    let namespace = std::fs::read_link("/proc/self/ns/pid")
+        .ok()
+        .and_then(|link| {
+            let link = link.to_string_lossy().into_owned();
+            let inode = link.strip_prefix("pid:[")?.strip_suffix(']')?.to_owned();
+            inode.chars().all(|c| c.is_ascii_digit()).then_some(inode)
+        });
+    match (boot, namespace) {
+        (Some(boot), Some(namespace)) => format!("{boot}-{namespace}"),
+        _ => UNKNOWN_SCOPE.to_owned(),
+    }
+}
+
+const UNKNOWN_SCOPE: &str = "unknown";
 
 /// Whether `holder` names a process of this host that is no longer running (a
 /// `holder_of_this_process` of another process, whose pid is gone or a zombie). `false`
@@ -87,7 +112,12 @@ pub(crate) fn is_gone(holder: &str) -> bool {
     else {
         return false;
     };
-    if host != my_host || pid == my_pid || !cfg!(target_os = "linux") {
+    // `host` is the host and the scope: the same machine's boot and pid namespace.
+    if host != my_host
+        || pid == my_pid
+        || my_host.ends_with(&format!(":{UNKNOWN_SCOPE}"))
+        || !cfg!(target_os = "linux")
+    {
         return false;
     }
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -100,6 +130,7 @@ pub(crate) fn is_gone(holder: &str) -> bool {
     }
 }
 
+/// The `host:scope` and the pid of a holder id.
 fn host_and_pid(holder: &str) -> Option<(&str, u32)> {
     let mut parts = holder.rsplitn(3, ':');
     let _random = parts.next()?;

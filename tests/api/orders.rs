@@ -100,6 +100,13 @@ async fn an_order_goes_from_placed_to_a_running_subscription(db: Arc<Fixture>) {
     );
     let order_id: uuid::Uuid = order.parse().unwrap();
     assert_eq!(invoiced["invoice_id"], json!(invoice_id(order_id)));
+    // The saga sets the payment deadline once it takes the invoice (an order paid before
+    // then needs none): wait for it, so that its stop is seen below.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while events_of(&db, "TimerScheduled").await.is_empty() {
+        assert!(std::time::Instant::now() < until, "no deadline set");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 
     // A payment of another amount is refused; the total is taken.
     let short = server

@@ -166,6 +166,25 @@ fn a_lead_response_deadline_that_is_not_a_duration_is_refused_at_start() {
     }
 }
 
+/// A lease life under a second (which would cut the server's own sessions, the idle
+/// transaction bound being at most the life) stops the start with a message naming it.
+#[test]
+fn a_lease_life_under_a_second_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("lease.db").display());
+    for bad in ["1ms", "999ms", "soon"] {
+        let refused = annals()
+            .args(["serve", "--database-url", &url, "--listen", "127.0.0.1:0"])
+            .env("ANNALS_LEASE_TTL", bad)
+            .output()
+            .unwrap();
+        assert!(!refused.status.success(), "{bad}");
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(stderr.contains("ANNALS_LEASE_TTL"), "{bad}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anonymous_on_loopback_logs_json_with_the_correlation_id_and_counts_metrics() {
     let dir = tempfile::tempdir().unwrap();

@@ -79,7 +79,7 @@ pub struct ConsumerItem {
     pub last_error: Option<String>,
     /// How many events it has parked that nobody retried or skipped.
     pub parked: u64,
-    /// The process that holds (or last held) its lease, as `host:pid:random`; `null`
+    /// The process that holds (or last held) its lease, as `host:scope:pid:random`; `null`
     /// when no process ever took it. Only that process runs the consumer while its
     /// lease is live.
     pub holder: Option<String>,

@@ -24,6 +24,7 @@ on_both_backends!(
     the_router_never_assigns_over_an_assignment_made_by_hand_meanwhile,
     a_routing_acted_on_again_after_the_keys_were_purged_is_done_once,
     an_owner_who_acted_before_the_deadline_keeps_the_lead,
+    a_decision_made_meanwhile_by_another_attempt_is_the_one_applied,
 );
 
 /// The routing process's runner over `store`, with handlers of its own.
@@ -332,4 +333,52 @@ fn aggregate_of(event: &RecordedEvent) -> String {
         .split_once('-')
         .map(|(_, id)| id.to_owned())
         .unwrap_or_default()
+}
+
+/// Another attempt at the same qualification (a stalled server waking) makes its
+/// decision, zed, just before this one's deadline is scheduled: the timer is then
+/// another attempt's, and this one applies and records what the timer holds, so the
+/// lead's owner, its `LeadRouted` and its deadline all name zed. (Applying its own
+/// decision, ada got the lead while the deadline waited for zed, who never had it: the
+/// deadline never reassigned it.)
+async fn a_decision_made_meanwhile_by_another_attempt_is_the_one_applied(db: Arc<Fixture>) {
+    let lead = routed_lead(&db).await;
+    let qualified = events_of(&db, "LeadQualified").await.remove(0);
+    let store = {
+        let (inner, cause) = (db.store(), qualified.event_id.to_string());
+        acting_once_before(
+            db.store(),
+            |request| request.stream.as_str().starts_with("timer-"),
+            move || -> BoxFuture<'static, ()> {
+                let (inner, cause) = (inner.clone(), cause.clone());
+                Box::pin(async move {
+                    let theirs = serde_json::json!({
+                        "lead_id": lead, "rule": "all", "owner": "zed",
+                    });
+                    annals_projections::timers::schedule(
+                        &CommandHandler::<Timer>::new(inner, HandlerConfig::default()),
+                        lead_routing::NAME,
+                        &cause,
+                        chrono::Utc::now() + chrono::Duration::hours(24),
+                        theirs,
+                        &context(),
+                    )
+                    .await
+                    .unwrap();
+                })
+            },
+        )
+    };
+    router(&db, store).catch_up().await.unwrap();
+    assert_eq!(
+        owner(&db, lead).await.as_deref(),
+        Some("zed"),
+        "the timer's owner"
+    );
+    let routed = events_of(&db, "LeadRouted").await;
+    assert_eq!(routed.len(), 1);
+    assert_eq!(routed[0].data["owner"], "zed");
+    let deadline = events_of(&db, "TimerScheduled").await;
+    assert_eq!(deadline.len(), 1);
+    assert_eq!(deadline[0].data["payload"]["owner"], "zed");
 }

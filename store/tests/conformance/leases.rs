@@ -152,7 +152,8 @@ async fn a_lease_s_expiry_is_the_database_s_clock(db: Arc<Fixture>) {
 
 /// A server killed with SIGKILL leaves its leases live; one restarted on the same host
 /// takes them at once, rather than waiting out their life. Only a process found gone:
-/// another host's, or a live one's of this host, is waited out.
+/// another host's, another pid namespace's (a container with the same host name), or a
+/// live one's of this host, is waited out.
 async fn a_lease_held_by_a_process_gone_from_this_host_is_taken_at_once(db: Arc<Fixture>) {
     let tables = db.tables();
     let life = Duration::from_secs(3600);
@@ -162,8 +163,14 @@ async fn a_lease_held_by_a_process_gone_from_this_host_is_taken_at_once(db: Arc<
     let mut gone = std::process::Command::new("true").spawn().unwrap();
     let pid = gone.id();
     gone.wait().unwrap();
+    let hostname = mine.split(':').next().unwrap();
     let cases = [
         (format!("elsewhere:{pid}:0a1b2c3d"), false),
+        // The same host name in another pid namespace (another container): waited out.
+        (
+            format!("{hostname}:0a1b2c3d-4026531836:{pid}:0a1b2c3d"),
+            false,
+        ),
         (format!("{host_and_pid}:0a1b2c3d"), false),
         (format!("{host}:{pid}:0a1b2c3d"), true),
     ];
