@@ -23,7 +23,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::database::{Backend, Fixture, run};
-use crate::server::{Answer, Server, TOKENS, WRITER, lead, qualified_lead};
+use crate::server::{Answer, Server, TOKENS, WRITER, lead, qualified_lead, won_deal};
 
 on_both_backends!(
     acknowledged_commands_survive_kill_9_and_no_command_sent_appends_twice,
@@ -1006,20 +1006,7 @@ async fn postgres_a_saga_cut_short_by_kill_9_is_finished_by_the_other_server() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let second = Server::start(db.url());
-        let account = second
-            .command("/accounts", json!({"name": "Initech"}))
-            .await;
-        let deal = second
-            .command(
-                "/deals",
-                json!({"account_id": account["id"], "name": "Engines",
-                       "amount": {"currency": "EUR", "amount_minor": 100}}),
-            )
-            .await;
-        let deal = deal["id"].as_str().unwrap().to_owned();
-        second
-            .command(&format!("/deals/{deal}/win"), json!({}))
-            .await;
+        let deal = won_deal(&second).await;
         let mut orders = Vec::new();
         for _ in 0..6 {
             let order = second
@@ -1110,20 +1097,7 @@ async fn postgres_an_order_cancelled_after_payment_while_the_saga_waits_is_refun
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let second = Server::start_with(db.url(), &settings);
-        let account = second
-            .command("/accounts", json!({"name": "Initech"}))
-            .await;
-        let deal = second
-            .command(
-                "/deals",
-                json!({"account_id": account["id"], "name": "Engines",
-                       "amount": {"currency": "EUR", "amount_minor": 100}}),
-            )
-            .await;
-        let deal = deal["id"].as_str().unwrap().to_owned();
-        second
-            .command(&format!("/deals/{deal}/win"), json!({}))
-            .await;
+        let deal = won_deal(&second).await;
         let order = second
             .command(
                 "/orders",

@@ -10,7 +10,7 @@ use reqwest::Method;
 use serde_json::json;
 
 use crate::database::{Backend, Fixture};
-use crate::server::{OPERATOR, Server, TOKENS, annals, qualified_lead};
+use crate::server::{OPERATOR, Server, TOKENS, annals, qualified_lead, won_deal};
 
 /// Every consumer of the log, and the timer scheduler: each has a lease.
 const LEASED: [&str; 12] = [
@@ -104,20 +104,7 @@ async fn sqlite_the_demo_and_a_second_server_run_beside_a_server_and_leave_its_t
             .await;
         assert_eq!(set.status, 200, "{:?}", set.body);
         // An order through the server, invoiced by its saga (due in 7 days).
-        let account = server
-            .command("/accounts", json!({"name": "Initech"}))
-            .await;
-        let deal = server
-            .command(
-                "/deals",
-                json!({"account_id": account["id"], "name": "Engines",
-                       "amount": {"currency": "EUR", "amount_minor": 100}}),
-            )
-            .await;
-        let deal = deal["id"].as_str().unwrap().to_owned();
-        server
-            .command(&format!("/deals/{deal}/win"), json!({}))
-            .await;
+        let deal = won_deal(&server).await;
         let order = server
             .command(
                 "/orders",

@@ -10,7 +10,7 @@ use annals_projections::order_saga::{invoice_id, subscription_id};
 use serde_json::{Value, json};
 
 use crate::database::Fixture;
-use crate::server::Server;
+use crate::server::{Server, won_deal};
 
 on_both_backends!(
     an_order_goes_from_placed_to_a_running_subscription,
@@ -23,23 +23,6 @@ fn with_timeout() -> [(&'static str, &'static str); 2] {
         ("ANNALS_API_TOKENS", crate::server::TOKENS),
         ("ANNALS_PAYMENT_TIMEOUT", "2s"),
     ]
-}
-
-/// A won deal of a new account, in EUR; the deal's id.
-async fn won_deal(server: &Server) -> String {
-    let account = server
-        .command("/accounts", json!({"name": "Initech"}))
-        .await;
-    let deal = server
-        .command(
-            "/deals",
-            json!({"account_id": account["id"], "name": "Engines",
-                   "amount": {"currency": "EUR", "amount_minor": 100000}}),
-        )
-        .await;
-    let id = deal["id"].as_str().unwrap().to_owned();
-    server.command(&format!("/deals/{id}/win"), json!({})).await;
-    id
 }
 
 /// An order for `deal`: two engines at 500.00, and support at 99.00 a month.

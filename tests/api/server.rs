@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::Method;
 use reqwest::header::HeaderMap;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// Three tokens, one per role, each with a name (the events' actor).
 pub const TOKENS: &str =
@@ -277,6 +277,23 @@ pub fn lead(name: &str) -> Value {
         "company": format!("{name} Industries"),
         "source": "web",
     })
+}
+
+/// A won deal of a new account, in EUR; the deal's id.
+pub async fn won_deal(server: &Server) -> String {
+    let account = server
+        .command("/accounts", json!({"name": "Initech"}))
+        .await;
+    let deal = server
+        .command(
+            "/deals",
+            json!({"account_id": account["id"], "name": "Engines",
+                   "amount": {"currency": "EUR", "amount_minor": 100000}}),
+        )
+        .await;
+    let id = deal["id"].as_str().unwrap().to_owned();
+    server.command(&format!("/deals/{id}/win"), json!({})).await;
+    id
 }
 
 /// Captures a lead and brings it to qualified (two demo requests); returns its id.
