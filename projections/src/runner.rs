@@ -324,7 +324,7 @@ impl ConsumerRunner {
     pub(crate) async fn halted_before(&self) -> Result<Option<u64>, ProjectionError> {
         Ok(match self.policy {
             FailurePolicy::Halt => self
-                .parked()
+                .parked_after(0, 1)
                 .await?
                 .first()
                 .map(|parked| parked.position.saturating_sub(1)),

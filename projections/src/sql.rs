@@ -127,12 +127,7 @@ impl ReadDatabase {
     /// The row of a consumer's lease, when it was ever taken.
     pub async fn lease_of(&self, consumer: &str) -> Result<Option<LeaseState>, ProjectionError> {
         let name = lease_name(consumer);
-        Ok(self
-            .0
-            .leases()
-            .await?
-            .into_iter()
-            .find(|state| state.name == name))
+        Ok(self.0.lease(&name).await?)
     }
 }
 

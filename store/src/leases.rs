@@ -193,11 +193,11 @@ pub(crate) fn fence_sql(now: &str, share_lock: &str) -> String {
     )
 }
 
-/// Every lease's row, and the database's clock, as text.
-pub(crate) fn states_sql(now: &str) -> String {
+/// The row of the lease `$1`, and the database's clock, as text.
+pub(crate) fn state_sql(now: &str) -> String {
     format!(
         "SELECT name, holder, CAST(epoch AS TEXT), CAST(expires_micros AS TEXT), \
                 CAST(taken_micros AS TEXT), CAST({now} AS TEXT) \
-           FROM leases ORDER BY name"
+           FROM leases WHERE name = $1"
     )
 }

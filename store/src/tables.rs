@@ -66,8 +66,8 @@ pub trait Tables: Send + Sync + Debug {
     /// Gives a lease back: it expires now, so another takes it at once.
     async fn release_lease(&self, lease: &Lease) -> Result<(), StoreError>;
 
-    /// Every lease's row, with the database's clock.
-    async fn leases(&self) -> Result<Vec<LeaseState>, StoreError>;
+    /// The row of the lease `name`, with the database's clock; `None` when never taken.
+    async fn lease(&self, name: &str) -> Result<Option<LeaseState>, StoreError>;
 
     /// The names of a table and of its indexes, as the catalog has them; none when there
     /// is no such table. Reading it takes no lock on the table.
@@ -208,7 +208,7 @@ impl<DB: Dialect> Tables for SqlStore<DB> {
         tx.commit().await?;
         if epoch.is_none() {
             // Held: by a process of this host that is gone, it is taken over now.
-            let held = self.leases().await?.into_iter().find(|l| l.name == name);
+            let held = self.lease(name).await?;
             if let Some(gone) = held.filter(|held| leases::is_gone(&held.holder)) {
                 let mut tx = self.begin_write().await?;
                 epoch = tx
@@ -271,12 +271,13 @@ impl<DB: Dialect> Tables for SqlStore<DB> {
         tx.commit().await
     }
 
-    async fn leases(&self) -> Result<Vec<LeaseState>, StoreError> {
+    async fn lease(&self, name: &str) -> Result<Option<LeaseState>, StoreError> {
         let rows = self
-            .fetch_text_rows(&leases::states_sql(DB::NOW_MICROS), &[])
+            .fetch_text_rows(&leases::state_sql(DB::NOW_MICROS), &[name.into()])
             .await?;
         let corrupt = || StoreError::Corrupt("a lease's row".into());
         rows.into_iter()
+            .next()
             .map(|row| {
                 let text = |i: usize| row.get(i).cloned().flatten().ok_or_else(corrupt);
                 let int = |i: usize| text(i)?.parse::<i64>().map_err(|_| corrupt());
@@ -289,7 +290,7 @@ impl<DB: Dialect> Tables for SqlStore<DB> {
                     now_micros: int(5)?,
                 })
             })
-            .collect()
+            .transpose()
     }
 
     async fn schema_of(&self, table: &str) -> Result<Vec<String>, StoreError> {

@@ -23,7 +23,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::database::{Backend, Fixture, run};
-use crate::server::{Answer, Server, TOKENS, WRITER, lead, qualified_lead, won_deal};
+use crate::server::{Answer, Server, TOKENS, WRITER, lead, qualified_lead, strip_ansi, won_deal};
 
 on_both_backends!(
     acknowledged_commands_survive_kill_9_and_no_command_sent_appends_twice,
@@ -697,23 +697,6 @@ async fn postgres_projections_move_to_the_other_server_when_one_is_killed() {
         assert_read_models_verify(&second).await;
     })
     .await;
-}
-
-fn strip_ansi(text: &str) -> String {
-    let mut plain = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for end in chars.by_ref() {
-                if end.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            plain.push(c);
-        }
-    }
-    plain
 }
 
 /// A `LeadCaptured` event as the domain writes it.

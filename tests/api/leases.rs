@@ -10,7 +10,7 @@ use reqwest::Method;
 use serde_json::json;
 
 use crate::database::{Backend, Fixture};
-use crate::server::{OPERATOR, Server, TOKENS, annals, qualified_lead, won_deal};
+use crate::server::{OPERATOR, Server, TOKENS, annals, qualified_lead, strip_ansi, won_deal};
 
 /// Every consumer of the log, and the timer scheduler: each has a lease.
 const LEASED: [&str; 12] = [
@@ -28,26 +28,9 @@ const LEASED: [&str; 12] = [
     "timer_scheduler",
 ];
 
-fn plain(text: &str) -> String {
-    let mut plain = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for end in chars.by_ref() {
-                if end.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            plain.push(c);
-        }
-    }
-    plain
-}
-
 /// How many times a server's log says it took `consumer`'s lease.
 fn taken(server: &Server, consumer: &str) -> usize {
-    plain(&server.logs())
+    strip_ansi(&server.logs())
         .matches(&format!("lease taken; running consumer=\"{consumer}\""))
         .count()
 }
@@ -133,7 +116,7 @@ async fn sqlite_the_demo_and_a_second_server_run_beside_a_server_and_leave_its_t
             ],
         );
         let standing = |c: &str| {
-            plain(&second.logs()).contains(&format!(
+            strip_ansi(&second.logs()).contains(&format!(
                 "lease held elsewhere; standing by consumer=\"{c}\""
             ))
         };

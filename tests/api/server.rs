@@ -312,3 +312,21 @@ pub async fn qualified_lead(server: &Server, name: &str) -> String {
     }
     id
 }
+
+/// A server's log as text, without the terminal's colour codes.
+pub fn strip_ansi(text: &str) -> String {
+    let mut plain = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for end in chars.by_ref() {
+                if end.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
+}

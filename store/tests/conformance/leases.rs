@@ -51,13 +51,10 @@ async fn a_lease_not_renewed_expires_and_is_taken_over_at_a_higher_epoch(db: Arc
         !tables.renew_lease(&first, LIFE).await.unwrap(),
         "the old holder renews a lease taken over"
     );
-    let states = tables.leases().await.unwrap();
-    assert_eq!(states.len(), 1);
-    assert_eq!(
-        (states[0].holder.as_str(), states[0].epoch),
-        ("b", second.epoch)
-    );
-    assert!(!states[0].expired());
+    let state = tables.lease("work").await.unwrap().unwrap();
+    assert_eq!((state.holder.as_str(), state.epoch), ("b", second.epoch));
+    assert!(!state.expired());
+    assert_eq!(tables.lease("other work").await.unwrap(), None);
     // The same holder taking it again after its own expiry gets a new epoch too.
     tokio::time::sleep(LIFE + Duration::from_millis(100)).await;
     let third = tables.try_lease("work", "b", LIFE).await.unwrap().unwrap();
@@ -134,7 +131,7 @@ async fn a_lease_s_expiry_is_the_database_s_clock(db: Arc<Fixture>) {
     let tables = db.tables();
     let life = Duration::from_secs(3600);
     let first = tables.try_lease("work", "a", life).await.unwrap().unwrap();
-    let state = tables.leases().await.unwrap().remove(0);
+    let state = tables.lease("work").await.unwrap().unwrap();
     let left = state.expires_micros - state.now_micros;
     assert!(
         (3_590_000_000..=3_600_000_000).contains(&left),
@@ -143,7 +140,7 @@ async fn a_lease_s_expiry_is_the_database_s_clock(db: Arc<Fixture>) {
     // The database's time passes the expiry (the row moved back by more than its life).
     db.execute("UPDATE leases SET expires_micros = expires_micros - 3600000001")
         .await;
-    assert!(tables.leases().await.unwrap()[0].expired());
+    assert!(tables.lease("work").await.unwrap().unwrap().expired());
     let second = tables.try_lease("work", "b", life).await.unwrap().unwrap();
     assert!(second.epoch > first.epoch);
     let mut tx = tables.begin_write().await.unwrap();
