@@ -1,7 +1,9 @@
 //! Who is calling, and what they may do: bearer tokens with roles from
 //! `ANNALS_API_TOKENS`, and each route's roles as the OpenAPI document declares them.
 //!
-//! Invariants: a presented token is compared with every known token in constant time (by
+//! Invariants: every token is its own principal (no two tokens share a name, an unnamed
+//! token being named after its role), so two clients never share an actor or an
+//! idempotency key's scope; a presented token is compared with every known token in constant time (by
 //! their SHA-256 digests, so lengths leak nothing either); a route the document gives no
 //! security is the operator's alone, so a forgotten annotation closes a route rather than
 //! opening it.
@@ -118,12 +120,19 @@ impl Tokens {
             if tokens.iter().any(|t: &Token| t.digest == digest) {
                 return Err(bad("the same token is given twice"));
             }
+            // Every token is its own principal: the actor of its events, the scope of its
+            // idempotency keys. An unnamed token is named after its role.
+            let actor = name.unwrap_or(role.as_str()).to_owned();
+            if tokens.iter().any(|t: &Token| t.caller.actor == actor) {
+                return Err(bad(&format!(
+                    "another token is named {actor:?} too (a token given as role:token is \
+                     named after its role); give each token a name of its own, as \
+                     role:name:token"
+                )));
+            }
             tokens.push(Token {
                 digest,
-                caller: Caller {
-                    actor: name.unwrap_or(role.as_str()).to_owned(),
-                    role,
-                },
+                caller: Caller { actor, role },
             });
         }
         Ok(Tokens(Some(tokens)))
@@ -263,6 +272,9 @@ mod tests {
             "writer::x",
             "",
             "writer:same,operator:same",
+            "writer:one,writer:two",
+            "writer:w1,analyst:writer:a1",
+            "writer:bob:w1,operator:bob:o1",
         ] {
             assert!(Tokens::parse(spec).is_err(), "{spec}");
         }

@@ -23,10 +23,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 pub struct Database {
     /// `sqlite://annals.db` (the embedded default, created when missing) or
     /// `postgres://…`.
+    // The URL may hold a password: `--help` never shows the variable's value.
     #[arg(
         long,
         env = "ANNALS_DATABASE_URL",
-        default_value = "sqlite://annals.db"
+        default_value = "sqlite://annals.db",
+        hide_env_values = true
     )]
     pub database_url: String,
 }

@@ -49,10 +49,26 @@ pub enum ApiError {
     UnsupportedMediaType,
     #[error("this path does not take this method")]
     MethodNotAllowed,
+    /// The request's `Host` names another server (a DNS rebinding, or a setting missing
+    /// from `ANNALS_ALLOWED_HOSTS`): 421.
+    #[error(
+        "this server does not answer to the request's Host; it answers to its listen \
+         address and to the names in ANNALS_ALLOWED_HOSTS"
+    )]
+    UnknownHost,
+    /// A browser page of another origin tried to change state: 403.
+    #[error(
+        "a page of origin {0} may not change state here; the server's own origin and those \
+         in ANNALS_ALLOWED_ORIGINS may"
+    )]
+    CrossOrigin(String),
     #[error("projection {projection} has not reached position {position} yet")]
     ProjectionLagging { projection: String, position: u64 },
     #[error("the request took longer than {0:?}")]
     Timeout(Duration),
+    /// A command's body did not arrive before its deadline: nothing was written.
+    #[error("the body did not arrive in time; nothing was written")]
+    BodyTimeout,
     #[error("the server is not ready: {0}")]
     NotReady(String),
     /// What was asked for is gone for good (an erased lead's personal data): 410.
@@ -77,7 +93,8 @@ pub struct Problem {
     pub detail: String,
     /// The stable code clients match on (`duplicate-email`, `version-mismatch`, …).
     pub code: String,
-    /// For `duplicate-email`: the lead that holds the email.
+    /// For `duplicate-email`, to a caller whose role may read leads: the lead that
+    /// holds the email.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub existing_id: Option<String>,
 }
@@ -168,12 +185,16 @@ impl ApiError {
                 told(),
             ),
             MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", told()),
+            UnknownHost => (StatusCode::MISDIRECTED_REQUEST, "unknown-host", told()),
+            CrossOrigin(_) => (StatusCode::FORBIDDEN, "cross-origin", told()),
             ProjectionLagging { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "projection-lagging",
                 told(),
             ),
-            Timeout(_) => (StatusCode::SERVICE_UNAVAILABLE, "timeout", told()),
+            Timeout(_) | BodyTimeout | Command(CommandError::TimedOut) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "timeout", told())
+            }
             InvalidSettings(_) | Panicked => internal(),
             Gone => (StatusCode::GONE, "erased", told()),
             NotReady(_) => (

@@ -4,7 +4,9 @@
 
 use annals_commands::CommandContext;
 use annals_store::EncryptedStore;
-use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
+use axum::extract::{
+    FromRequest, FromRequestParts, MatchedPath, Path, Query, RawPathParams, Request,
+};
 use axum::http::header;
 use axum::http::request::Parts;
 use futures::StreamExt;
@@ -15,12 +17,13 @@ use crate::auth::Caller;
 use crate::contract::{self, Limit};
 
 use crate::error::ApiError;
-use crate::observe::CorrelationId;
+use crate::observe::{CorrelationId, RequestDeadline};
 
 /// The largest body the API reads.
 pub const BODY_LIMIT: usize = 1024 * 1024;
 
-/// A JSON body; an empty body reads as `{}`. `digest` identifies the body's content
+/// A JSON body, sent as `application/json` (or a `+json` type; 415 otherwise); an empty
+/// body reads as `{}`. `digest` identifies the body's content
 /// (whatever its key order or spacing), for idempotency.
 #[derive(Debug)]
 pub struct JsonBody<T> {
@@ -45,10 +48,19 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
                     .to_ascii_lowercase();
                 essence == "application/json" || essence.ends_with("+json")
             });
-        let bytes = read_body(request).await?;
+        let deadline = request.extensions().get::<RequestDeadline>().copied();
+        let bytes = match deadline {
+            Some(RequestDeadline(deadline)) => {
+                tokio::time::timeout_at(deadline, read_body(request))
+                    .await
+                    .map_err(|_| ApiError::BodyTimeout)??
+            }
+            None => read_body(request).await?,
+        };
         let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
             b"{}"
-        } else if json_type == Some(false) {
+        } else if json_type != Some(true) {
+            // Without a type too: a page's no-CORS `fetch` of a Blob sends none.
             return Err(ApiError::UnsupportedMediaType);
         } else {
             &bytes
@@ -144,6 +156,7 @@ pub struct CommandMeta {
     pub expected_version: Option<u64>,
     pub idempotency_key: Option<String>,
     route: String,
+    deadline: Option<tokio::time::Instant>,
 }
 
 impl CommandMeta {
@@ -158,6 +171,7 @@ impl CommandMeta {
             expected_version: self.expected_version,
             idempotency_key: self.idempotency_key.clone(),
             request_hash: Some(personal.keyed_hash(&request)),
+            deadline: self.deadline,
         }
     }
 }
@@ -211,13 +225,57 @@ impl<S: Send + Sync> FromRequestParts<S> for CommandMeta {
                 "Idempotency-Key must be 1 to 200 visible ASCII characters",
             ));
         }
+        let path = understood_path(parts).await;
+        let route = format!("{} {path}", parts.method);
+        let deadline = parts
+            .extensions
+            .get::<RequestDeadline>()
+            .map(|deadline| deadline.0);
         Ok(CommandMeta {
             caller,
             correlation_id,
             expected_version,
             idempotency_key,
-            route: format!("{} {}", parts.method, parts.uri.path()),
+            route,
+            deadline,
         })
+    }
+}
+
+/// The path as the server understood it: the route with each parameter as it was read
+/// (an id in its one spelling, whatever the letter case it was sent in), so that a retry
+/// spelled otherwise is the same request.
+async fn understood_path(parts: &mut Parts) -> String {
+    let Some(route) = parts
+        .extensions
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+    else {
+        return parts.uri.path().to_owned();
+    };
+    let Ok(params) = RawPathParams::from_request_parts(parts, &()).await else {
+        return parts.uri.path().to_owned();
+    };
+    params.iter().fold(route, |path, (name, value)| {
+        let value =
+            uuid::Uuid::parse_str(value).map_or_else(|_| value.to_owned(), |id| id.to_string());
+        path.replace(&format!("{{{name}}}"), &value)
+    })
+}
+
+/// A name from the path (a projection's, a consumer's, a stream's); one that is not
+/// UTF-8 names nothing (404, as every refusal, a problem).
+#[derive(Debug, Clone)]
+pub struct Name(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for Name {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(name)| Name(name))
+            .map_err(|_| ApiError::not_found("not-found", "the path names nothing here"))
     }
 }
 

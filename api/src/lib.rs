@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod contract;
 pub mod dto;
+pub mod edge;
 pub mod error;
 pub mod extract;
 pub mod observe;

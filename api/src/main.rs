@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use annals_api::edge::Bounds;
 use annals_api::{Settings, System, Tokens};
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
@@ -42,6 +43,26 @@ enum Command {
         /// milliseconds.
         #[arg(long, env = "ANNALS_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
         request_timeout_ms: u64,
+        /// Host names the server answers to besides its listen address, comma-separated
+        /// (`*` for any, behind a proxy that checks them).
+        #[arg(long, env = "ANNALS_ALLOWED_HOSTS", value_delimiter = ',')]
+        allowed_hosts: Vec<String>,
+        /// Browser origins besides the server's own whose pages may change state,
+        /// comma-separated (`https://crm.example.com`).
+        #[arg(long, env = "ANNALS_ALLOWED_ORIGINS", value_delimiter = ',')]
+        allowed_origins: Vec<String>,
+        /// How long a client may take to send a request's headers, and how long a
+        /// keep-alive connection may stay idle.
+        #[arg(long, env = "ANNALS_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = duration)]
+        header_read_timeout: Duration,
+        /// How many connections may be open at once; more wait to be accepted.
+        #[arg(long, env = "ANNALS_MAX_CONNECTIONS", default_value_t = 1024,
+              value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        max_connections: u32,
+        /// At shutdown, how long requests in flight may take before their connections
+        /// are closed.
+        #[arg(long, env = "ANNALS_SHUTDOWN_GRACE", default_value = "10s", value_parser = duration)]
+        shutdown_grace: Duration,
     },
     /// Apply pending database migrations (creating the SQLite file when missing).
     Migrate {
@@ -104,10 +125,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             listen,
             consistency_wait_ms,
             request_timeout_ms,
+            allowed_hosts,
+            allowed_origins,
+            header_read_timeout,
+            max_connections,
+            shutdown_grace,
         } => {
             let settings = Settings {
                 consistency_wait: Duration::from_millis(consistency_wait_ms),
                 request_timeout: Duration::from_millis(request_timeout_ms),
+                allowed_hosts,
+                allowed_origins,
+                bounds: Bounds {
+                    header_read_timeout,
+                    max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
+                    shutdown_grace,
+                },
             };
             serve(&database.database_url, &listen, settings).await?;
             Ok(ExitCode::SUCCESS)
@@ -151,10 +184,22 @@ async fn serve(database_url: &str, listen: &str, settings: Settings) -> anyhow::
         .await
         .with_context(|| format!("listening on {address}"))?;
     let local = listener.local_addr()?;
-    tracing::info!("annals is ready: listening on http://{local}");
+    tracing::info!(
+        database = %annals_api::system::redacted(database_url),
+        "annals is ready: listening on http://{local}"
+    );
     annals_api::serve(listener, system, tokens, settings, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// A duration setting (`500ms`, `10s`, `5m`).
+fn duration(text: &str) -> Result<Duration, String> {
+    annals_api::system::duration(text)
+        .and_then(|d| d.to_std().ok())
+        .ok_or_else(|| {
+            "a whole number and a unit, ms, s, m, h or d (say 10s), more than zero".to_owned()
+        })
 }
 
 /// Ctrl-C or SIGTERM.

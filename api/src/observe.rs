@@ -1,12 +1,17 @@
 //! What every request passes through: its correlation id (taken from `Correlation-Id`,
 //! or made) on every log line and echoed in the answer; the caller's token checked
-//! against the route's roles; the request timeout; and the Prometheus metrics.
+//! against the route's roles; the request timeout; the headers every answer carries;
+//! and the Prometheus metrics.
+//!
+//! Invariant: every metric label takes its value from a closed set (a method HTTP
+//! defines or `other`, the matched route or `unmatched`, a status, a command's name), so
+//! no client can grow `/metrics`.
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderValue, header};
+use axum::http::{HeaderValue, Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -72,30 +77,60 @@ pub async fn observe(request: Request, next: Next) -> Response {
         .map_or("unmatched", |p| p.as_str())
         .to_owned();
     let status = response.status().as_u16().to_string();
+    let method = method_label(&method);
     metrics::counter!(
         "annals_http_requests_total",
-        "method" => method.to_string(),
+        "method" => method,
         "route" => route.clone(),
         "status" => status.clone(),
     )
     .increment(1);
     metrics::histogram!(
         "annals_http_request_duration_seconds",
-        "method" => method.to_string(),
+        "method" => method,
         "route" => route,
     )
     .record(elapsed.as_secs_f64());
     span.in_scope(
         || tracing::debug!(status = %status, elapsed_ms = elapsed.as_millis() as u64, "answered"),
     );
+    let headers = response.headers_mut();
     if let Ok(value) = HeaderValue::from_str(&correlation_id) {
-        response.headers_mut().insert(CORRELATION_ID, value);
+        headers.insert(CORRELATION_ID, value);
     }
+    // No answer is sniffed into another type, and none is kept by a cache: most carry a
+    // person's email or name, and every one says how far the log had been read.
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers
+        .entry(header::CACHE_CONTROL)
+        .or_insert(HeaderValue::from_static("no-store"));
     response
 }
 
+/// A method as a metric's label: one of the methods HTTP defines, else `other` (a
+/// client may send any token as a method, and every label value is a new series kept
+/// for the process's life).
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        Method::TRACE => "TRACE",
+        Method::CONNECT => "CONNECT",
+        _ => "other",
+    }
+}
+
 /// Per route: the caller's token against the route's roles, then the handler under the
-/// request timeout (operator jobs under `/admin` run as long as they need).
+/// request timeout (operator jobs under `/admin` run as long as they need; a command is
+/// given up only before its append, see `RequestDeadline`).
 pub async fn guard(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
     let matched = request.extensions().get::<MatchedPath>().cloned();
     let path = matched.as_ref().map_or("", |p| p.as_str()).to_owned();
@@ -132,8 +167,21 @@ pub async fn guard(State(app): State<Arc<App>>, request: Request, next: Next) ->
     response
 }
 
-async fn run(app: &App, path: &str, request: Request, next: Next) -> Response {
+/// When the server stops waiting for a command: until its append is sent, and no longer.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestDeadline(pub tokio::time::Instant);
+
+async fn run(app: &App, path: &str, mut request: Request, next: Next) -> Response {
     if path.starts_with("/admin/") {
+        return next.run(request).await;
+    }
+    if !matches!(*request.method(), Method::GET | Method::HEAD) {
+        // A command is never cut from outside: once its append is sent it may commit,
+        // and an answer of 503 would invite a retry that duplicates it. Its body's read
+        // and its steps before the append keep to the deadline; after, it is answered
+        // with what the store did.
+        let deadline = tokio::time::Instant::now() + app.settings.request_timeout;
+        request.extensions_mut().insert(RequestDeadline(deadline));
         return next.run(request).await;
     }
     match tokio::time::timeout(app.settings.request_timeout, next.run(request)).await {

@@ -26,7 +26,24 @@ use crate::error::Problem;
         description = "An event-sourced revenue backend: leads, accounts and deals as \
                        commands in, events in an append-only log, read models out. \
                        Roles are the bearer scheme's scopes: `writer` issues commands, \
-                       `analyst` reads, `operator` may do everything."
+                       `analyst` reads, `operator` may do everything.\n\n\
+                       The edge's bounds, each a setting of `annals serve`: a request's \
+                       headers must arrive within `ANNALS_HEADER_READ_TIMEOUT` (10s) of \
+                       the connection's start or of the previous answer, so an idle \
+                       keep-alive connection is closed after as long; at most \
+                       `ANNALS_MAX_CONNECTIONS` (1024) connections are open at once, more \
+                       wait to be accepted; a request takes at most \
+                       `ANNALS_REQUEST_TIMEOUT_MS` (30000; operator jobs under `/admin` \
+                       excepted), and a command is cut by it only before its append, so \
+                       its `503 timeout` means nothing was written; at shutdown, requests \
+                       in flight have `ANNALS_SHUTDOWN_GRACE` (10s). A body is at most \
+                       1 MiB and must be `application/json` (415). A request whose `Host` \
+                       is not the listen address or a name in `ANNALS_ALLOWED_HOSTS` is \
+                       refused (421 `unknown-host`); a state change from a browser page \
+                       of another origin than the server's own or one in \
+                       `ANNALS_ALLOWED_ORIGINS` is refused (403 `cross-origin`). Every \
+                       answer carries `X-Content-Type-Options: nosniff` and \
+                       `Cache-Control: no-store`."
     ),
     modifiers(&BearerScheme),
     components(schemas(Problem)),
@@ -75,7 +92,18 @@ const UNAUTHORIZED: (u16, &str) = (401, "No token, or an unknown one");
 const FORBIDDEN: (u16, &str) = (403, "The token's role may not do this");
 const UNAVAILABLE: (u16, &str) = (
     503,
-    "The database is unavailable, the request timed out, or (`projection-lagging`) the read model did not reach `min_position` in time",
+    "The database is unavailable, the request timed out (`timeout`), or (`projection-lagging`) the read model did not reach `min_position` in time; with `Retry-After`",
+);
+
+/// A command's 503: never an answer to a command whose append may have committed.
+const COMMAND_UNAVAILABLE: (u16, &str) = (
+    503,
+    "The database is unavailable (`unavailable`), or the command did not reach its append \
+     before the request timeout (`timeout`): in both, nothing was written, and the command \
+     may be sent again as it is (with `Retry-After`). A command whose append was sent is \
+     never cut by the timeout: it is answered with what the store did. A client that lost \
+     the answer (its connection cut) learns the outcome by sending the command again with \
+     the same `Idempotency-Key`: the first outcome comes back, nothing is appended twice.",
 );
 
 /// What a command may answer besides success.
@@ -103,7 +131,7 @@ impl utoipa::IntoResponses for CommandProblems {
                 422,
                 "The command is invalid, has unknown fields, or reuses an idempotency key",
             ),
-            UNAVAILABLE,
+            COMMAND_UNAVAILABLE,
         ]);
         if let Some(RefOr::T(conflict)) = responses.get_mut("409") {
             let seconds = ObjectBuilder::new()
@@ -406,6 +434,50 @@ pub fn headers_are_never_null(openapi: &mut utoipa::openapi::OpenApi) {
                         [only] => SchemaType::Type(only.clone()),
                         _ => SchemaType::Array(types),
                     };
+                }
+            }
+        }
+    }
+}
+
+/// The edge's refusals (`edge.rs`), on every operation they can answer: 421 for a `Host`
+/// that names another server, on all; 403 `cross-origin` for a page of another origin,
+/// on every operation that changes state; 415 for a body that is not JSON, on every
+/// operation that takes one.
+pub fn describe_edge_refusals(openapi: &mut utoipa::openapi::OpenApi) {
+    let unknown_host = problems(&[(
+        421,
+        "The request's `Host` names another server (`unknown-host`): the server answers \
+         to its listen address and the names in `ANNALS_ALLOWED_HOSTS` only",
+    )]);
+    let not_json = problems(&[(415, "The body is not `application/json`")]);
+    let cross_origin = "; or (`cross-origin`) a browser page of another origin than the \
+                        server's own or one in `ANNALS_ALLOWED_ORIGINS` tried to change state";
+    for item in openapi.paths.paths.values_mut() {
+        let reads = [&mut item.get].into_iter().flatten().map(|o| (o, false));
+        let writes = [
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ]
+        .into_iter()
+        .flatten()
+        .map(|o| (o, true));
+        for (operation, changes_state) in reads.chain(writes) {
+            let responses = &mut operation.responses.responses;
+            responses.extend(unknown_host.clone());
+            if operation.request_body.is_some() {
+                responses.extend(not_json.clone());
+            }
+            if !changes_state {
+                continue;
+            }
+            match responses.get_mut("403") {
+                Some(RefOr::T(forbidden)) => forbidden.description.push_str(cross_origin),
+                _ => {
+                    let mut refusal = problems(&[(403, cross_origin.trim_start_matches("; or "))]);
+                    responses.append(&mut refusal);
                 }
             }
         }

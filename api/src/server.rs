@@ -18,6 +18,7 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 
 use crate::auth::{RouteAccess, Tokens};
+use crate::edge::{self, Admission, Bounds, Hosts, admit};
 use crate::error::ApiError;
 use crate::extract::BODY_LIMIT;
 use crate::observe::{guard, observe};
@@ -30,8 +31,17 @@ use crate::system::System;
 pub struct Settings {
     /// How long a query waits for `min_position` (`ANNALS_CONSISTENCY_WAIT_MS`).
     pub consistency_wait: Duration,
-    /// How long any request but an operator job may take.
+    /// How long any request but an operator job may take; a command is cut only
+    /// before its append (`CommandContext::deadline`).
     pub request_timeout: Duration,
+    /// Host names the server answers to besides its listen address
+    /// (`ANNALS_ALLOWED_HOSTS`; `*` for any).
+    pub allowed_hosts: Vec<String>,
+    /// Browser origins besides the server's own that may change state
+    /// (`ANNALS_ALLOWED_ORIGINS`).
+    pub allowed_origins: Vec<String>,
+    /// How much of the server a client may hold.
+    pub bounds: Bounds,
 }
 
 impl Default for Settings {
@@ -39,6 +49,9 @@ impl Default for Settings {
         Settings {
             consistency_wait: Duration::from_millis(5_000),
             request_timeout: Duration::from_secs(30),
+            allowed_hosts: Vec::new(),
+            allowed_origins: Vec::new(),
+            bounds: Bounds::default(),
         }
     }
 }
@@ -124,6 +137,7 @@ fn split() -> (Router<Arc<App>>, utoipa::openapi::OpenApi) {
     crate::openapi::describe_domain_words(&mut document);
     crate::openapi::describe_text_rules(&mut document);
     crate::openapi::headers_are_never_null(&mut document);
+    crate::openapi::describe_edge_refusals(&mut document);
     (router, document)
 }
 
@@ -132,8 +146,10 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     split().1
 }
 
-/// The whole HTTP interface over a system.
-pub fn router(system: Arc<System>, tokens: Tokens, settings: Settings) -> Router {
+/// The whole HTTP interface over a system, answering requests whose `Host` is one of
+/// `hosts`.
+pub fn router(system: Arc<System>, tokens: Tokens, settings: Settings, hosts: Hosts) -> Router {
+    let admission = Arc::new(Admission::new(hosts, &settings.allowed_origins));
     // Installed before the first request, so no metric is recorded into the void.
     crate::observe::prometheus();
     let (router, document) = split();
@@ -154,6 +170,7 @@ pub fn router(system: Arc<System>, tokens: Tokens, settings: Settings) -> Router
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::Panicked.into_response()
         }))
+        .layer(from_fn_with_state(admission, admit))
         .layer(from_fn(observe))
         .with_state(app)
 }
@@ -167,7 +184,8 @@ async fn method_not_allowed() -> Response {
 }
 
 /// Serves until `shutdown` completes: then stops taking requests, finishes those in
-/// flight, and stops the projectors and processes at a checkpoint.
+/// flight (for up to the shutdown grace), and stops the projectors and processes at a
+/// checkpoint.
 pub async fn serve(
     listener: TcpListener,
     system: Arc<System>,
@@ -175,14 +193,14 @@ pub async fn serve(
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let hosts = Hosts::new(listener.local_addr()?.ip(), &settings.allowed_hosts);
+    let bounds = settings.bounds;
     let background = system.start();
-    let router = router(system, tokens, settings);
-    let served = axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let router = router(system, tokens, settings, hosts);
+    edge::serve_connections(listener, router, bounds, shutdown).await;
     tracing::info!("requests finished; stopping projections and processes");
     background.stop().await;
-    served
+    Ok(())
 }
 
 #[cfg(test)]

@@ -358,6 +358,45 @@ pub fn process_settings() -> Result<ProcessSettings, ApiError> {
     Ok(settings)
 }
 
+/// A database URL as logs show it: its password, if any, masked
+/// (`postgres://annals:***@db/annals`).
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((credentials, host)) => {
+            let user = credentials
+                .split_once(':')
+                .map_or(credentials, |(user, _)| user);
+            let masked = if credentials.contains(':') {
+                ":***"
+            } else {
+                ""
+            };
+            // A password in the query (`?password=`) is masked too.
+            format!("{scheme}://{user}{masked}@{host}{}", mask_query(path))
+        }
+        None => format!("{scheme}://{authority}{}", mask_query(path)),
+    }
+}
+
+fn mask_query(path: &str) -> String {
+    let Some((path, query)) = path.split_once('?') else {
+        return path.to_owned();
+    };
+    let query: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((name, _)) if name.eq_ignore_ascii_case("password") => format!("{name}=***"),
+            _ => pair.to_owned(),
+        })
+        .collect();
+    format!("{path}?{}", query.join("&"))
+}
+
 /// A duration written as a whole number and a unit (`ms`, `s`, `m`, `h`, `d`), more than
 /// zero and at most 10 years.
 pub fn duration(text: &str) -> Option<chrono::Duration> {
@@ -398,7 +437,30 @@ impl Background {
 
 #[cfg(test)]
 mod tests {
-    use super::duration;
+    use super::{duration, redacted};
+
+    #[test]
+    fn a_database_urls_password_is_never_shown() {
+        for (url, shown) in [
+            (
+                "postgres://annals:hunter2@db:5432/annals",
+                "postgres://annals:***@db:5432/annals",
+            ),
+            (
+                "postgres://annals:p@ss@db/annals?sslmode=require",
+                "postgres://annals:***@db/annals?sslmode=require",
+            ),
+            (
+                "postgres://db/annals?user=a&password=hunter2",
+                "postgres://db/annals?user=a&password=***",
+            ),
+            ("postgres://annals@db/annals", "postgres://annals@db/annals"),
+            ("sqlite://annals.db", "sqlite://annals.db"),
+        ] {
+            assert_eq!(redacted(url), shown);
+            assert!(!redacted(url).contains("hunter2"));
+        }
+    }
 
     #[test]
     fn durations_are_a_whole_number_and_a_unit() {

@@ -23,6 +23,10 @@ pub enum CommandError {
     /// done. Retry shortly: the retry gets the first request's answer.
     #[error("a request with this idempotency key is still being carried out")]
     IdempotencyKeyInUse,
+    /// The caller's deadline passed before the command's append: nothing was written, and
+    /// the command may be sent again as it is.
+    #[error("the command was not carried out in time; nothing was written")]
+    TimedOut,
     /// The aggregate id does not make a valid stream name.
     #[error("{0} is not a valid aggregate id")]
     InvalidId(String),

@@ -111,6 +111,10 @@ pub struct CommandContext {
     /// A digest of the request that tells a retry from another request with the same
     /// key; when not given, one is made from the aggregate and the command.
     pub request_hash: Option<String>,
+    /// When the caller stops waiting. The command is given up only before its append
+    /// (`CommandError::TimedOut`: nothing was written); once its append is on its way,
+    /// it is carried out to the end and answered with what the store did.
+    pub deadline: Option<tokio::time::Instant>,
 }
 
 /// What a command did.
@@ -263,6 +267,20 @@ impl Drop for Turn<'_> {
 
 /// How long to wait before deciding a command again after its `attempt`-th append lost a
 /// race: up to 1, 2, 4, … 32 ms, at random, so that writers on several servers stop
+/// A step before a command's append, given up with `TimedOut` when the caller's
+/// deadline passes first (nothing is written before the append).
+async fn in_time<T>(
+    deadline: Option<tokio::time::Instant>,
+    step: impl Future<Output = Result<T, CommandError>>,
+) -> Result<T, CommandError> {
+    match deadline {
+        None => step.await,
+        Some(deadline) => tokio::time::timeout_at(deadline, step)
+            .await
+            .map_err(|_| CommandError::TimedOut)?,
+    }
+}
+
 /// meeting at the same instant.
 fn lost_race_backoff(attempt: u32) -> Duration {
     let ceiling = 1u64 << attempt.saturating_sub(1).min(5);
@@ -395,8 +413,13 @@ impl<A: Aggregate> CommandHandler<A> {
             ),
             None => None,
         };
+        // Until the append, the command is given up when the caller's deadline passes.
+        let deadline = context.deadline;
         if let Some(key) = &key
-            && let Some(record) = self.store.find_idempotency(key).await?
+            && let Some(record) = in_time(deadline, async {
+                Ok(self.store.find_idempotency(key).await?)
+            })
+            .await?
         {
             return replay(&record, &request_hash, id);
         }
@@ -420,21 +443,24 @@ impl<A: Aggregate> CommandHandler<A> {
         };
 
         // Commands to this aggregate through this handler take turns from here.
-        let _turn = tokio::time::timeout(self.config.turn_wait, self.turns.take(id))
-            .await
-            .map_err(|_| CommandError::ConcurrencyConflict { attempts: 0 })?;
+        let _turn = in_time(deadline, async {
+            tokio::time::timeout(self.config.turn_wait, self.turns.take(id))
+                .await
+                .map_err(|_| CommandError::ConcurrencyConflict { attempts: 0 })
+        })
+        .await?;
         let started = std::time::Instant::now();
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut loaded = self.load(id).await?;
+            let mut loaded = in_time(deadline, self.load(id)).await?;
             if let Some(expected) = context.expected_version
                 && loaded.version != expected
             {
                 // The cache may be behind writers in other processes: ask the store
                 // before telling the caller it named the wrong version.
                 self.forget(id);
-                loaded = self.load(id).await?;
+                loaded = in_time(deadline, self.load(id)).await?;
                 if loaded.version != expected {
                     return Err(CommandError::VersionMismatch {
                         expected,
@@ -448,7 +474,7 @@ impl<A: Aggregate> CommandHandler<A> {
                     // The cache may be behind writers in other processes (another
                     // server's process invoiced the order this one cached as placed): a
                     // refusal stands only when the store's state refuses too.
-                    let stored = self.current(id).await?;
+                    let stored = in_time(deadline, self.current(id)).await?;
                     if stored.version == loaded.version {
                         return Err(refusal.into());
                     }
@@ -507,6 +533,11 @@ impl<A: Aggregate> CommandHandler<A> {
                     payload: json!({ "id": id, "events": names }),
                 });
             }
+            // From here on the command is carried out to the end, deadline or not: an
+            // append once sent may commit, and the caller is told what the store did.
+            if deadline.is_some_and(|deadline| tokio::time::Instant::now() >= deadline) {
+                return Err(CommandError::TimedOut);
+            }
             let appended = self.store.append(request).await;
             if let (Some(key), Err(error)) = (&key, &appended)
                 && carried_out_elsewhere(error)
@@ -553,7 +584,11 @@ impl<A: Aggregate> CommandHandler<A> {
                         return Err(CommandError::ConcurrencyConflict { attempts: attempt });
                     }
                     tracing::debug!(%stream, attempt, "append lost a race; deciding again");
-                    tokio::time::sleep(lost_race_backoff(attempt)).await;
+                    in_time(deadline, async {
+                        tokio::time::sleep(lost_race_backoff(attempt)).await;
+                        Ok(())
+                    })
+                    .await?;
                 }
                 Err(StoreError::ClaimHeld { key, holder }) => {
                     return Err(A::claim_held(&key, &holder).into());

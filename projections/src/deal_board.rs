@@ -126,7 +126,9 @@ pub struct StageFigure {
     pub stage: String,
     pub currency: String,
     pub count: i64,
-    pub amount_minor: i64,
+    /// The sum of the deals' amounts: exact, however many there are (each is at most
+    /// 10^15, and their sum may not fit in 64 bits).
+    pub amount_minor: i128,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -158,31 +160,32 @@ impl Snapshot {
         let filter = format!("generation = {} AND ($1 = '' OR owner = $1)", live(NAME));
         let figures = |row: &Vec<Option<String>>, with_owner: bool| {
             let offset = usize::from(with_owner);
-            StageFigure {
+            Ok(StageFigure {
                 owner: if with_owner { row[0].clone() } else { None },
                 stage: text(row, offset),
                 currency: text(row, offset + 1),
                 count: number(row, offset + 2),
-                amount_minor: number(row, offset + 3),
-            }
+                amount_minor: exact_sum(row, offset + 3)?,
+            })
         };
-        let stages = self.rows(
-        &format!(
-            "SELECT stage, currency, CAST(COUNT(*) AS TEXT), CAST(SUM(amount_minor) AS TEXT) \
+        let amounts = exact_sum_sql("amount_minor");
+        let stages = self
+            .rows(
+                &format!(
+                    "SELECT stage, currency, CAST(COUNT(*) AS TEXT), {amounts} \
                FROM deal_board WHERE {filter} AND status = 'open' \
               GROUP BY stage, currency ORDER BY MIN({STAGE_ORDER}), currency"
-        ),
-        std::slice::from_ref(&owner_param),
-    )
-    .await?
-    .iter()
-    .map(|row| figures(row, false))
-    .collect();
+                ),
+                std::slice::from_ref(&owner_param),
+            )
+            .await?
+            .iter()
+            .map(|row| figures(row, false))
+            .collect::<Result<_, ProjectionError>>()?;
         let by_owner = self
             .rows(
                 &format!(
-                    "SELECT owner, stage, currency, CAST(COUNT(*) AS TEXT), \
-                    CAST(SUM(amount_minor) AS TEXT) \
+                    "SELECT owner, stage, currency, CAST(COUNT(*) AS TEXT), {amounts} \
                FROM deal_board WHERE {filter} AND status = 'open' \
               GROUP BY owner, stage, currency ORDER BY owner, MIN({STAGE_ORDER}), currency"
                 ),
@@ -191,29 +194,58 @@ impl Snapshot {
             .await?
             .iter()
             .map(|row| figures(row, true))
-            .collect();
+            .collect::<Result<_, ProjectionError>>()?;
         let closed = self
             .rows(
                 &format!(
                     "SELECT CAST(SUM(CASE WHEN status = 'won' THEN 1 ELSE 0 END) AS TEXT), \
                     CAST(SUM(CASE WHEN status = 'lost' THEN 1 ELSE 0 END) AS TEXT), \
-                    CAST(SUM(closed_micros - opened_micros) AS TEXT) \
-               FROM deal_board WHERE {filter} AND status <> 'open'"
+                    {durations} \
+               FROM deal_board WHERE {filter} AND status <> 'open'",
+                    durations = exact_sum_sql("closed_micros - opened_micros")
                 ),
                 &[owner_param],
             )
             .await?;
         let row = closed.first().cloned().unwrap_or_default();
-        let (won, lost, micros) = (number(&row, 0), number(&row, 1), number(&row, 2));
+        let (won, lost) = (number(&row, 0), number(&row, 1));
+        let micros = exact_sum(&row, 2)?;
         Ok(Pipeline {
             stages,
             by_owner,
             won,
             lost,
             win_rate: ratio(won, won + lost),
-            average_days_to_close: ratio(micros, won + lost).map(|m| m / 86_400_000_000.0),
+            average_days_to_close: (won + lost > 0)
+                .then(|| micros as f64 / (won + lost) as f64 / 86_400_000_000.0),
         })
     }
+}
+
+/// A sum the database computes exactly on both backends, whatever the count: as two
+/// sums, of the whole billions and of the remainders, each of which fits in 64 bits for
+/// any table this side of 9 × 10^9 rows (SQLite's `SUM` fails past 64 bits, and
+/// PostgreSQL's is a `numeric` no 64-bit reader takes). `exact_sum` joins them.
+fn exact_sum_sql(expression: &str) -> String {
+    format!(
+        "CAST(SUM(({expression}) / {SUM_SPLIT}) AS TEXT), \
+         CAST(SUM(({expression}) % {SUM_SPLIT}) AS TEXT)"
+    )
+}
+
+const SUM_SPLIT: i64 = 1_000_000_000;
+
+/// The sum `exact_sum_sql` selected at column `i` (and `i + 1`); 0 over no row.
+fn exact_sum(row: &[Option<String>], i: usize) -> Result<i128, ProjectionError> {
+    let part = |i: usize| -> Result<i128, ProjectionError> {
+        match row.get(i).cloned().flatten() {
+            None => Ok(0),
+            Some(text) => text.parse::<i128>().map_err(|_| {
+                ProjectionError::Corrupt(format!("a sum the database gave is {text:?}"))
+            }),
+        }
+    };
+    Ok(part(i)? * i128::from(SUM_SPLIT) + part(i + 1)?)
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]

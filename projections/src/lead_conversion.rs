@@ -47,6 +47,7 @@ pub(crate) fn caused_by(process: &str, recorded: &RecordedEvent, step: &str) -> 
         expected_version: None,
         idempotency_key: Some(format!("{}/{step}", recorded.event_id)),
         request_hash: Some(format!("{}/{step}", recorded.event_id)),
+        deadline: None,
     }
 }
 

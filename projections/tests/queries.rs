@@ -1061,3 +1061,116 @@ async fn each_query_uses_its_index(db: Arc<Fixture>) {
         started.elapsed()
     );
 }
+
+/// The pipeline's sums are exact near the limits (issue 27): many open deals of the
+/// largest amount, and closed deals of the longest lives, sum past 64 bits on both
+/// backends; the figures are the exact sums, never an error, a wrap or a silent 0.
+mod sums {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::database::{Backend, run};
+
+    /// Groups of deals: (stage index, how many, how far below the largest amount).
+    type Groups = Vec<(usize, u32, i64)>;
+
+    fn groups() -> impl Strategy<Value = (Groups, u32, i64)> {
+        (
+            // The first group alone sums past 64 bits (9,223 of the largest amount do).
+            (0usize..3, 9_300u32..12_000, 0i64..1_000).prop_flat_map(|first| {
+                proptest::collection::vec((0usize..3, 1u32..6_000, 0i64..1_000), 0..3).prop_map(
+                    move |mut rest| {
+                        rest.insert(0, first);
+                        rest
+                    },
+                )
+            }),
+            // Closed deals: how many, and how far below a thousand years each lived.
+            1u32..12_000,
+            0i64..1_000_000,
+        )
+    }
+
+    const STAGES: [&str; 3] = ["prospecting", "demo", "negotiation"];
+    const YEARS_1000: i64 = 1_000 * 366 * 86_400_000_000;
+
+    async fn insert(
+        db: &Fixture,
+        tag: &str,
+        count: u32,
+        status: &str,
+        stage: &str,
+        amount: i64,
+        lived: i64,
+    ) {
+        let sql = format!(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {count}) \
+             INSERT INTO deal_board (generation, deal_id, account_id, name, stage, status, \
+                 currency, amount_minor, opened_at, opened_micros, closed_micros, updated_position) \
+             SELECT (SELECT live_generation FROM projections WHERE name = 'deal_board'), \
+                 '{tag}-' || CAST(i AS TEXT), 'a', 'd', '{stage}', '{status}', 'EUR', {amount}, \
+                 '1970-01-01T00:00:00Z', 0, {lived}, 1 FROM n"
+        );
+        db.execute(&sql).await;
+    }
+
+    async fn sums_are_exact(db: Arc<Fixture>, (groups, closed, shorter): (Groups, u32, i64)) {
+        // The board's generation exists once it has run.
+        runner(&db, Arc::new(DealBoard)).catch_up().await.unwrap();
+        let mut expected = [0i128; 3];
+        for (n, (stage, count, below)) in groups.iter().enumerate() {
+            let amount = Money::MAX_MINOR - below;
+            insert(
+                &db,
+                &format!("open{n}"),
+                *count,
+                "open",
+                STAGES[*stage],
+                amount,
+                0,
+            )
+            .await;
+            expected[*stage] += i128::from(*count) * i128::from(amount);
+        }
+        let lived = YEARS_1000 - shorter;
+        insert(&db, "won", closed, "won", "negotiation", 1, lived).await;
+
+        let pipeline = queries::pipeline(&read_database(&db), None).await.unwrap();
+        for (stage, sum) in STAGES.iter().zip(expected) {
+            let figure = pipeline.stages.iter().find(|f| f.stage == *stage);
+            assert_eq!(figure.map_or(0, |f| f.amount_minor), sum, "{stage}");
+        }
+        let by_owner: i128 = pipeline.by_owner.iter().map(|f| f.amount_minor).sum();
+        assert_eq!(by_owner, expected.iter().sum::<i128>());
+        assert_eq!(pipeline.won, i64::from(closed));
+        let days = pipeline.average_days_to_close.unwrap();
+        let exact = lived as f64 / 86_400_000_000.0;
+        assert!(
+            (days - exact).abs() <= exact * 1e-12,
+            "{days} days, not {exact}"
+        );
+    }
+
+    fn check(backend: Backend, case: (Groups, u32, i64)) {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(run(backend, move |db| sums_are_exact(db, case)));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 6, ..ProptestConfig::default() })]
+
+        #[test]
+        fn sqlite_pipeline_sums_are_exact_past_64_bits(case in groups()) {
+            check(Backend::Sqlite, case);
+        }
+
+        #[test]
+        fn postgres_pipeline_sums_are_exact_past_64_bits(case in groups()) {
+            check(Backend::Postgres, case);
+        }
+    }
+}

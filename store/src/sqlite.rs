@@ -40,6 +40,18 @@ use crate::sql::{self, Dialect, PREPARED, Param, Sql, SqlStore};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
 
+/// Creates an empty `file` readable and writable by its owner only, unless it exists:
+/// the database holds personal data, as its key file beside it does.
+/// (A file that cannot be made here, in a missing directory say, is left for SQLite to
+/// refuse in its own words.)
+fn create_private(file: &std::path::Path) {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let _ = options.open(file);
+}
+
 /// The event store on SQLite.
 pub type SqliteStore = SqlStore<Sqlite>;
 
@@ -48,10 +60,14 @@ pub type SqliteStore = SqlStore<Sqlite>;
 pub type HeldAppend = sql::HeldAppend<Sqlite>;
 
 impl SqlStore<Sqlite> {
-    /// Opens (creating it when missing) the database file a `sqlite:` URL names, with WAL
-    /// and `synchronous=FULL`, and applies pending migrations.
+    /// Opens (creating it when missing, readable by its owner only) the database file a
+    /// `sqlite:` URL names, with WAL and `synchronous=FULL`, and applies pending
+    /// migrations. SQLite gives the `-wal` and `-shm` files the database file's mode.
     pub async fn open(url: &str, config: StoreConfig) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str(url)?.create_if_missing(true);
+        if !(url.contains(":memory:") || url.contains("mode=memory")) {
+            create_private(options.get_filename());
+        }
         Self::open_with(options, config).await
     }
 

@@ -139,10 +139,25 @@ async fn every_refusal_is_a_problem_with_a_stable_code(db: Arc<Fixture>) {
         405,
         "method-not-allowed",
     );
-    // 409: the email is another lead's, and the answer names it.
-    let duplicate = server.post("/leads", ada.clone()).await;
+    // 409: the email is another lead's; the answer names it to a role that reads leads
+    // (the operator), and not to a writer.
+    let duplicate = server
+        .call(Method::POST, "/leads", OPERATOR, Some(&ada), &[])
+        .await;
     assert_problem(&duplicate, 409, "duplicate-email");
     assert_eq!(duplicate.body["existing_id"], id.as_str());
+    let duplicate = server.post("/leads", ada.clone()).await;
+    assert_problem(&duplicate, 409, "duplicate-email");
+    assert!(
+        duplicate.body.get("existing_id").is_none(),
+        "{}",
+        duplicate.body
+    );
+    assert!(
+        !duplicate.body.to_string().contains(&id),
+        "{}",
+        duplicate.body
+    );
     // 412 is If-Match's (see flows). 413: over 1 MiB.
     let huge =
         json!({"email": "a@b.example", "name": "x".repeat(2 * 1024 * 1024), "source": "web"});

@@ -10,6 +10,7 @@
 mod database;
 mod server;
 
+mod edge;
 mod erasure;
 mod errors;
 mod faults;

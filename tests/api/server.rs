@@ -32,6 +32,11 @@ pub fn annals() -> Command {
         "ANNALS_CONSISTENCY_WAIT_MS",
         "ANNALS_REQUEST_TIMEOUT_MS",
         "ANNALS_MASTER_KEY_FILE",
+        "ANNALS_ALLOWED_HOSTS",
+        "ANNALS_ALLOWED_ORIGINS",
+        "ANNALS_HEADER_READ_TIMEOUT",
+        "ANNALS_MAX_CONNECTIONS",
+        "ANNALS_SHUTDOWN_GRACE",
     ] {
         command.env_remove(variable);
     }

@@ -75,3 +75,22 @@ def positive_data_acceptance_given_state(ctx, response, case):
         if _refused_for_state(response.status_code, body, case):
             return None
     return positive_data_acceptance(ctx, response, case)
+
+
+@schemathesis.check
+def every_refusal_is_a_problem(ctx, response, case):
+    """api.md: every error is an RFC 9457 problem (`application/problem+json`) with a
+    stable `code`, path rejections included: a plain-text 400 from the router fails."""
+    if response.status_code < 400:
+        return None
+    values = [v for k, v in response.headers.items() if k.lower() == "content-type"]
+    content_type = values[0] if values else ""
+    content_type = content_type[0] if isinstance(content_type, list) else content_type
+    if not content_type.startswith("application/problem+json"):
+        raise AssertionError(
+            f"{response.status_code} answered as {content_type!r}, not a problem"
+        )
+    body = response.json()
+    if not isinstance(body, dict) or not isinstance(body.get("code"), str):
+        raise AssertionError(f"{response.status_code} problem without a code: {body!r}")
+    return None

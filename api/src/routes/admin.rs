@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use annals_projections::ConsumerKind;
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::response::Response;
@@ -17,6 +17,7 @@ use utoipa_axum::routes;
 
 use super::resource;
 use crate::error::ApiError;
+use crate::extract::Name;
 use crate::openapi::OperatorProblems;
 use crate::server::App;
 
@@ -183,7 +184,7 @@ async fn list_projections(State(app): State<Arc<App>>) -> Result<Json<Projection
     security(("bearer" = ["operator"])))]
 async fn rebuild_projection(
     State(app): State<Arc<App>>,
-    Path(name): Path<String>,
+    Name(name): Name,
 ) -> Result<Response, ApiError> {
     let runner = projection(&app, &name)?.clone();
     // Claimed before the answer: a second rebuild is refused (409), and a status read
@@ -212,7 +213,7 @@ async fn rebuild_projection(
     security(("bearer" = ["operator"])))]
 async fn verify_projection(
     State(app): State<Arc<App>>,
-    Path(name): Path<String>,
+    Name(name): Name,
 ) -> Result<Json<VerifyAnswer>, ApiError> {
     let runner = projection(&app, &name)?.clone();
     // In a task of its own: a client that hangs up does not cut the verify short and

@@ -174,7 +174,10 @@ pub struct StageFigureView {
     pub stage: String,
     pub currency: String,
     pub count: i64,
-    pub amount_minor: i64,
+    /// The sum of the open deals' amounts, in minor units: exact, an integer that may
+    /// exceed 64 bits (each amount is at most 10^15, any number of them is summed
+    /// without wrapping).
+    pub amount_minor: i128,
 }
 
 #[derive(Debug, Serialize, ToSchema)]

@@ -22,7 +22,7 @@ use super::resource;
 use crate::auth::Caller;
 use crate::contract::{FromNumber, Limit};
 use crate::error::ApiError;
-use crate::extract::{Params, limit};
+use crate::extract::{Name, Params, limit};
 use crate::server::App;
 
 pub fn routes() -> OpenApiRouter<Arc<App>> {
@@ -281,7 +281,7 @@ async fn list_consumers(State(app): State<Arc<App>>) -> Result<Json<ConsumerList
     security(("bearer" = ["operator"])))]
 async fn list_parked(
     State(app): State<Arc<App>>,
-    Path(name): Path<String>,
+    Name(name): Name,
     Params(query): Params<ParkedQuery>,
 ) -> Result<Json<ParkedList>, ApiError> {
     let runner = consumer(&app, &name)?;

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use annals_commands::CommandHandler;
+use annals_commands::{CommandError, CommandHandler};
 use annals_domain::Command;
 use annals_domain::DomainError;
 use annals_domain::account::Account;
@@ -18,6 +18,7 @@ use annals_projections::queries::LeadFilter;
 use annals_store::Direction;
 use axum::Json;
 use axum::extract::State;
+use axum::http::Method;
 use axum::response::Response;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -222,8 +223,30 @@ async fn capture_lead(
         company: optional(b.company.as_deref(), Label::parse)?,
         source: Source::parse(&b.source)?,
     };
-    let outcome = execute::<Lead>(&app, id, command, &meta, &body.digest).await?;
+    let outcome = execute::<Lead>(&app, id, command, &meta, &body.digest)
+        .await
+        .map_err(|refusal| withhold_existing_lead(&app, &meta, refusal))?;
     Ok(created("leads", outcome))
+}
+
+/// The lead that already holds an email is named only to a caller who may read leads: a
+/// writer learns that the email is taken, not whose it is.
+fn withhold_existing_lead(app: &App, meta: &CommandMeta, refusal: ApiError) -> ApiError {
+    let may_read = app
+        .routes
+        .of(&Method::GET, "/leads/{id}")
+        .admits(meta.caller.role);
+    match refusal {
+        ApiError::Command(CommandError::Domain(DomainError::DuplicateEmail { .. }))
+            if !may_read =>
+        {
+            ApiError::Conflict {
+                code: "duplicate-email",
+                detail: "the email already belongs to a lead".to_owned(),
+            }
+        }
+        other => other,
+    }
 }
 
 /// Record a signal; the lead qualifies when its score first reaches 50.

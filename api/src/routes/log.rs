@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use annals_store::{Direction, LogFilter, StreamName};
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
@@ -15,7 +15,7 @@ use crate::contract;
 use crate::contract::{FromNumber, Limit, Position};
 use crate::dto::*;
 use crate::error::ApiError;
-use crate::extract::{Params, limit};
+use crate::extract::{Name, Params, limit};
 use crate::openapi::OperatorProblems;
 use crate::server::App;
 
@@ -85,7 +85,7 @@ fn cursor_number(cursor: Option<&str>) -> Result<Option<u64>, ApiError> {
     security(("bearer" = ["operator"])))]
 async fn stream_events(
     State(app): State<Arc<App>>,
-    Path(stream): Path<String>,
+    Name(stream): Name,
     Params(query): Params<StreamQuery>,
 ) -> Result<Json<EventList>, ApiError> {
     let missing = || ApiError::not_found("stream-not-found", "the stream has no events");
