@@ -56,11 +56,6 @@ impl Hosts {
         }
     }
 
-    /// Any host: for a router served in-process, where no Host can be checked.
-    pub fn any() -> Self {
-        Hosts::new(IpAddr::from([0, 0, 0, 0]), &["*".to_owned()])
-    }
-
     /// Whether a `Host` value (`name`, `name:port`, `1.2.3.4:80`, `[::1]:80`) names this
     /// server. The port is not compared: a proxy or a container may map it, and no
     /// rebinding can change an address written as digits.
@@ -196,6 +191,7 @@ pub async fn serve_connections(
 ) {
     let open = Arc::new(Semaphore::new(bounds.max_connections.max(1)));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
         // A connection past the cap waits in the listen queue, never taking a descriptor.
@@ -222,7 +218,8 @@ pub async fn serve_connections(
         let _ = stream.set_nodelay(true);
         let connection = serve_one(stream, peer, router.clone(), bounds);
         let watched = graceful.watch(connection);
-        tokio::spawn(async move {
+        while connections.try_join_next().is_some() {}
+        connections.spawn(async move {
             if let Err(error) = watched.await {
                 // A client that hung up, sent garbage or was too slow with its headers.
                 tracing::debug!(%peer, %error, "connection ended");
@@ -240,6 +237,8 @@ pub async fn serve_connections(
             grace = ?bounds.shutdown_grace,
             "requests still in flight after the shutdown grace; their connections are closed"
         );
+        connections.abort_all();
+        while connections.join_next().await.is_some() {}
     }
 }
 

@@ -221,6 +221,10 @@ async fn a_stalled_request_delays_the_shutdown_by_no_more_than_the_grace() {
     assert!(took < Duration::from_secs(8), "the shutdown took {took:?}");
     let logs = server.logs();
     assert!(
+        logs.contains("still in flight after the shutdown grace"),
+        "{logs}"
+    );
+    assert!(
         logs.contains("stopping projections and processes"),
         "{logs}"
     );
