@@ -55,6 +55,7 @@ on_both_backends!(
     a_key_reused_with_another_body_meanwhile_is_refused_for_the_key,
     an_erasure_destroys_its_subjects_key_in_its_append_and_nothing_else_does,
     a_command_that_keeps_losing_to_another_server_gives_up_only_after_its_wait,
+    a_deadline_gives_a_command_up_only_before_its_append,
 );
 
 fn config() -> HandlerConfig {
@@ -741,6 +742,61 @@ async fn expired_idempotency_keys_are_purged(db: Arc<Fixture>) {
 // Idempotency keys under concurrency: the same key sent twice at once, on one server
 // and on two, for creates whose id the server makes and conversions whose deal id it
 // makes (each try decides other ids, so only the key says they are one request).
+
+/// A caller's deadline (the HTTP request timeout) that passes while the command is held
+/// before its append (at its idempotency look-up) gives it up, `TimedOut`, with nothing
+/// written; one that passes while its append is held at the store does not: the command
+/// is carried out and answered with what the store did, so a `TimedOut` never hides a
+/// write (and never invites a retry that duplicates it).
+async fn a_deadline_gives_a_command_up_only_before_its_append(db: Arc<Fixture>) {
+    let gate = Gate::new(db.store());
+    let handler = Arc::new(leads(gate.clone()));
+    let id = Uuid::now_v7();
+    handler
+        .execute(id, capture(id, "ada@example.com"), &actor("a"))
+        .await
+        .unwrap();
+    let soon = |key: &str| CommandContext {
+        deadline: Some(tokio::time::Instant::now() + std::time::Duration::from_millis(100)),
+        ..keyed(key)
+    };
+    let past_the_deadline = std::time::Duration::from_millis(300);
+
+    gate.hold_lookup(1);
+    let before = tokio::spawn({
+        let (handler, context) = (handler.clone(), soon("before"));
+        async move {
+            handler
+                .execute(id, signal(SignalKind::EmailClick), &context)
+                .await
+        }
+    });
+    within(gate.lookup_arrival()).await;
+    tokio::time::sleep(past_the_deadline).await;
+    let given_up = within(before).await.unwrap();
+    gate.open_lookup();
+    assert!(
+        matches!(given_up, Err(CommandError::TimedOut)),
+        "{given_up:?}"
+    );
+    assert_eq!(count(&db, "SignalRecorded").await, 0, "nothing written");
+
+    gate.hold_next_append();
+    let during = tokio::spawn({
+        let (handler, context) = (handler.clone(), soon("during"));
+        async move {
+            handler
+                .execute(id, signal(SignalKind::EmailClick), &context)
+                .await
+        }
+    });
+    within(gate.arrival()).await;
+    tokio::time::sleep(past_the_deadline).await;
+    gate.open();
+    let carried_out = within(during).await.unwrap();
+    assert!(carried_out.is_ok(), "{carried_out:?}");
+    assert_eq!(count(&db, "SignalRecorded").await, 1);
+}
 
 /// Waits at most 10 s: a test that would hang fails instead.
 async fn within<T>(future: impl std::future::Future<Output = T>) -> T {
