@@ -303,19 +303,11 @@ fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
 /// Writes a new master key to `file`, readable by its owner only, unless it exists.
 fn make_key_file(file: &std::path::Path) -> Result<(), ApiError> {
     use std::io::Write;
-    #[cfg(unix)]
-    use std::os::unix::fs::OpenOptionsExt;
     let failed = |e: std::io::Error| {
         ApiError::InvalidSettings(format!("the master key file {}: {e}", file.display()))
     };
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    options.mode(0o600);
-    let mut out = match options.open(file) {
-        Ok(out) => out,
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
-        Err(e) => return Err(failed(e)),
+    let Some(mut out) = annals_store::sqlite::create_private(file).map_err(failed)? else {
+        return Ok(());
     };
     writeln!(out, "{}", MasterKey::generate().to_hex()).map_err(failed)?;
     out.sync_all().map_err(failed)?;

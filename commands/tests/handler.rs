@@ -761,16 +761,17 @@ async fn a_deadline_gives_a_command_up_only_before_its_append(db: Arc<Fixture>) 
         ..keyed(key)
     };
     let past_the_deadline = std::time::Duration::from_millis(300);
-
-    gate.hold_lookup(1);
-    let before = tokio::spawn({
-        let (handler, context) = (handler.clone(), soon("before"));
-        async move {
+    let signal_under = |key: &str| {
+        let (handler, context) = (handler.clone(), soon(key));
+        tokio::spawn(async move {
             handler
                 .execute(id, signal(SignalKind::EmailClick), &context)
                 .await
-        }
-    });
+        })
+    };
+
+    gate.hold_lookup(1);
+    let before = signal_under("before");
     within(gate.lookup_arrival()).await;
     tokio::time::sleep(past_the_deadline).await;
     let given_up = within(before).await.unwrap();
@@ -782,14 +783,7 @@ async fn a_deadline_gives_a_command_up_only_before_its_append(db: Arc<Fixture>) 
     assert_eq!(count(&db, "SignalRecorded").await, 0, "nothing written");
 
     gate.hold_next_append();
-    let during = tokio::spawn({
-        let (handler, context) = (handler.clone(), soon("during"));
-        async move {
-            handler
-                .execute(id, signal(SignalKind::EmailClick), &context)
-                .await
-        }
-    });
+    let during = signal_under("during");
     within(gate.arrival()).await;
     tokio::time::sleep(past_the_deadline).await;
     gate.open();

@@ -40,16 +40,19 @@ use crate::sql::{self, Dialect, PREPARED, Param, Sql, SqlStore};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
 
-/// Creates an empty `file` readable and writable by its owner only, unless it exists:
-/// the database holds personal data, as its key file beside it does.
-/// (A file that cannot be made here, in a missing directory say, is left for SQLite to
-/// refuse in its own words.)
-fn create_private(file: &std::path::Path) {
+/// Creates `file`, readable and writable by its owner only; `None` when it exists. The
+/// database holds personal data, as the key file beside it does (`annals-api` makes
+/// that one with this too).
+pub fn create_private(file: &std::path::Path) -> std::io::Result<Option<std::fs::File>> {
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let _ = options.open(file);
+    match options.open(file) {
+        Ok(created) => Ok(Some(created)),
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Ok(None),
+        Err(error) => Err(error),
+    }
 }
 
 /// The event store on SQLite.
@@ -66,7 +69,9 @@ impl SqlStore<Sqlite> {
     pub async fn open(url: &str, config: StoreConfig) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str(url)?.create_if_missing(true);
         if !(url.contains(":memory:") || url.contains("mode=memory")) {
-            create_private(options.get_filename());
+            // A file that cannot be made here (a missing directory, say) is left for
+            // SQLite to refuse in its own words.
+            let _ = create_private(options.get_filename());
         }
         Self::open_with(options, config).await
     }
