@@ -43,13 +43,13 @@ use annals_api::auth::RouteAccess;
 use annals_api::server::App;
 use annals_api::{ApiError, Settings, System, Tokens};
 use annals_commands::CommandContext;
+use annals_consumers::queries::{self, LeadFilter};
 use annals_domain::account::{Account, AccountCommand};
 use annals_domain::deal::{Deal, DealCommand};
 use annals_domain::lead::{Lead, LeadCommand};
 use annals_domain::values::{
     Email, Money, Name, Owner, PersonName, SignalKind, Source, Stage, Tier,
 };
-use annals_projections::queries::{self, LeadFilter};
 use anyhow::Context;
 use axum::response::IntoResponse;
 use serde::Deserialize;

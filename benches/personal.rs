@@ -20,10 +20,10 @@ use std::time::{Duration, Instant};
 
 use annals_api::system::personal_fields;
 use annals_commands::{CommandContext, CommandHandler, HandlerConfig};
+use annals_consumers::read_models::lead_board::LeadBoard;
 use annals_domain::lead::{Lead, LeadCommand};
 use annals_domain::values::{Email, PersonName, SignalKind, Source};
-use annals_projections::lead_board::LeadBoard;
-use annals_projections::{Consumer, ConsumerRunner, ReadDatabase};
+use annals_engine::{Consumer, ConsumerRunner, ReadDatabase};
 use annals_store::vault::MasterKey;
 use annals_store::{Backend, StoreConfig};
 use uuid::Uuid;

@@ -13,8 +13,8 @@
 #   store-chain   store/src/chain.rs, store/src/audit.rs          store conformance (SQLite)
 #   handler       CommandHandler::execute and its idempotency     commands handler tests
 #   conversion    commands/src/conversion.rs                      commands handler tests
-#   runner        projections/src/{lib,runner,dead_letters,generations,verify}.rs
-#                                                                   projections runtime (SQLite)
+#   runner        engine/src/ (the runner, checkpoints, dead letters, generations, verify)
+#                                                                   consumers runtime (SQLite)
 #
 # The store's shared code (batching, group commit, chain, audit) and the projection
 # runner run the same on both backends (only their SQL text differs), so their mutants
@@ -64,10 +64,12 @@ area_args() {
                    -F (execute|InFlight|TakenKey|replay|carried_out_elsewhere|request_hash)
                    --test-package annals-commands -- --test handler" ;;
     conversion) echo "-f commands/src/conversion.rs --test-package annals-commands -- --test handler" ;;
-    runner) echo "-f projections/src/lib.rs -f projections/src/runner.rs
-                  -f projections/src/dead_letters.rs -f projections/src/generations.rs
-                  -f projections/src/verify.rs -E (with_pause_hook|::pause|::name)
-                  --test-package annals-projections -- --test runtime -- sqlite::" ;;
+    runner) echo "-f engine/src/runner/mod.rs -f engine/src/runner/step.rs
+                  -f engine/src/runner/register.rs -f engine/src/runner/status.rs
+                  -f engine/src/checkpoint.rs -f engine/src/duty.rs
+                  -f engine/src/dead_letters.rs -f engine/src/generations.rs
+                  -f engine/src/verify.rs -E (with_pause_hook|::pause|::name)
+                  --test-package annals-consumers -- --test runtime -- sqlite::" ;;
     *) echo "mutants: no area '$1' (store-write, store-chain, handler, conversion, runner)" >&2; return 2 ;;
   esac
 }

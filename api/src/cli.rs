@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use annals_api::System;
-use annals_projections::{ConsumerRunner, DifferenceKind};
+use annals_engine::{ConsumerRunner, DifferenceKind};
 use annals_store::{Direction, LogFilter, RecordedEvent, StreamName};
 use anyhow::{Context, bail};
 use clap::Subcommand;
@@ -436,7 +436,7 @@ fn progress(runner: &ConsumerRunner, head: u64, doing: &str) -> ProgressBar {
 async fn with_progress<T>(
     runner: &ConsumerRunner,
     bar: &ProgressBar,
-    job: impl std::future::Future<Output = Result<T, annals_projections::ProjectionError>>,
+    job: impl std::future::Future<Output = Result<T, annals_engine::ConsumerError>>,
 ) -> anyhow::Result<T> {
     let mut reached = runner.progress();
     tokio::pin!(job);

@@ -307,11 +307,11 @@ mod tests {
         );
         assert_eq!(
             pattern("/leads", "get", "cursor"),
-            annals_projections::queries::LEAD_CURSOR_PATTERN
+            annals_consumers::queries::LEAD_CURSOR_PATTERN
         );
         assert_eq!(
             pattern("/deals", "get", "cursor"),
-            annals_projections::queries::DEAL_CURSOR_PATTERN
+            annals_consumers::queries::DEAL_CURSOR_PATTERN
         );
         assert_eq!(pattern("/events", "get", "cursor"), NUMBER_CURSOR_PATTERN);
         assert_eq!(

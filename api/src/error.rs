@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use annals_commands::CommandError;
 use annals_domain::{DomainError, RejectionKind};
-use annals_projections::ProjectionError;
+use annals_engine::ConsumerError;
 use annals_store::StoreError;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -23,7 +23,7 @@ pub enum ApiError {
     #[error(transparent)]
     Command(#[from] CommandError),
     #[error(transparent)]
-    Projection(#[from] ProjectionError),
+    Projection(#[from] ConsumerError),
     #[error(transparent)]
     Store(#[from] StoreError),
     /// The body is not JSON (or not UTF-8): 400.
@@ -149,25 +149,27 @@ impl ApiError {
             Command(CommandError::InvalidId(_)) => (StatusCode::NOT_FOUND, "not-found", told()),
             Command(CommandError::Store(error)) | Store(error) => store(error),
             Command(CommandError::Decode(_)) => internal(),
-            Projection(ProjectionError::InvalidCursor) => {
+            Projection(ConsumerError::InvalidCursor) => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "invalid-cursor", told())
             }
-            Projection(ProjectionError::Busy(_)) => {
-                (StatusCode::CONFLICT, "projection-busy", told())
+            Projection(ConsumerError::Busy(_)) => (StatusCode::CONFLICT, "projection-busy", told()),
+            Projection(ConsumerError::Store(error) | ConsumerError::Database(error)) => {
+                store(error)
             }
-            Projection(
-                ProjectionError::Store(error)
-                | ProjectionError::Database(error)
-                | ProjectionError::Command(CommandError::Store(error)),
-            ) => store(error),
+            // An operator's retry of a process's event met the store down.
+            Projection(ConsumerError::Action(action))
+                if let Some(CommandError::Store(error)) = action.downcast_ref() =>
+            {
+                store(error)
+            }
             // A process's retry met another runner moving the consumer on meanwhile.
-            Projection(ProjectionError::CheckpointMoved(_)) => {
+            Projection(ConsumerError::CheckpointMoved(_)) => {
                 (StatusCode::CONFLICT, "projection-busy", told())
             }
-            Projection(ProjectionError::NotParked { .. }) => {
+            Projection(ConsumerError::NotParked { .. }) => {
                 (StatusCode::NOT_FOUND, "not-parked", told())
             }
-            Projection(ProjectionError::StillFailing { .. }) => {
+            Projection(ConsumerError::StillFailing { .. }) => {
                 (StatusCode::CONFLICT, "still-failing", told())
             }
             Projection(_) => internal(),

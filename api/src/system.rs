@@ -10,17 +10,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use annals_commands::{CommandHandler, HandlerConfig, Handlers, RequestDigest};
+use annals_consumers::timers::{Clock, SystemClock, TimerScheduler};
 use annals_domain::Aggregate;
 use annals_domain::Event;
 use annals_domain::lead::Lead;
-use annals_projections::timers::{Clock, SystemClock, TimerScheduler};
-use annals_projections::{ConsumerKind, ConsumerRunner, ProcessSettings, ReadDatabase, consumers};
+use annals_engine::duty::{self, Duty};
+use annals_engine::{ConsumerError, ConsumerKind, ConsumerRunner, Fence, ReadDatabase};
 use annals_store::vault::MasterKey;
 use annals_store::{DataKeys, EncryptedStore, EventStore, PersonalFields, StoreConfig, StoreError};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::error::ApiError;
+use crate::registry::{ConsumerSettings, consumers};
 
 #[derive(Debug)]
 pub struct System {
@@ -33,30 +35,32 @@ pub struct System {
     pub db: ReadDatabase,
     /// A command handler per aggregate (`System::handler`).
     handlers: Handlers,
-    /// Every consumer of the log, in `consumers()`'s order.
+    /// Every consumer of the log, in the registry's order.
     pub consumers: Vec<Arc<ConsumerRunner>>,
     /// Fires the processes' timers when they fall due.
     pub scheduler: Arc<TimerScheduler>,
+    /// How long a lease on background work lives unless renewed.
+    lease_life: Duration,
 }
 
 impl System {
     /// Opens the store a URL names (`sqlite:` or `postgres://`), applying migrations,
     /// and creates the read models' tables that do not exist yet.
     pub async fn open(url: &str) -> Result<Self, ApiError> {
-        Self::open_with(url, process_settings()?, Arc::new(SystemClock)).await
+        Self::open_with(url, consumer_settings()?, Arc::new(SystemClock)).await
     }
 
-    /// `open`, with the processes' settings and the timers' clock given.
+    /// `open`, with the consumers' settings and the timers' clock given.
     pub async fn open_with(
         url: &str,
-        settings: ProcessSettings,
+        settings: ConsumerSettings,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, ApiError> {
         // Every process of a deployment uses the same life (`ANNALS_LEASE_TTL`).
         let lease_life = settings
             .lease_life
             .to_std()
-            .unwrap_or(annals_projections::LEASE_LIFE);
+            .unwrap_or(annals_engine::LEASE_LIFE);
         // A session frozen inside a transaction (a stalled lease holder in the middle of
         // a batch) holds its checkpoint's and its lease's rows: the server ends it within
         // a lease's life, so that a take-over waits no longer than that for them.
@@ -108,6 +112,7 @@ impl System {
             handlers,
             consumers,
             db,
+            lease_life,
             store,
             personal,
             keys: backend.data_keys(),
@@ -122,7 +127,7 @@ impl System {
         // The lead board is the read model that shows personal data; its checkpoint is
         // read from the database, whichever process runs it.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        if let Some(board) = self.projection(annals_projections::lead_board::NAME) {
+        if let Some(board) = self.projection(annals_consumers::read_models::lead_board::NAME) {
             while tokio::time::Instant::now() < deadline
                 && board.checkpoint().await.is_ok_and(|at| at < position)
             {
@@ -216,7 +221,7 @@ impl System {
             }));
         }
         // Woken when the due timers' read model takes new events here.
-        let woken = match self.consumer(annals_projections::due_timers::NAME) {
+        let woken = match self.consumer(annals_consumers::read_models::due_timers::NAME) {
             Some(due) => due.applied_changes(),
             None => watch::channel(0).1,
         };
@@ -225,14 +230,57 @@ impl System {
         tasks.push(tokio::spawn(async move {
             scheduler.run_until_stopped(stopped_scheduler, woken).await
         }));
-        let system = self.clone();
+        let purge = IdempotencyPurge {
+            handler: self.handler::<Lead>(),
+            every: Duration::from_secs(15 * 60),
+            next: std::sync::Mutex::new(tokio::time::Instant::now()),
+        };
+        let (db, life) = (self.db.clone(), self.lease_life);
         tasks.push(tokio::spawn(async move {
-            system
-                .handler::<Lead>()
-                .purge_idempotency_keys_until_stopped(Duration::from_secs(15 * 60), stopped)
-                .await
+            duty::run_until_stopped(&purge, &db, life, stopped).await
         }));
         Background { stop, tasks }
+    }
+}
+
+/// The purge of expired idempotency keys, every `every`, on the leased loop: one server
+/// of several purges at a time.
+struct IdempotencyPurge {
+    /// Any handler purges every aggregate's keys.
+    handler: Arc<CommandHandler<Lead>>,
+    every: Duration,
+    /// When the next purge is due.
+    next: std::sync::Mutex<tokio::time::Instant>,
+}
+
+#[async_trait::async_trait]
+impl Duty for IdempotencyPurge {
+    fn name(&self) -> &'static str {
+        "idempotency_purge"
+    }
+
+    async fn round(&self, _fence: &Fence) -> Result<Duration, ConsumerError> {
+        let due = *self
+            .next
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = tokio::time::Instant::now();
+        if now < due {
+            return Ok(due - now);
+        }
+        let purged = self
+            .handler
+            .purge_expired_idempotency_keys(chrono::Utc::now())
+            .await
+            .map_err(|error| ConsumerError::Action(annals_engine::ActionError::not_now(error)))?;
+        if purged > 0 {
+            tracing::info!(purged, "expired idempotency keys purged");
+        }
+        *self
+            .next
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = now + self.every;
+        Ok(self.every)
     }
 }
 
@@ -315,19 +363,22 @@ fn make_key_file(file: &std::path::Path) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// The processes' settings from the environment, each a duration such as `30s`, `15m`,
+/// The consumers' settings from the environment, each a duration such as `30s`, `15m`,
 /// `24h` or `7d`: `ANNALS_LEAD_RESPONSE_DEADLINE` (24 hours when unset),
 /// `ANNALS_PAYMENT_TIMEOUT` (7 days when unset) and `ANNALS_LEASE_TTL`, the life of a
 /// lease on a consumer or the timer scheduler unless renewed (10 s when unset, at least
 /// 1 s).
-pub fn process_settings() -> Result<ProcessSettings, ApiError> {
-    let mut settings = ProcessSettings::default();
+pub fn consumer_settings() -> Result<ConsumerSettings, ApiError> {
+    let mut settings = ConsumerSettings::default();
     for (name, setting) in [
         (
             "ANNALS_LEAD_RESPONSE_DEADLINE",
-            &mut settings.lead_response_deadline,
+            &mut settings.processes.lead_response_deadline,
         ),
-        ("ANNALS_PAYMENT_TIMEOUT", &mut settings.payment_timeout),
+        (
+            "ANNALS_PAYMENT_TIMEOUT",
+            &mut settings.processes.payment_timeout,
+        ),
         ("ANNALS_LEASE_TTL", &mut settings.lease_life),
     ] {
         if let Ok(text) = std::env::var(name) {
@@ -429,7 +480,7 @@ impl Background {
 
 #[cfg(test)]
 mod tests {
-    use super::{duration, redacted};
+    use super::*;
 
     #[test]
     fn a_database_urls_password_is_never_shown() {
@@ -476,5 +527,77 @@ mod tests {
         ] {
             assert_eq!(duration(bad), None, "{bad}");
         }
+    }
+
+    /// The purge runs on the leased loop: left running, it forgets a key past its
+    /// retention by itself, and stops when told.
+    #[tokio::test]
+    async fn the_running_purge_forgets_expired_idempotency_keys() {
+        use annals_commands::CommandContext;
+        use annals_domain::lead::LeadCommand;
+        use annals_domain::values::{Email, PersonName, Source};
+
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("purge.db").display());
+        let backend = annals_store::open(&url, StoreConfig::default())
+            .await
+            .unwrap();
+        let store = backend.event_store();
+        let handler = Arc::new(CommandHandler::<Lead>::new(
+            store.clone(),
+            HandlerConfig {
+                idempotency_retention: Duration::from_millis(1),
+                ..HandlerConfig::default()
+            },
+        ));
+        let id = uuid::Uuid::now_v7();
+        let capture = LeadCommand::Capture {
+            lead_id: id,
+            email: Email::parse("q@example.com").unwrap(),
+            name: PersonName::parse("Ada").unwrap(),
+            company: None,
+            source: Source::Web,
+        };
+        let context = CommandContext {
+            actor: "a".into(),
+            idempotency_key: Some("short-lived".into()),
+            request_hash: Some("short-lived".into()),
+            ..CommandContext::default()
+        };
+        handler.execute(id, capture, &context).await.unwrap();
+        assert!(
+            store
+                .find_idempotency("a/short-lived")
+                .await
+                .unwrap()
+                .is_some()
+        );
+
+        let purge = IdempotencyPurge {
+            handler,
+            every: Duration::from_millis(20),
+            next: std::sync::Mutex::new(tokio::time::Instant::now()),
+        };
+        let (stop, stopped) = watch::channel(false);
+        let db = ReadDatabase::of(&backend);
+        let running = tokio::spawn(async move {
+            duty::run_until_stopped(&purge, &db, Duration::from_secs(1), stopped).await
+        });
+        let mut purged = false;
+        for _ in 0..250 {
+            if store
+                .find_idempotency("a/short-lived")
+                .await
+                .unwrap()
+                .is_none()
+            {
+                purged = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.send(true).unwrap();
+        running.await.unwrap();
+        assert!(purged, "the running purge removed the expired key");
     }
 }

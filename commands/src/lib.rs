@@ -614,26 +614,6 @@ impl<A: Aggregate> CommandHandler<A> {
         Ok(self.store.purge_idempotency(before).await?)
     }
 
-    /// Purges expired idempotency keys now and then every `every`, until `stop` turns
-    /// true (the server runs this beside its projectors).
-    pub async fn purge_idempotency_keys_until_stopped(
-        &self,
-        every: Duration,
-        mut stop: tokio::sync::watch::Receiver<bool>,
-    ) {
-        while !*stop.borrow() {
-            match self.purge_expired_idempotency_keys(Utc::now()).await {
-                Ok(0) => {}
-                Ok(purged) => tracing::info!(purged, "expired idempotency keys purged"),
-                Err(error) => tracing::warn!(%error, "purging idempotency keys failed"),
-            }
-            tokio::select! {
-                _ = stop.changed() => {}
-                () = tokio::time::sleep(every) => {}
-            }
-        }
-    }
-
     async fn latest_snapshot(&self, stream: &StreamName) -> Result<Loaded<A>, CommandError> {
         let empty = Loaded {
             state: A::default(),

@@ -1,5 +1,6 @@
-//! Why the business refuses a command. Each rejection is one variant, and says which of
-//! the three kinds of `domain.md` it is: the command is *invalid* (422), the aggregate's
+//! Why the business refuses a command. Each rejection is one variant, declared once with
+//! its message, its kind and its stable code beside it (`refusals!`); the kind is which
+//! of the three of `domain.md` it is: the command is *invalid* (422), the aggregate's
 //! state forbids it (*conflict*, 409), or the aggregate does not exist (*not found*, 404).
 
 use chrono::{DateTime, Utc};
@@ -13,250 +14,181 @@ pub enum RejectionKind {
     NotFound,
 }
 
+/// Declares the refusals once: each variant with its message (`#[error]`), its kind and
+/// its stable code beside it (`Variant => Kind "code"`), and from that the enum and its
+/// `kind` and `code`.
+macro_rules! refusals {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident {
+            $(
+                $(#[$variant_meta:meta])*
+                $variant:ident $(($($tuple:ty),*))? $({ $($field:ident: $field_type:ty),* $(,)? })?
+                    => $kind:ident $code:literal,
+            )*
+        }
+    ) => {
+        $(#[$meta])*
+        pub enum $name {
+            $(
+                $(#[$variant_meta])*
+                $variant $(($($tuple),*))? $({ $($field: $field_type),* })?,
+            )*
+        }
+
+        impl $name {
+            /// Which of the three kinds of refusal it is.
+            pub fn kind(&self) -> RejectionKind {
+                match self {
+                    $($name::$variant { .. } => RejectionKind::$kind,)*
+                }
+            }
+
+            /// The stable code clients match on (the `code` of a problem+json answer).
+            pub fn code(&self) -> &'static str {
+                match self {
+                    $($name::$variant { .. } => $code,)*
+                }
+            }
+        }
+    };
+}
+
+refusals! {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DomainError {
     // Invalid: the command itself is malformed.
     /// (The message never repeats the address: it is personal data, even malformed.)
     #[error("the email is not a valid address: one @, a dot after it, at most 254 characters")]
-    InvalidEmail(String),
+    InvalidEmail(String) => Invalid "invalid-email",
     #[error("{field} must be {min} to {max} characters")]
     InvalidText {
         field: &'static str,
         min: usize,
         max: usize,
-    },
+    } => Invalid "invalid-text",
     #[error("{field} {value:?} is not one of: {allowed}")]
     UnknownValue {
         field: &'static str,
         value: String,
         allowed: &'static str,
-    },
+    } => Invalid "unknown-value",
     #[error("currency {0:?} is not an ISO 4217 code (three upper-case letters)")]
-    InvalidCurrency(String),
+    InvalidCurrency(String) => Invalid "invalid-currency",
     #[error("{field} must not contain control characters (line breaks and tabs may)")]
-    ControlCharacter { field: &'static str },
+    ControlCharacter { field: &'static str } => Invalid "invalid-text",
     #[error("{field} must not be negative")]
-    Negative { field: &'static str },
+    Negative { field: &'static str } => Invalid "negative-number",
     #[error("{field} must be at most {max}")]
-    TooLarge { field: &'static str, max: i64 },
+    TooLarge { field: &'static str, max: i64 } => Invalid "number-too-large",
     #[error("the amount is in {given}, the deal is in {deal}")]
-    CurrencyMismatch { deal: String, given: String },
+    CurrencyMismatch { deal: String, given: String } => Invalid "currency-mismatch",
     #[error("{field} must have {min} to {max} entries")]
     InvalidCount {
         field: &'static str,
         min: usize,
         max: usize,
-    },
+    } => Invalid "invalid-count",
     #[error("{field} must not be empty when given (left out, it matches every lead)")]
-    EmptyList { field: &'static str },
+    EmptyList { field: &'static str } => Invalid "empty-list",
     #[error("{field} {value:?} is given twice")]
-    Duplicate { field: &'static str, value: String },
+    Duplicate { field: &'static str, value: String } => Invalid "duplicate-value",
     #[error(
         "email domain pattern {0:?} must be a domain (1 to 253 characters of a-z, 0-9, \
          '.' and '-', with a dot), or *. and a domain"
     )]
-    InvalidDomainPattern(String),
+    InvalidDomainPattern(String) => Invalid "invalid-domain-pattern",
     #[error("process {0:?} must be 1 to 100 characters of a-z, 0-9 and _")]
-    InvalidProcess(String),
+    InvalidProcess(String) => Invalid "invalid-process",
     #[error("{field} must be {min} to {max}")]
     OutOfRange {
         field: &'static str,
         min: i64,
         max: i64,
-    },
+    } => Invalid "number-out-of-range",
     #[error("{field} must be greater than zero")]
-    NotPositive { field: &'static str },
+    NotPositive { field: &'static str } => Invalid "non-positive-number",
     #[error("the payment is {given}, the order's total is {total}")]
-    AmountMismatch { total: String, given: String },
+    AmountMismatch { total: String, given: String } => Invalid "amount-mismatch",
     #[error("the MRR is in {given}, the subscription is in {subscription}")]
-    MrrCurrencyMismatch { subscription: String, given: String },
+    // The same code as a deal's: to a client both say the money is in the wrong
+    // currency.
+    MrrCurrencyMismatch { subscription: String, given: String } => Invalid "currency-mismatch",
 
     // Conflict: the state forbids the command.
     #[error("lead {0} already exists")]
-    LeadExists(Uuid),
+    LeadExists(Uuid) => Conflict "lead-exists",
     #[error("email already belongs to lead {existing}")]
-    DuplicateEmail { existing: Uuid },
+    DuplicateEmail { existing: Uuid } => Conflict "duplicate-email",
     #[error("{0} is already taken")]
-    KeyTaken(String),
+    KeyTaken(String) => Conflict "key-taken",
     #[error("the lead is {status}: closed leads do not change")]
-    LeadClosed { status: &'static str },
+    LeadClosed { status: &'static str } => Conflict "lead-closed",
     #[error("the lead is already assigned to {0}")]
-    AlreadyAssigned(String),
+    AlreadyAssigned(String) => Conflict "already-assigned",
     #[error("the lead is {status}, only a qualified lead converts")]
-    LeadNotQualified { status: &'static str },
+    LeadNotQualified { status: &'static str } => Conflict "lead-not-qualified",
     #[error("account {0} already exists")]
-    AccountExists(Uuid),
+    AccountExists(Uuid) => Conflict "account-exists",
     #[error("the account is already named {0:?}")]
-    SameName(String),
+    SameName(String) => Conflict "same-name",
     #[error("the account's tier is already {0}")]
-    SameTier(&'static str),
+    SameTier(&'static str) => Conflict "same-tier",
     #[error("deal {0} already exists")]
-    DealExists(Uuid),
+    DealExists(Uuid) => Conflict "deal-exists",
     #[error("the deal is {status}: closed deals do not change")]
-    DealClosed { status: &'static str },
+    DealClosed { status: &'static str } => Conflict "deal-closed",
     #[error("a deal moves only to a later stage: {from} to {to} is not")]
     StageNotLater {
         from: &'static str,
         to: &'static str,
-    },
+    } => Conflict "invalid-stage-transition",
     #[error("the deal's amount is already {0}")]
-    SameAmount(String),
+    SameAmount(String) => Conflict "same-amount",
     #[error("the routing rules are already these")]
-    RoutingRulesUnchanged,
+    RoutingRulesUnchanged => Conflict "routing-rules-unchanged",
     #[error("no routing rule matches the lead")]
-    NoRoutingRuleMatches,
+    NoRoutingRuleMatches => Conflict "no-routing-rule-matches",
     #[error("routing rule {rule:?} is gone or has no other owner to reassign the lead to")]
-    NoOtherOwner { rule: String },
+    NoOtherOwner { rule: String } => Conflict "no-other-owner",
     #[error("timer {0} already exists")]
-    TimerExists(Uuid),
+    TimerExists(Uuid) => Conflict "timer-exists",
     #[error("the timer is {status}: it fires at most once, and never once cancelled")]
-    TimerClosed { status: &'static str },
+    TimerClosed { status: &'static str } => Conflict "timer-closed",
     #[error("the timer is due at {due_at}, not before")]
-    TimerNotDue { due_at: DateTime<Utc> },
+    TimerNotDue { due_at: DateTime<Utc> } => Conflict "timer-not-due",
     #[error("order {0} already exists")]
-    OrderExists(Uuid),
+    OrderExists(Uuid) => Conflict "order-exists",
     #[error("the deal is {status}, only a won deal takes an order")]
-    DealNotWon { status: &'static str },
+    DealNotWon { status: &'static str } => Conflict "deal-not-won",
     #[error("the order is {status}: closed orders do not change")]
-    OrderClosed { status: &'static str },
+    OrderClosed { status: &'static str } => Conflict "order-closed",
     #[error("the order is {status}, and this takes an order that is {required}")]
     OrderNotInStatus {
         status: &'static str,
         required: &'static str,
-    },
+    } => Conflict "invalid-order-transition",
     #[error("subscription {0} already exists")]
-    SubscriptionExists(Uuid),
+    SubscriptionExists(Uuid) => Conflict "subscription-exists",
     #[error("the subscription is {status}: closed subscriptions do not change")]
-    SubscriptionClosed { status: &'static str },
+    SubscriptionClosed { status: &'static str } => Conflict "subscription-closed",
     #[error("an expansion raises the MRR: {from} to {to} does not")]
-    MrrNotHigher { from: String, to: String },
+    MrrNotHigher { from: String, to: String } => Conflict "mrr-not-higher",
     #[error("a contraction lowers the MRR: {from} to {to} does not")]
-    MrrNotLower { from: String, to: String },
+    MrrNotLower { from: String, to: String } => Conflict "mrr-not-lower",
 
     // Not found.
     #[error("the lead does not exist")]
-    LeadNotFound,
+    LeadNotFound => NotFound "lead-not-found",
     #[error("the account does not exist")]
-    AccountNotFound,
+    AccountNotFound => NotFound "account-not-found",
     #[error("the deal does not exist")]
-    DealNotFound,
+    DealNotFound => NotFound "deal-not-found",
     #[error("the timer does not exist")]
-    TimerNotFound,
+    TimerNotFound => NotFound "timer-not-found",
     #[error("the order does not exist")]
-    OrderNotFound,
+    OrderNotFound => NotFound "order-not-found",
     #[error("the subscription does not exist")]
-    SubscriptionNotFound,
+    SubscriptionNotFound => NotFound "subscription-not-found",
 }
-
-impl DomainError {
-    pub fn kind(&self) -> RejectionKind {
-        use DomainError::*;
-        match self {
-            InvalidEmail(_)
-            | InvalidText { .. }
-            | UnknownValue { .. }
-            | InvalidCurrency(_)
-            | ControlCharacter { .. }
-            | Negative { .. }
-            | TooLarge { .. }
-            | CurrencyMismatch { .. }
-            | InvalidCount { .. }
-            | EmptyList { .. }
-            | Duplicate { .. }
-            | InvalidDomainPattern(_)
-            | InvalidProcess(_)
-            | OutOfRange { .. }
-            | NotPositive { .. }
-            | AmountMismatch { .. }
-            | MrrCurrencyMismatch { .. } => RejectionKind::Invalid,
-            LeadExists(_)
-            | DuplicateEmail { .. }
-            | KeyTaken(_)
-            | LeadClosed { .. }
-            | AlreadyAssigned(_)
-            | LeadNotQualified { .. }
-            | AccountExists(_)
-            | SameName(_)
-            | SameTier(_)
-            | DealExists(_)
-            | DealClosed { .. }
-            | StageNotLater { .. }
-            | SameAmount(_)
-            | RoutingRulesUnchanged
-            | NoRoutingRuleMatches
-            | NoOtherOwner { .. }
-            | TimerExists(_)
-            | TimerClosed { .. }
-            | TimerNotDue { .. }
-            | OrderExists(_)
-            | DealNotWon { .. }
-            | OrderClosed { .. }
-            | OrderNotInStatus { .. }
-            | SubscriptionExists(_)
-            | SubscriptionClosed { .. }
-            | MrrNotHigher { .. }
-            | MrrNotLower { .. } => RejectionKind::Conflict,
-            LeadNotFound | AccountNotFound | DealNotFound | TimerNotFound | OrderNotFound
-            | SubscriptionNotFound => RejectionKind::NotFound,
-        }
-    }
-
-    /// The stable code clients match on (the `code` of a problem+json answer).
-    pub fn code(&self) -> &'static str {
-        use DomainError::*;
-        match self {
-            InvalidEmail(_) => "invalid-email",
-            InvalidText { .. } => "invalid-text",
-            UnknownValue { .. } => "unknown-value",
-            InvalidCurrency(_) => "invalid-currency",
-            ControlCharacter { .. } => "invalid-text",
-            Negative { .. } => "negative-number",
-            TooLarge { .. } => "number-too-large",
-            CurrencyMismatch { .. } => "currency-mismatch",
-            InvalidCount { .. } => "invalid-count",
-            EmptyList { .. } => "empty-list",
-            Duplicate { .. } => "duplicate-value",
-            InvalidDomainPattern(_) => "invalid-domain-pattern",
-            InvalidProcess(_) => "invalid-process",
-            OutOfRange { .. } => "number-out-of-range",
-            NotPositive { .. } => "non-positive-number",
-            AmountMismatch { .. } => "amount-mismatch",
-            // The same code as a deal's: to a client both say the money is in the wrong
-            // currency.
-            MrrCurrencyMismatch { .. } => "currency-mismatch",
-            LeadExists(_) => "lead-exists",
-            DuplicateEmail { .. } => "duplicate-email",
-            KeyTaken(_) => "key-taken",
-            LeadClosed { .. } => "lead-closed",
-            AlreadyAssigned(_) => "already-assigned",
-            LeadNotQualified { .. } => "lead-not-qualified",
-            AccountExists(_) => "account-exists",
-            SameName(_) => "same-name",
-            SameTier(_) => "same-tier",
-            DealExists(_) => "deal-exists",
-            DealClosed { .. } => "deal-closed",
-            StageNotLater { .. } => "invalid-stage-transition",
-            SameAmount(_) => "same-amount",
-            RoutingRulesUnchanged => "routing-rules-unchanged",
-            NoRoutingRuleMatches => "no-routing-rule-matches",
-            NoOtherOwner { .. } => "no-other-owner",
-            TimerExists(_) => "timer-exists",
-            TimerClosed { .. } => "timer-closed",
-            TimerNotDue { .. } => "timer-not-due",
-            OrderExists(_) => "order-exists",
-            DealNotWon { .. } => "deal-not-won",
-            OrderClosed { .. } => "order-closed",
-            OrderNotInStatus { .. } => "invalid-order-transition",
-            SubscriptionExists(_) => "subscription-exists",
-            SubscriptionClosed { .. } => "subscription-closed",
-            MrrNotHigher { .. } => "mrr-not-higher",
-            MrrNotLower { .. } => "mrr-not-lower",
-            LeadNotFound => "lead-not-found",
-            AccountNotFound => "account-not-found",
-            DealNotFound => "deal-not-found",
-            TimerNotFound => "timer-not-found",
-            OrderNotFound => "order-not-found",
-            SubscriptionNotFound => "subscription-not-found",
-        }
-    }
 }

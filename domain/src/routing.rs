@@ -25,6 +25,10 @@ use crate::{Aggregate, Command, DomainError, Event};
 /// The id the command handler is called with for the one `routing` stream.
 pub const ROUTING_ID: Uuid = Uuid::nil();
 
+/// The actor of the router's commands (the lead routing process): an assignment by
+/// anyone else is by hand, and the routing answers for nothing after it.
+pub const ROUTER: &str = "process:lead_routing";
+
 /// Which leads a rule takes. Every criterion given must hold; none given matches every
 /// lead. A list given is never empty (`RoutingRules::new` refuses one).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -563,7 +563,7 @@ async fn postgres_projections_move_to_the_other_server_when_one_is_killed() {
             &[
                 ("ANNALS_API_TOKENS", TOKENS),
                 ("ANNALS_CONSISTENCY_WAIT_MS", "10000"),
-                ("RUST_LOG", "info,sqlx=warn,annals_projections=debug"),
+                ("RUST_LOG", "info,sqlx=warn,annals_engine=debug"),
             ],
         ));
         let stands_by = |projection: &str| {

@@ -112,7 +112,7 @@ async fn sqlite_the_demo_and_a_second_server_run_beside_a_server_and_leave_its_t
             &url,
             &[
                 ("ANNALS_API_TOKENS", TOKENS),
-                ("RUST_LOG", "info,sqlx=warn,annals_projections=debug"),
+                ("RUST_LOG", "info,sqlx=warn,annals_engine=debug"),
             ],
         );
         let standing = |c: &str| {

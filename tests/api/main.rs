@@ -20,5 +20,6 @@ mod operations;
 mod orders;
 mod parked;
 mod process;
+mod registry;
 mod roles;
 mod routing;

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use annals_projections::order_saga::{invoice_id, subscription_id};
+use annals_consumers::processes::order_saga::{invoice_id, subscription_id};
 use serde_json::{Value, json};
 
 use crate::database::Fixture;

@@ -293,7 +293,9 @@ async fn a_parked_event_is_retried_once_its_fault_is_fixed_and_the_board_resumes
     // The database refuses what the board makes of one assignment (a constraint an
     // operator added by mistake): the event is parked and the board halts before it.
     // (The board's table first, made as its runner makes it.)
-    for table in annals_projections::Projector::tables(&annals_projections::lead_board::LeadBoard) {
+    for table in
+        annals_engine::Projector::tables(&annals_consumers::read_models::lead_board::LeadBoard)
+    {
         for statement in table.create_statements() {
             db.execute(&statement).await;
         }

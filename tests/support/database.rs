@@ -349,6 +349,53 @@ impl Fixture {
         })
     }
 
+    /// A table as the database describes it: each column's name, type (SQLite: its
+    /// affinity) and nullability in order, and each index's definition, by name.
+    pub async fn described(&self, table: &str) -> (Vec<String>, Vec<String>) {
+        let (columns, indexes) = match self.backend() {
+            Backend::Sqlite => (
+                format!(
+                    "SELECT name || ' ' || CASE WHEN type LIKE '%INT%' THEN 'INTEGER' ELSE type END \
+                            || CASE \"notnull\" WHEN 1 THEN ' NOT NULL' ELSE '' END \
+                       FROM pragma_table_info('{table}') ORDER BY cid"
+                ),
+                format!(
+                    // The primary key's index has no SQL: its columns, in order.
+                    "SELECT m.name || ': ' || COALESCE(m.sql, 'primary key (' || \
+                            (SELECT group_concat(name, ', ') FROM \
+                               (SELECT name FROM pragma_index_info(m.name) ORDER BY seqno)) || ')') \
+                       FROM sqlite_master m \
+                      WHERE m.type = 'index' AND m.tbl_name = '{table}' ORDER BY m.name"
+                ),
+            ),
+            Backend::Postgres => (
+                format!(
+                    "SELECT column_name || ' ' || data_type \
+                            || CASE is_nullable WHEN 'NO' THEN ' NOT NULL' ELSE '' END \
+                       FROM information_schema.columns WHERE table_name = '{table}' \
+                      ORDER BY ordinal_position"
+                ),
+                format!(
+                    "SELECT indexname || ': ' || indexdef FROM pg_indexes \
+                      WHERE tablename = '{table}' ORDER BY indexname"
+                ),
+            ),
+        };
+        let text = |rows: Vec<Vec<Option<String>>>| -> Vec<String> {
+            rows.into_iter()
+                .map(|row| {
+                    // SQLite keeps an index's SQL as written: compare it by its words.
+                    let words = row[0].clone().unwrap().replace("IF NOT EXISTS ", "");
+                    words.split_whitespace().collect::<Vec<_>>().join(" ")
+                })
+                .collect()
+        };
+        (
+            text(self.text_rows(&columns).await),
+            text(self.text_rows(&indexes).await),
+        )
+    }
+
     pub fn hold_append(&self, request: AppendRequest) -> BoxFuture<'_, Held> {
         Box::pin(async move {
             match self {

@@ -16,6 +16,7 @@
 
 use annals_api::System;
 use annals_commands::{CommandContext, CommandError};
+use annals_consumers::processes::order_saga;
 use annals_domain::account::{Account, AccountCommand};
 use annals_domain::deal::{Deal, DealCommand};
 use annals_domain::lead::{ConversionAccount, ConversionDeal, Lead, LeadCommand};
@@ -25,7 +26,6 @@ use annals_domain::values::{
     Email, Label, Money, Name, Owner, PersonName, Quantity, Reason, SignalKind, Sku, Source, Stage,
     Tier,
 };
-use annals_projections::order_saga;
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::IndexedRandom;
@@ -284,7 +284,7 @@ impl Story<'_> {
             self.tally.accounts += 1;
             // The conversion process opens the account and the deal (here, or on a
             // server beside the demo).
-            self.wait_for(annals_projections::lead_conversion::NAME, position)
+            self.wait_for(annals_consumers::processes::lead_conversion::NAME, position)
                 .await?;
             self.tally.deals += 1;
             self.work_deal(&format!("{n}"), deal_id).await?;

@@ -2,12 +2,12 @@
 
 use std::sync::Arc;
 
+use annals_consumers::read_models::order_board;
+use annals_consumers::read_models::subscription_board;
+use annals_consumers::read_models::{account_360, deal_board, lead_board};
 use annals_domain::DomainError;
 use annals_domain::account::{Account, AccountCommand};
 use annals_domain::values::{Label, Name, Tier};
-use annals_projections::order_board;
-use annals_projections::subscription_board;
-use annals_projections::{account_360, deal_board, lead_board};
 use axum::Json;
 use axum::extract::State;
 use axum::response::Response;

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use annals_projections::ConsumerKind;
+use annals_engine::ConsumerKind;
 use axum::Json;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
@@ -83,9 +83,9 @@ pub struct VerifyDifference {
     pub rebuilt: Option<String>,
 }
 
-impl From<&annals_projections::Difference> for VerifyDifference {
-    fn from(difference: &annals_projections::Difference) -> Self {
-        use annals_projections::DifferenceKind as Kind;
+impl From<&annals_engine::Difference> for VerifyDifference {
+    fn from(difference: &annals_engine::Difference) -> Self {
+        use annals_engine::DifferenceKind as Kind;
         VerifyDifference {
             table: difference.table.clone(),
             key: difference.key.clone(),
@@ -141,7 +141,7 @@ pub struct HealthAnswer {
 fn projection<'a>(
     app: &'a App,
     name: &str,
-) -> Result<&'a Arc<annals_projections::ConsumerRunner>, ApiError> {
+) -> Result<&'a Arc<annals_engine::ConsumerRunner>, ApiError> {
     app.system.projection(name).ok_or_else(|| {
         ApiError::not_found(
             "projection-not-found",

@@ -2,8 +2,9 @@
 
 use std::sync::Arc;
 
+use annals_consumers::queries;
+use annals_consumers::read_models::{deal_board, lead_board, lead_response, revenue};
 use annals_domain::values::Source;
-use annals_projections::{deal_board, lead_board, lead_response, queries, revenue};
 use axum::Json;
 use axum::extract::State;
 use axum::response::Response;

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use annals_projections::{ConsumerKind, ConsumerRunner, ParkedEvent};
+use annals_engine::{ConsumerKind, ConsumerRunner, ParkedEvent};
 use axum::Json;
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;

@@ -3,13 +3,13 @@
 
 use std::sync::Arc;
 
+use annals_consumers::queries::DealFilter;
+use annals_consumers::read_models::deal_board;
+use annals_consumers::read_models::deal_board::DealRow;
 use annals_domain::DomainError;
 use annals_domain::account::Account;
 use annals_domain::deal::{Deal, DealCommand, DealStatus};
 use annals_domain::values::{Name, Owner, Reason, Stage};
-use annals_projections::deal_board;
-use annals_projections::deal_board::DealRow;
-use annals_projections::queries::DealFilter;
 use axum::Json;
 use axum::extract::State;
 use axum::response::Response;

@@ -6,15 +6,15 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use annals_commands::{CommandError, CommandHandler};
+use annals_consumers::queries::LeadFilter;
+use annals_consumers::read_models::lead_board;
+use annals_consumers::read_models::lead_board::LeadRow;
 use annals_domain::Command;
 use annals_domain::DomainError;
 use annals_domain::account::Account;
 use annals_domain::deal::Deal;
 use annals_domain::lead::{ConversionAccount, ConversionDeal, Lead, LeadCommand, LeadStatus};
 use annals_domain::values::{Email, Label, Name, Owner, PersonName, Reason, SignalKind, Source};
-use annals_projections::lead_board;
-use annals_projections::lead_board::LeadRow;
-use annals_projections::queries::LeadFilter;
 use annals_store::Direction;
 use axum::Json;
 use axum::extract::State;

@@ -18,8 +18,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use annals_commands::{CommandError, CommandHandler, CommandOutcome};
+use annals_consumers::queries::Snapshot;
 use annals_domain::{Aggregate, Command};
-use annals_projections::queries::Snapshot;
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};

@@ -3,11 +3,11 @@
 
 use std::sync::Arc;
 
+use annals_consumers::read_models::order_board::{self, OrderFilter, OrderRow};
 use annals_domain::DomainError;
 use annals_domain::deal::{Deal, DealStatus};
 use annals_domain::order::{Order, OrderCommand, OrderDeal, OrderLine, OrderLines, OrderStatus};
 use annals_domain::values::{Quantity, Reason, Sku};
-use annals_projections::order_board::{self, OrderFilter, OrderRow};
 use axum::Json;
 use axum::extract::State;
 use axum::response::Response;
@@ -160,9 +160,8 @@ fn order_view(row: OrderRow) -> Result<OrderView, ApiError> {
         currency: row.currency.clone(),
         amount_minor,
     };
-    let lines: Vec<OrderLine> = serde_json::from_str(&row.lines).map_err(|e| {
-        annals_projections::ProjectionError::Corrupt(format!("order_board.lines: {e}"))
-    })?;
+    let lines: Vec<OrderLine> = serde_json::from_str(&row.lines)
+        .map_err(|e| annals_engine::ConsumerError::Corrupt(format!("order_board.lines: {e}")))?;
     Ok(OrderView {
         saga: row
             .saga_steps()?

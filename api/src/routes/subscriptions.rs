@@ -3,9 +3,11 @@
 
 use std::sync::Arc;
 
+use annals_consumers::read_models::subscription_board::{
+    self, SubscriptionFilter, SubscriptionRow,
+};
 use annals_domain::subscription::{Subscription, SubscriptionCommand, SubscriptionStatus};
 use annals_domain::values::Reason;
-use annals_projections::subscription_board::{self, SubscriptionFilter, SubscriptionRow};
 use axum::Json;
 use axum::extract::State;
 use axum::response::Response;
