@@ -169,123 +169,14 @@ pub async fn run(command: Operator) -> anyhow::Result<ExitCode> {
         Operator::Replay {
             database,
             projection,
-        } => {
-            let system = database.open().await?;
-            for runner in chosen(&system, projection.as_deref())? {
-                let head = system.store.head().await?;
-                let bar = progress(&runner, head, "replaying");
-                with_progress(&runner, &bar, runner.rebuild()).await?;
-                bar.finish_and_clear();
-                // On stdout, as verify reports: the bar is drawn only on a terminal.
-                println!(
-                    "{}: rebuilt from position 0 to {}, now live",
-                    runner.name(),
-                    runner.checkpoint().await?
-                );
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        } => replay(database, projection).await,
         Operator::Verify {
             database,
             projection,
-        } => {
-            let system = database.open().await?;
-            let mut all_equal = true;
-            for runner in chosen(&system, projection.as_deref())? {
-                let head = system.store.head().await?;
-                let bar = progress(&runner, head, "verifying");
-                let report = with_progress(&runner, &bar, runner.verify()).await?;
-                bar.finish_and_clear();
-                if report.equal {
-                    println!(
-                        "{}: equal to a rebuild at position {}",
-                        runner.name(),
-                        report.position
-                    );
-                } else {
-                    all_equal = false;
-                    println!(
-                        "{}: DIFFERS from a rebuild at position {}; first differences:",
-                        runner.name(),
-                        report.position
-                    );
-                    for d in &report.differences {
-                        let value = |v: &Option<String>| v.as_deref().unwrap_or("NULL").to_owned();
-                        match d.kind {
-                            DifferenceKind::Missing => {
-                                println!("  {} {}: missing from the live rows", d.table, d.key)
-                            }
-                            DifferenceKind::Extra => {
-                                println!(
-                                    "  {} {}: in the live rows, not in a rebuild",
-                                    d.table, d.key
-                                )
-                            }
-                            DifferenceKind::Changed => println!(
-                                "  {} {}: {} is {} live, {} rebuilt",
-                                d.table,
-                                d.key,
-                                d.column.as_deref().unwrap_or("?"),
-                                value(&d.live),
-                                value(&d.rebuilt)
-                            ),
-                        }
-                    }
-                }
-            }
-            Ok(exit(all_equal))
-        }
+        } => verify(database, projection).await,
         Operator::Audit {
             action: Audit::Verify { database, anchor },
-        } => {
-            let anchor = anchor.map(|a| a.trim().to_ascii_lowercase());
-            if let Some(anchor) = &anchor
-                && (anchor.len() != 64 || !anchor.bytes().all(|b| b.is_ascii_hexdigit()))
-            {
-                bail!("--anchor takes the 64 hex digits `annals audit anchor` printed");
-            }
-            let system = database.open().await?;
-            let spinner = ProgressBar::new_spinner().with_message("walking the hash chains");
-            spinner.enable_steady_tick(Duration::from_millis(120));
-            let report = system.store.verify().await?;
-            let found = match (&anchor, report.ok()) {
-                (Some(anchor), true) => Some(system.store.find_anchor(anchor).await?),
-                _ => None,
-            };
-            spinner.finish_and_clear();
-            match &report.first_broken_link {
-                None => println!(
-                    "ok: {} streams, {} events, every hash chain intact up to position {}",
-                    report.streams, report.events, report.head.position
-                ),
-                Some(link) => println!(
-                    "BROKEN: stream {} at version {} (position {}): {}; stored hash {}, \
-                     expected {} ({} streams, {} events checked)",
-                    link.stream,
-                    link.version,
-                    link.position,
-                    link.reason,
-                    link.found,
-                    link.expected,
-                    report.streams,
-                    report.events
-                ),
-            }
-            match (anchor, found) {
-                (Some(anchor), Some(Some(position))) => {
-                    println!("anchor {anchor} found at position {position}");
-                }
-                (Some(anchor), Some(None)) => {
-                    println!(
-                        "ANCHOR MISSING: the log no longer holds {anchor}; it was rewritten at \
-                         or before the anchor's position since the anchor was taken"
-                    );
-                    return Ok(exit(false));
-                }
-                _ => {}
-            }
-            Ok(exit(report.ok()))
-        }
+        } => audit_verify(database, anchor).await,
         Operator::Audit {
             action: Audit::Anchor { database },
         } => {
@@ -325,6 +216,124 @@ pub async fn run(command: Operator) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `replay`: each chosen projection rebuilt from position 0 and swapped in.
+async fn replay(database: Database, projection: Option<String>) -> anyhow::Result<ExitCode> {
+    let system = database.open().await?;
+    for runner in chosen(&system, projection.as_deref())? {
+        let head = system.store.head().await?;
+        let bar = progress(&runner, head, "replaying");
+        with_progress(&runner, &bar, runner.rebuild()).await?;
+        bar.finish_and_clear();
+        // On stdout, as verify reports: the bar is drawn only on a terminal.
+        println!(
+            "{}: rebuilt from position 0 to {}, now live",
+            runner.name(),
+            runner.checkpoint().await?
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `verify`: each chosen projection compared with a rebuild; fails when one differs.
+async fn verify(database: Database, projection: Option<String>) -> anyhow::Result<ExitCode> {
+    let system = database.open().await?;
+    let mut all_equal = true;
+    for runner in chosen(&system, projection.as_deref())? {
+        let head = system.store.head().await?;
+        let bar = progress(&runner, head, "verifying");
+        let report = with_progress(&runner, &bar, runner.verify()).await?;
+        bar.finish_and_clear();
+        if report.equal {
+            println!(
+                "{}: equal to a rebuild at position {}",
+                runner.name(),
+                report.position
+            );
+        } else {
+            all_equal = false;
+            println!(
+                "{}: DIFFERS from a rebuild at position {}; first differences:",
+                runner.name(),
+                report.position
+            );
+            for d in &report.differences {
+                let value = |v: &Option<String>| v.as_deref().unwrap_or("NULL").to_owned();
+                match d.kind {
+                    DifferenceKind::Missing => {
+                        println!("  {} {}: missing from the live rows", d.table, d.key)
+                    }
+                    DifferenceKind::Extra => {
+                        println!(
+                            "  {} {}: in the live rows, not in a rebuild",
+                            d.table, d.key
+                        )
+                    }
+                    DifferenceKind::Changed => println!(
+                        "  {} {}: {} is {} live, {} rebuilt",
+                        d.table,
+                        d.key,
+                        d.column.as_deref().unwrap_or("?"),
+                        value(&d.live),
+                        value(&d.rebuilt)
+                    ),
+                }
+            }
+        }
+    }
+    Ok(exit(all_equal))
+}
+
+/// `audit verify`: the hash chains walked, and the anchor looked for when given.
+async fn audit_verify(database: Database, anchor: Option<String>) -> anyhow::Result<ExitCode> {
+    let anchor = anchor.map(|a| a.trim().to_ascii_lowercase());
+    if let Some(anchor) = &anchor
+        && (anchor.len() != 64 || !anchor.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        bail!("--anchor takes the 64 hex digits `annals audit anchor` printed");
+    }
+    let system = database.open().await?;
+    let spinner = ProgressBar::new_spinner().with_message("walking the hash chains");
+    spinner.enable_steady_tick(Duration::from_millis(120));
+    let report = system.store.verify().await?;
+    let found = match (&anchor, report.ok()) {
+        (Some(anchor), true) => Some(system.store.find_anchor(anchor).await?),
+        _ => None,
+    };
+    spinner.finish_and_clear();
+    match &report.first_broken_link {
+        None => println!(
+            "ok: {} streams, {} events, every hash chain intact up to position {}",
+            report.streams, report.events, report.head.position
+        ),
+        Some(link) => println!(
+            "BROKEN: stream {} at version {} (position {}): {}; stored hash {}, \
+             expected {} ({} streams, {} events checked)",
+            link.stream,
+            link.version,
+            link.position,
+            link.reason,
+            link.found,
+            link.expected,
+            report.streams,
+            report.events
+        ),
+    }
+    match (anchor, found) {
+        (Some(anchor), Some(Some(position))) => {
+            println!("anchor {anchor} found at position {position}");
+        }
+        (Some(anchor), Some(None)) => {
+            println!(
+                "ANCHOR MISSING: the log no longer holds {anchor}; it was rewritten at \
+                 or before the anchor's position since the anchor was taken"
+            );
+            return Ok(exit(false));
+        }
+        _ => {}
+    }
+    Ok(exit(report.ok()))
 }
 
 fn exit(ok: bool) -> ExitCode {

@@ -7,7 +7,9 @@ use annals_domain::deal::DealStatus;
 use annals_domain::lead::LeadStatus;
 use annals_domain::order::OrderStatus;
 use annals_domain::subscription::SubscriptionStatus;
-use annals_domain::values::{SignalKind, Source, Stage, Tier};
+use annals_domain::values::{
+    Label, Name, Owner, PersonName, Reason, RuleName, SignalKind, Sku, Source, Stage, Tier,
+};
 use serde_json::Value;
 use utoipa::openapi::header::HeaderBuilder;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -201,8 +203,24 @@ impl utoipa::IntoResponses for OperatorListProblems {
 /// type for each (a `LeadSource` wherever a source is), and no generator can make two
 /// clashing names of its own for them.
 pub fn describe_domain_words(openapi: &mut utoipa::openapi::OpenApi) {
-    use utoipa::openapi::schema::{ArrayItems, OneOfBuilder};
+    if let Some(components) = openapi.components.as_mut() {
+        for (name, description, values) in domain_words() {
+            let schema = ObjectBuilder::new()
+                .schema_type(Type::String)
+                .description(Some(description))
+                .enum_values(Some(values))
+                .build();
+            components
+                .schemas
+                .insert(name.to_owned(), RefOr::T(Schema::Object(schema)));
+        }
+        refer_fields_to_words(components);
+    }
+    refer_parameters_to_words(openapi);
+}
 
+/// Each closed set of words: its component's name, its description, its words.
+fn domain_words() -> [(&'static str, &'static str, Vec<Value>); 8] {
     let words =
         |all: Vec<&'static str>| -> Vec<Value> { all.into_iter().map(Value::from).collect() };
     let stages = words(Stage::ALL.iter().map(|s| s.as_str()).collect());
@@ -210,7 +228,7 @@ pub fn describe_domain_words(openapi: &mut utoipa::openapi::OpenApi) {
     stages_and_outcomes.extend(words(
         DealStatus::CLOSED.iter().map(|s| s.as_str()).collect(),
     ));
-    let named: [(&str, &str, Vec<Value>); 8] = [
+    [
         (
             "LeadSource",
             "Where a lead came from.",
@@ -256,60 +274,60 @@ pub fn describe_domain_words(openapi: &mut utoipa::openapi::OpenApi) {
                     .collect(),
             ),
         ),
-    ];
-    let to = |name: &str, description: Option<String>| -> RefOr<Schema> {
-        let mut to = Ref::from_schema_name(name);
-        to.description = description.unwrap_or_default();
-        RefOr::Ref(to)
-    };
-    if let Some(components) = openapi.components.as_mut() {
-        for (name, description, values) in named {
-            let schema = ObjectBuilder::new()
-                .schema_type(Type::String)
-                .description(Some(description))
-                .enum_values(Some(values))
-                .build();
-            components
-                .schemas
-                .insert(name.to_owned(), RefOr::T(Schema::Object(schema)));
-        }
-        for (schema, property, name) in [
-            ("CaptureLead", "source", "LeadSource"),
-            ("RecordSignal", "kind", "SignalKind"),
-            ("OpenAccount", "tier", "AccountTier"),
-            ("SetAccountTier", "tier", "AccountTier"),
-            ("AdvanceDeal", "stage", "DealStage"),
-        ] {
-            let Some(RefOr::T(Schema::Object(object))) = components.schemas.get_mut(schema) else {
-                continue;
-            };
-            let required = object.required.iter().any(|r| r == property);
-            let Some(field) = object.properties.get_mut(property) else {
-                continue;
-            };
-            let description = match field {
-                RefOr::T(Schema::Object(field)) => field.description.clone(),
-                _ => None,
-            };
-            *field = if required {
-                to(name, description)
-            } else {
-                // An optional field may also be null.
-                RefOr::T(Schema::OneOf(
-                    OneOfBuilder::new()
-                        .item(to(name, None))
-                        .item(ObjectBuilder::new().schema_type(Type::Null))
-                        .description(description)
-                        .build(),
-                ))
-            };
-        }
-        if let Some(RefOr::T(Schema::Object(object))) = components.schemas.get_mut("RuleMatchBody")
-            && let Some(RefOr::T(Schema::Array(array))) = object.properties.get_mut("sources")
-        {
-            array.items = ArrayItems::RefOrSchema(Box::new(to("LeadSource", None)));
-        }
+    ]
+}
+
+/// A reference to the words of `name`, keeping the field's description.
+fn words_of(name: &str, description: Option<String>) -> RefOr<Schema> {
+    let mut to = Ref::from_schema_name(name);
+    to.description = description.unwrap_or_default();
+    RefOr::Ref(to)
+}
+
+/// The command bodies' fields that take a closed set of words, referred to it (an
+/// optional one may also be null).
+fn refer_fields_to_words(components: &mut utoipa::openapi::Components) {
+    use utoipa::openapi::schema::{ArrayItems, OneOfBuilder};
+
+    for (schema, property, name) in [
+        ("CaptureLead", "source", "LeadSource"),
+        ("RecordSignal", "kind", "SignalKind"),
+        ("OpenAccount", "tier", "AccountTier"),
+        ("SetAccountTier", "tier", "AccountTier"),
+        ("AdvanceDeal", "stage", "DealStage"),
+    ] {
+        let Some(RefOr::T(Schema::Object(object))) = components.schemas.get_mut(schema) else {
+            continue;
+        };
+        let required = object.required.iter().any(|r| r == property);
+        let Some(field) = object.properties.get_mut(property) else {
+            continue;
+        };
+        let description = match field {
+            RefOr::T(Schema::Object(field)) => field.description.clone(),
+            _ => None,
+        };
+        *field = if required {
+            words_of(name, description)
+        } else {
+            RefOr::T(Schema::OneOf(
+                OneOfBuilder::new()
+                    .item(words_of(name, None))
+                    .item(ObjectBuilder::new().schema_type(Type::Null))
+                    .description(description)
+                    .build(),
+            ))
+        };
     }
+    if let Some(RefOr::T(Schema::Object(object))) = components.schemas.get_mut("RuleMatchBody")
+        && let Some(RefOr::T(Schema::Array(array))) = object.properties.get_mut("sources")
+    {
+        array.items = ArrayItems::RefOrSchema(Box::new(words_of("LeadSource", None)));
+    }
+}
+
+/// The query parameters that take a closed set of words, referred to it.
+fn refer_parameters_to_words(openapi: &mut utoipa::openapi::OpenApi) {
     for (path, item) in openapi.paths.paths.iter_mut() {
         let Some(get) = item.get.as_mut() else {
             continue;
@@ -327,32 +345,34 @@ pub fn describe_domain_words(openapi: &mut utoipa::openapi::OpenApi) {
                 Some(RefOr::T(Schema::Object(field))) => field.description.clone(),
                 _ => None,
             };
-            parameter.schema = Some(to(name, description));
+            parameter.schema = Some(words_of(name, description));
         }
     }
 }
 
 /// The domain's rules for the text of a command body, written into the document as
-/// patterns (`contract`): each free-text field with the most characters it keeps once
-/// trimmed, and the email. A new free-text field belongs in this list.
+/// patterns (`contract`): each free-text field with the most characters its value type
+/// keeps once trimmed (`PersonName::MAX`, ...), and the email. A new free-text field
+/// belongs in this list; one left out has no pattern, and
+/// `every_string_of_a_request_body_has_a_pattern_a_format_or_words` fails.
 pub fn describe_text_rules(openapi: &mut utoipa::openapi::OpenApi) {
     const FREE_TEXT: [(&str, &str, usize); 16] = [
-        ("CaptureLead", "name", 200),
-        ("CaptureLead", "company", 200),
-        ("AssignLead", "owner", 100),
-        ("DisqualifyLead", "reason", 500),
-        ("ConvertLead", "deal_name", 200),
-        ("OpenAccount", "name", 200),
-        ("OpenAccount", "domain", 200),
-        ("OpenAccount", "industry", 200),
-        ("RenameAccount", "name", 200),
-        ("OpenDeal", "name", 200),
-        ("OpenDeal", "owner", 100),
-        ("LoseDeal", "reason", 500),
-        ("RoutingRuleBody", "name", 100),
-        ("OrderLineBody", "sku", 64),
-        ("CancelOrder", "reason", 500),
-        ("ChurnSubscription", "reason", 500),
+        ("CaptureLead", "name", PersonName::MAX),
+        ("CaptureLead", "company", Label::MAX),
+        ("AssignLead", "owner", Owner::MAX),
+        ("DisqualifyLead", "reason", Reason::MAX),
+        ("ConvertLead", "deal_name", Name::MAX),
+        ("OpenAccount", "name", Name::MAX),
+        ("OpenAccount", "domain", Label::MAX),
+        ("OpenAccount", "industry", Label::MAX),
+        ("RenameAccount", "name", Name::MAX),
+        ("OpenDeal", "name", Name::MAX),
+        ("OpenDeal", "owner", Owner::MAX),
+        ("LoseDeal", "reason", Reason::MAX),
+        ("RoutingRuleBody", "name", RuleName::MAX),
+        ("OrderLineBody", "sku", Sku::MAX),
+        ("CancelOrder", "reason", Reason::MAX),
+        ("ChurnSubscription", "reason", Reason::MAX),
     ];
     let Some(components) = openapi.components.as_mut() else {
         return;
@@ -370,7 +390,7 @@ pub fn describe_text_rules(openapi: &mut utoipa::openapi::OpenApi) {
     }
     // Lists of free text: each item as its field would be.
     if let Some(owners) = items_of(components, "RoutingRuleBody", "owners") {
-        owners.pattern = Some(text_pattern(100));
+        owners.pattern = Some(text_pattern(Owner::MAX));
     }
     if let Some(domains) = items_of(components, "RuleMatchBody", "email_domains") {
         domains.pattern = Some(DOMAIN_PATTERN.to_owned());

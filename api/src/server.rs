@@ -205,6 +205,65 @@ pub async fn serve(
 
 #[cfg(test)]
 mod tests {
+    use serde_json::Value;
+
+    /// Every string a request body carries is bounded by the document: a pattern (free
+    /// text, an email, a domain), a closed set of words, or a format (a UUID, a time);
+    /// in a nested object or an array's items too. A new free-text field typed as the
+    /// domain's text (`contract::Text`) has its pattern; a plain `String` fails here.
+    #[test]
+    fn every_string_of_a_request_body_has_a_pattern_a_format_or_words() {
+        let document = serde_json::to_value(super::openapi()).unwrap();
+        let components = &document["components"]["schemas"];
+        let named = |reference: &Value| -> Option<String> {
+            reference["$ref"]
+                .as_str()
+                .and_then(|r| r.strip_prefix("#/components/schemas/"))
+                .map(str::to_owned)
+        };
+        let mut bodies: Vec<String> = Vec::new();
+        for item in document["paths"].as_object().unwrap().values() {
+            for operation in item.as_object().unwrap().values() {
+                let schema = &operation["requestBody"]["content"]["application/json"]["schema"];
+                bodies.extend(named(schema));
+            }
+        }
+        let mut unbounded = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        while let Some(body) = bodies.pop() {
+            if !seen.insert(body.clone()) {
+                continue;
+            }
+            let schema = &components[&body];
+            for (property, field) in schema["properties"].as_object().into_iter().flatten() {
+                let mut shapes = vec![field.clone()];
+                while let Some(shape) = shapes.pop() {
+                    if let Some(reference) = named(&shape) {
+                        bodies.push(reference);
+                        continue;
+                    }
+                    shapes.extend(shape["oneOf"].as_array().into_iter().flatten().cloned());
+                    shapes.extend(shape["items"].as_object().map(|_| shape["items"].clone()));
+                    let is_string = shape["type"] == "string"
+                        || shape["type"]
+                            .as_array()
+                            .is_some_and(|types| types.iter().any(|t| t == "string"));
+                    let bounded = shape.get("pattern").is_some()
+                        || shape.get("enum").is_some()
+                        || shape.get("format").is_some();
+                    if is_string && !bounded {
+                        unbounded.push(format!("{body}.{property}"));
+                    }
+                }
+            }
+        }
+        assert!(!seen.is_empty());
+        assert!(
+            unbounded.is_empty(),
+            "strings of request bodies with no pattern, format or words: {unbounded:?}"
+        );
+    }
+
     /// The wire contract: any change to a route, a schema or a status shows up as a
     /// diff of the committed document.
     #[test]

@@ -18,6 +18,7 @@ pub use crate::read_models::deal_board::{
 };
 pub use crate::read_models::lead_board::{LeadFilter, lead, leads};
 use crate::read_models::{deal_board, lead_board};
+use annals_engine::rows::{Row, text_columns};
 use annals_engine::{ConsumerError, Param, ReadDatabase, ReadTx};
 
 /// The live generation of a projection, as a subquery.
@@ -98,6 +99,30 @@ impl Snapshot {
             pause.resume.recv().await;
         }
         Ok(found)
+    }
+
+    /// The live rows of a read model's table that `condition` picks (on its own
+    /// columns, with `$n` parameters), followed by `tail` (an `ORDER BY`, a `LIMIT`),
+    /// read back as its row type: a view that reads another board reads its columns by
+    /// name, never by position.
+    pub(crate) async fn rows_of<R: Row>(
+        &mut self,
+        condition: &str,
+        tail: &str,
+        params: &[Param<'_>],
+    ) -> Result<Vec<R>, ConsumerError> {
+        let table = R::TABLE;
+        let sql = format!(
+            "SELECT {} FROM {} WHERE generation = {} AND {condition} {tail}",
+            text_columns(&table),
+            table.name,
+            live(table.name)
+        );
+        self.rows(&sql, params)
+            .await?
+            .iter()
+            .map(|row| R::read(row))
+            .collect()
     }
 
     /// The position up to which the read models of this snapshot have applied the log:

@@ -34,6 +34,9 @@ macro_rules! text_value {
         pub struct $name(String);
 
         impl $name {
+            /// The most characters it keeps once trimmed.
+            pub const MAX: usize = $max;
+
             pub fn parse(value: &str) -> Result<Self, DomainError> {
                 text(value, $field, $min, $max).map($name)
             }

@@ -3,7 +3,8 @@
 
 use crate::checkpoint::read_checkpoint_of;
 use crate::{
-    ConsumerError, ConsumerRunner, Difference, DifferenceKind, PausePoint, ReadTx, VerifyReport,
+    ConsumerError, ConsumerRunner, Difference, DifferenceKind, PausePoint, ReadTx, Table,
+    VerifyReport,
 };
 
 impl ConsumerRunner {
@@ -74,45 +75,7 @@ impl ConsumerRunner {
         let (mut pages, mut largest_page) = (0, 0);
         let mut renewed = tokio::time::Instant::now();
         'tables: for table in self.consumer.tables() {
-            let width = table.columns.len();
-            let values = |side: &str| {
-                (0..width)
-                    .map(|i| format!("{side}.v{i}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
-            let side = |generation: &str, after: bool| {
-                format!(
-                    "SELECT {key} AS k, {columns} FROM {table} \
-                      WHERE generation = {generation}{after} ORDER BY {key} LIMIT {limit}",
-                    key = table.key,
-                    columns = table
-                        .columns
-                        .iter()
-                        .enumerate()
-                        .map(|(i, c)| format!("CAST({c} AS TEXT) AS v{i}"))
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    table = table.name,
-                    after = if after {
-                        format!(" AND {} > $3", table.key)
-                    } else {
-                        String::new()
-                    },
-                )
-            };
-            let page_sql = |after: bool| {
-                format!(
-                    "WITH l AS ({}), r AS ({}) \
-                     SELECT l.k, r.k, {}, {} FROM l FULL OUTER JOIN r ON l.k = r.k \
-                      ORDER BY COALESCE(l.k, r.k)",
-                    side("$1", after),
-                    side("$2", after),
-                    values("l"),
-                    values("r")
-                )
-            };
-            let (first, next) = (page_sql(false), page_sql(true));
+            let (first, next) = (page_sql(table, limit, false), page_sql(table, limit, true));
             let mut after: Option<String> = None;
             loop {
                 let rows = match &after {
@@ -130,46 +93,10 @@ impl ConsumerRunner {
                 };
                 pages += 1;
                 largest_page = largest_page.max(rows.len());
-                let present = |row: &Vec<Option<String>>, i: usize| row[i].is_some();
-                // A side that filled its page may have more rows after its last key: only
-                // keys up to the first such last key are compared now.
-                let last_of = |i: usize| {
-                    let count = rows.iter().filter(|row| present(row, i)).count();
-                    if count < limit {
-                        None
-                    } else {
-                        rows.iter().rposition(|row| present(row, i))
-                    }
-                };
-                let bound = match (last_of(0), last_of(1)) {
-                    (None, None) => None,
-                    (l, r) => Some(l.unwrap_or(usize::MAX).min(r.unwrap_or(usize::MAX))),
-                };
+                let bound = page_bound(&rows, limit);
                 let compared = bound.map_or(rows.len(), |b| b + 1);
                 for row in &rows[..compared] {
-                    let key = row[0]
-                        .clone()
-                        .or_else(|| row[1].clone())
-                        .unwrap_or_default();
-                    let difference = |kind, column: Option<usize>| Difference {
-                        table: table.name.to_owned(),
-                        key: key.clone(),
-                        kind,
-                        column: column.map(|i| table.columns[i].to_owned()),
-                        live: column.and_then(|i| row[2 + i].clone()),
-                        rebuilt: column.and_then(|i| row[2 + width + i].clone()),
-                    };
-                    match (row[0].is_some(), row[1].is_some()) {
-                        (true, false) => differences.push(difference(DifferenceKind::Extra, None)),
-                        (false, true) => {
-                            differences.push(difference(DifferenceKind::Missing, None))
-                        }
-                        _ => differences.extend(
-                            (0..width)
-                                .filter(|i| row[2 + i] != row[2 + width + i])
-                                .map(|i| difference(DifferenceKind::Changed, Some(i))),
-                        ),
-                    }
+                    differences.extend(row_differences(table, row));
                     if differences.len() >= MOST {
                         differences.truncate(MOST);
                         break 'tables;
@@ -194,5 +121,91 @@ impl ConsumerRunner {
             pages,
             largest_page,
         })
+    }
+}
+
+/// One page of the comparison of `table`: the next `limit` rows of each generation (`$1`
+/// live, `$2` scratch; after the key `$3` when `after`), joined on the key: each row is
+/// the live key, the rebuilt key, the live values, the rebuilt values.
+fn page_sql(table: &Table, limit: usize, after: bool) -> String {
+    let width = table.columns.len();
+    let values = |side: &str| {
+        (0..width)
+            .map(|i| format!("{side}.v{i}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let side = |generation: &str| {
+        format!(
+            "SELECT {key} AS k, {columns} FROM {table} \
+              WHERE generation = {generation}{after} ORDER BY {key} LIMIT {limit}",
+            key = table.key,
+            columns = table
+                .columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| format!("CAST({c} AS TEXT) AS v{i}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            table = table.name,
+            after = if after {
+                format!(" AND {} > $3", table.key)
+            } else {
+                String::new()
+            },
+        )
+    };
+    format!(
+        "WITH l AS ({}), r AS ({}) \
+         SELECT l.k, r.k, {}, {} FROM l FULL OUTER JOIN r ON l.k = r.k \
+          ORDER BY COALESCE(l.k, r.k)",
+        side("$1"),
+        side("$2"),
+        values("l"),
+        values("r")
+    )
+}
+
+/// How far a page may be compared: a side that filled its page may have more rows after
+/// its last key, so only keys up to the first such last key are compared now (`None`:
+/// neither filled its page, the whole page is compared and the table is done).
+fn page_bound(rows: &[Vec<Option<String>>], limit: usize) -> Option<usize> {
+    let last_of = |i: usize| {
+        let count = rows.iter().filter(|row| row[i].is_some()).count();
+        if count < limit {
+            None
+        } else {
+            rows.iter().rposition(|row| row[i].is_some())
+        }
+    };
+    match (last_of(0), last_of(1)) {
+        (None, None) => None,
+        (l, r) => Some(l.unwrap_or(usize::MAX).min(r.unwrap_or(usize::MAX))),
+    }
+}
+
+/// How one joined row of a page differs: a row only live is extra, one only rebuilt is
+/// missing, and each column that differs in a row both have is changed.
+fn row_differences(table: &Table, row: &[Option<String>]) -> Vec<Difference> {
+    let width = table.columns.len();
+    let key = row[0]
+        .clone()
+        .or_else(|| row[1].clone())
+        .unwrap_or_default();
+    let difference = |kind, column: Option<usize>| Difference {
+        table: table.name.to_owned(),
+        key: key.clone(),
+        kind,
+        column: column.map(|i| table.columns[i].to_owned()),
+        live: column.and_then(|i| row[2 + i].clone()),
+        rebuilt: column.and_then(|i| row[2 + width + i].clone()),
+    };
+    match (row[0].is_some(), row[1].is_some()) {
+        (true, false) => vec![difference(DifferenceKind::Extra, None)],
+        (false, true) => vec![difference(DifferenceKind::Missing, None)],
+        _ => (0..width)
+            .filter(|i| row[2 + i] != row[2 + width + i])
+            .map(|i| difference(DifferenceKind::Changed, Some(i)))
+            .collect(),
     }
 }

@@ -11,8 +11,11 @@ use annals_domain::subscription::SubscriptionStatus;
 use annals_store::{LogFilter, RecordedEvent};
 use serde::Serialize;
 
-use crate::queries::{Snapshot, in_snapshot, live, number, text};
-use crate::read_models::{deal_board, lead_board, order_board, subscription_board};
+use crate::queries::{Snapshot, in_snapshot};
+use crate::read_models::deal_board::DealRow;
+use crate::read_models::lead_board::LeadRow;
+use crate::read_models::order_board::OrderRow;
+use crate::read_models::subscription_board::SubscriptionRow;
 use crate::{aggregate_id, decode, time_text};
 use annals_engine::row;
 use annals_engine::rows::RowModel;
@@ -154,53 +157,37 @@ impl Snapshot {
         &mut self,
         account_id: &str,
     ) -> Result<Option<AccountView>, ConsumerError> {
-        let id: Param = account_id.into();
-        let account = self
-            .rows(
-                &format!(
-                    "SELECT account_id, name, domain, industry, CAST(employees AS TEXT), tier \
-               FROM account_360 WHERE generation = {} AND account_id = $1",
-                    live(NAME)
-                ),
-                std::slice::from_ref(&id),
-            )
-            .await?;
-        let Some(row) = account.first() else {
+        let id = [Param::from(account_id)];
+        let Some(account) = self
+            .rows_of::<AccountRow>("account_id = $1", "", &id)
+            .await?
+            .pop()
+        else {
             return Ok(None);
         };
-        let deals = self
-            .rows(
-                &format!(
-                    "SELECT deal_id, name, stage, status, currency, CAST(amount_minor AS TEXT) \
-               FROM deal_board WHERE generation = {} AND account_id = $1 \
-              ORDER BY opened_micros, deal_id",
-                    live(deal_board::NAME)
-                ),
-                std::slice::from_ref(&id),
+        let deals: Vec<AccountDeal> = self
+            .rows_of::<DealRow>("account_id = $1", "ORDER BY opened_micros, deal_id", &id)
+            .await?
+            .into_iter()
+            .map(|deal| AccountDeal {
+                deal_id: deal.deal_id,
+                name: deal.name,
+                stage: deal.stage,
+                status: deal.status.as_str().to_owned(),
+                currency: deal.currency,
+                amount_minor: deal.amount_minor,
+            })
+            .collect();
+        let converted_leads = self
+            .rows_of::<LeadRow>(
+                "converted_account_id = $1",
+                "ORDER BY converted_at, lead_id",
+                &id,
             )
             .await?
-            .iter()
-            .map(|d| AccountDeal {
-                deal_id: text(d, 0),
-                name: text(d, 1),
-                stage: text(d, 2),
-                status: text(d, 3),
-                currency: text(d, 4),
-                amount_minor: number(d, 5),
-            })
-            .collect::<Vec<_>>();
-        let converted_leads = self.rows(
-        &format!(
-            "SELECT lead_id FROM lead_board WHERE generation = {} AND converted_account_id = $1 \
-              ORDER BY converted_at, lead_id",
-            live(lead_board::NAME)
-        ),
-        std::slice::from_ref(&id),
-    )
-    .await?
-    .iter()
-    .map(|l| text(l, 0))
-    .collect();
+            .into_iter()
+            .map(|lead| lead.lead_id)
+            .collect();
         let won = per_currency(
             deals
                 .iter()
@@ -208,42 +195,35 @@ impl Snapshot {
                 .map(|d| (d.currency.clone(), d.amount_minor)),
         );
         let orders = self
-            .rows(
-                &format!(
-                    "SELECT order_id, status, currency, CAST(total_minor AS TEXT) \
-               FROM order_board WHERE generation = {} AND account_id = $1 \
-              ORDER BY placed_micros, order_id LIMIT {ACCOUNT_ORDERS}",
-                    live(order_board::NAME)
-                ),
-                std::slice::from_ref(&id),
+            .rows_of::<OrderRow>(
+                "account_id = $1",
+                &format!("ORDER BY placed_micros, order_id LIMIT {ACCOUNT_ORDERS}"),
+                &id,
             )
             .await?
-            .iter()
-            .map(|o| AccountOrder {
-                order_id: text(o, 0),
-                status: text(o, 1),
-                currency: text(o, 2),
-                total_minor: number(o, 3),
+            .into_iter()
+            .map(|order| AccountOrder {
+                order_id: order.order_id,
+                status: order.status.as_str().to_owned(),
+                currency: order.currency,
+                total_minor: order.total_minor,
             })
             .collect();
         let active = self
-            .rows(
-                &format!(
-                    "SELECT currency, CAST(mrr_minor AS TEXT) FROM subscription_board \
-               WHERE generation = {} AND account_id = $1 AND status = $2",
-                    live(subscription_board::NAME)
-                ),
-                &[id.clone(), SubscriptionStatus::Active.as_str().into()],
+            .rows_of::<SubscriptionRow>(
+                "account_id = $1 AND status = $2",
+                "",
+                &[id[0].clone(), SubscriptionStatus::Active.as_str().into()],
             )
             .await?;
-        let mrr = per_currency(active.iter().map(|s| (text(s, 0), number(s, 1))));
+        let mrr = per_currency(active.into_iter().map(|s| (s.currency, s.mrr_minor)));
         Ok(Some(AccountView {
-            account_id: text(row, 0),
-            name: text(row, 1),
-            domain: row[2].clone(),
-            industry: row[3].clone(),
-            employees: row[4].as_deref().and_then(|e| e.parse().ok()),
-            tier: text(row, 5),
+            account_id: account.account_id,
+            name: account.name,
+            domain: account.domain,
+            industry: account.industry,
+            employees: account.employees,
+            tier: account.tier,
             deals,
             converted_leads,
             won,

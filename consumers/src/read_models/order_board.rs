@@ -121,38 +121,9 @@ impl RowModel for OrderBoard {
         row: Option<OrderRow>,
         event: &RecordedEvent,
     ) -> Result<Option<OrderRow>, ConsumerError> {
-        let at = time_text(event);
-        let corrupt = |e: serde_json::Error| ConsumerError::Corrupt(e.to_string());
         if SUBSCRIPTION_EVENTS.contains(&event.event_type.as_str()) {
-            let Some(mut row) = row else { return Ok(None) };
-            let mut steps = row.saga_steps()?;
-            match decode::<SubscriptionEvent>(event)? {
-                SubscriptionEvent::SubscriptionStarted {
-                    subscription_id, ..
-                } => {
-                    row.subscription_id = Some(subscription_id.to_string());
-                    steps.push(step("subscription", "done", &at));
-                }
-                // The compensation of a refunded order's subscription: churned because
-                // the order was cancelled (a churn of a running order's subscription,
-                // by its customer, is no step of the saga).
-                SubscriptionEvent::SubscriptionChurned { .. }
-                    if row.status == OrderStatus::Cancelled =>
-                {
-                    if let Some(found) = steps
-                        .iter_mut()
-                        .rev()
-                        .find(|s| s.step == "subscription" && s.status == "done")
-                    {
-                        found.status = "compensated".to_owned();
-                        found.at = at.clone();
-                    }
-                }
-                _ => return Ok(Some(row)),
-            }
-            row.saga = serde_json::to_string(&steps).map_err(corrupt)?;
-            row.updated_position = to_sql_int(event.position);
-            return Ok(Some(row));
+            let Some(row) = row else { return Ok(None) };
+            return subscription_step(row, event).map(Some);
         }
         let decoded: OrderEvent = decode(event)?;
         if let OrderEvent::OrderPlaced {
@@ -164,6 +135,7 @@ impl RowModel for OrderBoard {
             recurring_total,
         } = &decoded
         {
+            let at = time_text(event);
             return Ok(Some(OrderRow {
                 order_id: order_id.to_string(),
                 deal_id: deal_id.to_string(),
@@ -185,56 +157,102 @@ impl RowModel for OrderBoard {
                 updated_position: to_sql_int(event.position),
             }));
         }
-        let mut row = row.ok_or_else(|| ConsumerError::Apply {
+        let row = row.ok_or_else(|| ConsumerError::Apply {
             position: event.position,
             event_type: event.event_type.clone(),
             reason: "the order was never placed".into(),
         })?;
-        let mut steps = row.saga_steps()?;
-        let mut mark = |name: &str, from: &[&str], to: &str| {
+        order_step(row, &decoded, event).map(Some)
+    }
+}
+
+fn corrupt(error: serde_json::Error) -> ConsumerError {
+    ConsumerError::Corrupt(error.to_string())
+}
+
+/// An order's row after a step of its subscription: started, or churned as the
+/// compensation of a cancelled order.
+fn subscription_step(mut row: OrderRow, event: &RecordedEvent) -> Result<OrderRow, ConsumerError> {
+    let at = time_text(event);
+    let mut steps = row.saga_steps()?;
+    match decode::<SubscriptionEvent>(event)? {
+        SubscriptionEvent::SubscriptionStarted {
+            subscription_id, ..
+        } => {
+            row.subscription_id = Some(subscription_id.to_string());
+            steps.push(step("subscription", "done", &at));
+        }
+        // The compensation of a refunded order's subscription: churned because
+        // the order was cancelled (a churn of a running order's subscription,
+        // by its customer, is no step of the saga).
+        SubscriptionEvent::SubscriptionChurned { .. } if row.status == OrderStatus::Cancelled => {
             if let Some(found) = steps
                 .iter_mut()
                 .rev()
-                .find(|s| s.step == name && from.contains(&s.status.as_str()))
+                .find(|s| s.step == "subscription" && s.status == "done")
             {
-                found.status = to.to_owned();
+                found.status = "compensated".to_owned();
                 found.at = at.clone();
             }
-        };
-        match &decoded {
-            OrderEvent::OrderPlaced { .. } => {}
-            OrderEvent::OrderInvoiced { invoice_id, due_at } => {
-                row.invoice_id = Some(invoice_id.to_string());
-                row.due_at = Some(due_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
-                steps.push(step("invoice", "done", &at));
-                steps.push(step("payment", "waiting", &at));
-            }
-            OrderEvent::PaymentReceived { amount } => {
-                row.paid_minor = Some(amount.amount_minor);
-                mark("payment", &["waiting"], "done");
-            }
-            OrderEvent::OrderFulfilled {} => steps.push(step("fulfil", "done", &at)),
-            OrderEvent::InvoiceVoided { .. } => {
-                row.invoice_id = None;
-                row.due_at = None;
-                mark("invoice", &["done"], "compensated");
-                mark("payment", &["waiting"], "failed");
-            }
-            OrderEvent::OrderCancelled { reason } => {
-                row.cancel_reason = Some(reason.as_str().to_owned());
-                mark("payment", &["waiting"], "failed");
-                steps.push(step("cancel", "done", &at));
-            }
-            OrderEvent::PaymentRefunded { amount } => {
-                row.refunded_minor = Some(amount.amount_minor);
-                mark("payment", &["done"], "compensated");
-            }
         }
-        row.status = row.status.after(&decoded);
-        row.saga = serde_json::to_string(&steps).map_err(corrupt)?;
-        row.updated_position = to_sql_int(event.position);
-        Ok(Some(row))
+        _ => return Ok(row),
     }
+    row.saga = serde_json::to_string(&steps).map_err(corrupt)?;
+    row.updated_position = to_sql_int(event.position);
+    Ok(row)
+}
+
+/// A placed order's row after one of its events.
+fn order_step(
+    mut row: OrderRow,
+    decoded: &OrderEvent,
+    event: &RecordedEvent,
+) -> Result<OrderRow, ConsumerError> {
+    let at = time_text(event);
+    let mut steps = row.saga_steps()?;
+    let mut mark = |name: &str, from: &[&str], to: &str| {
+        if let Some(found) = steps
+            .iter_mut()
+            .rev()
+            .find(|s| s.step == name && from.contains(&s.status.as_str()))
+        {
+            found.status = to.to_owned();
+            found.at = at.clone();
+        }
+    };
+    match decoded {
+        OrderEvent::OrderPlaced { .. } => {}
+        OrderEvent::OrderInvoiced { invoice_id, due_at } => {
+            row.invoice_id = Some(invoice_id.to_string());
+            row.due_at = Some(due_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
+            steps.push(step("invoice", "done", &at));
+            steps.push(step("payment", "waiting", &at));
+        }
+        OrderEvent::PaymentReceived { amount } => {
+            row.paid_minor = Some(amount.amount_minor);
+            mark("payment", &["waiting"], "done");
+        }
+        OrderEvent::OrderFulfilled {} => steps.push(step("fulfil", "done", &at)),
+        OrderEvent::InvoiceVoided { .. } => {
+            row.invoice_id = None;
+            row.due_at = None;
+            mark("invoice", &["done"], "compensated");
+            mark("payment", &["waiting"], "failed");
+        }
+        OrderEvent::OrderCancelled { reason } => {
+            row.cancel_reason = Some(reason.as_str().to_owned());
+            mark("payment", &["waiting"], "failed");
+            steps.push(step("cancel", "done", &at));
+        }
+        OrderEvent::PaymentRefunded { amount } => {
+            row.refunded_minor = Some(amount.amount_minor);
+            mark("payment", &["done"], "compensated");
+        }
+    }
+    row.status = row.status.after(decoded);
+    row.saga = serde_json::to_string(&steps).map_err(corrupt)?;
+    row.updated_position = to_sql_int(event.position);
+    Ok(row)
 }
 
 fn step(name: &str, status: &str, at: &str) -> SagaStep {
