@@ -1037,12 +1037,9 @@ impl DayPerPosition {
 }
 
 #[async_trait]
-impl annals_store::EventStore for DayPerPosition {
-    async fn append(
-        &self,
-        request: annals_store::AppendRequest,
-    ) -> Result<annals_store::AppendOutcome, annals_store::StoreError> {
-        self.0.append(request).await
+impl annals_store::StoreLayer for DayPerPosition {
+    fn inner(&self) -> &dyn annals_store::EventStore {
+        self.0.as_ref()
     }
 
     async fn read_stream(
@@ -1068,58 +1065,6 @@ impl annals_store::EventStore for DayPerPosition {
         let mut page = self.0.read_all(from_position, limit, filter).await?;
         page.events = page.events.into_iter().map(Self::clocked).collect();
         Ok(page)
-    }
-
-    async fn head(&self) -> Result<u64, annals_store::StoreError> {
-        self.0.head().await
-    }
-
-    async fn wait_for_events(
-        &self,
-        after: u64,
-        timeout: Duration,
-    ) -> Result<u64, annals_store::StoreError> {
-        self.0.wait_for_events(after, timeout).await
-    }
-
-    async fn save_snapshot(
-        &self,
-        snapshot: &annals_store::Snapshot,
-    ) -> Result<(), annals_store::StoreError> {
-        self.0.save_snapshot(snapshot).await
-    }
-
-    async fn load_snapshot(
-        &self,
-        stream: &annals_store::StreamName,
-    ) -> Result<Option<annals_store::Snapshot>, annals_store::StoreError> {
-        self.0.load_snapshot(stream).await
-    }
-
-    async fn find_idempotency(
-        &self,
-        key: &str,
-    ) -> Result<Option<annals_store::IdempotencyRecord>, annals_store::StoreError> {
-        self.0.find_idempotency(key).await
-    }
-
-    async fn purge_idempotency(
-        &self,
-        recorded_before: chrono::DateTime<chrono::Utc>,
-    ) -> Result<u64, annals_store::StoreError> {
-        self.0.purge_idempotency(recorded_before).await
-    }
-
-    async fn verify(&self) -> Result<annals_store::AuditReport, annals_store::StoreError> {
-        self.0.verify().await
-    }
-
-    async fn anchor(&self) -> Result<annals_store::Anchor, annals_store::StoreError> {
-        self.0.anchor().await
-    }
-
-    async fn find_anchor(&self, hash: &str) -> Result<Option<u64>, annals_store::StoreError> {
-        self.0.find_anchor(hash).await
     }
 }
 

@@ -278,6 +278,10 @@ pub(crate) fn plan(batch: &[ValidAppend], mut facts: LogFacts, recorded_at: Date
     plan
 }
 
+/// Decides one append against the facts and the batch before it: a replay of an
+/// append already stored is answered as it was; otherwise the idempotency key, the
+/// expected version and the claims are checked, in that order, before anything moves.
+/// Only an append that passes moves the facts and adds to the plan.
 fn plan_one(
     append: &ValidAppend,
     facts: &mut LogFacts,
@@ -299,16 +303,50 @@ fn plan_one(
         });
     }
 
-    let (current, mut previous) = facts.heads.get(stream).copied().unwrap_or((0, GENESIS));
-    if !request.expected.admits(current) {
+    let head = facts.heads.get(stream).copied().unwrap_or((0, GENESIS));
+    if !request.expected.admits(head.0) {
         return Err(StoreError::WrongExpectedVersion {
             stream: stream.to_owned(),
             expected: request.expected,
-            actual: current,
+            actual: head.0,
         });
     }
+    facts.claims = claims_after(request, &facts.claims)?;
 
-    let mut claims = facts.claims.clone();
+    let (version, positions) = chain_events(append, head, facts, plan, recorded_at, micros);
+    if let Some(key) = &request.idempotency {
+        let record = IdempotencyRecord {
+            key: key.key.clone(),
+            request_hash: key.request_hash.clone(),
+            payload: key.payload.clone(),
+            stream: stream.to_owned(),
+            version,
+            last_position: facts.last_position,
+            recorded_at,
+        };
+        facts.idempotency.insert(key.key.clone(), record.clone());
+        plan.idempotency.push(record);
+    }
+    for subject in &request.shred {
+        if !plan.shredded.contains(subject) {
+            plan.shredded.push(subject.clone());
+        }
+    }
+    if let Some(key) = &request.new_key {
+        plan.new_keys.push(key.clone());
+    }
+    Ok(AppendOutcome { version, positions })
+}
+
+/// The claim holders once the request's claims are taken and released, in its order;
+/// `ClaimHeld` when another stream holds one of them. Worked on a copy, so a refused
+/// append leaves the holders as they were.
+fn claims_after(
+    request: &AppendRequest,
+    holders: &HashMap<String, String>,
+) -> Result<HashMap<String, String>, StoreError> {
+    let stream = request.stream.as_str();
+    let mut claims = holders.clone();
     for claim in &request.claims {
         match claim {
             Claim::Take(key) => match claims.get(key) {
@@ -335,11 +373,26 @@ fn plan_one(
             },
         }
     }
-    facts.claims = claims;
+    Ok(claims)
+}
 
+/// Chains the append's events onto its stream (at `head`: version and last hash) and
+/// onto the log, as rows of the plan; moves the facts' heads past them and remembers
+/// them as stored, so a later append of the batch that reuses an id sees them. Returns
+/// the stream's new version and the events' positions.
+fn chain_events(
+    append: &ValidAppend,
+    head: (u64, Hash),
+    facts: &mut LogFacts,
+    plan: &mut Plan,
+    recorded_at: DateTime<Utc>,
+    micros: i64,
+) -> (u64, Vec<u64>) {
+    let request = &append.request;
+    let stream = request.stream.as_str();
     let category = request.stream.category().to_owned();
+    let (mut version, mut previous) = head;
     let mut positions = Vec::with_capacity(request.events.len());
-    let mut version = current;
     for (i, event) in request.events.iter().enumerate() {
         version += 1;
         facts.last_position += 1;
@@ -387,28 +440,7 @@ fn plan_one(
         });
     }
     facts.heads.insert(stream.to_owned(), (version, previous));
-    if let Some(key) = &request.idempotency {
-        let record = IdempotencyRecord {
-            key: key.key.clone(),
-            request_hash: key.request_hash.clone(),
-            payload: key.payload.clone(),
-            stream: stream.to_owned(),
-            version,
-            last_position: facts.last_position,
-            recorded_at,
-        };
-        facts.idempotency.insert(key.key.clone(), record.clone());
-        plan.idempotency.push(record);
-    }
-    for subject in &request.shred {
-        if !plan.shredded.contains(subject) {
-            plan.shredded.push(subject.clone());
-        }
-    }
-    if let Some(key) = &request.new_key {
-        plan.new_keys.push(key.clone());
-    }
-    Ok(AppendOutcome { version, positions })
+    (version, positions)
 }
 
 /// `Some(first result)` when every event of the append is already stored, as the same

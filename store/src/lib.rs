@@ -22,6 +22,7 @@ mod error;
 mod follow;
 mod group_commit;
 mod keys;
+mod layer;
 pub mod leases;
 mod model;
 mod personal;
@@ -41,6 +42,7 @@ pub use error::{BackendError, InvalidInput, StoreError, is_unavailable};
 pub use follow::LogFollower;
 pub use group_commit::WriterProbe;
 pub use keys::DataKeys;
+pub use layer::StoreLayer;
 pub use leases::{Lease, LeaseState, holder_of_this_process};
 pub use model::{
     Anchor, AppendOutcome, AppendRequest, AuditReport, BrokenLink, Claim, Direction,

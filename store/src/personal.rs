@@ -1,6 +1,7 @@
-//! Personal data in the log, encrypted (crypto-shredding, `domain.md` Erasure): an
-//! `EventStore` in front of another that seals the personal fields of the events it
-//! appends under their subject's data key, and opens them in the events it reads.
+//! Personal data in the log, encrypted (crypto-shredding, `domain.md` Erasure): a layer
+//! (`StoreLayer`) in front of another event store that seals the personal fields of the
+//! events it appends under their subject's data key, and opens them in the events it
+//! reads.
 //!
 //! - The subject of an event is its stream (`lead-{id}`); the personal fields are named
 //!   per event type (`PersonalFields`, from the domain). Each is stored as `enc:v1:…`
@@ -20,18 +21,17 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::Value;
 
 use crate::keys::DataKeys;
 use crate::model::{
-    Anchor, AppendOutcome, AppendRequest, AuditReport, Claim, Direction, ExpectedVersion,
-    IdempotencyRecord, LogFilter, LogPage, RecordedEvent, Snapshot, StreamName,
+    AppendOutcome, AppendRequest, Claim, Direction, ExpectedVersion, LogFilter, LogPage,
+    RecordedEvent, Snapshot, StreamName,
 };
 use crate::vault::{DataKey, MasterKey, SEALED, Vault};
-use crate::{EventStore, StoreError};
+use crate::{EventStore, StoreError, StoreLayer};
 
 /// The subject whose data key is the secret of the claims' keyed hashes.
 const CLAIMS_SUBJECT: &str = "annals:claims";
@@ -363,8 +363,14 @@ impl EncryptedStore {
     }
 }
 
+// Seals what it appends and opens what it reads; keeps snapshots of personal data out
+// of the snapshot table. Everything else goes to the inner store as it is.
 #[async_trait]
-impl EventStore for EncryptedStore {
+impl StoreLayer for EncryptedStore {
+    fn inner(&self) -> &dyn EventStore {
+        self.inner.as_ref()
+    }
+
     async fn append(&self, mut request: AppendRequest) -> Result<AppendOutcome, StoreError> {
         self.seal(&mut request).await?;
         self.inner.append(request).await
@@ -396,14 +402,6 @@ impl EventStore for EncryptedStore {
         Ok(page)
     }
 
-    async fn head(&self) -> Result<u64, StoreError> {
-        self.inner.head().await
-    }
-
-    async fn wait_for_events(&self, after: u64, timeout: Duration) -> Result<u64, StoreError> {
-        self.inner.wait_for_events(after, timeout).await
-    }
-
     async fn save_snapshot(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
         if self.holds_personal_data(&snapshot.stream) {
             return Ok(());
@@ -416,28 +414,5 @@ impl EventStore for EncryptedStore {
             return Ok(None);
         }
         self.inner.load_snapshot(stream).await
-    }
-
-    async fn find_idempotency(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
-        self.inner.find_idempotency(key).await
-    }
-
-    async fn purge_idempotency(
-        &self,
-        recorded_before: chrono::DateTime<chrono::Utc>,
-    ) -> Result<u64, StoreError> {
-        self.inner.purge_idempotency(recorded_before).await
-    }
-
-    async fn verify(&self) -> Result<AuditReport, StoreError> {
-        self.inner.verify().await
-    }
-
-    async fn anchor(&self) -> Result<Anchor, StoreError> {
-        self.inner.anchor().await
-    }
-
-    async fn find_anchor(&self, hash: &str) -> Result<Option<u64>, StoreError> {
-        self.inner.find_anchor(hash).await
     }
 }

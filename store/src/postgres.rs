@@ -30,7 +30,7 @@ use uuid::Uuid;
 
 use crate::StoreConfig;
 use crate::audit::AuditRow;
-use crate::batch::{self, FactsSource, LogFacts, Plan, StoredEvent, ValidAppend};
+use crate::batch::{self, EventRow, FactsSource, LogFacts, Plan, StoredEvent, ValidAppend, Wanted};
 use crate::chain::Hash;
 use crate::error::StoreError;
 use crate::model::{IdempotencyRecord, LogFilter, to_sql_int};
@@ -237,9 +237,7 @@ impl Dialect for Postgres {
         })
     }
 
-    /// Reads the facts in one round trip. The statement is not prepared: planned afresh with
-    /// its real arguments, it always takes the indexes, where a cached generic plan made
-    /// while the table was small would scan the whole log.
+    /// Reads the facts in one round trip (`fetch_facts`), one row per fact.
     async fn read_facts(
         connection: &mut PgConnection,
         batch: &[ValidAppend],
@@ -250,38 +248,7 @@ impl Dialect for Postgres {
             wanted.event_ids.clear();
             wanted.idempotency_keys.clear();
         }
-        let rows = sqlx::query(
-            "SELECT 'head' AS kind, s.stream AS name, NULL::text AS other, e.version, e.hash, \
-                    NULL::bigint AS schema_version, NULL::jsonb AS data, NULL::bigint AS position \
-               FROM unnest($1::text[]) AS s(stream) \
-               CROSS JOIN LATERAL (SELECT version, hash FROM events \
-                                    WHERE events.stream = s.stream \
-                                    ORDER BY version DESC LIMIT 1) e \
-             UNION ALL \
-             SELECT 'event', stream, event_id::text, version, NULL, schema_version, \
-                    jsonb_build_object('type', event_type, 'text', data_text, \
-                                       'data', CASE WHEN data_text IS NULL THEN data END), \
-                    position \
-               FROM events WHERE event_id = ANY($2::uuid[]) \
-             UNION ALL \
-             SELECT 'claim', key, stream, NULL, NULL, NULL, NULL, NULL \
-               FROM claims WHERE key = ANY($3::text[]) \
-             UNION ALL \
-             SELECT 'key', key, stream, version, NULL, NULL, \
-                    jsonb_build_object('hash', request_hash, 'payload', payload, \
-                                       'recorded_at', recorded_at), last_position \
-               FROM idempotency_keys WHERE key = ANY($4::text[]) \
-             UNION ALL \
-             SELECT 'last', NULL, NULL, NULL, hash, NULL, NULL, position \
-               FROM log_head WHERE id = 1",
-        )
-        .persistent(false)
-        .bind(&wanted.streams)
-        .bind(&wanted.event_ids)
-        .bind(&wanted.claim_keys)
-        .bind(&wanted.idempotency_keys)
-        .fetch_all(&mut *connection)
-        .await?;
+        let rows = fetch_facts(connection, &wanted).await?;
 
         let mut facts = LogFacts::default();
         let mut head_seen = false;
@@ -289,58 +256,15 @@ impl Dialect for Postgres {
             let kind: &str = row.try_get("kind")?;
             match kind {
                 "head" => {
-                    let hash: Vec<u8> = row.try_get("hash")?;
-                    let hash: Hash = hash
-                        .as_slice()
-                        .try_into()
-                        .map_err(|_| StoreError::Corrupt("hash of a stream head".into()))?;
-                    facts
-                        .heads
-                        .insert(row.try_get("name")?, (Self::count(&row, "version")?, hash));
+                    let (stream, head) = stream_head(&row)?;
+                    facts.heads.insert(stream, head);
                 }
                 "event" => {
-                    let id: String = row.try_get("other")?;
-                    let id =
-                        Uuid::parse_str(&id).map_err(|_| StoreError::Corrupt("event id".into()))?;
-                    let mut typed: Value = row.try_get("data")?;
-                    let event_type = match typed["type"].take() {
-                        Value::String(t) => t,
-                        _ => return Err(StoreError::Corrupt(format!("type of event {id}"))),
-                    };
-                    facts.stored.insert(
-                        id,
-                        StoredEvent {
-                            stream: row.try_get("name")?,
-                            version: Self::count(&row, "version")?,
-                            position: Self::count(&row, "position")?,
-                            event_type,
-                            schema_version: u32::try_from(row.try_get::<i64, _>("schema_version")?)
-                                .map_err(|_| StoreError::Corrupt(format!("schema of {id}")))?,
-                            // The text as hashed; rows stored before it was kept have only
-                            // their `jsonb`.
-                            data: match typed["text"].take() {
-                                Value::String(text) => text,
-                                _ => crate::chain::canonical_json(&typed["data"]),
-                            },
-                        },
-                    );
+                    let (id, stored) = stored_event(&row)?;
+                    facts.stored.insert(id, stored);
                 }
                 "key" => {
-                    let mut extra: Value = row.try_get("data")?;
-                    let corrupt = || StoreError::Corrupt("an idempotency key".into());
-                    let request_hash = extra["hash"].as_str().ok_or_else(corrupt)?.to_owned();
-                    let recorded_at: DateTime<Utc> =
-                        serde_json::from_value(extra["recorded_at"].take())
-                            .map_err(|_| corrupt())?;
-                    let record = IdempotencyRecord {
-                        key: row.try_get("name")?,
-                        request_hash,
-                        payload: extra["payload"].take(),
-                        stream: row.try_get("other")?,
-                        version: Self::count(&row, "version")?,
-                        last_position: Self::count(&row, "position")?,
-                        recorded_at,
-                    };
+                    let record = idempotency_key(&row)?;
                     facts.idempotency.insert(record.key.clone(), record);
                 }
                 "claim" => {
@@ -349,17 +273,7 @@ impl Dialect for Postgres {
                         .insert(row.try_get("name")?, row.try_get("other")?);
                 }
                 _ => {
-                    let position: Option<i64> = row.try_get("position")?;
-                    let hash: Option<Vec<u8>> = row.try_get("hash")?;
-                    let (Some(position), Some(hash)) = (position, hash) else {
-                        return Err(StoreError::Corrupt("the log's head row is empty".into()));
-                    };
-                    facts.last_position = u64::try_from(position)
-                        .map_err(|_| StoreError::Corrupt("the log's head position".into()))?;
-                    facts.last_log_hash = hash
-                        .as_slice()
-                        .try_into()
-                        .map_err(|_| StoreError::Corrupt("the log's head hash".into()))?;
+                    (facts.last_position, facts.last_log_hash) = log_head(&row)?;
                     head_seen = true;
                 }
             }
@@ -378,51 +292,13 @@ impl Dialect for Postgres {
         planned_on_last: u64,
         plan: &Plan,
     ) -> Result<(), StoreError> {
-        let rows = &plan.rows;
-        if rows.is_empty() && plan.claims_taken.is_empty() && plan.claims_released.is_empty() {
+        if plan.rows.is_empty() && plan.claims_taken.is_empty() && plan.claims_released.is_empty() {
             return Ok(());
         }
-        let keys = &plan.idempotency;
-        let key_names: Vec<&str> = keys.iter().map(|k| k.key.as_str()).collect();
-        let key_hashes: Vec<&str> = keys.iter().map(|k| k.request_hash.as_str()).collect();
-        let key_payloads: Vec<String> = keys
-            .iter()
-            .map(|k| crate::chain::canonical_json(&k.payload))
-            .collect();
-        let key_streams: Vec<&str> = keys.iter().map(|k| k.stream.as_str()).collect();
-        let key_versions: Vec<i64> = keys.iter().map(|k| to_sql_int(k.version)).collect();
-        let key_positions: Vec<i64> = keys.iter().map(|k| to_sql_int(k.last_position)).collect();
-        let key_recorded: Vec<DateTime<Utc>> = keys.iter().map(|k| k.recorded_at).collect();
-        let positions: Vec<i64> = rows.iter().map(|r| to_sql_int(r.position)).collect();
-        let streams: Vec<&str> = rows.iter().map(|r| r.stream.as_str()).collect();
-        let categories: Vec<&str> = rows.iter().map(|r| r.category.as_str()).collect();
-        let versions: Vec<i64> = rows.iter().map(|r| to_sql_int(r.version)).collect();
-        let ids: Vec<Uuid> = rows.iter().map(|r| r.event_id).collect();
-        let types: Vec<&str> = rows.iter().map(|r| r.event_type.as_str()).collect();
-        let schemas: Vec<i64> = rows.iter().map(|r| i64::from(r.schema_version)).collect();
-        let data: Vec<&str> = rows.iter().map(|r| r.data.as_str()).collect();
-        let metadata: Vec<&str> = rows.iter().map(|r| r.metadata.as_str()).collect();
-        let recorded: Vec<DateTime<Utc>> = rows.iter().map(|r| r.recorded_at).collect();
-        let hashes: Vec<&[u8]> = rows.iter().map(|r| r.hash.as_slice()).collect();
-        let log_hashes: Vec<&[u8]> = rows.iter().map(|r| r.log_hash.as_slice()).collect();
-        let taken_keys: Vec<&str> = plan
-            .claims_taken
-            .iter()
-            .map(|(k, _, _)| k.as_str())
-            .collect();
-        let taken_streams: Vec<&str> = plan
-            .claims_taken
-            .iter()
-            .map(|(_, s, _)| s.as_str())
-            .collect();
-        let taken_positions: Vec<i64> = plan
-            .claims_taken
-            .iter()
-            .map(|(_, _, p)| to_sql_int(*p))
-            .collect();
-        let new_key_subjects: Vec<&str> = plan.new_keys.iter().map(|k| k.0.as_str()).collect();
-        let new_key_wrapped: Vec<&[u8]> = plan.new_keys.iter().map(|k| k.1.as_slice()).collect();
-        let new_key_checks: Vec<&[u8]> = plan.new_keys.iter().map(|k| k.2.as_slice()).collect();
+        let events = EventColumns::of(&plan.rows);
+        let keys = IdempotencyColumns::of(&plan.idempotency);
+        let taken = TakenClaimColumns::of(&plan.claims_taken);
+        let new_keys = NewKeyColumns::of(&plan.new_keys);
         sqlx::query(
             "SELECT annals_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
                                   $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, \
@@ -430,51 +306,36 @@ impl Dialect for Postgres {
         )
         .bind(to_sql_int(planned_on_last))
         .bind(to_sql_int(plan.last_position))
-        .bind(&positions)
-        .bind(&streams)
-        .bind(&categories)
-        .bind(&versions)
-        .bind(&ids)
-        .bind(&types)
-        .bind(&schemas)
-        .bind(&data)
-        .bind(&metadata)
-        .bind(&recorded)
-        .bind(&hashes)
+        .bind(&events.positions)
+        .bind(&events.streams)
+        .bind(&events.categories)
+        .bind(&events.versions)
+        .bind(&events.ids)
+        .bind(&events.types)
+        .bind(&events.schemas)
+        .bind(&events.data)
+        .bind(&events.metadata)
+        .bind(&events.recorded)
+        .bind(&events.hashes)
         .bind(&plan.claims_released)
-        .bind(&taken_keys)
-        .bind(&taken_streams)
-        .bind(&taken_positions)
-        .bind(&key_names)
-        .bind(&key_hashes)
-        .bind(&key_payloads)
-        .bind(&key_streams)
-        .bind(&key_versions)
-        .bind(&key_positions)
-        .bind(&key_recorded)
-        .bind(&log_hashes)
+        .bind(&taken.keys)
+        .bind(&taken.streams)
+        .bind(&taken.positions)
+        .bind(&keys.names)
+        .bind(&keys.hashes)
+        .bind(&keys.payloads)
+        .bind(&keys.streams)
+        .bind(&keys.versions)
+        .bind(&keys.positions)
+        .bind(&keys.recorded)
+        .bind(&events.log_hashes)
         .bind(plan.last_log_hash.as_slice())
-        .bind(&new_key_subjects)
-        .bind(&new_key_wrapped)
-        .bind(&new_key_checks)
+        .bind(&new_keys.subjects)
+        .bind(&new_keys.wrapped)
+        .bind(&new_keys.checks)
         .execute(&mut *connection)
         .await
-        .map_err(|error| {
-            let refused = error
-                .as_database_error()
-                .and_then(|e| e.code())
-                .is_some_and(|code| code == KEY_REFUSED_SQLSTATE);
-            if refused {
-                // The batch's own subject when it has one key (a batch that fails is
-                // written again in halves, so each append ends up alone).
-                match plan.new_keys.as_slice() {
-                    [(subject, _, _)] => sql::key_refused(subject),
-                    _ => sql::key_refused("a stream of the batch"),
-                }
-            } else {
-                StoreError::from(error)
-            }
-        })?;
+        .map_err(|error| append_refused(error, plan))?;
         // Only inside the transaction `write_attempt` opens for a batch that shreds.
         sql::shred_keys::<Self>(connection, plan).await
     }
@@ -547,6 +408,240 @@ impl Dialect for Postgres {
         .execute(&mut *connection)
         .await?;
         Ok(())
+    }
+}
+
+/// The statement of `read_facts`: a row per stream head, stored event, claim and
+/// idempotency key the batch wants, and the log's head row, each marked by its `kind`.
+/// It is not prepared: planned afresh with its real arguments, it always takes the
+/// indexes, where a cached generic plan made while the table was small would scan the
+/// whole log.
+async fn fetch_facts(
+    connection: &mut PgConnection,
+    wanted: &Wanted,
+) -> Result<Vec<PgRow>, StoreError> {
+    Ok(sqlx::query(
+        "SELECT 'head' AS kind, s.stream AS name, NULL::text AS other, e.version, e.hash, \
+                NULL::bigint AS schema_version, NULL::jsonb AS data, NULL::bigint AS position \
+           FROM unnest($1::text[]) AS s(stream) \
+           CROSS JOIN LATERAL (SELECT version, hash FROM events \
+                                WHERE events.stream = s.stream \
+                                ORDER BY version DESC LIMIT 1) e \
+         UNION ALL \
+         SELECT 'event', stream, event_id::text, version, NULL, schema_version, \
+                jsonb_build_object('type', event_type, 'text', data_text, \
+                                   'data', CASE WHEN data_text IS NULL THEN data END), \
+                position \
+           FROM events WHERE event_id = ANY($2::uuid[]) \
+         UNION ALL \
+         SELECT 'claim', key, stream, NULL, NULL, NULL, NULL, NULL \
+           FROM claims WHERE key = ANY($3::text[]) \
+         UNION ALL \
+         SELECT 'key', key, stream, version, NULL, NULL, \
+                jsonb_build_object('hash', request_hash, 'payload', payload, \
+                                   'recorded_at', recorded_at), last_position \
+           FROM idempotency_keys WHERE key = ANY($4::text[]) \
+         UNION ALL \
+         SELECT 'last', NULL, NULL, NULL, hash, NULL, NULL, position \
+           FROM log_head WHERE id = 1",
+    )
+    .persistent(false)
+    .bind(&wanted.streams)
+    .bind(&wanted.event_ids)
+    .bind(&wanted.claim_keys)
+    .bind(&wanted.idempotency_keys)
+    .fetch_all(&mut *connection)
+    .await?)
+}
+
+/// A `head` row of `fetch_facts`: a stream, its version and last hash.
+fn stream_head(row: &PgRow) -> Result<(String, (u64, Hash)), StoreError> {
+    let hash: Vec<u8> = row.try_get("hash")?;
+    let hash: Hash = hash
+        .as_slice()
+        .try_into()
+        .map_err(|_| StoreError::Corrupt("hash of a stream head".into()))?;
+    Ok((
+        row.try_get("name")?,
+        (Postgres::count(row, "version")?, hash),
+    ))
+}
+
+/// An `event` row of `fetch_facts`: a stored event that reuses an id of the batch.
+fn stored_event(row: &PgRow) -> Result<(Uuid, StoredEvent), StoreError> {
+    let id: String = row.try_get("other")?;
+    let id = Uuid::parse_str(&id).map_err(|_| StoreError::Corrupt("event id".into()))?;
+    let mut typed: Value = row.try_get("data")?;
+    let event_type = match typed["type"].take() {
+        Value::String(t) => t,
+        _ => return Err(StoreError::Corrupt(format!("type of event {id}"))),
+    };
+    let stored = StoredEvent {
+        stream: row.try_get("name")?,
+        version: Postgres::count(row, "version")?,
+        position: Postgres::count(row, "position")?,
+        event_type,
+        schema_version: u32::try_from(row.try_get::<i64, _>("schema_version")?)
+            .map_err(|_| StoreError::Corrupt(format!("schema of {id}")))?,
+        // The text as hashed; rows stored before it was kept have only their `jsonb`.
+        data: match typed["text"].take() {
+            Value::String(text) => text,
+            _ => crate::chain::canonical_json(&typed["data"]),
+        },
+    };
+    Ok((id, stored))
+}
+
+/// A `key` row of `fetch_facts`: a stored idempotency key the batch carries.
+fn idempotency_key(row: &PgRow) -> Result<IdempotencyRecord, StoreError> {
+    let mut extra: Value = row.try_get("data")?;
+    let corrupt = || StoreError::Corrupt("an idempotency key".into());
+    let request_hash = extra["hash"].as_str().ok_or_else(corrupt)?.to_owned();
+    let recorded_at: DateTime<Utc> =
+        serde_json::from_value(extra["recorded_at"].take()).map_err(|_| corrupt())?;
+    Ok(IdempotencyRecord {
+        key: row.try_get("name")?,
+        request_hash,
+        payload: extra["payload"].take(),
+        stream: row.try_get("other")?,
+        version: Postgres::count(row, "version")?,
+        last_position: Postgres::count(row, "position")?,
+        recorded_at,
+    })
+}
+
+/// The `last` row of `fetch_facts`: the log's head row, the last position given and its
+/// log hash, which must be there.
+fn log_head(row: &PgRow) -> Result<(u64, Hash), StoreError> {
+    let position: Option<i64> = row.try_get("position")?;
+    let hash: Option<Vec<u8>> = row.try_get("hash")?;
+    let (Some(position), Some(hash)) = (position, hash) else {
+        return Err(StoreError::Corrupt("the log's head row is empty".into()));
+    };
+    let position = u64::try_from(position)
+        .map_err(|_| StoreError::Corrupt("the log's head position".into()))?;
+    let hash = hash
+        .as_slice()
+        .try_into()
+        .map_err(|_| StoreError::Corrupt("the log's head hash".into()))?;
+    Ok((position, hash))
+}
+
+/// The plan's event rows, column by column, as `annals_append` takes them.
+struct EventColumns<'a> {
+    positions: Vec<i64>,
+    streams: Vec<&'a str>,
+    categories: Vec<&'a str>,
+    versions: Vec<i64>,
+    ids: Vec<Uuid>,
+    types: Vec<&'a str>,
+    schemas: Vec<i64>,
+    data: Vec<&'a str>,
+    metadata: Vec<&'a str>,
+    recorded: Vec<DateTime<Utc>>,
+    hashes: Vec<&'a [u8]>,
+    log_hashes: Vec<&'a [u8]>,
+}
+
+impl<'a> EventColumns<'a> {
+    fn of(rows: &'a [EventRow]) -> Self {
+        EventColumns {
+            positions: rows.iter().map(|r| to_sql_int(r.position)).collect(),
+            streams: rows.iter().map(|r| r.stream.as_str()).collect(),
+            categories: rows.iter().map(|r| r.category.as_str()).collect(),
+            versions: rows.iter().map(|r| to_sql_int(r.version)).collect(),
+            ids: rows.iter().map(|r| r.event_id).collect(),
+            types: rows.iter().map(|r| r.event_type.as_str()).collect(),
+            schemas: rows.iter().map(|r| i64::from(r.schema_version)).collect(),
+            data: rows.iter().map(|r| r.data.as_str()).collect(),
+            metadata: rows.iter().map(|r| r.metadata.as_str()).collect(),
+            recorded: rows.iter().map(|r| r.recorded_at).collect(),
+            hashes: rows.iter().map(|r| r.hash.as_slice()).collect(),
+            log_hashes: rows.iter().map(|r| r.log_hash.as_slice()).collect(),
+        }
+    }
+}
+
+/// The idempotency keys a plan records, column by column, as `annals_append` takes them
+/// (each payload as its canonical text).
+struct IdempotencyColumns<'a> {
+    names: Vec<&'a str>,
+    hashes: Vec<&'a str>,
+    payloads: Vec<String>,
+    streams: Vec<&'a str>,
+    versions: Vec<i64>,
+    positions: Vec<i64>,
+    recorded: Vec<DateTime<Utc>>,
+}
+
+impl<'a> IdempotencyColumns<'a> {
+    fn of(keys: &'a [IdempotencyRecord]) -> Self {
+        IdempotencyColumns {
+            names: keys.iter().map(|k| k.key.as_str()).collect(),
+            hashes: keys.iter().map(|k| k.request_hash.as_str()).collect(),
+            payloads: keys
+                .iter()
+                .map(|k| crate::chain::canonical_json(&k.payload))
+                .collect(),
+            streams: keys.iter().map(|k| k.stream.as_str()).collect(),
+            versions: keys.iter().map(|k| to_sql_int(k.version)).collect(),
+            positions: keys.iter().map(|k| to_sql_int(k.last_position)).collect(),
+            recorded: keys.iter().map(|k| k.recorded_at).collect(),
+        }
+    }
+}
+
+/// The claims a plan takes (key, holder stream, position), column by column.
+struct TakenClaimColumns<'a> {
+    keys: Vec<&'a str>,
+    streams: Vec<&'a str>,
+    positions: Vec<i64>,
+}
+
+impl<'a> TakenClaimColumns<'a> {
+    fn of(taken: &'a [(String, String, u64)]) -> Self {
+        TakenClaimColumns {
+            keys: taken.iter().map(|(k, _, _)| k.as_str()).collect(),
+            streams: taken.iter().map(|(_, s, _)| s.as_str()).collect(),
+            positions: taken.iter().map(|(_, _, p)| to_sql_int(*p)).collect(),
+        }
+    }
+}
+
+/// The data keys a plan stores (subject, wrapped key, master key check), column by
+/// column.
+struct NewKeyColumns<'a> {
+    subjects: Vec<&'a str>,
+    wrapped: Vec<&'a [u8]>,
+    checks: Vec<&'a [u8]>,
+}
+
+impl<'a> NewKeyColumns<'a> {
+    fn of(new_keys: &'a [(String, Vec<u8>, Vec<u8>)]) -> Self {
+        NewKeyColumns {
+            subjects: new_keys.iter().map(|k| k.0.as_str()).collect(),
+            wrapped: new_keys.iter().map(|k| k.1.as_slice()).collect(),
+            checks: new_keys.iter().map(|k| k.2.as_slice()).collect(),
+        }
+    }
+}
+
+/// What a failed `annals_append` means: its refusal of a data key (see
+/// `sql::key_refused`), or the database's error as it is.
+fn append_refused(error: sqlx::Error, plan: &Plan) -> StoreError {
+    let refused = error
+        .as_database_error()
+        .and_then(|e| e.code())
+        .is_some_and(|code| code == KEY_REFUSED_SQLSTATE);
+    if refused {
+        // The batch's own subject when it has one key (a batch that fails is written
+        // again in halves, so each append ends up alone).
+        match plan.new_keys.as_slice() {
+            [(subject, _, _)] => sql::key_refused(subject),
+            _ => sql::key_refused("a stream of the batch"),
+        }
+    } else {
+        StoreError::from(error)
     }
 }
 

@@ -35,7 +35,7 @@ use crate::audit::AuditRow;
 use crate::batch::{FactsSource, LogFacts, Plan, StoredEvent, ValidAppend};
 use crate::chain::Hash;
 use crate::error::StoreError;
-use crate::model::LogFilter;
+use crate::model::{IdempotencyRecord, LogFilter};
 use crate::sql::{self, Dialect, PREPARED, Param, Sql, SqlStore};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
@@ -224,86 +224,16 @@ impl Dialect for Sqlite {
     ) -> Result<LogFacts, StoreError> {
         let wanted = LogFacts::wanted(batch);
         let mut facts = LogFacts::default();
-
-        let streams = json_list(&wanted.streams);
-        let heads = Self::fetch_all(
-            connection,
-            "SELECT e.stream, e.version, e.hash FROM json_each($1) AS s \
-               JOIN events AS e ON e.stream = s.value \
-                AND e.version = (SELECT MAX(version) FROM events WHERE stream = s.value)",
-            &[streams.as_str().into()],
-            PREPARED,
-        )
-        .await?;
-        for row in heads {
-            let hash: Hash = Self::required(Self::bytes, &row, "hash")?
-                .as_slice()
-                .try_into()
-                .map_err(|_| StoreError::Corrupt("hash of a stream head".into()))?;
-            let stream = Self::required(Self::text, &row, "stream")?;
-            facts
-                .heads
-                .insert(stream, (Self::count(&row, "version")?, hash));
-        }
-
+        read_stream_heads(connection, &wanted.streams, &mut facts).await?;
         if source == FactsSource::ReadWithIds {
-            let ids = json_list(&wanted.event_ids);
-            let stored = Self::fetch_all(
-                connection,
-                "SELECT event_id, stream, version, position, event_type, schema_version, data \
-                   FROM events WHERE event_id IN (SELECT value FROM json_each($1))",
-                &[ids.as_str().into()],
-                PREPARED,
-            )
-            .await?;
-            for row in stored {
-                let text = |column| Self::required(Self::text, &row, column);
-                facts.stored.insert(
-                    Self::read_event_id(&row)?,
-                    StoredEvent {
-                        stream: text("stream")?,
-                        version: Self::count(&row, "version")?,
-                        position: Self::count(&row, "position")?,
-                        event_type: text("event_type")?,
-                        schema_version: sql::schema_version::<Self>(&row)?,
-                        // Stored as canonical text already.
-                        data: text("data")?,
-                    },
-                );
-            }
+            read_stored_events(connection, &wanted.event_ids, &mut facts).await?;
         }
-
         if !wanted.claim_keys.is_empty() {
-            let keys = json_list(&wanted.claim_keys);
-            let claims = Self::fetch_all(
-                connection,
-                "SELECT key, stream FROM claims WHERE key IN (SELECT value FROM json_each($1))",
-                &[keys.as_str().into()],
-                PREPARED,
-            )
-            .await?;
-            for row in claims {
-                facts.claims.insert(
-                    Self::required(Self::text, &row, "key")?,
-                    Self::required(Self::text, &row, "stream")?,
-                );
-            }
+            read_claims(connection, &wanted.claim_keys, &mut facts).await?;
         }
-
         if source == FactsSource::ReadWithIds && !wanted.idempotency_keys.is_empty() {
-            let keys = json_list(&wanted.idempotency_keys);
-            let sql = format!(
-                "SELECT {} FROM idempotency_keys WHERE key IN (SELECT value FROM json_each($1))",
-                Self::IDEMPOTENCY_COLUMNS
-            );
-            let records =
-                Self::fetch_all(connection, &sql, &[keys.as_str().into()], PREPARED).await?;
-            for row in records {
-                let record = sql::idempotency_record::<Self>(&row)?;
-                facts.idempotency.insert(record.key.clone(), record);
-            }
+            read_idempotency_keys(connection, &wanted.idempotency_keys, &mut facts).await?;
         }
-
         (facts.last_position, facts.last_log_hash) = sql::log_head::<Self>(connection).await?;
         Ok(facts)
     }
@@ -313,45 +243,7 @@ impl Dialect for Sqlite {
         _planned_on_last: u64,
         plan: &Plan,
     ) -> Result<(), StoreError> {
-        for row in &plan.rows {
-            let event_id = row.event_id.hyphenated().to_string();
-            let params = [
-                row.position.into(),
-                row.stream.as_str().into(),
-                row.category.as_str().into(),
-                row.version.into(),
-                event_id.as_str().into(),
-                row.event_type.as_str().into(),
-                u64::from(row.schema_version).into(),
-                row.data.as_str().into(),
-                row.metadata.as_str().into(),
-                Self::time(row.recorded_at),
-                row.hash.as_slice().into(),
-                row.log_hash.as_slice().into(),
-            ];
-            Self::execute(
-                connection,
-                "INSERT INTO events (position, stream, category, version, event_id, event_type, \
-                                     schema_version, data, metadata, recorded_at, hash, log_hash) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-                &params,
-                PREPARED,
-            )
-            .await?;
-        }
-        if !plan.rows.is_empty() {
-            let params = [
-                plan.last_position.into(),
-                plan.last_log_hash.as_slice().into(),
-            ];
-            Self::execute(
-                connection,
-                "UPDATE log_head SET position = $1, hash = $2 WHERE id = 1",
-                &params,
-                PREPARED,
-            )
-            .await?;
-        }
+        insert_events(connection, plan).await?;
         for key in &plan.claims_released {
             Self::execute(
                 connection,
@@ -361,42 +253,8 @@ impl Dialect for Sqlite {
             )
             .await?;
         }
-        for record in &plan.idempotency {
-            let payload = crate::chain::canonical_json(&record.payload);
-            let params = [
-                record.key.as_str().into(),
-                record.request_hash.as_str().into(),
-                payload.as_str().into(),
-                record.stream.as_str().into(),
-                record.version.into(),
-                record.last_position.into(),
-                Self::time(record.recorded_at),
-            ];
-            Self::execute(
-                connection,
-                "INSERT INTO idempotency_keys (key, request_hash, payload, stream, version, \
-                                               last_position, recorded_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                &params,
-                PREPARED,
-            )
-            .await?;
-        }
-        for (key, stream, position) in &plan.claims_taken {
-            Self::execute(
-                connection,
-                "INSERT INTO claims (key, stream, position) VALUES ($1, $2, $3) \
-                 ON CONFLICT (key) DO UPDATE \
-                    SET stream = excluded.stream, position = excluded.position",
-                &[
-                    key.as_str().into(),
-                    stream.as_str().into(),
-                    (*position).into(),
-                ],
-                PREPARED,
-            )
-            .await?;
-        }
+        insert_idempotency_keys(connection, &plan.idempotency).await?;
+        take_claims(connection, &plan.claims_taken).await?;
         sql::store_new_keys::<Self>(connection, plan).await?;
         sql::shred_keys::<Self>(connection, plan).await
     }
@@ -465,4 +323,205 @@ impl Dialect for Sqlite {
         }
         Ok(())
     }
+}
+
+/// The version and last hash of each of `streams` that exists.
+async fn read_stream_heads(
+    connection: &mut SqliteConnection,
+    streams: &[String],
+    facts: &mut LogFacts,
+) -> Result<(), StoreError> {
+    let streams = json_list(streams);
+    let heads = Sqlite::fetch_all(
+        connection,
+        "SELECT e.stream, e.version, e.hash FROM json_each($1) AS s \
+           JOIN events AS e ON e.stream = s.value \
+            AND e.version = (SELECT MAX(version) FROM events WHERE stream = s.value)",
+        &[streams.as_str().into()],
+        PREPARED,
+    )
+    .await?;
+    for row in heads {
+        let hash: Hash = Sqlite::required(Sqlite::bytes, &row, "hash")?
+            .as_slice()
+            .try_into()
+            .map_err(|_| StoreError::Corrupt("hash of a stream head".into()))?;
+        let stream = Sqlite::required(Sqlite::text, &row, "stream")?;
+        facts
+            .heads
+            .insert(stream, (Sqlite::count(&row, "version")?, hash));
+    }
+    Ok(())
+}
+
+/// The stored events that reuse the batch's ids.
+async fn read_stored_events(
+    connection: &mut SqliteConnection,
+    event_ids: &[Uuid],
+    facts: &mut LogFacts,
+) -> Result<(), StoreError> {
+    let ids = json_list(event_ids);
+    let stored = Sqlite::fetch_all(
+        connection,
+        "SELECT event_id, stream, version, position, event_type, schema_version, data \
+           FROM events WHERE event_id IN (SELECT value FROM json_each($1))",
+        &[ids.as_str().into()],
+        PREPARED,
+    )
+    .await?;
+    for row in stored {
+        let text = |column| Sqlite::required(Sqlite::text, &row, column);
+        facts.stored.insert(
+            Sqlite::read_event_id(&row)?,
+            StoredEvent {
+                stream: text("stream")?,
+                version: Sqlite::count(&row, "version")?,
+                position: Sqlite::count(&row, "position")?,
+                event_type: text("event_type")?,
+                schema_version: sql::schema_version::<Sqlite>(&row)?,
+                // Stored as canonical text already.
+                data: text("data")?,
+            },
+        );
+    }
+    Ok(())
+}
+
+/// The holder of each of `claim_keys` that is held.
+async fn read_claims(
+    connection: &mut SqliteConnection,
+    claim_keys: &[String],
+    facts: &mut LogFacts,
+) -> Result<(), StoreError> {
+    let keys = json_list(claim_keys);
+    let claims = Sqlite::fetch_all(
+        connection,
+        "SELECT key, stream FROM claims WHERE key IN (SELECT value FROM json_each($1))",
+        &[keys.as_str().into()],
+        PREPARED,
+    )
+    .await?;
+    for row in claims {
+        facts.claims.insert(
+            Sqlite::required(Sqlite::text, &row, "key")?,
+            Sqlite::required(Sqlite::text, &row, "stream")?,
+        );
+    }
+    Ok(())
+}
+
+/// The stored idempotency keys the batch carries.
+async fn read_idempotency_keys(
+    connection: &mut SqliteConnection,
+    idempotency_keys: &[String],
+    facts: &mut LogFacts,
+) -> Result<(), StoreError> {
+    let keys = json_list(idempotency_keys);
+    let sql = format!(
+        "SELECT {} FROM idempotency_keys WHERE key IN (SELECT value FROM json_each($1))",
+        Sqlite::IDEMPOTENCY_COLUMNS
+    );
+    let records = Sqlite::fetch_all(connection, &sql, &[keys.as_str().into()], PREPARED).await?;
+    for row in records {
+        let record = sql::idempotency_record::<Sqlite>(&row)?;
+        facts.idempotency.insert(record.key.clone(), record);
+    }
+    Ok(())
+}
+
+/// Inserts a plan's event rows and, when it has any, moves the log's head row to its
+/// last position and log hash.
+async fn insert_events(connection: &mut SqliteConnection, plan: &Plan) -> Result<(), StoreError> {
+    for row in &plan.rows {
+        let event_id = row.event_id.hyphenated().to_string();
+        let params = [
+            row.position.into(),
+            row.stream.as_str().into(),
+            row.category.as_str().into(),
+            row.version.into(),
+            event_id.as_str().into(),
+            row.event_type.as_str().into(),
+            u64::from(row.schema_version).into(),
+            row.data.as_str().into(),
+            row.metadata.as_str().into(),
+            Sqlite::time(row.recorded_at),
+            row.hash.as_slice().into(),
+            row.log_hash.as_slice().into(),
+        ];
+        Sqlite::execute(
+            connection,
+            "INSERT INTO events (position, stream, category, version, event_id, event_type, \
+                                 schema_version, data, metadata, recorded_at, hash, log_hash) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            &params,
+            PREPARED,
+        )
+        .await?;
+    }
+    if !plan.rows.is_empty() {
+        let params = [
+            plan.last_position.into(),
+            plan.last_log_hash.as_slice().into(),
+        ];
+        Sqlite::execute(
+            connection,
+            "UPDATE log_head SET position = $1, hash = $2 WHERE id = 1",
+            &params,
+            PREPARED,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Records a plan's idempotency keys, each payload as its canonical text.
+async fn insert_idempotency_keys(
+    connection: &mut SqliteConnection,
+    records: &[IdempotencyRecord],
+) -> Result<(), StoreError> {
+    for record in records {
+        let payload = crate::chain::canonical_json(&record.payload);
+        let params = [
+            record.key.as_str().into(),
+            record.request_hash.as_str().into(),
+            payload.as_str().into(),
+            record.stream.as_str().into(),
+            record.version.into(),
+            record.last_position.into(),
+            Sqlite::time(record.recorded_at),
+        ];
+        Sqlite::execute(
+            connection,
+            "INSERT INTO idempotency_keys (key, request_hash, payload, stream, version, \
+                                           last_position, recorded_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            &params,
+            PREPARED,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Sets each claim a plan takes to its holder stream and position.
+async fn take_claims(
+    connection: &mut SqliteConnection,
+    taken: &[(String, String, u64)],
+) -> Result<(), StoreError> {
+    for (key, stream, position) in taken {
+        Sqlite::execute(
+            connection,
+            "INSERT INTO claims (key, stream, position) VALUES ($1, $2, $3) \
+             ON CONFLICT (key) DO UPDATE \
+                SET stream = excluded.stream, position = excluded.position",
+            &[
+                key.as_str().into(),
+                stream.as_str().into(),
+                (*position).into(),
+            ],
+            PREPARED,
+        )
+        .await?;
+    }
+    Ok(())
 }
