@@ -24,6 +24,9 @@ use uuid::Uuid;
 
 use crate::{CommandContext, CommandError, CommandHandler, CommandOutcome, Loaded, RequestDigest};
 
+/// The target of the handler's log lines (the crate's, wherever the line is written).
+const LOG_TARGET: &str = "annals_commands";
+
 /// Event ids derived from an idempotency key live in this namespace.
 const EVENT_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6a0d_5e2c_3c1b_4f8e_9a57_1d2e_8b4c_0f31);
 
@@ -204,8 +207,9 @@ impl<A: Aggregate> CommandHandler<A> {
     ) -> Result<Appended, CommandError> {
         let (id, stream, key) = (request.id, &request.stream, &request.key);
         let names: Vec<String> = events.iter().map(|e| e.event_type().to_owned()).collect();
-        // Tests that force a race read this to know every contender has decided.
-        tracing::debug!(%stream, version = loaded.version, events = ?names, "decided");
+        // Tests that force a race read this to know every contender has decided: the
+        // crate's target, as the server's logs have always named it.
+        tracing::debug!(target: LOG_TARGET, %stream, version = loaded.version, events = ?names, "decided");
         let append = self.append_request(request, &loaded, &events, &names);
         // From here on the command is carried out to the end, deadline or not: an append
         // once sent may commit, and the caller is told what the store did.
@@ -224,7 +228,7 @@ impl<A: Aggregate> CommandHandler<A> {
             // Another process carried out the same key meanwhile: its events (a
             // conversion with another deal id), its claim (a create's email, on another
             // id) or its version are in the way. Its outcome is ours.
-            tracing::debug!(%stream, %error, "the key's request was carried out elsewhere");
+            tracing::debug!(target: LOG_TARGET, %stream, %error, "the key's request was carried out elsewhere");
             self.forget(id);
             return replay(&record, &request.request_hash, id).map(Appended::Done);
         }
@@ -349,7 +353,7 @@ impl<A: Aggregate> CommandHandler<A> {
         if attempt >= self.config.max_attempts && started.elapsed() >= self.config.conflict_wait {
             return Err(CommandError::ConcurrencyConflict { attempts: attempt });
         }
-        tracing::debug!(stream = %request.stream, attempt, "append lost a race; deciding again");
+        tracing::debug!(target: LOG_TARGET, stream = %request.stream, attempt, "append lost a race; deciding again");
         in_time(request.context.deadline, async {
             tokio::time::sleep(lost_race_backoff(attempt)).await;
             Ok(())

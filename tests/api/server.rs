@@ -96,6 +96,13 @@ impl Server {
         let kept = logs.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                // Kept before the ready line is told: a test that reads the logs as soon
+                // as the server is ready finds that line in them.
+                {
+                    let mut logs = kept.lock().unwrap();
+                    logs.push_str(&line);
+                    logs.push('\n');
+                }
                 if let Some(at) = line.find("listening on http://") {
                     let rest = &line[at + "listening on ".len()..];
                     let url: String = rest
@@ -104,9 +111,6 @@ impl Server {
                         .collect();
                     let _ = ready.send(url);
                 }
-                let mut logs = kept.lock().unwrap();
-                logs.push_str(&line);
-                logs.push('\n');
             }
         });
         let base = match address.recv_timeout(Duration::from_secs(60)) {
