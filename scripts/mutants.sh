@@ -67,8 +67,8 @@ area_args() {
     runner) echo "-f engine/src/runner/mod.rs -f engine/src/runner/step.rs
                   -f engine/src/runner/register.rs -f engine/src/runner/status.rs
                   -f engine/src/checkpoint.rs -f engine/src/duty.rs
-                  -f engine/src/dead_letters.rs -f engine/src/generations.rs
-                  -f engine/src/verify.rs -E (with_pause_hook|::pause|::name)
+                  -f engine/src/runner/dead_letters.rs -f engine/src/runner/generations.rs
+                  -f engine/src/runner/verify.rs -E (with_pause_hook|::pause|::name)
                   --test-package annals-consumers -- --test runtime -- sqlite::" ;;
     *) echo "mutants: no area '$1' (store-write, store-chain, handler, conversion, runner)" >&2; return 2 ;;
   esac

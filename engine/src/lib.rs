@@ -12,13 +12,14 @@
 //!
 //! Rooms: `contract` (`Consumer`, `Projector`, `Process`, `Outbound`, what one step did,
 //! the failure policy); `error`; `rows` (a read model's row declared once: `Table`,
-//! `row!`, `RowModel`); `reports` (what an operator sees); `runner` (`ConsumerRunner`:
-//! `register`, `step` (batches, acting, the checkpoint's moves), `status`); `checkpoint`
-//! (its SQL); `lease` (the lease work runs under, renewed in the background, fencing
-//! every checkpoint move); `duty` (the one leased loop: lease, act, wait, back off,
-//! stop, for a consumer and any other work one process of several does at a time);
-//! `dead_letters` (parking and the operator's retry and skip); `generations` (claims,
-//! rebuilds and swaps); `verify` (the comparison); `sql` (the read-model database).
+//! `row!`, `RowModel`); `reports` (what an operator sees); `runner` (`ConsumerRunner`,
+//! every method of it in the folder: `register`, `step` (batches, acting, the
+//! checkpoint's moves), `status`, `dead_letters` (parking and the operator's retry and
+//! skip), `generations` (claims, rebuilds and swaps), `verify` (the comparison));
+//! `checkpoint` (its SQL); `lease` (the lease work runs under, renewed in the
+//! background, fencing every checkpoint move); `duty` (the one leased loop: lease, act,
+//! wait, back off, stop, for a consumer and any other work one process of several does
+//! at a time); `sql` (the read-model database).
 //!
 //! Every read-model row belongs to a *generation* of its projection; readers see only the
 //! live one. A rebuild fills a new generation from position 0 beside the live one and
@@ -58,16 +59,13 @@
 
 mod checkpoint;
 mod contract;
-mod dead_letters;
 pub mod duty;
 mod error;
-mod generations;
 mod lease;
 mod reports;
 pub mod rows;
 mod runner;
 mod sql;
-mod verify;
 
 pub use annals_store::Param;
 pub use contract::{

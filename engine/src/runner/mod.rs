@@ -4,17 +4,20 @@
 //! and moving the checkpoint in one transaction, a process or an outbound consumer
 //! acting on each event and then moving the checkpoint past it), `status` (the
 //! checkpoint, the wait for a position, what an operator sees), and as a `Duty`, run
-//! where its lease is (one process of several). Parking, retry and skip are in
-//! `dead_letters`, rebuilds in `generations`, the comparison in `verify`.
+//! where its lease is (one process of several); `dead_letters` (parking, the operator's
+//! retry and skip), `generations` (claims, rebuilds, swaps), `verify` (the comparison).
 //!
 //! Invariant: a checkpoint only moves in the transaction that applied the events up to
 //! it, and only from the value the runner read; under a lease, only while that
 //! transaction finds the lease still its holder's (`Fence::check`); an outage is retried
 //! with backoff and never parks an event.
 
+mod dead_letters;
+mod generations;
 mod register;
 mod status;
 mod step;
+mod verify;
 
 use std::future::Future;
 use std::pin::Pin;

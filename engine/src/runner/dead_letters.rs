@@ -7,8 +7,8 @@
 
 use annals_store::{LogFilter, Param, RecordedEvent, StoreError, to_sql_int};
 
+use super::{bump, is_poison, lock, now_text};
 use crate::checkpoint::{lock_checkpoint, move_checkpoint};
-use crate::runner::{bump, is_poison, lock, now_text};
 use crate::{
     ConsumerError, ConsumerKind, ConsumerRunner, Failure, FailurePolicy, Fence, ParkedEvent, ReadTx,
 };

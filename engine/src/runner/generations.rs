@@ -4,9 +4,9 @@
 //! Invariant: only a claim's holder swaps; a generation is dropped only in a
 //! transaction that still holds the claim and has read the live generation under it.
 
+use super::{StepError, bump, now_micros};
 use crate::checkpoint::read_checkpoint_of;
 use crate::rows::Column;
-use crate::runner::{StepError, bump, now_micros};
 use crate::{
     ConsumerError, ConsumerRunner, FailurePolicy, Outcome, PausePoint, ReadTx, RebuildClaim,
 };
