@@ -16,26 +16,36 @@ use async_trait::async_trait;
 /// The consumer's name: its checkpoint's, lease's and dead letters' key.
 pub const NAME: &str = "forward";
 
-/// Where to deliver, and how.
+/// Where to deliver, and how: the URL, the secret, and the client that delivers (made
+/// once, with the timeout and no redirects).
 #[derive(Clone)]
 pub struct Target {
     pub url: String,
     /// Sent as a bearer token with every delivery; never logged.
-    pub secret: String,
+    secret: String,
     /// The event types delivered (every type when empty).
     pub event_types: Vec<String>,
-    /// How long a delivery may take before it is tried again (10 s unless set).
-    pub timeout: Duration,
+    client: reqwest::Client,
 }
 
 impl Target {
-    pub fn new(url: impl Into<String>, secret: impl Into<String>) -> Self {
-        Target {
+    /// A target whose deliveries each take at most `timeout` before they are tried again.
+    pub fn new(
+        url: impl Into<String>,
+        secret: impl Into<String>,
+        timeout: Duration,
+    ) -> Result<Self, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            // A redirect could point a delivery anywhere: it is an answer, not followed.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        Ok(Target {
             url: url.into(),
             secret: secret.into(),
             event_types: Vec::new(),
-            timeout: Duration::from_secs(10),
-        }
+            client,
+        })
     }
 }
 
@@ -45,7 +55,6 @@ impl std::fmt::Debug for Target {
             .field("url", &self.url)
             .field("secret", &"***")
             .field("event_types", &self.event_types)
-            .field("timeout", &self.timeout)
             .finish()
     }
 }
@@ -54,18 +63,11 @@ impl std::fmt::Debug for Target {
 #[derive(Debug)]
 pub struct Forward {
     target: Target,
-    client: reqwest::Client,
 }
 
 impl Forward {
     pub fn new(target: Target) -> Self {
-        let client = reqwest::Client::builder()
-            .timeout(target.timeout)
-            // A redirect could point a delivery anywhere: it is an answer, not followed.
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .unwrap_or_default();
-        Forward { target, client }
+        Forward { target }
     }
 }
 
@@ -91,6 +93,7 @@ impl Outbound for Forward {
             "data": event.data,
         });
         let answer = self
+            .target
             .client
             .post(&self.target.url)
             .bearer_auth(&self.target.secret)

@@ -81,7 +81,7 @@ async fn forward_delivers_in_order_with_the_event_id_retries_and_parks_a_refusal
     let (url, seen) = receiver().await;
     // The target comes in the settings, as the registry builds the consumer from them.
     let settings = OutboundSettings {
-        forward: Some(Target::new(url, "s3cret")),
+        forward: Some(Target::new(url, "s3cret", std::time::Duration::from_secs(10)).unwrap()),
     };
     let forward = Forward::new(settings.forward.clone().unwrap());
     let runner = ConsumerRunner::new(
