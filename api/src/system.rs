@@ -244,13 +244,25 @@ impl System {
 }
 
 /// The purge of expired idempotency keys, every `every`, on the leased loop: one server
-/// of several purges at a time.
+/// of several purges at a time. A purge that fails is tried again at the next turn, not
+/// sooner (it is one unbounded `DELETE`; retrying it at once would repeat the load that
+/// made it fail). One that takes longer than two thirds of a lease's life loses its lease
+/// (its holder did not come back to the loop): harmless, as a purge deletes only what has
+/// expired, and another server purges in its place.
 struct IdempotencyPurge {
     /// Any handler purges every aggregate's keys.
     handler: Arc<CommandHandler<Lead>>,
     every: Duration,
     /// When the next purge is due.
     next: std::sync::Mutex<tokio::time::Instant>,
+}
+
+impl IdempotencyPurge {
+    fn next(&self) -> std::sync::MutexGuard<'_, tokio::time::Instant> {
+        self.next
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 #[async_trait::async_trait]
@@ -260,26 +272,21 @@ impl Duty for IdempotencyPurge {
     }
 
     async fn round(&self, _fence: &Fence) -> Result<Duration, ConsumerError> {
-        let due = *self
-            .next
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let due = *self.next();
         let now = tokio::time::Instant::now();
         if now < due {
             return Ok(due - now);
         }
-        let purged = self
+        match self
             .handler
             .purge_expired_idempotency_keys(chrono::Utc::now())
             .await
-            .map_err(|error| ConsumerError::Action(annals_engine::ActionError::not_now(error)))?;
-        if purged > 0 {
-            tracing::info!(purged, "expired idempotency keys purged");
+        {
+            Ok(0) => {}
+            Ok(purged) => tracing::info!(purged, "expired idempotency keys purged"),
+            Err(error) => tracing::warn!(%error, "purging idempotency keys failed"),
         }
-        *self
-            .next
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = now + self.every;
+        *self.next() = now + self.every;
         Ok(self.every)
     }
 }
@@ -599,5 +606,58 @@ mod tests {
         stop.send(true).unwrap();
         running.await.unwrap();
         assert!(purged, "the running purge removed the expired key");
+    }
+
+    /// A purge that fails is tried again at its next turn, not at the loop's backoff: the
+    /// store refuses every purge here, and in a second of running it is asked once.
+    #[tokio::test]
+    async fn a_failed_purge_waits_for_its_next_turn() {
+        #[derive(Debug)]
+        struct RefusingPurges {
+            inner: Arc<dyn EventStore>,
+            asked: std::sync::atomic::AtomicUsize,
+        }
+
+        #[async_trait::async_trait]
+        impl annals_store::StoreLayer for RefusingPurges {
+            fn inner(&self) -> &dyn EventStore {
+                self.inner.as_ref()
+            }
+
+            async fn purge_idempotency(
+                &self,
+                _recorded_before: chrono::DateTime<chrono::Utc>,
+            ) -> Result<u64, StoreError> {
+                self.asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Err(StoreError::Closed)
+            }
+        }
+
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("purge.db").display());
+        let backend = annals_store::open(&url, StoreConfig::default())
+            .await
+            .unwrap();
+        let store = Arc::new(RefusingPurges {
+            inner: backend.event_store(),
+            asked: Default::default(),
+        });
+        let purge = IdempotencyPurge {
+            handler: Arc::new(CommandHandler::<Lead>::new(
+                store.clone(),
+                HandlerConfig::default(),
+            )),
+            every: Duration::from_secs(600),
+            next: std::sync::Mutex::new(tokio::time::Instant::now()),
+        };
+        let (stop, stopped) = watch::channel(false);
+        let db = ReadDatabase::of(&backend);
+        let running = tokio::spawn(async move {
+            duty::run_until_stopped(&purge, &db, Duration::from_secs(3), stopped).await
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        stop.send(true).unwrap();
+        running.await.unwrap();
+        assert_eq!(store.asked.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 }

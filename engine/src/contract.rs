@@ -135,11 +135,11 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub enum ActionError {
     /// The event's own failure, for good (the business refused the command it made, the
     /// receiver refused it, it cannot be decoded): after its attempts it is parked.
-    #[error("{0}")]
+    #[error("refused: {0}")]
     Refused(#[source] BoxError),
     /// Not now (the store or the receiver is down, another writer won a race, the same
     /// command is in flight elsewhere): retried with backoff, never parked.
-    #[error("{0}")]
+    #[error("not now: {0}")]
     NotNow(#[source] BoxError),
 }
 

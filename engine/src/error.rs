@@ -45,7 +45,7 @@ pub enum ConsumerError {
     },
     /// A process's or an outbound consumer's action failed: a refusal (`is_poison`)
     /// parks the event; anything else is retried.
-    #[error("{0}")]
+    #[error("acting on the event failed: {0}")]
     Action(#[source] ActionError),
     /// Rebuild and verify are for read models; other consumers have no rows.
     #[error("{0} is not a read model: it has no rows to rebuild or verify")]
