@@ -31,7 +31,8 @@ impl Default for ConsumerSettings {
         ConsumerSettings {
             processes: ProcessSettings::default(),
             outbound: OutboundSettings::default(),
-            lease_life: chrono::Duration::seconds(10),
+            lease_life: chrono::Duration::from_std(annals_engine::LEASE_LIFE)
+                .unwrap_or(chrono::Duration::MAX),
         }
     }
 }

@@ -230,11 +230,7 @@ impl System {
         tasks.push(tokio::spawn(async move {
             scheduler.run_until_stopped(stopped_scheduler, woken).await
         }));
-        let purge = IdempotencyPurge {
-            handler: self.handler::<Lead>(),
-            every: Duration::from_secs(15 * 60),
-            next: std::sync::Mutex::new(tokio::time::Instant::now()),
-        };
+        let purge = IdempotencyPurge::new(self.handler::<Lead>(), Duration::from_secs(15 * 60));
         let (db, life) = (self.db.clone(), self.lease_life);
         tasks.push(tokio::spawn(async move {
             duty::run_until_stopped(&purge, &db, life, stopped).await
@@ -258,6 +254,15 @@ struct IdempotencyPurge {
 }
 
 impl IdempotencyPurge {
+    /// A purge due at once, then every `every`.
+    fn new(handler: Arc<CommandHandler<Lead>>, every: Duration) -> Self {
+        IdempotencyPurge {
+            handler,
+            every,
+            next: std::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
     fn next(&self) -> std::sync::MutexGuard<'_, tokio::time::Instant> {
         self.next
             .lock()
@@ -580,11 +585,7 @@ mod tests {
                 .is_some()
         );
 
-        let purge = IdempotencyPurge {
-            handler,
-            every: Duration::from_millis(20),
-            next: std::sync::Mutex::new(tokio::time::Instant::now()),
-        };
+        let purge = IdempotencyPurge::new(handler, Duration::from_millis(20));
         let (stop, stopped) = watch::channel(false);
         let db = ReadDatabase::of(&backend);
         let running = tokio::spawn(async move {
@@ -642,14 +643,13 @@ mod tests {
             inner: backend.event_store(),
             asked: Default::default(),
         });
-        let purge = IdempotencyPurge {
-            handler: Arc::new(CommandHandler::<Lead>::new(
+        let purge = IdempotencyPurge::new(
+            Arc::new(CommandHandler::<Lead>::new(
                 store.clone(),
                 HandlerConfig::default(),
             )),
-            every: Duration::from_secs(600),
-            next: std::sync::Mutex::new(tokio::time::Instant::now()),
-        };
+            Duration::from_secs(600),
+        );
         let (stop, stopped) = watch::channel(false);
         let db = ReadDatabase::of(&backend);
         let running = tokio::spawn(async move {
